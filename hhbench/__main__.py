@@ -1,0 +1,3 @@
+from hhbench.cli.app import main
+
+main()

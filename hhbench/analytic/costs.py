@@ -1,0 +1,132 @@
+"""The analytic cost of one configuration: FLOPs by component and memory, summed over a layer plan.
+
+Scopes: `model` is the whole network (attention layers, MLPs, LM head); `layer` is one attention layer with its
+projections, averaged over the plan's layers; `kernel` is the attention cores alone, averaged likewise.
+"""
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+from hhbench.analytic import flops as F
+from hhbench.analytic import memory as M
+from hhbench.errors import UserError
+from hhbench.spec.layout import LayerPlan
+
+
+class Scope(str, Enum):
+    KERNEL = "kernel"
+    LAYER = "layer"
+    MODEL = "model"
+
+    @classmethod
+    def parse(cls, text: str) -> "Scope":
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise UserError(f"unknown scope {text!r}: choose from {', '.join(s.value for s in cls)}") from None
+
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# Which cost fields are conventions or estimates rather than exact counts, per pass.
+ESTIMATED = {
+    F.Pass.PREFILL: "flops_elementwise",
+    F.Pass.DECODE: "flops_elementwise",
+    F.Pass.TRAIN: "flops_elementwise,flops_fa_core(backward 2.5x convention)",
+}
+
+
+@dataclass(frozen=True)
+class Costs:
+    flops_total: float
+    flops_attention: float  # FA core + GDN core
+    flops_fa_core: float
+    flops_gdn_core: float
+    flops_proj: float  # qkvo + gdn_proj + conv
+    flops_qkvo: float
+    flops_gdn_proj: float
+    flops_conv: float
+    flops_mlp: float
+    flops_lm_head: float
+    flops_elementwise: float  # estimate, not part of flops_total
+    flops_estimated: str
+    kv_cache_bytes: float
+    state_bytes: float
+    weight_bytes: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPE_BYTES)}") from None
+
+
+def analytic_costs(
+    plan: LayerPlan, pass_: F.Pass, context: int, batch: int = 1, scope: Scope = Scope.MODEL, dtype: str = "bf16"
+) -> Costs:
+    if context <= 0 or batch <= 0:
+        raise UserError(f"context and batch must be positive, got context={context} batch={batch}")
+    shape, gdn = plan.shape, plan.spec.gdn
+    d, (dk, dv), C, B, T = shape.head_dim, gdn.dims(shape.head_dim), gdn.chunk_size, batch, context
+    nbytes = dtype_bytes(dtype)
+    sums = dict.fromkeys(("fa", "gdn", "qkvo", "gproj", "conv", "elem", "kv", "state", "weights"), 0.0)
+    for layer, weight in plan.distinct_layers():
+        fa, la = layer.n_fa, layer.n_la
+        q, k, v, o = M.projection_widths(shape, layer, gdn)
+        part = {
+            "fa": F.fa_core(pass_, B, fa, T, d),
+            "gdn": F.gdn_core(pass_, B, la, T, dk, dv, C),
+            "qkvo": F.linear(pass_, B, T, shape.hidden, q + k + v) + F.linear(pass_, B, T, o, shape.hidden),
+            "gproj": F.linear(pass_, B, T, shape.hidden, M.gdn_projection_width(la, dv, gdn)),
+            "conv": F.depthwise_conv(pass_, B, T, M.gdn_conv_channels(la, dk, dv, gdn), gdn.conv_size),
+            "elem": F.elementwise_fa(pass_, B, fa, T) + F.elementwise_gdn(pass_, B, la, T, dk, dv, C),
+            "kv": M.kv_cache_bytes(layer.kv_groups, T, d, nbytes, B),
+            "state": M.gdn_state_bytes(la, dk, dv, gdn, nbytes, B),
+            "weights": M.layer_weight_params(shape, layer, gdn) * nbytes,
+        }
+        if la and fa:  # HydraHead's per-head output norms
+            part["elem"] += F.elementwise_norm(pass_, B, T, fa * d + la * dv)
+        for key, value in part.items():
+            sums[key] += weight * value
+
+    per_layer = scope is not Scope.MODEL
+    scale = 1.0 / shape.n_layers if per_layer else 1.0
+    fa_core, gdn_core = sums["fa"] * scale, sums["gdn"] * scale
+    if scope is Scope.KERNEL:
+        qkvo = gproj = conv = 0.0
+        elementwise = sums["elem"] * scale
+        weights = 0.0
+    else:
+        qkvo, gproj, conv = sums["qkvo"] * scale, sums["gproj"] * scale, sums["conv"] * scale
+        elementwise = sums["elem"] * scale
+        weights = sums["weights"] * scale
+    mlp = lm_head = 0.0
+    if scope is Scope.MODEL:
+        mlp = shape.n_layers * F.linear(pass_, B, T, shape.hidden, 3 * shape.mlp_hidden)
+        lm_head = F.linear(pass_, B, T, shape.hidden, shape.vocab)
+        norms = (2 * shape.n_layers + 1) * shape.hidden if shape.mlp_hidden else 0
+        elementwise += F.elementwise_norm(pass_, B, T, norms)
+        elementwise += shape.n_layers * F.elementwise_swiglu(pass_, B, T, shape.mlp_hidden)
+        weights += (shape.n_layers * M.block_weight_params(shape) + M.embedding_params(shape)) * nbytes
+    proj = qkvo + gproj + conv
+    return Costs(
+        flops_total=fa_core + gdn_core + proj + mlp + lm_head,
+        flops_attention=fa_core + gdn_core,
+        flops_fa_core=fa_core,
+        flops_gdn_core=gdn_core,
+        flops_proj=proj,
+        flops_qkvo=qkvo,
+        flops_gdn_proj=gproj,
+        flops_conv=conv,
+        flops_mlp=mlp,
+        flops_lm_head=lm_head,
+        flops_elementwise=elementwise,
+        flops_estimated=ESTIMATED[pass_],
+        kv_cache_bytes=sums["kv"] * scale,
+        state_bytes=sums["state"] * scale,
+        weight_bytes=weights,
+    )

@@ -1,0 +1,111 @@
+"""Analytic FLOPs of each component, per pass. Pure functions of shapes; no torch.
+
+Conventions (also in README):
+- 2 FLOPs per multiply-add; the headline numbers count matmuls (and the short conv); softmax, norms, gates and
+  other elementwise work are a separate estimate (`elementwise_*`), never part of a total.
+- FA core, causal forward: 4*B*H*T^2*d/2 (FlashAttention's benchmark convention); backward 2.5x forward
+  (it recomputes the scores); decode, one token over a cache of T: 4*B*H*T*d. GQA does not change it.
+- GDN core, chunkwise with chunk C, forward per token per head: C*(6*dk + 4*dv) + 6*dk*dv, T padded up to
+  whole chunks. This is exact for the chunked reference in hhbench/kernels/reference.py (tests check it with
+  torch's FlopCounterMode): per chunk, five C x C products (K_beta K^T, T V, T K_decay, Q K^T, A V_new) and
+  three C x dk x dv products with the state (W S, Q S, K^T V_new). Backward is 2x forward: the two gradient
+  products of every forward product, exact when the initial state takes gradients. Decode, one recurrent
+  step: 6*dk*dv (read the state with k, with q, and the rank-1 update). The triangular solve of the chunk
+  (C^3/3 multiply-adds per chunk) is not a matmul in the reference and sits in the elementwise estimate.
+- Other linear layers: 2*in*out per token forward, 2x that for backward.
+"""
+
+from enum import Enum
+
+from hhbench.errors import UserError
+
+
+class Pass(str, Enum):
+    PREFILL = "prefill"  # forward over T tokens
+    TRAIN = "train"  # forward + backward over T tokens
+    DECODE = "decode"  # one new token at context T
+
+    @classmethod
+    def parse(cls, text: str) -> "Pass":
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise UserError(f"unknown pass {text!r}: choose from {', '.join(p.value for p in cls)}") from None
+
+
+FA_BACKWARD_FACTOR = 2.5
+GDN_BACKWARD_FACTOR = 2.0
+LINEAR_BACKWARD_FACTOR = 2.0
+
+
+def tokens(pass_: Pass, context: int) -> int:
+    """Tokens a pass pushes through the position-wise layers."""
+    return 1 if pass_ is Pass.DECODE else context
+
+
+def padded(context: int, chunk: int) -> int:
+    return -(-context // chunk) * chunk
+
+
+def fa_core(pass_: Pass, batch: int, heads: float, context: int, head_dim: int) -> float:
+    if pass_ is Pass.DECODE:
+        return 4.0 * batch * heads * context * head_dim
+    forward = 4.0 * batch * heads * context * context * head_dim / 2
+    return forward * (1 + FA_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
+
+
+def gdn_chunk_forward_per_token(dk: int, dv: int, chunk: int) -> float:
+    return chunk * (6 * dk + 4 * dv) + 6 * dk * dv
+
+
+def gdn_core(pass_: Pass, batch: int, heads: float, context: int, dk: int, dv: int, chunk: int) -> float:
+    if pass_ is Pass.DECODE:
+        return 6.0 * batch * heads * dk * dv
+    forward = float(batch * heads * padded(context, chunk) * gdn_chunk_forward_per_token(dk, dv, chunk))
+    return forward * (1 + GDN_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
+
+
+def linear(pass_: Pass, batch: int, context: int, d_in: float, d_out: float) -> float:
+    forward = 2.0 * batch * tokens(pass_, context) * d_in * d_out
+    return forward * (1 + LINEAR_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
+
+
+def depthwise_conv(pass_: Pass, batch: int, context: int, channels: float, kernel: int) -> float:
+    """Causal depthwise conv: one multiply-add per tap, per channel, per token."""
+    return linear(pass_, batch, context, channels, kernel)
+
+
+# Elementwise estimates (FLOPs per element); rough by nature, never mixed into the matmul totals.
+RMSNORM_PER_ELEMENT = 4  # square, sum, scale, weight
+SOFTMAX_PER_SCORE = 5  # max, subtract, exp, sum, divide
+SWIGLU_PER_ELEMENT = 5  # sigmoid (3), multiply by x, multiply by the up branch
+GDN_GATES_PER_HEAD = 12  # decay gate softplus and exp, beta sigmoid
+L2NORM_PER_ELEMENT = 3
+
+
+def elementwise_fa(pass_: Pass, batch: int, heads: float, context: int) -> float:
+    scores = context if pass_ is Pass.DECODE else context * context / 2
+    forward = SOFTMAX_PER_SCORE * batch * heads * scores
+    return forward * (1 + FA_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
+
+
+def elementwise_gdn(pass_: Pass, batch: int, heads: float, context: int, dk: int, dv: int, chunk: int) -> float:
+    """Gates, q/k L2 norms, output gate, state decay, and in chunk mode the decay masks and the triangular
+    solve (C^3/3 multiply-adds per chunk)."""
+    per_token = GDN_GATES_PER_HEAD + L2NORM_PER_ELEMENT * 2 * dk + SWIGLU_PER_ELEMENT * dv
+    if pass_ is Pass.DECODE:
+        return batch * heads * (per_token + 2 * dk * dv)
+    n = padded(context, chunk)
+    per_token += chunk + 2 * chunk * chunk / 3 + dk * dv / chunk
+    forward = batch * heads * n * per_token
+    return forward * (1 + GDN_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
+
+
+def elementwise_norm(pass_: Pass, batch: int, context: int, elements_per_token: float) -> float:
+    forward = RMSNORM_PER_ELEMENT * batch * tokens(pass_, context) * elements_per_token
+    return forward * (1 + LINEAR_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
+
+
+def elementwise_swiglu(pass_: Pass, batch: int, context: int, width: int) -> float:
+    forward = SWIGLU_PER_ELEMENT * batch * tokens(pass_, context) * width
+    return forward * (1 + LINEAR_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward

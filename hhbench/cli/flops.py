@@ -1,0 +1,93 @@
+"""`hhbench flops`: the analytic cost model as a table, JSON rows or CSV, and the claim check."""
+
+import json
+from typing import Annotated
+
+import typer
+
+from hhbench.analytic.claims import claim_points, claim_sentences
+from hhbench.analytic.costs import Scope, dtype_bytes
+from hhbench.analytic.rows import analytic_rows
+from hhbench.cli import options
+from hhbench.cli.app import app
+from hhbench.rows.schema import RowSet
+from hhbench.spec.hybrid import GDNConfig
+from hhbench.spec.units import format_bytes, format_count
+
+Opt = typer.Option
+
+
+def si(value: float) -> str:
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def human_table(rows: RowSet) -> str:
+    frame = rows.frame()
+    view = frame[["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "pass", "context"]].copy()
+    view["context"] = frame["context"].map(format_count)
+    for column in ("fa_heads", "la_heads", "kv_groups"):
+        view[column] = frame[column].map(lambda v: f"{v:g}")
+    for column in ("flops_total", "flops_attention", "flops_fa_core", "flops_gdn_core", "flops_proj", "flops_mlp"):
+        view[column.removeprefix("flops_") + "_flops"] = frame[column].map(si)
+    view["kv_cache"] = frame["kv_cache_bytes"].map(format_bytes)
+    view["state"] = frame["state_bytes"].map(format_bytes)
+    view["vs_l31_flops"] = frame["vs_layer31_flops"].map(lambda v: f"{v:.3f}")
+    view["vs_l31_kv"] = frame["vs_layer31_kv"].map(lambda v: f"{v:.3f}")
+    from hhbench.rows.schema import markdown_table
+
+    return markdown_table(view)
+
+
+@app.command()
+def flops(
+    model: Annotated[
+        str,
+        Opt("--model", "-m", help="Preset (qwen3-1.7b, llama3-8b, smollm2-135m, h32d128, tiny) or a config.json path."),
+    ] = "qwen3-1.7b",
+    set_: Annotated[list[str], Opt("--set", help="Override a shape field, e.g. --set n_layers=4 (repeatable).")] = [],  # noqa: B006
+    layouts: Annotated[str, Opt(help="Comma-separated: head, layer, fa, la.")] = "head,layer",
+    ratios: Annotated[
+        str, Opt(help="LA:FA ratios, comma-separated; 0:1 is all FA, 1:0 all linear.")
+    ] = "0:1,1:1,3:1,7:1,15:1,1:0",
+    contexts: Annotated[str, Opt(help="Context lengths: 4k, 4096, 1m.")] = "4k,32k,128k,512k",
+    pass_: Annotated[str, Opt("--pass", "--passes", help="prefill, train, decode.")] = "prefill,decode",
+    batch: Annotated[int, Opt(help="Sequences per batch.")] = 1,
+    scope: Annotated[
+        str, Opt(help="model (whole network), layer (one attention layer), kernel (cores only).")
+    ] = "model",
+    dtype: Annotated[str, Opt(help="Activation and KV-cache dtype: bf16, fp16, fp32.")] = "bf16",
+    gdn_chunk: Annotated[int, Opt(help="GDN chunk size.")] = 64,
+    gdn_dk: Annotated[int, Opt(help="GDN key head dim (0: the model's head_dim).")] = 0,
+    gdn_dv: Annotated[int, Opt(help="GDN value head dim (0: the model's head_dim).")] = 0,
+    head_map: Annotated[str, Opt(help="Head-map JSON (fa_heads or scores per layer) for the head layout.")] = "",
+    kv_aware: Annotated[bool, Opt(help="Pack FA heads into as few KV groups as possible.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="Print rows as JSON lines.")] = False,
+    csv: Annotated[str, Opt(help="Also write the rows to this CSV file.")] = "",
+    claims: Annotated[bool, Opt(help="Check the 'cuts attention FLOPs by ~1/3 to 40%' claim instead.")] = False,
+):
+    """Analytic FLOPs and memory of hybrid layouts, against the layer-wise 3:1 baseline."""
+    shape = options.models(model, set_)[0]
+    context_values = options.contexts(contexts)
+    pass_values = options.passes(pass_)
+    options.positive(batch, "batch")
+    dtype_bytes(dtype)
+    scope_value = Scope.parse(scope)
+    gdn = GDNConfig(chunk_size=gdn_chunk, head_k_dim=gdn_dk or None, head_v_dim=gdn_dv or None)
+    if claims:
+        for pass_value in pass_values:
+            points = claim_points(shape, context_values, pass_value, batch)
+            for sentence in claim_sentences(shape, points, pass_value):
+                typer.echo(sentence)
+        return
+    specs = options.hybrid_specs(layouts, ratios, gdn, head_map or None, kv_aware)
+    rows = RowSet(analytic_rows(shape, specs, context_values, pass_values, batch, scope_value, dtype))
+    if csv:
+        rows.to_csv(csv)
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row.to_dict()))
+    else:
+        typer.echo(human_table(rows))

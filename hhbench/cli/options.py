@@ -1,0 +1,67 @@
+"""Parsing of the options several commands share (models, layouts, ratios, contexts, passes)."""
+
+from hhbench.analytic.flops import Pass
+from hhbench.errors import UserError
+from hhbench.spec.hybrid import GDNConfig, HeadMap, HybridSpec, Layout, Ratio
+from hhbench.spec.shapes import ModelShape, resolve_shape
+from hhbench.spec.units import parse_count, split_list
+
+
+def models(text: list[str] | str, overrides: list[str] | None = None) -> list[ModelShape]:
+    names = split_list(text)
+    if not names:
+        raise UserError("no model given")
+    return [resolve_shape(name, overrides or []) for name in names]
+
+
+def contexts(text: list[str] | str) -> list[int]:
+    values = [parse_count(item, "context") for item in split_list(text)]
+    if not values:
+        raise UserError("no context given")
+    return values
+
+
+def passes(text: list[str] | str) -> list[Pass]:
+    values = [Pass.parse(item) for item in split_list(text)]
+    if not values:
+        raise UserError("no pass given")
+    return values
+
+
+def positive(value: int, name: str) -> int:
+    if value <= 0:
+        raise UserError(f"--{name} must be a positive integer, got {value}")
+    return value
+
+
+def hybrid_specs(
+    layouts: list[str] | str,
+    ratios: list[str] | str,
+    gdn: GDNConfig | None = None,
+    head_map: str | None = None,
+    kv_aware: bool = False,
+) -> list[tuple[str, HybridSpec]]:
+    """Every layout crossed with every ratio, paired with the ratio text as asked; `fa`/`la` take no ratio."""
+    layout_values = [Layout.parse(item) for item in split_list(layouts)]
+    ratio_texts = split_list(ratios)
+    ratio_values = [Ratio.parse(item) for item in ratio_texts]
+    if not layout_values:
+        raise UserError("no layout given")
+    if not ratio_values and any(layout in (Layout.HEAD, Layout.LAYER) for layout in layout_values):
+        raise UserError("layouts head and layer need --ratios")
+    loaded_map = HeadMap.load(head_map) if head_map else None
+    gdn = gdn or GDNConfig()
+    specs = []
+    for layout in layout_values:
+        if layout is Layout.FA:
+            specs.append(("0:1", HybridSpec(Layout.FA, Ratio(0, 1), gdn)))
+        elif layout is Layout.LA:
+            specs.append(("1:0", HybridSpec(Layout.LA, Ratio(1, 0), gdn)))
+        else:
+            mapped = loaded_map if layout is Layout.HEAD else None
+            aware = kv_aware and layout is Layout.HEAD
+            specs += [
+                (text, HybridSpec(layout, ratio, gdn, mapped, aware))
+                for text, ratio in zip(ratio_texts, ratio_values, strict=True)
+            ]
+    return specs

@@ -1,0 +1,205 @@
+"""The one result schema: every measured or analytic point is a Row; a RowSet writes itself as JSONL, CSV and
+markdown. Bump SCHEMA_VERSION when a field changes meaning or disappears (adding a field keeps it)."""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hhbench.errors import UserError
+
+SCHEMA_VERSION = 1
+
+# status values
+OK = "ok"  # measured
+ANALYTIC = "analytic"  # cost model only, nothing measured
+UNAVAILABLE = "unavailable"  # backend missing on this machine
+UNSUPPORTED = "unsupported"  # backend present but refuses this point
+INCORRECT = "incorrect"  # output did not match the reference: never compared
+OOM = "oom"
+ERROR = "error"
+STATUSES = (OK, ANALYTIC, UNAVAILABLE, UNSUPPORTED, INCORRECT, OOM, ERROR)
+
+
+@dataclass
+class Row:
+    # --- configuration: what was asked (the key of a row)
+    model: str
+    layout: str  # head | layer | fa | la
+    ratio: str  # requested LA:FA
+    context: int
+    batch: int
+    pass_: str  # prefill | train | decode   (serialized as "pass")
+    scope: str = "model"  # kernel | layer | model
+    dtype: str = "bf16"
+    fa_backend: str = ""
+    gdn_backend: str = ""
+    mode: str = ""  # head-level execution: sequential | streams
+    head_map: str = ""  # head map source, "" for the layout builder's choice
+    kv_aware: bool = False
+    # --- what the plan really is
+    variant: str = ""  # 'head:7:1', 'layer:3:1', 'fa', 'la', ...
+    ratio_effective: str = ""
+    fa_heads: float = 0.0  # summed over the layers the scope covers (per average layer below model scope)
+    la_heads: float = 0.0
+    kv_groups: float = 0.0
+    # --- analytic costs (hhbench.analytic.costs.Costs)
+    flops_total: float = 0.0
+    flops_attention: float = 0.0
+    flops_fa_core: float = 0.0
+    flops_gdn_core: float = 0.0
+    flops_proj: float = 0.0
+    flops_qkvo: float = 0.0
+    flops_gdn_proj: float = 0.0
+    flops_conv: float = 0.0
+    flops_mlp: float = 0.0
+    flops_lm_head: float = 0.0
+    flops_elementwise: float = 0.0
+    flops_estimated: str = ""
+    kv_cache_bytes: float = 0.0
+    state_bytes: float = 0.0
+    weight_bytes: float = 0.0
+    vs_layer31_flops: float | None = None
+    vs_layer31_kv: float | None = None
+    # --- measurement
+    status: str = ANALYTIC
+    reason: str = ""
+    device: str = ""
+    timer: str = ""  # cuda-events | cuda-graph | perf_counter
+    latency_ms: float | None = None  # median
+    latency_p10_ms: float | None = None
+    latency_p90_ms: float | None = None
+    samples_ms: list[float] = field(default_factory=list)
+    reps: int = 0
+    compile_ms: float | None = None  # first call: compile, JIT, autotune
+    peak_mem_bytes: float | None = None
+    tflops: float | None = None  # flops_total / median latency
+    gbps: float | None = None  # analytic bytes / median latency
+    max_rel_err: float | None = None
+    extra: dict = field(default_factory=dict)
+    run: str = ""
+    schema: int = SCHEMA_VERSION
+
+    KEY_FIELDS = ("model", "variant", "ratio", "context", "batch", "pass_", "scope", "dtype", "fa_backend",
+                  "gdn_backend", "mode", "head_map", "kv_aware")  # fmt: skip
+
+    @property
+    def key(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.KEY_FIELDS)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["pass"] = data.pop("pass_")
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Row":
+        data = dict(data)
+        version = data.get("schema")
+        if version != SCHEMA_VERSION:
+            raise UserError(f"row schema version {version} is not the supported version {SCHEMA_VERSION}")
+        data["pass_"] = data.pop("pass")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UserError(f"row has unknown fields {sorted(unknown)} for schema {SCHEMA_VERSION}")
+        return cls(**data)
+
+
+DISPLAY_COLUMNS = ["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "context", "batch",
+                   "pass", "scope", "status", "flops_total", "flops_attention", "flops_fa_core", "flops_gdn_core",
+                   "flops_proj", "flops_mlp", "kv_cache_bytes", "state_bytes", "vs_layer31_flops", "vs_layer31_kv",
+                   "latency_ms", "latency_p10_ms", "latency_p90_ms", "tflops", "peak_mem_bytes"]  # fmt: skip
+
+
+class RowSet(list):
+    """A list of rows that writes itself as JSON lines, CSV and markdown."""
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([row.to_dict() for row in self])
+
+    def to_jsonl(self, path: str | Path) -> None:
+        with open_output(path, "w") as out:
+            for row in self:
+                out.write(json.dumps(row.to_dict()) + "\n")
+
+    def to_csv(self, path: str | Path) -> None:
+        frame = self.frame().drop(columns=["samples_ms", "extra"], errors="ignore")
+        with open_output(path, "w") as out:
+            frame.to_csv(out, index=False)
+
+    def to_markdown(self, columns: list[str] | None = None) -> str:
+        frame = self.frame()
+        columns = [c for c in (columns or DISPLAY_COLUMNS) if c in frame and frame[c].notna().any()]
+        return markdown_table(frame[columns])
+
+
+def markdown_table(frame) -> str:
+    """A pipe table without the optional `tabulate` dependency; large numbers in engineering notation."""
+
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float):
+            if value == 0:
+                return "0"
+            if abs(value) >= 1e5 or abs(value) < 1e-3:
+                return f"{value:.4g}"
+            return f"{value:.4g}" if not value.is_integer() else str(int(value))
+        return str(value)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    lines = ["| " + " | ".join(cell(v) for v in record) + " |" for record in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *lines])
+
+
+def open_output(path: str | Path, mode: str):
+    """Open a file for writing, making its folder; an unwritable path is the user's error, in one line."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, mode)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def append_row(path: Path, row: Row) -> None:
+    """Append one row and make it durable before the next point starts: a killed sweep loses no finished row."""
+    import os
+
+    with open_output(path, "a") as out:
+        out.write(json.dumps(row.to_dict()) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def read_rows(path: str | Path, repair: bool = False) -> RowSet:
+    """Rows of a JSONL file. A half-written last line (a sweep killed mid-write) is dropped; with repair=True it
+    is also cut from the file so that appending continues on a clean line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read rows {path}: {exc.strerror or exc}") from None
+    rows = RowSet()
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{number}: not a JSON row") from None
+        try:
+            rows.append(Row.from_dict(data))
+        except (UserError, TypeError) as exc:
+            raise UserError(f"{path}:{number}: {exc}") from None
+    if tail.strip() and repair:
+        with open(path, "r+") as out:
+            out.truncate(len(text) - len(tail))
+    return rows

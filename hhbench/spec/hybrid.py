@@ -1,0 +1,148 @@
+"""What a hybrid is: its layout, its LA:FA ratio, the Gated DeltaNet settings and an optional head map."""
+
+import json
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from math import gcd
+from pathlib import Path
+
+from hhbench.errors import UserError
+
+
+class Layout(str, Enum):
+    HEAD = "head"  # FA and GDN heads side by side inside every layer (HydraHead)
+    LAYER = "layer"  # whole FA layers among whole GDN layers (Qwen3-Next style)
+    FA = "fa"  # every head full attention: the vanilla transformer
+    LA = "la"  # every head Gated DeltaNet
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise UserError(f"unknown layout {text!r}: choose from {', '.join(m.value for m in cls)}") from None
+
+
+_RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True, order=True)
+class Ratio:
+    """LA:FA, in heads (head layout) or layers (layer layout). 0:1 is all FA, 1:0 all linear."""
+
+    la: int
+    fa: int
+
+    def __post_init__(self):
+        if self.la < 0 or self.fa < 0 or self.la + self.fa == 0:
+            raise UserError(f"bad ratio {self.la}:{self.fa}: both parts >= 0 and not both 0")
+
+    @classmethod
+    def parse(cls, text: str) -> "Ratio":
+        match = _RATIO.match(text)
+        if not match:
+            raise UserError(f"bad ratio {text!r}: expected LA:FA with whole numbers, e.g. 7:1, 3:1, 0:1 (all FA)")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    @property
+    def fa_fraction(self) -> float:
+        return self.fa / (self.la + self.fa)
+
+    def __str__(self) -> str:
+        return f"{self.la}:{self.fa}"
+
+
+def format_effective_ratio(la: float, fa: float) -> str:
+    """The ratio a plan really has: '7:1', '236:34' reduced to '118:17', or 'inf' style ends."""
+    if fa == 0:
+        return "1:0"
+    if la == 0:
+        return "0:1"
+    if float(la).is_integer() and float(fa).is_integer():
+        divisor = gcd(int(la), int(fa))
+        return f"{int(la) // divisor}:{int(fa) // divisor}"
+    return f"{la / fa:.3g}:1"
+
+
+@dataclass(frozen=True)
+class GDNConfig:
+    """Gated DeltaNet head settings. Key/value dims of None mean the model's head_dim: HydraHead reuses each
+    converted head's Q/K/V projections, so its GDN heads keep the head's width."""
+
+    chunk_size: int = 64
+    head_k_dim: int | None = None
+    head_v_dim: int | None = None
+    conv_size: int = 4  # short causal depthwise conv on q, k, v; 0 disables it
+    output_gate: bool = True
+    state_dtype_bytes: int = 4  # the recurrent state is kept in fp32 by fla's kernels
+
+    def __post_init__(self):
+        if self.chunk_size <= 0:
+            raise UserError(f"GDN chunk size must be positive, got {self.chunk_size}")
+        if self.conv_size < 0:
+            raise UserError(f"GDN conv size must be >= 0, got {self.conv_size}")
+
+    def dims(self, head_dim: int) -> tuple[int, int]:
+        return (self.head_k_dim or head_dim, self.head_v_dim or head_dim)
+
+
+@dataclass(frozen=True)
+class HeadMap:
+    """Per layer, which heads keep full attention; optional per-head scores it was chosen from."""
+
+    fa_heads: tuple[tuple[int, ...], ...]
+    scores: tuple[tuple[float, ...], ...] | None = None
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadMap":
+        """Reads the head-selection JSON: {"fa_heads": [[...], ...]} and optionally {"scores": [[...], ...]}."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read head map {path}: {exc}") from None
+        if not isinstance(data, dict) or ("fa_heads" not in data and "scores" not in data):
+            raise UserError(f"head map {path} has neither 'fa_heads' nor 'scores'")
+        try:
+            fa = tuple(tuple(sorted(int(h) for h in layer)) for layer in data.get("fa_heads") or ())
+            scores = data.get("scores")
+            scores = tuple(tuple(float(s) for s in layer) for layer in scores) if scores else None
+        except (TypeError, ValueError):
+            raise UserError(
+                f"head map {path}: fa_heads must be lists of head indices, scores lists of numbers"
+            ) from None
+        return cls(fa_heads=fa, scores=scores, source=str(path))
+
+
+@dataclass(frozen=True)
+class HybridSpec:
+    layout: Layout
+    ratio: Ratio
+    gdn: GDNConfig = field(default_factory=GDNConfig)
+    head_map: HeadMap | None = None
+    kv_aware: bool = False  # pack FA heads into as few KV groups as possible
+
+    def normalized(self) -> "HybridSpec":
+        """0:1 in any layout is the vanilla transformer and 1:0 is pure GDN: one spec each, so grids dedupe."""
+        if self.layout in (Layout.HEAD, Layout.LAYER) and self.head_map is None:
+            if self.ratio.la == 0:
+                return HybridSpec(Layout.FA, Ratio(0, 1), self.gdn)
+            if self.ratio.fa == 0:
+                return HybridSpec(Layout.LA, Ratio(1, 0), self.gdn)
+        if self.layout is Layout.FA:
+            return HybridSpec(Layout.FA, Ratio(0, 1), self.gdn)
+        if self.layout is Layout.LA:
+            return HybridSpec(Layout.LA, Ratio(1, 0), self.gdn)
+        return self
+
+    @property
+    def label(self) -> str:
+        """'head:7:1', 'layer:3:1', 'fa', 'la' (plus '+map' / '+kv' for the variants)."""
+        if self.layout in (Layout.FA, Layout.LA):
+            return self.layout.value
+        suffix = ("+map" if self.head_map else "") + ("+kv" if self.kv_aware else "")
+        return f"{self.layout.value}:{self.ratio}{suffix}"
+
+
+LAYER31 = HybridSpec(Layout.LAYER, Ratio(3, 1))  # the baseline every comparison is made against

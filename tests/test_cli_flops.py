@@ -1,0 +1,86 @@
+"""`hhbench flops` as a user runs it."""
+
+import json
+
+import pandas as pd
+import pytest
+
+
+def test_table_for_the_documented_command(cli):
+    result = cli("flops", "--model", "qwen3-1.7b", "--layouts", "head,layer", "--ratios", "0:1,1:1,3:1,7:1,15:1,1:0",
+                 "--contexts", "4k,32k,128k,512k", "--pass", "prefill,decode")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| qwen3-1.7b")]
+    # fa, la, and head/layer x (1:1, 3:1, 7:1, 15:1): 10 variants x 2 passes x 4 contexts
+    assert len(lines) == 10 * 2 * 4
+    assert any("| layer:3:1 | 3:1 |" in line and line.rstrip().endswith("| 1.000 | 1.000 |") for line in lines)
+
+
+def test_json_rows_carry_the_required_fields(cli):
+    result = cli("flops", "--model", "smollm2-135m", "--layouts", "head", "--ratios", "7:1", "--contexts", "4096",
+                 "--pass", "prefill", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    for field in ("model", "layout", "ratio", "fa_heads", "la_heads", "kv_groups", "context", "batch", "pass",
+                  "flops_total", "flops_attention", "flops_fa_core", "flops_gdn_core", "flops_proj", "flops_mlp",
+                  "kv_cache_bytes", "state_bytes", "vs_layer31_flops", "vs_layer31_kv", "ratio_effective"):  # fmt: skip
+        assert field in row, field
+    assert row["ratio"] == "7:1" and row["ratio_effective"] == "118:17" and row["fa_heads"] == 34
+    assert row["flops_attention"] == row["flops_fa_core"] + row["flops_gdn_core"]
+    assert row["schema"] == 1
+
+
+def test_csv_output(cli, tmp_path):
+    out = tmp_path / "deep" / "flops.csv"
+    result = cli("flops", "--model", "tiny", "--contexts", "1k", "--csv", str(out), "--batch", "2")
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(out)
+    assert set(frame["batch"]) == {2} and len(frame) == 10 * 2
+    assert (frame.loc[frame["variant"] == "layer:3:1", "vs_layer31_flops"] == 1.0).all()
+
+
+def test_claims_are_plain_sentences_with_numbers(cli):
+    result = cli("flops", "--model", "qwen3-1.7b", "--contexts", "4k,32k,128k,512k", "--pass", "prefill", "--claims")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("qwen3-1.7b, prefill: head-level 3:1 against a vanilla block cuts")
+    assert "4k: +9.5%" in lines[0] and "from 32k on" in lines[0]
+    assert "head-level 7:1 against layer-wise 3:1" in lines[3] and "at no context" not in lines[3]
+
+
+def test_hf_config_and_overrides(cli, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 100}))  # fmt: skip
+    result = cli("flops", "--model", str(config), "--set", "n_layers=3", "--layouts", "fa", "--contexts", "16",
+                 "--pass", "prefill", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.splitlines()[0])
+    assert row["fa_heads"] == 12 and row["kv_groups"] == 6
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ratios", "7-1"], "bad ratio '7-1'"),
+        (["--contexts", "abc"], "bad context 'abc'"),
+        (["--batch", "0"], "--batch must be a positive integer"),
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--set", "heads=3"], "unknown model field 'heads'"),
+        (["--set", "n_heads=7"], "not a multiple of n_kv_heads"),
+        (["--layouts", "diagonal"], "unknown layout 'diagonal'"),
+        (["--pass", "sideways"], "unknown pass 'sideways'"),
+        (["--dtype", "fp64"], "unknown dtype 'fp64'"),
+        (["--head-map", "/nonexistent/heads.json"], "cannot read head map"),
+        (["--csv", "/proc/version/x.csv"], "cannot write"),
+        (["--no-such-flag"], "No such option"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(cli, args, message):
+    result = cli("flops", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr
