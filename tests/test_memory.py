@@ -66,3 +66,16 @@ def test_per_layer_scopes_divide_the_model():
     assert layer.flops_proj == pytest.approx(model.flops_proj / 28) and layer.flops_mlp == 0
     assert kernel.flops_total == kernel.flops_attention == layer.flops_attention
     assert layer.kv_cache_bytes == pytest.approx(model.kv_cache_bytes / 28)
+
+
+def test_bytes_moved_by_hand():
+    T = 32768
+    plan = build_plan(PRESETS["h32d128"], HybridSpec(Layout.HEAD, Ratio(7, 1)))
+    decode = analytic_costs(plan, Pass.DECODE, T, scope=Scope.KERNEL)
+    fa = 2 * 4 * 128 * 2 + 4 * T * 128 * 2 * 2  # q and o of 4 heads, then the whole KV cache of 4 groups
+    gdn = 28 * ((2 * 128 + 2 * 128 + 2) * 2 + 2 * 128 * 128 * 4)  # q, k, v, o, g, beta; state read and written
+    assert decode.bytes_moved == fa + gdn
+    prefill = analytic_costs(plan, Pass.PREFILL, T, scope=Scope.KERNEL)
+    assert prefill.bytes_moved == T * (4 * 4 * 128 * 2 + 28 * (4 * 128 + 2) * 2)
+    train = analytic_costs(plan, Pass.TRAIN, T, scope=Scope.KERNEL)
+    assert train.bytes_moved == 3 * prefill.bytes_moved

@@ -53,6 +53,7 @@ class Costs:
     kv_cache_bytes: float
     state_bytes: float
     weight_bytes: float
+    bytes_moved: float  # fewest bytes the scope must move (inputs read once, outputs written once): rooflines
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +74,7 @@ def analytic_costs(
     shape, gdn = plan.shape, plan.spec.gdn
     d, (dk, dv), C, B, T = shape.head_dim, gdn.dims(shape.head_dim), gdn.chunk_size, batch, context
     nbytes = dtype_bytes(dtype)
-    sums = dict.fromkeys(("fa", "gdn", "qkvo", "gproj", "conv", "elem", "kv", "state", "weights"), 0.0)
+    sums = dict.fromkeys(("fa", "gdn", "qkvo", "gproj", "conv", "elem", "kv", "state", "weights", "core_io"), 0.0)
     for layer, weight in plan.distinct_layers():
         fa, la = layer.n_fa, layer.n_la
         q, k, v, o = M.projection_widths(shape, layer, gdn)
@@ -87,6 +88,7 @@ def analytic_costs(
             "kv": M.kv_cache_bytes(layer.kv_groups, T, d, nbytes, B),
             "state": M.gdn_state_bytes(la, dk, dv, gdn, nbytes, B),
             "weights": M.layer_weight_params(shape, layer, gdn) * nbytes,
+            "core_io": M.core_bytes_moved(pass_ is F.Pass.DECODE, B, T, layer, d, dk, dv, nbytes, gdn),
         }
         if la and fa:  # HydraHead's per-head output norms
             part["elem"] += F.elementwise_norm(pass_, B, T, fa * d + la * dv)
@@ -112,6 +114,13 @@ def analytic_costs(
         elementwise += F.elementwise_norm(pass_, B, T, norms)
         elementwise += shape.n_layers * F.elementwise_swiglu(pass_, B, T, shape.mlp_hidden)
         weights += (shape.n_layers * M.block_weight_params(shape) + M.embedding_params(shape)) * nbytes
+    # Training reads every input again and writes its gradient, and reads the output's gradient: 3x forward.
+    passes = 3 if pass_ is F.Pass.TRAIN else 1
+    moved = sums["core_io"] * scale * passes
+    if scope is not Scope.KERNEL:  # weights once, and the layer's input and output activations
+        moved += weights * passes + 2 * B * F.tokens(pass_, T) * shape.hidden * nbytes * passes * (
+            shape.n_layers if scope is Scope.MODEL else 1
+        )
     proj = qkvo + gproj + conv
     return Costs(
         flops_total=fa_core + gdn_core + proj + mlp + lm_head,
@@ -129,4 +138,5 @@ def analytic_costs(
         kv_cache_bytes=sums["kv"] * scale,
         state_bytes=sums["state"] * scale,
         weight_bytes=weights,
+        bytes_moved=moved,
     )

@@ -63,3 +63,27 @@ def embedding_params(shape: ModelShape) -> int:
     if not shape.vocab:
         return 0
     return shape.vocab * shape.hidden * (1 if shape.tie_embeddings else 2) + shape.hidden
+
+
+def core_bytes_moved(
+    decode: bool,
+    batch: int,
+    context: int,
+    layer: LayerAssignment,
+    head_dim: int,
+    dk: int,
+    dv: int,
+    dtype_bytes: int,
+    gdn: GDNConfig,
+) -> float:
+    """Fewest bytes the attention cores of one layer move in a forward pass: each input read once, each output
+    written once. Prefill: FA reads q and the K, V of its KV groups and writes o; GDN reads per-head q, k, v,
+    the decay and beta and writes o. Decode: FA reads the whole KV cache; GDN reads and writes its state."""
+    fa, la, groups = layer.n_fa, layer.n_la, layer.kv_groups
+    if decode:
+        fa_bytes = (2 * fa * head_dim) * dtype_bytes + kv_cache_bytes(groups, context, head_dim, dtype_bytes)
+        gdn_bytes = la * ((2 * dk + 2 * dv + 2) * dtype_bytes + 2 * dk * dv * gdn.state_dtype_bytes)
+        return batch * (fa_bytes + gdn_bytes)
+    fa_bytes = (2 * fa * head_dim + 2 * groups * head_dim) * dtype_bytes
+    gdn_bytes = la * (2 * dk + 2 * dv + 2) * dtype_bytes
+    return batch * context * (fa_bytes + gdn_bytes)

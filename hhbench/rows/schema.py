@@ -60,6 +60,7 @@ class Row:
     kv_cache_bytes: float = 0.0
     state_bytes: float = 0.0
     weight_bytes: float = 0.0
+    bytes_moved: float = 0.0  # analytic fewest bytes moved: arithmetic intensity = flops_total / bytes_moved
     vs_layer31_flops: float | None = None
     vs_layer31_kv: float | None = None
     # --- measurement
