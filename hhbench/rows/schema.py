@@ -97,15 +97,58 @@ class Row:
     @classmethod
     def from_dict(cls, data: dict) -> "Row":
         data = dict(data)
-        version = data.get("schema")
-        if version != SCHEMA_VERSION:
-            raise UserError(f"row schema version {version} is not the supported version {SCHEMA_VERSION}")
-        data["pass_"] = data.pop("pass")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise UserError(f"row has unknown fields {sorted(unknown)} for schema {SCHEMA_VERSION}")
-        return cls(**data)
+        if "pass" in data:
+            data["pass_"] = data.pop("pass")
+        return _from_dict(cls, data)
+
+
+@dataclass
+class EvalRow:
+    """One long-context quality score: a model variant on a task at a context length (results/<run>/eval.jsonl)."""
+
+    model: str  # the base model, e.g. smollm2-135m
+    variant: str  # teacher | head:7:1 | head:7:1:selected | layer:3:1 | ...
+    task: str  # passkey | niah_single | niah_multikey | vt | copy | an lm-eval task name
+    context: int  # target prompt length in the model's own tokens
+    metric: str  # the lm-eval metric, e.g. exact_match
+    value: float | None = None
+    stderr: float | None = None
+    samples: int = 0
+    status: str = OK
+    reason: str = ""
+    ratio_effective: str = ""
+    fa_heads: float = 0.0
+    la_heads: float = 0.0
+    device: str = ""
+    seconds: float | None = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+    run: str = ""
+    schema: int = SCHEMA_VERSION
+
+    KEY_FIELDS = ("model", "variant", "task", "context", "metric")
+
+    @property
+    def key(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.KEY_FIELDS)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalRow":
+        return _from_dict(cls, dict(data))
+
+
+def _from_dict(cls, data: dict):
+    version = data.get("schema")
+    if version != SCHEMA_VERSION:
+        raise UserError(f"row schema version {version} is not the supported version {SCHEMA_VERSION}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise UserError(f"row has unknown fields {sorted(unknown)} for schema {SCHEMA_VERSION}")
+    return cls(**data)
 
 
 DISPLAY_COLUMNS = ["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "context", "batch",
@@ -168,7 +211,7 @@ def open_output(path: str | Path, mode: str):
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def append_row(path: Path, row: Row) -> None:
+def append_row(path: Path, row: "Row | EvalRow") -> None:
     """Append one row and make it durable before the next point starts: a killed sweep loses no finished row."""
     import os
 
@@ -178,8 +221,8 @@ def append_row(path: Path, row: Row) -> None:
         os.fsync(out.fileno())
 
 
-def read_rows(path: str | Path, repair: bool = False) -> RowSet:
-    """Rows of a JSONL file. A half-written last line (a sweep killed mid-write) is dropped; with repair=True it
+def read_rows(path: str | Path, repair: bool = False, kind: type = Row) -> RowSet:
+    """Rows (or EvalRows, with kind=EvalRow) of a JSONL file. A half-written last line (a sweep killed mid-write) is dropped; with repair=True it
     is also cut from the file so that appending continues on a clean line."""
     path = Path(path)
     try:
@@ -197,7 +240,7 @@ def read_rows(path: str | Path, repair: bool = False) -> RowSet:
         except json.JSONDecodeError:
             raise UserError(f"{path}:{number}: not a JSON row") from None
         try:
-            rows.append(Row.from_dict(data))
+            rows.append(kind.from_dict(data))
         except (UserError, TypeError) as exc:
             raise UserError(f"{path}:{number}: {exc}") from None
     if tail.strip() and repair:

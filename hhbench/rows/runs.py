@@ -1,0 +1,63 @@
+"""A run folder, results/<run>/: rows.jsonl (performance and analytic rows), eval.jsonl (quality rows) and
+env.json (the machine and versions that produced them)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hhbench.errors import UserError
+from hhbench.rows.schema import EvalRow, RowSet, open_output, read_rows
+
+ROWS, EVAL, ENV = "rows.jsonl", "eval.jsonl", "env.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """An existing run: a folder holding rows.jsonl or eval.jsonl, or one of those files itself."""
+        path = Path(path)
+        if path.is_file() and path.name in (ROWS, EVAL):
+            path = path.parent
+        if not path.is_dir():
+            raise UserError(f"no run at {path}: expected a folder with {ROWS} or {EVAL}")
+        if not (path / ROWS).exists() and not (path / EVAL).exists():
+            raise UserError(f"{path} holds neither {ROWS} nor {EVAL}")
+        return cls(path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def rows_path(self) -> Path:
+        return self.path / ROWS
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / EVAL
+
+    @property
+    def env_path(self) -> Path:
+        return self.path / ENV
+
+    def rows(self) -> RowSet:
+        return read_rows(self.rows_path) if self.rows_path.exists() else RowSet()
+
+    def eval_rows(self) -> RowSet:
+        return read_rows(self.eval_path, kind=EvalRow) if self.eval_path.exists() else RowSet()
+
+    def env(self) -> dict:
+        if not self.env_path.exists():
+            return {}
+        try:
+            return json.loads(self.env_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {self.env_path}: {exc}") from None
+
+    def write_env(self, env: dict) -> None:
+        with open_output(self.env_path, "w") as out:
+            json.dump(env, out, indent=2, sort_keys=True)
+            out.write("\n")
