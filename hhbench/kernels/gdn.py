@@ -4,6 +4,7 @@
 state)` one decode token with [B, H, *] inputs. q and k arrive L2-normalized, g as log decay, beta in (0, 1).
 """
 
+from hhbench.errors import Unsupported
 from hhbench.kernels import reference
 from hhbench.kernels.registry import GDN, Backend, register
 
@@ -25,7 +26,7 @@ class FlaChunk(Backend):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         if chunk_size != 64:
-            raise NotImplementedError("fla's chunk kernels use chunks of 64")
+            raise Unsupported("fla's chunk kernels use chunks of 64")
 
         return chunk_gated_delta_rule(
             q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state

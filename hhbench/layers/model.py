@@ -5,6 +5,7 @@ return hidden states."""
 import torch
 from torch import nn
 
+from hhbench.errors import Unsupported
 from hhbench.layers.hydrahead import HydraAttention, LayerCache
 from hhbench.spec.layout import LayerPlan
 
@@ -41,9 +42,13 @@ class HybridLM(nn.Module):
         shape, gdn = plan.shape, plan.spec.gdn
         dk, dv = gdn.dims(shape.head_dim)
         if (dk, dv) != (shape.head_dim, shape.head_dim):
-            raise ValueError("measured hybrids keep GDN heads at the model's head_dim (they reuse its projections)")
+            raise Unsupported("measured hybrids keep GDN heads at the model's head_dim (they reuse its projections)")
+        if any(layer.weight != 1 for layer in plan.layers):
+            raise Unsupported(
+                f"{shape.name} has fewer layers than one layer-wise group: its plan is an average layer, "
+                "not a network (use the layer or kernel scope)"
+            )
         self.shape = shape
-        layers = [layer for layer in plan.layers for _ in range(max(1, round(layer.weight)))]
         self.blocks = nn.ModuleList(
             Block(
                 HydraAttention(
@@ -63,7 +68,7 @@ class HybridLM(nn.Module):
                 shape.mlp_hidden,
                 eps,
             )  # fmt: skip
-            for layer in layers[: shape.n_layers]
+            for layer in plan.layers
         )
         self.embed = nn.Embedding(shape.vocab, shape.hidden) if shape.vocab else None
         self.norm = nn.RMSNorm(shape.hidden, eps=eps) if shape.vocab else None
