@@ -95,11 +95,30 @@ def _leaves(*groups) -> list[torch.Tensor]:
     return [t for group in groups if group for t in group if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _train_step(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]):
-    """Forward and backward; gradients returned (not accumulated), so repeated calls do the same work."""
-    out = forward()
-    grad_out = torch.randn_like(out)
-    return [out, *torch.autograd.grad(out, leaves, grad_out)]
+class TrainStep:
+    """Forward and backward with a fixed output gradient; gradients are returned, not accumulated, so repeated
+    calls do the same work. The output gradient is drawn once, from its own seed, and rounded like the inputs,
+    so that a reference run in fp32 back-propagates the very same values."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], round_to=None):
+        self.forward, self.leaves, self.round_to, self.grad_out = forward, leaves, round_to, None
+
+    def __call__(self) -> list[torch.Tensor]:
+        out = self.forward()
+        if self.grad_out is None:
+            generator = torch.Generator(device=out.device).manual_seed(1234)
+            grad = torch.randn(out.shape, generator=generator, device=out.device, dtype=torch.float32)
+            self.grad_out = grad.to(self.round_to or out.dtype).to(out.dtype)
+        return [out, *torch.autograd.grad(out, self.leaves, self.grad_out)]
+
+    def checked(self) -> list[torch.Tensor]:
+        """The output, and all gradients as one vector: a tiny parameter's gradient should not decide alone."""
+        out, *grads = self()
+        return [out, torch.cat([g.float().flatten() for g in grads])]
+
+
+def _checked(step) -> list[torch.Tensor]:
+    return step.checked() if isinstance(step, TrainStep) else step()
 
 
 def _backend(kind: str, name: str):
@@ -118,33 +137,32 @@ def kernel_workload(
         core = HybridCore(split, _backend(registry.FA, fa_name), _backend(registry.GDN, gdn_name), point.mode,
                           point.spec.gdn.chunk_size)  # fmt: skip
         fa, gdn = _core_inputs(point, split, device, dtype, context, batch, grad, round_to)
-        items.append((core, fa, gdn, count))
-
-    def one(core, fa, gdn):
         if point.pass_ is Pass.DECODE:
-            return list(core.decode(fa, gdn)[:1])
-        if grad:
-            return _train_step(lambda: core.prefill(fa, gdn), _leaves(fa, gdn))
-        return [core.prefill(fa, gdn)]
+            step = lambda core=core, fa=fa, gdn=gdn: list(core.decode(fa, gdn)[:1])  # noqa: E731
+        elif grad:
+            step = TrainStep(lambda core=core, fa=fa, gdn=gdn: core.prefill(fa, gdn), _leaves(fa, gdn), round_to)
+        else:
+            step = lambda core=core, fa=fa, gdn=gdn: [core.prefill(fa, gdn)]  # noqa: E731
+        items.append((core, fa, gdn, count, step))
 
     def run():
-        for core, fa, gdn, count in items:
+        for *_, count, step in items:
             for _ in range(count):
-                one(core, fa, gdn)
+                step()
 
     def outputs():
-        return [t for core, fa, gdn, _ in items for t in one(core, fa, gdn)]
+        return [t for *_, step in items for t in _checked(step)]
 
     parts = None
     if point.parts and len(items) == 1:
-        core, fa, gdn, _ = items[0]
+        core, fa, gdn, _, _ = items[0]
         parts = {}
         if fa:
             parts["fa"] = lambda: _part(core, fa, None, point.pass_)
         if gdn:
             parts["gdn"] = lambda: _part(core, None, gdn, point.pass_)
     return Workload(
-        run, outputs, sum(c for *_, c in items), point.pass_ is Pass.DECODE and device.type == "cuda", parts
+        run, outputs, sum(item[3] for item in items), point.pass_ is Pass.DECODE and device.type == "cuda", parts
     )
 
 
@@ -153,9 +171,9 @@ def _part(core: HybridCore, fa, gdn, pass_: Pass):
     if pass_ is Pass.DECODE:
         return core.decode_parts(fa, gdn)
     if pass_ is Pass.TRAIN:
-        out = [t for t in core.prefill_parts(fa, gdn) if t is not None][0]
-        out = out[0] if isinstance(out, tuple) else out
-        return torch.autograd.grad(out, _leaves(fa, gdn), torch.randn_like(out))
+        fa_out, gdn_result = core.prefill_parts(fa, gdn)
+        out = fa_out if fa_out is not None else gdn_result[0]
+        return torch.autograd.grad(out, _leaves(fa, gdn), torch.ones_like(out))
     return core.prefill_parts(fa, gdn)
 
 
@@ -217,24 +235,27 @@ def module_workload(
                                   for c in (n_la * d, n_la * d, n_la * d)] if gdn.conv_size else None  # fmt: skip
             caches[i] = _random_caches(made, context, device)
 
-    def one(i, module):
+    steps = []
+    for i, (module, count) in enumerate(modules):
         if point.pass_ is Pass.DECODE:
             if isinstance(module, HybridLM):
-                return [module(x, caches[i])]
-            return [module(x, cache=caches[i][0])]
-        if point.pass_ is Pass.TRAIN:
-            leaves = ([x] if x.is_floating_point() else []) + [p for p in module.parameters()]
-            return _train_step(lambda: module(x), leaves)
-        with torch.no_grad():
-            return [module(x)]
+                step = lambda module=module, i=i: [module(x, caches[i])]  # noqa: E731
+            else:
+                step = lambda module=module, i=i: [module(x, cache=caches[i][0])]  # noqa: E731
+        elif point.pass_ is Pass.TRAIN:
+            leaves = ([x] if x.is_floating_point() else []) + list(module.parameters())
+            step = TrainStep(lambda module=module: module(x), leaves, round_to)
+        else:
+            step = torch.no_grad()(lambda module=module: [module(x)])
+        steps.append((step, count))
 
     def run():
-        for i, (module, count) in enumerate(modules):
+        for step, count in steps:
             for _ in range(count):
-                one(i, module)
+                step()
 
     def outputs():
-        return [t for i, (module, _) in enumerate(modules) for t in one(i, module)]
+        return [t for step, _ in steps for t in _checked(step)]
 
     return Workload(run, outputs, per_run, point.pass_ is Pass.DECODE and device.type == "cuda")
 
