@@ -96,33 +96,50 @@ def _leaves(*groups) -> list[torch.Tensor]:
 
 
 class TrainStep:
-    """Forward and backward with a fixed output gradient; gradients are returned, not accumulated, so repeated
-    calls do the same work. The output gradient is drawn once, from its own seed, and rounded like the inputs,
+    """Forward and backward with fixed output gradients; gradients are returned, not accumulated, so repeated
+    calls do the same work. Output gradients are drawn once, from their own seed, and rounded like the inputs,
     so that a reference run in fp32 back-propagates the very same values."""
 
-    def __init__(self, forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], round_to=None):
-        self.forward, self.leaves, self.round_to, self.grad_out = forward, leaves, round_to, None
+    def __init__(self, forward: Callable[[], list[torch.Tensor]], leaves: list[torch.Tensor], round_to=None):
+        self.forward, self.leaves, self.round_to, self.grad_outs = forward, leaves, round_to, None
 
     def __call__(self) -> list[torch.Tensor]:
-        out = self.forward()
-        if self.grad_out is None:
-            generator = torch.Generator(device=out.device).manual_seed(1234)
-            grad = torch.randn(out.shape, generator=generator, device=out.device, dtype=torch.float32)
-            self.grad_out = grad.to(self.round_to or out.dtype).to(out.dtype)
-        return [out, *torch.autograd.grad(out, self.leaves, self.grad_out)]
+        outs = self.forward()
+        if self.grad_outs is None:
+            generator = torch.Generator(device=outs[0].device).manual_seed(1234)
+            self.grad_outs = [
+                torch.randn(o.shape, generator=generator, device=o.device).to(self.round_to or o.dtype).to(o.dtype)
+                for o in outs
+            ]
+        return [*outs, *torch.autograd.grad(outs, self.leaves, self.grad_outs)]
 
     def checked(self) -> list[torch.Tensor]:
-        """The output, and all gradients as one vector: a tiny parameter's gradient should not decide alone."""
-        out, *grads = self()
-        return [out, torch.cat([g.float().flatten() for g in grads])]
+        """The outputs, and all gradients as one vector: a tiny parameter's gradient should not decide alone."""
+        results = self()
+        outs, grads = results[: len(self.grad_outs)], results[len(self.grad_outs) :]
+        return [*outs, torch.cat([g.float().flatten() for g in grads])]
 
 
 def _checked(step) -> list[torch.Tensor]:
     return step.checked() if isinstance(step, TrainStep) else step()
 
 
-def _backend(kind: str, name: str):
-    return registry.get(name, kind)
+def _core_step(core: HybridCore, fa, gdn, pass_: Pass, round_to):
+    """One hybrid core call on its inputs, returning its outputs: FA and GDN outputs as they come (the merge back
+    into head order belongs to the layer, whose o_proj reads it)."""
+    if pass_ is Pass.DECODE:
+
+        def decode():
+            fa_out, gdn_result = core.decode_parts(fa, gdn)
+            return [t for t in (fa_out, gdn_result[0] if gdn_result else None) if t is not None]
+
+        return decode
+
+    def forward():
+        fa_out, gdn_result = core.prefill_parts(fa, gdn)
+        return [t for t in (fa_out, gdn_result[0] if gdn_result else None) if t is not None]
+
+    return TrainStep(forward, _leaves(fa, gdn), round_to) if pass_ is Pass.TRAIN else forward
 
 
 def kernel_workload(
@@ -134,16 +151,10 @@ def kernel_workload(
     items = []
     for layer, count in unit:
         split = HeadSplit(layer.n_heads, layer.fa_heads, layer.group_size)
-        core = HybridCore(split, _backend(registry.FA, fa_name), _backend(registry.GDN, gdn_name), point.mode,
+        core = HybridCore(split, registry.get(fa_name, registry.FA), registry.get(gdn_name, registry.GDN), point.mode,
                           point.spec.gdn.chunk_size)  # fmt: skip
         fa, gdn = _core_inputs(point, split, device, dtype, context, batch, grad, round_to)
-        if point.pass_ is Pass.DECODE:
-            step = lambda core=core, fa=fa, gdn=gdn: list(core.decode(fa, gdn)[:1])  # noqa: E731
-        elif grad:
-            step = TrainStep(lambda core=core, fa=fa, gdn=gdn: core.prefill(fa, gdn), _leaves(fa, gdn), round_to)
-        else:
-            step = lambda core=core, fa=fa, gdn=gdn: [core.prefill(fa, gdn)]  # noqa: E731
-        items.append((core, fa, gdn, count, step))
+        items.append((core, fa, gdn, count, _core_step(core, fa, gdn, point.pass_, round_to)))
 
     def run():
         for *_, count, step in items:
@@ -154,27 +165,15 @@ def kernel_workload(
         return [t for *_, step in items for t in _checked(step)]
 
     parts = None
-    if point.parts and len(items) == 1:
+    if point.parts and len(items) == 1:  # each backend alone on its own heads: what 'the sum of the parts' adds
         core, fa, gdn, _, _ = items[0]
         parts = {}
         if fa:
-            parts["fa"] = lambda: _part(core, fa, None, point.pass_)
+            parts["fa"] = _core_step(core, fa, None, point.pass_, round_to)
         if gdn:
-            parts["gdn"] = lambda: _part(core, None, gdn, point.pass_)
-    return Workload(
-        run, outputs, sum(item[3] for item in items), point.pass_ is Pass.DECODE and device.type == "cuda", parts
-    )
-
-
-def _part(core: HybridCore, fa, gdn, pass_: Pass):
-    """One backend alone on its own heads: no merge, what 'the sum of its parts' adds up."""
-    if pass_ is Pass.DECODE:
-        return core.decode_parts(fa, gdn)
-    if pass_ is Pass.TRAIN:
-        fa_out, gdn_result = core.prefill_parts(fa, gdn)
-        out = fa_out if fa_out is not None else gdn_result[0]
-        return torch.autograd.grad(out, _leaves(fa, gdn), torch.ones_like(out))
-    return core.prefill_parts(fa, gdn)
+            parts["gdn"] = _core_step(core, None, gdn, point.pass_, round_to)
+    graph = point.pass_ is Pass.DECODE and device.type == "cuda"
+    return Workload(run, outputs, sum(item[3] for item in items), graph, parts)
 
 
 def _module_inputs(point: Point, device, dtype, context: int, batch: int):
@@ -244,7 +243,7 @@ def module_workload(
                 step = lambda module=module, i=i: [module(x, cache=caches[i][0])]  # noqa: E731
         elif point.pass_ is Pass.TRAIN:
             leaves = ([x] if x.is_floating_point() else []) + list(module.parameters())
-            step = TrainStep(lambda module=module: module(x), leaves, round_to)
+            step = TrainStep(lambda module=module: [module(x)], leaves, round_to)
         else:
             step = torch.no_grad()(lambda module=module: [module(x)])
         steps.append((step, count))

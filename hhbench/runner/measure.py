@@ -138,7 +138,8 @@ def measure_point(
         if timing.notes:
             row.extra["timing_notes"] = timing.notes
         if workload.parts:
-            parts = {name: time_callable(fn, device, policy).median_ms for name, fn in workload.parts.items()}
+            same = TimingPolicy(**{**policy.__dict__, "graph": workload.graph})
+            parts = {name: time_callable(fn, device, same).median_ms for name, fn in workload.parts.items()}
             row.extra["parts_ms"] = parts
             row.extra["vs_parts_sum"] = row.latency_ms / sum(parts.values())
         if (
