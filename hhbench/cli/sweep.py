@@ -95,7 +95,7 @@ def sweep(
     where = pick_device(device)
     if threads < 0:
         raise UserError(f"--threads must be >= 0, got {threads}")
-    if threads:
+    if threads and where.type == "cpu":
         torch.set_num_threads(threads)
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
              "batch": [int(b) for b in batch.split(",") if b.strip()] if batch else None, "passes": passes,
