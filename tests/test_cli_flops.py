@@ -84,3 +84,10 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, message):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr
+
+
+def test_per_layer_plan_shows_kv_groups(cli):
+    result = cli("flops", "--model", "qwen3-1.7b", "--layouts", "head", "--ratios", "3:1", "--kv-aware", "--plan")
+    assert result.returncode == 0, result.stderr
+    assert "qwen3-1.7b head:3:1+kv: ratio_effective 3:1, 112 FA heads, 56 KV groups in all" in result.stdout
+    assert "| 0 | 1 | 4 5 12 13 | 4 | 12 | 2 |" in result.stdout

@@ -9,9 +9,10 @@ from hhbench.analytic.claims import claim_points, claim_sentences
 from hhbench.analytic.costs import Scope, dtype_bytes
 from hhbench.analytic.rows import analytic_rows
 from hhbench.cli.app import app
-from hhbench.rows.schema import RowSet
+from hhbench.rows.schema import RowSet, markdown_table
 from hhbench.spec import parse as options
 from hhbench.spec.hybrid import GDNConfig
+from hhbench.spec.layout import build_plan
 from hhbench.spec.units import format_bytes, format_count
 
 Opt = typer.Option
@@ -36,9 +37,36 @@ def human_table(rows: RowSet) -> str:
     view["state"] = frame["state_bytes"].map(format_bytes)
     view["vs_l31_flops"] = frame["vs_layer31_flops"].map(lambda v: f"{v:.3f}")
     view["vs_l31_kv"] = frame["vs_layer31_kv"].map(lambda v: f"{v:.3f}")
-    from hhbench.rows.schema import markdown_table
-
     return markdown_table(view)
+
+
+def plan_tables(shape, specs) -> str:
+    """Per variant, per layer: which heads are FA and how many KV groups they read (what sets the KV cache)."""
+    import pandas as pd
+
+    blocks, seen = [], set()
+    for _, spec in specs:
+        layer_plan = build_plan(shape, spec)
+        if layer_plan.spec in seen:
+            continue
+        seen.add(layer_plan.spec)
+        frame = pd.DataFrame(
+            [
+                {
+                    "layer": i,
+                    "weight": f"{layer.weight:g}",
+                    "fa_heads": " ".join(map(str, layer.fa_heads)) or "-",
+                    "n_fa": layer.n_fa,
+                    "n_la": layer.n_la,
+                    "kv_groups": layer.kv_groups,
+                }  # fmt: skip
+                for i, layer in enumerate(layer_plan.layers)
+            ]
+        )
+        title = f"{shape.name} {layer_plan.spec.label}: ratio_effective {layer_plan.ratio_effective}, "
+        title += f"{layer_plan.fa_heads:g} FA heads, {layer_plan.kv_groups:g} KV groups in all"
+        blocks.append(f"{title}\n\n{markdown_table(frame)}")
+    return "\n\n".join(blocks)
 
 
 @app.command()
@@ -67,6 +95,7 @@ def flops(
     as_json: Annotated[bool, Opt("--json", help="Print rows as JSON lines.")] = False,
     csv: Annotated[str, Opt(help="Also write the rows to this CSV file.")] = "",
     claims: Annotated[bool, Opt(help="Check the 'cuts attention FLOPs by ~1/3 to 40%' claim instead.")] = False,
+    plan: Annotated[bool, Opt(help="Print each variant's per-layer plan (FA heads, KV groups) instead.")] = False,
 ):
     """Analytic FLOPs and memory of hybrid layouts, against the layer-wise 3:1 baseline."""
     shape = options.models(model, set_)[0]
@@ -83,6 +112,9 @@ def flops(
                 typer.echo(sentence)
         return
     specs = options.hybrid_specs(layouts, ratios, gdn, head_map or None, kv_aware)
+    if plan:
+        typer.echo(plan_tables(shape, specs))
+        return
     rows = RowSet(analytic_rows(shape, specs, context_values, pass_values, batch, scope_value, dtype))
     if csv:
         rows.to_csv(csv)
