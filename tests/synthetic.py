@@ -10,7 +10,7 @@ from hhbench.analytic.costs import Scope
 from hhbench.analytic.flops import Pass
 from hhbench.analytic.rows import analytic_rows
 from hhbench.cli.options import hybrid_specs
-from hhbench.rows.schema import OK, Row, RowSet
+from hhbench.rows.schema import OK, EvalRow, Row, RowSet
 from hhbench.spec.shapes import resolve_shape
 
 CONTEXTS = [256, 1024, 4096, 16384]
@@ -24,8 +24,9 @@ def analytic(
     contexts: list[int] = CONTEXTS,
     passes=(Pass.PREFILL, Pass.DECODE),
     scopes=(Scope.MODEL,),
+    ratios: str = "1:1,3:1,7:1",
 ) -> RowSet:
-    specs = hybrid_specs("fa,la,layer,head", "1:1,3:1,7:1")
+    specs = hybrid_specs("fa,la,layer,head", ratios)
     rows = RowSet()
     for scope in scopes:
         rows += analytic_rows(resolve_shape(model), specs, contexts, list(passes), 1, scope, "fp32")
@@ -62,13 +63,22 @@ def measured(rows: RowSet, device: str = "cpu (test)", backends=("sdpa", "refere
     return out
 
 
+def quality(variants=("teacher", "layer:3:1", "head:7:1"), tasks=("passkey", "niah_single")) -> RowSet:
+    """Scores that fall with context, faster for the cheaper variants."""
+    rows = RowSet()
+    for rank, variant in enumerate(variants):
+        for task in tasks:
+            for context in CONTEXTS:
+                value = max(0.0, 1.0 - 0.02 * (rank + 1) * CONTEXTS.index(context))
+                rows.append(EvalRow("tiny", variant, task, context, "exact_match", value, 0.02, 100))
+    return rows
+
+
 def write_run(folder: Path, rows: RowSet, env: dict | None = None, eval_rows: RowSet | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rows.to_jsonl(folder / "rows.jsonl")
     if env is not None:
         (folder / "env.json").write_text(json.dumps(env))
     if eval_rows:
-        with open(folder / "eval.jsonl", "w") as out:
-            for row in eval_rows:
-                out.write(json.dumps(row.to_dict()) + "\n")
+        eval_rows.to_jsonl(folder / "eval.jsonl")
     return folder

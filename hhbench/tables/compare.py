@@ -10,7 +10,7 @@ import pandas as pd
 from hhbench.analytic.costs import Scope
 from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
-from hhbench.rows.schema import ANALYTIC, OK, markdown_table, open_output
+from hhbench.rows.schema import ANALYTIC, INCORRECT, OK, markdown_table, open_output
 from hhbench.rows.sources import Run
 from hhbench.spec.hybrid import LAYER31
 from hhbench.spec.units import format_bytes, format_count
@@ -101,20 +101,29 @@ def _reading_order(column: pd.Series, labels: list[str]) -> pd.Series:
 
 
 def against_layer31(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame with base_* columns (its layer 3:1 row's), speedup, flops_ratio, kv_ratio and a note."""
-    baselines = {key: part for key, part in frame[frame["variant"] == BASELINE].groupby(GROUP, sort=False)}
-    chosen = [_baseline_of(row, baselines.get(tuple(row[GROUP]))) for _, row in frame.iterrows()]
-    found = [index for index in chosen if index is not None]
-    base = frame.loc[found].set_axis([i for i, index in enumerate(chosen) if index is not None]).reindex(frame.index)
+    """The frame with base_* columns (its layer 3:1 row's; NaN where none matched), speedup, flops_ratio,
+    kv_ratio and a note."""
+    records = frame[[*GROUP, *BACKENDS, "variant", "status"]].to_dict("records")
+    baselines: dict[tuple, list[int]] = {}
+    for index, record in enumerate(records):
+        if record["variant"] == BASELINE:
+            baselines.setdefault(tuple(record[name] for name in GROUP), []).append(index)
+    chosen = [
+        _baseline_of(record, records, baselines.get(tuple(record[name] for name in GROUP), [])) for record in records
+    ]
+    matched = [position for position, index in enumerate(chosen) if index is not None]
+    base = frame.iloc[[chosen[position] for position in matched]].set_axis(matched).reindex(frame.index)
     out = frame.copy()
-    out["base_latency_ms"] = base["latency_ms"]
-    out["base_status"] = base["status"]
-    never = out["status"] == "incorrect"
+    for name in ("latency_ms", "status", *BACKENDS):
+        out[f"base_{name}"] = base[name]
+    never = out["status"] == INCORRECT
     both_measured = (out["status"] == OK) & (base["status"] == OK)
     out["speedup"] = (base["latency_ms"] / out["latency_ms"]).where(both_measured)
     out["flops_ratio"] = _ratio(out["flops_total"], base["flops_total"]).where(~never)
     out["kv_ratio"] = _ratio(out["kv_cache_bytes"], base["kv_cache_bytes"]).where(~never)
-    out["note"] = [_note(row) for _, row in out.iterrows()]
+    out["note"] = [
+        _note(*values) for values in zip(out["status"], out["reason"], out["speedup"], out["flops_ratio"], strict=True)
+    ]
     return out
 
 
@@ -122,31 +131,28 @@ def _ratio(value: pd.Series, base: pd.Series) -> pd.Series:
     return (value / base.where(base > 0)).astype(float)
 
 
-def _baseline_of(row: pd.Series, candidates: pd.DataFrame | None):
-    """The index of the row's layer 3:1 row, or None. Backends must match, except one the row leaves empty (a
+def _baseline_of(row: dict, records: list[dict], candidates: list[int]) -> int | None:
+    """The position of the row's layer 3:1 row, or None. Backends must match, except one the row leaves empty (a
     pure FA row runs no GDN kernel); that wildcard holds only if it leaves a single backend pair."""
-    if candidates is None:
-        return None
-    fits = candidates
-    for name in BACKENDS:
-        fits = fits[(fits[name] == row[name]) | (row[name] == "")]
-    exact = fits[(fits[BACKENDS] == row[BACKENDS].values).all(axis=1)]
-    if not exact.empty:
+    pair = tuple(row[name] for name in BACKENDS)
+    fits = [i for i in candidates if all(row[n] in ("", records[i][n]) for n in BACKENDS)]
+    exact = [i for i in fits if tuple(records[i][n] for n in BACKENDS) == pair]
+    if exact:
         fits = exact
-    elif len(fits.drop_duplicates(BACKENDS)) != 1:
+    elif len({tuple(records[i][n] for n in BACKENDS) for i in fits}) != 1:
         return None
-    compared = fits[fits["status"].isin(COMPARED)]
-    return (compared if not compared.empty else fits).index[0]
+    compared = [i for i in fits if records[i]["status"] in COMPARED]
+    return (compared or fits)[0]
 
 
-def _note(row: pd.Series) -> str:
-    if row["status"] not in COMPARED:
-        return f"{row['status']}: {row['reason']}" if row["reason"] else row["status"]
-    if pd.isna(row["speedup"]) or pd.isna(row["flops_ratio"]):
+def _note(status: str, reason: str, speedup: float, flops_ratio: float) -> str:
+    if status not in COMPARED:
+        return f"{status}: {reason}" if reason else status
+    if pd.isna(speedup) or pd.isna(flops_ratio):
         return ""
-    if row["flops_ratio"] < 1 and row["speedup"] < 1:
+    if flops_ratio < 1 and speedup < 1:
         return DISAGREE_SLOWER
-    if row["flops_ratio"] > 1 and row["speedup"] > 1:
+    if flops_ratio > 1 and speedup > 1:
         return DISAGREE_FASTER
     return ""
 
