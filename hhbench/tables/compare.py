@@ -37,8 +37,8 @@ class Comparison:
     measured: bool  # some row has a measured latency; analytic-only comparisons leave latency out
 
     def to_csv(self, path) -> None:
-        with open_output(path, "w") as out:
-            self.rows.to_csv(out, index=False)
+        with open_output(path, "w") as out:  # lists and dicts stay in the JSON
+            self.rows.drop(columns=["samples_ms", "extra"]).to_csv(out, index=False)
 
     def to_json(self, path) -> None:
         data = {
@@ -166,19 +166,19 @@ def crossovers(rows: pd.DataFrame, measured: bool) -> pd.DataFrame:
         series = series.sort_values("context")
         line = dict(zip(SERIES, key, strict=True))
         by_flops = series.dropna(subset=["flops_ratio"])
-        line["from_context_flops"] = _from_context(by_flops["context"], by_flops["flops_ratio"] < 1)
+        line["from_context_flops"] = from_context(by_flops["context"], by_flops["flops_ratio"] < 1)
         line["contexts_flops"] = len(by_flops)
         line["max_context_flops"] = by_flops["context"].max() if len(by_flops) else None
         if measured:
             by_latency = series.dropna(subset=["speedup"])
-            line["from_context_latency"] = _from_context(by_latency["context"], by_latency["speedup"] > 1)
+            line["from_context_latency"] = from_context(by_latency["context"], by_latency["speedup"] > 1)
             line["contexts_latency"] = len(by_latency)
             line["max_context_latency"] = by_latency["context"].max() if len(by_latency) else None
         lines.append(line)
     return pd.DataFrame(lines)
 
 
-def _from_context(contexts: pd.Series, wins: pd.Series):
+def from_context(contexts: pd.Series, wins: pd.Series):
     """The smallest context from which every longer one wins, or None."""
     start = None
     for context, win in zip(contexts, wins, strict=True):
