@@ -63,31 +63,44 @@ def latency_figure(rows: pd.DataFrame, passes: list[str], slug: str, title: str)
         below=data["latency_ms"] - data["latency_p10_ms"],
     )
     many_passes = data["pass"].nunique() > 1
-    figure = px.line(
+    figure = _express(
+        px.line,
         data,
-        x="context",
         y="latency_ms",
-        color="series",
         facet_col="scope",
         facet_row="pass" if many_passes else None,
         error_y="above",
         error_y_minus="below",
-        log_x=True,
         log_y=True,
-        markers=True,
-        custom_data=["hover"],
         category_orders={
             "scope": present_order(data["scope"], SCOPE_ORDER),
             "pass": present_order(data["pass"], PASS_ORDER),
-            "series": _series_order(data),
         },
-        labels={"latency_ms": "latency (ms)", "context": "context (tokens)", "series": "variant"},
+        labels={"latency_ms": "latency (ms)"},
     )
-    figure.update_traces(hovertemplate=HOVER)
     figure.update_yaxes(matches=None, showticklabels=True)  # scopes differ by orders of magnitude
-    figure.update_xaxes(**context_ticks(data["context"]))
     figure.update_layout(height=320 * (data["pass"].nunique() if many_passes else 1) + 120)
     return Figure(slug, title, figure, "Median of the repeated timings; error bars span p10 to p90.")
+
+
+def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
+    """A plotly express chart on a log x axis (context by default, its ticks the contexts), a colour per series,
+    each point's hover carrying its row."""
+    options = {
+        "x": "context",
+        "color": "series",
+        "log_x": True,
+        **({"markers": True} if chart is px.line else {}),
+        **options,
+        "custom_data": ["hover"],
+        "category_orders": {"series": _series_order(data), **options.get("category_orders", {})},
+        "labels": {"context": "context (tokens)", "series": "variant", **options.get("labels", {})},
+    }
+    figure = chart(data, **options)
+    figure.update_traces(hovertemplate=HOVER)
+    if options["x"] == "context":
+        figure.update_xaxes(**context_ticks(data["context"]))
+    return figure
 
 
 def _series_order(data: pd.DataFrame) -> list[str]:
@@ -296,19 +309,16 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
         series=series_labels(data),
         hover=hover_text(data),
     )
-    figure = px.scatter(
+    figure = _express(
+        px.scatter,
         data,
         x="intensity",
         y="tflops",
-        color="series",
         symbol="scope",
-        log_x=True,
         log_y=True,
-        custom_data=["hover"],
-        category_orders={"series": _series_order(data), "scope": present_order(data["scope"], SCOPE_ORDER)},
+        category_orders={"scope": present_order(data["scope"], SCOPE_ORDER)},
         labels={"intensity": "arithmetic intensity (FLOP/byte)", "tflops": "achieved TFLOP/s"},
     )
-    figure.update_traces(hovertemplate=HOVER)
     notes = []
     span = np.geomspace(data["intensity"].min() / 4, data["intensity"].max() * 4, 200)
     for run in data["run"].unique():
@@ -332,22 +342,9 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
         return Omitted(title, "no quality rows (eval.jsonl)")
     data = data.sort_values("context")
     data = data.assign(series=series_labels(data), hover=hover_text(data), panel=data["task"] + " · " + data["metric"])
-    figure = px.line(
-        data,
-        x="context",
-        y="value",
-        color="series",
-        facet_col="panel",
-        facet_col_wrap=3,
-        error_y="stderr",
-        log_x=True,
-        markers=True,
-        custom_data=["hover"],
-        category_orders={"series": _series_order(data)},
-        labels={"value": "score", "context": "context (tokens)", "series": "variant"},
+    figure = _express(
+        px.line, data, y="value", facet_col="panel", facet_col_wrap=3, error_y="stderr", labels={"value": "score"}
     )
-    figure.update_traces(hovertemplate=HOVER)
-    figure.update_xaxes(**context_ticks(data["context"]))
     figure.update_layout(height=340 * math.ceil(data["panel"].nunique() / 3) + 120)
     return Figure("quality", title, figure, "Accuracy per task as lm-eval reports it; error bars one stderr.")
 
