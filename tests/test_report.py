@@ -118,9 +118,13 @@ def test_analytic_only_report(runs):
                                                  "Decode latency against context", "Quality: score against context"]  # fmt: skip
     titles = [a.text for a in report.figures[0].figure.layout.annotations]
     assert titles and all(t.endswith("(by analytic FLOPs)") for t in titles)
-    assert "flops: tiny, prefill, model scope, batch 1: head:7:1 beats layer:3:1 by analytic FLOPs" in "\n".join(
-        report.crossovers
-    )
+    train = report.crossovers[(report.crossovers["variant"] == "head:7:1") & (report.crossovers["pass"] == "train")]
+    assert train.to_dict("records") == [
+        {"model": "tiny", "scope": "kernel", "pass": "train", "variant": "head:7:1", "from (FLOPs)": "4k",
+         "longest context": "4k"},
+        {"model": "tiny", "scope": "model", "pass": "train", "variant": "head:7:1", "from (FLOPs)": "256",
+         "longest context": "4k"},
+    ]  # fmt: skip
 
 
 def test_hover_carries_every_field_and_header_every_environment(report):

@@ -38,7 +38,13 @@ def test_analytic_rows_from_hhbench_flops(cli, tmp_path):
     header = next(line for line in out.splitlines() if line.startswith("| context"))
     assert header == "| context | variant | ratio_effective | status | flops_ratio | kv_ratio | note |"
     assert "| 32k | layer:3:1 | 3:1 | analytic | 1.000 | 1.000 |  |" in out
-    assert "- qwen: qwen3-1.7b, prefill, model scope, batch 1: head:7:1 beats layer:3:1 by analytic FLOPs from " in out
+    assert out.endswith(
+        "| model | scope | pass | variant | from (FLOPs) | longest context |\n|---|---|---|---|---|---|\n"
+        "| qwen3-1.7b | model | prefill | head:1:1 | never | 128k |\n"
+        "| qwen3-1.7b | model | prefill | head:3:1 | never | 128k |\n"
+        "| qwen3-1.7b | model | prefill | head:7:1 | 4k | 128k |\n"
+        "| qwen3-1.7b | model | prefill | head:15:1 | 4k | 128k |\n"
+    )
     frame = pd.read_csv(tmp_path / "t.csv")
     # the table's FLOPs ratio is the analytic model's own vs_layer31_flops
     assert frame["flops_ratio"].to_numpy() == pytest.approx(frame["vs_layer31_flops"].to_numpy())
@@ -63,8 +69,8 @@ def test_measured_speedups_notes_and_crossover(rows):
     line = single(comparison.crossovers, variant="head:7:1", **{"pass": "prefill"})
     assert line["from_context_latency"] == 4096 and line["from_context_flops"] == 1024
     text = comparison.to_markdown()
-    assert ("gpu: tiny, prefill, model scope, batch 1: head:7:1 beats layer:3:1 by measured latency from 4k on "
-            "(checked up to 16k); by analytic FLOPs from 1k on (checked up to 16k)") in text  # fmt: skip
+    assert "| tiny | model | prefill | head:7:1 | 4k | 1k | 16k |" in text
+    assert "| tiny | model | decode | head:7:1 | never | 256 | 16k |" in text
     line = next(line for line in text.splitlines() if "| sdpa | reference | 1k | head:7:1 | 7:1 | ok |" in line)
     numbers = f"{short['speedup']:.3f} | {short['flops_ratio']:.3f} | 1.000 | {short['tflops']:.4g}"
     assert line.endswith(f"| {numbers} | {format_bytes(short['peak_mem_bytes'])} | fewer FLOPs, slower |")

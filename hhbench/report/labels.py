@@ -6,6 +6,7 @@ import math
 import pandas as pd
 
 from hhbench.spec.units import format_count
+from hhbench.tables.compare import distinct_values
 
 # Fields that tell series apart when they vary among the rows of one figure (the variant always does).
 DISTINGUISHING = ["run", "model", "batch", "dtype", "fa_backend", "gdn_backend", "mode", "head_map", "kv_aware"]
@@ -14,8 +15,7 @@ LAYOUT_RANK = {"fa": 0, "layer": 1, "head": 2, "la": 3}
 
 def series_labels(frame: pd.DataFrame, also: tuple[str, ...] = ()) -> pd.Series:
     """'head:7:1', or 'head:7:1 · run gpu-a · fla' where runs or backends differ within the figure."""
-    # an empty backend is a layout that runs no such kernel, not a backend of its own
-    varying = [name for name in [*DISTINGUISHING, *also] if name in frame and _values(frame[name]) > 1]
+    varying = [name for name in [*DISTINGUISHING, *also] if name in frame and distinct_values(frame[name]) > 1]
 
     def label(row) -> str:
         parts = [row["variant"]]
@@ -30,10 +30,6 @@ def series_labels(frame: pd.DataFrame, also: tuple[str, ...] = ()) -> pd.Series:
         return " · ".join(part for part in parts if part)
 
     return frame.apply(label, axis=1) if not frame.empty else pd.Series(dtype=str)
-
-
-def _values(column: pd.Series) -> int:
-    return column[column != ""].nunique()
 
 
 def present_order(column: pd.Series, order: list[str]) -> list[str]:

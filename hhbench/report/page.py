@@ -12,7 +12,7 @@ from plotly.offline import get_plotlyjs
 from hhbench.report import figures as F
 from hhbench.rows.schema import open_output
 from hhbench.rows.sources import Run
-from hhbench.tables.compare import compare_runs, crossover_lines
+from hhbench.tables.compare import BASELINE, compare_runs, crossover_table
 
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 PNG_WIDTH = 1400
@@ -24,7 +24,7 @@ class Report:
     runs: list[Run]
     figures: list[F.Figure]
     omitted: list[F.Omitted] = field(default_factory=list)
-    crossovers: list[str] = field(default_factory=list)
+    crossovers: pd.DataFrame = field(default_factory=pd.DataFrame)  # crossover_table's view
 
     def to_html(self) -> str:
         sections = []
@@ -35,12 +35,12 @@ class Report:
             caption = f'<p class="caption">{html.escape(figure.caption)}</p>' if figure.caption else ""
             sections.append(f'<section class="figure"><h2>{html.escape(figure.title)}</h2>{caption}{plot}</section>')
         omitted = "".join(f"<li>{html.escape(o.title)}: {html.escape(o.reason)}</li>" for o in self.omitted)
-        crossovers = "".join(f"<li>{html.escape(line)}</li>" for line in self.crossovers)
+        crossovers = self.crossovers.to_html(index=False, classes="data", border=0) if not self.crossovers.empty else ""
         return PAGE.format(
             title=html.escape("hhbench report: " + ", ".join(run.label for run in self.runs)),
             plotlyjs=get_plotlyjs(),
             environment=environment_table(self.runs),
-            crossovers=f"<h2>Crossover against layer 3:1</h2><ul>{crossovers}</ul>" if crossovers else "",
+            crossovers=f"<h2>From which context head-level beats {BASELINE}</h2>{crossovers}" if crossovers else "",
             omitted=f"<h2>Not drawn</h2><ul>{omitted}</ul>" if omitted else "",
             figures="\n".join(sections),
         )
@@ -82,7 +82,7 @@ def build_report(runs: list[Run]) -> Report:
         runs=runs,
         figures=[item for item in made if isinstance(item, F.Figure)],
         omitted=[item for item in made if isinstance(item, F.Omitted)],
-        crossovers=crossover_lines(comparison.crossovers) if comparison is not None else [],
+        crossovers=crossover_table(comparison.crossovers) if comparison is not None else pd.DataFrame(),
     )
 
 
@@ -106,7 +106,7 @@ def environment_table(runs: list[Run]) -> str:
                  env.get("hhbench_commit") or "", peak_text, env.get("time", "")]  # fmt: skip
         lines.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
     head = "<tr>" + "".join(f"<th>{name}</th>" for name in header) + "</tr>"
-    return f"<table class='env'><thead>{head}</thead><tbody>{''.join(lines)}</tbody></table>"
+    return f"<table class='data'><thead>{head}</thead><tbody>{''.join(lines)}</tbody></table>"
 
 
 PAGE = """<!DOCTYPE html>
@@ -116,8 +116,8 @@ PAGE = """<!DOCTYPE html>
 <title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-table.env {{ border-collapse: collapse; font-size: 0.85em; }}
-table.env td, table.env th {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }}
+table.data {{ border-collapse: collapse; font-size: 0.85em; }}
+table.data td, table.data th {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }}
 section.figure {{ margin-top: 2em; }}
 p.caption {{ color: #555; font-size: 0.9em; }}
 </style>

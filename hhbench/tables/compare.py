@@ -59,8 +59,9 @@ class Comparison:
             run, model, scope, pass_ = heading
             title = f"### {model}, {pass_}, {scope} scope" + (f" — run {run}" if len(self.runs) > 1 else "")
             parts += [title, "", markdown_table(_display(section, self.measured)), ""]
-        parts += ["### Crossover against layer 3:1", ""]
-        parts += [f"- {line}" for line in crossover_lines(self.crossovers)] or ["- no head-level rows to compare"]
+        parts += [f"### From which context head-level beats {BASELINE}", ""]
+        crossovers = crossover_table(self.crossovers)
+        parts.append(markdown_table(crossovers) if not crossovers.empty else "No head-level rows to compare.")
         if len(self.runs) > 1:
             parts += ["", "### Runs side by side", ""]
             if self.side_by_side.empty:
@@ -189,24 +190,35 @@ def from_context(contexts: pd.Series, wins: pd.Series):
     return start
 
 
-def crossover_lines(frame: pd.DataFrame) -> list[str]:
-    lines = []
-    for _, line in frame.iterrows():
-        where = f"{line['run']}: {line['model']}, {line['pass']}, {line['scope']} scope, batch {line['batch']}"
-        parts = []
-        if "from_context_latency" in line and line["contexts_latency"]:
-            parts.append(_verdict("measured latency", line["from_context_latency"], line["max_context_latency"]))
-        if line["contexts_flops"]:
-            parts.append(_verdict("analytic FLOPs", line["from_context_flops"], line["max_context_flops"]))
-        if parts:
-            lines.append(f"{where}: {line['variant']} beats {BASELINE} " + "; ".join(parts))
-    return lines
+def crossover_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """For reading: one line per head-level ratio, the context from which it beats layer 3:1 by measured
+    latency and by analytic FLOPs ('never' when it does not at the longest context compared)."""
+    if frame.empty:
+        return frame
+    view = pd.DataFrame(index=frame.index)
+    for name in SERIES:
+        if name in ("run", "model", "pass", "scope", "variant") or distinct_values(frame[name]) > 1:
+            view[name] = frame[name]
+    for basis, label in (("latency", "from (latency)"), ("flops", "from (FLOPs)")):
+        if f"from_context_{basis}" in frame:
+            pairs = zip(frame[f"from_context_{basis}"], frame[f"contexts_{basis}"], strict=True)
+            view[label] = [_from_text(start, count) for start, count in pairs]
+    longest = frame.filter(like="max_context_").max(axis=1)
+    view["longest context"] = longest.map(lambda v: format_count(int(v)) if pd.notna(v) else "")
+    if frame["run"].nunique() == 1:
+        view = view.drop(columns="run")
+    return view
 
 
-def _verdict(basis: str, start, longest) -> str:
-    if start is None or pd.isna(start):
-        return f"by {basis} at no context up to {format_count(int(longest))}"
-    return f"by {basis} from {format_count(int(start))} on (checked up to {format_count(int(longest))})"
+def distinct_values(column: pd.Series) -> int:
+    """How many values a column holds, an empty one not counted (a layout that runs no such kernel)."""
+    return column[column != ""].nunique()
+
+
+def _from_text(start, compared: int) -> str:
+    if not compared:
+        return ""
+    return "never" if start is None or pd.isna(start) else format_count(int(start))
 
 
 def runs_side_by_side(rows: pd.DataFrame, labels: list[str], measured: bool) -> pd.DataFrame:
