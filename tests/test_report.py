@@ -122,7 +122,7 @@ def test_analytic_only_report(runs):
     assert train.to_dict("records") == [
         {"model": "tiny", "scope": "kernel", "pass": "train", "variant": "head:7:1", "from (FLOPs)": "4k",
          "longest context": "4k"},
-        {"model": "tiny", "scope": "model", "pass": "train", "variant": "head:7:1", "from (FLOPs)": "256",
+        {"model": "tiny", "scope": "model", "pass": "train", "variant": "head:7:1", "from (FLOPs)": "4k",
          "longest context": "4k"},
     ]  # fmt: skip
 
