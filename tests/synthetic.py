@@ -9,8 +9,8 @@ from pathlib import Path
 from hhbench.analytic.costs import Scope
 from hhbench.analytic.flops import Pass
 from hhbench.analytic.rows import analytic_rows
-from hhbench.cli.options import hybrid_specs
 from hhbench.rows.schema import OK, EvalRow, Row, RowSet
+from hhbench.spec.parse import hybrid_specs
 from hhbench.spec.shapes import resolve_shape
 
 CONTEXTS = [256, 1024, 4096, 16384]

@@ -48,7 +48,8 @@ def test_model_scope_adds_mlp_and_lm_head():
     T = 1024
     costs = c("qwen3-1.7b", "fa", "0:1", context=T)
     assert costs.flops_mlp == 28 * 2 * T * 2048 * 3 * 6144
-    assert costs.flops_lm_head == 2 * T * 2048 * 151936
+    assert costs.flops_lm_head == 2 * 2048 * 151936, "prefill computes the next token's logits only"
+    assert c("qwen3-1.7b", "fa", "0:1", Pass.TRAIN, T).flops_lm_head == 3 * 2 * T * 2048 * 151936
     assert costs.flops_elementwise > 0 and costs.flops_elementwise < costs.flops_total
 
 

@@ -109,7 +109,8 @@ def analytic_costs(
     mlp = lm_head = 0.0
     if scope is Scope.MODEL:
         mlp = shape.n_layers * F.linear(pass_, B, T, shape.hidden, 3 * shape.mlp_hidden)
-        lm_head = F.linear(pass_, B, T, shape.hidden, shape.vocab)
+        # Generation needs the next-token logits only: prefill and decode compute one position, training all.
+        lm_head = F.linear(pass_, B, T if pass_ is F.Pass.TRAIN else 1, shape.hidden, shape.vocab)
         norms = (2 * shape.n_layers + 1) * shape.hidden if shape.mlp_hidden else 0
         elementwise += F.elementwise_norm(pass_, B, T, norms)
         elementwise += shape.n_layers * F.elementwise_swiglu(pass_, B, T, shape.mlp_hidden)

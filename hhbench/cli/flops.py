@@ -8,9 +8,9 @@ import typer
 from hhbench.analytic.claims import claim_points, claim_sentences
 from hhbench.analytic.costs import Scope, dtype_bytes
 from hhbench.analytic.rows import analytic_rows
-from hhbench.cli import options
 from hhbench.cli.app import app
 from hhbench.rows.schema import RowSet
+from hhbench.spec import parse as options
 from hhbench.spec.hybrid import GDNConfig
 from hhbench.spec.units import format_bytes, format_count
 

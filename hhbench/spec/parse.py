@@ -1,4 +1,4 @@
-"""Parsing of the options several commands share (models, layouts, ratios, contexts, passes)."""
+"""Parsing of the values several commands and suite files share (models, layouts, ratios, contexts, passes)."""
 
 from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError

@@ -1,0 +1,126 @@
+"""`hhbench sweep`: measure hybrid kernels, layers and models over a grid, into results/<run>/."""
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from hhbench.cli.app import app
+from hhbench.errors import UserError
+from hhbench.measure.timing import TimingPolicy
+from hhbench.plan.grid import dedupe, grid_points, load_suite
+from hhbench.rows.runs import RunDir
+from hhbench.rows.schema import RowSet, markdown_table
+from hhbench.runner.sweep import run_sweep
+
+Opt = typer.Option
+SUMMARY = ["variant", "ratio_effective", "pass", "scope", "context", "batch", "mode", "fa_backend", "gdn_backend",
+           "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "tflops", "vs_layer31_flops", "reason"]  # fmt: skip
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch on this machine")
+    return torch.device(name)
+
+
+def default_run_name(suite: str, device: torch.device) -> str:
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    return f"{suite}-{re.sub(r'[^a-z0-9]+', '-', where.lower()).strip('-')}"
+
+
+def summary(rows: RowSet) -> str:
+    frame = rows.frame()
+    columns = [c for c in SUMMARY if c in frame and frame[c].notna().any() and (frame[c] != "").any()]
+    view = frame[columns].copy()
+    for column in ("latency_ms", "latency_p10_ms", "latency_p90_ms"):
+        if column in view:
+            view[column] = view[column].map(lambda v: f"{v:.4g}" if v == v and v is not None else "")
+    if "reason" in view:
+        view["reason"] = view["reason"].str.slice(0, 60)
+    return markdown_table(view)
+
+
+@app.command()
+def sweep(
+    suite: Annotated[
+        str, Opt(help="Suite name (suites/NAME.toml) or path. Default: 'default' on a GPU, 'cpu' otherwise.")
+    ] = "",
+    models: Annotated[str, Opt(help="Presets or config.json paths, comma-separated.")] = "",
+    set_: Annotated[list[str], Opt("--set", help="Shape override field=value (repeatable).")] = [],  # noqa: B006
+    layouts: Annotated[str, Opt(help="head, layer, fa, la.")] = "",
+    ratios: Annotated[str, Opt(help="LA:FA ratios.")] = "",
+    contexts: Annotated[str, Opt(help="Context lengths: 4k, 4096, 1m.")] = "",
+    batch: Annotated[str, Opt(help="Batch sizes, comma-separated.")] = "",
+    passes: Annotated[str, Opt("--passes", "--pass", help="prefill, train, decode.")] = "",
+    scopes: Annotated[str, Opt(help="kernel, layer, model.")] = "",
+    fa_backend: Annotated[
+        str, Opt(help="FA backend(s): auto, sdpa-cudnn, sdpa-flash, sdpa-efficient, sdpa-math, flash-attn, flex.")
+    ] = "",
+    gdn_backend: Annotated[
+        str, Opt(help="GDN backend(s): auto, fla-chunk, fla-recurrent, torch-chunk, torch-recurrent.")
+    ] = "",
+    dtype: Annotated[str, Opt(help="bf16, fp16, fp32.")] = "",
+    mode: Annotated[str, Opt("--mode", "--modes", help="Head-level execution: sequential, streams.")] = "",
+    head_map: Annotated[str, Opt(help="Head-map JSON for the head layout.")] = "",
+    kv_aware: Annotated[bool, Opt(help="Pack FA heads into as few KV groups as possible.")] = False,
+    parts: Annotated[bool, Opt(help="Also time the FA and GDN parts alone (kernel scope, head layout).")] = False,
+    device: Annotated[str, Opt(help="auto, cpu or cuda.")] = "auto",
+    run: Annotated[str, Opt(help="Run name: results go to OUT/RUN/. Default: SUITE-DEVICE (rerun to resume).")] = "",
+    out: Annotated[str, Opt(help="Folder holding runs.")] = "results",
+    isolate: Annotated[bool, Opt(help="Measure each point in its own subprocess (CUDA errors are sticky).")] = False,
+    crosscheck: Annotated[
+        int, Opt(help="Time this many kernel points again with triton's do_bench; fail beyond 5%.")
+    ] = 0,
+    retry_errors: Annotated[bool, Opt(help="Measure again the points whose rows say error or oom.")] = False,
+    warmup_ms: Annotated[float, Opt(help="Warm-up budget per point.")] = -1,
+    target_ms: Annotated[float, Opt(help="Timed budget per point (sets the sample count).")] = -1,
+    min_reps: Annotated[int, Opt(help="Fewest timed samples.")] = -1,
+    max_reps: Annotated[int, Opt(help="Most timed samples.")] = -1,
+):
+    """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
+    where = pick_device(device)
+    flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
+             "batch": [int(b) for b in batch.split(",") if b.strip()] if batch else None, "passes": passes,
+             "scopes": [s for s in scopes.split(",") if s] if scopes else None,
+             "fa_backend": fa_backend.split(",") if fa_backend else None,
+             "gdn_backend": gdn_backend.split(",") if gdn_backend else None, "dtype": dtype.split(",") if dtype else None,
+             "modes": mode.split(",") if mode else None, "head_map": head_map, "kv_aware": kv_aware, "parts": parts}  # fmt: skip
+    grid = {key: value for key, value in flags.items() if value not in ("", None, [], False)}
+    if grid and suite:
+        raise UserError("give either --suite or grid flags (--models, --ratios, ...), not both")
+    if grid:
+        name, points, policy = "custom", dedupe(grid_points(grid, where.type)), TimingPolicy()
+    else:
+        chosen = load_suite(suite or ("default" if where.type == "cuda" else "cpu"), where.type)
+        name, points, policy = chosen.name, chosen.points, chosen.policy
+    overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
+    policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v >= 0}})
+    run_dir = RunDir(Path(out) / (run or default_run_name(name, where)))
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
+        console=Console(stderr=True),
+    ) as progress:  # fmt: skip
+        task = progress.add_task(f"sweep {name} -> {run_dir.path}", total=None)
+
+        def on_row(row, done, total):
+            progress.update(task, completed=done, total=total,
+                            description=f"{row.variant} {row.pass_} {row.scope} {row.context}: {row.status}")  # fmt: skip
+
+        result = run_sweep(points, run_dir, where, policy, name, isolate, crosscheck, retry_errors, on_row)
+    typer.echo(summary(result.rows))
+    typer.echo(f"\n{result.new} new rows, {result.skipped} already in {run_dir.rows_path}; env in {run_dir.env_path}")
+    for failure in result.crosscheck_failures:
+        print(f"hhbench: crosscheck beyond 5%: {failure}", file=sys.stderr)
+    if result.crosscheck_failures:
+        raise SystemExit(1)

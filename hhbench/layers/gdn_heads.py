@@ -1,0 +1,67 @@
+"""Gated DeltaNet's parametrization for the GDN heads of one layer: decay gate, beta, short causal conv and
+output gate (as in fla's GatedDeltaNet layer and Qwen3-Next). The heads' q/k/v come from the layer's own
+projection; this module turns them into what a GDN kernel takes."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
+    """Depthwise causal conv + SiLU over x [B, T, C] with weight [C, K]; `state` holds the K-1 inputs before x
+    ([B, C, K-1], zeros when None). Returns (y [B, T, C], the new state)."""
+    kernel = weight.shape[-1]
+    x_t = x.transpose(1, 2)
+    history = x_t.new_zeros(x.shape[0], x.shape[2], kernel - 1) if state is None else state.to(x.dtype)
+    padded = torch.cat([history, x_t], dim=-1)
+    y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), groups=x.shape[2])
+    return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - (kernel - 1) :]
+
+
+class GatedDeltaNetHeads(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, dk: int, dv: int, conv_size: int = 4, output_gate: bool = True):
+        super().__init__()
+        self.n_heads, self.dk, self.dv, self.conv_size = n_heads, dk, dv, conv_size
+        self.a_proj = nn.Linear(hidden, n_heads, bias=False)  # decay gate input
+        self.b_proj = nn.Linear(hidden, n_heads, bias=False)  # beta
+        self.g_proj = nn.Linear(hidden, n_heads * dv, bias=False) if output_gate else None
+        # Decay init as fla/Mamba2: A in [1, 16), dt log-uniform in [1e-3, 1e-1], dt_bias = softplus^-1(dt).
+        self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand(n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        if conv_size:
+            self.conv_q = nn.Parameter(torch.empty(n_heads * dk, conv_size))
+            self.conv_k = nn.Parameter(torch.empty(n_heads * dk, conv_size))
+            self.conv_v = nn.Parameter(torch.empty(n_heads * dv, conv_size))
+            for weight in (self.conv_q, self.conv_k, self.conv_v):
+                nn.init.uniform_(weight, -1 / math.sqrt(conv_size), 1 / math.sqrt(conv_size))
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log decay g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), [B, T, n] in fp32."""
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return g, torch.sigmoid(self.b_proj(x).float())
+
+    def prepare(self, q, k, v, x, conv_states=None):
+        """q, k [B, T, n, dk] and v [B, T, n, dv] from the projection -> kernel inputs (q, k, v, g, beta) and the
+        conv states to carry into decoding."""
+        B, T = q.shape[:2]
+        states = [None, None, None] if conv_states is None else conv_states
+        if self.conv_size:
+            flat = [t.reshape(B, T, -1) for t in (q, k, v)]
+            weights = (self.conv_q, self.conv_k, self.conv_v)
+            outs = [causal_conv(t, w, s) for t, w, s in zip(flat, weights, states, strict=True)]
+            q, k, v = (y.view(B, T, self.n_heads, -1) for y, _ in outs)
+            states = [state for _, state in outs]
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        g, beta = self.gates(x)
+        return (q, k, v.contiguous(), g, beta), states
+
+    def output_gate(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """o [B, T, n, dv] scaled by silu of the gate projection (after the per-head norm)."""
+        if self.g_proj is None:
+            return o
+        return o * F.silu(self.g_proj(x)).view(*o.shape)

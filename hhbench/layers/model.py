@@ -1,0 +1,87 @@
+"""A whole hybrid network from a ModelShape and a LayerPlan: pre-norm blocks of HydraAttention and a gated MLP,
+embedding and LM head (the `model` scope). Attention-only shapes (no vocab, no MLP, like h32d128) take and
+return hidden states."""
+
+import torch
+from torch import nn
+
+from hhbench.errors import Unsupported
+from hhbench.layers.hydrahead import HydraAttention, LayerCache
+from hhbench.spec.layout import LayerPlan
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * width, bias=False)
+        self.down = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, attention: HydraAttention, hidden: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(hidden, eps=eps)
+        self.attention = attention
+        self.mlp_norm = nn.RMSNorm(hidden, eps=eps) if mlp_hidden else None
+        self.mlp = GatedMLP(hidden, mlp_hidden) if mlp_hidden else None
+
+    def forward(self, x, cache: LayerCache | None = None):
+        x = x + self.attention(self.attn_norm(x), cache=cache)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class HybridLM(nn.Module):
+    def __init__(self, plan: LayerPlan, fa_backend="auto", gdn_backend="auto", mode="sequential", eps=1e-6):
+        super().__init__()
+        shape, gdn = plan.shape, plan.spec.gdn
+        dk, dv = gdn.dims(shape.head_dim)
+        if (dk, dv) != (shape.head_dim, shape.head_dim):
+            raise Unsupported("measured hybrids keep GDN heads at the model's head_dim (they reuse its projections)")
+        if any(layer.weight != 1 for layer in plan.layers):
+            raise Unsupported(
+                f"{shape.name} has fewer layers than one layer-wise group: its plan is an average layer, "
+                "not a network (use the layer or kernel scope)"
+            )
+        self.shape = shape
+        self.blocks = nn.ModuleList(
+            Block(
+                HydraAttention(
+                    shape.hidden,
+                    shape.n_heads,
+                    shape.n_kv_heads,
+                    shape.head_dim,
+                    layer.fa_heads,
+                    gdn.conv_size,
+                    gdn.output_gate,
+                    gdn.chunk_size,
+                    fa_backend,
+                    gdn_backend,
+                    mode,
+                ),
+                shape.hidden,
+                shape.mlp_hidden,
+                eps,
+            )  # fmt: skip
+            for layer in plan.layers
+        )
+        self.embed = nn.Embedding(shape.vocab, shape.hidden) if shape.vocab else None
+        self.norm = nn.RMSNorm(shape.hidden, eps=eps) if shape.vocab else None
+        self.lm_head = nn.Linear(shape.hidden, shape.vocab, bias=False) if shape.vocab else None
+        if self.lm_head is not None and shape.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def new_caches(self, batch: int, max_length: int, device, dtype) -> list[LayerCache]:
+        return [block.attention.new_cache(batch, max_length, device, dtype) for block in self.blocks]
+
+    def forward(self, inputs: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> logits [B, T, vocab]; for attention-only shapes, hidden [B, T, h] -> hidden."""
+        x = self.embed(inputs) if self.embed is not None else inputs
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None)
+        return self.lm_head(self.norm(x)) if self.lm_head is not None else x

@@ -1,0 +1,126 @@
+"""The sweep loop: points in, rows appended to results/<run>/rows.jsonl as each finishes.
+
+A finished row is durable before the next point starts (append + fsync); a rerun into the same run skips the
+points that already have a row, so a killed sweep resumes where it stopped, without duplicates. With
+`isolate`, each point runs in a fresh subprocess, because a CUDA error poisons the process that hit it.
+"""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hhbench.errors import UserError
+from hhbench.measure.env import capture_env, device_name, measure_peaks
+from hhbench.measure.timing import TimingPolicy
+from hhbench.plan.grid import Point
+from hhbench.rows import schema
+from hhbench.rows.runs import RunDir
+from hhbench.rows.schema import Row, RowSet, append_row, read_rows
+from hhbench.runner.measure import base_row, measure_point
+
+RETRYABLE = (schema.ERROR, schema.OOM)
+
+
+@dataclass
+class SweepResult:
+    run: RunDir
+    rows: RowSet  # every row of the run, old and new
+    new: int = 0
+    skipped: int = 0
+    crosscheck_failures: list[str] = field(default_factory=list)
+
+
+def _existing_rows(run: RunDir, retry: bool) -> RowSet:
+    if not run.rows_path.exists():
+        return RowSet()
+    rows = read_rows(run.rows_path, repair=True)
+    if retry and any(row.status in RETRYABLE for row in rows):
+        kept = RowSet(row for row in rows if row.status not in RETRYABLE)
+        temporary = run.rows_path.with_suffix(".tmp")
+        kept.to_jsonl(temporary)
+        os.replace(temporary, run.rows_path)  # atomic: a kill here leaves the old file or the new one
+        rows = kept
+    return rows
+
+
+def _prepare_env(run: RunDir, suite_name: str, device: torch.device) -> None:
+    env = run.env()
+    here = device_name()
+    if env and env.get("device") != here:
+        raise UserError(
+            f"run {run.path} was measured on {env.get('device')}, this machine is {here}: use another --run"
+        )
+    if not env:
+        env = capture_env({"suite": suite_name, "argv": sys.argv[1:]})
+        if device.type == "cuda":
+            env["peaks"] = measure_peaks()
+    now = capture_env()
+    env.setdefault("sessions", []).append({"time": now["time"], "hhbench_commit": now["hhbench_commit"]})
+    run.write_env(env)
+
+
+def _measure_isolated(point: Point, device: torch.device, policy: TimingPolicy, crosscheck: bool) -> Row:
+    with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as handle:
+        pickle.dump((point, device.type, policy, crosscheck), handle)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "hhbench.runner.worker", handle.name], capture_output=True, text=True
+        )
+    finally:
+        os.unlink(handle.name)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode == 0 and lines:
+        return Row.from_dict(json.loads(lines[-1]))
+    row = base_row(point)
+    tail = " | ".join(result.stderr.strip().splitlines()[-3:])
+    row.status, row.reason = schema.ERROR, f"isolated worker exited with {result.returncode}: {tail}"
+    row.device = device_name()
+    return row
+
+
+def run_sweep(
+    points: list[Point],
+    run: RunDir,
+    device: torch.device,
+    policy: TimingPolicy,
+    suite_name: str = "",
+    isolate: bool = False,
+    crosscheck: int = 0,
+    retry: bool = False,
+    on_row: Callable[[Row, int, int], None] | None = None,
+) -> SweepResult:
+    run.path.mkdir(parents=True, exist_ok=True)
+    _prepare_env(run, suite_name, device)
+    rows = _existing_rows(run, retry)
+    done = {row.key for row in rows}
+    todo = [p for p in points if p.key not in done]
+    result = SweepResult(run, rows, skipped=len(points) - len(todo))
+    checked: dict = {}
+    crosschecks_left = crosscheck
+    for index, point in enumerate(todo):
+        wants_crosscheck = crosschecks_left > 0 and point.scope.value == "kernel" and point.pass_.value != "decode"
+        if isolate:
+            row = _measure_isolated(point, device, policy, wants_crosscheck)
+        else:
+            row = measure_point(point, device, policy, checked, wants_crosscheck)
+        row.run = run.name
+        append_row(run.rows_path, row)
+        rows.append(row)
+        result.new += 1
+        check = row.extra.get("crosscheck")
+        if check:
+            crosschecks_left -= 1
+            if abs(check["rel_diff"]) > 0.05:
+                result.crosscheck_failures.append(
+                    f"{row.variant} {row.pass_} {row.context}: hhbench {row.latency_ms:.4g} ms vs do_bench {check['do_bench_ms']:.4g} ms"
+                )
+        if on_row:
+            on_row(row, index + 1, len(todo))
+    return result

@@ -1,0 +1,15 @@
+"""Measure one pickled point in this fresh process and print its row as the last line (sweep --isolate)."""
+
+import json
+import pickle
+import sys
+
+import torch
+
+from hhbench.runner.measure import measure_point
+
+if __name__ == "__main__":
+    with open(sys.argv[1], "rb") as handle:
+        point, device, policy, crosscheck = pickle.load(handle)
+    row = measure_point(point, torch.device(device), policy, {}, crosscheck)
+    print(json.dumps(row.to_dict()))
