@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from browser import Browser, distinct_colours, find_chromium
+from inprocess import run_main
 from synthetic import analytic, measured, quality, write_run
 
 from hhbench.analytic.costs import Scope
@@ -89,10 +90,10 @@ def test_page_renders_offline_in_headless_chromium(cli, runs, tmp_path):
         assert browser.remote_requests() == []
 
 
-def test_png_images(cli, runs, tmp_path):
+def test_png_images(runs, tmp_path):
     chromium = chromium_or_skip()
     page, pngs = tmp_path / "report.html", tmp_path / "png"
-    result = cli("report", str(runs[3]), "--out", str(page), "--png", str(pngs), env={"BROWSER_PATH": chromium})
+    result = run_main("report", str(runs[3]), "--out", str(page), "--png", str(pngs), env={"BROWSER_PATH": chromium})
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"{page}: 3 figures, 4 not drawn", f"{pngs}: 3 PNGs"]
     for slug in ("speedup", "flops-tiny-prefill", "memory-tiny"):
@@ -100,9 +101,9 @@ def test_png_images(cli, runs, tmp_path):
         assert width == 1400 and height > 200, slug
 
 
-def test_png_without_chromium_says_so_and_still_writes_the_page(cli, runs, tmp_path):
+def test_png_without_chromium_says_so_and_still_writes_the_page(runs, tmp_path):
     page = tmp_path / "report.html"
-    result = cli("report", str(runs[3]), "--out", str(page), "--png", str(tmp_path / "png"),
+    result = run_main("report", str(runs[3]), "--out", str(page), "--png", str(tmp_path / "png"),
                  env={"BROWSER_PATH": str(tmp_path / "no-chromium")})  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("hhbench: no PNGs written (")

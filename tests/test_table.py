@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pandas as pd
 import pytest
+from inprocess import run_main
 from synthetic import analytic, measured, quality, write_run
 
 from hhbench.rows.schema import INCORRECT, OOM, RowSet
@@ -27,7 +28,7 @@ def single(frame: pd.DataFrame, **where) -> pd.Series:
 
 
 def test_analytic_rows_from_hhbench_flops(cli, tmp_path):
-    flops = cli("flops", "--model", "qwen3-1.7b", "--contexts", "4k,32k,128k", "--pass", "prefill", "--json")
+    flops = run_main("flops", "--model", "qwen3-1.7b", "--contexts", "4k,32k,128k", "--pass", "prefill", "--json")
     assert flops.returncode == 0, flops.stderr
     source = tmp_path / "qwen.jsonl"
     source.write_text(flops.stdout)
@@ -115,12 +116,12 @@ def test_pure_layouts_match_the_baseline_of_their_one_backend(rows):
     assert (fla["base_gdn_backend"] == "fla").all() and len(fla) == 8
 
 
-def test_runs_side_by_side_keep_their_identity(cli, tmp_path, rows):
+def test_runs_side_by_side_keep_their_identity(tmp_path, rows):
     slower = RowSet(replace(row, latency_ms=row.latency_ms * 2, latency_p10_ms=None, latency_p90_ms=None) for row in rows)  # fmt: skip
     slower = RowSet(replace(row, fa_backend="flash" if row.fa_backend else "", gdn_backend="fla" if row.gdn_backend else "") for row in slower)  # fmt: skip
     a = write_run(tmp_path / "a" / "run", rows)
     b = write_run(tmp_path / "b" / "run", slower)
-    result = cli("table", str(a), str(b), "--json", str(tmp_path / "t.json"))
+    result = run_main("table", str(a), str(b), "--json", str(tmp_path / "t.json"))
     assert result.returncode == 0, result.stderr
     assert "### tiny, prefill, model scope — run a/run" in result.stdout
     assert "### tiny, prefill, model scope — run b/run" in result.stdout
@@ -133,7 +134,7 @@ def test_runs_side_by_side_keep_their_identity(cli, tmp_path, rows):
     assert "| latency_ms b/run/a/run |" in result.stdout.splitlines()[-len(rows) - 2]
 
 
-def test_bad_input_exits_2_with_one_line(cli, tmp_path, rows):
+def test_bad_input_exits_2_with_one_line(tmp_path, rows):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     quality_only = tmp_path / "quality"
@@ -148,7 +149,7 @@ def test_bad_input_exits_2_with_one_line(cli, tmp_path, rows):
         ([str(good), "--csv", "/proc/version/t.csv"], "cannot write /proc/version/t.csv"),
     ]
     for args, message in cases:
-        result = cli("table", *args)
+        result = run_main("table", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
 

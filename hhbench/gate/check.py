@@ -3,7 +3,8 @@
 - flops, memory: the analytic fields must be equal, bit for bit (the cost model is deterministic; a change means
   the model changed, and the baseline is to be updated on purpose);
 - presence: every baseline row must be in the candidate; new rows are listed;
-- status: a row whose status changed fails unless it became ok; an `incorrect` row always fails;
+- status: a row whose status changed fails unless it became ok; rows already `incorrect` in the baseline are
+  listed, not failed (the gate finds regressions; the baseline recorded that defect on purpose);
 - latency: a row is slower only when its median exceeds the baseline's by more than --max-slowdown AND the two
   noise bands do not overlap (candidate p10 above baseline p90); faster rows, by the mirror rule, are listed.
 """
@@ -42,6 +43,7 @@ class GateReport:
     improvements: list[Finding] = field(default_factory=list)
     new_rows: list[str] = field(default_factory=list)
     missing_not_gated: list[str] = field(default_factory=list)  # missing rows while presence is not gated
+    still_incorrect: list[Finding] = field(default_factory=list)  # incorrect in the baseline and the candidate
 
     @property
     def passed(self) -> bool:
@@ -70,6 +72,7 @@ class GateReport:
             )
         lines += _section("Regressions", self.failures)
         lines += _section("Improvements", self.improvements)
+        lines += _section("Still incorrect, as in the baseline", self.still_incorrect)
         lines += _list("New rows (not in the baseline)", self.new_rows)
         lines += _list("Missing rows (presence not gated)", self.missing_not_gated)
         return "\n".join(lines) + "\n"
@@ -180,14 +183,17 @@ def _exact(check: str, old: Row, new: Row, names: tuple[str, ...]) -> list[Findi
 
 def _status(report: GateReport, old: Row, new: Row) -> None:
     why = f": {new.reason}" if new.reason else ""
-    if new.status == INCORRECT:
-        report.failures.append(
-            Finding("status", describe(new), f"output does not match the reference{why}", old.status, new.status)
-        )
-    elif new.status != old.status and new.status != OK:
-        report.failures.append(Finding("status", describe(new), f"status changed{why}", old.status, new.status))
-    elif new.status != old.status:
-        report.improvements.append(Finding("status", describe(new), "now measured", old.status, new.status))
+    finding = Finding("status", describe(new), "", old.status, new.status)
+    if new.status == old.status:
+        if new.status == INCORRECT:
+            finding.detail = f"output does not match the reference{why}"
+            report.still_incorrect.append(finding)
+    elif new.status == OK:
+        finding.detail = "now measured"
+        report.improvements.append(finding)
+    else:
+        finding.detail = f"status changed{why}"
+        report.failures.append(finding)
 
 
 def noise_band(row: Row) -> tuple[float, float]:
