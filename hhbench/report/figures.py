@@ -90,6 +90,7 @@ def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
         "x": "context",
         "color": "series",
         "log_x": True,
+        "color_discrete_sequence": px.colors.qualitative.Dark24,  # runs x variants outnumber the 10 default colours
         **({"markers": True} if chart is px.line else {}),
         **options,
         "custom_data": ["hover"],
