@@ -149,6 +149,11 @@ def test_update_creates_a_missing_baseline(tmp_path, rows):
     assert result.returncode == 0, result.stderr
     assert read_rows(tmp_path / "new-baseline" / "rows.jsonl") == rows
     assert json.loads((tmp_path / "new-baseline" / "env.json").read_text()) == {"device": "cpu"}
+    # a JSON-lines baseline is replaced by the candidate's rows
+    flat = tmp_path / "flat.jsonl"
+    RowSet(rows[:3]).to_jsonl(flat)
+    result = run_main("gate", str(flat), str(cand), "--update")
+    assert result.returncode == 0 and read_rows(flat) == rows
 
 
 def test_slowdown_parsing():

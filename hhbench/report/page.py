@@ -1,5 +1,5 @@
 """The report: one self-contained HTML page (plotly.js embedded once, so it opens with no network) holding each
-run's environment, the crossover lines and every figure the rows allow; optionally PNGs of the figures."""
+run's environment, the crossover table and every figure the rows allow; optionally PNGs of the figures."""
 
 import html
 from dataclasses import dataclass, field
