@@ -95,15 +95,51 @@ def _leaves(*groups) -> list[torch.Tensor]:
     return [t for group in groups if group for t in group if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _train_step(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]):
-    """Forward and backward; gradients returned (not accumulated), so repeated calls do the same work."""
-    out = forward()
-    grad_out = torch.randn_like(out)
-    return [out, *torch.autograd.grad(out, leaves, grad_out)]
+class TrainStep:
+    """Forward and backward with fixed output gradients; gradients are returned, not accumulated, so repeated
+    calls do the same work. Output gradients are drawn once, from their own seed, and rounded like the inputs,
+    so that a reference run in fp32 back-propagates the very same values."""
+
+    def __init__(self, forward: Callable[[], list[torch.Tensor]], leaves: list[torch.Tensor], round_to=None):
+        self.forward, self.leaves, self.round_to, self.grad_outs = forward, leaves, round_to, None
+
+    def __call__(self) -> list[torch.Tensor]:
+        outs = self.forward()
+        if self.grad_outs is None:
+            generator = torch.Generator(device=outs[0].device).manual_seed(1234)
+            self.grad_outs = [
+                torch.randn(o.shape, generator=generator, device=o.device).to(self.round_to or o.dtype).to(o.dtype)
+                for o in outs
+            ]
+        return [*outs, *torch.autograd.grad(outs, self.leaves, self.grad_outs)]
+
+    def checked(self) -> list[torch.Tensor]:
+        """The outputs, and all gradients as one vector: a tiny parameter's gradient should not decide alone."""
+        results = self()
+        outs, grads = results[: len(self.grad_outs)], results[len(self.grad_outs) :]
+        return [*outs, torch.cat([g.float().flatten() for g in grads])]
 
 
-def _backend(kind: str, name: str):
-    return registry.get(name, kind)
+def _checked(step) -> list[torch.Tensor]:
+    return step.checked() if isinstance(step, TrainStep) else step()
+
+
+def _core_step(core: HybridCore, fa, gdn, pass_: Pass, round_to):
+    """One hybrid core call on its inputs, returning its outputs: FA and GDN outputs as they come (the merge back
+    into head order belongs to the layer, whose o_proj reads it)."""
+    if pass_ is Pass.DECODE:
+
+        def decode():
+            fa_out, gdn_result = core.decode_parts(fa, gdn)
+            return [t for t in (fa_out, gdn_result[0] if gdn_result else None) if t is not None]
+
+        return decode
+
+    def forward():
+        fa_out, gdn_result = core.prefill_parts(fa, gdn)
+        return [t for t in (fa_out, gdn_result[0] if gdn_result else None) if t is not None]
+
+    return TrainStep(forward, _leaves(fa, gdn), round_to) if pass_ is Pass.TRAIN else forward
 
 
 def kernel_workload(
@@ -115,48 +151,29 @@ def kernel_workload(
     items = []
     for layer, count in unit:
         split = HeadSplit(layer.n_heads, layer.fa_heads, layer.group_size)
-        core = HybridCore(split, _backend(registry.FA, fa_name), _backend(registry.GDN, gdn_name), point.mode,
+        core = HybridCore(split, registry.get(fa_name, registry.FA), registry.get(gdn_name, registry.GDN), point.mode,
                           point.spec.gdn.chunk_size)  # fmt: skip
         fa, gdn = _core_inputs(point, split, device, dtype, context, batch, grad, round_to)
-        items.append((core, fa, gdn, count))
-
-    def one(core, fa, gdn):
-        if point.pass_ is Pass.DECODE:
-            return list(core.decode(fa, gdn)[:1])
-        if grad:
-            return _train_step(lambda: core.prefill(fa, gdn), _leaves(fa, gdn))
-        return [core.prefill(fa, gdn)]
+        items.append((core, fa, gdn, count, _core_step(core, fa, gdn, point.pass_, round_to)))
 
     def run():
-        for core, fa, gdn, count in items:
+        for *_, count, step in items:
             for _ in range(count):
-                one(core, fa, gdn)
+                step()
 
     def outputs():
-        return [t for core, fa, gdn, _ in items for t in one(core, fa, gdn)]
+        return [t for *_, step in items for t in _checked(step)]
 
     parts = None
-    if point.parts and len(items) == 1:
-        core, fa, gdn, _ = items[0]
+    if point.parts and len(items) == 1:  # each backend alone on its own heads: what 'the sum of the parts' adds
+        core, fa, gdn, _, _ = items[0]
         parts = {}
         if fa:
-            parts["fa"] = lambda: _part(core, fa, None, point.pass_)
+            parts["fa"] = _core_step(core, fa, None, point.pass_, round_to)
         if gdn:
-            parts["gdn"] = lambda: _part(core, None, gdn, point.pass_)
-    return Workload(
-        run, outputs, sum(c for *_, c in items), point.pass_ is Pass.DECODE and device.type == "cuda", parts
-    )
-
-
-def _part(core: HybridCore, fa, gdn, pass_: Pass):
-    """One backend alone on its own heads: no merge, what 'the sum of its parts' adds up."""
-    if pass_ is Pass.DECODE:
-        return core.decode_parts(fa, gdn)
-    if pass_ is Pass.TRAIN:
-        out = [t for t in core.prefill_parts(fa, gdn) if t is not None][0]
-        out = out[0] if isinstance(out, tuple) else out
-        return torch.autograd.grad(out, _leaves(fa, gdn), torch.randn_like(out))
-    return core.prefill_parts(fa, gdn)
+            parts["gdn"] = _core_step(core, None, gdn, point.pass_, round_to)
+    graph = point.pass_ is Pass.DECODE and device.type == "cuda"
+    return Workload(run, outputs, sum(item[3] for item in items), graph, parts)
 
 
 def _module_inputs(point: Point, device, dtype, context: int, batch: int):
@@ -217,24 +234,27 @@ def module_workload(
                                   for c in (n_la * d, n_la * d, n_la * d)] if gdn.conv_size else None  # fmt: skip
             caches[i] = _random_caches(made, context, device)
 
-    def one(i, module):
+    steps = []
+    for i, (module, count) in enumerate(modules):
         if point.pass_ is Pass.DECODE:
             if isinstance(module, HybridLM):
-                return [module(x, caches[i])]
-            return [module(x, cache=caches[i][0])]
-        if point.pass_ is Pass.TRAIN:
-            leaves = ([x] if x.is_floating_point() else []) + [p for p in module.parameters()]
-            return _train_step(lambda: module(x), leaves)
-        with torch.no_grad():
-            return [module(x)]
+                step = lambda module=module, i=i: [module(x, caches[i])]  # noqa: E731
+            else:
+                step = lambda module=module, i=i: [module(x, cache=caches[i][0])]  # noqa: E731
+        elif point.pass_ is Pass.TRAIN:
+            leaves = ([x] if x.is_floating_point() else []) + list(module.parameters())
+            step = TrainStep(lambda module=module: [module(x)], leaves, round_to)
+        else:
+            step = torch.no_grad()(lambda module=module: [module(x)])
+        steps.append((step, count))
 
     def run():
-        for i, (module, count) in enumerate(modules):
+        for step, count in steps:
             for _ in range(count):
-                one(i, module)
+                step()
 
     def outputs():
-        return [t for i, (module, _) in enumerate(modules) for t in one(i, module)]
+        return [t for step, _ in steps for t in _checked(step)]
 
     return Workload(run, outputs, per_run, point.pass_ is Pass.DECODE and device.type == "cuda")
 

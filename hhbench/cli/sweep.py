@@ -86,9 +86,17 @@ def sweep(
     target_ms: Annotated[float, Opt(help="Timed budget per point (sets the sample count).")] = -1,
     min_reps: Annotated[int, Opt(help="Fewest timed samples.")] = -1,
     max_reps: Annotated[int, Opt(help="Most timed samples.")] = -1,
+    threads: Annotated[
+        int,
+        Opt(help="CPU threads for torch (0: torch's default). One keeps small CPU kernels steady on shared machines."),
+    ] = 1,
 ):
     """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
     where = pick_device(device)
+    if threads < 0:
+        raise UserError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
              "batch": [int(b) for b in batch.split(",") if b.strip()] if batch else None, "passes": passes,
              "scopes": [s for s in scopes.split(",") if s] if scopes else None,

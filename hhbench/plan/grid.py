@@ -5,6 +5,7 @@ grid key takes a list (or a single value): models, set (shape overrides), layout
 passes, scopes, fa_backend, gdn_backend, dtype, modes, head_map, kv_aware, parts. [timing] sets the policy.
 """
 
+import dataclasses
 import itertools
 import tomllib
 from dataclasses import dataclass, field
@@ -131,12 +132,13 @@ def _check_backend(name: str, kind: str, device: str) -> None:
 
 
 def dedupe(points: list[Point]) -> list[Point]:
-    seen, unique = set(), []
+    """One point per key, in first-seen order; a point asked for with its parts timed keeps them."""
+    unique: dict[tuple, Point] = {}
     for point in points:
-        if point.key not in seen:
-            seen.add(point.key)
-            unique.append(point)
-    return unique
+        kept = unique.get(point.key)
+        if kept is None or (point.parts and not kept.parts):
+            unique[point.key] = point if kept is None else dataclasses.replace(kept, parts=True)
+    return list(unique.values())
 
 
 def load_suite(name_or_path: str, device: str) -> Suite:
