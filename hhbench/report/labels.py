@@ -15,7 +15,7 @@ LAYOUT_RANK = {"fa": 0, "layer": 1, "head": 2, "la": 3}
 
 def series_labels(frame: pd.DataFrame, also: tuple[str, ...] = ()) -> pd.Series:
     """'head:7:1', or 'head:7:1 · run gpu-a · fla' where runs or backends differ within the figure."""
-    varying = [name for name in [*DISTINGUISHING, *also] if name in frame and distinct_values(frame[name]) > 1]
+    varying = [name for name in [*DISTINGUISHING, *also] if name in frame and _varies(frame, name)]
 
     def label(row) -> str:
         parts = [row["variant"]]
@@ -30,6 +30,14 @@ def series_labels(frame: pd.DataFrame, also: tuple[str, ...] = ()) -> pd.Series:
         return " · ".join(part for part in parts if part)
 
     return frame.apply(label, axis=1) if not frame.empty else pd.Series(dtype=str)
+
+
+def _varies(frame: pd.DataFrame, name: str) -> bool:
+    """Whether a field tells rows apart; with several runs, a field constant within each run (its device's
+    dtype or backends) is already told by the run's label."""
+    if name == "run" or "run" not in frame or frame["run"].nunique() == 1:
+        return distinct_values(frame[name]) > 1
+    return bool((frame.groupby("run")[name].agg(distinct_values) > 1).any())
 
 
 def present_order(column: pd.Series, order: list[str]) -> list[str]:

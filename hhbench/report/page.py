@@ -82,7 +82,7 @@ def build_report(runs: list[Run]) -> Report:
         runs=runs,
         figures=[item for item in made if isinstance(item, F.Figure)],
         omitted=[item for item in made if isinstance(item, F.Omitted)],
-        crossovers=crossover_table(comparison.crossovers) if comparison is not None else pd.DataFrame(),
+        crossovers=crossover_table(comparison.crossovers, len(runs) > 1) if comparison is not None else pd.DataFrame(),
     )
 
 

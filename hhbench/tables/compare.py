@@ -60,7 +60,7 @@ class Comparison:
             title = f"### {model}, {pass_}, {scope} scope" + (f" — run {run}" if len(self.runs) > 1 else "")
             parts += [title, "", markdown_table(_display(section, self.measured)), ""]
         parts += [f"### From which context head-level beats {BASELINE}", ""]
-        crossovers = crossover_table(self.crossovers)
+        crossovers = crossover_table(self.crossovers, len(self.runs) > 1)
         parts.append(markdown_table(crossovers) if not crossovers.empty else "No head-level rows to compare.")
         if len(self.runs) > 1:
             parts += ["", "### Runs side by side", ""]
@@ -190,7 +190,7 @@ def from_context(contexts: pd.Series, wins: pd.Series):
     return start
 
 
-def crossover_table(frame: pd.DataFrame) -> pd.DataFrame:
+def crossover_table(frame: pd.DataFrame, several_runs: bool) -> pd.DataFrame:
     """For reading: one line per head-level ratio, the context from which it beats layer 3:1 by measured
     latency and by analytic FLOPs ('never' when it does not at the longest context compared)."""
     if frame.empty:
@@ -205,7 +205,7 @@ def crossover_table(frame: pd.DataFrame) -> pd.DataFrame:
             view[label] = [_from_text(start, count) for start, count in pairs]
     longest = frame.filter(like="max_context_").max(axis=1)
     view["longest context"] = longest.map(lambda v: format_count(int(v)) if pd.notna(v) else "")
-    if frame["run"].nunique() == 1:
+    if not several_runs:
         view = view.drop(columns="run")
     return view
 
