@@ -95,7 +95,7 @@ def sweep(
     where = pick_device(device)
     if threads < 0:
         raise UserError(f"--threads must be >= 0, got {threads}")
-    if threads:
+    if threads and where.type == "cpu":
         torch.set_num_threads(threads)
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
              "batch": [int(b) for b in batch.split(",") if b.strip()] if batch else None, "passes": passes,
@@ -113,19 +113,25 @@ def sweep(
         name, points, policy = chosen.name, chosen.points, chosen.policy
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v >= 0}})
-    run_dir = RunDir(Path(out) / (run or default_run_name(name, where)))
-    with Progress(
+    run_dir = RunDir(Path(out) / (run or default_run_name(name, where))).create()
+    # Started at the first finished point, so that set-up errors stay one line on stderr.
+    progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
-        console=Console(stderr=True),
-    ) as progress:  # fmt: skip
-        task = progress.add_task(f"sweep {name} -> {run_dir.path}", total=None)
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True),
+    )  # fmt: skip
+    task = progress.add_task(f"sweep {name} -> {run_dir.path}", total=None)
 
-        def on_row(row, done, total):
-            progress.update(task, completed=done, total=total,
-                            description=f"{row.variant} {row.pass_} {row.scope} {row.context}: {row.status}")  # fmt: skip
+    def on_row(row, done, total):
+        if done == 1:
+            progress.start()
+        progress.update(task, completed=done, total=total,
+                        description=f"{row.variant} {row.pass_} {row.scope} {row.context}: {row.status}")  # fmt: skip
 
+    try:
         result = run_sweep(points, run_dir, where, policy, name, isolate, crosscheck, retry_errors, on_row)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     typer.echo(summary(result.rows))
     typer.echo(f"\n{result.new} new rows, {result.skipped} already in {run_dir.rows_path}; env in {run_dir.env_path}")
     for failure in result.crosscheck_failures:

@@ -2,7 +2,7 @@
 `torch-recurrent` backend, and the oracle for everything else) and one decode step.
 
 Layout as in fla: q, k [B, T, H, K]; v [B, T, H, V]; g (log decay, <= 0) and beta [B, T, H]; state [B, H, K, V].
-Computation is in fp32; outputs return in v's dtype, states in fp32.
+Computation is in fp32 (fp64 for fp64 inputs); outputs return in v's dtype, states in the compute dtype.
 
 The recurrence, per head, with S the K x V state:
     S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,    o_t = S_t^T (scale q_t)
@@ -17,8 +17,12 @@ import torch
 import torch.nn.functional as F
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(1, 2).to(torch.float32)
+    return t.transpose(1, 2).to(compute_dtype(t))
 
 
 def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
@@ -71,7 +75,7 @@ def gdn_chunk(
     u = t_c @ (v * beta[..., None])
     w = t_c @ (k_beta * g.exp()[..., None])
 
-    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(torch.float32)
+    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(q.dtype)
     outputs = []
     for n in range(N):
         scores = (q[:, :, n] @ k[:, :, n].transpose(-1, -2)) * decay[:, :, n]
@@ -97,8 +101,9 @@ def gdn_step(
     """One token: q, k [B, H, K], v [B, H, V], g and beta [B, H], state [B, H, K, V] (fp32).
     Three products with the state (read with k, rank-1 update, read with q): 6*K*V FLOPs per head."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (t.to(torch.float32) for t in (q, k, v, g, beta))
-    state = state.to(torch.float32) * g.exp()[..., None, None]
+    dtype = compute_dtype(v)
+    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
+    state = state.to(dtype) * g.exp()[..., None, None]
     predicted = (k.unsqueeze(-2) @ state).squeeze(-2)
     delta = beta[..., None] * (v - predicted)
     state = state + k.unsqueeze(-1) @ delta.unsqueeze(-2)
@@ -118,7 +123,7 @@ def gdn_recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token by token, [B, T, H, *] in and out: the oracle the chunked forms are checked against."""
     B, T, H, K = q.shape
-    state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if initial_state is None else initial_state
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=compute_dtype(v)) if initial_state is None else initial_state
     outputs = []
     for t in range(T):
         o, state = gdn_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)

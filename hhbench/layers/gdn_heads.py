@@ -39,9 +39,10 @@ class GatedDeltaNetHeads(nn.Module):
                 nn.init.uniform_(weight, -1 / math.sqrt(conv_size), 1 / math.sqrt(conv_size))
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log decay g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), [B, T, n] in fp32."""
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        return g, torch.sigmoid(self.b_proj(x).float())
+        """Log decay g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), [B, T, n], in fp32 at least."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
+        return g, torch.sigmoid(self.b_proj(x).to(dtype))
 
     def prepare(self, q, k, v, x, conv_states=None):
         """q, k [B, T, n, dk] and v [B, T, n, dv] from the projection -> kernel inputs (q, k, v, g, beta) and the

@@ -35,8 +35,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def head_rms_norm(o: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
     """o [B, T, n, d] normalized per head, times that head's weight [n, d] and gamma [n]."""
-    normed = o.float() * torch.rsqrt(o.float().pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * (weight.float() * gamma.float()[:, None])).to(o.dtype)
+    dtype = torch.promote_types(o.dtype, torch.float32)
+    wide = o.to(dtype)
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * (weight.to(dtype) * gamma.to(dtype)[:, None])).to(o.dtype)
 
 
 @dataclass

@@ -26,6 +26,9 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit; HHBENCH_COMMIT where the tree is a copy without .git (the lent GPU machines)."""
+    if os.environ.get("HHBENCH_COMMIT"):
+        return os.environ["HHBENCH_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)

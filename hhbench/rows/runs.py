@@ -27,6 +27,16 @@ class RunDir:
             raise UserError(f"{path} holds neither {ROWS} nor {EVAL}")
         return cls(path)
 
+    def create(self) -> "RunDir":
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"cannot write results to {self.path}: {exc.strerror or exc}") from None
+        return self
+
     @property
     def name(self) -> str:
         return self.path.name

@@ -96,7 +96,7 @@ def run_sweep(
     retry: bool = False,
     on_row: Callable[[Row, int, int], None] | None = None,
 ) -> SweepResult:
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.create()
     _prepare_env(run, suite_name, device)
     rows = _existing_rows(run, retry)
     done = {row.key for row in rows}

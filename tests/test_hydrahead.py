@@ -1,0 +1,152 @@
+"""The HydraHead layer equals the composition of its parts, written out by hand here."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hhbench.kernels import registry
+from hhbench.kernels.hybrid import HeadSplit, HybridCore, merge_heads
+from hhbench.kernels.reference import gdn_recurrent
+from hhbench.layers.hydrahead import HydraAttention, apply_rope, rope_cos_sin
+
+
+def make_layer(fa_heads, n_heads=8, n_kv=4, d=8, hidden=32, **kw):
+    layer = HydraAttention(hidden, n_heads, n_kv, d, fa_heads, chunk_size=16, rope_theta=500.0, **kw).double()
+    with torch.no_grad():  # everything away from its initial value, so that each part matters
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return layer
+
+
+def by_hand(layer: HydraAttention, x: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    H, KV, d, group = layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.n_heads // layer.n_kv_heads
+    q, k, v = (x @ layer.qkv.weight.T).split([H * d, KV * d, KV * d], dim=-1)
+    q, k, v = q.view(B, T, H, d), k.view(B, T, KV, d), v.view(B, T, KV, d)
+    cos, sin = rope_cos_sin(torch.arange(T), d, layer.rope_theta, x.dtype)
+    fa, la = layer.split.fa_heads, layer.split.la_heads
+    heads = {}
+    for h in fa:  # causal softmax attention on this head's query and its KV group, with RoPE
+        qh = apply_rope(q[:, :, h : h + 1], cos, sin)[:, :, 0]
+        kh = apply_rope(k[:, :, h // group : h // group + 1], cos, sin)[:, :, 0]
+        scores = qh @ kh.transpose(1, 2) / math.sqrt(d)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        heads[h] = scores.softmax(-1) @ v[:, :, h // group]
+    if la:
+        gdn = layer.gdn
+
+        def conv(t, weight):  # depthwise causal conv over time, then SiLU
+            t = t.reshape(B, T, -1).transpose(1, 2)
+            out = F.conv1d(F.pad(t, (weight.shape[1] - 1, 0)), weight.unsqueeze(1), groups=t.shape[1])
+            return F.silu(out).transpose(1, 2).reshape(B, T, len(la), d)
+
+        groups = [h // group for h in la]
+        q_la = F.normalize(conv(q[:, :, list(la)], gdn.conv_q), dim=-1)
+        k_la = F.normalize(conv(k[:, :, groups], gdn.conv_k), dim=-1)
+        v_la = conv(v[:, :, groups], gdn.conv_v)
+        decay = -gdn.A_log.exp() * F.softplus(x @ gdn.a_proj.weight.T + gdn.dt_bias)
+        beta = torch.sigmoid(x @ gdn.b_proj.weight.T)
+        o_la, _ = gdn_recurrent(q_la, k_la, v_la, decay, beta)
+        gate = F.silu(x @ gdn.g_proj.weight.T).view(B, T, len(la), d)
+        for i, h in enumerate(la):
+            heads[h] = o_la[:, :, i]
+    out = []
+    for h in range(H):  # original head order; every head normalized and scaled when the layer has GDN heads
+        o = heads[h]
+        if la:
+            o = o / o.pow(2).mean(-1, keepdim=True).add(layer.norm_eps).sqrt()
+            o = o * layer.head_norm_weight[h] * layer.head_gamma[h]
+            if h in la:
+                o = o * gate[:, :, la.index(h)]
+        out.append(o)
+    return torch.cat(out, dim=-1) @ layer.o_proj.weight.T
+
+
+@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 2), (5,), tuple(range(8)), ()])
+def test_layer_equals_its_parts(fa_heads):
+    layer = make_layer(fa_heads)
+    x = torch.randn(2, 37, 32, dtype=torch.float64)
+    expected = by_hand(layer, x)
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.allclose(got, expected, rtol=1e-8, atol=1e-9), (got - expected).abs().max()
+
+
+def test_all_fa_layer_is_plain_attention_without_head_norms():
+    layer = make_layer(tuple(range(8)))
+    assert layer.gdn is None and not hasattr(layer, "head_gamma")
+
+
+def test_gamma_scales_its_own_head_only():
+    layer = make_layer((1, 6))
+    x = torch.randn(1, 20, 32, dtype=torch.float64)
+    with torch.no_grad():
+        base = layer(x)
+        layer.head_gamma[3] += 1.0
+        changed = layer(x) - base
+        # the change is exactly head 3's slice pushed through o_proj: zero out that slice's columns to verify
+        layer.o_proj.weight[:, 3 * 8 : 4 * 8] = 0
+        layer.head_gamma[3] -= 1.0
+        base_without = layer(x)
+        layer.head_gamma[3] += 1.0
+        assert torch.allclose(layer(x), base_without)
+    assert changed.abs().max() > 1e-3
+
+
+def test_rope_matches_hugging_face():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 4, 10, 16)  # HF layout [B, H, T, d]
+    cos, sin = rope_cos_sin(torch.arange(10), 16, 10000.0, torch.float32)
+    q_hf, k_hf = llama.apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    assert torch.allclose(apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2), q_hf, atol=1e-6)
+    assert torch.allclose(apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2), k_hf, atol=1e-6)
+
+
+@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 4, 5), ()])
+def test_decode_with_cache_continues_the_prefill(fa_heads):
+    layer = make_layer(fa_heads)
+    x = torch.randn(2, 21, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 21, "cpu", torch.float64)
+        first = layer(x[:, :18], cache=cache)
+        steps = [layer(x[:, t : t + 1], cache=cache) for t in range(18, 21)]
+    assert torch.allclose(first, full[:, :18], atol=1e-10)
+    assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
+
+
+def test_head_split_gqa_bookkeeping():
+    split = HeadSplit(8, (0, 1, 4, 5), group_size=2)
+    assert split.fa_groups == (0, 2) and split.fa_gqa_uniform and split.la_kv_groups() == (1, 1, 3, 3)
+    uneven = HeadSplit(8, (0, 1, 2), group_size=2)
+    assert not uneven.fa_gqa_uniform and uneven.fa_kv_index() == (0, 0, 1)
+
+
+def test_merge_restores_head_order():
+    split = HeadSplit(5, (3, 0))
+    fa = torch.tensor([[[10.0], [13.0]]])  # heads 0 and 3 (sorted order of fa_heads is the caller's)
+    split = HeadSplit(5, (0, 3))
+    la = torch.tensor([[[1.0], [2.0], [4.0]]])
+    assert merge_heads(split, fa, la).flatten().tolist() == [10.0, 1.0, 2.0, 13.0, 4.0]
+
+
+def test_hybrid_core_runs_both_backends_on_their_heads():
+    split = HeadSplit(4, (2,))
+    core = HybridCore(
+        split, registry.get("sdpa-math", registry.FA), registry.get("torch-chunk", registry.GDN), chunk_size=8
+    )
+    q = torch.randn(1, 12, 1, 8)
+    gdn = (F.normalize(torch.randn(1, 12, 3, 8), dim=-1), F.normalize(torch.randn(1, 12, 3, 8), dim=-1),
+           torch.randn(1, 12, 3, 8), -torch.rand(1, 12, 3), torch.rand(1, 12, 3))  # fmt: skip
+    out = core.prefill((q, q, q), gdn)
+    assert out.shape == (1, 12, 4, 8)
+    assert torch.allclose(
+        out[:, :, 2:3],
+        F.scaled_dot_product_attention(
+            q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), is_causal=True
+        ).transpose(1, 2),
+        atol=1e-6,
+    )
+    assert torch.allclose(out[:, :, [0, 1, 3]], gdn_recurrent(*gdn)[0], atol=1e-5)

@@ -1,0 +1,166 @@
+"""`hhbench sweep` on the CPU: the suite end to end, crash safety and resume, failures kept on rows, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hhbench.measure.timing import TimingPolicy, time_callable
+from hhbench.plan.grid import grid_points, load_suite
+from hhbench.rows.runs import RunDir
+from hhbench.rows.schema import read_rows
+from hhbench.runner import sweep as sweep_module
+from tests.conftest import ROOT
+
+SMALL = ["--models", "tiny", "--layouts", "head,layer", "--ratios", "3:1", "--contexts", "64,128",
+         "--passes", "prefill,decode", "--scopes", "kernel,layer", "--target-ms", "2", "--min-reps", "2",
+         "--warmup-ms", "1"]  # fmt: skip
+FAST = TimingPolicy(warmup_ms=1, target_ms=2, min_reps=2, max_reps=3)
+
+
+def rows_of(path):
+    return [json.loads(line) for line in (path / "rows.jsonl").read_text().splitlines()]
+
+
+def test_cpu_suite_end_to_end(cli, tmp_path):
+    result = cli("sweep", "--out", str(tmp_path), "--run", "cpu", timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = rows_of(tmp_path / "cpu")
+    assert len(rows) == len(load_suite("cpu", "cpu").points) == 60
+    assert {r["status"] for r in rows} == {"ok"}
+    for row in rows:
+        assert row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"]
+        assert row["max_rel_err"] < 1e-4 and row["timer"] == "perf_counter" and row["flops_total"] > 0
+    env = json.loads((tmp_path / "cpu" / "env.json").read_text())
+    assert env["device"].startswith("cpu") and env["versions"]["torch"] and env["suite"] == "cpu"
+    assert "| head:3:1 |" in result.stdout and "60 new rows" in result.stdout
+
+
+def test_killed_sweep_resumes_to_the_same_rows(cli, tmp_path):
+    whole = cli("sweep", *SMALL, "--out", str(tmp_path), "--run", "whole")
+    assert whole.returncode == 0, whole.stderr
+    expected = sorted(
+        tuple(map(str, (r["variant"], r["pass"], r["scope"], r["context"]))) for r in rows_of(tmp_path / "whole")
+    )
+    assert len(expected) == 16
+
+    rows_file = tmp_path / "killed" / "rows.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "hhbench", "sweep", *SMALL, "--out", str(tmp_path), "--run", "killed"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and (not rows_file.exists() or len(rows_file.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = rows_file.read_text().splitlines()
+    assert 5 <= len(partial) < 16, "the kill must land midway"
+
+    resumed = cli("sweep", *SMALL, "--out", str(tmp_path), "--run", "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "already in" in resumed.stdout
+    got = sorted(
+        tuple(map(str, (r["variant"], r["pass"], r["scope"], r["context"]))) for r in rows_of(tmp_path / "killed")
+    )
+    assert got == expected, "exactly the rows of the uninterrupted sweep, none lost, none twice"
+
+
+def test_half_written_last_line_is_repaired(tmp_path):
+    run = RunDir(tmp_path / "r")
+    points = grid_points({"models": "tiny", "layouts": "fa", "contexts": "32,64", "passes": "prefill"}, "cpu")
+    sweep_module.run_sweep(points[:1], run, torch.device("cpu"), FAST)
+    with open(run.rows_path, "a") as handle:
+        handle.write('{"model": "tiny", "variant"')  # a kill in the middle of a write
+    result = sweep_module.run_sweep(points, run, torch.device("cpu"), FAST)
+    assert result.new == 1 and result.skipped == 1
+    assert [r.context for r in read_rows(run.rows_path)] == [32, 64]
+
+
+def test_oom_and_errors_stay_on_their_rows_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    points = grid_points({"models": "tiny", "layouts": "head", "ratios": "1:1,3:1,7:1,15:1", "contexts": "32",
+                          "passes": "prefill"}, "cpu")  # fmt: skip
+    real_build = sweep_module.measure_point.__globals__["workloads"].build
+
+    def faulty_build(point, *args, **kwargs):
+        if point.ratio == "3:1" and kwargs.get("reference") is None and len(args) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        if point.ratio == "7:1" and len(args) == 1:
+            raise RuntimeError("an injected failure")
+        return real_build(point, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module.measure_point.__globals__["workloads"], "build", faulty_build)
+    result = sweep_module.run_sweep(points, RunDir(tmp_path / "r"), torch.device("cpu"), FAST)
+    status = {row.ratio: (row.status, row.reason) for row in result.rows}
+    assert status["1:1"][0] == "ok" and status["15:1"][0] == "ok"
+    assert status["3:1"] == ("oom", "CUDA out of memory. Tried to allocate 80.00 GiB")
+    assert status["7:1"][0] == "error" and "RuntimeError: an injected failure" in status["7:1"][1]
+    assert len(read_rows(tmp_path / "r" / "rows.jsonl")) == 4
+    retried = sweep_module.run_sweep(points, RunDir(tmp_path / "r"), torch.device("cpu"), FAST, retry=True)
+    assert retried.new == 2 and len(read_rows(tmp_path / "r" / "rows.jsonl")) == 4
+
+
+def test_isolated_points(cli, tmp_path):
+    result = cli("sweep", "--models", "tiny", "--layouts", "head", "--ratios", "3:1", "--contexts", "64",
+                 "--passes", "prefill,decode", "--isolate", "--out", str(tmp_path), "--run", "iso", "--target-ms", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [r["status"] for r in rows_of(tmp_path / "iso")] == ["ok", "ok"]
+
+
+def test_unavailable_backend_is_a_row_not_a_crash(tmp_path):
+    points = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32"}, "cpu")
+    gpu_point = points[0].__class__(**{**points[0].__dict__, "fa_backend": "sdpa-cudnn"})
+    result = sweep_module.run_sweep([gpu_point], RunDir(tmp_path / "r"), torch.device("cpu"), FAST)
+    row = result.rows[0]
+    assert row.status == "unavailable" and "sdpa-cudnn" in row.reason
+
+
+def test_resuming_on_another_machine_is_refused(cli, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "env.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3"}))
+    result = cli("sweep", *SMALL, "--out", str(tmp_path), "--run", "r")
+    assert result.returncode == 2 and "was measured on NVIDIA H100" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_timing_policy_bounds_the_samples():
+    timing = time_callable(
+        lambda: sum(range(1000)), torch.device("cpu"), TimingPolicy(warmup_ms=1, target_ms=5, min_reps=4, max_reps=7)
+    )
+    assert 4 <= len(timing.samples_ms) <= 7 and timing.timer == "perf_counter"
+    assert timing.percentile(0.1) <= timing.median_ms <= timing.percentile(0.9)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ratios", "7-1"], "bad ratio '7-1'"),
+        (["--fa-backend", "warp-drive"], "unknown FA backend 'warp-drive'"),
+        (["--gdn-backend", "fla-chunk"], "backend fla-chunk needs cuda, and this run is on cpu"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--set", "n_heads=7"], "not a multiple of n_kv_heads"),
+        (["--contexts", "4q"], "bad context '4q'"),
+        (["--scopes", "galaxy"], "unknown scope 'galaxy'"),
+        (["--mode", "parallel"], "unknown mode 'parallel'"),
+        (["--out", "/proc/version/x"], "cannot write results"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(cli, args, message):
+    base = ["--models", "tiny", "--ratios", "3:1", "--contexts", "32"]
+    overridden = {a for a in args if a.startswith("--")}
+    merged = [x for i, x in enumerate(base) if not (x in overridden or (i and base[i - 1] in overridden))]
+    result = cli("sweep", *merged, *args)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [(["--suite", "default"], "needs a GPU"), (["--suite", "nope"], "no suite 'nope'"),
+                                          (["--suite", "cpu", "--ratios", "3:1"], "either --suite or grid flags")])  # fmt: skip
+def test_bad_suites(cli, args, message):
+    result = cli("sweep", *args)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
