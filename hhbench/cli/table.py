@@ -1,0 +1,27 @@
+"""`hhbench table`: every configuration against layer-wise 3:1, as markdown on stdout."""
+
+from typing import Annotated
+
+import typer
+
+from hhbench.cli.app import app
+from hhbench.rows.sources import load_runs
+from hhbench.tables.compare import compare_runs
+
+
+@app.command()
+def table(
+    runs: Annotated[list[str], typer.Argument(help="Run folders (results/<run>/) or rows JSON-lines files.")],
+    csv: Annotated[str, typer.Option(help="Also write the comparison, one line per row, to this CSV file.")] = "",
+    json_path: Annotated[
+        str, typer.Option("--json", help="Also write the comparison, crossovers and side-by-side table as JSON.")
+    ] = "",
+):
+    """Compare every configuration with the layer-wise 3:1 row of the same run, model, context, batch, pass and
+    scope: latency, speedup, FLOPs and KV-cache ratios, TFLOP/s, peak memory, and where head-level wins."""
+    comparison = compare_runs(load_runs(runs))
+    if csv:
+        comparison.to_csv(csv)
+    if json_path:
+        comparison.to_json(json_path)
+    typer.echo(comparison.to_markdown(), nl=False)

@@ -1,0 +1,220 @@
+"""The regression gate: a candidate run against a baseline run, row by row on the configuration key.
+
+- flops, memory: the analytic fields must be equal, bit for bit (the cost model is deterministic; a change means
+  the model changed, and the baseline is to be updated on purpose);
+- presence: every baseline row must be in the candidate; new rows are listed;
+- status: a row whose status changed fails unless it became ok; rows already `incorrect` in the baseline are
+  listed, not failed (the gate finds regressions; the baseline recorded that defect on purpose);
+- latency: a row is slower only when its median exceeds the baseline's by more than --max-slowdown AND the two
+  noise bands do not overlap (candidate p10 above baseline p90); faster rows, by the mirror rule, are listed.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from hhbench.errors import UserError
+from hhbench.rows.schema import INCORRECT, OK, Row, RowSet, open_output
+from hhbench.spec.units import format_count, split_list
+
+METRICS = ("flops", "memory", "presence", "status", "latency")
+FLOPS_FIELDS = tuple(f.name for f in fields(Row) if f.name.startswith("flops_"))
+MEMORY_FIELDS = ("kv_cache_bytes", "state_bytes", "weight_bytes", "bytes_moved")
+
+
+@dataclass
+class Finding:
+    check: str  # one of METRICS
+    row: str  # the configuration, readable
+    detail: str
+    baseline: float | str | None = None
+    candidate: float | str | None = None
+
+
+@dataclass
+class GateReport:
+    baseline: str
+    candidate: str
+    metrics: list[str]
+    max_slowdown: float
+    compared: int  # rows found in both runs
+    failures: list[Finding] = field(default_factory=list)
+    improvements: list[Finding] = field(default_factory=list)
+    new_rows: list[str] = field(default_factory=list)
+    missing_not_gated: list[str] = field(default_factory=list)  # missing rows while presence is not gated
+    still_incorrect: list[Finding] = field(default_factory=list)  # incorrect in the baseline and the candidate
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def to_json(self, path) -> None:
+        with open_output(path, "w") as out:
+            json.dump(self.to_dict(), out, indent=1)
+            out.write("\n")
+
+    def to_markdown(self) -> str:
+        count = len(self.failures)
+        verdict = "PASS" if self.passed else f"FAIL ({count} regression{'s' if count > 1 else ''})"
+        lines = [
+            f"# Gate: {self.candidate} against {self.baseline}",
+            "",
+            f"{verdict}: {self.compared} rows compared on {', '.join(self.metrics)}; "
+            f"max slowdown {self.max_slowdown:.1%} beyond the p10-p90 noise.",
+        ]
+        if any(finding.check in ("flops", "memory") for finding in self.failures):
+            lines.append(
+                "The analytic cost model changed: if that is intended, update the baseline on purpose (--update)."
+            )
+        lines += _section("Regressions", self.failures)
+        lines += _section("Improvements", self.improvements)
+        lines += _section("Still incorrect, as in the baseline", self.still_incorrect)
+        lines += _list("New rows (not in the baseline)", self.new_rows)
+        lines += _list("Missing rows (presence not gated)", self.missing_not_gated)
+        return "\n".join(lines) + "\n"
+
+
+def _section(title: str, findings: list[Finding]) -> list[str]:
+    if not findings:
+        return []
+    lines = [
+        "",
+        f"## {title} ({len(findings)})",
+        "",
+        "| check | row | baseline | candidate | detail |",
+        "|---|---|---|---|---|",
+    ]
+    for finding in findings:
+        cells = [finding.check, finding.row, _cell(finding.baseline), _cell(finding.candidate), finding.detail]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _list(title: str, items: list[str]) -> list[str]:
+    return ["", f"## {title} ({len(items)})", "", *[f"- {item}" for item in items]] if items else []
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def parse_metrics(text: str) -> list[str]:
+    metrics = split_list(text)
+    unknown = [name for name in metrics if name not in METRICS]
+    if unknown or not metrics:
+        raise UserError(f"bad --metrics {text!r}: choose from {', '.join(METRICS)}")
+    return [name for name in METRICS if name in metrics]
+
+
+def parse_slowdown(text: str) -> float:
+    """'5%' or '0.05'; a bare number of 1 or more is ambiguous (5 could mean 5% or 500%)."""
+    stripped = text.strip()
+    try:
+        value = float(stripped.removesuffix("%")) / (100 if stripped.endswith("%") else 1)
+    except ValueError:
+        raise UserError(f"bad --max-slowdown {text!r}: write a percentage (5%) or a fraction (0.05)") from None
+    if value < 0 or (value >= 1 and not stripped.endswith("%")):
+        raise UserError(f"bad --max-slowdown {text!r}: write a percentage (5%) or a fraction (0.05)")
+    return value
+
+
+def describe(row: Row) -> str:
+    """A row's configuration as a reader names it: 'tiny head:7:1 prefill model 4k b1 fp32 sdpa/fla'."""
+    parts = [row.model, row.variant or row.layout, row.pass_, row.scope, format_count(row.context), f"b{row.batch}"]
+    parts += [row.dtype, "/".join(b for b in (row.fa_backend, row.gdn_backend) if b), row.mode, row.head_map]
+    parts += ["kv-aware" if row.kv_aware else ""]
+    return " ".join(part for part in parts if part)
+
+
+def by_key(rows: RowSet, name: str) -> dict[tuple, Row]:
+    keyed: dict[tuple, Row] = {}
+    for row in rows:
+        if row.key in keyed:
+            raise UserError(f"{name} has two rows for one configuration: {describe(row)}")
+        keyed[row.key] = row
+    return keyed
+
+
+def gate(
+    baseline: RowSet,
+    candidate: RowSet,
+    metrics: tuple[str, ...] | list[str] = METRICS,
+    max_slowdown: float = 0.05,
+    names: tuple[str, str] = ("baseline", "candidate"),
+) -> GateReport:
+    base, cand = by_key(baseline, names[0]), by_key(candidate, names[1])
+    common = [key for key in base if key in cand]
+    if not common:
+        raise UserError(f"{names[0]} and {names[1]} have no configuration in common")
+    report = GateReport(names[0], names[1], list(metrics), max_slowdown, len(common))
+    missing = [describe(row) for key, row in base.items() if key not in cand]
+    if "presence" in metrics:
+        report.failures += [Finding("presence", name, "missing from the candidate") for name in missing]
+    else:
+        report.missing_not_gated = missing
+    report.new_rows = [describe(row) for key, row in cand.items() if key not in base]
+    for key in common:
+        old, new = base[key], cand[key]
+        if "flops" in metrics:
+            report.failures += _exact("flops", old, new, FLOPS_FIELDS)
+        if "memory" in metrics:
+            report.failures += _exact("memory", old, new, MEMORY_FIELDS)
+        if "status" in metrics:
+            _status(report, old, new)
+        if "latency" in metrics:
+            _latency(report, old, new, max_slowdown)
+    return report
+
+
+def _exact(check: str, old: Row, new: Row, names: tuple[str, ...]) -> list[Finding]:
+    changed = [name for name in names if getattr(old, name) != getattr(new, name)]
+    if not changed:
+        return []
+    first = changed[0]
+    detail = "changed: " + ", ".join(f"{name} {getattr(old, name)!r} -> {getattr(new, name)!r}" for name in changed)
+    return [Finding(check, describe(new), detail, getattr(old, first), getattr(new, first))]
+
+
+def _status(report: GateReport, old: Row, new: Row) -> None:
+    why = f": {new.reason}" if new.reason else ""
+    finding = Finding("status", describe(new), "", old.status, new.status)
+    if new.status == old.status:
+        if new.status == INCORRECT:
+            finding.detail = f"output does not match the reference{why}"
+            report.still_incorrect.append(finding)
+    elif new.status == OK:
+        finding.detail = "now measured"
+        report.improvements.append(finding)
+    else:
+        finding.detail = f"status changed{why}"
+        report.failures.append(finding)
+
+
+def noise_band(row: Row) -> tuple[float, float]:
+    """The row's p10-p90 latency band: as recorded, else from its repeated samples, else the median alone."""
+    if row.latency_p10_ms is not None and row.latency_p90_ms is not None:
+        return row.latency_p10_ms, row.latency_p90_ms
+    if len(row.samples_ms) >= 2:
+        low, high = np.percentile(row.samples_ms, [10, 90])
+        return float(low), float(high)
+    return row.latency_ms, row.latency_ms
+
+
+def _latency(report: GateReport, old: Row, new: Row, max_slowdown: float) -> None:
+    if old.status != OK or new.status != OK or old.latency_ms is None or new.latency_ms is None:
+        return
+    (old_low, old_high), (new_low, new_high) = noise_band(old), noise_band(new)
+    change = new.latency_ms / old.latency_ms - 1
+    detail = f"{change:+.1%} median; bands {old_low:.4g}-{old_high:.4g} ms -> {new_low:.4g}-{new_high:.4g} ms"
+    if change > max_slowdown and new_low > old_high:
+        report.failures.append(Finding("latency", describe(new), "slower " + detail, old.latency_ms, new.latency_ms))
+    elif change < -max_slowdown and new_high < old_low:
+        report.improvements.append(
+            Finding("latency", describe(new), "faster " + detail, old.latency_ms, new.latency_ms)
+        )

@@ -1,0 +1,354 @@
+"""The report's figures, each a pure function of the comparison frame (rows with their layer 3:1 ratios), the
+quality rows or the runs' environments. A figure whose data is absent is not drawn; the reason is kept."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from hhbench.analytic.costs import Scope
+from hhbench.analytic.flops import Pass
+from hhbench.report.labels import context_ticks, hover_text, ordered_variants, present_order, series_labels
+from hhbench.rows.schema import OK
+from hhbench.spec.units import format_count
+
+HOVER = "%{customdata[0]}<extra></extra>"
+PASS_ORDER = [p.value for p in Pass]
+SCOPE_ORDER = [s.value for s in Scope]
+COMPONENTS = {
+    "flops_fa_core": "FA core",
+    "flops_gdn_core": "GDN core",
+    "flops_proj": "projections",
+    "flops_mlp": "MLP",
+    "flops_lm_head": "LM head",
+}
+# Datasheet ceilings, used only when a run recorded no measured peaks and its GPU is this card.
+H100_SXM = {"bf16_matmul_tflops": 989.0, "copy_gbps": 3350.0}
+# One heatmap per set of layer 3:1 rows: a pure FA or GDN row joins the heatmap of the baseline it matched.
+HEATMAP_GROUP = ["run", "model", "scope", "pass", "batch", "dtype", "base_fa_backend", "base_gdn_backend"]
+
+
+@dataclass
+class Figure:
+    slug: str  # the figure's HTML id and PNG file name
+    title: str
+    figure: go.Figure
+    caption: str = ""
+
+
+@dataclass
+class Omitted:
+    title: str
+    reason: str
+
+
+def measured(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows[(rows["status"] == OK) & rows["latency_ms"].notna()]
+
+
+def latency_figure(rows: pd.DataFrame, passes: list[str], slug: str, title: str) -> Figure | Omitted:
+    """Median latency against context, log-log, a line per layout and ratio, p10-p90 as error bars."""
+    data = measured(rows)
+    data = data[data["pass"].isin(passes)].sort_values("context")
+    if data.empty:
+        return Omitted(title, f"no measured {' or '.join(passes)} rows")
+    data = data.assign(
+        series=series_labels(data),
+        hover=hover_text(data),
+        above=data["latency_p90_ms"] - data["latency_ms"],
+        below=data["latency_ms"] - data["latency_p10_ms"],
+    )
+    many_passes = data["pass"].nunique() > 1
+    figure = _express(
+        px.line,
+        data,
+        y="latency_ms",
+        facet_col="scope",
+        facet_row="pass" if many_passes else None,
+        error_y="above",
+        error_y_minus="below",
+        log_y=True,
+        category_orders={
+            "scope": present_order(data["scope"], SCOPE_ORDER),
+            "pass": present_order(data["pass"], PASS_ORDER),
+        },
+        labels={"latency_ms": "latency (ms)"},
+    )
+    figure.update_yaxes(matches=None, showticklabels=True)  # scopes differ by orders of magnitude
+    figure.update_layout(height=320 * (data["pass"].nunique() if many_passes else 1) + 120)
+    return Figure(slug, title, figure, "Median of the repeated timings; error bars span p10 to p90.")
+
+
+def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
+    """A plotly express chart on a log x axis (context by default, its ticks the contexts), a colour per series,
+    each point's hover carrying its row."""
+    options = {
+        "x": "context",
+        "color": "series",
+        "log_x": True,
+        "color_discrete_sequence": px.colors.qualitative.Dark24,  # runs x variants outnumber the 10 default colours
+        **({"markers": True} if chart is px.line else {}),
+        **options,
+        "custom_data": ["hover"],
+        "category_orders": {"series": _series_order(data), **options.get("category_orders", {})},
+        "labels": {"context": "context (tokens)", "series": "variant", **options.get("labels", {})},
+    }
+    figure = chart(data, **options)
+    figure.update_traces(hovertemplate=HOVER)
+    if options["x"] == "context":
+        figure.update_xaxes(**context_ticks(data["context"]))
+    return figure
+
+
+def _series_order(data: pd.DataFrame) -> list[str]:
+    firsts = data.drop_duplicates("series")
+    ranks = {v: i for i, v in enumerate(ordered_variants(firsts["variant"]))}
+    return sorted(firsts["series"], key=lambda s: (ranks[firsts.set_index("series").at[s, "variant"]], s))
+
+
+def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
+    """Speedup against layer 3:1 as a heatmap, ratio x context: measured latency where the group has it,
+    analytic FLOPs otherwise (the subplot title says which)."""
+    title = "Speedup against layer-wise 3:1"
+    panels = []
+    for key, part in rows.groupby(HEATMAP_GROUP, sort=False):
+        if part["speedup"].notna().any():
+            value, basis = part["speedup"], "measured latency"
+        elif part["flops_ratio"].notna().any():
+            value, basis = 1 / part["flops_ratio"], "analytic FLOPs"
+        else:
+            continue
+        part = part.assign(value=value, label=series_labels(part, ("mode",)), hover=hover_text(part))
+        part = part[part["value"].notna()]
+        run, model, scope, pass_, batch = key[:5]
+        panels.append((f"{run}: {model}, {pass_}, {scope} scope, batch {batch} (by {basis})", part))
+    if not panels:
+        return Omitted(title, "no row has a layer 3:1 row to compare with")
+    heights = [40 + 24 * part["label"].nunique() for _, part in panels]
+    gap = 90  # pixels between panels: the x labels of one and the title of the next
+    total = 100 + sum(heights) + gap * (len(panels) - 1)
+    figure = make_subplots(
+        rows=len(panels),
+        cols=1,
+        subplot_titles=[name for name, _ in panels],
+        row_heights=heights,
+        vertical_spacing=gap / total,
+    )
+    for index, (_, part) in enumerate(panels, 1):
+        labels = sorted(part["label"].unique(), key=lambda s: _rank_of(part, s))
+        contexts = sorted(part["context"].unique())
+        grid = part.pivot_table(index="label", columns="context", values="value", aggfunc="first")
+        grid = grid.reindex(index=labels, columns=contexts)
+        hover = part.pivot_table(index="label", columns="context", values="hover", aggfunc="first")
+        hover = hover.reindex(index=labels, columns=contexts).fillna("")
+        figure.add_trace(
+            go.Heatmap(
+                z=np.log2(grid.to_numpy(dtype=float)),
+                x=[format_count(int(c)) for c in contexts],
+                y=labels,
+                text=[[f"{v:.2f}x" if not math.isnan(v) else "" for v in line] for line in grid.to_numpy(dtype=float)],
+                texttemplate="%{text}",
+                customdata=hover.to_numpy()[..., None],
+                hovertemplate=HOVER,
+                coloraxis="coloraxis",
+            ),
+            row=index,
+            col=1,
+        )
+    figure.update_layout(
+        height=total,
+        coloraxis={
+            "colorscale": "RdBu",
+            "cmin": -3,  # 1/8x to 8x: past that the colour saturates and the cell's text says how far
+            "cmax": 3,
+            "colorbar": {
+                "title": "speedup",
+                "tickvals": list(range(-3, 4)),
+                "ticktext": ["1/8x", "1/4x", "1/2x", "1x", "2x", "4x", "8x"],
+            },
+        },
+    )
+    figure.update_xaxes(type="category")
+    figure.update_yaxes(autorange="reversed")  # fa on top, la at the bottom, as the tables read
+    return Figure("speedup", title, figure, "Cells read layer 3:1 time (or FLOPs) over the row's: above 1x is faster.")
+
+
+def _rank_of(part: pd.DataFrame, label: str) -> tuple:
+    variant = part.loc[part["label"] == label, "variant"].iloc[0]
+    return (ordered_variants(part["variant"]).index(variant), label)
+
+
+def analytic_view(rows: pd.DataFrame, model: str) -> tuple[pd.DataFrame, str]:
+    """One model's analytic numbers, once each: its widest scope, first run and smallest batch (the analytic
+    costs are the same in every run), and a caption saying which."""
+    part = rows[rows["model"] == model]
+    scope = max(part["scope"], key=SCOPE_ORDER.index)
+    part = part[part["scope"] == scope]
+    run = part["run"].iloc[0]
+    part = part[part["run"] == run]
+    batch = part["batch"].min()
+    part = part[part["batch"] == batch].drop_duplicates(["variant", "pass", "context", "dtype"])
+    return part.sort_values("context"), f"{model}, {scope} scope, batch {batch}, from run {run}"
+
+
+def flops_figures(rows: pd.DataFrame) -> list[Figure]:
+    """Per model and pass, the FLOPs of each variant stacked by component, against context."""
+    figures = []
+    for model in rows["model"].unique():
+        view, where = analytic_view(rows, model)
+        for pass_ in sorted(view["pass"].unique(), key=PASS_ORDER.index):
+            part = view[view["pass"] == pass_]
+            part = part.assign(hover=hover_text(part), context_label=part["context"].map(format_count))
+            long = part.melt(
+                id_vars=["variant", "context_label", "hover"],
+                value_vars=list(COMPONENTS),
+                var_name="component",
+                value_name="flops",
+            )
+            long["component"] = long["component"].map(COMPONENTS)
+            variants = ordered_variants(part["variant"])
+            figure = px.bar(
+                long,
+                x="context_label",
+                y="flops",
+                color="component",
+                facet_col="variant",
+                facet_col_wrap=min(5, len(variants)),
+                custom_data=["hover", "component"],
+                category_orders={"variant": variants, "context_label": list(dict.fromkeys(part["context_label"]))},
+                labels={"context_label": "context", "flops": "FLOPs"},
+            )
+            figure.update_traces(hovertemplate="<b>%{customdata[1]}</b>: %{y:.4g} FLOPs<br>" + HOVER)
+            figure.update_layout(height=300 * math.ceil(len(variants) / 5) + 120)
+            figure.update_yaxes(showticklabels=True)
+            title = f"FLOPs breakdown, {pass_}: {where}"
+            figures.append(Figure(f"flops-{_slug(model)}-{pass_}", title, figure, "Analytic FLOPs by component."))
+    return figures
+
+
+def memory_figures(rows: pd.DataFrame) -> list[Figure]:
+    """Per model: analytic KV cache (solid) and recurrent state (dotted) against context; beside it the measured
+    peak memory where rows have one."""
+    figures = []
+    for model in rows["model"].unique():
+        view, where = analytic_view(rows, model)
+        view = view[view["pass"] == view["pass"].iloc[0]]
+        peaks = measured(rows[rows["model"] == model])
+        peaks = peaks[peaks["peak_mem_bytes"].notna()].sort_values("context")
+        panels = 2 if not peaks.empty else 1
+        titles = ["KV cache and recurrent state (analytic)", "measured peak memory"][:panels]
+        figure = make_subplots(rows=1, cols=panels, subplot_titles=titles)
+        palette = px.colors.qualitative.Plotly
+        for index, variant in enumerate(ordered_variants(view["variant"])):
+            part = view[view["variant"] == variant]
+            color = palette[index % len(palette)]
+            for column, dash, what in (("kv_cache_bytes", "solid", "KV cache"), ("state_bytes", "dot", "state")):
+                shown = part[part[column] > 0]  # a zero has no place on a log axis: that memory is absent
+                if shown.empty:
+                    continue
+                figure.add_trace(
+                    go.Scatter(
+                        x=shown["context"],
+                        y=shown[column],
+                        name=f"{variant} {what}",
+                        mode="lines+markers",
+                        line={"dash": dash, "color": color},
+                        customdata=hover_text(shown).to_numpy()[:, None],
+                        hovertemplate=HOVER,
+                    ),
+                    row=1,
+                    col=1,
+                )
+        if not peaks.empty:
+            peaks = peaks.assign(series=series_labels(peaks, ("pass", "scope")), hover=hover_text(peaks))
+            for series in _series_order(peaks):
+                part = peaks[peaks["series"] == series]
+                figure.add_trace(
+                    go.Scatter(
+                        x=part["context"],
+                        y=part["peak_mem_bytes"],
+                        name=f"{series} peak",
+                        mode="lines+markers",
+                        customdata=part[["hover"]].to_numpy(),
+                        hovertemplate=HOVER,
+                    ),
+                    row=1,
+                    col=2,
+                )
+        figure.update_xaxes(type="log", title="context (tokens)", **context_ticks(rows["context"]))
+        figure.update_yaxes(type="log", title="bytes")
+        figure.update_layout(height=480)
+        figures.append(Figure(f"memory-{_slug(model)}", f"Memory: {where}", figure))
+    return figures
+
+
+def roofs(env: dict) -> tuple[dict, str] | None:
+    """The card's ceilings: measured ones the run recorded, else the H100 SXM datasheet for an H100, else none."""
+    peaks = env.get("peaks") or {}
+    if peaks.get("bf16_matmul_tflops") and peaks.get("copy_gbps"):
+        return peaks, "measured peaks"
+    card = str((env.get("gpu") or {}).get("name") or env.get("device") or "")
+    if "h100" in card.lower():
+        return H100_SXM, "datasheet H100 SXM"
+    return None
+
+
+def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitted:
+    """Achieved TFLOP/s against arithmetic intensity (analytic FLOPs over analytic fewest bytes moved), with
+    each run's compute and bandwidth ceilings where known."""
+    title = "Roofline"
+    data = measured(rows)
+    data = data[data["tflops"].notna() & (data["bytes_moved"] > 0) & (data["tflops"] > 0)]
+    if data.empty:
+        return Omitted(title, "no measured rows with achieved TFLOP/s")
+    data = data.assign(
+        intensity=data["flops_total"] / data["bytes_moved"],
+        series=series_labels(data),
+        hover=hover_text(data),
+    )
+    figure = _express(
+        px.scatter,
+        data,
+        x="intensity",
+        y="tflops",
+        symbol="scope",
+        log_y=True,
+        category_orders={"scope": present_order(data["scope"], SCOPE_ORDER)},
+        labels={"intensity": "arithmetic intensity (FLOP/byte)", "tflops": "achieved TFLOP/s"},
+    )
+    notes = []
+    span = np.geomspace(data["intensity"].min() / 4, data["intensity"].max() * 4, 200)
+    for run in data["run"].unique():
+        found = roofs(envs.get(run, {}))
+        if found is None:
+            notes.append(f"{run}: no roof (no measured peaks recorded and not an H100)")
+            continue
+        peaks, source = found
+        roof = np.minimum(peaks["bf16_matmul_tflops"], span * peaks["copy_gbps"] / 1000)
+        name = f"{run} roof ({source}: {peaks['bf16_matmul_tflops']:.4g} TFLOP/s, {peaks['copy_gbps']:.4g} GB/s)"
+        figure.add_trace(go.Scatter(x=span, y=roof, name=name, mode="lines", line={"dash": "dash", "color": "gray"}))
+        notes.append(f"{run}: {source}")
+    figure.update_layout(height=520)
+    return Figure("roofline", title, figure, "; ".join(notes))
+
+
+def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
+    title = "Quality: score against context"
+    data = eval_rows[(eval_rows["status"] == OK) & eval_rows["value"].notna()] if not eval_rows.empty else eval_rows
+    if data.empty:
+        return Omitted(title, "no quality rows (eval.jsonl)")
+    data = data.sort_values("context")
+    data = data.assign(series=series_labels(data), hover=hover_text(data), panel=data["task"] + " · " + data["metric"])
+    figure = _express(
+        px.line, data, y="value", facet_col="panel", facet_col_wrap=3, error_y="stderr", labels={"value": "score"}
+    )
+    figure.update_layout(height=340 * math.ceil(data["panel"].nunique() / 3) + 120)
+    return Figure("quality", title, figure, "Accuracy per task as lm-eval reports it; error bars one stderr.")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")

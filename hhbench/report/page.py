@@ -1,0 +1,135 @@
+"""The report: one self-contained HTML page (plotly.js embedded once, so it opens with no network) holding each
+run's environment, the crossover table and every figure the rows allow; optionally PNGs of the figures."""
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
+
+from hhbench.report import figures as F
+from hhbench.rows.schema import open_output
+from hhbench.rows.sources import Run
+from hhbench.tables.compare import BASELINE, compare_runs, crossover_table
+
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+PNG_WIDTH = 1400
+ENV_VERSIONS = ("torch", "triton", "fla-core", "flash-linear-attention", "flash-attn")
+
+
+@dataclass
+class Report:
+    runs: list[Run]
+    figures: list[F.Figure]
+    omitted: list[F.Omitted] = field(default_factory=list)
+    crossovers: pd.DataFrame = field(default_factory=pd.DataFrame)  # crossover_table's view
+
+    def to_html(self) -> str:
+        sections = []
+        for figure in self.figures:
+            plot = figure.figure.to_html(
+                full_html=False, include_plotlyjs=False, div_id=figure.slug, config=PLOT_CONFIG
+            )
+            caption = f'<p class="caption">{html.escape(figure.caption)}</p>' if figure.caption else ""
+            sections.append(f'<section class="figure"><h2>{html.escape(figure.title)}</h2>{caption}{plot}</section>')
+        omitted = "".join(f"<li>{html.escape(o.title)}: {html.escape(o.reason)}</li>" for o in self.omitted)
+        crossovers = self.crossovers.to_html(index=False, classes="data", border=0) if not self.crossovers.empty else ""
+        return PAGE.format(
+            title=html.escape("hhbench report: " + ", ".join(run.label for run in self.runs)),
+            plotlyjs=get_plotlyjs(),
+            environment=environment_table(self.runs),
+            crossovers=f"<h2>From which context head-level beats {BASELINE}</h2>{crossovers}" if crossovers else "",
+            omitted=f"<h2>Not drawn</h2><ul>{omitted}</ul>" if omitted else "",
+            figures="\n".join(sections),
+        )
+
+    def write_html(self, path: str | Path) -> None:
+        with open_output(path, "w") as out:
+            out.write(self.to_html())
+
+    def write_png(self, folder: str | Path) -> list[Path]:
+        """Each figure as a PNG, through kaleido and a local Chromium. Raises RuntimeError saying why not."""
+        folder = Path(folder)
+        paths = [folder / f"{figure.slug}.png" for figure in self.figures]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            plots = [figure.figure for figure in self.figures]
+            heights = [plot.layout.height for plot in plots]
+            pio.write_images(plots, paths, width=PNG_WIDTH, height=heights)
+        except Exception as exc:  # kaleido missing, no Chromium, or Chromium refusing to start: all one message
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(reason) from None
+        return paths
+
+
+def build_report(runs: list[Run]) -> Report:
+    comparison = compare_runs(runs) if any(run.rows for run in runs) else None
+    rows = comparison.rows if comparison is not None else pd.DataFrame()
+    eval_frames = [run.eval_frame() for run in runs if run.eval_rows]
+    eval_rows = pd.concat(eval_frames, ignore_index=True) if eval_frames else pd.DataFrame()
+    made: list[F.Figure | F.Omitted] = []
+    if not rows.empty:
+        made.append(F.latency_figure(rows, ["prefill", "train"], "latency", "Latency against context"))
+        made.append(F.speedup_figure(rows))
+        made += F.flops_figures(rows)
+        made += F.memory_figures(rows)
+        made.append(F.roofline_figure(rows, {run.label: run.env for run in runs}))
+        made.append(F.latency_figure(rows, ["decode"], "decode", "Decode latency against context"))
+    made.append(F.quality_figure(eval_rows))
+    return Report(
+        runs=runs,
+        figures=[item for item in made if isinstance(item, F.Figure)],
+        omitted=[item for item in made if isinstance(item, F.Omitted)],
+        crossovers=crossover_table(comparison.crossovers, len(runs) > 1) if comparison is not None else pd.DataFrame(),
+    )
+
+
+def environment_table(runs: list[Run]) -> str:
+    """One line per run: where and with what its rows were produced."""
+    header = ["run", "rows", "device", "GPU", "versions", "hhbench commit", "peaks", "recorded"]
+    lines = []
+    for run in runs:
+        env = run.env
+        gpu = env.get("gpu") or {}
+        gpu_text = ", ".join(f"{k} {gpu[k]}" for k in ("name", "sm_count", "capability") if gpu.get(k))
+        versions = env.get("versions") or {}
+        version_text = ", ".join(f"{name} {versions[name]}" for name in ENV_VERSIONS if versions.get(name))
+        peaks = env.get("peaks") or {}
+        peak_text = ", ".join(f"{k} {v:.4g}" for k, v in peaks.items() if isinstance(v, int | float))
+        counts = pd.Series([row.status for row in run.rows]).value_counts()
+        row_text = ", ".join(f"{count} {status}" for status, count in counts.items())
+        if run.eval_rows:
+            row_text += f"{', ' if row_text else ''}{len(run.eval_rows)} quality"
+        cells = [run.label, row_text, env.get("device", "not recorded"), gpu_text, version_text,
+                 env.get("hhbench_commit") or "", peak_text, env.get("time", "")]  # fmt: skip
+        lines.append("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in cells) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{name}</th>" for name in header) + "</tr>"
+    return f"<table class='data'><thead>{head}</thead><tbody>{''.join(lines)}</tbody></table>"
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table.data {{ border-collapse: collapse; font-size: 0.85em; }}
+table.data td, table.data th {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }}
+section.figure {{ margin-top: 2em; }}
+p.caption {{ color: #555; font-size: 0.9em; }}
+</style>
+<script type="text/javascript">{plotlyjs}</script>
+</head>
+<body>
+<h1>{title}</h1>
+<h2>Runs</h2>
+{environment}
+{crossovers}
+{omitted}
+{figures}
+</body>
+</html>
+"""

@@ -1,0 +1,156 @@
+"""`hhbench report`: the page opens offline in a real headless Chromium, every figure renders, nothing errs."""
+
+import os
+import re
+import struct
+from pathlib import Path
+
+import pytest
+from browser import Browser, distinct_colours, find_chromium
+from inprocess import run_main
+from synthetic import analytic, measured, quality, write_run
+
+from hhbench.analytic.costs import Scope
+from hhbench.analytic.flops import Pass
+from hhbench.report.figures import roofs
+from hhbench.report.page import build_report
+from hhbench.rows.sources import load_runs
+
+H100_ENV = {
+    "device": "NVIDIA H100 80GB HBM3",
+    "gpu": {"name": "NVIDIA H100 80GB HBM3", "sm_count": 132, "capability": "9.0"},
+    "versions": {"torch": "2.13.0", "fla-core": "0.6.0", "triton": "3.5.0"},
+    "hhbench_commit": "0123abc",
+    "time": "2025-11-27T10:00:00+00:00",
+}
+CPU_ENV = {"device": "cpu (x86_64, 2 threads)", "peaks": {"bf16_matmul_tflops": 0.5, "copy_gbps": 10.0}}
+FIGURES = ["latency", "speedup", "flops-tiny-prefill", "flops-tiny-train", "flops-tiny-decode", "memory-tiny",
+           "roofline", "decode", "quality"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("runs")
+    rows = analytic(contexts=[256, 4096], passes=list(Pass), scopes=(Scope.KERNEL, Scope.MODEL), ratios="3:1,7:1")
+    return [
+        write_run(folder / "h100", measured(rows, backends=("flash", "fla")), env=H100_ENV),
+        write_run(folder / "cpu", measured(rows), env=CPU_ENV, eval_rows=quality()),
+        write_run(folder / "flops", rows),
+        write_run(folder / "prefill", analytic(contexts=[256, 4096], passes=[Pass.PREFILL])),
+    ]
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+    return build_report(load_runs(runs[:3]))
+
+
+def chromium_or_skip() -> str:
+    found = find_chromium()
+    if found is None:
+        message = "chromium is missing: install it with `bash scripts/setup.sh --test` (Debian's chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_page_renders_offline_in_headless_chromium(cli, runs, tmp_path):
+    chromium = chromium_or_skip()
+    page = tmp_path / "report.html"
+    result = cli("report", *map(str, runs[:3]), "--out", str(page))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{page}: {len(FIGURES)} figures"]
+    text = page.read_text()
+    assert re.findall(r'<div id="([\w-]+)" class="plotly-graph-div"', text) == FIGURES
+    assert not re.search(r"<script[^>]+src=", text), "every script is inline"
+
+    with Browser(chromium, tmp_path / "profile") as browser:
+        browser.open(page.as_uri())
+        rendered = "[...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.main-svg'))"
+        browser.wait_for(lambda: browser.evaluate(f"{rendered}.length") == len(FIGURES))
+        assert browser.evaluate(f"{rendered}.map(p => p.id)") == FIGURES
+        # every plot drew its data: traces in the SVG, not only axes
+        assert browser.evaluate(f"{rendered}.every(p => p.querySelectorAll('.trace, .hm, image').length > 0)")
+        boxes = browser.evaluate(
+            f"{rendered}.map(p => {{ const r = p.getBoundingClientRect();"
+            " return {x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: r.height}; })"
+        )
+        for slug, box in zip(FIGURES, boxes, strict=True):
+            shot = browser.screenshot({**box, "scale": 0.12})
+            assert distinct_colours(shot) > 8, f"figure {slug} looks blank"
+        assert distinct_colours(browser.screenshot({"x": 0, "y": 0, "width": 1400, "height": 1000, "scale": 0.12})) > 8
+        assert browser.errors() == []
+        assert browser.remote_requests() == []
+
+
+def test_png_images(runs, tmp_path):
+    chromium = chromium_or_skip()
+    page, pngs = tmp_path / "report.html", tmp_path / "png"
+    result = run_main("report", str(runs[3]), "--out", str(page), "--png", str(pngs), env={"BROWSER_PATH": chromium})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{page}: 3 figures, 4 not drawn", f"{pngs}: 3 PNGs"]
+    for slug in ("speedup", "flops-tiny-prefill", "memory-tiny"):
+        width, height = png_size(pngs / f"{slug}.png")
+        assert width == 1400 and height > 200, slug
+
+
+def test_png_without_chromium_says_so_and_still_writes_the_page(runs, tmp_path):
+    page = tmp_path / "report.html"
+    result = run_main("report", str(runs[3]), "--out", str(page), "--png", str(tmp_path / "png"),
+                 env={"BROWSER_PATH": str(tmp_path / "no-chromium")})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("hhbench: no PNGs written (")
+    assert len(re.findall('class="plotly-graph-div"', page.read_text())) == 3
+    assert not (tmp_path / "png" / "speedup.png").exists()
+
+
+def test_analytic_only_report(runs):
+    report = build_report(load_runs([runs[2]]))
+    assert [f.slug for f in report.figures] == ["speedup", "flops-tiny-prefill", "flops-tiny-train",
+                                                "flops-tiny-decode", "memory-tiny"]  # fmt: skip
+    assert [o.title for o in report.omitted] == ["Latency against context", "Roofline",
+                                                 "Decode latency against context", "Quality: score against context"]  # fmt: skip
+    titles = [a.text for a in report.figures[0].figure.layout.annotations]
+    assert titles and all(t.endswith("(by analytic FLOPs)") for t in titles)
+    train = report.crossovers[(report.crossovers["variant"] == "head:7:1") & (report.crossovers["pass"] == "train")]
+    assert train.to_dict("records") == [
+        {"model": "tiny", "scope": "kernel", "pass": "train", "variant": "head:7:1", "from (FLOPs)": "4k",
+         "longest context": "4k"},
+        {"model": "tiny", "scope": "model", "pass": "train", "variant": "head:7:1", "from (FLOPs)": "4k",
+         "longest context": "4k"},
+    ]  # fmt: skip
+
+
+def test_hover_carries_every_field_and_header_every_environment(report):
+    latency = report.figures[0].figure
+    hover = latency.data[0].customdata[0][0]
+    for field in ("model", "variant", "pass", "scope", "context", "fa_backend", "flops_total", "kv_cache_bytes",
+                  "latency_ms", "latency_p10_ms", "latency_p90_ms", "samples_ms", "reps", "peak_mem_bytes", "tflops",
+                  "device", "timer", "status", "run", "speedup", "flops_ratio"):  # fmt: skip
+        assert f"<b>{field}</b>: " in hover, field
+    page = report.to_html()
+    for text in ("NVIDIA H100 80GB HBM3", "name NVIDIA H100 80GB HBM3, sm_count 132", "fla-core 0.6.0", "0123abc",
+                 "cpu (x86_64, 2 threads)", "bf16_matmul_tflops 0.5", "flops", "not recorded"):  # fmt: skip
+        assert text in page, text
+
+
+def test_roofs_prefer_measured_peaks():
+    assert roofs(CPU_ENV) == (CPU_ENV["peaks"], "measured peaks")
+    peaks, source = roofs(H100_ENV)
+    assert source == "datasheet H100 SXM" and peaks["bf16_matmul_tflops"] == 989.0
+    assert roofs({**H100_ENV, "peaks": {"bf16_matmul_tflops": 700.0, "copy_gbps": 3000.0}})[1] == "measured peaks"
+    assert roofs({"device": "NVIDIA A100-SXM4-80GB", "gpu": {"name": "NVIDIA A100-SXM4-80GB"}}) is None
+
+
+def test_roofline_draws_each_runs_roof(report):
+    roofline = next(f for f in report.figures if f.slug == "roofline")
+    names = [trace.name for trace in roofline.figure.data if trace.mode == "lines"]
+    assert names == ["h100 roof (datasheet H100 SXM: 989 TFLOP/s, 3350 GB/s)",
+                     "cpu roof (measured peaks: 0.5 TFLOP/s, 10 GB/s)"]  # fmt: skip

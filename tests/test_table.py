@@ -1,0 +1,159 @@
+"""`hhbench table`: every configuration against the layer 3:1 row of its own run and point."""
+
+import json
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+from inprocess import run_main
+from synthetic import analytic, measured, quality, write_run
+
+from hhbench.rows.schema import INCORRECT, OOM, RowSet
+from hhbench.rows.sources import Run, load_runs
+from hhbench.spec.units import format_bytes
+from hhbench.tables.compare import DISAGREE_SLOWER, compare_runs, from_context
+
+
+@pytest.fixture(scope="module")
+def rows() -> RowSet:
+    return measured(analytic())
+
+
+def single(frame: pd.DataFrame, **where) -> pd.Series:
+    match = frame
+    for name, value in where.items():
+        match = match[match[name] == value]
+    assert len(match) == 1, where
+    return match.iloc[0]
+
+
+def test_analytic_rows_from_hhbench_flops(cli, tmp_path):
+    flops = run_main("flops", "--model", "qwen3-1.7b", "--contexts", "4k,32k,128k", "--pass", "prefill", "--json")
+    assert flops.returncode == 0, flops.stderr
+    source = tmp_path / "qwen.jsonl"
+    source.write_text(flops.stdout)
+    result = cli("table", str(source), "--csv", str(tmp_path / "t.csv"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("### qwen3-1.7b, prefill, model scope\n")
+    header = next(line for line in out.splitlines() if line.startswith("| context"))
+    assert header == "| context | variant | ratio_effective | status | flops_ratio | kv_ratio | note |"
+    assert "| 32k | layer:3:1 | 3:1 | analytic | 1.000 | 1.000 |  |" in out
+    assert out.endswith(
+        "| model | scope | pass | variant | from (FLOPs) | longest context |\n|---|---|---|---|---|---|\n"
+        "| qwen3-1.7b | model | prefill | head:1:1 | never | 128k |\n"
+        "| qwen3-1.7b | model | prefill | head:3:1 | never | 128k |\n"
+        "| qwen3-1.7b | model | prefill | head:7:1 | 4k | 128k |\n"
+        "| qwen3-1.7b | model | prefill | head:15:1 | 4k | 128k |\n"
+    )
+    frame = pd.read_csv(tmp_path / "t.csv")
+    # the table's FLOPs ratio is the analytic model's own vs_layer31_flops
+    assert frame["flops_ratio"].to_numpy() == pytest.approx(frame["vs_layer31_flops"].to_numpy())
+
+
+def test_measured_speedups_notes_and_crossover(rows):
+    comparison = compare_runs([Run("gpu", None, rows)])
+    frame = comparison.rows
+    layer = single(frame, variant="layer:3:1", context=4096, **{"pass": "prefill"})
+    head = single(frame, variant="head:7:1", context=4096, **{"pass": "prefill"})
+    assert head["speedup"] == pytest.approx(layer["latency_ms"] / head["latency_ms"])
+    assert head["flops_ratio"] == pytest.approx(head["flops_total"] / layer["flops_total"])
+    assert head["kv_ratio"] == pytest.approx(head["kv_cache_bytes"] / layer["kv_cache_bytes"])
+    assert layer["speedup"] == 1.0
+    # FLOPs say head 7:1 is cheaper from 1k on, but its per-call overhead keeps it slower at 1k: marked
+    short = single(frame, variant="head:7:1", context=1024, **{"pass": "prefill"})
+    assert short["flops_ratio"] < 1 < 1 / short["speedup"] and short["note"] == DISAGREE_SLOWER
+    # the crossover is the first context from which every longer one is faster
+    series = frame[(frame["variant"] == "head:7:1") & (frame["pass"] == "prefill")].sort_values("context")
+    wins = list(series["speedup"] > 1)
+    assert wins == [False, False, True, True]
+    line = single(comparison.crossovers, variant="head:7:1", **{"pass": "prefill"})
+    assert line["from_context_latency"] == 4096 and line["from_context_flops"] == 1024
+    text = comparison.to_markdown()
+    assert "| tiny | model | prefill | head:7:1 | 4k | 1k | 16k |" in text
+    assert "| tiny | model | decode | head:7:1 | never | 256 | 16k |" in text
+    line = next(line for line in text.splitlines() if "| sdpa | reference | 1k | head:7:1 | 7:1 | ok |" in line)
+    numbers = f"{short['speedup']:.3f} | {short['flops_ratio']:.3f} | 1.000 | {short['tflops']:.4g}"
+    assert line.endswith(f"| {numbers} | {format_bytes(short['peak_mem_bytes'])} | fewer FLOPs, slower |")
+
+
+def test_crossover_needs_every_longer_context():
+    contexts = pd.Series([1, 2, 3, 4, 5])
+    assert from_context(contexts, pd.Series([False, True, False, True, True])) == 4
+    assert from_context(contexts, pd.Series([True, True, True, True, False])) is None
+    assert from_context(contexts, pd.Series([True] * 5)) == 1
+
+
+def test_failed_rows_keep_their_status_and_never_enter_a_ratio(rows):
+    changed = RowSet(rows)
+    for index, row in enumerate(changed):
+        if row.context == 4096 and row.pass_ == "prefill" and row.variant == "head:3:1":
+            changed[index] = replace(row, status=OOM, reason="CUDA out of memory", latency_ms=None)
+        if row.context == 4096 and row.pass_ == "prefill" and row.variant == "head:7:1":
+            changed[index] = replace(row, status=INCORRECT, reason="max rel err 0.3")
+        if row.context == 1024 and row.pass_ == "prefill" and row.variant == "layer:3:1":
+            changed[index] = replace(row, status=OOM, reason="CUDA out of memory", latency_ms=None)
+    frame = compare_runs([Run("gpu", None, changed)]).rows
+    oom = single(frame, variant="head:3:1", context=4096, **{"pass": "prefill"})
+    assert pd.isna(oom["speedup"]) and oom["note"] == "oom: CUDA out of memory" and oom["flops_ratio"] == 1.0
+    wrong = single(frame, variant="head:7:1", context=4096, **{"pass": "prefill"})
+    assert pd.isna(wrong["speedup"]) and pd.isna(wrong["flops_ratio"]) and pd.isna(wrong["kv_ratio"])
+    assert wrong["note"] == "incorrect: max rel err 0.3"
+    # with its baseline out of memory, no row of that point has a speedup
+    assert frame[(frame["context"] == 1024) & (frame["pass"] == "prefill")]["speedup"].isna().all()
+
+
+def test_pure_layouts_match_the_baseline_of_their_one_backend(rows):
+    frame = compare_runs([Run("gpu", None, rows)]).rows
+    assert single(frame, variant="fa", context=256, **{"pass": "decode"})["gdn_backend"] == ""
+    assert frame["speedup"].notna().all()
+    # two layer 3:1 rows with different GDN backends: a pure FA row cannot tell which is its baseline
+    other = [replace(row, gdn_backend="fla") for row in rows if row.variant in ("layer:3:1", "head:7:1")]
+    frame = compare_runs([Run("gpu", None, RowSet([*rows, *other]))]).rows
+    assert frame.loc[frame["variant"] == "fa", "speedup"].isna().all()
+    assert frame.loc[frame["variant"] == "la", "speedup"].notna().all()  # la runs the GDN backend: exact match
+    fla = frame[(frame["variant"] == "head:7:1") & (frame["gdn_backend"] == "fla")]
+    assert (fla["base_gdn_backend"] == "fla").all() and len(fla) == 8
+
+
+def test_runs_side_by_side_keep_their_identity(tmp_path, rows):
+    slower = RowSet(replace(row, latency_ms=row.latency_ms * 2, latency_p10_ms=None, latency_p90_ms=None) for row in rows)  # fmt: skip
+    slower = RowSet(replace(row, fa_backend="flash" if row.fa_backend else "", gdn_backend="fla" if row.gdn_backend else "") for row in slower)  # fmt: skip
+    a = write_run(tmp_path / "a" / "run", rows)
+    b = write_run(tmp_path / "b" / "run", slower)
+    result = run_main("table", str(a), str(b), "--json", str(tmp_path / "t.json"))
+    assert result.returncode == 0, result.stderr
+    assert "### tiny, prefill, model scope — run a/run" in result.stdout
+    assert "### tiny, prefill, model scope — run b/run" in result.stdout
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["runs"] == ["a/run", "b/run"] and data["measured"] is True
+    side = pd.DataFrame(data["side_by_side"])
+    assert len(side) == len(rows)  # backends are each run's identity, not part of the match
+    assert side["latency_ms b/run/a/run"].to_numpy() == pytest.approx(2.0)
+    assert side["speedup@b/run"].to_numpy() == pytest.approx(side["speedup@a/run"].to_numpy())
+    assert "| latency_ms b/run/a/run |" in result.stdout.splitlines()[-len(rows) - 2]
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, rows):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    quality_only = tmp_path / "quality"
+    quality_only.mkdir()
+    quality().to_jsonl(quality_only / "eval.jsonl")
+    good = write_run(tmp_path / "good", rows)
+    cases = [
+        ([str(tmp_path / "nowhere")], "no run at"),
+        ([str(empty)], "empty.jsonl holds no rows"),
+        ([str(quality_only)], "no performance rows to compare (only quality rows given)"),
+        ([str(good), str(tmp_path / "." / "good" / "rows.jsonl")], "is given twice"),
+        ([str(good), "--csv", "/proc/version/t.csv"], "cannot write /proc/version/t.csv"),
+    ]
+    for args, message in cases:
+        result = run_main("table", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+
+
+def test_clashing_run_names_get_their_parents(tmp_path, rows):
+    runs = load_runs([write_run(tmp_path / "x" / "gpu", rows), write_run(tmp_path / "y" / "gpu", rows)])
+    assert [run.label for run in runs] == ["x/gpu", "y/gpu"]
