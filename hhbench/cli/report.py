@@ -5,7 +5,6 @@ from typing import Annotated
 import typer
 
 from hhbench.cli.app import app
-from hhbench.report.page import build_report
 from hhbench.rows.sources import load_runs
 
 
@@ -16,6 +15,8 @@ def report(
     png: Annotated[str, typer.Option(help="Also write each figure as a PNG into this folder (needs Chromium).")] = "",
 ):
     """Latency, speedup, FLOPs, memory, roofline, decode and quality figures in one page that opens offline."""
+    from hhbench.report.page import build_report  # plotly loads only for this command
+
     page = build_report(load_runs(runs))
     page.write_html(out)
     typer.echo(f"{out}: {len(page.figures)} figures" + (f", {len(page.omitted)} not drawn" if page.omitted else ""))

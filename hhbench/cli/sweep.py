@@ -5,25 +5,23 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from hhbench.cli.app import app
 from hhbench.errors import UserError
-from hhbench.measure.timing import TimingPolicy
-from hhbench.plan.grid import dedupe, grid_points, load_suite
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, markdown_table
-from hhbench.runner.sweep import run_sweep
 
 Opt = typer.Option
 SUMMARY = ["variant", "ratio_effective", "pass", "scope", "context", "batch", "mode", "fa_backend", "gdn_backend",
            "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "tflops", "vs_layer31_flops", "reason"]  # fmt: skip
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str):
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda"):
@@ -33,7 +31,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def default_run_name(suite: str, device: torch.device) -> str:
+def default_run_name(suite: str, device) -> str:
+    import torch
+
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     return f"{suite}-{re.sub(r'[^a-z0-9]+', '-', where.lower()).strip('-')}"
 
@@ -92,6 +92,12 @@ def sweep(
     ] = 1,
 ):
     """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
+    import torch  # here, not at the top: the other commands start without loading torch
+
+    from hhbench.measure.timing import TimingPolicy
+    from hhbench.plan.grid import dedupe, grid_points, load_suite
+    from hhbench.runner.sweep import run_sweep
+
     where = pick_device(device)
     if threads < 0:
         raise UserError(f"--threads must be >= 0, got {threads}")
