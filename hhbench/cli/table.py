@@ -16,9 +16,18 @@ def table(
     json_path: Annotated[
         str, typer.Option("--json", help="Also write the comparison, crossovers and side-by-side table as JSON.")
     ] = "",
+    targets: Annotated[
+        bool, typer.Option(help="Check the kernels' performance targets (README) on each run instead.")
+    ] = False,
 ):
     """Compare every configuration with the layer-wise 3:1 row of the same run, model, context, batch, pass and
     scope: latency, speedup, FLOPs and KV-cache ratios, TFLOP/s, peak memory, and where head-level wins."""
+    if targets:
+        from hhbench.tables.targets import check_targets
+
+        for run in load_runs(runs):
+            typer.echo(check_targets(run).to_markdown())
+        return
     comparison = compare_runs(load_runs(runs))
     if csv:
         comparison.to_csv(csv)

@@ -1,0 +1,71 @@
+"""`hhbench table --targets`: the kernels' performance targets computed from rows whose answers are known."""
+
+from pathlib import Path
+
+from hhbench.rows.schema import OK, Row, RowSet
+from hhbench.rows.sources import Run
+from hhbench.tables.targets import check_targets
+
+
+def row(variant, context, pass_="prefill", latency=1.0, spread=0.01, mode="sequential", batch=1, **extra_fields):
+    extra = extra_fields.pop("extra", {})
+    return Row(model="h32d128", layout=variant.split(":")[0], ratio="", context=context, batch=batch, pass_=pass_,
+               scope="kernel", variant=variant, mode=mode, status=OK, latency_ms=latency,
+               latency_p10_ms=latency * (1 - spread), latency_p90_ms=latency * (1 + spread), extra=extra,
+               **extra_fields)  # fmt: skip
+
+
+def run_of(rows, copy_gbps=3000.0):
+    return Run("gpu", Path("gpu"), RowSet(rows), env={"peaks": {"copy_gbps": copy_gbps}})
+
+
+def passing_rows():
+    kv = 2.7e12 * 0.2e-3  # bytes read at 2.7 TB/s in 0.2 ms: 90% of a 3 TB/s copy
+    return [
+        row("head:1:1", 4096, batch=4, latency=1.5),
+        row("head:1:1", 4096, batch=4, latency=1.2, mode="streams"),
+        row("head:7:1", 65536, latency=13.0, extra={"parts_ms": {"fa": 7.5, "gdn": 5.5}, "vs_parts_sum": 1.0}),
+        row("layer:3:1", 65536, latency=19.6),
+        row("fa", 32768, "decode", latency=0.2, kv_cache_bytes=kv),
+        row(
+            "head:7:1",
+            32768,
+            "decode",
+            latency=0.06,
+            kv_cache_bytes=kv / 8,
+            extra={"parts_ms": {"fa": 0.025, "gdn": 0.008}, "vs_parts_sum": 0.9},
+        ),  # fmt: skip
+    ]
+
+
+def test_all_targets_met():
+    targets = {c.target: c for c in check_targets(run_of(passing_rows())).checks}
+    assert [c.verdict for c in targets.values()] == ["met"] * 4
+    assert "1.25x" in targets["streams"].summary
+    assert targets["head 7:1 vs layer 3:1"].summary == "1.51x at 64K prefill (per layer)"
+    assert "2 of 2 at >= 85%" in targets["decode KV bandwidth"].summary
+
+
+def test_each_target_can_fail():
+    rows = passing_rows()
+    rows[1].latency_ms = rows[1].latency_p10_ms = rows[1].latency_p90_ms = 1.6  # streams slower, beyond noise
+    rows[2].extra["vs_parts_sum"] = 1.08
+    rows[2].latency_ms = 14.0  # 1.40x only
+    rows[5].extra["parts_ms"]["fa"] = 0.05  # half the bandwidth
+    targets = check_targets(run_of(rows))
+    assert [c.verdict for c in targets.checks] == ["not met"] * 4
+    assert "1 of 1 pairs slower on streams beyond noise" in targets.checks[0].summary
+    assert "head:7:1 at 32K (45%)" in targets.checks[3].summary
+    markdown = targets.to_markdown()
+    assert "## Performance targets: gpu" in markdown and "### parts" in markdown
+
+
+def test_missing_points_say_no_data():
+    targets = check_targets(run_of([row("fa", 4096)], copy_gbps=None))
+    assert [c.verdict for c in targets.checks] == ["no data"] * 4
+
+
+def test_committed_gpu_run(cli):
+    result = cli("table", "results/gpu-default-h100", "--targets")
+    assert result.returncode == 0, result.stderr
+    assert "| head 7:1 vs layer 3:1 | met | 1.51x at 64K prefill (per layer) |" in result.stdout
