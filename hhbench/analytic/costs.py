@@ -5,25 +5,18 @@ projections, averaged over the plan's layers; `kernel` is the attention cores al
 """
 
 from dataclasses import asdict, dataclass
-from enum import Enum
 
 from hhbench.analytic import flops as F
 from hhbench.analytic import memory as M
 from hhbench.errors import UserError
 from hhbench.spec.layout import LayerPlan
+from hhbench.spec.units import Choice
 
 
-class Scope(str, Enum):
+class Scope(Choice):
     KERNEL = "kernel"
     LAYER = "layer"
     MODEL = "model"
-
-    @classmethod
-    def parse(cls, text: str) -> "Scope":
-        try:
-            return cls(text.strip().lower())
-        except ValueError:
-            raise UserError(f"unknown scope {text!r}: choose from {', '.join(s.value for s in cls)}") from None
 
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

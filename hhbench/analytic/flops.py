@@ -15,22 +15,13 @@ Conventions (also in README):
 - Other linear layers: 2*in*out per token forward, 2x that for backward.
 """
 
-from enum import Enum
-
-from hhbench.errors import UserError
+from hhbench.spec.units import Choice
 
 
-class Pass(str, Enum):
+class Pass(Choice):
     PREFILL = "prefill"  # forward over T tokens
     TRAIN = "train"  # forward + backward over T tokens
     DECODE = "decode"  # one new token at context T
-
-    @classmethod
-    def parse(cls, text: str) -> "Pass":
-        try:
-            return cls(text.strip().lower())
-        except ValueError:
-            raise UserError(f"unknown pass {text!r}: choose from {', '.join(p.value for p in cls)}") from None
 
 
 FA_BACKWARD_FACTOR = 2.5

@@ -6,7 +6,7 @@ from hhbench.analytic.costs import Costs, Scope, analytic_costs
 from hhbench.analytic.flops import Pass
 from hhbench.rows.schema import Row
 from hhbench.spec.hybrid import LAYER31, HybridSpec
-from hhbench.spec.layout import LayerPlan, build_plan
+from hhbench.spec.layout import LayerPlan, build_plan, distinct_plans
 from hhbench.spec.shapes import ModelShape
 
 
@@ -72,12 +72,8 @@ def analytic_rows(
 ) -> list[Row]:
     """Rows for every (spec, pass, context); specs that normalize to the same plan appear once.
     `specs` pairs each spec with the ratio text the user asked for."""
-    rows, seen = [], set()
-    for requested, spec in specs:
-        plan = build_plan(shape, spec)
-        if plan.spec in seen:
-            continue
-        seen.add(plan.spec)
+    rows = []
+    for requested, plan in distinct_plans(shape, specs):
         for pass_ in passes:
             for context in contexts:
                 rows.append(cost_row(plan, pass_, context, batch, scope, dtype, requested))

@@ -12,7 +12,7 @@ from hhbench.cli.app import app
 from hhbench.rows.schema import RowSet, markdown_table
 from hhbench.spec import parse as options
 from hhbench.spec.hybrid import GDNConfig
-from hhbench.spec.layout import build_plan
+from hhbench.spec.layout import distinct_plans
 from hhbench.spec.units import format_bytes, format_count
 
 Opt = typer.Option
@@ -44,12 +44,8 @@ def plan_tables(shape, specs) -> str:
     """Per variant, per layer: which heads are FA and how many KV groups they read (what sets the KV cache)."""
     import pandas as pd
 
-    blocks, seen = [], set()
-    for _, spec in specs:
-        layer_plan = build_plan(shape, spec)
-        if layer_plan.spec in seen:
-            continue
-        seen.add(layer_plan.spec)
+    blocks = []
+    for _, layer_plan in distinct_plans(shape, specs):
         frame = pd.DataFrame(
             [
                 {

@@ -3,25 +3,18 @@
 import json
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 from math import gcd
 from pathlib import Path
 
 from hhbench.errors import UserError
+from hhbench.spec.units import Choice
 
 
-class Layout(str, Enum):
+class Layout(Choice):
     HEAD = "head"  # FA and GDN heads side by side inside every layer (HydraHead)
     LAYER = "layer"  # whole FA layers among whole GDN layers (Qwen3-Next style)
     FA = "fa"  # every head full attention: the vanilla transformer
     LA = "la"  # every head Gated DeltaNet
-
-    @classmethod
-    def parse(cls, text: str) -> "Layout":
-        try:
-            return cls(text.strip().lower())
-        except ValueError:
-            raise UserError(f"unknown layout {text!r}: choose from {', '.join(m.value for m in cls)}") from None
 
 
 _RATIO = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")

@@ -182,3 +182,12 @@ def build_plan(shape: ModelShape, spec: HybridSpec) -> LayerPlan:
                 for i, n in enumerate(counts)
             ]
     return LayerPlan(shape, spec, tuple(layers))
+
+
+def distinct_plans(shape: ModelShape, specs: list[tuple[str, HybridSpec]]) -> list[tuple[str, LayerPlan]]:
+    """Each spec's plan once, with the ratio text first asked for it: 0:1 head and 0:1 layer are one plan."""
+    plans: dict[HybridSpec, tuple[str, LayerPlan]] = {}
+    for requested, spec in specs:
+        plan = build_plan(shape, spec)
+        plans.setdefault(plan.spec, (requested, plan))
+    return list(plans.values())

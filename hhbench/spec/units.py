@@ -1,6 +1,7 @@
 """Parsing of the small textual values users type: token counts, lists, byte sizes."""
 
 import re
+from enum import Enum
 
 from hhbench.errors import UserError
 
@@ -43,3 +44,15 @@ def format_bytes(value: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+class Choice(str, Enum):
+    """A closed set of names typed on the command line; `parse` turns a bad one into one clear line."""
+
+    @classmethod
+    def parse(cls, text: str):
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            choices = ", ".join(member.value for member in cls)
+            raise UserError(f"unknown {cls.__name__.lower()} {text!r}: choose from {choices}") from None
