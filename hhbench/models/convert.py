@@ -53,11 +53,11 @@ class GDNInit:
     teacher head's on SmolLM2-135M (README, `hhbench eval` section).
     """
 
-    qk_conv: float = 1.0
+    qk_conv: float = 3.0
     v_conv: float = 0.1
     beta: float = 0.05
-    tau_min: float = 256.0
-    tau_max: float = 16384.0
+    tau_min: float = 32.0
+    tau_max: float = 8192.0
     gate: float = 1.2785
 
 
