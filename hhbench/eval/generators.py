@@ -195,11 +195,15 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _fill(parts: Parts, rng: random.Random, n: int, depths: list[float]) -> str:
-    filler = parts.filler(rng, n)
-    placed = list(filler)
+def _fill(parts: Parts, rng: random.Random, n: int, depths: list[float], words: int = 0) -> str:
+    """n filler sentences with the needles at their depths, then the first `words` words of sentence n + 1 (the
+    last top-up that brings the prompt to the target within a few tokens, whatever the tokenizer)."""
+    filler = parts.filler(rng, n + 1)
+    placed = filler[:n]
     for depth, needle in sorted(zip(depths, parts.needles, strict=True), key=lambda p: p[0], reverse=True):
         placed.insert(round(depth * n), needle)
+    if words:
+        placed.append(" ".join(filler[n].split()[:words]))
     return " ".join(placed)
 
 
@@ -215,12 +219,19 @@ def generate(
         depths = sorted(rng.random() for _ in parts.needles)
         fill_seed = rng.random()
 
-        def prompt(n: int, parts=parts, depths=depths, fill_seed=fill_seed) -> str:
-            context = _fill(parts, random.Random(fill_seed), n, depths)
+        def prompt(n: int, words: int = 0, parts=parts, depths=depths, fill_seed=fill_seed) -> str:
+            context = _fill(parts, random.Random(fill_seed), n, depths, words)
             return render(parts.instruction, context, parts.question, parts.answer_prefix, tokenizer, chat)
 
         n = _largest_fitting(lambda n, prompt=prompt: count_tokens(tokenizer, prompt(n)), length)
-        text = prompt(n)
+        next_words = len(parts.filler(random.Random(fill_seed), n + 1)[n].split())
+        words = _largest_fitting(
+            lambda k, prompt=prompt, n=n, top=next_words: (
+                count_tokens(tokenizer, prompt(n, k)) if k < top else length + 1
+            ),
+            length,
+        )
+        text = prompt(n, words)
         docs.append(
             {
                 "index": index,

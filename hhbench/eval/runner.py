@@ -266,9 +266,6 @@ def eval_rows(
 
 
 def quiet_logs() -> None:
-    import os
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
     for name in ("lm_eval", "lm-eval", "transformers", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.suppress(Exception):
