@@ -51,10 +51,6 @@ class Variant:
         spec = HybridSpec(self.layout, self.ratio or Ratio(1, 0), head_map=self.head_map(shape, head_map_path))
         return build_plan(shape, spec)
 
-    @property
-    def head_map_source(self) -> str:
-        return self.argument if self.heads in ("map",) else ""
-
 
 HeadChoice = Callable[[Variant, ModelShape, str | None], HeadMap | None]
 HEAD_CHOICES: dict[str, HeadChoice] = {}
