@@ -91,16 +91,20 @@ def number(rng: random.Random, digits: int) -> str:
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
+def _in_noise(instruction: str, needle: str, question: str, answer_prefix: str, answer: str) -> Parts:
+    """One needle in the repeated noise."""
+    return Parts(instruction, [needle], noise_filler, question, answer_prefix, [answer])
+
+
 def _passkey(rng: random.Random) -> Parts:
     key = number(rng, 5)
-    return Parts(
-        instruction="There is an important piece of information hidden inside a lot of irrelevant text. Find it "
-        "and memorize it. I will quiz you about the important information there.",
-        needles=[f"The pass key is {key}. Remember it. {key} is the pass key."],
-        filler=noise_filler,
-        question="What is the pass key? Answer with the number only.",
-        answer_prefix="The pass key is",
-        outputs=[key],
+    return _in_noise(
+        "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
+        "it. I will quiz you about the important information there.",
+        f"The pass key is {key}. Remember it. {key} is the pass key.",
+        "What is the pass key? Answer with the number only.",
+        "The pass key is",
+        key,
     )
 
 
@@ -158,14 +162,13 @@ COPY_ALPHABET = string.ascii_lowercase + string.digits
 
 def _copy(rng: random.Random, length: int = 32) -> Parts:
     code = "".join(rng.choice(COPY_ALPHABET) for _ in range(length))
-    return Parts(
-        instruction="A secret code is hidden inside the following text. Memorize it exactly, character by "
-        "character; I will ask you to repeat it.",
-        needles=[f"The secret code is {code} and nothing else."],
-        filler=noise_filler,
-        question="Repeat the secret code exactly, character by character.",
-        answer_prefix="The secret code is",
-        outputs=[code],
+    return _in_noise(
+        "A secret code is hidden inside the following text. Memorize it exactly, character by character; I will "
+        "ask you to repeat it.",
+        f"The secret code is {code} and nothing else.",
+        "Repeat the secret code exactly, character by character.",
+        "The secret code is",
+        code,
     )
 
 
