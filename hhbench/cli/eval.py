@@ -76,6 +76,9 @@ def eval_(
     run_name = run or f"eval-{Path(model).name}"
     run_dir = RunDir(Path(out) / run_name)
     run_dir.path.mkdir(parents=True, exist_ok=True)
+    fingerprint = runner.EvalSettings(model="", limit=limit, seed=seed, dtype=dtype, run=run_name)
+    if run_dir.eval_path.exists():  # rows made with other settings: said before the model loads
+        runner.check_resumable(read_rows(run_dir.eval_path, kind=EvalRow), fingerprint, chat)
     loaded = load_model(model, device, dtype)
     has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
     use_chat = has_template if chat == "auto" else chat == "on"

@@ -233,6 +233,23 @@ def done_keys(rows, settings: EvalSettings) -> set[tuple[str, str, int]]:
     return done
 
 
+def check_resumable(rows, settings: EvalSettings, chat: str) -> None:
+    """The early form of done_keys' check, before the model (and so the chat setting) is known."""
+    for row in rows:
+        made = dict(row.extra.get("settings", {}))
+        wanted = settings.fingerprint()
+        if chat == "auto":
+            made.pop("chat", None)
+            wanted.pop("chat", None)
+        else:
+            wanted["chat"] = chat == "on"
+        if row.status == OK and made and made != wanted:
+            raise UserError(
+                f"run {settings.run} holds rows made with {row.extra['settings']}: use the same settings to "
+                "resume, or another --run"
+            )
+
+
 def eval_rows(
     variant: Variant, plan, task: TaskRef, length: int, settings: EvalSettings, result: dict | None, error: str,
     seconds: float, device: str,
