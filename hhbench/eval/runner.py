@@ -198,6 +198,11 @@ def evaluate_task(lm, task: TaskRef, length: int, settings: EvalSettings, tokeni
             name = generators.PRIMARY_METRIC
         metrics[name] = (float(value), float(stderr) if isinstance(stderr, int | float) else None)
     samples = results.get("samples", {}).get(task.lm_eval_name, [])
+    for name, (value, stderr) in list(metrics.items()):  # lm-eval gives none with bootstrap_iters=0
+        key = name if task.own else str(length)
+        values = [float(s[key]) for s in samples if isinstance(s.get(key), int | float)]
+        if stderr is None and values:
+            metrics[name] = (value, sample_stderr(values))
     examples = [
         {
             "target": s.get("target"),
