@@ -211,6 +211,14 @@ def open_output(path: str | Path, mode: str):
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def read_json(path: str | Path, what: str):
+    """The parsed contents of a JSON file; an unreadable or malformed file is the user's error, in one line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {what} {path}: {exc}") from None
+
+
 def append_row(path: Path, row: "Row | EvalRow") -> None:
     """Append one row and make it durable before the next point starts: a killed sweep loses no finished row."""
     import os
