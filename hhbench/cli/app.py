@@ -21,7 +21,7 @@ def _root() -> None:
 
 
 def _register_commands() -> None:
-    from hhbench.cli import flops, select_heads  # noqa: F401  (importing a module registers its command)
+    from hhbench.cli import eval, flops, select_heads  # noqa: F401  (importing a module registers its command)
 
 
 def _cli_exceptions() -> tuple[type[BaseException], ...]:

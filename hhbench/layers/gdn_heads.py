@@ -21,12 +21,23 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | Non
 
 
 class GatedDeltaNetHeads(nn.Module):
-    def __init__(self, hidden: int, n_heads: int, dk: int, dv: int, conv_size: int = 4, output_gate: bool = True):
+    def __init__(
+        self,
+        hidden: int,
+        n_heads: int,
+        dk: int,
+        dv: int,
+        conv_size: int = 4,
+        output_gate: bool = True,
+        gate_bias: bool = False,
+    ):
         super().__init__()
         self.n_heads, self.dk, self.dv, self.conv_size = n_heads, dk, dv, conv_size
         self.a_proj = nn.Linear(hidden, n_heads, bias=False)  # decay gate input
-        self.b_proj = nn.Linear(hidden, n_heads, bias=False)  # beta
-        self.g_proj = nn.Linear(hidden, n_heads * dv, bias=False) if output_gate else None
+        # gate_bias gives beta's and the output gate's projections a bias: a head converted from a trained model
+        # starts with zero weights there, and only a bias can then set beta and the gate to chosen constants.
+        self.b_proj = nn.Linear(hidden, n_heads, bias=gate_bias)  # beta
+        self.g_proj = nn.Linear(hidden, n_heads * dv, bias=gate_bias) if output_gate else None
         # Decay init as fla/Mamba2: A in [1, 16), dt log-uniform in [1e-3, 1e-1], dt_bias = softplus^-1(dt).
         self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1, 16).log())
         dt = torch.exp(torch.rand(n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))

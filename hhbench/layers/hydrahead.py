@@ -50,6 +50,17 @@ class LayerCache:
     conv: list | None  # q, k, v conv states [B, C, K-1]
     advance: bool = True  # False in benchmarks: every step overwrites the same slot (static shapes, graphs)
 
+    def ensure_capacity(self, length: int) -> None:
+        """Grow the FA K/V buffers (doubling) so that they hold `length` tokens: decoding of unknown length."""
+        if self.k is None or self.k.shape[1] >= length:
+            return
+        size = max(length, 2 * self.k.shape[1])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], size, *old.shape[2:])
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
 
 class HydraAttention(nn.Module):
     def __init__(
@@ -68,18 +79,25 @@ class HydraAttention(nn.Module):
         rope_theta: float = 10000.0,
         qk_norm: bool = False,
         norm_eps: float = 1e-6,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        gdn_gate_bias: bool = False,
     ):
         super().__init__()
         self.hidden, self.n_heads, self.n_kv_heads, self.head_dim = hidden, n_heads, n_kv_heads, head_dim
         self.split = HeadSplit(n_heads, tuple(sorted(fa_heads)), n_heads // n_kv_heads)
         self.fa_backend, self.gdn_backend, self.mode = fa_backend, gdn_backend, mode
         self.rope_theta, self.norm_eps, self.chunk_size = rope_theta, norm_eps, chunk_size
-        self.qkv = nn.Linear(hidden, (n_heads + 2 * n_kv_heads) * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.qkv = nn.Linear(hidden, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)  # Qwen2 has q/k/v biases
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
         self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None  # Qwen3 normalizes q and k per head
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         n_la = len(self.split.la_heads)
-        self.gdn = GatedDeltaNetHeads(hidden, n_la, head_dim, head_dim, conv_size, output_gate) if n_la else None
+        self.gdn = (
+            GatedDeltaNetHeads(hidden, n_la, head_dim, head_dim, conv_size, output_gate, gdn_gate_bias)
+            if n_la
+            else None
+        )
         if n_la:
             self.head_norm_weight = nn.Parameter(torch.ones(n_heads, head_dim))
             self.head_gamma = nn.Parameter(torch.ones(n_heads))

@@ -49,7 +49,6 @@ class HeadSelection:
     kv_groups: int = 0  # distinct KV heads the FA heads read, summed over layers
     probe_stats: dict = field(default_factory=dict)
     seconds: float | None = None
-    model_source: str = ""
     kind: str = KIND
     schema: int = SCHEMA
 

@@ -64,17 +64,16 @@ def shape_from_hf_config(path: Path) -> ModelShape:
         config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read model config {path}: {exc}") from None
-    name = config.get("_name_or_path") or Path(path).parent.name or Path(path).stem
-    return shape_from_hf_dict(config, name, str(path))
+    return shape_from_config_dict(config, Path(path).parent.name or Path(path).stem, f"model config {path}")
 
 
-def shape_from_hf_dict(config: dict, name: str, where: str = "") -> ModelShape:
-    """A shape from the fields of a Hugging Face config (a loaded model's `config.to_dict()` included)."""
+def shape_from_config_dict(config: dict, default_name: str = "model", source: str = "model config") -> ModelShape:
+    """The shape of a Hugging Face config as a dict (config.json, or a loaded model's `config.to_dict()`)."""
     try:
         hidden = int(config["hidden_size"])
         n_heads = int(config["num_attention_heads"])
         return ModelShape(
-            name=name,
+            name=config.get("_name_or_path") or default_name,
             hidden=hidden,
             n_layers=int(config["num_hidden_layers"]),
             n_heads=n_heads,
@@ -85,7 +84,7 @@ def shape_from_hf_dict(config: dict, name: str, where: str = "") -> ModelShape:
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
     except KeyError as exc:
-        raise UserError(f"model config {where or name} lacks {exc.args[0]!r}") from None
+        raise UserError(f"{source} lacks {exc.args[0]!r}") from None
 
 
 def resolve_shape(model: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelShape:

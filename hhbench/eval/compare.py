@@ -1,0 +1,91 @@
+"""The quality comparison: accuracy per task and context length for each variant, and its delta against the
+layer-wise 3:1 baseline. Pure functions over eval rows, shared by `hhbench eval` and the report."""
+
+import math
+
+from hhbench.eval.generators import PRIMARY_METRIC
+from hhbench.models.variants import BASELINE
+from hhbench.rows.schema import OK, EvalRow, markdown_table
+from hhbench.spec.units import format_count
+
+
+def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str = PRIMARY_METRIC):
+    """Long form, one line per (model, task, context, variant): value, stderr, samples, status and delta
+    (value minus the baseline variant's on the same model, task and context; None without a baseline score).
+    A later row of the same key replaces an earlier one (a rerun)."""
+    import pandas as pd
+
+    latest: dict[tuple, EvalRow] = {}
+    for row in rows:
+        if row.metric == metric:
+            latest[(row.model, row.task, row.context, row.variant)] = row
+    records = [
+        {
+            "model": r.model,
+            "task": r.task,
+            "context": r.context,
+            "variant": r.variant,
+            "ratio_effective": r.ratio_effective,
+            "value": r.value if r.status == OK else None,
+            "stderr": r.stderr,
+            "samples": r.samples,
+            "status": r.status,
+        }
+        for r in latest.values()
+    ]
+    columns = ["model", "task", "context", "variant", "ratio_effective", "value", "stderr", "samples", "status"]
+    frame = pd.DataFrame(records, columns=columns)
+    base = {
+        (r["model"], r["task"], r["context"]): r["value"]
+        for r in records
+        if r["variant"] == baseline and r["value"] is not None
+    }
+
+    def delta(record) -> float | None:
+        reference = base.get((record["model"], record["task"], record["context"]))
+        if reference is None or record["value"] is None or _nan(record["value"]):
+            return None
+        return record["value"] - reference
+
+    frame["delta"] = [delta(r) for r in records]
+    frame["baseline"] = baseline
+    return frame
+
+
+def _nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str = PRIMARY_METRIC) -> str:
+    """Wide markdown: a line per (task, context), a column per variant (in the order first seen) holding
+    'value (delta vs baseline)'; the baseline's own column holds its value."""
+    frame = comparison_frame(rows, baseline, metric)
+    if frame.empty:
+        return "(no eval rows)"
+    import pandas as pd
+
+    variants = list(dict.fromkeys(frame["variant"]))
+    models = list(dict.fromkeys(frame["model"]))
+    lines = []
+    for (model, task, context), group in frame.groupby(["model", "task", "context"], sort=False):
+        line = {"model": model, "task": task, "context": format_count(int(context))}
+        by_variant = {r.variant: r for r in group.itertuples(index=False)}
+        for variant in variants:
+            line[variant] = _cell(by_variant.get(variant), variant == baseline)
+        lines.append(line)
+    table = pd.DataFrame(lines)
+    if len(models) == 1:
+        table = table.drop(columns=["model"])
+    header = f"{metric} per task and context; (delta) against {baseline}"
+    return header + "\n\n" + markdown_table(table)
+
+
+def _cell(record, is_baseline: bool) -> str:
+    if record is None:
+        return ""
+    if record.value is None or _nan(record.value):
+        return record.status
+    text = f"{record.value:.3f}"
+    if not is_baseline and record.delta is not None and not _nan(record.delta):
+        text += f" ({record.delta:+.3f})"
+    return text

@@ -1,0 +1,273 @@
+"""Deterministic offline generators of the long-context tasks, sized in the model's own tokens.
+
+Every sample is a prompt (instruction, a haystack of filler sentences with what is to be found inside, a
+question) ending in an answer prefix, and the answer strings it must produce. Sample i of (task, length, seed)
+is the same whatever the sample count. The haystack is fitted with the tokenizer: the largest number of filler
+sentences whose whole prompt, as the model sees it (chat template included where used), stays within the
+target; the sentences are short, so the prompt lands within a few tokens under the target.
+
+Tasks:
+- passkey: the classic pass-key retrieval (Mohtashami & Jaggi 2023): a 5-digit key in repeated noise.
+- niah_single: RULER's needle in a haystack, "The special magic number for KEY is: N." in generated
+  essay-like filler; one needle.
+- niah_multikey: the same with 4 needles of different keys; the question names one.
+- vt: RULER's variable tracking: one chain of 5 variables (VAR A = N, VAR B = VAR A, ...) in noise; all 5
+  names are the answer (each found one earns 1/5).
+- copy: token-level fidelity: a 32-character random string in noise, to be repeated verbatim.
+"""
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+
+NOISE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+
+# Word lists for keys and for the essay-like filler (generated, so nothing needs to be downloaded).
+ADJECTIVES = ("ancient bitter brave calm clever crimson curious distant eager fragile gentle golden hidden humble "
+              "icy jolly kind lively lonely loud mellow misty noble odd pale proud quiet rapid rusty silent silver "
+              "smooth sour steady sturdy swift tender tidy vivid wild wise young zesty").split()  # fmt: skip
+NOUNS = ("anchor badger basket beacon canyon castle cedar comet compass crystal desert dragon falcon feather "
+         "forest garden glacier harbor island jungle kettle lantern meadow mirror mountain needle orchard otter "
+         "palace pepper pirate planet quarry river saddle shadow spider summit temple thunder tiger tower valley "
+         "violin walnut willow wizard").split()  # fmt: skip
+SUBJECTS = ("the farmer", "a traveller", "the old teacher", "my neighbour", "the committee", "a young engineer",
+            "the baker", "our guide", "the river pilot", "a quiet student", "the town council", "the gardener")  # fmt: skip
+VERBS = ("planted", "described", "repaired", "painted", "measured", "carried", "studied", "visited", "sold",
+         "counted", "cleaned", "remembered")  # fmt: skip
+OBJECTS = ("a row of apple trees", "the northern bridge", "an old wooden boat", "the market square",
+           "a basket of letters", "the narrow road to the coast", "three clay pots", "the library roof",
+           "a map of the valley", "the evening train", "a field of barley", "the stone wall by the church")  # fmt: skip
+TAILS = ("before the rain came", "during the long winter", "with great care", "for the summer fair",
+         "without saying a word", "as the sun went down", "on a Tuesday morning", "in the usual way",
+         "after a short rest", "because nobody else would")  # fmt: skip
+REFLECTIONS = ("Small habits shape a town more than grand plans do.", "Most work is done slowly and then all at once.",
+               "People remember stories better than numbers.", "A good tool is one you stop noticing.",
+               "Every season brings its own kind of patience.", "Careful records save a great deal of argument.")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    name: str
+    make: Callable[[random.Random], "Parts"]
+    max_gen_toks: int
+    description: str
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a task contributes: the instruction, the needles (placed at random depths in order), the filler
+    maker, the question, the answer prefix and the answers."""
+
+    instruction: str
+    needles: list[str]
+    filler: Callable[[random.Random, int], list[str]]  # (rng, count) -> sentences
+    question: str
+    answer_prefix: str
+    outputs: list[str]
+
+
+def noise_filler(rng: random.Random, count: int) -> list[str]:
+    return [NOISE[i % len(NOISE)] for i in range(count)]
+
+
+def essay_filler(rng: random.Random, count: int) -> list[str]:
+    sentences = []
+    for _ in range(count):
+        if rng.random() < 0.15:
+            sentences.append(rng.choice(REFLECTIONS))
+        else:
+            subject = rng.choice(SUBJECTS)
+            sentence = f"{subject} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(TAILS)}."
+            sentences.append(sentence[0].upper() + sentence[1:])
+    return sentences
+
+
+def random_key(rng: random.Random) -> str:
+    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+
+
+def number(rng: random.Random, digits: int) -> str:
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def _passkey(rng: random.Random) -> Parts:
+    key = number(rng, 5)
+    return Parts(
+        instruction="There is an important piece of information hidden inside a lot of irrelevant text. Find it "
+        "and memorize it. I will quiz you about the important information there.",
+        needles=[f"The pass key is {key}. Remember it. {key} is the pass key."],
+        filler=noise_filler,
+        question="What is the pass key? Answer with the number only.",
+        answer_prefix="The pass key is",
+        outputs=[key],
+    )
+
+
+NIAH_INSTRUCTION = (
+    "A special magic number is hidden within the following text. Make sure to memorize it. I will quiz you about "
+    "the magic number afterwards."
+)
+
+
+def _niah(rng: random.Random, keys: int) -> Parts:
+    names = []
+    while len(names) < keys:
+        name = random_key(rng)
+        if name not in names:
+            names.append(name)
+    values = [number(rng, 7) for _ in names]
+    needles = [f"The special magic number for {n} is: {v}." for n, v in zip(names, values, strict=True)]
+    rng.shuffle(needles)
+    asked = rng.randrange(keys)
+    instruction = NIAH_INSTRUCTION
+    if keys > 1:
+        instruction = instruction.replace("A special magic number is", "Some special magic numbers are")
+        instruction = instruction.replace("the magic number", "one of the magic numbers")
+    return Parts(
+        instruction=instruction,
+        needles=needles,
+        filler=essay_filler,
+        question=f"What is the special magic number for {names[asked]} mentioned in the provided text?",
+        answer_prefix=f"The special magic number for {names[asked]} mentioned in the provided text is",
+        outputs=[values[asked]],
+    )
+
+
+def _vt(rng: random.Random, hops: int = 4) -> Parts:
+    names: list[str] = []
+    while len(names) < hops + 1:
+        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+        if name not in names:
+            names.append(name)
+    value = number(rng, 5)
+    needles = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, hops + 1)]
+    return Parts(
+        instruction="Memorize and track the chain of variable assignments hidden in the following text.",
+        needles=needles,
+        filler=noise_filler,
+        question=f"Question: Find all variables that are assigned the value {value} in the text above.",
+        answer_prefix=f"Answer: According to the chain of variable assignments in the text above, {hops + 1} "
+        f"variables are assigned the value {value}, they are:",
+        outputs=names,
+    )
+
+
+COPY_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def _copy(rng: random.Random, length: int = 32) -> Parts:
+    code = "".join(rng.choice(COPY_ALPHABET) for _ in range(length))
+    return Parts(
+        instruction="A secret code is hidden inside the following text. Memorize it exactly, character by "
+        "character; I will ask you to repeat it.",
+        needles=[f"The secret code is {code} and nothing else."],
+        filler=noise_filler,
+        question="Repeat the secret code exactly, character by character.",
+        answer_prefix="The secret code is",
+        outputs=[code],
+    )
+
+
+TASKS: dict[str, TaskDef] = {
+    task.name: task
+    for task in (
+        TaskDef("passkey", _passkey, 12, "5-digit pass key in repeated noise"),
+        TaskDef("niah_single", lambda rng: _niah(rng, 1), 16, "one 7-digit magic number in essay-like filler"),
+        TaskDef("niah_multikey", lambda rng: _niah(rng, 4), 16, "one of 4 keyed magic numbers in essay-like filler"),
+        TaskDef("vt", _vt, 40, "variable tracking: a chain of 5 variables in noise, name them all"),
+        TaskDef("copy", _copy, 40, "repeat a 32-character random string verbatim"),
+    )
+}
+
+
+def render(instruction: str, context: str, question: str, answer_prefix: str, tokenizer, chat: bool) -> str:
+    """The prompt as the model sees it: the chat template's user turn (when `chat`) or plain text, and the answer
+    prefix the model continues."""
+    body = f"{instruction}\n\n{context}\n\n{question}"
+    if chat:
+        messages = [{"role": "user", "content": body}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + answer_prefix
+    return f"{body}\n{answer_prefix}"
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _fill(parts: Parts, rng: random.Random, n: int, depths: list[float]) -> str:
+    filler = parts.filler(rng, n)
+    placed = list(filler)
+    for depth, needle in sorted(zip(depths, parts.needles, strict=True), key=lambda p: p[0], reverse=True):
+        placed.insert(round(depth * n), needle)
+    return " ".join(placed)
+
+
+def generate(
+    task: str, tokenizer, length: int, samples: int, seed: int = 0, chat: bool = False, start: int = 0
+) -> list[dict]:
+    """`samples` docs of `task` with prompts of at most `length` tokens (and within 2% under it)."""
+    spec = TASKS[task]
+    docs = []
+    for index in range(start, start + samples):
+        rng = random.Random(f"{task}:{length}:{seed}:{index}")
+        parts = spec.make(rng)
+        depths = sorted(rng.random() for _ in parts.needles)
+        fill_seed = rng.random()
+
+        def prompt(n: int, parts=parts, depths=depths, fill_seed=fill_seed) -> str:
+            context = _fill(parts, random.Random(fill_seed), n, depths)
+            return render(parts.instruction, context, parts.question, parts.answer_prefix, tokenizer, chat)
+
+        n = _largest_fitting(lambda n, prompt=prompt: count_tokens(tokenizer, prompt(n)), length)
+        text = prompt(n)
+        docs.append(
+            {
+                "index": index,
+                "input": text,
+                "outputs": parts.outputs,
+                "length": count_tokens(tokenizer, text),
+                "max_length": length,
+                "task": task,
+                "seed": seed,
+            }
+        )
+    return docs
+
+
+def _largest_fitting(size: Callable[[int], int], target: int) -> int:
+    """The largest n with size(n) <= target (size grows with n); 0 when even no filler fits."""
+    low, high = 0, 1
+    while size(high) <= target:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if size(mid) <= target:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def score(task: str, prediction: str, outputs: list[str]) -> dict[str, float]:
+    """Metrics of one generation. acc: the fraction of answer strings found in the generated text (RULER's
+    string_match_all; case-insensitive), for copy the verbatim (case-sensitive) presence of the string;
+    copy also gets prefix_frac, the longest correct prefix of the copy as a fraction of the string's length."""
+    prediction = normalize(prediction)
+    if task == "copy":
+        code = outputs[0]
+        candidate = prediction.split()[0] if prediction.split() else ""
+        prefix = 0
+        while prefix < min(len(candidate), len(code)) and candidate[prefix] == code[prefix]:
+            prefix += 1
+        return {"acc": float(code in prediction), "prefix_frac": prefix / len(code)}
+    lowered = prediction.lower()
+    return {"acc": sum(answer.lower() in lowered for answer in outputs) / len(outputs)}
+
+
+METRICS = {"copy": ("acc", "prefix_frac")}
+PRIMARY_METRIC = "acc"

@@ -1,0 +1,339 @@
+"""Runs lm-eval on model variants over tasks and context lengths and writes eval rows, one per metric, resumably.
+
+Tasks are hhbench's own long-context suite (suites/lm_eval: passkey, niah_single, niah_multikey, vt, copy,
+generated offline by hhbench.eval.generators) or lm-eval's tasks by name; lm-eval's RULER tasks
+(niah_single_1, ruler_vt, ...) generate their data from the model's tokenizer, which is handed to them as a local
+folder (metadata "tokenizer"), with the length as "max_seq_lengths".
+"""
+
+import contextlib
+import copy
+import gc
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hhbench.errors import UserError
+from hhbench.eval import generators
+from hhbench.models.convert import convert, teacher_head_rms
+from hhbench.models.loader import LoadedModel
+from hhbench.models.variants import Variant
+from hhbench.rows.schema import ERROR, OK, EvalRow
+
+SUITES = Path(__file__).resolve().parents[2] / "suites" / "lm_eval"
+HH_PREFIX = "hh_"
+
+
+def lm_eval_dir() -> Path:
+    import lm_eval
+
+    return Path(lm_eval.__file__).parent / "tasks"
+
+
+def suite_dir() -> Path:
+    if not (SUITES / "hh_passkey.yaml").exists():
+        raise UserError(f"hhbench's task suite is missing at {SUITES}: run from a source checkout (pip install -e .)")
+    return SUITES
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """A task as the user names it, and what lm-eval calls it."""
+
+    name: str  # passkey | niah_single_1 | ...
+    lm_eval_name: str
+    own: bool  # one of hhbench's tasks
+
+    @property
+    def ruler(self) -> bool:
+        return not self.own and (self.name.startswith(("niah_", "ruler_")) or self.name == "ruler")
+
+
+def parse_tasks(names: list[str]) -> list[TaskRef]:
+    """Our short names (passkey, niah_single, niah_multikey, vt, copy) or lm-eval task names."""
+    tasks = []
+    for name in names:
+        if name in generators.TASKS:
+            tasks.append(TaskRef(name, HH_PREFIX + name, True))
+        elif name.startswith(HH_PREFIX) and name[len(HH_PREFIX) :] in generators.TASKS:
+            tasks.append(TaskRef(name[len(HH_PREFIX) :], name, True))
+        else:
+            tasks.append(TaskRef(name, name, False))
+    if not tasks:
+        raise UserError("no task given")
+    return tasks
+
+
+def task_manager(task: TaskRef, metadata: dict):
+    """A TaskManager that knows `task`, scanning as little as possible (lm-eval's full index takes ~30 s)."""
+    from lm_eval.tasks import TaskManager
+
+    if task.own:
+        return TaskManager(include_path=str(suite_dir()), include_defaults=False, metadata=metadata)
+    if task.ruler:
+        return TaskManager(include_path=str(lm_eval_dir() / "ruler"), include_defaults=False, metadata=metadata)
+    return TaskManager(metadata=metadata)
+
+
+def check_tasks(tasks: list[TaskRef]) -> None:
+    """Unknown task names fail before any model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    others = [t for t in tasks if not t.own]
+    if not others:
+        return
+    if all(t.ruler for t in others):
+        known = set(TaskManager(include_path=str(lm_eval_dir() / "ruler"), include_defaults=False).all_tasks)
+    else:
+        known = set(TaskManager().all_tasks)
+    unknown = [t.name for t in others if t.lm_eval_name not in known]
+    if unknown:
+        raise UserError(
+            f"unknown task {unknown[0]!r}: hhbench's are {', '.join(generators.TASKS)}; otherwise an lm-eval task name"
+        )
+
+
+@dataclass
+class EvalSettings:
+    model: str
+    limit: int
+    seed: int = 0
+    chat: bool = True
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "fp32"
+    run: str = ""
+    head_map: str | None = None
+    fa_backend: str = "auto"
+    gdn_backend: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> dict:
+        """What must agree for a finished row to count as this run's (resume)."""
+        return {"limit": self.limit, "seed": self.seed, "chat": self.chat, "dtype": self.dtype}
+
+
+def calibration_ids(loaded: LoadedModel, length: int = 512, seed: int = 1234) -> torch.Tensor:
+    """Calibration tokens for gamma: essay-like filler from the task generators (not any evaluated sample)."""
+    import random
+
+    text = " ".join(generators.essay_filler(random.Random(seed), 4 * length))
+    ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :length]
+    return ids
+
+
+class VariantModels:
+    """Builds each variant from one loaded teacher (deep copies; the teacher itself stays unconverted)."""
+
+    def __init__(self, loaded: LoadedModel, settings: EvalSettings):
+        self.loaded, self.settings = loaded, settings
+        self._rms: torch.Tensor | None = None
+
+    def head_rms(self) -> torch.Tensor:
+        if self._rms is None:
+            self._rms = teacher_head_rms(self.loaded.model, calibration_ids(self.loaded))
+        return self._rms
+
+    def build(self, variant: Variant):
+        plan = variant.plan(self.loaded.shape, self.settings.head_map)
+        if plan is None or not any(layer.n_la for layer in plan.layers):
+            return self.loaded.model, plan
+        model = convert(
+            copy.deepcopy(self.loaded.model),
+            plan,
+            self.head_rms(),
+            fa_backend=self.settings.fa_backend,
+            gdn_backend=self.settings.gdn_backend,
+        )
+        return model, plan
+
+
+def hflm(model, loaded: LoadedModel, batch_size: int, device: str, max_length: int):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(
+        pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=max_length, device=device
+    )
+
+
+def evaluate_task(lm, task: TaskRef, length: int, settings: EvalSettings, tokenizer_dir: str) -> dict:
+    """One lm-eval run of one task at one length: {metric: (value, stderr)}, sample count, a few examples."""
+    import lm_eval
+
+    metadata = {
+        "tokenizer": tokenizer_dir,
+        "max_seq_lengths": [length],
+        "hh_samples": settings.limit,
+        "hh_seed": settings.seed,
+        "hh_chat": settings.chat,
+    }
+    manager = task_manager(task, metadata)
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[task.lm_eval_name],
+            task_manager=manager,
+            limit=settings.limit,
+            log_samples=True,
+            random_seed=settings.seed,
+            numpy_random_seed=settings.seed,
+            torch_random_seed=settings.seed,
+            fewshot_random_seed=settings.seed,
+            bootstrap_iters=0,
+        )
+    found = results["results"][task.lm_eval_name]
+    metrics = {}
+    for key, value in found.items():
+        name, _, filter_ = key.partition(",")
+        if not filter_ or name.endswith("_stderr") or not isinstance(value, int | float):
+            continue
+        stderr = found.get(f"{name}_stderr,{filter_}")
+        if not task.own and name == str(length):  # RULER names its metric by the length
+            name = generators.PRIMARY_METRIC
+        metrics[name] = (float(value), float(stderr) if isinstance(stderr, int | float) else None)
+    samples = results.get("samples", {}).get(task.lm_eval_name, [])
+    examples = [
+        {
+            "target": s.get("target"),
+            "output": (s.get("filtered_resps") or [""])[0],
+            "length": s.get("doc", {}).get("length"),
+        }
+        for s in samples[:3]
+    ]
+    return {"metrics": metrics, "samples": len(samples), "examples": examples}
+
+
+def sample_stderr(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
+def done_keys(rows, settings: EvalSettings) -> set[tuple[str, str, int]]:
+    """(variant, task, context) already finished by this run, with the same settings; a finished row made with
+    other settings is the user's mistake, said in one line."""
+    done = set()
+    for row in rows:
+        if row.status != OK or row.model != settings.model:
+            continue
+        made = row.extra.get("settings", {})
+        if made and made != settings.fingerprint():
+            raise UserError(
+                f"run {settings.run} holds rows made with {made}, not {settings.fingerprint()}: "
+                "use the same settings to resume, or another --run"
+            )
+        done.add((row.variant, row.task, row.context))
+    return done
+
+
+def eval_rows(
+    variant: Variant, plan, task: TaskRef, length: int, settings: EvalSettings, result: dict | None, error: str,
+    seconds: float, device: str,
+) -> list[EvalRow]:  # fmt: skip
+    common = {
+        "model": settings.model,
+        "variant": variant.label,
+        "task": task.name,
+        "context": length,
+        "ratio_effective": plan.ratio_effective if plan is not None else "0:1",
+        "fa_heads": float(plan.fa_heads) if plan is not None else 0.0,
+        "la_heads": float(plan.la_heads) if plan is not None else 0.0,
+        "device": device,
+        "seconds": round(seconds, 2),
+        "seed": settings.seed,
+        "run": settings.run,
+    }
+    if plan is None:
+        # the teacher: every head full attention
+        common["fa_heads"] = float(settings.extra.get("n_layers", 0) * settings.extra.get("n_heads", 0))
+    extra = {"settings": settings.fingerprint(), "lm_eval_task": task.lm_eval_name, "dtype": settings.dtype}
+    if variant.heads != "uniform":
+        extra["head_map"] = variant.argument if variant.heads == "map" else settings.head_map or variant.argument
+    if result is None:
+        return [EvalRow(metric=generators.PRIMARY_METRIC, status=ERROR, reason=error, extra=extra, **common)]
+    extra["examples"] = result["examples"]
+    rows = []
+    for metric, (value, stderr) in result["metrics"].items():
+        rows.append(
+            EvalRow(metric=metric, value=value, stderr=stderr, samples=result["samples"], extra=extra, **common)
+        )
+    return rows
+
+
+def quiet_logs() -> None:
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("lm_eval", "lm-eval", "transformers", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        import datasets
+
+        datasets.disable_progress_bars()
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def run_eval(
+    loaded: LoadedModel,
+    variants: list[Variant],
+    tasks: list[TaskRef],
+    lengths: list[int],
+    settings: EvalSettings,
+    eval_path: Path,
+    echo=print,
+) -> None:
+    """Every (task, length, variant) not yet in eval_path, task by task so that a stopped run leaves whole
+    comparison rows; each finished combination's rows are appended (and fsynced) at once."""
+    from hhbench.rows.schema import append_row, read_rows
+
+    done = done_keys(read_rows(eval_path, repair=True, kind=EvalRow), settings) if eval_path.exists() else set()
+    builder = VariantModels(loaded, settings)
+    settings.extra.update(n_layers=loaded.shape.n_layers, n_heads=loaded.shape.n_heads)
+    max_length = max(lengths) + 256
+    for task in tasks:
+        for length in lengths:
+            for variant in variants:
+                if (variant.label, task.name, length) in done:
+                    echo(f"skip {variant.label} {task.name} {length}: in {eval_path}")
+                    continue
+                start = now()
+                model, plan = builder.build(variant)
+                # Converted models take no padding (GDN heads run over every position): batch size 1.
+                batch = settings.batch_size if model is loaded.model else 1
+                error, result = "", None
+                try:
+                    lm = hflm(model, loaded, batch, settings.device, max_length)
+                    result = evaluate_task(lm, task, length, settings, loaded.tokenizer_dir)
+                except torch.OutOfMemoryError as exc:
+                    error = f"out of memory: {str(exc).splitlines()[0]}"
+                except (RuntimeError, ValueError) as exc:
+                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                seconds = now() - start
+                rows = eval_rows(variant, plan, task, length, settings, result, error, seconds, settings.device)
+                for row in rows:
+                    append_row(eval_path, row)
+                primary = next((r for r in rows if r.metric == generators.PRIMARY_METRIC), rows[0])
+                shown = f"{primary.value:.3f}" if primary.value is not None else primary.status
+                echo(f"{variant.label:>20} {task.name:>14} {length:>6}: {primary.metric}={shown} ({seconds:.0f} s)")
+                if model is not loaded.model:
+                    free(model)
