@@ -54,6 +54,7 @@ def _reselect(source: str, ratio: Ratio, text: str, kv_aware: bool) -> HeadSelec
 
 def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, lengths: list[int], seed: int,
            device: str) -> HeadSelection:  # fmt: skip
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hhbench.models.loader import load_model
@@ -72,7 +73,7 @@ def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, len
     )
     loaded_at = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task(f"probing {model}", total=len(probe_list))
 
         def advance(i, probe):
