@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from hhbench.errors import UserError
-from hhbench.rows.schema import INCORRECT, OK, Row, RowSet, open_output
+from hhbench.files import open_output
+from hhbench.rows.schema import INCORRECT, OK, Row, RowSet
 from hhbench.spec.units import format_count, split_list
 
 METRICS = ("flops", "memory", "presence", "status", "latency")

@@ -9,8 +9,8 @@ import pandas as pd
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
+from hhbench.files import open_output
 from hhbench.report import figures as F
-from hhbench.rows.schema import open_output
 from hhbench.rows.sources import Run
 from hhbench.tables.compare import BASELINE, compare_runs, crossover_table
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.rows.schema import EvalRow, RowSet, open_output, read_rows
+from hhbench.files import open_output
+from hhbench.rows.schema import EvalRow, RowSet, read_rows
 
 ROWS, EVAL, ENV = "rows.jsonl", "eval.jsonl", "env.json"
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hhbench.errors import UserError
+from hhbench.files import open_output
 
 SCHEMA_VERSION = 1
 
@@ -199,16 +200,6 @@ def markdown_table(frame) -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     lines = ["| " + " | ".join(cell(v) for v in record) + " |" for record in frame.itertuples(index=False)]
     return "\n".join([header, rule, *lines])
-
-
-def open_output(path: str | Path, mode: str):
-    """Open a file for writing, making its folder; an unwritable path is the user's error, in one line."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, mode)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def append_row(path: Path, row: "Row | EvalRow") -> None:

@@ -1,12 +1,12 @@
 """What a hybrid is: its layout, its LA:FA ratio, the Gated DeltaNet settings and an optional head map."""
 
-import json
 import re
 from dataclasses import dataclass, field
 from math import gcd
 from pathlib import Path
 
 from hhbench.errors import UserError
+from hhbench.files import read_json
 from hhbench.spec.units import Choice
 
 
@@ -91,10 +91,7 @@ class HeadMap:
     @classmethod
     def load(cls, path: str | Path) -> "HeadMap":
         """Reads the head-selection JSON: {"fa_heads": [[...], ...]} and optionally {"scores": [[...], ...]}."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read head map {path}: {exc}") from None
+        data = read_json(path, "head map")
         if not isinstance(data, dict) or ("fa_heads" not in data and "scores" not in data):
             raise UserError(f"head map {path} has neither 'fa_heads' nor 'scores'")
         try:
