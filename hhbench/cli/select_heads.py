@@ -10,11 +10,11 @@ from typing import Annotated
 
 import typer
 
-from hhbench.cli import options
 from hhbench.cli.app import app
 from hhbench.errors import UserError
 from hhbench.files import open_output
 from hhbench.select.selection import HeadSelection, select
+from hhbench.spec import parse as options
 from hhbench.spec.hybrid import Ratio
 from hhbench.spec.shapes import ModelShape
 
