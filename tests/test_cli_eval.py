@@ -20,7 +20,7 @@ def one_line_error(result, text: str):
 
 def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
     args = ["eval", "--model", "tiny-random-llama", "--variants", "teacher,head:3:1,layer:3:1", "--tasks",
-            "passkey,copy", "--lengths", "256", "--limit", "2", "--out", str(tmp_path), "--run", "tiny"]  # fmt: skip
+            "passkey,copy,passkey_ll", "--lengths", "256", "--limit", "2", "--out", str(tmp_path), "--run", "tiny"]  # fmt: skip
     result = cli(*args, timeout=240)
     assert result.returncode == 0, result.stderr
     run = RunDir.open(tmp_path / "tiny")
@@ -29,16 +29,20 @@ def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
     for variant in ("teacher", "head:3:1", "layer:3:1"):
         assert (variant, "passkey", 256, "acc") in keys
         assert (variant, "copy", 256, "prefix_frac") in keys
-    assert all(r.status == "ok" and r.samples == 2 and 0 <= r.value <= 1 for r in rows)
+        assert (variant, "passkey_ll", 256, "answer_nll") in keys
+    assert all(r.status == "ok" and r.samples == 2 for r in rows)
+    assert all(0 <= r.value <= 1 for r in rows if r.metric != "answer_nll")
+    assert all(r.value > 0 for r in rows if r.metric == "answer_nll")  # a random model cannot be sure of the key
     assert all(r.stderr is not None and r.stderr >= 0 for r in rows)  # from the per-sample scores
     head = next(r for r in rows if r.variant == "head:3:1")
     assert head.ratio_effective == "3:1" and head.fa_heads == 8 and head.la_heads == 24
     assert next(r for r in rows if r.variant == "teacher").fa_heads == 32
     assert json.loads(run.env_path.read_text())["versions"]["lm-eval"]
-    assert "against layer:3:1" in result.stdout and "| passkey | 256 |" in result.stdout
+    assert "against layer:3:1" in result.stdout and "| passkey | acc | 256 |" in result.stdout
+    assert "| passkey_ll | answer_nll | 256 |" in result.stdout
     again = cli(*args, timeout=240)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("skip ") == 6
+    assert again.stdout.count("skip ") == 9
     assert len(RunDir.open(tmp_path / "tiny").eval_rows()) == len(rows)
     other = cli(*[a if a != "2" else "3" for a in args], timeout=240)
     one_line_error(other, "use the same settings to resume")

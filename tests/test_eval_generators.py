@@ -82,3 +82,22 @@ def test_scoring():
     partial = generators.score("copy", " abc124xyz", ["abc123xyz"])
     assert partial["acc"] == 0.0 and partial["prefix_frac"] == pytest.approx(5 / 9)
     assert generators.score("copy", " ABC123XYZ", ["abc123xyz"])["acc"] == 0.0  # verbatim: case counts
+
+
+@pytest.mark.parametrize("task,base", [("passkey_ll", "passkey"), ("niah_single_ll", "niah_single")])
+def test_loglikelihood_tasks_reuse_their_base_prompts(char_tok, task, base):
+    docs, base_docs = (
+        generators.generate(task, char_tok, 2048, 3, seed=4),
+        generators.generate(base, char_tok, 2048, 3, seed=4),
+    )
+    assert [d["input"] for d in docs] == [d["input"] for d in base_docs]
+    for doc in docs:
+        assert doc["continuation"] == " " + doc["outputs"][0]
+        assert doc["answer_tokens"] == generators.count_tokens(char_tok, doc["continuation"])
+    assert generators.primary_metric(task) == "answer_nll" and generators.primary_metric(base) == "acc"
+
+
+def test_loglikelihood_score():
+    doc = {"answer_tokens": 5}
+    assert generators.score_loglikelihood(doc, -11.5, False) == {"answer_nll": 2.3, "acc": 0.0}
+    assert generators.score_loglikelihood(doc, -0.05, True) == {"answer_nll": 0.01, "acc": 1.0}

@@ -87,5 +87,18 @@ def test_comparison_against_layer_3_1():
     assert "copy" not in set(frame["task"])
     table = comparison_table(rows)
     assert "against layer:3:1" in table
-    assert "| passkey | 1k | 1.000 (+0.700) | 0.500 (+0.200) | 0.300 | error |" in table
+    assert "| passkey | acc | 1k | 1.000 (+0.700) | 0.500 (+0.200) | 0.300 | error |" in table
     assert comparison_table([]) == "(no eval rows)"
+
+
+def test_loglikelihood_tasks_compare_on_answer_nll():
+    rows = [
+        row("teacher", "passkey_ll", 1024, 1.0, metric="acc"),
+        row("teacher", "passkey_ll", 1024, 0.05, metric="answer_nll"),
+        row("layer:3:1", "passkey_ll", 1024, 2.5, metric="answer_nll"),
+        row("head:7:1", "passkey_ll", 1024, 1.5, metric="answer_nll"),
+    ]
+    frame = comparison_frame(rows)
+    assert set(frame["metric"]) == {"answer_nll"}
+    assert frame.set_index("variant").loc["head:7:1", "delta"] == pytest.approx(-1.0)
+    assert "| passkey_ll | answer_nll | 1k | 0.050 (-2.450) | 2.500 | 1.500 (-1.000) |" in comparison_table(rows)

@@ -3,21 +3,22 @@ layer-wise 3:1 baseline. Pure functions over eval rows, shared by `hhbench eval`
 
 import math
 
-from hhbench.eval.generators import PRIMARY_METRIC
+from hhbench.eval.generators import primary_metric
 from hhbench.models.variants import BASELINE
 from hhbench.rows.schema import OK, EvalRow, markdown_table
 from hhbench.spec.units import format_count
 
 
-def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str = PRIMARY_METRIC):
+def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str | None = None):
     """Long form, one line per (model, task, context, variant): value, stderr, samples, status and delta
     (value minus the baseline variant's on the same model, task and context; None without a baseline score).
+    The metric is each task's primary one (acc; answer_nll for log-likelihood tasks) unless one is named.
     A later row of the same key replaces an earlier one (a rerun)."""
     import pandas as pd
 
     latest: dict[tuple, EvalRow] = {}
     for row in rows:
-        if row.metric == metric:
+        if row.metric == (metric or primary_metric(row.task)):
             latest[(row.model, row.task, row.context, row.variant)] = row
     records = [
         {
@@ -25,6 +26,7 @@ def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
             "task": r.task,
             "context": r.context,
             "variant": r.variant,
+            "metric": r.metric,
             "ratio_effective": r.ratio_effective,
             "value": r.value if r.status == OK else None,
             "stderr": r.stderr,
@@ -33,7 +35,18 @@ def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
         }
         for r in latest.values()
     ]
-    columns = ["model", "task", "context", "variant", "ratio_effective", "value", "stderr", "samples", "status"]
+    columns = [
+        "model",
+        "task",
+        "context",
+        "variant",
+        "metric",
+        "ratio_effective",
+        "value",
+        "stderr",
+        "samples",
+        "status",
+    ]
     frame = pd.DataFrame(records, columns=columns)
     base = {
         (r["model"], r["task"], r["context"]): r["value"]
@@ -56,7 +69,7 @@ def _nan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str = PRIMARY_METRIC) -> str:
+def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str | None = None) -> str:
     """Wide markdown: a line per (task, context), a column per variant (in the order first seen) holding
     'value (delta vs baseline)'; the baseline's own column holds its value."""
     frame = comparison_frame(rows, baseline, metric)
@@ -68,7 +81,7 @@ def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
     models = list(dict.fromkeys(frame["model"]))
     lines = []
     for (model, task, context), group in frame.groupby(["model", "task", "context"], sort=False):
-        line = {"model": model, "task": task, "context": format_count(int(context))}
+        line = {"model": model, "task": task, "metric": group["metric"].iloc[0], "context": format_count(int(context))}
         by_variant = {r.variant: r for r in group.itertuples(index=False)}
         for variant in variants:
             line[variant] = _cell(by_variant.get(variant), variant == baseline)
@@ -76,7 +89,10 @@ def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
     table = pd.DataFrame(lines)
     if len(models) == 1:
         table = table.drop(columns=["model"])
-    header = f"{metric} per task and context; (delta) against {baseline}"
+    header = (
+        f"{metric or 'each task' + chr(39) + 's metric (acc: higher is better; answer_nll: nats, lower is better)'}"
+    )
+    header += f" per task and context; (delta) against {baseline}"
     return header + "\n\n" + markdown_table(table)
 
 

@@ -52,6 +52,15 @@ class TaskDef:
     make: Callable[[random.Random], "Parts"]
     max_gen_toks: int
     description: str
+    # "loglikelihood" tasks score the answer's log-likelihood after the prompt instead of a generation: a
+    # continuous measure of retrieval that still moves when greedy answers are all wrong. Their docs are those of
+    # the `base` task, prompt for prompt.
+    scoring: str = "generate"
+    base: str = ""
+
+    @property
+    def primary_metric(self) -> str:
+        return "answer_nll" if self.scoring == "loglikelihood" else PRIMARY_METRIC
 
 
 @dataclass(frozen=True)
@@ -180,6 +189,22 @@ TASKS: dict[str, TaskDef] = {
         TaskDef("niah_multikey", lambda rng: _niah(rng, 4), 16, "one of 4 keyed magic numbers in essay-like filler"),
         TaskDef("vt", _vt, 40, "variable tracking: a chain of 5 variables in noise, name them all"),
         TaskDef("copy", _copy, 40, "repeat a 32-character random string verbatim"),
+        TaskDef(
+            "passkey_ll",
+            _passkey,
+            0,
+            "passkey's prompts, scored by the answer's log-likelihood",
+            "loglikelihood",
+            "passkey",
+        ),
+        TaskDef(
+            "niah_single_ll",
+            lambda rng: _niah(rng, 1),
+            0,
+            "niah_single's prompts, scored by the answer's log-likelihood",
+            "loglikelihood",
+            "niah_single",
+        ),
     )
 }
 
@@ -217,7 +242,7 @@ def generate(
     spec = TASKS[task]
     docs = []
     for index in range(start, start + samples):
-        rng = random.Random(f"{task}:{length}:{seed}:{index}")
+        rng = random.Random(f"{spec.base or task}:{length}:{seed}:{index}")
         parts = spec.make(rng)
         depths = sorted(rng.random() for _ in parts.needles)
         fill_seed = rng.random()
@@ -244,6 +269,8 @@ def generate(
                 "max_length": length,
                 "task": task,
                 "seed": seed,
+                "continuation": " " + parts.outputs[0],
+                "answer_tokens": count_tokens(tokenizer, " " + parts.outputs[0]),
             }
         )
     return docs
@@ -283,5 +310,16 @@ def score(task: str, prediction: str, outputs: list[str]) -> dict[str, float]:
     return {"acc": sum(answer.lower() in lowered for answer in outputs) / len(outputs)}
 
 
-METRICS = {"copy": ("acc", "prefix_frac")}
+def score_loglikelihood(doc: dict, loglikelihood: float, is_greedy: bool) -> dict[str, float]:
+    """answer_nll: the answer's negative log-likelihood per answer token, in nats (lower is better; a 5-digit
+    key guessed digit by digit is ln 10 = 2.30); acc: the answer is the greedy continuation."""
+    return {"answer_nll": -loglikelihood / doc["answer_tokens"], "acc": float(is_greedy)}
+
+
+def primary_metric(task: str) -> str:
+    """The metric a comparison reads for a task: answer_nll for log-likelihood tasks, acc otherwise."""
+    return TASKS[task].primary_metric if task in TASKS else PRIMARY_METRIC
+
+
+METRICS = {"copy": ("acc", "prefix_frac"), "passkey_ll": ("answer_nll", "acc"), "niah_single_ll": ("answer_nll", "acc")}
 PRIMARY_METRIC = "acc"

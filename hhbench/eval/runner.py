@@ -279,7 +279,7 @@ def eval_rows(
     if variant.heads != "uniform":
         extra["head_map"] = variant.argument if variant.heads == "map" else settings.head_map or variant.argument
     if result is None:
-        return [EvalRow(metric=generators.PRIMARY_METRIC, status=ERROR, reason=error, extra=extra, **common)]
+        return [EvalRow(metric=generators.primary_metric(task.name), status=ERROR, reason=error, extra=extra, **common)]
     extra["examples"] = result["examples"]
     rows = []
     for metric, (value, stderr) in result["metrics"].items():
@@ -353,7 +353,7 @@ def run_eval(
                 rows = eval_rows(variant, plan, task, length, settings, result, error, seconds, settings.device)
                 for row in rows:
                     append_row(eval_path, row)
-                primary = next((r for r in rows if r.metric == generators.PRIMARY_METRIC), rows[0])
+                primary = next((r for r in rows if r.metric == generators.primary_metric(task.name)), rows[0])
                 shown = f"{primary.value:.3f}" if primary.value is not None else primary.status
                 echo(f"{variant.label:>20} {task.name:>14} {length:>6}: {primary.metric}={shown} ({seconds:.0f} s)")
                 if model is not loaded.model:

@@ -51,3 +51,16 @@ def copy(**meta):
 
 def process_results(doc: dict, results: list[str]) -> dict:
     return generators.score(doc["task"], results[0], doc["outputs"])
+
+
+def passkey_ll(**meta):
+    return _dataset("passkey_ll", **meta)
+
+
+def niah_single_ll(**meta):
+    return _dataset("niah_single_ll", **meta)
+
+
+def process_results_ll(doc: dict, results: list) -> dict:
+    loglikelihood, is_greedy = results[0]
+    return generators.score_loglikelihood(doc, loglikelihood, is_greedy)
