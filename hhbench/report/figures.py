@@ -347,7 +347,12 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
         px.line, data, y="value", facet_col="panel", facet_col_wrap=3, error_y="stderr", labels={"value": "score"}
     )
     figure.update_layout(height=340 * math.ceil(data["panel"].nunique() / 3) + 120)
-    return Figure("quality", title, figure, "Accuracy per task as lm-eval reports it; error bars one stderr.")
+    return Figure(
+        "quality",
+        title,
+        figure,
+        "Scores per task and metric as lm-eval reports them (acc: higher is better; answer_nll: nats per answer token, lower is better); error bars one stderr.",
+    )
 
 
 def _slug(text: str) -> str:
