@@ -29,17 +29,17 @@ def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
     for variant in ("teacher", "head:3:1", "layer:3:1"):
         assert (variant, "passkey", 256, "acc") in keys
         assert (variant, "copy", 256, "prefix_frac") in keys
-        assert (variant, "passkey_ll", 256, "answer_nll") in keys
+        assert {(variant, "passkey_ll", 256, m) for m in ("retrieval_gain", "answer_nll", "control_nll")} <= keys
     assert all(r.status == "ok" and r.samples == 2 for r in rows)
-    assert all(0 <= r.value <= 1 for r in rows if r.metric != "answer_nll")
-    assert all(r.value > 0 for r in rows if r.metric == "answer_nll")  # a random model cannot be sure of the key
+    assert all(0 <= r.value <= 1 for r in rows if r.metric in ("acc", "prefix_frac"))
+    assert all(r.value > 0 for r in rows if r.metric.endswith("_nll"))  # a random model cannot be sure of the key
     assert all(r.stderr is not None and r.stderr >= 0 for r in rows)  # from the per-sample scores
     head = next(r for r in rows if r.variant == "head:3:1")
     assert head.ratio_effective == "3:1" and head.fa_heads == 8 and head.la_heads == 24
     assert next(r for r in rows if r.variant == "teacher").fa_heads == 32
     assert json.loads(run.env_path.read_text())["versions"]["lm-eval"]
     assert "against layer:3:1" in result.stdout and "| passkey | acc | 256 |" in result.stdout
-    assert "| passkey_ll | answer_nll | 256 |" in result.stdout
+    assert "| passkey_ll | retrieval_gain | 256 |" in result.stdout
     again = cli(*args, timeout=240)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skip ") == 9

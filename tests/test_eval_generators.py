@@ -92,12 +92,17 @@ def test_loglikelihood_tasks_reuse_their_base_prompts(char_tok, task, base):
     )
     assert [d["input"] for d in docs] == [d["input"] for d in base_docs]
     for doc in docs:
-        assert doc["continuation"] == " " + doc["outputs"][0]
+        answer = doc["outputs"][0]
+        assert doc["continuation"] == " " + answer
         assert doc["answer_tokens"] == generators.count_tokens(char_tok, doc["continuation"])
-    assert generators.primary_metric(task) == "answer_nll" and generators.primary_metric(base) == "acc"
+        # the control prompt is the real one with another value in the needle: the answer is nowhere in it
+        assert answer in doc["input"] and answer not in doc["control"]
+        assert len(doc["control"]) == len(doc["input"]) and doc["control"] != doc["input"]
+    assert generators.primary_metric(task) == "retrieval_gain" and generators.primary_metric(base) == "acc"
 
 
 def test_loglikelihood_score():
     doc = {"answer_tokens": 5}
-    assert generators.score_loglikelihood(doc, -11.5, False) == {"answer_nll": 2.3, "acc": 0.0}
-    assert generators.score_loglikelihood(doc, -0.05, True) == {"answer_nll": 0.01, "acc": 1.0}
+    scores = generators.score_loglikelihood(doc, (-0.05, True), (-11.5, False))
+    assert scores == pytest.approx({"answer_nll": 0.01, "control_nll": 2.3, "retrieval_gain": 2.29, "acc": 1.0})
+    assert generators.score_loglikelihood(doc, (-20.0, False), (-20.0, False))["retrieval_gain"] == 0

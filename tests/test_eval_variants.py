@@ -91,14 +91,14 @@ def test_comparison_against_layer_3_1():
     assert comparison_table([]) == "(no eval rows)"
 
 
-def test_loglikelihood_tasks_compare_on_answer_nll():
+def test_loglikelihood_tasks_compare_on_retrieval_gain():
     rows = [
-        row("teacher", "passkey_ll", 1024, 1.0, metric="acc"),
         row("teacher", "passkey_ll", 1024, 0.05, metric="answer_nll"),
-        row("layer:3:1", "passkey_ll", 1024, 2.5, metric="answer_nll"),
-        row("head:7:1", "passkey_ll", 1024, 1.5, metric="answer_nll"),
+        row("teacher", "passkey_ll", 1024, 2.25, metric="retrieval_gain"),
+        row("layer:3:1", "passkey_ll", 1024, 0.5, metric="retrieval_gain"),
+        row("head:7:1", "passkey_ll", 1024, 1.5, metric="retrieval_gain"),
     ]
     frame = comparison_frame(rows)
-    assert set(frame["metric"]) == {"answer_nll"}
-    assert frame.set_index("variant").loc["head:7:1", "delta"] == pytest.approx(-1.0)
-    assert "| passkey_ll | answer_nll | 1k | 0.050 (-2.450) | 2.500 | 1.500 (-1.000) |" in comparison_table(rows)
+    assert set(frame["metric"]) == {"retrieval_gain"}
+    assert frame.set_index("variant").loc["head:7:1", "delta"] == pytest.approx(1.0)
+    assert "| passkey_ll | retrieval_gain | 1k | 2.250 (+1.750) | 0.500 | 1.500 (+1.000) |" in comparison_table(rows)

@@ -89,11 +89,8 @@ def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
     table = pd.DataFrame(lines)
     if len(models) == 1:
         table = table.drop(columns=["model"])
-    header = (
-        f"{metric or 'each task' + chr(39) + 's metric (acc: higher is better; answer_nll: nats, lower is better)'}"
-    )
-    header += f" per task and context; (delta) against {baseline}"
-    return header + "\n\n" + markdown_table(table)
+    which = metric or "each task's metric (acc, and retrieval_gain in nats per answer token: higher is better)"
+    return f"{which} per task and context; (delta) against {baseline}\n\n" + markdown_table(table)
 
 
 def _cell(record, is_baseline: bool) -> str:

@@ -52,15 +52,16 @@ class TaskDef:
     make: Callable[[random.Random], "Parts"]
     max_gen_toks: int
     description: str
-    # "loglikelihood" tasks score the answer's log-likelihood after the prompt instead of a generation: a
-    # continuous measure of retrieval that still moves when greedy answers are all wrong. Their docs are those of
-    # the `base` task, prompt for prompt.
+    # "loglikelihood" tasks score the answer's log-likelihood after the prompt instead of a generation, and after
+    # a control prompt whose needle holds another value: the difference is a continuous measure of retrieval that
+    # still moves when greedy answers are all wrong, and that a model damaged everywhere does not fake. Their docs
+    # are those of the `base` task, prompt for prompt.
     scoring: str = "generate"
     base: str = ""
 
     @property
     def primary_metric(self) -> str:
-        return "answer_nll" if self.scoring == "loglikelihood" else PRIMARY_METRIC
+        return "retrieval_gain" if self.scoring == "loglikelihood" else PRIMARY_METRIC
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,15 @@ def generate(
             length,
         )
         text = prompt(n, words)
+        extra = {}
+        if spec.scoring == "loglikelihood":
+            answer = parts.outputs[0]
+            other = random.Random(f"{task}:{length}:{seed}:{index}:control")
+            counter = answer
+            while counter == answer:
+                counter = number(other, len(answer))
+            extra = {"control": text.replace(answer, counter), "continuation": " " + answer,
+                     "answer_tokens": count_tokens(tokenizer, " " + answer)}  # fmt: skip
         docs.append(
             {
                 "index": index,
@@ -269,8 +279,7 @@ def generate(
                 "max_length": length,
                 "task": task,
                 "seed": seed,
-                "continuation": " " + parts.outputs[0],
-                "answer_tokens": count_tokens(tokenizer, " " + parts.outputs[0]),
+                **extra,
             }
         )
     return docs
@@ -310,16 +319,21 @@ def score(task: str, prediction: str, outputs: list[str]) -> dict[str, float]:
     return {"acc": sum(answer.lower() in lowered for answer in outputs) / len(outputs)}
 
 
-def score_loglikelihood(doc: dict, loglikelihood: float, is_greedy: bool) -> dict[str, float]:
-    """answer_nll: the answer's negative log-likelihood per answer token, in nats (lower is better; a 5-digit
-    key guessed digit by digit is ln 10 = 2.30); acc: the answer is the greedy continuation."""
-    return {"answer_nll": -loglikelihood / doc["answer_tokens"], "acc": float(is_greedy)}
+def score_loglikelihood(doc: dict, real: tuple[float, bool], control: tuple[float, bool]) -> dict[str, float]:
+    """Per answer token, in nats: answer_nll after the real prompt (lower is better; a 5-digit key guessed digit
+    by digit costs ln 10 = 2.30), control_nll after the control prompt (the needle holds another value), and
+    retrieval_gain = control_nll - answer_nll (what reading the needle is worth; 0 for a model that ignores it);
+    acc: the answer is the greedy continuation of the real prompt."""
+    answer_nll, control_nll = -real[0] / doc["answer_tokens"], -control[0] / doc["answer_tokens"]
+    return {"answer_nll": answer_nll, "control_nll": control_nll, "retrieval_gain": control_nll - answer_nll,
+            "acc": float(real[1])}  # fmt: skip
 
 
 def primary_metric(task: str) -> str:
-    """The metric a comparison reads for a task: answer_nll for log-likelihood tasks, acc otherwise."""
+    """The metric a comparison reads for a task: retrieval_gain for log-likelihood tasks, acc otherwise."""
     return TASKS[task].primary_metric if task in TASKS else PRIMARY_METRIC
 
 
-METRICS = {"copy": ("acc", "prefix_frac"), "passkey_ll": ("answer_nll", "acc"), "niah_single_ll": ("answer_nll", "acc")}
+LOGLIKELIHOOD_METRICS = ("retrieval_gain", "answer_nll", "control_nll", "acc")
+METRICS = {"copy": ("acc", "prefix_frac"), "passkey_ll": LOGLIKELIHOOD_METRICS, "niah_single_ll": LOGLIKELIHOOD_METRICS}
 PRIMARY_METRIC = "acc"

@@ -351,7 +351,7 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
         "quality",
         title,
         figure,
-        "Scores per task and metric as lm-eval reports them (acc: higher is better; answer_nll: nats per answer token, lower is better); error bars one stderr.",
+        "Scores per task and metric as lm-eval reports them (acc and retrieval_gain, nats per answer token: higher is better; *_nll: lower is better); error bars one stderr.",
     )
 
 

@@ -61,6 +61,15 @@ def niah_single_ll(**meta):
     return _dataset("niah_single_ll", **meta)
 
 
+def real_prompt(doc: dict) -> int:
+    """The index of the real prompt among the two contexts (lm-eval's multiple-input form)."""
+    return 0
+
+
+def prompts(doc: dict) -> list[str]:
+    return [doc["input"], doc["control"]]
+
+
 def process_results_ll(doc: dict, results: list) -> dict:
-    loglikelihood, is_greedy = results[0]
-    return generators.score_loglikelihood(doc, loglikelihood, is_greedy)
+    real, control = results
+    return generators.score_loglikelihood(doc, real, control)
