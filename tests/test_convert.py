@@ -11,6 +11,7 @@ from hhbench.models import loader
 from hhbench.models.convert import (
     GDNInit,
     HydraAdapter,
+    cache_kwarg,
     convert,
     decoder_layers,
     layer_outputs,
@@ -151,14 +152,14 @@ def test_cached_decoding_equals_the_full_forward_and_greedy_without_cache(tiny, 
     from transformers import DynamicCache
 
     cache = DynamicCache(config=out.config)
-    first = out(prompt, cache=cache, use_cache=True).logits
-    steps = [out(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(24, 32)]
+    first = out(prompt, **{cache_kwarg(out): cache}, use_cache=True).logits
+    steps = [out(ids[:, t : t + 1], **{cache_kwarg(out): cache}, use_cache=True).logits for t in range(24, 32)]
     full = out(ids[:, :32]).logits
     assert torch.allclose(first, full[:, :24], atol=1e-4)
     assert torch.allclose(torch.cat(steps, dim=1), full[:, 24:32], atol=1e-4)
     # a new prompt on the same cache object after a reset starts afresh
     cache.reset()
-    again = out(prompt, cache=cache, use_cache=True).logits
+    again = out(prompt, **{cache_kwarg(out): cache}, use_cache=True).logits
     assert torch.allclose(again, first, atol=1e-5)
 
 

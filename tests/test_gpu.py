@@ -12,7 +12,13 @@ pytest.importorskip("transformers")
 import handwired  # noqa: E402  (tests/ is on sys.path)
 
 from hhbench.kernels import registry  # noqa: E402
-from hhbench.models.convert import HydraAdapter, convert, decoder_layers, teacher_head_rms  # noqa: E402
+from hhbench.models.convert import (  # noqa: E402
+    HydraAdapter,
+    cache_kwarg,
+    convert,
+    decoder_layers,
+    teacher_head_rms,
+)
 from hhbench.models.variants import parse_variant  # noqa: E402
 
 pytestmark = [
@@ -82,8 +88,9 @@ def test_cached_decoding_on_gpu_kernels_follows_the_full_forward(llama, variant)
     fast = converted(llama, variant, torch.bfloat16)
     full = fast(ids[:, :210]).logits
     cache = DynamicCache(config=fast.config)
-    first = fast(ids[:, :200], cache=cache, use_cache=True).logits
-    steps = torch.cat([fast(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(200, 210)], dim=1)
+    by_name = {cache_kwarg(fast): cache}
+    first = fast(ids[:, :200], **by_name, use_cache=True).logits
+    steps = torch.cat([fast(ids[:, t : t + 1], **by_name, use_cache=True).logits for t in range(200, 210)], dim=1)
     assert rel_err(first, full[:, :200]) < BF16_REL
     assert rel_err(steps, full[:, 200:210]) < BF16_REL
     generated = fast.generate(ids[:, :64], max_new_tokens=8, do_sample=False, use_cache=True)

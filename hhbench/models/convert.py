@@ -18,6 +18,7 @@ token for the layer yet (a new prompt). It also writes a one-float-per-token mar
 so that the cache's length, which the model uses for positions and masks, stays right.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -134,6 +135,13 @@ class HydraAdapter(nn.Module):
         marker = hidden_states.new_zeros(B, 1, T, 1)
         cache.update(marker, marker, self.layer_idx)
         return out, None
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a transformers model takes its cache by: `cache` from transformers 5.2x, `past_key_values`
+    before (the lent GPU machines have 5.17). Passed under the other name, the cache would be ignored."""
+    params = inspect.signature(getattr(model, "model", model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _reject_padding(module, args, kwargs):
