@@ -9,6 +9,7 @@ from hhbench.errors import UserError
 from hhbench.kernels import registry
 from hhbench.kernels.fa import Sdpa, expand_kv
 from hhbench.kernels.reference import gdn_recurrent
+from hhbench.kernels.split_kv import MIN_SEGMENT, n_segments, split_kv_decode
 from tests.test_gdn_reference import gdn_inputs, rel
 
 
@@ -40,6 +41,29 @@ def test_backends_without_native_gqa_expand_kv():
     backend = Expanding("x", registry.FA, ("cpu",), "")
     q, k, v = torch.randn(1, 20, 6, 8), torch.randn(1, 20, 2, 8), torch.randn(1, 20, 2, 8)
     assert rel(backend.prefill(q, k, v), registry.get("sdpa-math", registry.FA).prefill(q, k, v)) < 1e-6
+
+
+@pytest.mark.parametrize("segments", [1, 2, 7, 16])
+@pytest.mark.parametrize(("batch", "length", "kv_heads"), [(1, 1000, 4), (2, 333, 2), (3, 64, 1)])
+def test_split_kv_decode_equals_attention_over_the_whole_cache(segments, batch, length, kv_heads):
+    """Segments of 1000/7 leave 6 tokens over, 333/16 leave 13; 64/16 are 4 tokens each; GQA groups of 1-4."""
+    q = torch.randn(batch, 1, 4, 32)
+    k, v = torch.randn(batch, length, kv_heads, 32), torch.randn(batch, length, kv_heads, 32)
+    expected = softmax_attention(q, expand_kv(k, 4), expand_kv(v, 4), causal=False)
+    assert rel(split_kv_decode(q, k, v, segments), expected) < 1e-5
+    assert rel(split_kv_decode(q.bfloat16(), k.bfloat16(), v.bfloat16(), segments), expected) < 2e-2
+
+
+def test_split_kv_segments_fill_the_target_and_keep_a_minimum_length():
+    assert n_segments(128 * 1024, pairs=4, target_blocks=264) == 66  # 4 FA heads at batch 1 on 132 SMs
+    assert n_segments(128 * 1024, pairs=64, target_blocks=264) == 5
+    assert n_segments(128 * 1024, pairs=512, target_blocks=264) == 1  # enough blocks already
+    assert n_segments(3 * MIN_SEGMENT + 5, pairs=1, target_blocks=264) == 3
+    assert n_segments(100, pairs=1, target_blocks=264) == 1
+    backend = registry.get("sdpa-split", registry.FA)
+    assert backend.unsupported("prefill") and backend.unsupported("decode") is None
+    q, k, v = torch.randn(1, 1, 8, 16), torch.randn(1, 4096, 2, 16), torch.randn(1, 4096, 2, 16)
+    assert rel(backend.decode(q, k, v), registry.get("sdpa-math", registry.FA).decode(q, k, v)) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["torch-chunk", "torch-recurrent"])

@@ -109,3 +109,13 @@ def test_head_selection_on_gpu_ranks_the_hand_wired_copy_head_first():
     assert max(flat)[1:] == handwired.COPY_HEAD
     for name in ("retrieval", "patching", "combined"):
         assert torch.allclose(torch.tensor(getattr(gpu, name)), torch.tensor(getattr(cpu, name)), atol=1e-3)
+
+
+@pytest.mark.parametrize("segments", [1, 7, 66])
+def test_split_kv_decode_on_the_flash_kernel_matches_math_sdpa(segments):
+    from hhbench.kernels.split_kv import split_kv_decode
+
+    q = torch.randn(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 32768 + 5, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    expected = registry.get("sdpa-math", registry.FA).decode(q.float(), k.float(), v.float())
+    assert rel_err(split_kv_decode(q, k, v, segments), expected) < 1e-2

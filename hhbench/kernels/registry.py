@@ -105,4 +105,4 @@ def resolve(name: str, kind: str, device: str, pass_: str) -> Backend:
 
 
 def _load() -> None:
-    from hhbench.kernels import fa, gdn  # noqa: F401  (the modules register their backends)
+    from hhbench.kernels import fa, gdn, split_kv  # noqa: F401  (the modules register their backends)
