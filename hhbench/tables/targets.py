@@ -122,7 +122,7 @@ def decode_bandwidth_check(rows: pd.DataFrame, copy_gbps: float | None) -> Check
         else:
             continue
         gbps = row["kv_cache_bytes"] / seconds / 1e9
-        records.append({"variant": row["variant"], "fa_heads": row["fa_heads"], "context": row["context"],
+        records.append({"variant": row["variant"], "fa_backend": row["fa_backend"], "fa_heads": row["fa_heads"], "context": row["context"],
                         "fa_ms": round(seconds * 1e3, 4), "kv_GB/s": round(gbps), "of_copy": round(gbps / copy_gbps, 3) if copy_gbps else None})  # fmt: skip
     evidence = pd.DataFrame(records)
     if evidence.empty or not copy_gbps:
@@ -135,9 +135,12 @@ def decode_bandwidth_check(rows: pd.DataFrame, copy_gbps: float | None) -> Check
     below = evidence[evidence["of_copy"] < 0.85]
     summary = f"copy {copy_gbps:.0f} GB/s; {len(evidence) - len(below)} of {len(evidence)} at >= 85%"
     if not below.empty:
+        several = evidence["fa_backend"].nunique() > 1  # name the backend only where it tells rows apart
         summary += "; below: " + ", ".join(
-            f"{v} at {c // 1024}K ({f:.0%})"
-            for v, c, f in zip(below["variant"], below["context"], below["of_copy"], strict=True)
+            f"{v}{f' ({b})' if several else ''} at {c // 1024}K ({f:.0%})"
+            for v, b, c, f in zip(
+                below["variant"], below["fa_backend"], below["context"], below["of_copy"], strict=True
+            )
         )
     return Check("decode KV bandwidth", evidence, "met" if below.empty else "not met", summary)
 
