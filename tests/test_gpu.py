@@ -20,6 +20,8 @@ from hhbench.models.convert import (  # noqa: E402
     teacher_head_rms,
 )
 from hhbench.models.variants import parse_variant  # noqa: E402
+from tests.test_gdn_reference import rel  # noqa: E402
+from tests.test_select_heads import _argmax  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -28,10 +30,6 @@ pytestmark = [
 ]
 
 BF16_REL = 3e-2  # bf16 activations through 4 layers: the reference runs in fp32
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +72,7 @@ def test_converted_model_on_gpu_kernels_matches_the_reference(llama, variant):
     fast = converted(llama, variant, torch.bfloat16)
     ref = converted(llama, variant, torch.float32, "sdpa-math", "torch-chunk")
     assert any(isinstance(layer.self_attn, HydraAdapter) for layer in decoder_layers(fast))
-    assert rel_err(fast(ids).logits, ref(ids).logits) < BF16_REL
+    assert rel(fast(ids).logits, ref(ids).logits) < BF16_REL
 
 
 @pytest.mark.parametrize("variant", ["head:3:1", "layer:3:1"])
@@ -91,8 +89,8 @@ def test_cached_decoding_on_gpu_kernels_follows_the_full_forward(llama, variant)
     by_name = {cache_kwarg(fast): cache}
     first = fast(ids[:, :200], **by_name, use_cache=True).logits
     steps = torch.cat([fast(ids[:, t : t + 1], **by_name, use_cache=True).logits for t in range(200, 210)], dim=1)
-    assert rel_err(first, full[:, :200]) < BF16_REL
-    assert rel_err(steps, full[:, 200:210]) < BF16_REL
+    assert rel(first, full[:, :200]) < BF16_REL
+    assert rel(steps, full[:, 200:210]) < BF16_REL
     generated = fast.generate(ids[:, :64], max_new_tokens=8, do_sample=False, use_cache=True)
     assert generated.shape == (1, 72) and torch.equal(generated[:, :64], ids[:, :64])
 
@@ -105,8 +103,7 @@ def test_head_selection_on_gpu_ranks_the_hand_wired_copy_head_first():
     probes = make_probes(lambda text: tok.encode(text, add_special_tokens=False), [400, 600], 2, seed=0)
     cpu = score_model(handwired.model(), probes)
     gpu = score_model(handwired.model().cuda(), probes)
-    flat = [(value, layer, head) for layer, row in enumerate(gpu.combined) for head, value in enumerate(row)]
-    assert max(flat)[1:] == handwired.COPY_HEAD
+    assert _argmax(gpu.combined) == handwired.COPY_HEAD
     for name in ("retrieval", "patching", "combined"):
         assert torch.allclose(torch.tensor(getattr(gpu, name)), torch.tensor(getattr(cpu, name)), atol=1e-3)
 
@@ -118,4 +115,4 @@ def test_split_kv_decode_on_the_flash_kernel_matches_math_sdpa(segments):
     q = torch.randn(1, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 32768 + 5, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     expected = registry.get("sdpa-math", registry.FA).decode(q.float(), k.float(), v.float())
-    assert rel_err(split_kv_decode(q, k, v, segments), expected) < 1e-2
+    assert rel(split_kv_decode(q, k, v, segments), expected) < 1e-2
