@@ -7,6 +7,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in its interpreter; read when triton loads
 torch.set_num_threads(1)  # the tests' tensors are small: one thread is faster and steadier on a shared CPU
 
 

@@ -86,6 +86,11 @@ def test_registry_contract():
     assert registry.resolve("auto", registry.FA, "cpu", "prefill").name == "sdpa-math"
     assert registry.resolve("auto", registry.GDN, "cpu", "decode").name == "torch-recurrent"
     assert registry.resolve("auto", registry.GDN, "cuda", "train").name == "fla-chunk"
+    assert registry.resolve("auto", registry.FA, "cuda", "decode").name == "triton-split"
+    assert (
+        registry.get("triton-split", registry.FA).unsupported("prefill")
+        == "triton-split does not implement the prefill pass"
+    )
     assert "runs on cuda" in registry.get("sdpa-cudnn", registry.FA).unavailable("cpu")
     assert registry.get("sdpa-math", registry.FA).unavailable("cpu") is None
     assert registry.get("flex", registry.FA).unsupported("decode") == "flex does not implement the decode pass"

@@ -64,7 +64,10 @@ def sweep(
     passes: Annotated[str, Opt("--passes", "--pass", help="prefill, train, decode.")] = "",
     scopes: Annotated[str, Opt(help="kernel, layer, model.")] = "",
     fa_backend: Annotated[
-        str, Opt(help="FA backend(s): auto, sdpa-cudnn, sdpa-flash, sdpa-efficient, sdpa-math, flash-attn, flex.")
+        str,
+        Opt(
+            help="FA backend(s): auto, sdpa-cudnn, sdpa-flash, sdpa-efficient, sdpa-math, flash-attn, flex, sdpa-split, triton-split."
+        ),
     ] = "",
     gdn_backend: Annotated[
         str, Opt(help="GDN backend(s): auto, fla-chunk, fla-recurrent, torch-chunk, torch-recurrent.")

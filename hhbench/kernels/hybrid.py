@@ -54,23 +54,24 @@ class HeadSplit:
 
 @functools.cache
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=device)
+    return torch.cuda.Stream(device=device, priority=-1)  # high priority: FA's blocks are dispatched first
 
 
 def run_both(fa_fn, gdn_fn, mode: str, device: torch.device):
-    """Run the two parts and return (fa_out, gdn_out); in streams mode GDN runs on a side stream."""
+    """Run the two parts and return (fa_out, gdn_out). In streams mode FA is launched first, on a high-priority side
+    stream, and GDN's chain of small kernels fills the SMs around it. Of the orders and priorities tried on an H100
+    (results/gpu-targets-h100/README.md) this was the only one never slower than sequential."""
     if mode != STREAMS or device.type != "cuda":
         return fa_fn(), gdn_fn()
     main = torch.cuda.current_stream(device)
     side = _side_stream(device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        gdn_out = gdn_fn()
-    fa_out = fa_fn()
+        fa_out = fa_fn()
+    gdn_out = gdn_fn()
     main.wait_stream(side)
-    for tensor in gdn_out if isinstance(gdn_out, tuple) else (gdn_out,):
-        if isinstance(tensor, torch.Tensor):
-            tensor.record_stream(main)  # allocated on the side stream, freed after use on the main one
+    if isinstance(fa_out, torch.Tensor):
+        fa_out.record_stream(main)  # allocated on the side stream, freed after use on the main one
     return fa_out, gdn_out
 
 

@@ -87,7 +87,7 @@ def names(kind: str) -> list[str]:
 AUTO = {
     (FA, "cuda", "prefill"): "sdpa-cudnn",
     (FA, "cuda", "train"): "sdpa-cudnn",
-    (FA, "cuda", "decode"): "sdpa-flash",
+    (FA, "cuda", "decode"): "triton-split",
     (FA, "cpu", "prefill"): "sdpa-math",
     (FA, "cpu", "train"): "sdpa-math",
     (FA, "cpu", "decode"): "sdpa-math",

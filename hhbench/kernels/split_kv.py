@@ -33,9 +33,9 @@ def n_segments(length: int, pairs: int, target_blocks: int) -> int:
 
 
 @functools.cache
-def _target_blocks(device: torch.device) -> int:
+def _target_blocks(device: torch.device, per_sm: int = BLOCKS_PER_SM) -> int:
     if device.type == "cuda":
-        return BLOCKS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return torch.get_num_threads()
 
 
@@ -84,3 +84,27 @@ class SplitKV(Backend):
     def decode(self, q, k_cache, v_cache):
         segments = n_segments(k_cache.shape[1], k_cache.shape[0] * k_cache.shape[2], _target_blocks(q.device))
         return split_kv_decode(q, k_cache, v_cache, segments)
+
+
+def _probe_triton():
+    from hhbench.kernels import triton_decode
+
+    q = torch.randn(1, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
+    triton_decode.split_kv_decode(q, q, q, _target_blocks(q.device, triton_decode.PROGRAMS_PER_SM), MIN_SEGMENT)
+
+
+@register(
+    FA,
+    "triton-split",
+    ("cuda",),
+    "split-KV decode (flash-decoding) as two Triton kernels: segment partials, then a log-sum-exp merge",
+    requires="triton",
+    passes=("decode",),
+    probe_fn=_probe_triton,
+)
+class TritonSplitKV(Backend):
+    def decode(self, q, k_cache, v_cache):
+        from hhbench.kernels import triton_decode
+
+        target = _target_blocks(q.device, triton_decode.PROGRAMS_PER_SM)
+        return triton_decode.split_kv_decode(q, k_cache, v_cache, target, MIN_SEGMENT)

@@ -1,5 +1,5 @@
 """Timing one callable the way METHOD.md asks: the first call (compile, JIT, autotune) timed on its own; warm-up;
-then repeated samples with CUDA events (or perf_counter on the CPU), L2 flushed before each sample so short
+then repeated samples with CUDA events (or perf_counter on the CPU), L2 flushed (by a read) before each sample so short
 kernels are not timed out of a warm cache; optionally the callable captured in a CUDA graph and its replays
 timed (small decode steps are otherwise dominated by launch overhead). Median and p10/p90 of the samples."""
 
@@ -41,7 +41,11 @@ class Timing:
 
 
 class _L2Flusher:
-    """Writes a buffer twice the L2's size, so every sample starts with a cold cache as a real workload would."""
+    """Reads a buffer twice the L2's size, so every sample starts with a cold cache as a real workload would.
+
+    Reading, not writing: zeroing the buffer (what triton's do_bench does) leaves the L2 full of dirty lines, and the
+    timed kernel then pays for writing them back. On an H100 that added 8-10 us to a 4-head decode step at 32K
+    (45 us with clean lines; results/gpu-targets-h100/README.md)."""
 
     _buffers: dict = {}
 
@@ -50,8 +54,8 @@ class _L2Flusher:
         buffer = cls._buffers.get(device)
         if buffer is None:
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20) or 64 * 2**20
-            buffer = cls._buffers[device] = torch.empty(2 * l2 // 4, dtype=torch.int32, device=device)
-        buffer.zero_()
+            buffer = cls._buffers[device] = torch.ones(2 * l2 // 4, dtype=torch.int32, device=device)
+        buffer.max()
 
 
 def _sync(device: torch.device) -> None:
@@ -108,7 +112,7 @@ def time_callable(fn: Callable[[], object], device: torch.device, policy: Timing
         torch.cuda.synchronize(device)
         samples = [start.elapsed_time(end) for start, end in events]
         if flush:
-            notes.append("L2 flushed before each sample")
+            notes.append("L2 flushed by a read before each sample")
     else:
         samples = []
         for _ in range(reps):
