@@ -12,6 +12,7 @@ from tests.test_gdn_reference import rel
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 1e-5 if DEVICE == "cpu" else 5e-3  # on the GPU tl.dot takes fp32 inputs as tf32 (hhbench's fp32 bound)
 _version = lambda text: tuple(int(part) for part in text.split(".")[:2])  # noqa: E731
 if DEVICE == "cpu" and _version(triton.__version__) < (3, 8) and _version(numpy.__version__) >= (2, 4):
     pytest.skip("Triton's interpreter before 3.8 fails on numpy >= 2.4 (scalar arguments)", allow_module_level=True)
@@ -40,7 +41,7 @@ def test_triton_split_kv_decode_equals_attention_over_the_whole_cache(
     expected = softmax_attention(q, expand_kv(k, q_heads), expand_kv(v, q_heads), causal=False)
     out = split_kv_decode(*(x.to(DEVICE, dtype) for x in (q, k, v)), target_blocks, min_segment=256)
     assert out.dtype == dtype and out.shape == q.shape
-    assert rel(out.float().cpu(), expected) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel(out.float().cpu(), expected) < {torch.float32: FP32_TOL, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
 
 
 def test_triton_split_kv_decode_reads_strided_queries_and_caches():
@@ -48,7 +49,7 @@ def test_triton_split_kv_decode_reads_strided_queries_and_caches():
     q = torch.randn(1, 1, 8, 64)[:, :, ::2]
     k, v = (torch.randn(1, 600, 4, 64)[:, 50:550, 1:3] for _ in range(2))
     expected = softmax_attention(q, expand_kv(k, 4), expand_kv(v, 4), causal=False)
-    assert rel(split_kv_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 4, 128).cpu(), expected) < 1e-5
+    assert rel(split_kv_decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 4, 128).cpu(), expected) < FP32_TOL
 
 
 def test_segments_fill_the_target_without_an_empty_one():
