@@ -19,6 +19,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   "${pip[@]}" torch==2.13.0
   extras=""
+  # Triton's interpreter runs the Triton kernels' tests on the CPU; 3.6's breaks on numpy >= 2.4.
+  [ $test_extras = 1 ] && "${pip[@]}" "triton>=3.8"
 fi
 [ $test_extras = 1 ] && extras="${extras:+$extras,}dev,eval"
 "${pip[@]}" -e ".${extras:+[$extras]}"

@@ -88,3 +88,7 @@ def test_committed_gpu_run(cli):
     result = cli("table", "results/gpu-default-h100", "--targets")
     assert result.returncode == 0, result.stderr
     assert "| head 7:1 vs layer 3:1 | met | 1.51x at 64K prefill (per layer) |" in result.stdout
+    after = cli("table", "results/gpu-targets-h100", "--targets")
+    assert after.returncode == 0, after.stderr
+    assert "| head 7:1 vs layer 3:1 | met | 1.55x at 64K prefill (per layer) |" in after.stdout
+    assert "6 of 9 points at >= 85% (the fastest FA backend of each)" in after.stdout

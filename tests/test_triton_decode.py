@@ -41,7 +41,9 @@ def test_triton_split_kv_decode_equals_attention_over_the_whole_cache(
     expected = softmax_attention(q, expand_kv(k, q_heads), expand_kv(v, q_heads), causal=False)
     out = split_kv_decode(*(x.to(DEVICE, dtype) for x in (q, k, v)), target_blocks, min_segment=256)
     assert out.dtype == dtype and out.shape == q.shape
-    assert rel(out.float().cpu(), expected) < {torch.float32: FP32_TOL, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert (
+        rel(out.float().cpu(), expected) < {torch.float32: FP32_TOL, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    )
 
 
 def test_triton_split_kv_decode_reads_strided_queries_and_caches():

@@ -87,7 +87,7 @@ def parts_check(rows: pd.DataFrame) -> Check:
     sequential = rows[(rows["mode"] == "sequential") & rows["extra"].map(lambda e: "vs_parts_sum" in e)]
     if sequential.empty:
         return Check("parts", pd.DataFrame(), "no data", "no sequential head-level row with its parts timed")
-    evidence = sequential[KERNEL_KEY[1:5]].copy()
+    evidence = sequential[KERNEL_KEY[1:5] + ["fa_backend"]].copy()
     evidence["latency_ms"] = sequential["latency_ms"].round(4)
     evidence["fa_alone_ms"] = sequential["extra"].map(lambda e: round(e["parts_ms"].get("fa", 0.0), 4))
     evidence["gdn_alone_ms"] = sequential["extra"].map(lambda e: round(e["parts_ms"].get("gdn", 0.0), 4))

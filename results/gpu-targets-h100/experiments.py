@@ -1,0 +1,111 @@
+"""Device experiment: tune the Triton split-KV decode; try stream orders/priorities for the streams mode."""
+import itertools, json, os, sys, time
+import torch
+from hhbench.kernels import registry, triton_decode, hybrid
+from hhbench.measure.timing import time_callable, TimingPolicy
+from hhbench.measure.env import measure_peaks
+
+OUT = os.environ["OUT"]
+dev = torch.device("cuda")
+part = sys.argv[1]
+if part == "flush":
+    from hhbench.measure import timing
+    flash = registry.get("sdpa-flash", registry.FA)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+    buf = torch.zeros(2 * l2 // 4, dtype=torch.int32, device=dev)
+    def zero(device): buf.zero_()
+    def read(device): buf.sum()
+    def zero_read(device): buf.zero_(); buf.sum()
+    def none(device): pass
+    for heads, T in ((4, 32768), (4, 131072), (32, 32768)):
+        q = torch.randn(1, 1, heads, 128, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, T, heads, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        kv = 2 * T * heads * 128 * 2
+        for fname, f in (("zero", zero), ("read", read), ("zero+read", zero_read), ("none", none)):
+            timing._L2Flusher.flush = staticmethod(f)
+            for bname, fn in (("flash", lambda: flash.decode(q, k, v)), ("triton", lambda: triton_decode.split_kv_decode(q, k, v, sms, 256)),
+                              ("read-all", lambda: (k.sum(), v.sum()))):
+                t = time_callable(fn, dev, TimingPolicy(warmup_ms=20, target_ms=200, min_reps=30, max_reps=300, graph=True))
+                print(f"{heads} {T} flush={fname:9s} {bname:8s} {t.median_ms*1e3:7.1f} us [{t.percentile(.1)*1e3:.1f}, {t.percentile(.9)*1e3:.1f}]  {kv / t.median_ms / 1e6:6.0f} GB/s", flush=True)
+elif part == "decode":
+    peaks = measure_peaks()
+    copy = peaks["copy_gbps"]
+    print("peaks", peaks, flush=True)
+    policy = TimingPolicy(warmup_ms=20, target_ms=100, min_reps=20, max_reps=200, graph=True)
+    flash = registry.get("sdpa-flash", registry.FA)
+    math_ = registry.get("sdpa-math", registry.FA)
+    records = []
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for heads, T in itertools.product((4, 8, 32), (32768, 65536, 131072)):
+        q = torch.randn(1, 1, heads, 128, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, T, heads, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        ref = math_.decode(q.float(), k.float(), v.float())
+        kv = 2 * T * heads * 128 * 2
+        t = time_callable(lambda: flash.decode(q, k, v), dev, policy)
+        records.append(dict(heads=heads, T=T, cfg="sdpa-flash", ms=t.median_ms, p10=t.percentile(.1), p90=t.percentile(.9), of_copy=kv / (t.median_ms * 1e-3) / 1e9 / copy))
+        for block_n, warps, stages, mult in itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 2, 4)):
+            cfg = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+            fn = lambda: triton_decode.split_kv_decode(q, k, v, mult * sms, 256, cfg)
+            try:
+                out = fn()
+                err = float((out.float() - ref).norm() / ref.norm())
+                t = time_callable(fn, dev, policy)
+            except Exception as exc:
+                print("fail", heads, T, cfg, mult, repr(exc)[:200], flush=True)
+                continue
+            records.append(dict(heads=heads, T=T, cfg=f"n{block_n}w{warps}s{stages}x{mult}", err=err, ms=t.median_ms, p10=t.percentile(.1), p90=t.percentile(.9), of_copy=kv / (t.median_ms * 1e-3) / 1e9 / copy))
+        best = sorted([r for r in records if r["heads"] == heads and r["T"] == T], key=lambda r: r["ms"])[:6]
+        print(heads, T, [(r["cfg"], round(r["ms"] * 1e3, 1), round(r["of_copy"], 3), r.get("err")) for r in best], flush=True)
+    json.dump(dict(peaks=peaks, records=records), open(f"{OUT}/decode_tuning.json", "w"))
+    # configs ranked by their worst ratio to the best over all shapes
+    import collections
+    best_ms = collections.defaultdict(lambda: 1e9)
+    for r in records:
+        best_ms[(r["heads"], r["T"])] = min(best_ms[(r["heads"], r["T"])], r["ms"])
+    worst = collections.defaultdict(float)
+    for r in records:
+        worst[r["cfg"]] = max(worst[r["cfg"]], r["ms"] / best_ms[(r["heads"], r["T"])])
+    print(sorted(worst.items(), key=lambda x: x[1])[:10])
+else:
+    from hhbench.cli.app import app, _register_commands
+    _register_commands()
+    variants = {"gdn-first": ("gdn", 0, "side"), "fa-first": ("fa", 0, "side"), "fa-first-gdnhi": ("fa", -1, "side"),
+                "gdn-first-hi": ("gdn", -1, "side"), "fa-side-hi": ("fa", -1, "fa-side")}
+    streams = {}
+    def make(first, priority, where):
+        def run_both(fa_fn, gdn_fn, mode, device):
+            if mode != hybrid.STREAMS or device.type != "cuda":
+                return fa_fn(), gdn_fn()
+            main = torch.cuda.current_stream(device)
+            side = streams.setdefault((priority, where), torch.cuda.Stream(device=device, priority=priority))
+            side.wait_stream(main)
+            on_side, on_main = (gdn_fn, fa_fn) if where == "side" else (fa_fn, gdn_fn)
+            side_first = (first == "gdn") == (where == "side")
+            if side_first:
+                with torch.cuda.stream(side):
+                    s_out = on_side()
+                m_out = on_main()
+            else:
+                m_out = on_main()
+                with torch.cuda.stream(side):
+                    s_out = on_side()
+            main.wait_stream(side)
+            for tensor in s_out if isinstance(s_out, tuple) else (s_out,):
+                if isinstance(tensor, torch.Tensor):
+                    tensor.record_stream(main)
+            return (s_out, m_out) if where == "fa-side" else (m_out, s_out)
+        return run_both
+    for name, spec in variants.items():
+        hybrid.run_both = make(*spec)
+        for args in (["--ratios", "1:1", "--contexts", "4k", "--batch", "4", "--passes", "prefill"],
+                     ["--ratios", "1:1", "--contexts", "16k", "--batch", "1", "--passes", "prefill"],
+                     ["--ratios", "7:1,3:1", "--contexts", "128k", "--passes", "decode"]):
+            try:
+                app(["sweep", "--models", "h32d128", "--layouts", "head", "--scopes", "kernel", "--mode", "sequential,streams",
+                     "--run", f"streams-{name}", "--out", OUT, *args], standalone_mode=False)
+            except SystemExit:
+                pass
+        rows = [json.loads(l) for l in open(f"{OUT}/streams-{name}/rows.jsonl")]
+        for r in rows:
+            print(name, r["variant"], r["context"], r["batch"], r["pass"], r["mode"], r["status"], round(r.get("latency_ms") or -1, 4), round(r.get("latency_p10_ms") or -1, 4), round(r.get("latency_p90_ms") or -1, 4), flush=True)
