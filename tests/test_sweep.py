@@ -104,6 +104,21 @@ def test_oom_and_errors_stay_on_their_rows_and_the_sweep_goes_on(tmp_path, monke
     assert retried.new == 2 and len(read_rows(tmp_path / "r" / "rows.jsonl")) == 4
 
 
+def test_asking_for_parts_measures_a_finished_point_again(tmp_path):
+    spec = {"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32,64", "passes": "prefill"}
+    run = RunDir(tmp_path / "r")
+    first = sweep_module.run_sweep(grid_points(spec, "cpu"), run, torch.device("cpu"), FAST)
+    assert first.new == 2 and not any("parts_ms" in row.extra for row in first.rows)
+    with_parts = grid_points({**spec, "contexts": "64", "parts": True}, "cpu")
+    second = sweep_module.run_sweep(with_parts, run, torch.device("cpu"), FAST)
+    assert second.new == 1 and second.skipped == 0
+    rows = read_rows(run.rows_path)
+    assert len(rows) == 2 and len({row.key for row in rows}) == 2
+    assert {row.context: set(row.extra.get("parts_ms", {})) for row in rows} == {32: set(), 64: {"fa", "gdn"}}
+    again = sweep_module.run_sweep(with_parts, run, torch.device("cpu"), FAST)
+    assert again.new == 0 and again.skipped == 1
+
+
 def test_isolated_points(cli, tmp_path):
     result = cli("sweep", "--models", "tiny", "--layouts", "head", "--ratios", "3:1", "--contexts", "64",
                  "--passes", "prefill,decode", "--isolate", "--out", str(tmp_path), "--run", "iso", "--target-ms", "2")  # fmt: skip

@@ -37,15 +37,23 @@ class SweepResult:
     crosscheck_failures: list[str] = field(default_factory=list)
 
 
-def _existing_rows(run: RunDir, retry: bool) -> RowSet:
+def _existing_rows(run: RunDir, retry: bool, wants_parts: set) -> RowSet:
+    """The run's finished rows, less those to measure again: error and oom rows with retry, and rows measured
+    without the parts this sweep asks for (rewritten atomically: a kill here leaves the old file or the new one)."""
     if not run.rows_path.exists():
         return RowSet()
     rows = read_rows(run.rows_path, repair=True)
-    if retry and any(row.status in RETRYABLE for row in rows):
-        kept = RowSet(row for row in rows if row.status not in RETRYABLE)
+
+    def again(row) -> bool:
+        if retry and row.status in RETRYABLE:
+            return True
+        return row.status == schema.OK and row.key in wants_parts and "parts_ms" not in row.extra
+
+    if any(again(row) for row in rows):
+        kept = RowSet(row for row in rows if not again(row))
         temporary = run.rows_path.with_suffix(".tmp")
         kept.to_jsonl(temporary)
-        os.replace(temporary, run.rows_path)  # atomic: a kill here leaves the old file or the new one
+        os.replace(temporary, run.rows_path)
         rows = kept
     return rows
 
@@ -98,7 +106,7 @@ def run_sweep(
 ) -> SweepResult:
     run.create()
     _prepare_env(run, suite_name, device)
-    rows = _existing_rows(run, retry)
+    rows = _existing_rows(run, retry, {p.key for p in points if p.parts})
     done = {row.key for row in rows}
     todo = [p for p in points if p.key not in done]
     result = SweepResult(run, rows, skipped=len(points) - len(todo))
