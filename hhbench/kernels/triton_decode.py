@@ -23,10 +23,9 @@ PROGRAMS_PER_SM = 1
 
 
 @triton.jit
-def _partial(Q, K, V, O_part, Lse_part, Out, Arrivals, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh,
-             stride_vb, stride_vt, stride_vh, stride_ob, stride_oh, length, segment_len, segments, scale,
-             HKV: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-             FUSED: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+def _partial(Q, K, V, O_part, Lse_part, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb,
+             stride_vt, stride_vh, length, segment_len, segments, scale, HKV: tl.constexpr, GROUP: tl.constexpr,
+             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):  # fmt: skip
     segment = tl.program_id(0)
     b = (tl.program_id(1) // HKV).to(tl.int64)  # offsets of long caches overflow int32
     kv_head = tl.program_id(1) % HKV
@@ -59,32 +58,6 @@ def _partial(Q, K, V, O_part, Lse_part, Out, Arrivals, stride_qb, stride_qh, str
     rows = (b * HKV * GROUP + heads) * segments + segment  # partials laid out [B * Hq, segments, D]
     tl.store(O_part + rows[:, None] * D + d[None, :], acc / denom[:, None], mask=in_group[:, None])
     tl.store(Lse_part + rows, m + tl.log(denom), mask=in_group)
-    if FUSED:
-        arrived = tl.atomic_add(Arrivals + tl.program_id(1), 1, sem="acq_rel")  # releases this program's partials
-        if arrived == segments - 1:  # the last segment of this (sequence, KV head) to finish merges them all
-            s_idx = tl.arange(0, BLOCK_S)
-            for j in tl.static_range(GROUP):
-                row = b * HKV * GROUP + kv_head * GROUP + j
-                top = tl.full([BLOCK_S], float("-inf"), tl.float32)
-                for first in range(0, segments, BLOCK_S):
-                    lse = tl.load(Lse_part + row * segments + first + s_idx, mask=first + s_idx < segments,
-                                  other=float("-inf"), cache_modifier=".cg")  # fmt: skip
-                    top = tl.maximum(top, lse)
-                top_all = tl.max(top, 0)
-                total = tl.zeros([BLOCK_S], tl.float32)
-                merged = tl.zeros([D], tl.float32)
-                for first in range(0, segments, BLOCK_S):
-                    present = first + s_idx < segments
-                    lse = tl.load(Lse_part + row * segments + first + s_idx, mask=present, other=float("-inf"),
-                                  cache_modifier=".cg")  # fmt: skip
-                    weight = tl.exp(lse - top_all)
-                    part = tl.load(O_part + (row * segments + first + s_idx)[:, None] * D + d[None, :],
-                                   mask=present[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                    total += weight
-                    merged += tl.sum(part * weight[:, None], 0)
-                out = merged / tl.sum(total, 0)
-                tl.store(Out + b * stride_ob + (kv_head * GROUP + j) * stride_oh + d, out.to(Out.dtype.element_ty))
-            tl.atomic_xchg(Arrivals + tl.program_id(1), 0)  # ready for the next call (and CUDA graph replay)
 
 
 @triton.jit
@@ -100,18 +73,6 @@ def _merge(O_part, Lse_part, Out, stride_ob, stride_oh, segments, HQ: tl.constex
     parts = tl.load(O_part + (row * segments + s)[:, None] * D + d[None, :], mask=present[:, None], other=0.0)
     out = tl.sum(parts * weights[:, None], 0)
     tl.store(Out + (row // HQ) * stride_ob + (row % HQ) * stride_oh + d, out.to(Out.dtype.element_ty))
-
-
-_ARRIVALS: dict = {}
-
-
-def _arrivals(device: torch.device, pairs: int) -> torch.Tensor:
-    """Per (sequence, KV head), how many segments have finished: zero between calls (the merging program resets
-    it), kept across calls so a CUDA graph replays with the same buffer."""
-    counter = _ARRIVALS.get(device)
-    if counter is None or counter.numel() < pairs:
-        counter = _ARRIVALS[device] = torch.zeros(max(pairs, 1024), dtype=torch.int32, device=device)
-    return counter
 
 
 def plan_segments(length: int, pairs: int, target_blocks: int, block_n: int, min_segment: int) -> tuple[int, int]:
@@ -133,17 +94,23 @@ def split_kv_decode(q, k_cache, v_cache, target_blocks: int, min_segment: int, c
     o_part = torch.empty(B * Hq, segments, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B * Hq, segments, device=q.device, dtype=torch.float32)
     out = torch.empty(B, 1, Hq, D, device=q.device, dtype=q.dtype)
-    fused = config.get("fused", False)
-    arrivals = _arrivals(q.device, B * Hkv) if fused else o_part
     _partial[(segments, B * Hkv)](
-        q, k_cache, v_cache, o_part, lse_part, out, arrivals, q.stride(0), q.stride(2), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0),
-        out.stride(2), T, segment_len, segments, 1.0 / math.sqrt(D), HKV=Hkv, GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=config["block_n"], D=D, FUSED=fused, BLOCK_S=16,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        q, k_cache, v_cache, o_part, lse_part, q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), T, segment_len, segments,
+        1.0 / math.sqrt(D), HKV=Hkv, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=config["block_n"], D=D, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
-    if not fused:
-        block_s = triton.next_power_of_2(segments)
-        _merge[(B * Hq,)](o_part, lse_part, out, out.stride(0), out.stride(2), segments, HQ=Hq, BLOCK_S=block_s, D=D,
-                          num_warps=4 if block_s <= 32 else 8)  # fmt: skip
+    block_s = triton.next_power_of_2(segments)
+    _merge[(B * Hq,)](
+        o_part,
+        lse_part,
+        out,
+        out.stride(0),
+        out.stride(2),
+        segments,
+        HQ=Hq,
+        BLOCK_S=block_s,
+        D=D,
+        num_warps=4 if block_s <= 32 else 8,
+    )
     return out
