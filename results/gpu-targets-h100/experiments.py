@@ -28,6 +28,51 @@ if part == "flush":
                               ("read-all", lambda: (k.sum(), v.sum()))):
                 t = time_callable(fn, dev, TimingPolicy(warmup_ms=20, target_ms=200, min_reps=30, max_reps=300, graph=True))
                 print(f"{heads} {T} flush={fname:9s} {bname:8s} {t.median_ms*1e3:7.1f} us [{t.percentile(.1)*1e3:.1f}, {t.percentile(.9)*1e3:.1f}]  {kv / t.median_ms / 1e6:6.0f} GB/s", flush=True)
+elif part == "graphs":
+    from hhbench.plan.grid import grid_points
+    from hhbench.bench.workloads import build
+    for fa in ("sdpa-cudnn", "sdpa-flash"):
+        for batch, ctx in ((4, "4k"), (1, "16k")):
+            res = {}
+            for mode in ("sequential", "streams"):
+                (point,) = grid_points({"models": "h32d128", "layouts": "head", "ratios": "1:1", "contexts": ctx, "batch": batch,
+                                        "passes": "prefill", "scopes": "kernel", "modes": mode, "parts": True, "fa_backend": fa}, "cuda")
+                w = build(point, dev)
+                for graph in (False, True):
+                    pol = TimingPolicy(warmup_ms=50, target_ms=300, min_reps=8, max_reps=100, graph=graph)
+                    t = time_callable(w.run, dev, pol)
+                    res[(mode, graph)] = t.median_ms
+                    extra = ""
+                    if mode == "sequential":
+                        parts = {n: time_callable(f, dev, pol).median_ms for n, f in w.parts.items()}
+                        extra = " parts " + " ".join(f"{n}={v:.3f}" for n, v in parts.items())
+                    print(f"{fa} B={batch} {ctx} {mode:10s} graph={graph!s:5s} {t.median_ms:.3f} ms [{t.percentile(.1):.3f}, {t.percentile(.9):.3f}]{extra}", flush=True)
+                del w
+            for graph in (False, True):
+                print(f"  -> {fa} B={batch} {ctx} graph={graph}: streams speedup {res[('sequential', graph)] / res[('streams', graph)]:.3f}", flush=True)
+elif part == "fused":
+    copy = measure_peaks()["copy_gbps"]
+    print("copy", copy, flush=True)
+    policy = TimingPolicy(warmup_ms=20, target_ms=150, min_reps=30, max_reps=300, graph=True)
+    math_ = registry.get("sdpa-math", registry.FA)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    records = []
+    for heads, T, group in ((4, 32768, 1), (4, 65536, 1), (4, 131072, 1), (8, 32768, 1), (8, 65536, 1), (8, 131072, 1), (32, 32768, 1), (32, 131072, 1), (8, 32768, 2), (1, 32768, 4)):
+        q = torch.randn(1, 1, heads * group, 128, device=dev, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, T, heads, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        ref = math_.decode(q.float(), k.float(), v.float())
+        kv = 2 * T * heads * 128 * 2
+        line = []
+        for name, cfg, mult in (("two", dict(block_n=64, num_warps=4, num_stages=3), 1), ("fused", dict(block_n=64, num_warps=4, num_stages=3, fused=True), 1),
+                                ("fused-w8", dict(block_n=64, num_warps=8, num_stages=3, fused=True), 1), ("fused-n128", dict(block_n=128, num_warps=4, num_stages=3, fused=True), 1),
+                                ("fused-x2", dict(block_n=64, num_warps=4, num_stages=3, fused=True), 2)):
+            fn = lambda: triton_decode.split_kv_decode(q, k, v, mult * sms, 256, cfg)
+            errs = [float((fn().float() - ref).norm() / ref.norm()) for _ in range(50)]
+            t = time_callable(fn, dev, policy)
+            records.append(dict(heads=heads, T=T, group=group, cfg=name, max_err=max(errs), ms=t.median_ms, p10=t.percentile(.1), p90=t.percentile(.9), of_copy=kv / (t.median_ms * 1e-3) / 1e9 / copy))
+            line.append(f"{name} {t.median_ms*1e3:.1f}us [{t.percentile(.1)*1e3:.1f},{t.percentile(.9)*1e3:.1f}] {kv / (t.median_ms * 1e-3) / 1e9 / copy:.3f} err{max(errs):.1e}")
+        print(heads, T, group, " | ".join(line), flush=True)
+    json.dump(dict(copy_gbps=copy, records=records), open(f"{OUT}/fused.json", "w"))
 elif part == "decode":
     peaks = measure_peaks()
     copy = peaks["copy_gbps"]
