@@ -50,6 +50,31 @@ elif part == "graphs":
                 del w
             for graph in (False, True):
                 print(f"  -> {fa} B={batch} {ctx} graph={graph}: streams speedup {res[('sequential', graph)] / res[('streams', graph)]:.3f}", flush=True)
+elif part == "profile":
+    from torch.profiler import profile, ProfilerActivity
+    from hhbench.plan.grid import grid_points
+    from hhbench.bench.workloads import build
+    for layout, ratio in (("head", "7:1"), ("layer", "3:1")):
+        (point,) = grid_points({"models": "qwen3-1.7b", "layouts": layout, "ratios": ratio, "contexts": "16k",
+                                "passes": "decode", "scopes": "layer"}, "cuda")
+        w = build(point, dev)
+        pol = TimingPolicy(warmup_ms=50, target_ms=300, min_reps=8, max_reps=200, graph=True)
+        t = time_callable(w.run, dev, pol)
+        print(f"{layout}:{ratio} graph {t.median_ms*1e3:.1f} us per run of {w.layers_per_run} layers", flush=True)
+        for _ in range(3):
+            w.run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                w.run()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        total_n = sum(e.count for e in events) / 10
+        total_t = sum(e.self_device_time_total for e in events) / 10
+        print(f"  {total_n:.0f} kernels per run, {total_t:.1f} us of kernel time per run", flush=True)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
+            print(f"  {e.count/10:5.1f} x {e.self_device_time_total/max(e.count,1):7.2f} us  {e.key[:110]}", flush=True)
+        del w
 elif part == "fused":
     copy = measure_peaks()["copy_gbps"]
     print("copy", copy, flush=True)
