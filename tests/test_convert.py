@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hhbench.layers.hydrahead import HydraAttention
+from hhbench.layers.hydrahead import HydraAttention, rope_cos_sin
 from hhbench.models import loader
 from hhbench.models.convert import (
     GDNInit,
@@ -186,8 +186,10 @@ def test_gdn_head_starts_close_to_linear_attention():
     init = GDNInit()
     init_gdn(attn, init)
     x = torch.randn(1, T, hidden)
-    q, k, v = attn._project(x)
-    (gq, gk, gv, g, beta), _ = attn._gdn_inputs(q, k, v, x)
+    slots = attn._project(x)
+    q, k, v = slots[:, :, :2], slots[:, :, 2:4], slots[:, :, 4:]  # 2 heads, 2 KV heads: one slot each
+    _, la = attn._split_inputs(slots, rope_cos_sin(torch.arange(T), d, attn.rope_theta, x.dtype))
+    (gq, gk, gv, g, beta), _ = attn.gdn.prepare(la, x)
     o, _ = attn._core("prefill", x.device).prefill_parts(None, (gq, gk, gv, g, beta))[1]
     qf = F.normalize(F.silu(init.qk_conv * q[:, :, 1]), dim=-1)
     kf = F.normalize(F.silu(init.qk_conv * k[:, :, 1]), dim=-1)

@@ -47,6 +47,11 @@ class HeadSplit:
         position = {g: i for i, g in enumerate(self.fa_groups)}
         return tuple(position[h // self.group_size] for h in self.fa_heads)
 
+    def original_positions(self) -> tuple[int, ...]:
+        """For each head in the original order, its position among the FA heads followed by the GDN heads."""
+        order = (*self.fa_heads, *self.la_heads)
+        return tuple(order.index(h) for h in range(self.n_heads))
+
     def la_kv_groups(self) -> tuple[int, ...]:
         """For each GDN head, its KV group: GDN heads reuse their group's keys and values."""
         return tuple(h // self.group_size for h in self.la_heads)

@@ -55,19 +55,20 @@ class GatedDeltaNetHeads(nn.Module):
         g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
         return g, torch.sigmoid(self.b_proj(x).to(dtype))
 
-    def prepare(self, q, k, v, x, conv_states=None):
-        """q, k [B, T, n, dk] and v [B, T, n, dv] from the projection -> kernel inputs (q, k, v, g, beta) and the
-        conv states to carry into decoding."""
-        B, T = q.shape[:2]
+    def prepare(self, qkv, x, conv_states=None):
+        """qkv [B, T, 3n, d]: the heads' q, k and v from the projection (each head its KV group's k and v), with
+        dk = dv = d -> kernel inputs (q, k, v, g, beta) and the q, k, v conv states to carry into decoding."""
+        B, T = qkv.shape[:2]
+        flat = qkv.reshape(B, T, -1)
         states = [None, None, None] if conv_states is None else conv_states
-        if self.conv_size:
-            flat = [t.reshape(B, T, -1) for t in (q, k, v)]
-            weights = (self.conv_q, self.conv_k, self.conv_v)
-            outs = [causal_conv(t, w, s) for t, w, s in zip(flat, weights, states, strict=True)]
-            q, k, v = (y.view(B, T, self.n_heads, -1) for y, _ in outs)
-            states = [state for _, state in outs]
+        if self.conv_size:  # one depthwise conv over the q, k and v channels together
+            state = None if conv_states is None else torch.cat(conv_states, dim=1)
+            weight = torch.cat([self.conv_q, self.conv_k, self.conv_v])
+            flat, state = causal_conv(flat, weight, state)
+            states = list(state.split([w.shape[0] for w in (self.conv_q, self.conv_k, self.conv_v)], dim=1))
         else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+            flat = F.silu(flat)
+        q, k, v = flat.view(B, T, 3 * self.n_heads, -1).split(self.n_heads, dim=2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g, beta = self.gates(x)
         return (q, k, v.contiguous(), g, beta), states

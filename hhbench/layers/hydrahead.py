@@ -5,20 +5,25 @@ projection. A layer with no GDN head is a plain attention layer (no head norms),
 vanilla model and layer-wise FA layers are untouched; a layer with no FA head is a full GDN layer.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import SEQUENTIAL, HeadSplit, HybridCore, head_index, merge_heads
+from hhbench.kernels.hybrid import SEQUENTIAL, HeadSplit, HybridCore, head_index
 from hhbench.layers.gdn_heads import GatedDeltaNetHeads
+
+
+@functools.cache
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama's rotary tables (rotate-half convention, as Hugging Face writes them): [T, head_dim] each."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[:, None] * _inv_freq(head_dim, theta, positions.device)[None, :]
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -33,12 +38,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def head_rms_norm(o: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
-    """o [B, T, n, d] normalized per head, times that head's weight [n, d] and gamma [n]."""
+def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """o [B, T, n, d] normalized per head, times that head's scale [n, d] (norm weight times gamma)."""
     dtype = torch.promote_types(o.dtype, torch.float32)
     wide = o.to(dtype)
-    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * (weight.to(dtype) * gamma.to(dtype)[:, None])).to(o.dtype)
+    return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * scale.to(dtype)).to(o.dtype)
 
 
 @dataclass
@@ -103,6 +107,14 @@ class HydraAttention(nn.Module):
         if n_la:
             self.head_norm_weight = nn.Parameter(torch.ones(n_heads, head_dim))
             self.head_gamma = nn.Parameter(torch.ones(n_heads))
+        # One gather takes every head's q, k, v out of the projection in the order the kernels want them; the
+        # parts are then views. Head-level decode is dozens of tiny kernels, so each one saved counts
+        # (results/paper-h100/decode-profile.txt).
+        H, KV, la_groups = n_heads, n_kv_heads, self.split.la_kv_groups()
+        self.slot_order = (*self.split.fa_heads, *(H + g for g in self.split.fa_groups),
+                           *(H + KV + g for g in self.split.fa_groups), *self.split.la_heads,
+                           *(H + g for g in la_groups), *(H + KV + g for g in la_groups))  # fmt: skip
+        self.head_order = (*self.split.fa_heads, *self.split.la_heads)  # the kernels' outputs, concatenated
 
     @property
     def n_fa(self) -> int:
@@ -113,22 +125,27 @@ class HydraAttention(nn.Module):
         gdn = registry.resolve(self.gdn_backend, registry.GDN, device.type, pass_) if self.gdn else None
         return HybridCore(self.split, fa, gdn, self.mode, self.chunk_size)
 
-    def _project(self, x):
+    def _project(self, x) -> torch.Tensor:
+        """The fused projection as head slots [B, T, H + 2 KV, d]: query heads, key groups, value groups."""
         B, T, _ = x.shape
-        H, KV, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * d, KV * d, KV * d], dim=-1)
-        q, k, v = q.view(B, T, H, d), k.view(B, T, KV, d), v.view(B, T, KV, d)
+        H, KV = self.n_heads, self.n_kv_heads
+        slots = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
+            slots = torch.cat(
+                [self.q_norm(slots[:, :, :H]), self.k_norm(slots[:, :, H : H + KV]), slots[:, :, H + KV :]], 2
+            )
+        return slots
 
-    def _fa_inputs(self, q, k, v, cos, sin):
-        device = q.device
-        q_fa = apply_rope(q.index_select(2, head_index(self.split.fa_heads, device)), cos, sin)
-        groups = head_index(self.split.fa_groups, device)
-        k_fa = apply_rope(k.index_select(2, groups), cos, sin)
-        v_fa = v.index_select(2, groups)
-        return q_fa, k_fa, v_fa
+    def _split_inputs(self, slots, position_embeddings):
+        """(q, k, v of the FA heads with RoPE, or None; [B, T, 3 n_la, d] q, k, v of the GDN heads, or None)."""
+        if self.slot_order != tuple(range(slots.shape[2])):
+            slots = slots.index_select(2, head_index(self.slot_order, slots.device))
+        n_fa, n_groups = self.n_fa, len(self.split.fa_groups)
+        fa = None
+        if n_fa:
+            qk = apply_rope(slots[:, :, : n_fa + n_groups], *position_embeddings)
+            fa = (qk[:, :, :n_fa], qk[:, :, n_fa:], slots[:, :, n_fa + n_groups : n_fa + 2 * n_groups])
+        return fa, (slots[:, :, n_fa + 2 * n_groups :] if self.gdn is not None else None)
 
     def _expand_for_kernel(self, k_fa, v_fa):
         if self.split.fa_gqa_uniform:
@@ -136,23 +153,23 @@ class HydraAttention(nn.Module):
         index = head_index(self.split.fa_kv_index(), k_fa.device)
         return k_fa.index_select(2, index), v_fa.index_select(2, index)
 
-    def _gdn_inputs(self, q, k, v, x, conv_states=None):
-        device = q.device
-        groups = head_index(self.split.la_kv_groups(), device)
-        q_la = q.index_select(2, head_index(self.split.la_heads, device))
-        return self.gdn.prepare(q_la, k.index_select(2, groups), v.index_select(2, groups), x, conv_states)
-
     def _finish(self, fa_out, la_out, x):
         """Per-head norms and gate, heads back in order, output projection. fa_out/la_out: [B, T, n, d]."""
-        if self.gdn is not None:
-            weight, gamma, device = self.head_norm_weight, self.head_gamma, x.device
-            if fa_out is not None:
-                fa_idx = head_index(self.split.fa_heads, device)
-                fa_out = head_rms_norm(fa_out, weight[fa_idx], gamma[fa_idx], self.norm_eps)
-            la_idx = head_index(self.split.la_heads, device)
-            la_out = head_rms_norm(la_out.to(x.dtype), weight[la_idx], gamma[la_idx], self.norm_eps)
-            la_out = self.gdn.output_gate(la_out, x)
-        o = merge_heads(self.split, fa_out, la_out)
+        if self.gdn is None:
+            o = fa_out  # a plain attention layer: every head is FA, in order
+        else:
+            n_fa = self.n_fa
+            la_out = la_out.to(x.dtype)
+            o = la_out if fa_out is None else torch.cat([fa_out, la_out], dim=2)  # kernel order: FA, then GDN
+            scale = self.head_norm_weight * self.head_gamma[:, None]
+            if self.head_order != tuple(range(self.n_heads)):
+                scale = scale.index_select(0, head_index(self.head_order, x.device))
+            o = head_rms_norm(o, scale, self.norm_eps)  # per head: the heads' order does not matter
+            if self.gdn.g_proj is not None:
+                gated = self.gdn.output_gate(o[:, :, n_fa:], x)
+                o = torch.cat([o[:, :, :n_fa], gated], dim=2) if n_fa else gated
+            if self.head_order != tuple(range(self.n_heads)):
+                o = o.index_select(2, head_index(self.split.original_positions(), x.device))
         return self.o_proj(o.reshape(*x.shape[:2], -1))
 
     def forward(
@@ -166,21 +183,19 @@ class HydraAttention(nn.Module):
         if cache is not None and cache.length > 0:
             return self._decode(x, position_embeddings, cache)
         core = self._core("train" if torch.is_grad_enabled() else "prefill", x.device)
-        q, k, v = self._project(x)
-        if position_embeddings is None:
+        if position_embeddings is None and self.n_fa:
             position_embeddings = rope_cos_sin(
                 torch.arange(x.shape[1], device=x.device), self.head_dim, self.rope_theta, x.dtype
             )
-        cos, sin = position_embeddings
-        fa = gdn = None
-        if self.n_fa:
-            q_fa, k_fa, v_fa = self._fa_inputs(q, k, v, cos, sin)
+        fa, la = self._split_inputs(self._project(x), position_embeddings)
+        gdn = conv_states = None
+        if fa:
+            q_fa, k_fa, v_fa = fa
             fa = (q_fa, *self._expand_for_kernel(k_fa, v_fa))
             if cache is not None:
                 cache.k[:, : x.shape[1]], cache.v[:, : x.shape[1]] = k_fa, v_fa
-        conv_states = None
-        if self.gdn is not None:
-            gdn, conv_states = self._gdn_inputs(q, k, v, x)
+        if la is not None:
+            gdn, conv_states = self.gdn.prepare(la, x)
         fa_out, gdn_result = core.prefill_parts(fa, gdn, output_final_state=cache is not None)
         la_out, state = gdn_result if gdn_result is not None else (None, None)
         if cache is not None:
@@ -197,21 +212,19 @@ class HydraAttention(nn.Module):
     def _decode(self, x, position_embeddings, cache: LayerCache):
         core = self._core("decode", x.device)
         position = cache.length
-        q, k, v = self._project(x)
-        if position_embeddings is None:
+        if position_embeddings is None and self.n_fa:
             position_embeddings = rope_cos_sin(
                 torch.arange(position, position + 1, device=x.device), self.head_dim, self.rope_theta, x.dtype
             )
-        cos, sin = position_embeddings
-        fa = gdn = None
-        if self.n_fa:
-            q_fa, k_new, v_new = self._fa_inputs(q, k, v, cos, sin)
+        fa, la = self._split_inputs(self._project(x), position_embeddings)
+        gdn = new_conv = None
+        if fa:
+            q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
             k_all, v_all = self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1])
             fa = (q_fa, k_all, v_all)
-        new_conv = None
-        if self.gdn is not None:
-            (gq, gk, gv, g, beta), new_conv = self._gdn_inputs(q, k, v, x, cache.conv)
+        if la is not None:
+            (gq, gk, gv, g, beta), new_conv = self.gdn.prepare(la, x, cache.conv)
             gdn = (gq[:, 0], gk[:, 0], gv[:, 0], g[:, 0], beta[:, 0], cache.state)
         fa_out, gdn_result = core.decode_parts(fa, gdn)
         la_out, state = gdn_result if gdn_result is not None else (None, None)
