@@ -115,6 +115,8 @@ class HydraAttention(nn.Module):
                            *(H + KV + g for g in self.split.fa_groups), *self.split.la_heads,
                            *(H + g for g in la_groups), *(H + KV + g for g in la_groups))  # fmt: skip
         self.head_order = (*self.split.fa_heads, *self.split.la_heads)  # the kernels' outputs, concatenated
+        self.gathers_slots = self.slot_order != tuple(range(H + 2 * KV))  # False for a plain MHA or GDN layer
+        self.reorders_heads = self.head_order != tuple(range(n_heads))
 
     @property
     def n_fa(self) -> int:
@@ -138,7 +140,7 @@ class HydraAttention(nn.Module):
 
     def _split_inputs(self, slots, position_embeddings):
         """(q, k, v of the FA heads with RoPE, or None; [B, T, 3 n_la, d] q, k, v of the GDN heads, or None)."""
-        if self.slot_order != tuple(range(slots.shape[2])):
+        if self.gathers_slots:
             slots = slots.index_select(2, head_index(self.slot_order, slots.device))
         n_fa, n_groups = self.n_fa, len(self.split.fa_groups)
         fa = None
@@ -162,13 +164,13 @@ class HydraAttention(nn.Module):
             la_out = la_out.to(x.dtype)
             o = la_out if fa_out is None else torch.cat([fa_out, la_out], dim=2)  # kernel order: FA, then GDN
             scale = self.head_norm_weight * self.head_gamma[:, None]
-            if self.head_order != tuple(range(self.n_heads)):
+            if self.reorders_heads:
                 scale = scale.index_select(0, head_index(self.head_order, x.device))
             o = head_rms_norm(o, scale, self.norm_eps)  # per head: the heads' order does not matter
             if self.gdn.g_proj is not None:
                 gated = self.gdn.output_gate(o[:, :, n_fa:], x)
                 o = torch.cat([o[:, :, :n_fa], gated], dim=2) if n_fa else gated
-            if self.head_order != tuple(range(self.n_heads)):
+            if self.reorders_heads:
                 o = o.index_select(2, head_index(self.split.original_positions(), x.device))
         return self.o_proj(o.reshape(*x.shape[:2], -1))
 
