@@ -27,9 +27,10 @@ def attention_with_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
-def n_segments(length: int, pairs: int, target_blocks: int) -> int:
-    """Segments for a cache of `length` tokens shared by `pairs` (sequence, KV head) pairs."""
-    return max(1, min(math.ceil(target_blocks / pairs), length // MIN_SEGMENT))
+def n_segments(length: int, pairs: int, target_blocks: int, min_segment: int = MIN_SEGMENT) -> int:
+    """Segments for a cache of `length` tokens shared by `pairs` (sequence, KV head) pairs: enough for
+    `target_blocks` thread blocks, none shorter than `min_segment` tokens (when the cache allows)."""
+    return max(1, min(math.ceil(target_blocks / pairs), length // min_segment))
 
 
 @functools.cache

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hhbench.kernels.split_kv import n_segments
+
 MAX_SEGMENTS = 128  # the merge holds all segments of one head in registers
 # Tuned on an H100 over 4-32 heads at 32K-128K (results/gpu-targets-h100/decode_tuning.json): within 3.3% of the
 # best of 36 configurations at every shape, with one program per SM.
@@ -79,7 +81,7 @@ def plan_segments(length: int, pairs: int, target_blocks: int, block_n: int, min
     """(segments, tokens per segment) for a cache of `length` tokens read by `pairs` (sequence, KV head) pairs:
     enough segments for `target_blocks` programs, none shorter than `min_segment` tokens (when the cache allows),
     segment lengths a multiple of block_n, and no empty segment."""
-    wanted = max(1, min(math.ceil(target_blocks / pairs), length // min_segment, MAX_SEGMENTS))
+    wanted = min(n_segments(length, pairs, target_blocks, min_segment), MAX_SEGMENTS)
     segment_len = math.ceil(math.ceil(length / wanted) / block_n) * block_n
     return math.ceil(length / segment_len), segment_len
 
