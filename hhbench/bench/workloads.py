@@ -62,7 +62,7 @@ def gdn_decay(shape, device, dtype=torch.float32):
     )
 
 
-def _core_inputs(point: Point, split: HeadSplit, device, dtype, context: int, batch: int, grad: bool, round_to=None):
+def core_inputs(point: Point, split: HeadSplit, device, dtype, context: int, batch: int, grad: bool, round_to=None):
     d = point.shape.head_dim
     B, T = batch, context
     n_fa, n_la = len(split.fa_heads), len(split.la_heads)
@@ -124,7 +124,7 @@ def _checked(step) -> list[torch.Tensor]:
     return step.checked() if isinstance(step, TrainStep) else step()
 
 
-def _core_step(core: HybridCore, fa, gdn, pass_: Pass, round_to):
+def core_step(core: HybridCore, fa, gdn, pass_: Pass, round_to):
     """One hybrid core call on its inputs, returning its outputs: FA and GDN outputs as they come (the merge back
     into head order belongs to the layer, whose o_proj reads it)."""
     if pass_ is Pass.DECODE:
@@ -153,8 +153,8 @@ def kernel_workload(
         split = HeadSplit(layer.n_heads, layer.fa_heads, layer.group_size)
         core = HybridCore(split, registry.get(fa_name, registry.FA), registry.get(gdn_name, registry.GDN), point.mode,
                           point.spec.gdn.chunk_size)  # fmt: skip
-        fa, gdn = _core_inputs(point, split, device, dtype, context, batch, grad, round_to)
-        items.append((core, fa, gdn, count, _core_step(core, fa, gdn, point.pass_, round_to)))
+        fa, gdn = core_inputs(point, split, device, dtype, context, batch, grad, round_to)
+        items.append((core, fa, gdn, count, core_step(core, fa, gdn, point.pass_, round_to)))
 
     def run():
         for *_, count, step in items:
@@ -169,9 +169,9 @@ def kernel_workload(
         core, fa, gdn, _, _ = items[0]
         parts = {}
         if fa:
-            parts["fa"] = _core_step(core, fa, None, point.pass_, round_to)
+            parts["fa"] = core_step(core, fa, None, point.pass_, round_to)
         if gdn:
-            parts["gdn"] = _core_step(core, None, gdn, point.pass_, round_to)
+            parts["gdn"] = core_step(core, None, gdn, point.pass_, round_to)
     graph = point.pass_ is Pass.DECODE and device.type == "cuda"
     return Workload(run, outputs, sum(item[3] for item in items), graph, parts)
 

@@ -1,5 +1,6 @@
 """`hhbench sweep`: measure hybrid kernels, layers and models over a grid, into results/<run>/."""
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from hhbench.rows.schema import RowSet, markdown_table
 
 Opt = typer.Option
 SUMMARY = ["variant", "ratio_effective", "pass", "scope", "context", "batch", "mode", "fa_backend", "gdn_backend",
-           "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "tflops", "vs_layer31_flops", "reason"]  # fmt: skip
+           "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "vs_floor", "tflops", "vs_layer31_flops", "reason"]  # fmt: skip
 
 
 def pick_device(name: str):
@@ -70,13 +71,16 @@ def sweep(
         ),
     ] = "",
     gdn_backend: Annotated[
-        str, Opt(help="GDN backend(s): auto, fla-chunk, fla-recurrent, torch-chunk, torch-recurrent.")
+        str, Opt(help="GDN backend(s): auto, flash-qla, fla-chunk, fla-recurrent, torch-chunk, torch-recurrent.")
     ] = "",
     dtype: Annotated[str, Opt(help="bf16, fp16, fp32.")] = "",
     mode: Annotated[str, Opt("--mode", "--modes", help="Head-level execution: sequential, streams.")] = "",
     head_map: Annotated[str, Opt(help="Head-map JSON for the head layout.")] = "",
     kv_aware: Annotated[bool, Opt(help="Pack FA heads into as few KV groups as possible.")] = False,
     parts: Annotated[bool, Opt(help="Also time the FA and GDN parts alone (kernel scope, head layout).")] = False,
+    floor: Annotated[
+        bool, Opt(help="Time each layer and model point's floor: its necessary kernels alone (floor_ms, vs_floor).")
+    ] = True,
     device: Annotated[str, Opt(help="auto, cpu or cuda.")] = "auto",
     run: Annotated[str, Opt(help="Run name: results go to OUT/RUN/. Default: SUITE-DEVICE (rerun to resume).")] = "",
     out: Annotated[str, Opt(help="Folder holding runs.")] = "results",
@@ -120,6 +124,8 @@ def sweep(
     else:
         chosen = load_suite(suite or ("default" if where.type == "cuda" else "cpu"), where.type)
         name, points, policy = chosen.name, chosen.points, chosen.policy
+    if not floor:
+        points = [dataclasses.replace(point, floor=False) for point in points]
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v >= 0}})
     run_dir = RunDir(Path(out) / (run or default_run_name(name, where))).create()

@@ -1,16 +1,57 @@
-"""Gated DeltaNet backends: fla's Triton kernels and the pure-torch reference forms.
+"""Gated DeltaNet backends: fla's Triton kernels, FlashQLA's TileLang kernels and the pure-torch reference forms.
 
 `prefill(q, k, v, g, beta, initial_state, output_final_state, chunk_size)` runs a whole sequence; `step(q, k, v, g, beta,
 state)` one decode token with [B, H, *] inputs. q and k arrive L2-normalized, g as log decay, beta in (0, 1).
 """
 
+import contextlib
+import importlib.metadata
+import os
+
 from hhbench.errors import Unsupported
 from hhbench.kernels import reference
 from hhbench.kernels.registry import GDN, Backend, register
 
+# fla >= 0.6 sends chunk_gated_delta_rule to FlashQLA whenever flash_qla imports, unless this variable is "0". fla's
+# dispatch reads it on every call (fla.backends.BaseBackend.is_enabled), so setting it around a call pins that call.
+FLASH_QLA_SWITCH = "FLA_FLASH_QLA"
+
+
+@contextlib.contextmanager
+def fla_triton_only():
+    """Within: fla's chunk_gated_delta_rule runs fla's own Triton path, never FlashQLA. The variable is put back
+    as it was on leaving (absent stays absent)."""
+    before = os.environ.get(FLASH_QLA_SWITCH)
+    os.environ[FLASH_QLA_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FLASH_QLA_SWITCH]
+        else:
+            os.environ[FLASH_QLA_SWITCH] = before
+
 
 def _probe_fla():
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: F401  (needs triton and a GPU build)
+
+
+def fla_tilelang_backward() -> bool:
+    """Whether fla sends the gated chunk backward's dq/dk/dw/dg kernel (chunk_bwd_dqkwg) to TileLang: its own
+    dispatch condition. On Hopper with Triton 3.4-3.7.0 that is what lets GDN training run at all (fla refuses the
+    Triton kernel there: it computes wrong gradients, fla issue #640)."""
+    try:
+        from fla.ops.common.backends import CommonTileLangBackend
+    except ImportError:
+        return False
+    return CommonTileLangBackend.is_available() and CommonTileLangBackend().is_enabled()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 @register(
@@ -27,10 +68,49 @@ class FlaChunk(Backend):
 
         if chunk_size != 64:
             raise Unsupported("fla's chunk kernels use chunks of 64")
+        with fla_triton_only():
+            return chunk_gated_delta_rule(
+                q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
+            )
 
-        return chunk_gated_delta_rule(
+    def implementation(self, pass_: str) -> str:
+        what = f"fla {_version('fla-core')} Triton chunk ({FLASH_QLA_SWITCH}=0)"
+        if pass_ == "train" and fla_tilelang_backward():
+            what += ", backward chunk_bwd_dqkwg in TileLang"
+        return what
+
+
+def _probe_flash_qla():
+    import flash_qla  # noqa: F401  (needs tilelang and an SM90/SM100/SM120 GPU: it raises at import elsewhere)
+
+
+@register(
+    GDN,
+    "flash-qla",
+    ("cuda",),
+    "FlashQLA chunk_gated_delta_rule (TileLang, fused forward and backward)",
+    probe_fn=_probe_flash_qla,
+    passes=("prefill", "train"),
+    dtypes=("bf16", "fp16"),
+    head_dims=(128,),
+)
+class FlashQla(Backend):
+    """The Qwen team's kernels (github.com/QwenLM/FlashQLA), called directly: fla's dispatch to them adds nothing.
+    auto_cp, FlashQLA's default, splits a batch-1 sequence over the SMs (intra-card context parallelism)."""
+
+    def prefill(self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64):
+        import flash_qla
+
+        if chunk_size != 64:
+            raise Unsupported("FlashQLA uses chunks of 64 on SM90/SM100")
+        if q.shape[-1] != 128 or v.shape[-1] != 128:
+            raise Unsupported(f"FlashQLA takes key and value heads of 128, not {q.shape[-1]} and {v.shape[-1]}")
+        return flash_qla.chunk_gated_delta_rule(
             q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
         )
+
+    def implementation(self, pass_: str) -> str:
+        return f"flash_qla {_version('flash-qla')} (TileLang {_version('tilelang')})"
 
 
 @register(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-PACKAGES = ("torch", "triton", "fla-core", "flash-linear-attention", "flash-attn", "tilelang", "lm-eval",
-            "transformers", "numpy", "pandas")  # fmt: skip
+PACKAGES = ("torch", "triton", "fla-core", "flash-linear-attention", "flash-attn", "flash-qla", "tilelang",
+            "lm-eval", "transformers", "numpy", "pandas")  # fmt: skip
 
 
 def _version(package: str) -> str | None:

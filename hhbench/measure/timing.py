@@ -132,3 +132,9 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> float |
     fn()
     torch.cuda.synchronize(device)
     return float(torch.cuda.max_memory_allocated(device) - base)
+
+
+def time_each(parts: dict[str, Callable[[], object]], device: torch.device, policy: TimingPolicy) -> dict[str, float]:
+    """The median ms of each callable timed alone, under the same policy (parts of a point: kernel scope's FA and
+    GDN alone, or a floor's kernels)."""
+    return {name: time_callable(fn, device, policy).median_ms for name, fn in parts.items()}

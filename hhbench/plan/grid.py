@@ -2,7 +2,8 @@
 
 A suite holds one or more [[grid]] tables; the points are their union, in order, duplicates dropped. Every
 grid key takes a list (or a single value): models, set (shape overrides), layouts, ratios, contexts, batch,
-passes, scopes, fa_backend, gdn_backend, dtype, modes, head_map, kv_aware, parts. [timing] sets the policy.
+passes, scopes, fa_backend, gdn_backend, dtype, modes, head_map, kv_aware, parts, floor (default true: layer and
+model points also time their floor, hhbench.bench.floor). [timing] sets the policy.
 """
 
 import dataclasses
@@ -23,7 +24,7 @@ from hhbench.spec.shapes import ModelShape
 
 SUITES = Path(__file__).resolve().parents[2] / "suites"
 GRID_KEYS = {"models", "set", "layouts", "ratios", "contexts", "batch", "passes", "scopes", "fa_backend",
-             "gdn_backend", "dtype", "modes", "head_map", "kv_aware", "parts", "gdn_chunk"}  # fmt: skip
+             "gdn_backend", "dtype", "modes", "head_map", "kv_aware", "parts", "floor", "gdn_chunk"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Point:
     gdn_backend: str
     mode: str
     parts: bool = False  # also time the FA and GDN parts alone (kernel scope, head layout)
+    floor: bool = False  # also time the point's necessary kernels alone (layer and model scope)
 
     @property
     def key(self) -> tuple:
@@ -96,6 +98,7 @@ def grid_points(grid: dict, device: str) -> list[Point]:
     for name in gdn_names:
         _check_backend(name, registry.GDN, device)
     parts = bool(grid.get("parts", False))
+    floor = bool(grid.get("floor", True))
     points = []
     for shape, (ratio, spec), context, batch, pass_, scope, dtype, mode, fa, gdn_name in itertools.product(
         shapes, specs, contexts, batches, passes, scopes, dtypes, modes, fa_names, gdn_names
@@ -113,10 +116,11 @@ def grid_points(grid: dict, device: str) -> list[Point]:
                 pass_,
                 scope,
                 dtype,
-                registry.resolve(fa, registry.FA, device, pass_.value).name,
-                registry.resolve(gdn_name, registry.GDN, device, pass_.value).name,
+                registry.resolve(fa, registry.FA, device, pass_.value, dtype, shape.head_dim).name,
+                registry.resolve(gdn_name, registry.GDN, device, pass_.value, dtype, shape.head_dim).name,
                 mode,
                 parts and spec.layout is Layout.HEAD and scope is Scope.KERNEL,
+                floor and scope is not Scope.KERNEL,
             )  # fmt: skip
         )
     return points
@@ -132,12 +136,15 @@ def _check_backend(name: str, kind: str, device: str) -> None:
 
 
 def dedupe(points: list[Point]) -> list[Point]:
-    """One point per key, in first-seen order; a point asked for with its parts timed keeps them."""
+    """One point per key, in first-seen order; a point asked for with its parts or its floor timed keeps them."""
     unique: dict[tuple, Point] = {}
     for point in points:
         kept = unique.get(point.key)
-        if kept is None or (point.parts and not kept.parts):
-            unique[point.key] = point if kept is None else dataclasses.replace(kept, parts=True)
+        unique[point.key] = (
+            point
+            if kept is None
+            else dataclasses.replace(kept, parts=kept.parts or point.parts, floor=kept.floor or point.floor)
+        )
     return list(unique.values())
 
 

@@ -79,6 +79,9 @@ class Row:
     tflops: float | None = None  # flops_total / median latency
     gbps: float | None = None  # analytic bytes / median latency
     max_rel_err: float | None = None
+    gdn_impl: str = ""  # the GDN implementation that ran (kernels.registry.Backend.implementation); "" without GDN
+    floor_ms: float | None = None  # the point's necessary kernels timed alone, summed (hhbench.runner.floor)
+    vs_floor: float | None = None  # latency_ms / floor_ms
     extra: dict = field(default_factory=dict)
     run: str = ""
     schema: int = SCHEMA_VERSION
@@ -155,7 +158,7 @@ def _from_dict(cls, data: dict):
 DISPLAY_COLUMNS = ["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "context", "batch",
                    "pass", "scope", "status", "flops_total", "flops_attention", "flops_fa_core", "flops_gdn_core",
                    "flops_proj", "flops_mlp", "kv_cache_bytes", "state_bytes", "vs_layer31_flops", "vs_layer31_kv",
-                   "latency_ms", "latency_p10_ms", "latency_p90_ms", "tflops", "peak_mem_bytes"]  # fmt: skip
+                   "latency_ms", "latency_p10_ms", "latency_p90_ms", "floor_ms", "vs_floor", "tflops", "peak_mem_bytes"]  # fmt: skip
 
 
 class RowSet(list):

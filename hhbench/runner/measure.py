@@ -13,10 +13,11 @@ from hhbench.bench import workloads
 from hhbench.errors import Unsupported
 from hhbench.kernels import registry
 from hhbench.measure.env import device_name
-from hhbench.measure.timing import TimingPolicy, peak_memory_bytes, time_callable
+from hhbench.measure.timing import TimingPolicy, peak_memory_bytes, time_callable, time_each
 from hhbench.plan.grid import Point
 from hhbench.rows import schema
 from hhbench.rows.schema import Row
+from hhbench.runner import floor
 from hhbench.spec.layout import build_plan
 
 CHECK_CONTEXT = 256  # small enough for the token-by-token oracle, several GDN chunks long
@@ -84,20 +85,27 @@ def _needed_backends(point: Point):
     return needed
 
 
+def _implementation(backends, pass_: str) -> str:
+    """What the GDN backend says it runs for this pass, "" where the point has no GDN head."""
+    return next((b.implementation(pass_) for b in backends if b.kind == registry.GDN), "")
+
+
 def measure_point(
     point: Point, device: torch.device, policy: TimingPolicy, checked: dict, crosscheck: bool = False
 ) -> Row:
     row = base_row(point)
     row.device = device_name()
-    for backend in _needed_backends(point):
+    backends = _needed_backends(point)
+    for backend in backends:
         reason = backend.unavailable(device.type)
         if reason:
             row.status, row.reason = schema.UNAVAILABLE, f"{backend.name}: {reason}"
             return row
-        reason = backend.unsupported(point.pass_.value)
+        reason = backend.unsupported(point.pass_.value, point.dtype, point.shape.head_dim)
         if reason:
             row.status, row.reason = schema.UNSUPPORTED, reason
             return row
+    row.gdn_impl = _implementation(backends, point.pass_.value)
     try:
         check_key = (
             point.shape,
@@ -139,7 +147,7 @@ def measure_point(
             row.extra["timing_notes"] = timing.notes
         if workload.parts:
             same = TimingPolicy(**{**policy.__dict__, "graph": workload.graph})
-            parts = {name: time_callable(fn, device, same).median_ms for name, fn in workload.parts.items()}
+            parts = time_each(workload.parts, device, same)
             row.extra["parts_ms"] = parts
             row.extra["vs_parts_sum"] = row.latency_ms / sum(parts.values())
         if (
@@ -158,4 +166,6 @@ def measure_point(
     finally:
         workload = None
         _free(device)
+    floor.measure(point, device, policy, row)  # after the point's own workload is freed
+    _free(device)
     return row

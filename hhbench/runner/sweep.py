@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hhbench.errors import UserError
+from hhbench.kernels import registry
 from hhbench.measure.env import capture_env, device_name, measure_peaks
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import Point
@@ -66,7 +67,8 @@ def _prepare_env(run: RunDir, suite_name: str, device: torch.device) -> None:
             f"run {run.path} was measured on {env.get('device')}, this machine is {here}: use another --run"
         )
     if not env:
-        env = capture_env({"suite": suite_name, "argv": sys.argv[1:]})
+        # auto's candidates available here, in order: a point's auto takes the first that accepts it
+        env = capture_env({"suite": suite_name, "argv": sys.argv[1:], "auto": registry.auto_choices(device.type)})
         if device.type == "cuda":
             env["peaks"] = measure_peaks()
     now = capture_env()

@@ -1,0 +1,42 @@
+"""The floor as a measurement unit: on a layer- or model-scope point whose latency was measured, time the point's
+necessary kernels alone (hhbench.bench.floor) and write `floor_ms` (their sum, as often as the point runs each, per
+layer like the latency at layer scope), `vs_floor` (latency / floor) and `extra.floor_parts_ms` (each part's
+median, per distinct layer). It tells whether a slowdown is the architecture (a high floor) or the implementation
+(latency far above its floor). A failure here is kept as `extra.floor_error`; the row keeps its latency."""
+
+import torch
+
+from hhbench.analytic.costs import Scope
+from hhbench.analytic.flops import Pass
+from hhbench.bench.floor import floor_layers, floor_parts
+from hhbench.measure.timing import TimingPolicy, time_each
+from hhbench.plan.grid import Point
+from hhbench.rows.schema import OK, Row
+
+SCOPES = (Scope.LAYER, Scope.MODEL)
+
+
+def applies(point: Point, row: Row) -> bool:
+    return point.floor and point.scope in SCOPES and row.status == OK and row.latency_ms is not None
+
+
+def measure(point: Point, device: torch.device, policy: TimingPolicy, row: Row) -> None:
+    """Fill the row's floor fields (module docstring); decode parts are timed as CUDA graphs like the step."""
+    if not applies(point, row):
+        return
+    same = TimingPolicy(**{**policy.__dict__, "graph": point.pass_ is Pass.DECODE and device.type == "cuda"})
+    try:
+        parts = floor_parts(point, device)
+        times = time_each({str(i): part.run for i, part in enumerate(parts)}, device, same)
+    except Exception as exc:  # the floor is an addition: its failure must not cost the row its latency
+        row.extra["floor_error"] = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        )
+        return
+    by_layer: dict[str, dict] = {}
+    for i, part in enumerate(parts):
+        entry = by_layer.setdefault(part.layer, {"count": part.count, "parts_ms": {}})
+        entry["parts_ms"][part.name] = times[str(i)]
+    row.floor_ms = sum(times[str(i)] * part.count for i, part in enumerate(parts)) / floor_layers(point)
+    row.vs_floor = row.latency_ms / row.floor_ms
+    row.extra["floor_parts_ms"] = by_layer
