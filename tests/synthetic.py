@@ -38,9 +38,11 @@ def latency_ms(row: Row) -> float:
 
 
 def measured(rows: RowSet, device: str = "cpu (test)", backends=("sdpa", "reference")) -> RowSet:
+    """Layer and model rows also get a floor: their FLOPs at the rate, without the per-call overhead."""
     out = RowSet()
     for row in rows:
         median = latency_ms(row)
+        floor = row.flops_total / RATE_FLOPS_PER_MS if row.scope != "kernel" else None
         samples = [median * (1 + SPREAD * step / 2) for step in (-2, -1, 0, 1, 2)]
         out.append(
             replace(
@@ -58,6 +60,8 @@ def measured(rows: RowSet, device: str = "cpu (test)", backends=("sdpa", "refere
                 peak_mem_bytes=row.kv_cache_bytes + row.state_bytes + row.weight_bytes,
                 tflops=row.flops_total / median / 1e9,
                 gbps=row.bytes_moved / median / 1e6,
+                floor_ms=floor,
+                vs_floor=median / floor if floor else None,
             )
         )
     return out

@@ -24,7 +24,7 @@ H100_ENV = {
     "time": "2025-11-27T10:00:00+00:00",
 }
 CPU_ENV = {"device": "cpu (x86_64, 2 threads)", "peaks": {"bf16_matmul_tflops": 0.5, "copy_gbps": 10.0}}
-FIGURES = ["latency", "speedup", "flops-tiny-prefill", "flops-tiny-train", "flops-tiny-decode", "memory-tiny",
+FIGURES = ["latency", "floor", "speedup", "flops-tiny-prefill", "flops-tiny-train", "flops-tiny-decode", "memory-tiny",
            "roofline", "decode", "quality"]  # fmt: skip
 
 
@@ -95,7 +95,7 @@ def test_png_images(runs, tmp_path):
     page, pngs = tmp_path / "report.html", tmp_path / "png"
     result = run_main("report", str(runs[3]), "--out", str(page), "--png", str(pngs), env={"BROWSER_PATH": chromium})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"{page}: 3 figures, 4 not drawn", f"{pngs}: 3 PNGs"]
+    assert result.stdout.splitlines() == [f"{page}: 3 figures, 5 not drawn", f"{pngs}: 3 PNGs"]
     for slug in ("speedup", "flops-tiny-prefill", "memory-tiny"):
         width, height = png_size(pngs / f"{slug}.png")
         assert width == 1400 and height > 200, slug
@@ -115,7 +115,7 @@ def test_analytic_only_report(runs):
     report = build_report(load_runs([runs[2]]))
     assert [f.slug for f in report.figures] == ["speedup", "flops-tiny-prefill", "flops-tiny-train",
                                                 "flops-tiny-decode", "memory-tiny"]  # fmt: skip
-    assert [o.title for o in report.omitted] == ["Latency against context", "Roofline",
+    assert [o.title for o in report.omitted] == ["Latency against context", "Latency against its floor", "Roofline",
                                                  "Decode latency against context", "Quality: score against context"]  # fmt: skip
     titles = [a.text for a in report.figures[0].figure.layout.annotations]
     assert titles and all(t.endswith("(by analytic FLOPs)") for t in titles)
@@ -139,6 +139,14 @@ def test_hover_carries_every_field_and_header_every_environment(report):
     for text in ("NVIDIA H100 80GB HBM3", "name NVIDIA H100 80GB HBM3, sm_count 132", "fla-core 0.6.0", "0123abc",
                  "cpu (x86_64, 2 threads)", "bf16_matmul_tflops 0.5", "flops", "not recorded"):  # fmt: skip
         assert text in page, text
+
+
+def test_floor_figure_draws_latency_and_floor_of_the_points_that_have_one(report):
+    floor = next(f for f in report.figures if f.slug == "floor").figure
+    dashes = {trace.line.dash for trace in floor.data}
+    assert dashes == {"solid", "dot"}
+    assert {a.text for a in floor.layout.annotations} >= {"scope=model"}  # kernel rows have no floor
+    assert not any(a.text == "scope=kernel" for a in floor.layout.annotations)
 
 
 def test_roofs_prefer_measured_peaks():

@@ -83,6 +83,41 @@ def latency_figure(rows: pd.DataFrame, passes: list[str], slug: str, title: str)
     return Figure(slug, title, figure, "Median of the repeated timings; error bars span p10 to p90.")
 
 
+def floor_figure(rows: pd.DataFrame) -> Figure | Omitted:
+    """Latency (solid) and its floor (dotted: the point's necessary kernels timed alone) against context, a panel
+    per scope and pass: the gap between the two lines is the implementation's glue."""
+    title = "Latency against its floor"
+    data = measured(rows)
+    data = data[data["floor_ms"].notna()].sort_values("context")
+    if data.empty:
+        return Omitted(title, "no measured row with its floor timed (layer or model scope)")
+    data = data.assign(series=series_labels(data), hover=hover_text(data))
+    long = data.melt(
+        id_vars=["series", "variant", "context", "scope", "pass", "hover"],
+        value_vars=["latency_ms", "floor_ms"],
+        var_name="measure",
+        value_name="ms",
+    ).replace({"measure": {"latency_ms": "latency", "floor_ms": "floor"}})
+    figure = _express(
+        px.line,
+        long,
+        y="ms",
+        line_dash="measure",
+        line_dash_map={"latency": "solid", "floor": "dot"},
+        facet_col="scope",
+        facet_row="pass",
+        log_y=True,
+        category_orders={
+            "scope": present_order(long["scope"], SCOPE_ORDER),
+            "pass": present_order(long["pass"], PASS_ORDER),
+        },
+        labels={"ms": "ms"},
+    )
+    figure.update_yaxes(matches=None, showticklabels=True)
+    figure.update_layout(height=320 * long["pass"].nunique() + 120)
+    return Figure("floor", title, figure, "Solid: median latency. Dotted: the floor, each part's median summed.")
+
+
 def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
     """A plotly express chart on a log x axis (context by default, its ticks the contexts), a colour per series,
     each point's hover carrying its row."""

@@ -72,6 +72,7 @@ def build_report(runs: list[Run]) -> Report:
     made: list[F.Figure | F.Omitted] = []
     if not rows.empty:
         made.append(F.latency_figure(rows, ["prefill", "train"], "latency", "Latency against context"))
+        made.append(F.floor_figure(rows))
         made.append(F.speedup_figure(rows))
         made += F.flops_figures(rows)
         made += F.memory_figures(rows)

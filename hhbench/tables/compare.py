@@ -1,5 +1,6 @@
 """Every configuration against the layer-wise 3:1 row of its own run, model, context, batch, pass, scope, dtype
-and backends: latency, speedup, FLOPs and KV-cache ratios, achieved TFLOP/s, peak memory; per head-level ratio
+and backends: latency, speedup, the floor (its necessary kernels alone) and latency over it, FLOPs and KV-cache
+ratios, achieved TFLOP/s, peak memory; per head-level ratio
 the context from which it beats layer 3:1; and, for several runs, the same configurations side by side."""
 
 import json
@@ -269,6 +270,9 @@ def _display(section: pd.DataFrame, measured: bool) -> pd.DataFrame:
             for lo, hi in zip(section["latency_p10_ms"], section["latency_p90_ms"], strict=True)
         ]
         view["speedup"] = section["speedup"].map(_fixed)
+        if section["floor_ms"].notna().any():  # layer and model points timed with their floor
+            view["floor_ms"] = section["floor_ms"]
+            view["vs_floor"] = section["vs_floor"].map(_fixed)
     view["flops_ratio"] = section["flops_ratio"].map(_fixed)
     view["kv_ratio"] = section["kv_ratio"].map(_fixed)
     if measured:

@@ -1,11 +1,15 @@
-"""The performance targets of the kernels issue, checked on a run's rows (kernel scope, measured):
+"""The performance targets, checked on a run's measured rows. Each check lists the rows it read, so a reader
+can find them in the run.
 
+The kernels issue (kernel scope):
 1. streams: the head-level core on two CUDA streams is never slower than sequential (beyond the rows' noise),
    and at least 1.2x faster at 4K, batch 4, 16 FA + 16 GDN heads;
 2. parts: the head-level kernel scope takes at most 5% more than its FA and GDN parts timed alone;
 3. head 7:1 against layer 3:1 (per layer) at 64K prefill: at least 1.45x faster;
 4. decode at 32K-128K: the FA heads read their KV cache at >= 85% of the card's measured copy bandwidth.
-Each check lists the rows it read, so a reader can find them in the run.
+
+Issue 12 (layer and model scope, the Qwen3-1.7B shape): declared as data in LAYER_TARGETS below (suite
+suites/floor-h200.toml measures exactly their points).
 """
 
 from dataclasses import dataclass, field
@@ -42,13 +46,6 @@ class Targets:
             if not check.evidence.empty:
                 blocks.append(f"\n### {check.target}\n\n{markdown_table(check.evidence)}")
         return "\n".join(blocks) + "\n"
-
-
-def _kernel_rows(run: Run) -> pd.DataFrame:
-    frame = run.frame()
-    if frame.empty:
-        return frame
-    return frame[(frame["status"] == OK) & (frame["scope"] == "kernel")]
 
 
 def streams_check(rows: pd.DataFrame) -> Check:
@@ -151,16 +148,142 @@ def decode_bandwidth_check(rows: pd.DataFrame, copy_gbps: float | None) -> Check
     return Check("decode KV bandwidth", evidence, "met" if below.empty else "not met", summary)
 
 
-def check_targets(run: Run) -> Targets:
-    rows = _kernel_rows(run)
-    copy_gbps = (run.env.get("peaks") or {}).get("copy_gbps")
-    targets = Targets(run.label)
-    if rows.empty:
-        return targets
-    targets.checks = [
-        streams_check(rows),
-        parts_check(rows),
-        layer31_check(rows),
-        decode_bandwidth_check(rows, copy_gbps),
+K = 1024
+POINT = ["variant", "gdn_backend", "context", "batch"]
+
+
+def _at(rows: pd.DataFrame, model: str, scope: str, pass_: str, batch: int) -> pd.DataFrame:
+    return rows[
+        (rows["model"] == model) & (rows["scope"] == scope) & (rows["pass"] == pass_) & (rows["batch"] == batch)
     ]
+
+
+@dataclass(frozen=True)
+class FloorTarget:
+    """Every measured row of these variants in the context range (each GDN backend) within `at_most` x its floor."""
+
+    name: str
+    scope: str
+    pass_: str
+    variants: tuple[str, ...]
+    contexts: tuple[int, int]  # inclusive range
+    at_most: float
+    model: str = "qwen3-1.7b"
+    batch: int = 1
+
+    def check(self, rows: pd.DataFrame) -> Check:
+        at = _at(rows, self.model, self.scope, self.pass_, self.batch)
+        at = at[at["variant"].isin(self.variants) & at["context"].between(*self.contexts) & at["floor_ms"].notna()]
+        if at.empty:
+            return Check(self.name, pd.DataFrame(), "no data", "no measured row with its floor at these points")
+        evidence = at[POINT + ["latency_ms", "floor_ms", "vs_floor"]].round(4).reset_index(drop=True)
+        worst = evidence.loc[evidence["vs_floor"].idxmax()]
+        over = int((evidence["vs_floor"] > self.at_most).sum())
+        summary = (
+            f"{len(evidence) - over} of {len(evidence)} rows within {self.at_most}x; worst {worst['vs_floor']:.2f}x "
+            f"({worst['variant']}, {worst['gdn_backend']}, {int(worst['context']) // K}K)"
+        )
+        return Check(self.name, evidence, "met" if over == 0 else "not met", summary)
+
+
+@dataclass(frozen=True)
+class SpeedupTarget:
+    """`faster` against `than` at one point: the slower's latency over the faster's, each its fastest row there
+    (its best GDN backend), at least `at_least` (or just faster, at_least = 1 exclusive)."""
+
+    name: str
+    scope: str
+    pass_: str
+    context: int
+    at_least: float
+    faster: str = "head:7:1"  # a variant label: "head:7:1+kv" is head 7:1 with --kv-aware
+    than: str = "layer:3:1"
+    model: str = "qwen3-1.7b"
+    batch: int = 1
+
+    def check(self, rows: pd.DataFrame) -> Check:
+        at = _at(rows, self.model, self.scope, self.pass_, self.batch)
+        at = at[at["context"] == self.context]
+        fast = at[at["variant"] == self.faster]
+        slow = at[at["variant"] == self.than]
+        if fast.empty or slow.empty:
+            return Check(self.name, pd.DataFrame(), "no data", f"{self.faster} or {self.than} missing at this point")
+        best_fast, best_slow = fast.loc[fast["latency_ms"].idxmin()], slow.loc[slow["latency_ms"].idxmin()]
+        speedup = float(best_slow["latency_ms"] / best_fast["latency_ms"])
+        evidence = pd.concat([fast, slow])[POINT + ["latency_ms", "latency_p10_ms", "latency_p90_ms"]].round(4)
+        met = speedup >= self.at_least if self.at_least > 1 else speedup > 1
+        summary = (
+            f"{speedup:.2f}x ({best_fast['latency_ms']:.4g} ms with {best_fast['gdn_backend']} vs "
+            f"{best_slow['latency_ms']:.4g} ms with {best_slow['gdn_backend']})"
+        )
+        return Check(self.name, evidence.reset_index(drop=True), "met" if met else "not met", summary)
+
+
+@dataclass(frozen=True)
+class BackendsTarget:
+    """Both GDN backends measured, side by side, at every point of these variants, passes and contexts that has
+    either; the summary gives the second's speed-up over the first."""
+
+    name: str
+    scope: str
+    passes: tuple[str, ...]
+    contexts: tuple[int, int]
+    backends: tuple[str, str] = ("fla-chunk", "flash-qla")
+    model: str = "qwen3-1.7b"
+    batch: int = 1
+
+    def check(self, rows: pd.DataFrame) -> Check:
+        at = rows[(rows["model"] == self.model) & (rows["scope"] == self.scope) & (rows["batch"] == self.batch)]
+        at = at[at["pass"].isin(self.passes) & at["context"].between(*self.contexts)]
+        at = at[at["gdn_backend"].isin(self.backends)]
+        if at.empty:
+            return Check(self.name, pd.DataFrame(), "no data", f"no row with {' or '.join(self.backends)}")
+        first, second = self.backends
+        wide = at.pivot_table(
+            index=["variant", "pass", "context"], columns="gdn_backend", values="latency_ms", aggfunc="min"
+        ).reindex(columns=list(self.backends))
+        evidence = wide.reset_index().rename(columns={first: f"{first}_ms", second: f"{second}_ms"})
+        evidence[f"{second}_speedup"] = (wide[first] / wide[second]).round(3).to_numpy()
+        missing = int(wide.isna().any(axis=1).sum())
+        ratios = evidence[f"{second}_speedup"].dropna()
+        summary = f"{len(wide) - missing} of {len(wide)} points with both"
+        if not ratios.empty:
+            summary += f"; {second} {ratios.min():.2f}x-{ratios.max():.2f}x {first}"
+        return Check(self.name, evidence.round(4), "met" if missing == 0 else "not met", summary)
+
+
+LAYER_TARGETS = (
+    FloorTarget("layer prefill within 1.15x of its floor", "layer", "prefill",
+                ("head:7:1", "head:3:1", "layer:3:1"), (16 * K, 128 * K), 1.15),
+    SpeedupTarget("head 7:1 vs layer 3:1, layer prefill 64K", "layer", "prefill", 64 * K, 1.3),
+    SpeedupTarget("head 7:1 vs layer 3:1, layer prefill 128K", "layer", "prefill", 128 * K, 1.45),
+    SpeedupTarget("head 7:1 vs layer 3:1, model prefill 128K", "model", "prefill", 128 * K, 1.25),
+    SpeedupTarget("head 7:1 vs layer 3:1, layer train 64K", "layer", "train", 64 * K, 1.3),
+    FloorTarget("layer decode within 1.3x of its floor", "layer", "decode",
+                ("head:7:1", "head:3:1", "layer:3:1"), (16 * K, 128 * K), 1.3),
+    SpeedupTarget("head 7:1 kv-aware faster than layer 3:1, decode B=16 64K", "layer", "decode", 64 * K, 1.0,
+                  faster="head:7:1+kv", batch=16),
+    BackendsTarget("FlashQLA and fla-chunk side by side", "layer", ("prefill", "train"), (16 * K, 128 * K)),
+)  # fmt: skip
+
+
+def check_targets(run: Run) -> Targets:
+    """The kernel targets where the run has kernel rows, issue 12's where it has layer or model rows."""
+    frame = run.frame()
+    targets = Targets(run.label)
+    if frame.empty:
+        return targets
+    measured = frame[frame["status"] == OK]
+    rows = measured[measured["scope"] == "kernel"]
+    if not rows.empty:
+        copy_gbps = (run.env.get("peaks") or {}).get("copy_gbps")
+        targets.checks += [
+            streams_check(rows),
+            parts_check(rows),
+            layer31_check(rows),
+            decode_bandwidth_check(rows, copy_gbps),
+        ]
+    wider = measured[measured["scope"] != "kernel"]
+    if not wider.empty:
+        targets.checks += [target.check(wider) for target in LAYER_TARGETS]
     return targets
