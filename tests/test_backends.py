@@ -1,12 +1,16 @@
 """Every backend that runs on the CPU against an independent reference; the registry's contract."""
 
+import importlib.util
 import math
+import os
+import sys
+import types
 
 import pytest
 import torch
 
-from hhbench.errors import UserError
-from hhbench.kernels import registry
+from hhbench.errors import Unsupported, UserError
+from hhbench.kernels import gdn, registry
 from hhbench.kernels.fa import Sdpa, expand_kv
 from hhbench.kernels.reference import gdn_recurrent
 from hhbench.kernels.split_kv import MIN_SEGMENT, n_segments, split_kv_decode
@@ -82,7 +86,7 @@ def test_torch_gdn_backends_against_the_recurrence_and_step(name):
 def test_registry_contract():
     fa_names, gdn_names = registry.names(registry.FA), registry.names(registry.GDN)
     assert {"sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn", "flex"} <= set(fa_names)
-    assert {"fla-chunk", "fla-recurrent", "torch-chunk", "torch-recurrent"} <= set(gdn_names)
+    assert {"flash-qla", "fla-chunk", "fla-recurrent", "torch-chunk", "torch-recurrent"} <= set(gdn_names)
     assert registry.resolve("auto", registry.FA, "cpu", "prefill").name == "sdpa-math"
     assert registry.resolve("auto", registry.GDN, "cpu", "decode").name == "torch-recurrent"
     assert registry.resolve("auto", registry.GDN, "cuda", "train").name == "fla-chunk"
@@ -103,3 +107,84 @@ def test_gpu_only_backends_say_why_on_a_cpu_machine():
         pytest.skip("this machine has a GPU")
     for name in ("fla-chunk", "fla-recurrent"):
         assert registry.get(name, registry.GDN).unavailable("cuda") == "no CUDA device"
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match="'fla-chunk' is registered twice"):
+        registry.register(registry.GDN, "fla-chunk", ("cuda",), "again")(registry.Backend)
+
+
+def test_flash_qla_refuses_what_it_cannot_run():
+    backend = registry.get("flash-qla", registry.GDN)
+    assert backend.unsupported("decode") == "flash-qla does not implement the decode pass"
+    assert backend.unsupported("prefill", "fp32", 128) == "flash-qla takes bf16, fp16, not fp32"
+    assert backend.unsupported("train", "bf16", 64) == "flash-qla takes head dims 128, not 64"
+    assert backend.unsupported("train", "bf16", 128) is None
+
+
+def test_flash_qla_is_unavailable_where_it_does_not_import(monkeypatch):
+    if importlib.util.find_spec("flash_qla") is not None:
+        pytest.skip("flash_qla imports here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reason = registry.get("flash-qla", registry.GDN).unavailable("cuda")
+    assert reason == "ModuleNotFoundError: No module named 'flash_qla'"
+
+
+@pytest.fixture
+def gpu_backends(monkeypatch):
+    """A machine where every backend probes fine, except those named in the returned set."""
+    missing: set[str] = set()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(registry, "_probe", lambda name: "ImportError: absent" if name in missing else None)
+    return missing
+
+
+def test_auto_takes_the_first_candidate_that_fits_the_point(gpu_backends):
+    def auto(pass_="prefill", dtype="bf16", head_dim=128):
+        return registry.resolve("auto", registry.GDN, "cuda", pass_, dtype, head_dim).name
+
+    assert auto() == auto("train") == "flash-qla"
+    assert auto(dtype="fp32") == auto(head_dim=64) == "fla-chunk"  # FlashQLA takes bf16/fp16 and heads of 128
+    assert auto("decode") == "fla-recurrent"
+    # a layer built with auto outside a sweep does not know its point: restricted candidates are passed over
+    assert registry.resolve("auto", registry.GDN, "cuda", "prefill").name == "fla-chunk"
+    assert registry.auto_choices("cuda")["gdn/train"] == ["flash-qla", "fla-chunk"]
+    gpu_backends.add("flash-qla")
+    assert auto() == "fla-chunk"
+    assert registry.auto_choices("cuda")["gdn/train"] == ["fla-chunk"]
+    assert registry.auto_choices("cpu") == {
+        "fa/prefill": ["sdpa-math"], "fa/train": ["sdpa-math"], "fa/decode": ["sdpa-math"],
+        "gdn/prefill": ["torch-chunk"], "gdn/train": ["torch-chunk"], "gdn/decode": ["torch-recurrent"],
+    }  # fmt: skip
+
+
+def test_fla_chunk_pins_fla_s_own_triton_path(monkeypatch):
+    """fla 0.6 dispatches chunk_gated_delta_rule to FlashQLA unless FLA_FLASH_QLA=0, which it reads per call:
+    fla-chunk's call sees "0", and the variable is as it was after the call, set or not."""
+    seen = []
+    fake = types.ModuleType("fla.ops.gated_delta_rule")
+    fake.chunk_gated_delta_rule = lambda *args, **kwargs: seen.append(os.environ.get(gdn.FLASH_QLA_SWITCH))
+    monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule", fake)
+    backend = registry.get("fla-chunk", registry.GDN)
+    monkeypatch.delenv(gdn.FLASH_QLA_SWITCH, raising=False)
+    backend.prefill(*gdn_inputs(1, 8, 1, 4, 4))
+    assert seen == ["0"] and gdn.FLASH_QLA_SWITCH not in os.environ
+    monkeypatch.setenv(gdn.FLASH_QLA_SWITCH, "1")
+    backend.prefill(*gdn_inputs(1, 8, 1, 4, 4))
+    assert seen == ["0", "0"] and os.environ[gdn.FLASH_QLA_SWITCH] == "1"
+    with pytest.raises(Unsupported, match="chunks of 64"):
+        backend.prefill(*gdn_inputs(1, 8, 1, 4, 4), chunk_size=32)
+
+
+def test_rows_name_the_gdn_implementation(monkeypatch):
+    chunk, qla = registry.get("fla-chunk", registry.GDN), registry.get("flash-qla", registry.GDN)
+    monkeypatch.setattr(gdn, "fla_tilelang_backward", lambda: True)
+    assert chunk.implementation("prefill").endswith("Triton chunk (FLA_FLASH_QLA=0)")
+    assert chunk.implementation("train").endswith("(FLA_FLASH_QLA=0), backward chunk_bwd_dqkwg in TileLang")
+    monkeypatch.setattr(gdn, "fla_tilelang_backward", lambda: False)
+    assert chunk.implementation("train").endswith("(FLA_FLASH_QLA=0)")
+    assert qla.implementation("prefill").startswith("flash_qla ")
+    assert (
+        registry.get("torch-chunk", registry.GDN).implementation("train")
+        == "pure-torch chunked reference (hhbench.kernels.reference)"
+    )

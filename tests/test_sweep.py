@@ -10,10 +10,12 @@ import time
 import pytest
 import torch
 
+from hhbench.bench.floor import floor_layers, floor_parts
 from hhbench.measure.timing import TimingPolicy, time_callable
 from hhbench.plan.grid import grid_points, load_suite
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import read_rows
+from hhbench.runner import floor as floor_runner
 from hhbench.runner import sweep as sweep_module
 from tests.conftest import ROOT
 
@@ -179,3 +181,78 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, message):
 def test_bad_suites(cli, args, message):
     result = cli("sweep", *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def _parts(point):
+    return {(part.layer, part.name): (part.count, part.shape) for part in floor_parts(point, torch.device("cpu"))}
+
+
+def test_the_floors_parts_are_the_points_parts():
+    """tiny: hidden 64, 8 heads of 8, 4 KV heads, MLP 128, vocab 256, 4 layers; GDN heads add decay, beta and an
+    output gate of 8 to the input projection, and convolve their q, k and v (24 channels each)."""
+    head, layer = grid_points({"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64",
+                               "scopes": "layer"}, "cpu")  # fmt: skip
+    qkv = (8 + 2 * 4) * 8
+    assert _parts(head) == {
+        ("2 FA + 6 GDN heads", "in_proj"): (1, {"tokens": 64, "in": 64, "out": qkv + 6 * 10}),
+        ("2 FA + 6 GDN heads", "conv"): (1, {"tokens": 64, "channels": 6 * 24, "size": 4}),
+        ("2 FA + 6 GDN heads", "fa"): (1, {"heads": 2, "kv_heads": 2}),
+        ("2 FA + 6 GDN heads", "gdn"): (1, {"heads": 6}),
+        ("2 FA + 6 GDN heads", "o_proj"): (1, {"tokens": 64, "in": 64, "out": 64}),
+    }
+    assert _parts(layer) == {  # the timed unit: 3 GDN layers and one FA layer
+        ("0 FA + 8 GDN heads", "in_proj"): (3, {"tokens": 64, "in": 64, "out": qkv + 8 * 10}),
+        ("0 FA + 8 GDN heads", "conv"): (3, {"tokens": 64, "channels": 8 * 24, "size": 4}),
+        ("0 FA + 8 GDN heads", "gdn"): (3, {"heads": 8}),
+        ("0 FA + 8 GDN heads", "o_proj"): (3, {"tokens": 64, "in": 64, "out": 64}),
+        ("8 FA + 0 GDN heads", "in_proj"): (1, {"tokens": 64, "in": 64, "out": qkv}),
+        ("8 FA + 0 GDN heads", "fa"): (1, {"heads": 8, "kv_heads": 4}),
+        ("8 FA + 0 GDN heads", "o_proj"): (1, {"tokens": 64, "in": 64, "out": 64}),
+    }
+    assert floor_layers(head) == 1 and floor_layers(layer) == 4
+    model, decode = grid_points({"models": "tiny", "layouts": "layer", "ratios": "3:1", "contexts": "64",
+                                 "scopes": ["model"], "passes": "prefill,decode", "batch": 2}, "cpu")  # fmt: skip
+    parts = _parts(model)
+    assert parts[("0 FA + 8 GDN heads", "mlp")] == (3, {"tokens": 128, "hidden": 64, "width": 128})
+    assert parts[("8 FA + 0 GDN heads", "mlp")][0] == 1
+    assert parts[("model", "lm_head")] == (1, {"tokens": 128, "in": 64, "out": 256})
+    assert floor_layers(model) == 1
+    steps = _parts(decode)  # one token per sequence against a cache of 64
+    assert steps[("0 FA + 8 GDN heads", "in_proj")][1]["tokens"] == 2
+    assert steps[("0 FA + 8 GDN heads", "conv")][1] == {"tokens": 2, "channels": 8 * 24, "size": 4}
+
+
+def test_layer_and_model_rows_carry_their_floor(tmp_path, monkeypatch):
+    points = grid_points({"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "32",
+                          "passes": "prefill,train,decode", "scopes": ["kernel", "layer", "model"]}, "cpu")  # fmt: skip
+    result = sweep_module.run_sweep(points, RunDir(tmp_path / "r"), torch.device("cpu"), FAST)
+    rows = read_rows(tmp_path / "r" / "rows.jsonl")
+    assert len(rows) == 18 and {row.status for row in rows} == {"ok"} and result.new == 18
+    for row in rows:
+        assert row.gdn_impl == "pure-torch " + ("recurrence, token by token: the oracle" if row.pass_ == "decode"
+                                                else "chunked reference (hhbench.kernels.reference)")  # fmt: skip
+        if row.scope == "kernel":
+            assert row.floor_ms is None and "floor_parts_ms" not in row.extra
+            continue
+        parts = row.extra["floor_parts_ms"]
+        total = sum(layer["count"] * sum(layer["parts_ms"].values()) for layer in parts.values())
+        per = sum(layer["count"] for name, layer in parts.items() if name != "model") if row.scope == "layer" else 1
+        assert row.floor_ms == pytest.approx(total / per) and row.vs_floor == pytest.approx(
+            row.latency_ms / row.floor_ms
+        )
+    # a floor that fails costs the row nothing but its floor
+    monkeypatch.setattr(floor_runner, "floor_parts", lambda point, device: 1 / 0)
+    again = sweep_module.run_sweep(points[:3], RunDir(tmp_path / "s"), torch.device("cpu"), FAST)
+    broken = [row for row in again.rows if row.scope != "kernel"]
+    assert broken and all(r.status == "ok" and r.floor_ms is None for r in broken)
+    assert broken[0].extra["floor_error"] == "ZeroDivisionError: division by zero"
+
+
+def test_no_floor_flag(cli, tmp_path):
+    result = cli("sweep", "--models", "tiny", "--layouts", "head", "--ratios", "3:1", "--contexts", "32",
+                 "--scopes", "layer", "--no-floor", "--out", str(tmp_path), "--run", "bare", "--target-ms", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [row] = rows_of(tmp_path / "bare")
+    assert row["status"] == "ok" and row["floor_ms"] is None and row["vs_floor"] is None
+    env = json.loads((tmp_path / "bare" / "env.json").read_text())
+    assert env["auto"]["gdn/prefill"] == ["torch-chunk"] and "flash-qla" in env["versions"]

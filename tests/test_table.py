@@ -73,8 +73,19 @@ def test_measured_speedups_notes_and_crossover(rows):
     assert "| tiny | model | prefill | head:7:1 | 4k | 1k | 16k |" in text
     assert "| tiny | model | decode | head:7:1 | never | 256 | 16k |" in text
     line = next(line for line in text.splitlines() if "| sdpa | reference | 1k | head:7:1 | 7:1 | ok |" in line)
-    numbers = f"{short['speedup']:.3f} | {short['flops_ratio']:.3f} | 1.000 | {short['tflops']:.4g}"
+    # the floor (the synthetic rows' FLOPs at the rate, without the per-call overhead) and latency over it
+    assert short["vs_floor"] == pytest.approx(short["latency_ms"] / short["floor_ms"]) and short["vs_floor"] > 1
+    floor = f"{short['floor_ms']:.4g} | {short['vs_floor']:.3f}"
+    numbers = f"{short['speedup']:.3f} | {floor} | {short['flops_ratio']:.3f} | 1.000 | {short['tflops']:.4g}"
     assert line.endswith(f"| {numbers} | {format_bytes(short['peak_mem_bytes'])} | fewer FLOPs, slower |")
+    header = next(line for line in text.splitlines() if line.startswith("| batch") or "| context |" in line)
+    assert "| speedup | floor_ms | vs_floor | flops_ratio |" in header
+
+
+def test_rows_without_a_floor_show_no_floor_columns(rows):
+    bare = RowSet(replace(row, floor_ms=None, vs_floor=None) for row in rows)
+    text = compare_runs([Run("gpu", None, bare)]).to_markdown()
+    assert "floor_ms" not in text and "vs_floor" not in text
 
 
 def test_crossover_needs_every_longer_context():
