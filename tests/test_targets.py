@@ -92,3 +92,79 @@ def test_committed_gpu_run(cli):
     assert after.returncode == 0, after.stderr
     assert "| head 7:1 vs layer 3:1 | met | 1.55x at 64K prefill (per layer) |" in after.stdout
     assert "6 of 9 points at >= 85% (the fastest FA backend of each)" in after.stdout
+
+
+def layer_row(variant, context, pass_="prefill", latency=1.0, floor=0.9, gdn="flash-qla", scope="layer", batch=1):
+    return Row(model="qwen3-1.7b", layout=variant.split(":")[0], ratio="", context=context, batch=batch, pass_=pass_,
+               scope=scope, variant=variant, mode="sequential", status=OK, latency_ms=latency, gdn_backend=gdn,
+               latency_p10_ms=latency * 0.99, latency_p90_ms=latency * 1.01, floor_ms=floor,
+               vs_floor=latency / floor if floor else None)  # fmt: skip
+
+
+def passing_layer_rows():
+    """Head 7:1 1.35x at 64K and 1.5x at 128K prefill (its best backend), 1.3x model, 1.31x train, decode within
+    1.3x of its floor, kv-aware decode faster at B=16, both GDN backends at every prefill and train point."""
+    K = 1024
+    rows = []
+    for gdn, slow in (("flash-qla", 1.0), ("fla-chunk", 2.0)):
+        for context, head, layer in ((16 * K, 1.0, 1.0), (64 * K, 10.0, 13.5), (128 * K, 20.0, 30.0)):
+            rows += [layer_row("head:7:1", context, latency=head * slow, floor=head * slow / 1.1, gdn=gdn),
+                     layer_row("layer:3:1", context, latency=layer * slow, floor=layer * slow / 1.1, gdn=gdn),
+                     layer_row("head:7:1", context, "train", latency=3 * head * slow, floor=None, gdn=gdn),
+                     layer_row("layer:3:1", context, "train", latency=3.93 * layer * slow, floor=None, gdn=gdn)]  # fmt: skip
+    rows += [
+        layer_row("head:7:1", 128 * K, latency=1000.0, floor=900.0, scope="model"),
+        layer_row("layer:3:1", 128 * K, latency=1300.0, floor=1000.0, scope="model"),
+        layer_row("head:7:1", 64 * K, "decode", latency=0.12, floor=0.1, gdn="fla-recurrent"),
+        layer_row("head:7:1+kv", 64 * K, "decode", latency=0.5, floor=0.45, gdn="fla-recurrent", batch=16),
+        layer_row("layer:3:1", 64 * K, "decode", latency=0.6, floor=0.5, gdn="fla-recurrent", batch=16),
+    ]
+    return rows
+
+
+def layer_targets(rows):
+    return {c.target: c for c in check_targets(run_of(rows)).checks}
+
+
+def test_layer_targets_met():
+    targets = layer_targets(passing_layer_rows())
+    assert len(targets) == 8 and {c.verdict for c in targets.values()} == {"met"}, {
+        name: c.summary for name, c in targets.items() if c.verdict != "met"}  # fmt: skip
+    assert targets["head 7:1 vs layer 3:1, layer prefill 64K"].summary == (
+        "1.35x (10 ms with flash-qla vs 13.5 ms with flash-qla)"
+    )
+    assert targets["layer prefill within 1.15x of its floor"].summary.startswith(
+        "12 of 12 rows within 1.15x; worst 1.10x"
+    )
+    assert targets["FlashQLA and fla-chunk side by side"].summary == (
+        "12 of 12 points with both; flash-qla 2.00x-2.00x fla-chunk"
+    )
+
+
+def test_each_layer_target_can_fail():
+    rows = passing_layer_rows()
+    K = 1024
+    slow_floor = layer_row("head:3:1", 64 * K, latency=2.0, floor=1.0)  # 2x its floor
+    rows = [r for r in rows if not (r.variant == "head:7:1" and r.context == 128 * K and r.gdn_backend == "fla-chunk")]
+    for r in rows:
+        if r.variant == "layer:3:1" and r.context == 64 * K and r.gdn_backend == "flash-qla":
+            r.latency_ms = 11.0  # 1.1x only, at prefill and train alike
+        if r.variant == "head:7:1" and r.context == 128 * K and r.pass_ == "prefill" and r.scope == "layer":
+            r.latency_ms = 22.0  # 1.36x
+        if r.scope == "model" and r.variant == "layer:3:1":
+            r.latency_ms = 1100.0
+        if r.pass_ == "decode" and r.batch == 1:
+            r.floor_ms, r.vs_floor = 0.05, 2.4
+        if r.variant == "head:7:1+kv":
+            r.latency_ms = 0.7
+    targets = layer_targets([*rows, slow_floor])
+    assert {name: c.verdict for name, c in targets.items()} == {name: "not met" for name in targets}, {
+        n: c.summary for n, c in targets.items()
+    }
+    assert "(head:3:1, flash-qla, 64K)" in targets["layer prefill within 1.15x of its floor"].summary
+    assert targets["FlashQLA and fla-chunk side by side"].summary.startswith("10 of 13 points with both")
+
+
+def test_layer_targets_without_their_points_say_no_data():
+    targets = layer_targets([layer_row("fa", 4096)])
+    assert [c.verdict for c in targets.values()] == ["no data"] * 8
