@@ -58,9 +58,104 @@ def converted(llama, variant: str, dtype, fa_backend="auto", gdn_backend="auto")
 
 
 def test_auto_resolves_to_the_gpu_kernels():
-    assert registry.resolve("auto", registry.GDN, "cuda", "prefill").name == "fla-chunk"
+    assert registry.resolve("auto", registry.GDN, "cuda", "prefill").name == "fla-chunk"  # no point: unrestricted
     assert registry.resolve("auto", registry.GDN, "cuda", "decode").name == "fla-recurrent"
     assert registry.resolve("auto", registry.FA, "cuda", "prefill").name == "sdpa-cudnn"
+    qla = registry.get("flash-qla", registry.GDN).unavailable("cuda") is None
+    for pass_ in ("prefill", "train"):
+        chosen = registry.resolve("auto", registry.GDN, "cuda", pass_, "bf16", 128).name
+        assert chosen == ("flash-qla" if qla else "fla-chunk")
+        assert registry.resolve("auto", registry.GDN, "cuda", pass_, "fp32", 128).name == "fla-chunk"
+
+
+needs_flash_qla = pytest.mark.skipif(
+    importlib.util.find_spec("flash_qla") is None, reason="needs flash_qla (FlashQLA, an SM90/SM100/SM120 GPU)"
+)
+
+
+def _gdn_case(T=1000, H=4, d=128, B=1):
+    """bf16 q, k, v and fp32 decay and beta as the layer hands them over; 1000 tokens: not a multiple of 64."""
+    from tests.test_gdn_reference import gdn_inputs
+
+    q, k, v, g, beta = gdn_inputs(B, T, H, d, d, dtype=torch.float32)
+    return [
+        t.cuda().to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
+        for i, t in enumerate((q, k, v, g, beta))
+    ]
+
+
+@needs_flash_qla
+@pytest.mark.parametrize("batch", [1, 2])
+def test_flash_qla_matches_fla_chunk_outputs_and_gradients(batch):
+    """FlashQLA against fla's own Triton chunk path (pinned) and both against the fp32 torch chunked reference,
+    outputs, final states and the gradients of q, k, v, g and beta. Batch 1 takes FlashQLA's intra-card CP."""
+    from hhbench.kernels.reference import gdn_chunk
+
+    inputs = _gdn_case(B=batch)
+    grad_out = torch.randn_like(inputs[2])
+    results = {}
+    for name in ("flash-qla", "fla-chunk"):
+        o, state = registry.get(name, registry.GDN).prefill(*inputs, output_final_state=True)
+        grads = torch.autograd.grad(o, inputs, grad_out)
+        results[name] = (o, state, grads)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    o_ref, state_ref = gdn_chunk(*wide, 64, output_final_state=True)
+    grads_ref = torch.autograd.grad(o_ref, wide, grad_out.double())
+    (o_q, s_q, g_q), (o_f, s_f, g_f) = results["flash-qla"], results["fla-chunk"]
+    assert rel(o_q, o_f) < 2e-2 and rel(s_q, s_f) < 2e-2
+    assert rel(o_q, o_ref) < 2e-2 and rel(o_f, o_ref) < 2e-2
+    for name, a, b in zip("q k v g beta".split(), g_q, g_f, strict=True):
+        assert rel(a, b) < 5e-2, name
+
+    def flat(grads):  # all gradients as one vector, as the sweep's check compares them
+        return torch.cat([t.double().flatten() for t in grads])
+
+    assert rel(flat(g_q), flat(grads_ref)) < 5e-2 and rel(flat(g_f), flat(grads_ref)) < 5e-2
+
+
+@needs_flash_qla
+def test_fla_chunk_never_reaches_flash_qla(monkeypatch):
+    """With flash_qla installed fla 0.6 dispatches chunk_gated_delta_rule to it; fla-chunk's pin keeps it out."""
+    import flash_qla
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("FlashQLA was called")
+
+    monkeypatch.setattr(flash_qla, "chunk_gated_delta_rule", refuse)
+    monkeypatch.delenv("FLA_FLASH_QLA", raising=False)
+    inputs = [t.detach() for t in _gdn_case()]
+    registry.get("fla-chunk", registry.GDN).prefill(*inputs)  # pinned: fla's Triton path
+    with pytest.raises(AssertionError, match="FlashQLA was called"):  # unpinned: fla would have sent it to FlashQLA
+        chunk_gated_delta_rule(*inputs)
+
+
+def _layer_points(gdn_backend: str):
+    from hhbench.plan.grid import grid_points
+
+    grid = {"models": "qwen3-1.7b", "layouts": "head,layer", "ratios": "7:1,3:1", "contexts": "4k",
+            "passes": "prefill,train", "scopes": "layer", "gdn_backend": gdn_backend}  # fmt: skip
+    decode = {**grid, "passes": "decode", "gdn_backend": "auto"}
+    return grid_points(grid, "cuda") + (grid_points(decode, "cuda") if gdn_backend == "fla-chunk" else [])
+
+
+@pytest.mark.parametrize("gdn_backend", ["fla-chunk", pytest.param("flash-qla", marks=needs_flash_qla)])
+def test_layer_points_run_with_their_floor_training_included(gdn_backend):
+    """Every layer point of the Qwen3-1.7B shape at 4K runs (training too: on Hopper with Triton < 3.7.1 fla needs
+    TileLang for the backward, FlashQLA brings its own) and gets its floor, fla's Triton conv inside."""
+    from hhbench.measure.timing import TimingPolicy
+    from hhbench.runner.measure import measure_point
+
+    policy = TimingPolicy(warmup_ms=5, target_ms=20, min_reps=3, max_reps=5)
+    for point in _layer_points(gdn_backend):
+        row = measure_point(point, torch.device("cuda"), policy, {})
+        where = f"{row.variant} {row.pass_}"
+        assert row.status == "ok", f"{where}: {row.reason}"
+        assert row.floor_ms > 0 and "floor_error" not in row.extra, where
+        assert row.vs_floor == pytest.approx(row.latency_ms / row.floor_ms), where
+        assert row.gdn_impl, where
+        if gdn_backend == "flash-qla":
+            assert row.gdn_impl.startswith("flash_qla"), where
 
 
 @pytest.mark.parametrize("variant", ["head:3:1", "head:3:1:random:2", "layer:3:1", "head:1:0"])
