@@ -62,24 +62,9 @@ def latency_figure(rows: pd.DataFrame, passes: list[str], slug: str, title: str)
         above=data["latency_p90_ms"] - data["latency_ms"],
         below=data["latency_ms"] - data["latency_p10_ms"],
     )
-    many_passes = data["pass"].nunique() > 1
-    figure = _express(
-        px.line,
-        data,
-        y="latency_ms",
-        facet_col="scope",
-        facet_row="pass" if many_passes else None,
-        error_y="above",
-        error_y_minus="below",
-        log_y=True,
-        category_orders={
-            "scope": present_order(data["scope"], SCOPE_ORDER),
-            "pass": present_order(data["pass"], PASS_ORDER),
-        },
-        labels={"latency_ms": "latency (ms)"},
+    figure = _panels(
+        data, y="latency_ms", error_y="above", error_y_minus="below", labels={"latency_ms": "latency (ms)"}
     )
-    figure.update_yaxes(matches=None, showticklabels=True)  # scopes differ by orders of magnitude
-    figure.update_layout(height=320 * (data["pass"].nunique() if many_passes else 1) + 120)
     return Figure(slug, title, figure, "Median of the repeated timings; error bars span p10 to p90.")
 
 
@@ -98,24 +83,28 @@ def floor_figure(rows: pd.DataFrame) -> Figure | Omitted:
         var_name="measure",
         value_name="ms",
     ).replace({"measure": {"latency_ms": "latency", "floor_ms": "floor"}})
+    figure = _panels(long, y="ms", line_dash="measure", line_dash_map={"latency": "solid", "floor": "dot"})
+    return Figure("floor", title, figure, "Solid: median latency. Dotted: the floor, each part's median summed.")
+
+
+def _panels(data: pd.DataFrame, **options) -> go.Figure:
+    """Lines against context on log-log axes, a panel per scope and (where there are several) per pass."""
+    many_passes = data["pass"].nunique() > 1
     figure = _express(
         px.line,
-        long,
-        y="ms",
-        line_dash="measure",
-        line_dash_map={"latency": "solid", "floor": "dot"},
+        data,
         facet_col="scope",
-        facet_row="pass",
+        facet_row="pass" if many_passes else None,
         log_y=True,
         category_orders={
-            "scope": present_order(long["scope"], SCOPE_ORDER),
-            "pass": present_order(long["pass"], PASS_ORDER),
+            "scope": present_order(data["scope"], SCOPE_ORDER),
+            "pass": present_order(data["pass"], PASS_ORDER),
         },
-        labels={"ms": "ms"},
+        **options,
     )
-    figure.update_yaxes(matches=None, showticklabels=True)
-    figure.update_layout(height=320 * long["pass"].nunique() + 120)
-    return Figure("floor", title, figure, "Solid: median latency. Dotted: the floor, each part's median summed.")
+    figure.update_yaxes(matches=None, showticklabels=True)  # scopes differ by orders of magnitude
+    figure.update_layout(height=320 * data["pass"].nunique() + 120)
+    return figure
 
 
 def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
