@@ -17,7 +17,8 @@ def table(
         str, typer.Option("--json", help="Also write the comparison, crossovers and side-by-side table as JSON.")
     ] = "",
     targets: Annotated[
-        bool, typer.Option(help="Check the kernels' performance targets (README) on each run instead.")
+        bool,
+        typer.Option(help="Check the performance targets (README: kernel, layer and model scope) on each run instead."),
     ] = False,
 ):
     """Compare every configuration with the layer-wise 3:1 row of the same run, model, context, batch, pass and

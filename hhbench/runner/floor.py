@@ -2,7 +2,7 @@
 necessary kernels alone (hhbench.bench.floor) and write `floor_ms` (their sum, as often as the point runs each, per
 layer like the latency at layer scope), `vs_floor` (latency / floor) and `extra.floor_parts_ms` (each part's
 median, per distinct layer). It tells whether a slowdown is the architecture (a high floor) or the implementation
-(latency far above its floor). A failure here is kept as `extra.floor_error`; the row keeps its latency."""
+(latency far above its floor). It raises what its parts raise; the caller keeps that on the row."""
 
 import torch
 
@@ -25,14 +25,8 @@ def measure(point: Point, device: torch.device, policy: TimingPolicy, row: Row) 
     if not applies(point, row):
         return
     same = TimingPolicy(**{**policy.__dict__, "graph": point.pass_ is Pass.DECODE and device.type == "cuda"})
-    try:
-        parts = floor_parts(point, device)
-        times = time_each({str(i): part.run for i, part in enumerate(parts)}, device, same)
-    except Exception as exc:  # the floor is an addition: its failure must not cost the row its latency
-        row.extra["floor_error"] = (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        )
-        return
+    parts = floor_parts(point, device)
+    times = time_each({str(i): part.run for i, part in enumerate(parts)}, device, same)
     by_layer: dict[str, dict] = {}
     for i, part in enumerate(parts):
         entry = by_layer.setdefault(part.layer, {"count": part.count, "parts_ms": {}})

@@ -166,6 +166,10 @@ def measure_point(
     finally:
         workload = None
         _free(device)
-    floor.measure(point, device, policy, row)  # after the point's own workload is freed
-    _free(device)
+    try:  # after the point's own workload is freed
+        floor.measure(point, device, policy, row)
+    except Exception as exc:  # the floor is an addition: its failure is kept, the row keeps its latency
+        row.extra["floor_error"] = _classify(exc)[1]
+    finally:
+        _free(device)
     return row
