@@ -154,6 +154,8 @@ def test_layer_points_run_with_their_floor_training_included(gdn_backend):
         assert row.floor_ms > 0 and "floor_error" not in row.extra, where
         assert row.vs_floor == pytest.approx(row.latency_ms / row.floor_ms), where
         assert row.gdn_impl, where
+        graph = row.pass_ == "decode"
+        assert row.extra["floor_method"].endswith("one CUDA graph" if graph else "summed"), where
         if gdn_backend == "flash-qla":
             assert row.gdn_impl.startswith("flash_qla"), where
 

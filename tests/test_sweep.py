@@ -237,6 +237,7 @@ def test_layer_and_model_rows_carry_their_floor(tmp_path, monkeypatch):
         parts = row.extra["floor_parts_ms"]
         total = sum(layer["count"] * sum(layer["parts_ms"].values()) for layer in parts.values())
         per = sum(layer["count"] for name, layer in parts.items() if name != "model") if row.scope == "layer" else 1
+        assert row.extra["floor_method"] == "the parts' medians summed"  # the CPU times no graphs
         assert row.floor_ms == pytest.approx(total / per) and row.vs_floor == pytest.approx(
             row.latency_ms / row.floor_ms
         )
