@@ -91,3 +91,28 @@ def test_per_layer_plan_shows_kv_groups(cli):
     assert result.returncode == 0, result.stderr
     assert "qwen3-1.7b head:3:1+kv: ratio_effective 3:1, 112 FA heads, 56 KV groups in all" in result.stdout
     assert "| 0 | 1 | 4 5 12 13 | 4 | 12 | 2 |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("[1,2,3]", "expected a JSON object of config fields, got list"),
+        ('{"hidden_size": "4096"}', 'hidden_size must be an integer, got "4096"'),
+        ('{"hidden_size": 64, "num_attention_heads": -4}', "num_attention_heads must be >= 1, got -4"),
+        ('{"hidden_size": 64}', "lacks 'num_attention_heads'"),
+        ("\xff\xfe", "cannot read model config"),
+    ],
+)
+def test_bad_config_json_is_one_line_naming_the_field(cli, tmp_path, config, message):
+    path = tmp_path / "c.json"
+    path.write_bytes(config.encode("latin-1"))
+    result = cli("flops", "--model", str(path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_sweep_reads_config_json_through_the_same_checks(cli, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": "2"}')
+    result = cli("sweep", "--models", str(path), "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert 'num_hidden_layers must be an integer, got "2"' in result.stderr

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,35 +57,73 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 _INT_FIELDS = ("hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden", "vocab")
+_BOOL_FIELDS = ("tie_embeddings",)
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
 def shape_from_hf_config(path: Path) -> ModelShape:
     """Read a Hugging Face config.json (Llama, Qwen2/3, Mistral and alike)."""
     try:
         config = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read model config {path}: {exc}") from None
     return shape_from_config_dict(config, Path(path).parent.name or Path(path).stem, f"model config {path}")
 
 
+_REQUIRED = object()
+_KINDS = {int: "an integer", bool: "true or false", str: "a string", float: "a number"}
+
+
+def config_field(config: dict, key: str, kind: type, source: str, default=_REQUIRED, minimum: float | None = None):
+    """config[key] checked for type (int, bool, str or float) and lower bound; a missing or null key takes
+    `default`, or is an error where the field is required. Errors name the field: one line, exit 2."""
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise UserError(f"{source} lacks {key!r}")
+        return default
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise UserError(f"{source}: {key} must be {_KINDS[kind]}, got {json.dumps(value)[:60]}")
+    if minimum is not None and value < minimum:
+        raise UserError(f"{source}: {key} must be >= {minimum}, got {value}")
+    return value
+
+
 def shape_from_config_dict(config: dict, default_name: str = "model", source: str = "model config") -> ModelShape:
-    """The shape of a Hugging Face config as a dict (config.json, or a loaded model's `config.to_dict()`)."""
-    try:
-        hidden = int(config["hidden_size"])
-        n_heads = int(config["num_attention_heads"])
-        return ModelShape(
-            name=config.get("_name_or_path") or default_name,
-            hidden=hidden,
-            n_layers=int(config["num_hidden_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-            head_dim=int(config.get("head_dim") or hidden // n_heads),
-            mlp_hidden=int(config["intermediate_size"]),
-            vocab=int(config["vocab_size"]),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    """The shape of a Hugging Face config as a dict (config.json, or a loaded model's `config.to_dict()`).
+
+    Every field read is checked for presence, type and range; a bad one is a UserError naming it."""
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: expected a JSON object of config fields, got {type(config).__name__}")
+    hidden = config_field(config, "hidden_size", int, source, minimum=1)
+    n_heads = config_field(config, "num_attention_heads", int, source, minimum=1)
+    n_kv_heads = config_field(config, "num_key_value_heads", int, source, n_heads, minimum=1)
+    head_dim = config_field(config, "head_dim", int, source, 0, minimum=1)
+    if not head_dim:
+        if hidden % n_heads:
+            raise UserError(
+                f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={n_heads}; give head_dim"
+            )
+        head_dim = hidden // n_heads
+    if n_heads % n_kv_heads:
+        raise UserError(
+            f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}"
         )
-    except KeyError as exc:
-        raise UserError(f"{source} lacks {exc.args[0]!r}") from None
+    return ModelShape(
+        name=config_field(config, "_name_or_path", str, source, "") or default_name,
+        hidden=hidden,
+        n_layers=config_field(config, "num_hidden_layers", int, source, minimum=1),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        mlp_hidden=config_field(config, "intermediate_size", int, source, minimum=1),
+        vocab=config_field(config, "vocab_size", int, source, minimum=1),
+        tie_embeddings=config_field(config, "tie_word_embeddings", bool, source, False),
+    )
 
 
 def resolve_shape(model: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelShape:
@@ -106,8 +145,11 @@ def apply_overrides(shape: ModelShape, overrides: list[str] | tuple[str, ...]) -
         key = key.strip()
         if not sep:
             raise UserError(f"bad shape override {item!r}: expected field=value")
-        if key == "tie_embeddings":
-            changes[key] = value.strip().lower() in ("1", "true", "yes")
+        if key in _BOOL_FIELDS:
+            flag = value.strip().lower()
+            if flag not in _TRUE + _FALSE:
+                raise UserError(f"bad shape override {item!r}: {key} takes true or false")
+            changes[key] = flag in _TRUE
         elif key == "name":
             changes[key] = value.strip()
         elif key in _INT_FIELDS:
