@@ -2,7 +2,11 @@
 
 import pytest
 
+from hhbench.analytic.costs import analytic_costs
+from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
+from hhbench.spec.hybrid import HybridSpec, Layout, Ratio
+from hhbench.spec.layout import build_plan
 from hhbench.spec.shapes import apply_overrides, shape_from_config_dict
 
 LLAMA = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -65,3 +69,54 @@ def test_boolean_override(value, expected):
 def test_a_boolean_override_that_is_no_boolean():
     with pytest.raises(UserError, match="tie_embeddings takes true or false"):
         apply_overrides(shape_from_config_dict(dict(LLAMA)), ["tie_embeddings=maybe"])
+
+
+# The published config.json values (only what a shape reads) and the published parameter totals.
+PUBLISHED = {
+    "Qwen3-4B": ({"model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 9728, "vocab_size": 151936,
+                  "attention_bias": False, "tie_word_embeddings": True}, 4_022_468_096),
+    "Qwen2.5-72B": ({"model_type": "qwen2", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+                     "num_key_value_heads": 8, "intermediate_size": 29568, "vocab_size": 152064,
+                     "tie_word_embeddings": False}, 72_706_203_648),
+    "Qwen2.5-0.5B": ({"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                      "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
+                      "tie_word_embeddings": True}, 494_032_768),
+    "Llama-3.1-8B": ({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                      "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+                      "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}, 8_030_261_248),
+    "Mistral-7B-v0.1": ({"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                         "vocab_size": 32000, "tie_word_embeddings": False}, 7_241_732_096),
+}  # fmt: skip
+
+
+def parameters(shape) -> float:
+    plan = build_plan(shape, HybridSpec(Layout.FA, Ratio(0, 1)))
+    return analytic_costs(plan, Pass.PREFILL, 1, dtype="fp32").weight_bytes / 4
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_totals(name):
+    config, total = PUBLISHED[name]
+    assert parameters(shape_from_config_dict(config, name)) == total
+
+
+def test_every_bias_and_norm_a_config_implies_is_counted():
+    base = shape_from_config_dict(dict(LLAMA))  # hidden 64, 2 layers, 4 heads of 16, 2 KV heads, MLP 96
+    q, kv = 4 * 16, 2 * 16
+    biased = shape_from_config_dict({**LLAMA, "attention_bias": True, "mlp_bias": True})
+    assert parameters(biased) - parameters(base) == 2 * ((q + 2 * kv + 64) + (2 * 96 + 64))
+    qwen2 = shape_from_config_dict({**LLAMA, "model_type": "qwen2", "attention_bias": True, "mlp_bias": True})
+    assert parameters(qwen2) - parameters(base) == 2 * (q + 2 * kv)  # Qwen2: q/k/v biases whatever the config says
+    qwen3 = shape_from_config_dict({**LLAMA, "model_type": "qwen3", "attention_bias": True})
+    assert parameters(qwen3) - parameters(base) == 2 * ((q + 2 * kv + 64) + 2 * 16)
+    mistral = shape_from_config_dict({**LLAMA, "model_type": "mistral", "attention_bias": True, "mlp_bias": True})
+    assert parameters(mistral) == parameters(base)  # Mistral's projections have no biases
+
+
+def test_an_architecture_hhbench_does_not_know_is_refused():
+    with pytest.raises(UserError, match="model_type 'gemma2' is not supported: hhbench reads llama, mistral"):
+        shape_from_config_dict({**LLAMA, "model_type": "gemma2"})
+    with pytest.raises(UserError, match="attention_bias must be true or false"):
+        shape_from_config_dict({**LLAMA, "attention_bias": 1})

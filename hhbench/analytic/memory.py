@@ -41,10 +41,12 @@ def gdn_conv_channels(la_heads: int, dk: int, dv: int, gdn: GDNConfig) -> int:
 
 
 def layer_weight_params(shape: ModelShape, layer: LayerAssignment, gdn: GDNConfig) -> int:
-    """Attention-layer parameters: projections, GDN extras (gates, conv, A_log and dt_bias), per-head norms."""
+    """Attention-layer parameters: projections with the biases and q/k norms the shape has, GDN extras (gates,
+    conv, A_log and dt_bias), per-head norms."""
     dk, dv = gdn.dims(shape.head_dim)
     q, k, v, o = projection_widths(shape, layer, gdn)
     params = shape.hidden * (q + k + v) + o * shape.hidden
+    params += (q + k + v) * shape.qkv_bias + shape.hidden * shape.o_bias + 2 * shape.head_dim * shape.qk_norm
     if layer.n_la:
         params += shape.hidden * gdn_projection_width(layer.n_la, dv, gdn)
         params += gdn_conv_channels(layer.n_la, dk, dv, gdn) * gdn.conv_size
@@ -55,8 +57,11 @@ def layer_weight_params(shape: ModelShape, layer: LayerAssignment, gdn: GDNConfi
 
 
 def block_weight_params(shape: ModelShape) -> int:
-    """The parts of a block every layout shares: gated MLP and the two pre-norms."""
-    return 3 * shape.hidden * shape.mlp_hidden + (2 * shape.hidden if shape.mlp_hidden else 0)
+    """The parts of a block every layout shares: gated MLP (with its biases, if any) and the two pre-norms."""
+    if not shape.mlp_hidden:
+        return 0
+    biases = (2 * shape.mlp_hidden + shape.hidden) * shape.mlp_bias
+    return 3 * shape.hidden * shape.mlp_hidden + biases + 2 * shape.hidden
 
 
 def embedding_params(shape: ModelShape) -> int:

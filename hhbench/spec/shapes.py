@@ -20,6 +20,10 @@ class ModelShape:
     mlp_hidden: int  # gated (SwiGLU) MLP width; 0 for an attention-only shape
     vocab: int  # 0 for an attention-only shape (no embedding, no LM head)
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2; Llama's and Qwen3's attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama's and Qwen3's attention_bias)
+    qk_norm: bool = False  # RMSNorm weights of head_dim on queries and keys, shared by the heads (Qwen3)
+    mlp_bias: bool = False  # biases on the MLP's gate, up and down projections (Llama's mlp_bias)
 
     def __post_init__(self):
         for field in ("hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
@@ -46,7 +50,7 @@ PRESETS: dict[str, ModelShape] = {
     shape.name: shape
     for shape in (
         # The HydraHead paper's base model.
-        ModelShape("qwen3-1.7b", 2048, 28, 16, 8, 128, 6144, 151936, tie_embeddings=True),
+        ModelShape("qwen3-1.7b", 2048, 28, 16, 8, 128, 6144, 151936, tie_embeddings=True, qk_norm=True),
         ModelShape("llama3-8b", 4096, 32, 32, 8, 128, 14336, 128256),
         ModelShape("smollm2-135m", 576, 30, 9, 3, 64, 1536, 49152, tie_embeddings=True),
         # One attention layer: the kernel-level default.
@@ -57,7 +61,7 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 _INT_FIELDS = ("hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden", "vocab")
-_BOOL_FIELDS = ("tie_embeddings",)
+_BOOL_FIELDS = ("tie_embeddings", "qkv_bias", "o_bias", "qk_norm", "mlp_bias")
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
@@ -93,12 +97,32 @@ def config_field(config: dict, key: str, kind: type, source: str, default=_REQUI
     return value
 
 
+# What an architecture implies beyond the sizes in its config (transformers' modeling code): q/k/v bias, o bias
+# (True/False, or the config's attention_bias), q/k norm, and whether mlp_bias is read. A config without
+# model_type is read as Llama's.
+_ARCHITECTURES = {
+    "llama": ("attention_bias", "attention_bias", False, True),
+    "mistral": (False, False, False, False),
+    "qwen2": (True, False, False, False),
+    "qwen3": ("attention_bias", "attention_bias", True, False),
+}
+
+
 def shape_from_config_dict(config: dict, default_name: str = "model", source: str = "model config") -> ModelShape:
     """The shape of a Hugging Face config as a dict (config.json, or a loaded model's `config.to_dict()`).
 
     Every field read is checked for presence, type and range; a bad one is a UserError naming it."""
     if not isinstance(config, dict):
         raise UserError(f"{source}: expected a JSON object of config fields, got {type(config).__name__}")
+    model_type = config_field(config, "model_type", str, source, "llama")
+    if model_type not in _ARCHITECTURES:
+        raise UserError(
+            f"{source}: model_type {model_type!r} is not supported: hhbench reads {', '.join(_ARCHITECTURES)} configs"
+        )
+    qkv_bias, o_bias, qk_norm, reads_mlp_bias = _ARCHITECTURES[model_type]
+    attention_bias = config_field(config, "attention_bias", bool, source, False)
+    qkv_bias = attention_bias if qkv_bias == "attention_bias" else qkv_bias
+    o_bias = attention_bias if o_bias == "attention_bias" else o_bias
     hidden = config_field(config, "hidden_size", int, source, minimum=1)
     n_heads = config_field(config, "num_attention_heads", int, source, minimum=1)
     n_kv_heads = config_field(config, "num_key_value_heads", int, source, n_heads, minimum=1)
@@ -123,6 +147,10 @@ def shape_from_config_dict(config: dict, default_name: str = "model", source: st
         mlp_hidden=config_field(config, "intermediate_size", int, source, minimum=1),
         vocab=config_field(config, "vocab_size", int, source, minimum=1),
         tie_embeddings=config_field(config, "tie_word_embeddings", bool, source, False),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        qk_norm=qk_norm,
+        mlp_bias=reads_mlp_bias and config_field(config, "mlp_bias", bool, source, False),
     )
 
 
