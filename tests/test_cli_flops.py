@@ -116,3 +116,22 @@ def test_sweep_reads_config_json_through_the_same_checks(cli, tmp_path):
     result = cli("sweep", "--models", str(path), "--out", str(tmp_path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert 'num_hidden_layers must be an integer, got "2"' in result.stderr
+
+
+def test_sliding_window_is_modelled_and_sweep_refuses_it(cli, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32,
+                                  "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                                  "vocab_size": 32000, "sliding_window": 4096}))  # fmt: skip
+    rows = {}
+    for window in ("4096", "0"):
+        result = cli("flops", "--model", str(config), "--set", f"sliding_window={window}", "--layouts", "fa",
+                     "--contexts", "32k", "--pass", "prefill,decode", "--json")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        rows[window] = {r["pass"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert rows["0"]["prefill"]["flops_fa_core"] / rows["4096"]["prefill"]["flops_fa_core"] == pytest.approx(4.27, 1e-3)
+    assert rows["0"]["decode"]["flops_fa_core"] == 8 * rows["4096"]["decode"]["flops_fa_core"]
+    assert rows["0"]["decode"]["kv_cache_bytes"] == 8 * rows["4096"]["decode"]["kv_cache_bytes"] == 4 * 2**30
+    result = cli("sweep", "--models", str(config), "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "sliding-window attention (window 4096 in 32 of 32 layers): sweep measures full attention" in result.stderr

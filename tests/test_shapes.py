@@ -120,3 +120,66 @@ def test_an_architecture_hhbench_does_not_know_is_refused():
         shape_from_config_dict({**LLAMA, "model_type": "gemma2"})
     with pytest.raises(UserError, match="attention_bias must be true or false"):
         shape_from_config_dict({**LLAMA, "attention_bias": 1})
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model_type": "mistral", "sliding_window": "4096"}, 'sliding_window must be an integer, got "4096"'),
+        ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be >= 1, got 0"),
+        ({"model_type": "qwen2", "use_sliding_window": "no"}, 'use_sliding_window must be true or false, got "no"'),
+        ({"model_type": "qwen3", "max_window_layers": -1}, "max_window_layers must be >= 0, got -1"),
+        ({"model_type": "qwen3", "layer_types": ["full_attention"]}, "layer_types must list one of full_attention"),
+        ({"model_type": "qwen2", "layer_types": ["full_attention", "chunked_attention"]}, "for each of the 2 layers"),
+        ({"rope_scaling": "linear"}, 'rope_scaling must be an object, got "linear"'),
+        ({"rope_scaling": {"type": "mrope"}}, "rope_scaling rope_type 'mrope' is not one of default, linear"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": -1}}, "rope_parameters: rope_theta must be >= 0"),
+        ({"rope_theta": "1e4"}, 'rope_theta must be a number, got "1e4"'),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 (partial RoPE) is not supported"),
+        ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25}}, "partial_rotary_factor=0.25"),
+    ],
+)
+def test_attention_fields_are_checked(change, message):
+    with pytest.raises(UserError) as error:
+        shape_from_config_dict({**LLAMA, **change}, source="c.json")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "change,windows",
+    [
+        ({"model_type": "mistral", "sliding_window": 8}, (8, 8)),
+        ({"model_type": "mistral", "sliding_window": None}, ()),
+        ({"model_type": "llama", "sliding_window": 8, "use_sliding_window": True}, ()),  # Llama has no window
+        ({"model_type": "qwen2", "sliding_window": 131072, "use_sliding_window": False, "max_window_layers": 0}, ()),
+        ({"model_type": "qwen3", "sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1}, (0, 8)),
+        ({"model_type": "qwen3", "sliding_window": 8, "use_sliding_window": True}, ()),  # max_window_layers 28
+        (
+            {
+                "model_type": "qwen2",
+                "sliding_window": 8,
+                "use_sliding_window": True,
+                "layer_types": ["sliding_attention", "full_attention"],
+            },
+            (8, 0),
+        ),  # fmt: skip
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_theta": 500000.0}, ()),
+    ],
+)
+def test_windows_as_transformers_applies_them(change, windows):
+    assert shape_from_config_dict({**LLAMA, **change}).layer_windows == windows
+
+
+def test_window_overrides():
+    shape = shape_from_config_dict({**LLAMA, "model_type": "mistral", "sliding_window": 8})
+    assert apply_overrides(shape, ["sliding_window=0"]).layer_windows == ()
+    assert apply_overrides(shape, ["n_layers=5"]).layer_windows == (8,) * 5
+    assert apply_overrides(shape, ["sliding_window=4", "n_layers=3"]).layer_windows == (4, 4, 4)
+    assert apply_overrides(shape, ["sliding_window=0"]).windowed == ""
+    assert shape.windowed == "window 8 in 2 of 2 layers"
+    mixed = shape_from_config_dict({**LLAMA, "model_type": "qwen2", "sliding_window": 8, "use_sliding_window": True,
+                                    "max_window_layers": 1})  # fmt: skip
+    with pytest.raises(UserError, match="different windows by layer: give sliding_window with n_layers"):
+        apply_overrides(mixed, ["n_layers=4"])
+    with pytest.raises(UserError, match="a window is >= 0 tokens"):
+        apply_overrides(shape, ["sliding_window=-1"])

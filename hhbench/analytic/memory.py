@@ -1,5 +1,6 @@
 """Analytic memory: KV cache, GDN recurrent state and weights. Pure functions of shapes."""
 
+from hhbench.analytic.flops import attended
 from hhbench.spec.hybrid import GDNConfig
 from hhbench.spec.layout import LayerAssignment
 from hhbench.spec.shapes import ModelShape
@@ -83,10 +84,12 @@ def core_bytes_moved(
 ) -> float:
     """Fewest bytes the attention cores of one layer move in a forward pass: each input read once, each output
     written once. Prefill: FA reads q and the K, V of its KV groups and writes o; GDN reads per-head q, k, v,
-    the decay and beta and writes o. Decode: FA reads the whole KV cache; GDN reads and writes its state."""
+    the decay and beta and writes o. Decode: FA reads the whole KV cache (its window's in a sliding-window
+    layer); GDN reads and writes its state."""
     fa, la, groups = layer.n_fa, layer.n_la, layer.kv_groups
     if decode:
-        fa_bytes = (2 * fa * head_dim) * dtype_bytes + kv_cache_bytes(groups, context, head_dim, dtype_bytes)
+        cached = attended(context, layer.window)
+        fa_bytes = (2 * fa * head_dim) * dtype_bytes + kv_cache_bytes(groups, cached, head_dim, dtype_bytes)
         gdn_bytes = la * ((2 * dk + 2 * dv + 2) * dtype_bytes + 2 * dk * dv * gdn.state_dtype_bytes)
         return batch * (fa_bytes + gdn_bytes)
     fa_bytes = (2 * fa * head_dim + 2 * groups * head_dim) * dtype_bytes

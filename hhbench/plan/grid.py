@@ -70,6 +70,12 @@ def grid_points(grid: dict, device: str) -> list[Point]:
     if unknown:
         raise UserError(f"unknown grid keys {sorted(unknown)}: known are {', '.join(sorted(GRID_KEYS))}")
     shapes = options.models(_text(grid.get("models", "h32d128")), [str(s) for s in _as_list(grid.get("set", []))])
+    for shape in shapes:
+        if shape.windowed:  # the measured layers' FA backends attend to every earlier key
+            raise UserError(
+                f"model {shape.name} has sliding-window attention ({shape.windowed}): sweep measures full attention "
+                "only; measure it without the window with --set sliding_window=0 (hhbench flops models the window)"
+            )
     gdn = GDNConfig(chunk_size=int(grid.get("gdn_chunk", 64)))
     head_maps = _as_list(grid.get("head_map", ""))
     specs = []

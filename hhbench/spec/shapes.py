@@ -24,6 +24,9 @@ class ModelShape:
     o_bias: bool = False  # bias on the output projection (Llama's and Qwen3's attention_bias)
     qk_norm: bool = False  # RMSNorm weights of head_dim on queries and keys, shared by the heads (Qwen3)
     mlp_bias: bool = False  # biases on the MLP's gate, up and down projections (Llama's mlp_bias)
+    # Per layer, the sliding window in keys a query attends to (itself included; 0: full causal attention),
+    # as transformers masks it: () where no layer has a window (Mistral's sliding_window, Qwen2/3's layer_types).
+    layer_windows: tuple[int, ...] = ()
 
     def __post_init__(self):
         for field in ("hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
@@ -36,6 +39,10 @@ class ModelShape:
             raise UserError(
                 f"model {self.name}: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
             )
+        if self.layer_windows and (len(self.layer_windows) != self.n_layers or min(self.layer_windows) < 0):
+            raise UserError(f"model {self.name}: layer_windows needs {self.n_layers} windows >= 0")
+        if not any(self.layer_windows):  # one spelling of "no window", so that equal shapes compare equal
+            object.__setattr__(self, "layer_windows", ())
 
     @property
     def group_size(self) -> int:
@@ -44,6 +51,17 @@ class ModelShape:
 
     def kv_group(self, head: int) -> int:
         return head // self.group_size
+
+    def window(self, layer: int) -> int:
+        """The sliding window of layer `layer` in keys, 0 for full attention."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    @property
+    def windowed(self) -> str:
+        """'' without sliding windows, else what they are, for messages: 'window 4096 in 32 of 32 layers'."""
+        windows = sorted({w for w in self.layer_windows if w})
+        count = sum(1 for w in self.layer_windows if w)
+        return f"window {'/'.join(map(str, windows))} in {count} of {self.n_layers} layers" if windows else ""
 
 
 PRESETS: dict[str, ModelShape] = {
@@ -108,6 +126,58 @@ _ARCHITECTURES = {
 }
 
 
+_LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
+_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
+
+
+def _layer_windows(config: dict, model_type: str, n_layers: int, source: str) -> tuple[int, ...]:
+    """Per layer, the sliding window transformers' modeling code applies (0: none). Llama has none; Mistral
+    windows every layer by sliding_window; Qwen2/3 only with use_sliding_window, in the layers layer_types marks
+    sliding_attention or, without layer_types, from layer max_window_layers on."""
+    if model_type == "llama":
+        return ()
+    window = config_field(config, "sliding_window", int, source, 0, minimum=1)
+    if model_type == "mistral":
+        return (window,) * n_layers
+    if not config_field(config, "use_sliding_window", bool, source, False):
+        window = 0
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        first = config_field(config, "max_window_layers", int, source, 28, minimum=0)
+        return tuple(window if i >= first else 0 for i in range(n_layers))
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers or not set(layer_types) <= set(_LAYER_TYPES):
+        raise UserError(
+            f"{source}: layer_types must list one of {', '.join(_LAYER_TYPES)} for each of the {n_layers} layers"
+        )
+    return tuple(window if _LAYER_TYPES[kind] else 0 for kind in layer_types)
+
+
+def _check_rope(config: dict, source: str) -> None:
+    """RoPE variants change only the rotary embedding that conversion and tracing take from the teacher, and no
+    matmul of the cost model; partial RoPE changes what the attention layers compute and is not modelled."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise UserError(f"{source}: {key} must be an object, got {json.dumps(rope)[:60]}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in _ROPE_TYPES:
+            raise UserError(f"{source}: {key} rope_type {kind!r} is not one of {', '.join(_ROPE_TYPES)}")
+        config_field(rope, "rope_theta", float, f"{source}: {key}", 1.0, minimum=0)
+        _check_partial_rotary(rope, f"{source}: {key}")
+    config_field(config, "rope_theta", float, source, 1.0, minimum=0)
+    _check_partial_rotary(config, source)
+
+
+def _check_partial_rotary(config: dict, source: str) -> None:
+    factor = config_field(config, "partial_rotary_factor", float, source, 1.0, minimum=0)
+    if factor != 1:
+        raise UserError(
+            f"{source}: partial_rotary_factor={factor} (partial RoPE) is not supported: hhbench rotates whole heads"
+        )
+
+
 def shape_from_config_dict(config: dict, default_name: str = "model", source: str = "model config") -> ModelShape:
     """The shape of a Hugging Face config as a dict (config.json, or a loaded model's `config.to_dict()`).
 
@@ -120,6 +190,7 @@ def shape_from_config_dict(config: dict, default_name: str = "model", source: st
             f"{source}: model_type {model_type!r} is not supported: hhbench reads {', '.join(_ARCHITECTURES)} configs"
         )
     qkv_bias, o_bias, qk_norm, reads_mlp_bias = _ARCHITECTURES[model_type]
+    _check_rope(config, source)
     attention_bias = config_field(config, "attention_bias", bool, source, False)
     qkv_bias = attention_bias if qkv_bias == "attention_bias" else qkv_bias
     o_bias = attention_bias if o_bias == "attention_bias" else o_bias
@@ -137,10 +208,11 @@ def shape_from_config_dict(config: dict, default_name: str = "model", source: st
         raise UserError(
             f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}"
         )
+    n_layers = config_field(config, "num_hidden_layers", int, source, minimum=1)
     return ModelShape(
         name=config_field(config, "_name_or_path", str, source, "") or default_name,
         hidden=hidden,
-        n_layers=config_field(config, "num_hidden_layers", int, source, minimum=1),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
@@ -151,6 +223,7 @@ def shape_from_config_dict(config: dict, default_name: str = "model", source: st
         o_bias=o_bias,
         qk_norm=qk_norm,
         mlp_bias=reads_mlp_bias and config_field(config, "mlp_bias", bool, source, False),
+        layer_windows=_layer_windows(config, model_type, n_layers, source),
     )
 
 
@@ -180,14 +253,24 @@ def apply_overrides(shape: ModelShape, overrides: list[str] | tuple[str, ...]) -
             changes[key] = flag in _TRUE
         elif key == "name":
             changes[key] = value.strip()
-        elif key in _INT_FIELDS:
+        elif key in _INT_FIELDS or key == "sliding_window":
             try:
                 changes[key] = int(value)
             except ValueError:
                 raise UserError(f"bad shape override {item!r}: {key} takes an integer") from None
         else:
-            fields = ", ".join(f.name for f in dataclasses.fields(ModelShape))
+            fields = ", ".join(("name", *_INT_FIELDS, *_BOOL_FIELDS, "sliding_window"))
             raise UserError(f"unknown model field {key!r} in {item!r}: fields are {fields}")
     if changes and "name" not in changes:
         changes["name"] = shape.name + "".join(f"+{k}={v}" for k, v in changes.items())
+    n_layers = changes.get("n_layers", shape.n_layers)
+    if "sliding_window" in changes:  # one window for every layer; 0 removes them
+        window = changes.pop("sliding_window")
+        if window < 0:
+            raise UserError(f"bad shape override sliding_window={window}: a window is >= 0 tokens (0: none)")
+        changes["layer_windows"] = (window,) * n_layers
+    elif shape.layer_windows and n_layers != shape.n_layers:
+        if len(set(shape.layer_windows)) > 1:
+            raise UserError(f"model {shape.name} has different windows by layer: give sliding_window with n_layers")
+        changes["layer_windows"] = (shape.layer_windows[0],) * n_layers
     return dataclasses.replace(shape, **changes)
