@@ -85,10 +85,10 @@ def sweep(
         int, Opt(help="Time this many kernel points again with triton's do_bench; fail beyond 5%.")
     ] = 0,
     retry_errors: Annotated[bool, Opt(help="Measure again the points whose rows say error or oom.")] = False,
-    warmup_ms: Annotated[float, Opt(help="Warm-up budget per point.")] = -1,
-    target_ms: Annotated[float, Opt(help="Timed budget per point (sets the sample count).")] = -1,
-    min_reps: Annotated[int, Opt(help="Fewest timed samples.")] = -1,
-    max_reps: Annotated[int, Opt(help="Most timed samples.")] = -1,
+    warmup_ms: Annotated[float | None, Opt(help="Warm-up budget per point, ms (>= 0).")] = None,
+    target_ms: Annotated[float | None, Opt(help="Timed budget per point, ms (>= 0; sets the sample count).")] = None,
+    min_reps: Annotated[int | None, Opt(help="Fewest timed samples (>= 1).")] = None,
+    max_reps: Annotated[int | None, Opt(help="Most timed samples (>= --min-reps).")] = None,
     threads: Annotated[
         int,
         Opt(help="CPU threads for torch (0: torch's default). One keeps small CPU kernels steady on shared machines."),
@@ -104,6 +104,8 @@ def sweep(
     where = pick_device(device)
     if threads < 0:
         raise UserError(f"--threads must be >= 0, got {threads}")
+    if crosscheck < 0:
+        raise UserError(f"--crosscheck must be >= 0, got {crosscheck}")
     if threads and where.type == "cpu":
         torch.set_num_threads(threads)
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
@@ -121,7 +123,7 @@ def sweep(
         chosen = load_suite(suite or ("default" if where.type == "cuda" else "cpu"), where.type)
         name, points, policy = chosen.name, chosen.points, chosen.policy
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
-    policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v >= 0}})
+    policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     run_dir = RunDir(Path(out) / (run or default_run_name(name, where))).create()
     # Started at the first finished point, so that set-up errors stay one line on stderr.
     progress = Progress(

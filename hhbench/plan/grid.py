@@ -171,4 +171,6 @@ def load_suite(name_or_path: str, device: str) -> Suite:
         policy = TimingPolicy(**data.get("timing", {}))
     except TypeError as exc:
         raise UserError(f"suite {path}: bad [timing] table: {exc}") from None
+    except UserError as exc:
+        raise UserError(f"suite {path}: [timing] {str(exc).removeprefix('timing option ')}") from None
     return Suite(data.get("name", path.stem), points, policy, device)

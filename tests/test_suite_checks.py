@@ -1,0 +1,78 @@
+"""Sweep options and suite files checked up front: one line, exit 2, nothing measured."""
+
+import pytest
+
+from hhbench.errors import UserError
+from hhbench.measure.timing import TimingPolicy
+from hhbench.plan.grid import load_suite
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"min_reps": 0, "max_reps": 0}, "min_reps must be a finite number >= 1, got 0"),
+        ({"min_reps": -3}, "min_reps must be a finite number >= 1, got -3"),
+        ({"min_reps": 5, "max_reps": 2}, "max_reps (2) must be >= min_reps (5)"),
+        ({"warmup_ms": -1.0}, "warmup_ms must be a finite number >= 0, got -1.0"),
+        ({"target_ms": float("inf")}, "target_ms must be a finite number >= 0, got inf"),
+        ({"target_ms": float("nan")}, "target_ms must be a finite number >= 0, got nan"),
+        ({"min_reps": 2.5}, "min_reps must be an integer, got 2.5"),
+        ({"max_reps": True}, "max_reps must be an integer, got True"),
+        ({"warmup_ms": "100"}, "warmup_ms must be a number, got '100'"),
+        ({"flush_l2": 1}, "flush_l2 must be true or false, got 1"),
+        ({"graph": "no"}, "graph must be true or false, got 'no'"),
+    ],
+)
+def test_bad_timing_options(options, message):
+    with pytest.raises(UserError) as error:
+        TimingPolicy(**options)
+    assert str(error.value) == f"timing option {message}"
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"warmup_ms": 0, "target_ms": 0, "min_reps": 1, "max_reps": 1}, {"warmup_ms": 5, "graph": True}]
+)
+def test_good_timing_options(options):
+    assert TimingPolicy(**options) == TimingPolicy(**{**TimingPolicy().__dict__, **options})
+
+
+def suite(tmp_path, text: str) -> str:
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\n[[grid]]\nmodels = "tiny"\ncontexts = [64]\n' + text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "timing,message",
+    [
+        ("min_reps = 0", "[timing] min_reps must be a finite number >= 1, got 0"),
+        ('min_reps = "3"', "[timing] min_reps must be an integer, got '3'"),
+        ("target_ms = -5", "[timing] target_ms must be a finite number >= 0, got -5"),
+        ("min_reps = 20\nmax_reps = 10", "[timing] max_reps (10) must be >= min_reps (20)"),
+    ],
+)
+def test_bad_timing_table(tmp_path, timing, message):
+    path = suite(tmp_path, f"[timing]\n{timing}\n")
+    with pytest.raises(UserError) as error:
+        load_suite(path, "cpu")
+    assert str(error.value) == f"suite {path}: {message}"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--min-reps", "0", "--max-reps", "0"], "timing option min_reps must be a finite number >= 1, got 0"),
+        (["--max-reps", "4"], "timing option max_reps (4) must be >= min_reps (10)"),
+        (["--crosscheck", "-2"], "--crosscheck must be >= 0, got -2"),
+    ],
+)
+def test_bad_timing_flags_are_one_line_and_nothing_runs(cli, tmp_path, args, message):
+    result = cli("sweep", "--models", "tiny", "--contexts", "64", "--out", str(tmp_path), *args)
+    assert result.returncode == 2 and result.stderr.strip() == f"hhbench: error: {message}", result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_timing_flags_override_a_suite_and_are_checked_with_it(cli, tmp_path):
+    path = suite(tmp_path, "[timing]\nmin_reps = 2\nmax_reps = 3\n")
+    result = cli("sweep", "--suite", path, "--min-reps", "5", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "max_reps (3) must be >= min_reps (5)" in result.stderr, result.stderr
