@@ -36,9 +36,10 @@ def test_good_timing_options(options):
     assert TimingPolicy(**options) == TimingPolicy(**{**TimingPolicy().__dict__, **options})
 
 
-def suite(tmp_path, text: str) -> str:
+def suite(tmp_path, text: str, top: str = "") -> str:
+    """A suite file: `top` (top-level keys), one [[grid]] table, then `text`."""
     path = tmp_path / "s.toml"
-    path.write_text('name = "s"\n[[grid]]\nmodels = "tiny"\ncontexts = [64]\n' + text)
+    path.write_text(f'name = "s"\n{top}[[grid]]\nmodels = "tiny"\ncontexts = [64]\n{text}')
     return str(path)
 
 
@@ -76,3 +77,66 @@ def test_timing_flags_override_a_suite_and_are_checked_with_it(cli, tmp_path):
     path = suite(tmp_path, "[timing]\nmin_reps = 2\nmax_reps = 3\n")
     result = cli("sweep", "--suite", path, "--min-reps", "5", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "max_reps (3) must be >= min_reps (5)" in result.stderr, result.stderr
+
+
+GRID_KNOWN = "known are batch, contexts, dtype, fa_backend, gdn_backend, gdn_chunk, head_map, kv_aware, layouts, models"
+
+
+@pytest.mark.parametrize(
+    "top,text,message",
+    [
+        ("", "[timng]\nmin_reps = 2\n", "unknown table [timng]: known are device, grid, name, timing"),
+        ("", "[[grids]]\nmodels = 'tiny'\n", "unknown table [[grids]]: known are"),
+        (
+            "",
+            "[timing]\nmin_rep = 2\n",
+            "[timing]: unknown key 'min_rep': known are flush_l2, graph, max_reps, min_reps",
+        ),
+        ("", "[[grid]]\nmodels = 'tiny'\nratio = '3:1'\n", f"[[grid]] 2: unknown key 'ratio': {GRID_KNOWN}"),
+        ("", "[[grid]]\nmodels = 'tiny'\n[grid.sub]\nx = 1\n", "[[grid]] 2: unknown table [sub]: known are"),
+        (
+            "",
+            "[[grid]]\nmodels = 'tiny'\nkv_aware = 'no'\n",
+            "[[grid]] 2: grid key kv_aware takes true or false, got 'no'",
+        ),
+        ("", "[[grid]]\nmodels = 'tiny'\nparts = 1\n", "[[grid]] 2: grid key parts takes true or false, got 1"),
+        ("", "[[grid]]\nmodels = 'tiny'\nbatch = [1.5]\n", "[[grid]] 2: grid key batch takes whole numbers"),
+        ("", "[[grid]]\nmodels = 'tiny'\ngdn_chunk = [32, 64]\n", "grid key gdn_chunk takes one whole number"),
+        ('nmae = "x"\n', "", "unknown key 'nmae': known are device, grid, name, timing"),
+        ("timing = 5\n", "", "timing must be a [timing] table, got 5"),
+    ],
+)
+def test_unknown_or_mistyped_parts_of_a_suite(tmp_path, top, text, message):
+    path = suite(tmp_path, text, top)
+    with pytest.raises(UserError) as error:
+        load_suite(path, "cpu")
+    assert str(error.value).startswith(f"suite {path}: ") and message in str(error.value), error.value
+
+
+def test_device_and_name(tmp_path):
+    for text, message in (('device = "gpu"\n', "device 'gpu': choose any or cuda"), ("name = 3\n", "name must be")):
+        path = tmp_path / "s.toml"
+        path.write_text(text + '[[grid]]\nmodels = "tiny"\n')
+        with pytest.raises(UserError, match=message):
+            load_suite(str(path), "cpu")
+
+
+def test_the_shipped_suites_use_known_keys_only():
+    import tomllib
+
+    from hhbench.plan.grid import GRID_KEYS, SUITE_KEYS, SUITES
+
+    for path in SUITES.glob("*.toml"):
+        data = tomllib.loads(path.read_text())
+        assert set(data) <= set(SUITE_KEYS), path
+        assert all(set(grid) <= GRID_KEYS for grid in data["grid"]), path
+        TimingPolicy(**data.get("timing", {}))
+    assert len(load_suite("cpu", "cpu").points) == 60
+
+
+def test_a_misspelt_table_stops_the_sweep_before_it_runs(cli, tmp_path):
+    path = suite(tmp_path, "[timng]\nmin_reps = 2\n")
+    result = cli("sweep", "--suite", path, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "unknown table [timng]: known are device, grid, name, timing" in result.stderr
+    assert not (tmp_path / "out").exists()
