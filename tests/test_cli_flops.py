@@ -135,3 +135,23 @@ def test_sliding_window_is_modelled_and_sweep_refuses_it(cli, tmp_path):
     result = cli("sweep", "--models", str(config), "--out", str(tmp_path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "sliding-window attention (window 4096 in 32 of 32 layers): sweep measures full attention" in result.stderr
+
+
+def test_values_asked_twice_count_once(cli):
+    """One rule with sweep: repeated contexts, passes and models count once, and a ratio is a proportion (6:2
+    and 9:3 are 3:1, in both layouts), reported with the text first asked for it."""
+    result = cli("flops", "--model", "tiny,tiny", "--contexts", "256,256,1k,1024", "--ratios", "3:1,6:2,9:3",
+                 "--layouts", "head,layer,head", "--pass", "prefill,decode,prefill", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    keys = [(r["variant"], r["ratio"], r["pass"], r["context"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 2
+    assert {(v, ratio) for v, ratio, _, _ in keys} == {("head:3:1", "3:1"), ("layer:3:1", "3:1")}
+    alone = cli("flops", "--model", "tiny", "--contexts", "1k", "--ratios", "6:2", "--layouts", "head,layer",
+                "--pass", "prefill,decode", "--json")  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    for row in map(json.loads, alone.stdout.splitlines()):
+        same = next(r for r in rows if (r["variant"], r["pass"], r["context"]) == (row["variant"], row["pass"], 1024))
+        assert row["ratio"] == "6:2" and {**row, "ratio": "3:1"} == same
+    both = cli("flops", "--model", "tiny,smollm2-135m,tiny", "--contexts", "1k", "--layouts", "fa", "--json")
+    assert [json.loads(line)["model"] for line in both.stdout.splitlines()] == ["tiny"] * 2 + ["smollm2-135m"] * 2

@@ -140,3 +140,27 @@ def test_a_misspelt_table_stops_the_sweep_before_it_runs(cli, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "unknown table [timng]: known are device, grid, name, timing" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_dedupes_by_the_same_rule_as_flops(tmp_path):
+    from hhbench.plan.grid import dedupe, grid_points
+
+    one = grid_points({"models": "tiny", "ratios": "3:1", "contexts": [64], "passes": "prefill,decode"}, "cpu")
+    many = {"models": "tiny,tiny", "ratios": "3:1,6:2,9:3", "contexts": [64, 64], "passes": "prefill,decode,prefill"}
+    assert grid_points(many, "cpu") == one  # within one grid
+    six = grid_points({"models": "tiny", "ratios": "6:2", "contexts": [64], "passes": "prefill,decode"}, "cpu")
+    assert [p.key[1] for p in six] == [p.key[1] for p in one] and {p.ratio for p in six} == {"6:2"}
+    assert dedupe(one + six) == one  # across [[grid]] tables: the first text asked wins
+    path = suite(tmp_path, "[[grid]]\nmodels = 'tiny'\nratios = ['6:2']\ncontexts = [64, 64]\n")
+    assert len(load_suite(path, "cpu").points) == len(grid_points({"models": "tiny", "contexts": [64]}, "cpu"))
+
+
+def test_a_layer_wise_ratio_in_other_terms_is_the_same_plan():
+    from hhbench.spec.hybrid import HybridSpec, Layout, Ratio
+    from hhbench.spec.layout import build_plan
+    from hhbench.spec.shapes import PRESETS
+
+    shape = PRESETS["qwen3-1.7b"]
+    for layout in (Layout.HEAD, Layout.LAYER):
+        plans = [build_plan(shape, HybridSpec(layout, Ratio(3 * k, k))) for k in (1, 2, 3)]
+        assert plans[0] == plans[1] == plans[2] and plans[1].spec.label == f"{layout.value}:3:1"

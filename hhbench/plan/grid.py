@@ -47,7 +47,13 @@ class Point:
     @property
     def key(self) -> tuple:
         """The same tuple as Row.key of the row this point produces."""
-        return (self.shape.name, self.spec.normalized().label, self.ratio, self.context, self.batch, self.pass_.value,
+        name, variant, *rest = self.identity
+        return (name, variant, self.ratio, *rest)
+
+    @property
+    def identity(self) -> tuple:
+        """What is measured, whatever ratio text asked for it (the variant holds the normalized ratio)."""
+        return (self.shape.name, self.spec.normalized().label, self.context, self.batch, self.pass_.value,
                 self.scope.value, self.dtype, self.fa_backend, self.gdn_backend, self.mode,
                 self.spec.head_map.source if self.spec.head_map else "", self.spec.kv_aware)  # fmt: skip
 
@@ -173,12 +179,13 @@ def _check_backend(name: str, kind: str, device: str) -> None:
 
 
 def dedupe(points: list[Point]) -> list[Point]:
-    """One point per key, in first-seen order; a point asked for with its parts timed keeps them."""
+    """One point per configuration (`Point.identity`: 6:2 after 3:1 is dropped), in first-seen order; a point
+    asked for with its parts timed keeps them."""
     unique: dict[tuple, Point] = {}
     for point in points:
-        kept = unique.get(point.key)
+        kept = unique.get(point.identity)
         if kept is None or (point.parts and not kept.parts):
-            unique[point.key] = point if kept is None else dataclasses.replace(kept, parts=True)
+            unique[point.identity] = point if kept is None else dataclasses.replace(kept, parts=True)
     return list(unique.values())
 
 
