@@ -183,3 +183,11 @@ def test_window_overrides():
         apply_overrides(mixed, ["n_layers=4"])
     with pytest.raises(UserError, match="a window is >= 0 tokens"):
         apply_overrides(shape, ["sliding_window=-1"])
+
+
+def test_a_local_model_folder_is_checked_before_it_loads(tmp_path):
+    from hhbench.models.loader import load_model
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64, "rms_norm_eps": "1e-6"}')
+    with pytest.raises(UserError, match=r"config.json: rms_norm_eps must be a number, got \"1e-6\""):
+        load_model(str(tmp_path))
