@@ -249,3 +249,12 @@ def test_windows_stay_where_the_teacher_keeps_them(ids):
     with pytest.raises(UserError, match=r"window 8 in 2 of 4 layers.*layers \[2, 3\]"):
         convert(copy.deepcopy(qwen), parse_variant("head:3:1").plan(qshape))
     assert out(ids).logits.isfinite().all()
+
+
+def test_attention_dropout_is_refused_where_hydrahead_layers_come_in():
+    from hhbench.errors import UserError
+
+    model, shape = _windowed("mistral", sliding_window=None, attention_dropout=0.1)
+    with pytest.raises(UserError, match=r"attention_dropout=0.1: HydraHead layers apply none"):
+        convert(copy.deepcopy(model), parse_variant("layer:3:1").plan(shape))
+    assert convert(model, parse_variant("head:0:1").plan(shape)) is model  # no HydraHead layer: nothing changes

@@ -191,3 +191,9 @@ def test_a_local_model_folder_is_checked_before_it_loads(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64, "rms_norm_eps": "1e-6"}')
     with pytest.raises(UserError, match=r"config.json: rms_norm_eps must be a number, got \"1e-6\""):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("value,message", [(1.0, "attention_dropout must be below 1, got 1.0"), (-0.1, ">= 0")])
+def test_attention_dropout_range(value, message):
+    with pytest.raises(UserError, match=message):
+        shape_from_config_dict({**LLAMA, "attention_dropout": value})

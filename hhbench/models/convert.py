@@ -226,11 +226,18 @@ def init_gdn(hydra: HydraAttention, init: GDNInit, head_rms: torch.Tensor | None
 
 
 def check_convertible(model, plan: LayerPlan) -> None:
-    """Refuse, in one line, a conversion whose HydraHead layers would compute what the teacher's do not: the
-    config is read as `shape_from_config_dict` reads it (unknown architectures, partial RoPE refused there), and
-    a layer with a sliding window may keep it only where it stays the teacher's module (no GDN head) or loses
-    attention altogether (no FA head): HydraHead's FA backends attend to every earlier key."""
-    shape = shape_from_config_dict(model.config.to_dict(), plan.shape.name, f"{type(model).__name__} config")
+    """Refuse, in one line, a conversion whose HydraHead layers would compute what the teacher's do not. The
+    config is read as `shape_from_config_dict` reads it (unknown architectures and partial RoPE are refused
+    there); attention dropout is refused (HydraHead applies none); a layer with a sliding window may keep it only
+    where it stays the teacher's module (no GDN head) or loses attention (no FA head): HydraHead's FA backends
+    attend to every earlier key."""
+    config = model.config.to_dict()
+    shape = shape_from_config_dict(config, plan.shape.name, f"{type(model).__name__} config")
+    if any(layer.n_la for layer in plan.layers) and config.get("attention_dropout"):
+        raise UserError(
+            f"{shape.name} has attention_dropout={config['attention_dropout']}: HydraHead layers apply none; "
+            "set it to 0 in the config"
+        )
     mixed = [i for i, layer in enumerate(plan.layers) if layer.n_fa and layer.n_la and shape.window(i)]
     if mixed:
         raise UserError(

@@ -192,6 +192,8 @@ def shape_from_config_dict(config: dict, default_name: str = "model", source: st
     qkv_bias, o_bias, qk_norm, reads_mlp_bias = _ARCHITECTURES[model_type]
     _check_rope(config, source)
     config_field(config, "rms_norm_eps", float, source, 1e-6, minimum=0)  # conversion's q/k and head norms read it
+    if config_field(config, "attention_dropout", float, source, 0.0, minimum=0) >= 1:
+        raise UserError(f"{source}: attention_dropout must be below 1, got {config['attention_dropout']}")
     attention_bias = config_field(config, "attention_bias", bool, source, False)
     qkv_bias = attention_bias if qkv_bias == "attention_bias" else qkv_bias
     o_bias = attention_bias if o_bias == "attention_bias" else o_bias
