@@ -13,6 +13,7 @@ from hhbench.cli.app import app
 from hhbench.errors import UserError
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, markdown_table
+from hhbench.spec.units import parse_count, split_list
 
 Opt = typer.Option
 SUMMARY = ["variant", "ratio_effective", "pass", "scope", "context", "batch", "mode", "fa_backend", "gdn_backend",
@@ -109,7 +110,7 @@ def sweep(
     if threads and where.type == "cpu":
         torch.set_num_threads(threads)
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
-             "batch": [int(b) for b in batch.split(",") if b.strip()] if batch else None, "passes": passes,
+             "batch": [parse_count(b, "batch") for b in split_list(batch)] or None, "passes": passes,
              "scopes": [s for s in scopes.split(",") if s] if scopes else None,
              "fa_backend": fa_backend.split(",") if fa_backend else None,
              "gdn_backend": gdn_backend.split(",") if gdn_backend else None, "dtype": dtype.split(",") if dtype else None,
