@@ -91,3 +91,67 @@ def test_per_layer_plan_shows_kv_groups(cli):
     assert result.returncode == 0, result.stderr
     assert "qwen3-1.7b head:3:1+kv: ratio_effective 3:1, 112 FA heads, 56 KV groups in all" in result.stdout
     assert "| 0 | 1 | 4 5 12 13 | 4 | 12 | 2 |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("[1,2,3]", "expected a JSON object of config fields, got list"),
+        ('{"hidden_size": "4096"}', 'hidden_size must be an integer, got "4096"'),
+        ('{"hidden_size": 64, "num_attention_heads": -4}', "num_attention_heads must be >= 1, got -4"),
+        ('{"hidden_size": 64}', "lacks 'num_attention_heads'"),
+        ("\xff\xfe", "cannot read model config"),
+    ],
+)
+def test_bad_config_json_is_one_line_naming_the_field(cli, tmp_path, config, message):
+    path = tmp_path / "c.json"
+    path.write_bytes(config.encode("latin-1"))
+    result = cli("flops", "--model", str(path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_sweep_reads_config_json_through_the_same_checks(cli, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": "2"}')
+    result = cli("sweep", "--models", str(path), "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert 'num_hidden_layers must be an integer, got "2"' in result.stderr
+
+
+def test_sliding_window_is_modelled_and_sweep_refuses_it(cli, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32,
+                                  "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                                  "vocab_size": 32000, "sliding_window": 4096}))  # fmt: skip
+    rows = {}
+    for window in ("4096", "0"):
+        result = cli("flops", "--model", str(config), "--set", f"sliding_window={window}", "--layouts", "fa",
+                     "--contexts", "32k", "--pass", "prefill,decode", "--json")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        rows[window] = {r["pass"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert rows["0"]["prefill"]["flops_fa_core"] / rows["4096"]["prefill"]["flops_fa_core"] == pytest.approx(4.27, 1e-3)
+    assert rows["0"]["decode"]["flops_fa_core"] == 8 * rows["4096"]["decode"]["flops_fa_core"]
+    assert rows["0"]["decode"]["kv_cache_bytes"] == 8 * rows["4096"]["decode"]["kv_cache_bytes"] == 4 * 2**30
+    result = cli("sweep", "--models", str(config), "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "sliding-window attention (window 4096 in 32 of 32 layers): sweep measures full attention" in result.stderr
+
+
+def test_values_asked_twice_count_once(cli):
+    """One rule with sweep: repeated contexts, passes and models count once, and a ratio is a proportion (6:2
+    and 9:3 are 3:1, in both layouts), reported with the text first asked for it."""
+    result = cli("flops", "--model", "tiny,tiny", "--contexts", "256,256,1k,1024", "--ratios", "3:1,6:2,9:3",
+                 "--layouts", "head,layer,head", "--pass", "prefill,decode,prefill", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    keys = [(r["variant"], r["ratio"], r["pass"], r["context"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 2
+    assert {(v, ratio) for v, ratio, _, _ in keys} == {("head:3:1", "3:1"), ("layer:3:1", "3:1")}
+    alone = cli("flops", "--model", "tiny", "--contexts", "1k", "--ratios", "6:2", "--layouts", "head,layer",
+                "--pass", "prefill,decode", "--json")  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    for row in map(json.loads, alone.stdout.splitlines()):
+        same = next(r for r in rows if (r["variant"], r["pass"], r["context"]) == (row["variant"], row["pass"], 1024))
+        assert row["ratio"] == "6:2" and {**row, "ratio": "3:1"} == same
+    both = cli("flops", "--model", "tiny,smollm2-135m,tiny", "--contexts", "1k", "--layouts", "fa", "--json")
+    assert [json.loads(line)["model"] for line in both.stdout.splitlines()] == ["tiny"] * 2 + ["smollm2-135m"] * 2

@@ -199,3 +199,62 @@ def test_gdn_head_starts_close_to_linear_attention():
     linear = (weights.tril() @ vf[0]) * d**-0.5
     cos = F.cosine_similarity(o[0, :, 0], linear, dim=-1)
     assert cos.mean() > 0.98 and cos.min() > 0.9  # the delta rule's beta^2 correction grows with length
+
+
+def _windowed(family: str, **window):
+    """A tiny random Mistral or Qwen2 (hidden 64, 4 layers, 8 heads of 8, 4 KV heads) with a sliding window."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]  # fmt: skip
+    config = config_class(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=4, head_dim=8, **window)  # fmt: skip
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    return model, loader.shape_from_config_dict(config.to_dict(), family)
+
+
+@torch.no_grad()
+def test_the_window_is_read_and_the_teacher_computes_it(ids):
+    model, shape = _windowed("mistral", sliding_window=8)
+    assert shape.layer_windows == (8, 8, 8, 8)
+    full, full_shape = _windowed("mistral", sliding_window=None)
+    full.load_state_dict(model.state_dict())
+    assert not full_shape.windowed
+    assert (model(ids).logits - full(ids).logits).abs().max() > 1e-2  # the window changes what is computed
+
+
+@pytest.mark.parametrize("variant", ["head:3:1", "head:7:1", "head:1:1"])
+def test_head_level_conversion_of_a_windowed_model_is_refused(variant):
+    from hhbench.errors import UserError
+
+    model, shape = _windowed("mistral", sliding_window=8)
+    with pytest.raises(
+        UserError, match=r"sliding-window attention \(window 8 in 4 of 4 layers\).*layers \[0, 1, 2, 3\]"
+    ):
+        convert(model, parse_variant(variant).plan(shape))
+
+
+@torch.no_grad()
+def test_windows_stay_where_the_teacher_keeps_them(ids):
+    """Layer-wise: FA layers stay the teacher's (windowed) modules, GDN layers lose attention altogether; a
+    Qwen2 whose window covers only layers 2-3 converts head-level where no converted layer has a window."""
+    from hhbench.errors import UserError
+
+    model, shape = _windowed("mistral", sliding_window=8)
+    out = convert(copy.deepcopy(model), parse_variant("layer:3:1").plan(shape))
+    assert decoder_layers(out)[3].self_attn is not decoder_layers(model)[3].self_attn
+    assert type(decoder_layers(out)[3].self_attn) is type(decoder_layers(model)[3].self_attn)
+    qwen, qshape = _windowed("qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=2)
+    assert qshape.layer_windows == (0, 0, 8, 8)
+    with pytest.raises(UserError, match=r"window 8 in 2 of 4 layers.*layers \[2, 3\]"):
+        convert(copy.deepcopy(qwen), parse_variant("head:3:1").plan(qshape))
+    assert out(ids).logits.isfinite().all()
+
+
+def test_attention_dropout_is_refused_where_hydrahead_layers_come_in():
+    from hhbench.errors import UserError
+
+    model, shape = _windowed("mistral", sliding_window=None, attention_dropout=0.1)
+    with pytest.raises(UserError, match=r"attention_dropout=0.1: HydraHead layers apply none"):
+        convert(copy.deepcopy(model), parse_variant("layer:3:1").plan(shape))
+    assert convert(model, parse_variant("head:0:1").plan(shape)) is model  # no HydraHead layer: nothing changes

@@ -208,3 +208,16 @@ def test_aggregate_skips_probes_that_carry_no_signal():
     scores = aggregate([flat, good])
     assert scores.retrieval == ((1.0, 0.0),) and scores.patching == ((1.0, 0.0),)
     assert scores.combined == ((1.0, 0.0),) and scores.stats["probes_patching"] == 1
+
+
+def test_the_tracer_refuses_a_sliding_window_model():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from hhbench.errors import UserError
+
+    config = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)  # fmt: skip
+    with pytest.raises(UserError, match=r"sliding-window attention \(window 16 in 2 of 2 layers\): the head tracer"):
+        HeadTracer(MistralForCausalLM(config))
+    config.sliding_window = None
+    HeadTracer(MistralForCausalLM(config))  # without a window it traces

@@ -72,13 +72,14 @@ def analytic_costs(
         fa, la = layer.n_fa, layer.n_la
         q, k, v, o = M.projection_widths(shape, layer, gdn)
         part = {
-            "fa": F.fa_core(pass_, B, fa, T, d),
+            "fa": F.fa_core(pass_, B, fa, T, d, layer.window),
             "gdn": F.gdn_core(pass_, B, la, T, dk, dv, C),
             "qkvo": F.linear(pass_, B, T, shape.hidden, q + k + v) + F.linear(pass_, B, T, o, shape.hidden),
             "gproj": F.linear(pass_, B, T, shape.hidden, M.gdn_projection_width(la, dv, gdn)),
             "conv": F.depthwise_conv(pass_, B, T, M.gdn_conv_channels(la, dk, dv, gdn), gdn.conv_size),
-            "elem": F.elementwise_fa(pass_, B, fa, T) + F.elementwise_gdn(pass_, B, la, T, dk, dv, C),
-            "kv": M.kv_cache_bytes(layer.kv_groups, T, d, nbytes, B),
+            "elem": F.elementwise_fa(pass_, B, fa, T, layer.window) + F.elementwise_gdn(pass_, B, la, T, dk, dv, C),
+            # A sliding-window layer keeps only its window's keys and values (a rolling cache).
+            "kv": M.kv_cache_bytes(layer.kv_groups, F.attended(T, layer.window), d, nbytes, B),
             "state": M.gdn_state_bytes(la, dk, dv, gdn, nbytes, B),
             "weights": M.layer_weight_params(shape, layer, gdn) * nbytes,
             "core_io": M.core_bytes_moved(pass_ is F.Pass.DECODE, B, T, layer, d, dk, dv, nbytes, gdn),

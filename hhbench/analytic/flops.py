@@ -5,6 +5,8 @@ Conventions (also in README):
   other elementwise work are a separate estimate (`elementwise_*`), never part of a total.
 - FA core, causal forward: 4*B*H*T^2*d/2 (FlashAttention's benchmark convention); backward 2.5x forward
   (it recomputes the scores); decode, one token over a cache of T: 4*B*H*T*d. GQA does not change it.
+  A sliding window of W keys: the T^2/2 (query, key) pairs become T*W - W^2/2 beyond T = W (the first W queries
+  attend causally, the rest to W keys each), and decode attends to min(T, W) keys.
 - GDN core, chunkwise with chunk C, forward per token per head: C*(6*dk + 4*dv) + 6*dk*dv, T padded up to
   whole chunks. This is exact for the chunked reference in hhbench/kernels/reference.py (tests check it with
   torch's FlopCounterMode): per chunk, five C x C products (K_beta K^T, T V, T K_decay, Q K^T, A V_new) and
@@ -38,10 +40,24 @@ def padded(context: int, chunk: int) -> int:
     return -(-context // chunk) * chunk
 
 
-def fa_core(pass_: Pass, batch: int, heads: float, context: int, head_dim: int) -> float:
+def attended(context: int, window: int = 0) -> int:
+    """Keys one query attends to at the end of `context` tokens: all of them, or the sliding window's W."""
+    return min(context, window) if window else context
+
+
+def score_pairs(context: int, window: int = 0) -> float:
+    """(query, key) pairs of causal attention over `context` tokens, T^2/2 by the FlashAttention convention;
+    with a sliding window of W keys, W^2/2 for the first W queries and W for each of the T - W after them."""
+    if not window or context <= window:
+        return context * context / 2
+    return context * window - window * window / 2
+
+
+def fa_core(pass_: Pass, batch: int, heads: float, context: int, head_dim: int, window: int = 0) -> float:
+    """FA core FLOPs of `heads` heads; `window` > 0: a sliding window of that many keys."""
     if pass_ is Pass.DECODE:
-        return 4.0 * batch * heads * context * head_dim
-    forward = 4.0 * batch * heads * context * context * head_dim / 2
+        return 4.0 * batch * heads * attended(context, window) * head_dim
+    forward = 4.0 * batch * heads * score_pairs(context, window) * head_dim
     return forward * (1 + FA_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
 
 
@@ -74,8 +90,8 @@ GDN_GATES_PER_HEAD = 12  # decay gate softplus and exp, beta sigmoid
 L2NORM_PER_ELEMENT = 3
 
 
-def elementwise_fa(pass_: Pass, batch: int, heads: float, context: int) -> float:
-    scores = context if pass_ is Pass.DECODE else context * context / 2
+def elementwise_fa(pass_: Pass, batch: int, heads: float, context: int, window: int = 0) -> float:
+    scores = attended(context, window) if pass_ is Pass.DECODE else score_pairs(context, window)
     forward = SOFTMAX_PER_SCORE * batch * heads * scores
     return forward * (1 + FA_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
 

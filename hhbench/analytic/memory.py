@@ -1,5 +1,6 @@
 """Analytic memory: KV cache, GDN recurrent state and weights. Pure functions of shapes."""
 
+from hhbench.analytic.flops import attended
 from hhbench.spec.hybrid import GDNConfig
 from hhbench.spec.layout import LayerAssignment
 from hhbench.spec.shapes import ModelShape
@@ -41,10 +42,12 @@ def gdn_conv_channels(la_heads: int, dk: int, dv: int, gdn: GDNConfig) -> int:
 
 
 def layer_weight_params(shape: ModelShape, layer: LayerAssignment, gdn: GDNConfig) -> int:
-    """Attention-layer parameters: projections, GDN extras (gates, conv, A_log and dt_bias), per-head norms."""
+    """Attention-layer parameters: projections with the biases and q/k norms the shape has, GDN extras (gates,
+    conv, A_log and dt_bias), per-head norms."""
     dk, dv = gdn.dims(shape.head_dim)
     q, k, v, o = projection_widths(shape, layer, gdn)
     params = shape.hidden * (q + k + v) + o * shape.hidden
+    params += (q + k + v) * shape.qkv_bias + shape.hidden * shape.o_bias + 2 * shape.head_dim * shape.qk_norm
     if layer.n_la:
         params += shape.hidden * gdn_projection_width(layer.n_la, dv, gdn)
         params += gdn_conv_channels(layer.n_la, dk, dv, gdn) * gdn.conv_size
@@ -55,8 +58,11 @@ def layer_weight_params(shape: ModelShape, layer: LayerAssignment, gdn: GDNConfi
 
 
 def block_weight_params(shape: ModelShape) -> int:
-    """The parts of a block every layout shares: gated MLP and the two pre-norms."""
-    return 3 * shape.hidden * shape.mlp_hidden + (2 * shape.hidden if shape.mlp_hidden else 0)
+    """The parts of a block every layout shares: gated MLP (with its biases, if any) and the two pre-norms."""
+    if not shape.mlp_hidden:
+        return 0
+    biases = (2 * shape.mlp_hidden + shape.hidden) * shape.mlp_bias
+    return 3 * shape.hidden * shape.mlp_hidden + biases + 2 * shape.hidden
 
 
 def embedding_params(shape: ModelShape) -> int:
@@ -78,10 +84,12 @@ def core_bytes_moved(
 ) -> float:
     """Fewest bytes the attention cores of one layer move in a forward pass: each input read once, each output
     written once. Prefill: FA reads q and the K, V of its KV groups and writes o; GDN reads per-head q, k, v,
-    the decay and beta and writes o. Decode: FA reads the whole KV cache; GDN reads and writes its state."""
+    the decay and beta and writes o. Decode: FA reads the whole KV cache (its window's in a sliding-window
+    layer); GDN reads and writes its state."""
     fa, la, groups = layer.n_fa, layer.n_la, layer.kv_groups
     if decode:
-        fa_bytes = (2 * fa * head_dim) * dtype_bytes + kv_cache_bytes(groups, context, head_dim, dtype_bytes)
+        cached = attended(context, layer.window)
+        fa_bytes = (2 * fa * head_dim) * dtype_bytes + kv_cache_bytes(groups, cached, head_dim, dtype_bytes)
         gdn_bytes = la * ((2 * dk + 2 * dv + 2) * dtype_bytes + 2 * dk * dv * gdn.state_dtype_bytes)
         return batch * (fa_bytes + gdn_bytes)
     fa_bytes = (2 * fa * head_dim + 2 * groups * head_dim) * dtype_bytes

@@ -69,7 +69,11 @@ def plan_tables(shape, specs) -> str:
 def flops(
     model: Annotated[
         str,
-        Opt("--model", "-m", help="Preset (qwen3-1.7b, llama3-8b, smollm2-135m, h32d128, tiny) or a config.json path."),
+        Opt(
+            "--model",
+            "-m",
+            help="Presets (qwen3-1.7b, llama3-8b, smollm2-135m, h32d128, tiny) or config.json paths, comma-separated.",
+        ),
     ] = "qwen3-1.7b",
     set_: Annotated[list[str], Opt("--set", help="Override a shape field, e.g. --set n_layers=4 (repeatable).")] = [],  # noqa: B006
     layouts: Annotated[str, Opt(help="Comma-separated: head, layer, fa, la.")] = "head,layer",
@@ -94,7 +98,7 @@ def flops(
     plan: Annotated[bool, Opt(help="Print each variant's per-layer plan (FA heads, KV groups) instead.")] = False,
 ):
     """Analytic FLOPs and memory of hybrid layouts, against the layer-wise 3:1 baseline."""
-    shape = options.models(model, set_)[0]
+    shapes = options.models(model, set_)
     context_values = options.contexts(contexts)
     pass_values = options.passes(pass_)
     options.positive(batch, "batch")
@@ -102,16 +106,23 @@ def flops(
     scope_value = Scope.parse(scope)
     gdn = GDNConfig(chunk_size=gdn_chunk, head_k_dim=gdn_dk or None, head_v_dim=gdn_dv or None)
     if claims:
-        for pass_value in pass_values:
-            points = claim_points(shape, context_values, pass_value, batch)
-            for sentence in claim_sentences(shape, points, pass_value):
-                typer.echo(sentence)
+        for shape in shapes:
+            for pass_value in pass_values:
+                points = claim_points(shape, context_values, pass_value, batch)
+                for sentence in claim_sentences(shape, points, pass_value):
+                    typer.echo(sentence)
         return
     specs = options.hybrid_specs(layouts, ratios, gdn, head_map or None, kv_aware)
     if plan:
-        typer.echo(plan_tables(shape, specs))
+        typer.echo("\n\n".join(plan_tables(shape, specs) for shape in shapes))
         return
-    rows = RowSet(analytic_rows(shape, specs, context_values, pass_values, batch, scope_value, dtype))
+    rows = RowSet(
+        [
+            row
+            for shape in shapes
+            for row in analytic_rows(shape, specs, context_values, pass_values, batch, scope_value, dtype)
+        ]
+    )
     if csv:
         rows.to_csv(csv)
     if as_json:

@@ -14,6 +14,7 @@ from hhbench.cli.app import app
 from hhbench.errors import UserError
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, markdown_table
+from hhbench.spec.units import parse_count, split_list
 
 Opt = typer.Option
 SUMMARY = ["variant", "ratio_effective", "pass", "scope", "context", "batch", "mode", "fa_backend", "gdn_backend",
@@ -89,10 +90,10 @@ def sweep(
         int, Opt(help="Time this many kernel points again with triton's do_bench; fail beyond 5%.")
     ] = 0,
     retry_errors: Annotated[bool, Opt(help="Measure again the points whose rows say error or oom.")] = False,
-    warmup_ms: Annotated[float, Opt(help="Warm-up budget per point.")] = -1,
-    target_ms: Annotated[float, Opt(help="Timed budget per point (sets the sample count).")] = -1,
-    min_reps: Annotated[int, Opt(help="Fewest timed samples.")] = -1,
-    max_reps: Annotated[int, Opt(help="Most timed samples.")] = -1,
+    warmup_ms: Annotated[float | None, Opt(help="Warm-up budget per point, ms (>= 0).")] = None,
+    target_ms: Annotated[float | None, Opt(help="Timed budget per point, ms (>= 0; sets the sample count).")] = None,
+    min_reps: Annotated[int | None, Opt(help="Fewest timed samples (>= 1).")] = None,
+    max_reps: Annotated[int | None, Opt(help="Most timed samples (>= --min-reps).")] = None,
     threads: Annotated[
         int,
         Opt(help="CPU threads for torch (0: torch's default). One keeps small CPU kernels steady on shared machines."),
@@ -108,10 +109,12 @@ def sweep(
     where = pick_device(device)
     if threads < 0:
         raise UserError(f"--threads must be >= 0, got {threads}")
+    if crosscheck < 0:
+        raise UserError(f"--crosscheck must be >= 0, got {crosscheck}")
     if threads and where.type == "cpu":
         torch.set_num_threads(threads)
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
-             "batch": [int(b) for b in batch.split(",") if b.strip()] if batch else None, "passes": passes,
+             "batch": [parse_count(b, "batch") for b in split_list(batch)] or None, "passes": passes,
              "scopes": [s for s in scopes.split(",") if s] if scopes else None,
              "fa_backend": fa_backend.split(",") if fa_backend else None,
              "gdn_backend": gdn_backend.split(",") if gdn_backend else None, "dtype": dtype.split(",") if dtype else None,
@@ -127,7 +130,7 @@ def sweep(
     if not floor:
         points = [dataclasses.replace(point, floor=False) for point in points]
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
-    policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v >= 0}})
+    policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     run_dir = RunDir(Path(out) / (run or default_run_name(name, where))).create()
     # Started at the first finished point, so that set-up errors stay one line on stderr.
     progress = Progress(

@@ -3,12 +3,16 @@ then repeated samples with CUDA events (or perf_counter on the CPU), L2 flushed 
 kernels are not timed out of a warm cache; optionally the callable captured in a CUDA graph and its replays
 timed (small decode steps are otherwise dominated by launch overhead). Median and p10/p90 of the samples."""
 
+import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from hhbench.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,25 @@ class TimingPolicy:
     max_reps: int = 200
     flush_l2: bool = True
     graph: bool = False  # capture in a CUDA graph and time replays (CUDA only)
+
+    def __post_init__(self):
+        """Every option checked for type and range, wherever it comes from (flags, a suite's [timing], code)."""
+        for option in dataclasses.fields(self):
+            value, kind = getattr(self, option.name), type(option.default)
+            if kind not in _EXPECTED:
+                continue
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = isinstance(value, bool) if kind is bool else number and (kind is float or isinstance(value, int))
+            if not ok:
+                raise UserError(f"timing option {option.name} must be {_EXPECTED[kind]}, got {value!r}")
+            least = 1 if option.name == "min_reps" else 0
+            if kind is not bool and not (math.isfinite(value) and value >= least):
+                raise UserError(f"timing option {option.name} must be a finite number >= {least}, got {value}")
+        if self.max_reps < self.min_reps:
+            raise UserError(f"timing option max_reps ({self.max_reps}) must be >= min_reps ({self.min_reps})")
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number"}
 
 
 @dataclass

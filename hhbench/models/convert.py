@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hhbench.errors import UserError
 from hhbench.layers.hydrahead import HydraAttention, LayerCache
 from hhbench.spec.layout import LayerPlan
+from hhbench.spec.shapes import shape_from_config_dict
 
 STATES = "_hhbench_states"  # attribute of a transformers Cache holding the adapters' LayerCaches
 
@@ -223,6 +225,28 @@ def init_gdn(hydra: HydraAttention, init: GDNInit, head_rms: torch.Tensor | None
     hydra.head_gamma.copy_(gamma)
 
 
+def check_convertible(model, plan: LayerPlan) -> None:
+    """Refuse, in one line, a conversion whose HydraHead layers would compute what the teacher's do not. The
+    config is read as `shape_from_config_dict` reads it (unknown architectures and partial RoPE are refused
+    there); attention dropout is refused (HydraHead applies none); a layer with a sliding window may keep it only
+    where it stays the teacher's module (no GDN head) or loses attention (no FA head): HydraHead's FA backends
+    attend to every earlier key."""
+    config = model.config.to_dict()
+    shape = shape_from_config_dict(config, plan.shape.name, f"{type(model).__name__} config")
+    if any(layer.n_la for layer in plan.layers) and config.get("attention_dropout"):
+        raise UserError(
+            f"{shape.name} has attention_dropout={config['attention_dropout']}: HydraHead layers apply none; "
+            "set it to 0 in the config"
+        )
+    mixed = [i for i, layer in enumerate(plan.layers) if layer.n_fa and layer.n_la and shape.window(i)]
+    if mixed:
+        raise UserError(
+            f"{shape.name} has sliding-window attention ({shape.windowed}), and HydraHead's FA heads attend to every "
+            f"earlier key: converting layers {mixed[:4]}{'...' if len(mixed) > 4 else ''} with both kinds of heads "
+            "would change what they compute; use a layer-wise variant or a model without sliding windows"
+        )
+
+
 def convert(
     model,
     plan: LayerPlan,
@@ -238,6 +262,7 @@ def convert(
         raise ValueError(f"plan for {plan.shape.name} does not fit {type(model).__name__}")
     if len(plan.layers) != len(layers):
         raise ValueError("a conversion needs one plan entry per layer")
+    check_convertible(model, plan)
     for i, (layer, assignment) in enumerate(zip(layers, plan.layers, strict=True)):
         if assignment.n_la == 0:
             continue  # no GDN head: the teacher's module, untouched

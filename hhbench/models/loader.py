@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hhbench.errors import UserError
-from hhbench.spec.shapes import ModelShape, shape_from_config_dict
+from hhbench.spec.shapes import ModelShape, shape_from_config_dict, shape_from_hf_config
 
 
 def offline() -> None:
@@ -125,6 +125,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "fp32", work_dir: st
         tokenizer = char_tokenizer(tokenizer_dir)
         model = tiny_llama(len(tokenizer)).to(torch_dtype)
     elif Path(name).is_dir() and (Path(name) / "config.json").exists():
+        shape_from_hf_config(Path(name) / "config.json")  # a bad field is one line naming it, before transformers
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch_dtype)

@@ -1,9 +1,11 @@
 """The sweep's plan: a grid of points from CLI flags or a suite file (suites/*.toml).
 
-A suite holds one or more [[grid]] tables; the points are their union, in order, duplicates dropped. Every
-grid key takes a list (or a single value): models, set (shape overrides), layouts, ratios, contexts, batch,
-passes, scopes, fa_backend, gdn_backend, dtype, modes, head_map, kv_aware, parts, floor (default true: layer and
-model points also time their floor, hhbench.bench.floor). [timing] sets the policy.
+A suite holds `name`, `device` (any or cuda), one or more [[grid]] tables and a [timing] table; the points are the
+grids' union, in order, duplicates dropped. Every grid key takes a list (or a single value): models, set (shape
+overrides), layouts, ratios, contexts, batch, passes, scopes, fa_backend, gdn_backend, dtype, modes, head_map,
+kv_aware, parts, floor (default true: layer and model points also time their floor, hhbench.bench.floor),
+gdn_chunk. [timing] sets the policy (TimingPolicy's fields). A table or key not among these is an error that lists
+the known ones: a misspelt one would otherwise be ignored.
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ from hhbench.spec.shapes import ModelShape
 SUITES = Path(__file__).resolve().parents[2] / "suites"
 GRID_KEYS = {"models", "set", "layouts", "ratios", "contexts", "batch", "passes", "scopes", "fa_backend",
              "gdn_backend", "dtype", "modes", "head_map", "kv_aware", "parts", "floor", "gdn_chunk"}  # fmt: skip
+SUITE_KEYS = ("name", "device", "grid", "timing")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,13 @@ class Point:
     @property
     def key(self) -> tuple:
         """The same tuple as Row.key of the row this point produces."""
-        return (self.shape.name, self.spec.normalized().label, self.ratio, self.context, self.batch, self.pass_.value,
+        name, variant, *rest = self.identity
+        return (name, variant, self.ratio, *rest)
+
+    @property
+    def identity(self) -> tuple:
+        """What is measured, whatever ratio text asked for it (the variant holds the normalized ratio)."""
+        return (self.shape.name, self.spec.normalized().label, self.context, self.batch, self.pass_.value,
                 self.scope.value, self.dtype, self.fa_backend, self.gdn_backend, self.mode,
                 self.spec.head_map.source if self.spec.head_map else "", self.spec.kv_aware)  # fmt: skip
 
@@ -67,21 +76,59 @@ def _text(value) -> str:
     return ",".join(str(v) for v in _as_list(value))
 
 
-def grid_points(grid: dict, device: str) -> list[Point]:
-    unknown = set(grid) - GRID_KEYS
+def check_keys(found: dict, known, where: str = "") -> None:
+    """Keys of `found` not in `known` are an error naming them (tables as [name]) and listing the known ones."""
+    unknown = sorted(set(found) - set(known))
     if unknown:
-        raise UserError(f"unknown grid keys {sorted(unknown)}: known are {', '.join(sorted(GRID_KEYS))}")
+        names = ", ".join(_toml_name(key, found[key]) for key in unknown)
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}unknown {names}: known are {', '.join(sorted(known))}")
+
+
+def _toml_name(key: str, value) -> str:
+    if isinstance(value, dict):
+        return f"table [{key}]"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return f"table [[{key}]]"
+    return f"key {key!r}"
+
+
+def _flag(grid: dict, key: str, default: bool = False) -> bool:
+    value = grid.get(key, default)
+    if not isinstance(value, bool):
+        raise UserError(f"grid key {key} takes true or false, got {value!r}")
+    return value
+
+
+def _integers(grid: dict, key: str, default: int) -> list[int]:
+    values = _as_list(grid.get(key, default))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"grid key {key} takes whole numbers, got {grid[key]!r}")
+    return values
+
+
+def grid_points(grid: dict, device: str) -> list[Point]:
+    check_keys(grid, GRID_KEYS)
     shapes = options.models(_text(grid.get("models", "h32d128")), [str(s) for s in _as_list(grid.get("set", []))])
-    gdn = GDNConfig(chunk_size=int(grid.get("gdn_chunk", 64)))
+    for shape in shapes:
+        if shape.windowed:  # the measured layers' FA backends attend to every earlier key
+            raise UserError(
+                f"model {shape.name} has sliding-window attention ({shape.windowed}): sweep measures full attention "
+                "only; measure it without the window with --set sliding_window=0 (hhbench flops models the window)"
+            )
+    chunk = grid.get("gdn_chunk", 64)
+    if not isinstance(chunk, int) or isinstance(chunk, bool):
+        raise UserError(f"grid key gdn_chunk takes one whole number, got {chunk!r}")
+    gdn = GDNConfig(chunk_size=chunk)
     head_maps = _as_list(grid.get("head_map", ""))
     specs = []
     for head_map in head_maps:
         specs += options.hybrid_specs(
             _text(grid.get("layouts", "head,layer")), _text(grid.get("ratios", "3:1,7:1")), gdn, head_map or None,
-            bool(grid.get("kv_aware", False)),
+            _flag(grid, "kv_aware"),
         )  # fmt: skip
     contexts = options.contexts(_text(grid.get("contexts", "4k")))
-    batches = [options.positive(int(b), "batch") for b in _as_list(grid.get("batch", 1))]
+    batches = [options.positive(b, "batch") for b in _integers(grid, "batch", 1)]
     passes = options.passes(_text(grid.get("passes", "prefill")))
     scopes = [Scope.parse(s) for s in _as_list(grid.get("scopes", "kernel"))]
     dtypes = _as_list(grid.get("dtype", "bf16"))
@@ -97,8 +144,8 @@ def grid_points(grid: dict, device: str) -> list[Point]:
         _check_backend(name, registry.FA, device)
     for name in gdn_names:
         _check_backend(name, registry.GDN, device)
-    parts = bool(grid.get("parts", False))
-    floor = bool(grid.get("floor", True))
+    parts = _flag(grid, "parts")
+    floor = _flag(grid, "floor", default=True)
     points = []
     for shape, (ratio, spec), context, batch, pass_, scope, dtype, mode, fa, gdn_name in itertools.product(
         shapes, specs, contexts, batches, passes, scopes, dtypes, modes, fa_names, gdn_names
@@ -136,11 +183,12 @@ def _check_backend(name: str, kind: str, device: str) -> None:
 
 
 def dedupe(points: list[Point]) -> list[Point]:
-    """One point per key, in first-seen order; a point asked for with its parts or its floor timed keeps them."""
+    """One point per configuration (`Point.identity`: 6:2 after 3:1 is dropped), in first-seen order; a point
+    asked for with its parts or its floor timed keeps them."""
     unique: dict[tuple, Point] = {}
     for point in points:
-        kept = unique.get(point.key)
-        unique[point.key] = (
+        kept = unique.get(point.identity)
+        unique[point.identity] = (
             point
             if kept is None
             else dataclasses.replace(kept, parts=kept.parts or point.parts, floor=kept.floor or point.floor)
@@ -159,7 +207,10 @@ def load_suite(name_or_path: str, device: str) -> Suite:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"cannot read suite {path}: {exc}") from None
+    check_keys(data, SUITE_KEYS, f"suite {path}")
     needs = data.get("device", "any")
+    if needs not in ("any", "cuda"):
+        raise UserError(f"suite {path}: device {needs!r}: choose any or cuda")
     if needs == "cuda" and device != "cuda":
         raise UserError(f"suite {path.stem} needs a GPU and this machine has none: use the cpu suite")
     grids = data.get("grid", [])
@@ -167,9 +218,24 @@ def load_suite(name_or_path: str, device: str) -> Suite:
         grids = [grids]
     if not grids:
         raise UserError(f"suite {path} has no [[grid]] table")
-    points = dedupe([p for grid in grids for p in grid_points(grid, device)])
+    points = []
+    for number, grid in enumerate(grids, 1):
+        if not isinstance(grid, dict):
+            raise UserError(f"suite {path}: grid must be [[grid]] tables, got {grid!r}")
+        try:
+            points += grid_points(grid, device)
+        except UserError as exc:
+            raise UserError(f"suite {path}: [[grid]] {number}: {exc}") from None
+    points = dedupe(points)
+    timing = data.get("timing", {})
+    if not isinstance(timing, dict):
+        raise UserError(f"suite {path}: timing must be a [timing] table, got {timing!r}")
+    check_keys(timing, [f.name for f in dataclasses.fields(TimingPolicy)], f"suite {path}: [timing]")
     try:
-        policy = TimingPolicy(**data.get("timing", {}))
-    except TypeError as exc:
-        raise UserError(f"suite {path}: bad [timing] table: {exc}") from None
-    return Suite(data.get("name", path.stem), points, policy, device)
+        policy = TimingPolicy(**timing)
+    except UserError as exc:
+        raise UserError(f"suite {path}: [timing] {str(exc).removeprefix('timing option ')}") from None
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"suite {path}: name must be a non-empty string, got {name!r}")
+    return Suite(name, points, policy, device)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from hhbench.errors import UserError
 from hhbench.select.probes import Probe
+from hhbench.spec.shapes import shape_from_config_dict
 
 IMPL = "hhbench_trace"
 
@@ -117,6 +118,12 @@ class HeadTracer:
             raise UserError(f"{type(model).__name__} is not a Llama-family causal LM (no attention with o_proj)")
         self.attns = sorted(attns, key=lambda m: m.layer_idx)
         config = model.config
+        shape = shape_from_config_dict(config.to_dict(), type(model).__name__, f"{type(model).__name__} config")
+        if shape.windowed:  # the tracing attention attends to every earlier key
+            raise UserError(
+                f"{shape.name} has sliding-window attention ({shape.windowed}): the head tracer computes full "
+                "attention only and would score heads on attention the model does not compute"
+            )
         self.n_layers, self.n_heads = len(self.attns), config.num_attention_heads
         self.head_dim = self.attns[0].head_dim
         self.device = next(model.parameters()).device

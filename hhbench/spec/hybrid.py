@@ -1,7 +1,7 @@
 """What a hybrid is: its layout, its LA:FA ratio, the Gated DeltaNet settings and an optional head map."""
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import gcd
 from pathlib import Path
 
@@ -114,7 +114,8 @@ class HybridSpec:
     kv_aware: bool = False  # pack FA heads into as few KV groups as possible
 
     def normalized(self) -> "HybridSpec":
-        """0:1 in any layout is the vanilla transformer and 1:0 is pure GDN: one spec each, so grids dedupe."""
+        """One spec per configuration, so that grids dedupe: 0:1 in any layout is the vanilla transformer and 1:0
+        pure GDN, and a ratio is a proportion, in lowest terms (6:2 is 3:1, also for the layer layout's groups)."""
         if self.layout in (Layout.HEAD, Layout.LAYER) and self.head_map is None:
             if self.ratio.la == 0:
                 return HybridSpec(Layout.FA, Ratio(0, 1), self.gdn)
@@ -124,6 +125,9 @@ class HybridSpec:
             return HybridSpec(Layout.FA, Ratio(0, 1), self.gdn)
         if self.layout is Layout.LA:
             return HybridSpec(Layout.LA, Ratio(1, 0), self.gdn)
+        divisor = gcd(self.ratio.la, self.ratio.fa)
+        if divisor > 1:
+            return replace(self, ratio=Ratio(self.ratio.la // divisor, self.ratio.fa // divisor))
         return self
 
     @property

@@ -27,6 +27,7 @@ class LayerAssignment:
     n_heads: int
     group_size: int  # query heads per KV head
     weight: float = 1.0  # how many of the model's layers this entry stands for
+    window: int = 0  # the layer's sliding window in keys (0: full attention); its FA heads attend within it
 
     @property
     def n_fa(self) -> int:
@@ -47,8 +48,8 @@ class LayerAssignment:
         return len({h // self.group_size for h in self.fa_heads})
 
     @property
-    def kind(self) -> tuple[int, ...]:
-        return self.fa_heads
+    def kind(self) -> tuple:
+        return self.fa_heads, self.window
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ class LayerPlan:
 
     def distinct_layers(self) -> list[tuple[LayerAssignment, float]]:
         """Each different layer once, with the number of model layers it stands for (what a timer runs)."""
-        weights: dict[tuple[int, ...], float] = {}
-        first: dict[tuple[int, ...], LayerAssignment] = {}
+        weights: dict[tuple, float] = {}
+        first: dict[tuple, LayerAssignment] = {}
         for layer in self.layers:
             weights[layer.kind] = weights.get(layer.kind, 0.0) + layer.weight
             first.setdefault(layer.kind, layer)
@@ -150,35 +151,37 @@ def build_plan(shape: ModelShape, spec: HybridSpec) -> LayerPlan:
     spec = spec.normalized()
     L, H = shape.n_layers, shape.n_heads
 
-    def layer(fa_heads, weight=1.0):
-        return LayerAssignment(tuple(fa_heads), H, shape.group_size, weight)
+    def layer(fa_heads, weight=1.0, index=0):
+        return LayerAssignment(tuple(fa_heads), H, shape.group_size, weight, shape.window(index))
 
     if spec.layout is Layout.FA:
-        layers = [layer(range(H)) for _ in range(L)]
+        layers = [layer(range(H), index=i) for i in range(L)]
     elif spec.layout is Layout.LA:
-        layers = [layer(()) for _ in range(L)]
+        layers = [layer((), index=i) for i in range(L)]
     elif spec.layout is Layout.LAYER:
         period = spec.ratio.la + spec.ratio.fa
         if L < period:
+            if len(set(shape.layer_windows)) > 1:
+                raise UserError(f"{shape.name}: an average layer of a layer-wise group needs one window for all layers")
             layers = [
                 layer((), weight=L * spec.ratio.la / period),
                 layer(range(H), weight=L * spec.ratio.fa / period),
             ]
         else:
-            layers = [layer(range(H)) if i % period >= spec.ratio.la else layer(()) for i in range(L)]
+            layers = [layer(range(H) if i % period >= spec.ratio.la else (), index=i) for i in range(L)]
     else:
         head_map = spec.head_map
         if head_map is not None:
             _check_head_map(head_map, shape)
         if head_map is not None and head_map.fa_heads:
-            layers = [layer(heads) for heads in head_map.fa_heads]
+            layers = [layer(heads, index=i) for i, heads in enumerate(head_map.fa_heads)]
         else:
             total = int(L * H * spec.ratio.fa / (spec.ratio.la + spec.ratio.fa) + 0.5)
             total = min(max(total, L), L * H)  # HydraHead keeps at least one FA head in every layer
             scores = head_map.scores if head_map is not None else None
             counts = spread(total, L) if scores is None else _head_counts_by_score(scores, total, L)
             layers = [
-                layer(_pick_in_layer(n, shape, spec.kv_aware, scores[i] if scores else None))
+                layer(_pick_in_layer(n, shape, spec.kv_aware, scores[i] if scores else None), index=i)
                 for i, n in enumerate(counts)
             ]
     return LayerPlan(shape, spec, tuple(layers))

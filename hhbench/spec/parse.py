@@ -1,4 +1,8 @@
-"""Parsing of the values several commands and suite files share (models, layouts, ratios, contexts, passes)."""
+"""Parsing of the values several commands and suite files share (models, layouts, ratios, contexts, passes).
+
+One rule for every list, in `flops` and `sweep` alike: a value asked for twice counts once, in first-seen order
+(`256,256` and `1k,1024` are one context), and so does a hybrid that normalizes to the same spec (`6:2` is
+`3:1`; `head:0:1` is `fa`); it keeps the ratio text first asked for it."""
 
 from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
@@ -11,18 +15,23 @@ def models(text: list[str] | str, overrides: list[str] | None = None) -> list[Mo
     names = split_list(text)
     if not names:
         raise UserError("no model given")
-    return [resolve_shape(name, overrides or []) for name in names]
+    return unique([resolve_shape(name, overrides or []) for name in names])
+
+
+def unique(values: list) -> list:
+    """Each value once, in first-seen order."""
+    return list(dict.fromkeys(values))
 
 
 def contexts(text: list[str] | str) -> list[int]:
-    values = [parse_count(item, "context") for item in split_list(text)]
+    values = unique([parse_count(item, "context") for item in split_list(text)])
     if not values:
         raise UserError("no context given")
     return values
 
 
 def passes(text: list[str] | str) -> list[Pass]:
-    values = [Pass.parse(item) for item in split_list(text)]
+    values = unique([Pass.parse(item) for item in split_list(text)])
     if not values:
         raise UserError("no pass given")
     return values
@@ -41,7 +50,8 @@ def hybrid_specs(
     head_map: str | None = None,
     kv_aware: bool = False,
 ) -> list[tuple[str, HybridSpec]]:
-    """Every layout crossed with every ratio, paired with the ratio text as asked; `fa`/`la` take no ratio."""
+    """Every layout crossed with every ratio, paired with the ratio text as asked; `fa`/`la` take no ratio. A spec
+    that normalizes to one listed before (6:2 after 3:1, head:0:1 after fa) is dropped."""
     layout_values = [Layout.parse(item) for item in split_list(layouts)]
     ratio_texts = split_list(ratios)
     ratio_values = [Ratio.parse(item) for item in ratio_texts]
@@ -51,7 +61,7 @@ def hybrid_specs(
         raise UserError("layouts head and layer need --ratios")
     loaded_map = HeadMap.load(head_map) if head_map else None
     gdn = gdn or GDNConfig()
-    specs = []
+    specs: list[tuple[str, HybridSpec]] = []
     for layout in layout_values:
         if layout is Layout.FA:
             specs.append(("0:1", HybridSpec(Layout.FA, Ratio(0, 1), gdn)))
@@ -64,4 +74,7 @@ def hybrid_specs(
                 (text, HybridSpec(layout, ratio, gdn, mapped, aware))
                 for text, ratio in zip(ratio_texts, ratio_values, strict=True)
             ]
-    return specs
+    first: dict[HybridSpec, tuple[str, HybridSpec]] = {}
+    for text, spec in specs:
+        first.setdefault(spec.normalized(), (text, spec))
+    return list(first.values())
