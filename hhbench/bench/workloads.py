@@ -230,8 +230,8 @@ def module_workload(
                 if attention.gdn is not None:
                     n_la, d = attention.gdn.n_heads, shape.head_dim
                     cache.state = torch.randn(batch, n_la, d, d, device=device) * 0.1
-                    cache.conv = [torch.randn(batch, c, gdn.conv_size - 1, device=device, dtype=dtype)
-                                  for c in (n_la * d, n_la * d, n_la * d)] if gdn.conv_size else None  # fmt: skip
+                    cache.conv = (torch.randn(batch, 3 * n_la * d, gdn.conv_size, device=device, dtype=dtype)
+                                  if gdn.conv_size else None)  # fmt: skip
             caches[i] = _random_caches(made, context, device)
 
     steps = []
