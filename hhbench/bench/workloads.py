@@ -236,11 +236,11 @@ def module_workload(
 
     steps = []
     for i, (module, count) in enumerate(modules):
-        if point.pass_ is Pass.DECODE:
+        if point.pass_ is Pass.DECODE:  # inference: no autograd (the fused glue would remake its weights per step)
             if isinstance(module, HybridLM):
-                step = lambda module=module, i=i: [module(x, caches[i])]  # noqa: E731
+                step = torch.no_grad()(lambda module=module, i=i: [module(x, caches[i])])
             else:
-                step = lambda module=module, i=i: [module(x, cache=caches[i][0])]  # noqa: E731
+                step = torch.no_grad()(lambda module=module, i=i: [module(x, cache=caches[i][0])])
         elif point.pass_ is Pass.TRAIN:
             leaves = ([x] if x.is_floating_point() else []) + list(module.parameters())
             step = TrainStep(lambda module=module: [module(x)], leaves, round_to)
