@@ -7,6 +7,7 @@ vanilla model and layer-wise FA layers are untouched; a layer with no FA head is
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,13 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
     dtype = torch.promote_types(o.dtype, torch.float32)
     wide = o.to(dtype)
     return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * scale.to(dtype)).to(o.dtype)
+
+
+class FusedWeights(NamedTuple):
+    projection: torch.Tensor  # [S d + 2 n_la (+ n_la d), hidden]: fused q/k/v slots, then a, b (and gate) rows
+    bias: torch.Tensor | None
+    o_proj: torch.Tensor  # [hidden, H d], columns in kernel head order, scaled per head
+    conv: torch.Tensor | None  # [3 n_la d, K]
 
 
 @dataclass
@@ -159,26 +167,31 @@ class HydraAttention(nn.Module):
             return None
         return glue.fla_ops() if device.type == "cuda" else glue.TORCH
 
-    def _fused_weights(self):
-        """(qkv weight, qkv bias, o_proj weight, conv taps) with the head order folded in: qkv rows in the fused
-        slots' order, o_proj columns in the kernels' head order, each scaled by its head's norm weight times
-        gamma (the norms then have no weight), the GDN conv taps of q, k, v together. Indexing weights, not
-        activations: made once and kept while the parameters hold (inference), made on every call from the
-        parameters when autograd tracks them (training), so that their gradients flow."""
-        gdn = self.gdn
-        params = (self.qkv.weight, self.qkv.bias, self.o_proj.weight, self.head_norm_weight, self.head_gamma,
-                  *((gdn.conv_q, gdn.conv_k, gdn.conv_v) if gdn.conv_size else ()))  # fmt: skip
-        tracked = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
+    def _fused_weights(self) -> "FusedWeights":
+        """The weights of the fused path, with the head order folded in (indexing weights, not activations): one
+        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a, b and output-gate
+        rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight times gamma (the
+        norms then have no weight); the GDN conv taps of q, k, v together. Made once and kept while the
+        parameters hold (inference); made on every call from the parameters when autograd tracks them
+        (training), so that their gradients flow."""
+        params = tuple(self.parameters())
+        tracked = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if not tracked and self._fused_cache is not None and self._fused_cache[0] == key:
             return self._fused_cache[1]
-        device = self.qkv.weight.device
+        gdn, device = self.gdn, self.qkv.weight.device
         rows = head_index(self.fused_rows, device)
-        bias = None if self.qkv.bias is None else self.qkv.bias.index_select(0, rows)
+        gate_projs = (gdn.a_proj, gdn.b_proj, *((gdn.g_proj,) if gdn.g_proj is not None else ()))
+        weight = torch.cat([self.qkv.weight.index_select(0, rows), *(proj.weight for proj in gate_projs)])
+        bias = None
+        if self.qkv.bias is not None or any(proj.bias is not None for proj in gate_projs):
+            parts = [self.qkv.bias.index_select(0, rows) if self.qkv.bias is not None else None]
+            parts += [proj.bias for proj in gate_projs]
+            sizes = (len(self.fused_rows), *(proj.out_features for proj in gate_projs))
+            bias = torch.cat([weight.new_zeros(n) if b is None else b for b, n in zip(parts, sizes, strict=True)])
         scale = (self.head_norm_weight * self.head_gamma[:, None]).index_select(0, head_index(self.head_order, device))
         o_weight = self.o_proj.weight.index_select(1, head_index(self.kernel_columns, device)) * scale.flatten()
-        conv = gdn.conv_weight() if gdn.conv_size else None
-        weights = (self.qkv.weight.index_select(0, rows), bias, o_weight, conv)
+        weights = FusedWeights(weight, bias, o_weight, gdn.conv_weight() if gdn.conv_size else None)
         self._fused_cache = None if tracked else (key, weights)
         return weights
 
@@ -297,12 +310,16 @@ class HydraAttention(nn.Module):
 
     # The fused path: the same math as the reference methods above, composed from glue.py's ops.
 
-    def _fused_inputs(self, x, position_embeddings, weights):
-        """The projection in fused slot order -> (FA q, k, v with RoPE, or None; GDN heads' q, k, v channels
-        [B, T, 3 n_la d], a view)."""
+    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights):
+        """The one input projection -> (FA q, k, v with RoPE, or None; the GDN heads' q, k, v channels
+        [B, T, 3 n_la d], a view; their a and b [B, T, n_la]; their output gate [B, T, n_la, d] or None)."""
         B, T, _ = x.shape
         d, n_fa, n_groups, n_la = self.head_dim, self.n_fa, len(self.split.fa_groups), self.gdn.n_heads
-        slots = F.linear(x, weights[0], weights[1]).view(B, T, -1, d)
+        n_slots = len(self.fused_rows) // d
+        out = F.linear(x, weights.projection, weights.bias)
+        slots = out[..., : n_slots * d].view(B, T, n_slots, d)
+        a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
+        gate = out[..., n_slots * d + 2 * n_la :].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
         if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once
             n_qk = len(self.fused_qk_kinds)
             scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
@@ -311,18 +328,17 @@ class HydraAttention(nn.Module):
         fa = None
         if n_fa:
             qk = apply_rope(slots[:, :, : n_fa + n_groups], *position_embeddings)
-            fa = (qk[:, :, :n_fa], qk[:, :, n_fa:], slots[:, :, slots.shape[2] - n_groups :])
+            fa = (qk[:, :, :n_fa], qk[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
         la = slots[:, :, n_fa + n_groups : n_fa + n_groups + 3 * n_la]
-        return fa, la.flatten(2)
+        return fa, la.flatten(2), a, b, gate
 
-    def _gdn_gates(self, x, ops: glue.GlueOps):
-        gdn = self.gdn
-        return ops.gate(gdn.a_proj(x), gdn.A_log, gdn.dt_bias), torch.sigmoid(gdn.b_proj(x))
+    def _gdn_gates(self, a, b, ops: glue.GlueOps):
+        return ops.gate(a, self.gdn.A_log, self.gdn.dt_bias), torch.sigmoid(b)
 
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
         B, T, _ = x.shape
         weights = self._fused_weights()
-        fa, la = self._fused_inputs(x, position_embeddings, weights)
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
         if fa:
             q_fa, k_fa, v_fa = fa
             if cache is not None:
@@ -341,37 +357,34 @@ class HydraAttention(nn.Module):
             channels = [F.silu(c) for c in channels]
         q, k, v = (c.view(B, T, gdn.n_heads, -1) for c in channels)
         fa_out, (la_out, state) = core.prefill_parts(
-            fa, (q, k, v, *self._gdn_gates(x, ops)), output_final_state=cache is not None, qk_l2norm=True
+            fa, (q, k, v, *self._gdn_gates(a, b, ops)), output_final_state=cache is not None, qk_l2norm=True
         )
         if cache is not None:
             cache.state, cache.conv, cache.length = state, conv_state, T
-        return self._finish_fused(fa_out, la_out, x, weights[2], ops)
+        return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
 
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         position, B = cache.length, x.shape[0]
         weights = self._fused_weights()
-        fa, la = self._fused_inputs(x, position_embeddings, weights)
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
         if fa:
             q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
             fa = (q_fa, *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
         gdn = self.gdn
-        la = ops.conv_update(la, cache.conv, weights[3]) if gdn.conv_size else F.silu(la)  # state advances here
+        la = ops.conv_update(la, cache.conv, weights.conv) if gdn.conv_size else F.silu(la)  # state advances here
         q, k, v = la.view(B, 3 * gdn.n_heads, -1).split(gdn.n_heads, dim=1)
-        g, beta = self._gdn_gates(x, ops)
+        g, beta = self._gdn_gates(a, b, ops)
         fa_out, (la_out, state) = core.decode_parts(fa, (q, k, v, g[:, 0], beta[:, 0], cache.state), qk_l2norm=True)
         if cache.advance:
             cache.length, cache.state = position + 1, state
-        return self._finish_fused(fa_out, la_out, x, weights[2], ops)
+        return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
 
-    def _finish_fused(self, fa_out, la_out, x, o_weight, ops: glue.GlueOps):
-        """Weightless per-head norms (the scales are in o_weight), the GDN heads' gate, the output projection
-        with its columns in kernel order."""
-        la_out = la_out.to(x.dtype)
-        if self.gdn.g_proj is None:
-            o = ops.norm(la_out, self.norm_eps)
-        else:
-            o = ops.norm_gated(la_out, self.gdn.g_proj(x).view_as(la_out), self.norm_eps)
+    def _finish_fused(self, fa_out, la_out, gate, o_weight, ops: glue.GlueOps):
+        """Weightless per-head norms (the scales are in o_weight), the GDN heads' output gate, the output
+        projection with its columns in kernel order."""
+        la_out = la_out.to(o_weight.dtype)
+        o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
         if fa_out is not None:
             o = torch.cat([ops.norm(fa_out, self.norm_eps), o], dim=2)
         return F.linear(o.flatten(2), o_weight, self.o_proj.bias)
