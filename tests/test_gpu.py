@@ -162,7 +162,12 @@ def test_fused_layer_prefill_and_train_match_the_fp32_reference(options):
     grads = []
     for layer, dtype in ((fast, torch.bfloat16), (reference, torch.float32)):
         xi = x.to(dtype).detach().requires_grad_()
-        layer(xi).backward(grad_out.to(dtype))
+        try:
+            layer(xi).backward(grad_out.to(dtype))
+        except RuntimeError as exc:  # fla refuses its GDN backward on Hopper with Triton 3.4-3.7.0 (no tilelang)
+            if "incorrect" in str(exc):
+                pytest.skip(str(exc).splitlines()[0])
+            raise
         grads.append({"x": xi.grad, **{name: p.grad for name, p in layer.named_parameters()}})
     errors = {name: rel(grads[0][name], expected) for name, expected in grads[1].items()}
     assert all(error < BF16_LAYER for error in errors.values()), errors

@@ -39,7 +39,8 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | Non
     history = x_t.new_zeros(x.shape[0], x.shape[2], kernel - 1) if state is None else state[..., 1:].to(x.dtype)
     padded = torch.cat([history, x_t], dim=-1)
     y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), groups=x.shape[2])
-    return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - kernel :]
+    # contiguous, as fla's conv update wants the state it advances in place
+    return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - kernel :].contiguous()
 
 
 def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
