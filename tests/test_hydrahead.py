@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HeadSplit, HybridCore, merge_heads
 from hhbench.kernels.reference import gdn_recurrent
+from hhbench.layers import glue
 from hhbench.layers.hydrahead import HydraAttention, apply_rope, rope_cos_sin
 
 
@@ -64,9 +65,10 @@ def by_hand(layer: HydraAttention, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=-1) @ layer.o_proj.weight.T
 
 
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
 @pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 2), (5,), tuple(range(8)), ()])
-def test_layer_equals_its_parts(fa_heads):
-    layer = make_layer(fa_heads)
+def test_layer_equals_its_parts(fa_heads, glue_name):
+    layer = make_layer(fa_heads, glue=glue_name)
     x = torch.randn(2, 37, 32, dtype=torch.float64)
     expected = by_hand(layer, x)
     with torch.no_grad():
@@ -79,8 +81,9 @@ def test_all_fa_layer_is_plain_attention_without_head_norms():
     assert layer.gdn is None and not hasattr(layer, "head_gamma")
 
 
-def test_gamma_scales_its_own_head_only():
-    layer = make_layer((1, 6))
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+def test_gamma_scales_its_own_head_only(glue_name):
+    layer = make_layer((1, 6), glue=glue_name)  # fused: its weights, gamma folded in, follow in-place changes
     x = torch.randn(1, 20, 32, dtype=torch.float64)
     with torch.no_grad():
         base = layer(x)
@@ -104,9 +107,10 @@ def test_rope_matches_hugging_face():
     assert torch.allclose(apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2), k_hf, atol=1e-6)
 
 
-@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 4, 5), ()])
-def test_decode_with_cache_continues_the_prefill(fa_heads):
-    layer = make_layer(fa_heads)
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 4, 5), (0, 1, 2), ()])
+def test_decode_with_cache_continues_the_prefill(fa_heads, glue_name):
+    layer = make_layer(fa_heads, glue=glue_name)
     x = torch.randn(2, 21, 32, dtype=torch.float64)
     with torch.no_grad():
         full = layer(x)
@@ -115,6 +119,62 @@ def test_decode_with_cache_continues_the_prefill(fa_heads):
         steps = [layer(x[:, t : t + 1], cache=cache) for t in range(18, 21)]
     assert torch.allclose(first, full[:, :18], atol=1e-10)
     assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
+
+
+@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 2), ()])
+def test_fused_glue_trains_like_the_reference(fa_heads):
+    """Qwen2/3 options on (biases, q/k norms): outputs and every gradient of the fused composition (torch twins of
+    fla's ops) equal the reference glue's; its weights are made from the parameters on each call under autograd."""
+    reference = make_layer(fa_heads, qk_norm=True, qkv_bias=True, o_bias=True, gdn_gate_bias=True)
+    fused = make_layer(fa_heads, qk_norm=True, qkv_bias=True, o_bias=True, gdn_gate_bias=True, glue="fused")
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 29, 32, dtype=torch.float64)
+    grads = []
+    for layer in (reference, fused):
+        for _ in range(2):  # twice: a second call must not reuse weights detached from the parameters
+            layer.zero_grad()
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            out.pow(2).sum().backward()
+        grads.append([out, xi.grad, *(p.grad for p in layer.parameters())])
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (got - expected).abs().max()
+
+
+def test_fused_glue_gathers_no_activation_once_its_weights_are_made():
+    """After the first call the fused path indexes nothing (its qkv rows and o_proj columns are already in the
+    kernels' order), where the reference glue gathers q/k/v slots and heads on every call."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += func in (torch.index_select, torch.Tensor.index_select, torch.Tensor.index_copy_)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(1, 9, 32, dtype=torch.float64)
+    for glue_name, expected in (("fused", 0), ("reference", 3)):
+        layer = make_layer((0, 1, 4, 5), glue=glue_name)  # GQA, each FA group whole: no K/V expansion
+        with torch.no_grad():
+            layer(x)
+            Count.calls = 0
+            with Count():
+                layer(x)
+        assert Count.calls == expected, glue_name
+
+
+def test_glue_choice():
+    """auto is the reference on the CPU; fused uses the torch twins there; a layer without GDN heads has no glue."""
+    from hhbench.layers.hydrahead import HybridCore
+
+    core = HybridCore(HeadSplit(8, (1,), 2), None, registry.get("torch-chunk", registry.GDN))
+    cpu = torch.device("cpu")
+    assert make_layer((1,))._glue_ops(core, cpu) is None
+    assert make_layer((1,), glue="fused")._glue_ops(core, cpu) is glue.TORCH
+    assert make_layer(tuple(range(8)), glue="fused")._glue_ops(core, cpu) is None
+    with pytest.raises(ValueError, match="glue"):
+        make_layer((1,), glue="fast")
 
 
 def test_head_split_gqa_bookkeeping():

@@ -230,17 +230,17 @@ def module_workload(
                 if attention.gdn is not None:
                     n_la, d = attention.gdn.n_heads, shape.head_dim
                     cache.state = torch.randn(batch, n_la, d, d, device=device) * 0.1
-                    cache.conv = [torch.randn(batch, c, gdn.conv_size - 1, device=device, dtype=dtype)
-                                  for c in (n_la * d, n_la * d, n_la * d)] if gdn.conv_size else None  # fmt: skip
+                    cache.conv = (torch.randn(batch, 3 * n_la * d, gdn.conv_size, device=device, dtype=dtype)
+                                  if gdn.conv_size else None)  # fmt: skip
             caches[i] = _random_caches(made, context, device)
 
     steps = []
     for i, (module, count) in enumerate(modules):
-        if point.pass_ is Pass.DECODE:
+        if point.pass_ is Pass.DECODE:  # inference: no autograd (the fused glue would remake its weights per step)
             if isinstance(module, HybridLM):
-                step = lambda module=module, i=i: [module(x, caches[i])]  # noqa: E731
+                step = torch.no_grad()(lambda module=module, i=i: [module(x, caches[i])])
             else:
-                step = lambda module=module, i=i: [module(x, cache=caches[i][0])]  # noqa: E731
+                step = torch.no_grad()(lambda module=module, i=i: [module(x, cache=caches[i][0])])
         elif point.pass_ is Pass.TRAIN:
             leaves = ([x] if x.is_floating_point() else []) + list(module.parameters())
             step = TrainStep(lambda module=module: [module(x)], leaves, round_to)

@@ -1,12 +1,15 @@
 """Gated DeltaNet backends: fla's Triton kernels, FlashQLA's TileLang kernels and the pure-torch reference forms.
 
 `prefill(q, k, v, g, beta, initial_state, output_final_state, chunk_size)` runs a whole sequence; `step(q, k, v, g, beta,
-state)` one decode token with [B, H, *] inputs. q and k arrive L2-normalized, g as log decay, beta in (0, 1).
+state)` one decode token with [B, H, *] inputs. q and k arrive L2-normalized, unless `use_qk_l2norm_in_kernel` (fla's
+flag; the layer's fused path sets it) asks the backend to normalize them; g as log decay, beta in (0, 1).
 """
 
 import contextlib
 import importlib.metadata
 import os
+
+import torch.nn.functional as F
 
 from hhbench.errors import Unsupported
 from hhbench.kernels import reference
@@ -63,15 +66,19 @@ def _version(package: str) -> str:
     passes=("prefill", "train"),
 )
 class FlaChunk(Backend):
-    def prefill(self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64):
+    def prefill(
+        self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
+        use_qk_l2norm_in_kernel=False,
+    ):  # fmt: skip
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         if chunk_size != 64:
             raise Unsupported("fla's chunk kernels use chunks of 64")
         with fla_triton_only():
             return chunk_gated_delta_rule(
-                q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
-            )
+                q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            )  # fmt: skip
 
     def implementation(self, pass_: str) -> str:
         what = f"fla {_version('fla-core')} Triton chunk ({FLASH_QLA_SWITCH}=0)"
@@ -98,7 +105,10 @@ class FlashQla(Backend):
     """The Qwen team's kernels (github.com/QwenLM/FlashQLA), called directly: fla's dispatch to them adds nothing.
     auto_cp, FlashQLA's default, splits a batch-1 sequence over the SMs (intra-card context parallelism)."""
 
-    def prefill(self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64):
+    def prefill(
+        self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
+        use_qk_l2norm_in_kernel=False,
+    ):  # fmt: skip
         import flash_qla
 
         if chunk_size != 64:
@@ -106,8 +116,9 @@ class FlashQla(Backend):
         if q.shape[-1] != 128 or v.shape[-1] != 128:
             raise Unsupported(f"FlashQLA takes key and value heads of 128, not {q.shape[-1]} and {v.shape[-1]}")
         return flash_qla.chunk_gated_delta_rule(
-            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
-        )
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        )  # fmt: skip
 
     def implementation(self, pass_: str) -> str:
         return f"flash_qla {_version('flash-qla')} (TileLang {_version('tilelang')})"
@@ -121,29 +132,42 @@ class FlashQla(Backend):
     probe_fn=_probe_fla,
 )
 class FlaRecurrent(Backend):
-    def prefill(self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64):
+    def prefill(
+        self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
+        use_qk_l2norm_in_kernel=False,
+    ):  # fmt: skip
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
         return fused_recurrent_gated_delta_rule(
-            q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=output_final_state
-        )
+            q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        )  # fmt: skip
 
-    def step(self, q, k, v, g, beta, state):
+    def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel=False):
         o, state = self.prefill(
-            *(t.unsqueeze(1) for t in (q, k, v, g, beta)), initial_state=state, output_final_state=True
-        )
+            *(t.unsqueeze(1) for t in (q, k, v, g, beta)), initial_state=state, output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        )  # fmt: skip
         return o.squeeze(1), state
 
 
+def _l2norm(q, k, normalize: bool):
+    return (F.normalize(q, dim=-1), F.normalize(k, dim=-1)) if normalize else (q, k)
+
+
 class _TorchGDN(Backend):
-    def step(self, q, k, v, g, beta, state):
-        o, state = reference.gdn_step(q, k, v, g, beta, state)
+    def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel=False):
+        o, state = reference.gdn_step(*_l2norm(q, k, use_qk_l2norm_in_kernel), v, g, beta, state)
         return o.to(v.dtype), state
 
 
 @register(GDN, "torch-chunk", ("cpu", "cuda"), "pure-torch chunked reference (hhbench.kernels.reference)")
 class TorchChunk(_TorchGDN):
-    def prefill(self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64):
+    def prefill(
+        self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
+        use_qk_l2norm_in_kernel=False,
+    ):  # fmt: skip
+        q, k = _l2norm(q, k, use_qk_l2norm_in_kernel)
         return reference.gdn_chunk(
             q, k, v, g, beta, chunk_size, initial_state=initial_state, output_final_state=output_final_state
         )
@@ -151,7 +175,11 @@ class TorchChunk(_TorchGDN):
 
 @register(GDN, "torch-recurrent", ("cpu", "cuda"), "pure-torch recurrence, token by token: the oracle")
 class TorchRecurrent(_TorchGDN):
-    def prefill(self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64):
+    def prefill(
+        self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
+        use_qk_l2norm_in_kernel=False,
+    ):  # fmt: skip
+        q, k = _l2norm(q, k, use_qk_l2norm_in_kernel)
         return reference.gdn_recurrent(
             q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
         )

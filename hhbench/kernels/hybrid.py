@@ -112,12 +112,21 @@ class HybridCore:
     def _device(self, fa, gdn) -> torch.device:
         return (fa or gdn)[0].device
 
-    def prefill_parts(self, fa: tuple | None, gdn: tuple | None, output_final_state: bool = False):
-        """fa = (q, k, v) of the FA heads; gdn = (q, k, v, g, beta) of the GDN heads.
-        Returns (fa_out [B, T, n_fa, d] or None, (gdn_out [B, T, n_la, d], final state) or None)."""
+    def prefill_parts(self, fa: tuple | None, gdn: tuple | None, output_final_state: bool = False,
+                      qk_l2norm: bool = False):  # fmt: skip
+        """fa = (q, k, v) of the FA heads; gdn = (q, k, v, g, beta) of the GDN heads (q and k L2-normalized, or
+        normalized by the GDN backend with qk_l2norm). Returns (fa_out [B, T, n_fa, d] or None,
+        (gdn_out [B, T, n_la, d], final state) or None)."""
         fa_fn = (lambda: self.fa_backend.prefill(*fa)) if fa else (lambda: None)
         gdn_fn = (
-            (lambda: self.gdn_backend.prefill(*gdn, output_final_state=output_final_state, chunk_size=self.chunk_size))
+            (
+                lambda: self.gdn_backend.prefill(
+                    *gdn,
+                    output_final_state=output_final_state,
+                    chunk_size=self.chunk_size,
+                    use_qk_l2norm_in_kernel=qk_l2norm,
+                )
+            )  # fmt: skip
             if gdn
             else (lambda: None)
         )
@@ -128,11 +137,11 @@ class HybridCore:
         fa_out, gdn_result = self.prefill_parts(fa, gdn)
         return merge_heads(self.split, fa_out, gdn_result[0] if gdn_result else None)
 
-    def decode_parts(self, fa: tuple | None, gdn: tuple | None):
+    def decode_parts(self, fa: tuple | None, gdn: tuple | None, qk_l2norm: bool = False):
         """fa = (q [B, 1, n_fa, d], k_cache, v_cache); gdn = (q, k, v, g, beta, state) with [B, n_la, *] inputs.
         Returns (fa_out [B, 1, n_fa, d] or None, (gdn_out [B, 1, n_la, d], new state) or None)."""
         fa_fn = (lambda: self.fa_backend.decode(*fa)) if fa else (lambda: None)
-        gdn_fn = (lambda: self.gdn_backend.step(*gdn)) if gdn else (lambda: None)
+        gdn_fn = (lambda: self.gdn_backend.step(*gdn, use_qk_l2norm_in_kernel=qk_l2norm)) if gdn else (lambda: None)
         fa_out, gdn_result = run_both(fa_fn, gdn_fn, self.mode, self._device(fa, gdn))
         if gdn_result is not None:
             gdn_result = (gdn_result[0].unsqueeze(1), gdn_result[1])

@@ -8,16 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
-    """Depthwise causal conv + SiLU over x [B, T, C] with weight [C, K]; `state` holds the K-1 inputs before x
-    ([B, C, K-1], zeros when None). Returns (y [B, T, C], the new state)."""
-    kernel = weight.shape[-1]
-    x_t = x.transpose(1, 2)
-    history = x_t.new_zeros(x.shape[0], x.shape[2], kernel - 1) if state is None else state.to(x.dtype)
-    padded = torch.cat([history, x_t], dim=-1)
-    y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), groups=x.shape[2])
-    return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - (kernel - 1) :]
+from hhbench.layers.glue import causal_conv, gdn_decay
 
 
 class GatedDeltaNetHeads(nn.Module):
@@ -51,27 +42,27 @@ class GatedDeltaNetHeads(nn.Module):
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log decay g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), [B, T, n], in fp32 at least."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        g = -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
-        return g, torch.sigmoid(self.b_proj(x).to(dtype))
+        g = gdn_decay(self.a_proj(x), self.A_log, self.dt_bias)
+        return g, torch.sigmoid(self.b_proj(x).to(g.dtype))
 
-    def prepare(self, qkv, x, conv_states=None):
+    def prepare(self, qkv, x, conv_state=None):
         """qkv [B, T, 3n, d]: the heads' q, k and v from the projection (each head its KV group's k and v), with
-        dk = dv = d -> kernel inputs (q, k, v, g, beta) and the q, k, v conv states to carry into decoding."""
+        dk = dv = d -> kernel inputs (q, k, v, g, beta) and the conv state to carry into decoding: [B, 3 n d, K],
+        the q, k and v channels together in fla's layout (None without a conv)."""
         B, T = qkv.shape[:2]
         flat = qkv.reshape(B, T, -1)
-        states = [None, None, None] if conv_states is None else conv_states
         if self.conv_size:  # one depthwise conv over the q, k and v channels together
-            state = None if conv_states is None else torch.cat(conv_states, dim=1)
-            weight = torch.cat([self.conv_q, self.conv_k, self.conv_v])
-            flat, state = causal_conv(flat, weight, state)
-            states = list(state.split([w.shape[0] for w in (self.conv_q, self.conv_k, self.conv_v)], dim=1))
+            flat, conv_state = causal_conv(flat, self.conv_weight(), conv_state)
         else:
             flat = F.silu(flat)
         q, k, v = flat.view(B, T, 3 * self.n_heads, -1).split(self.n_heads, dim=2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g, beta = self.gates(x)
-        return (q, k, v.contiguous(), g, beta), states
+        return (q, k, v.contiguous(), g, beta), conv_state
+
+    def conv_weight(self) -> torch.Tensor:
+        """[3 n d, K]: the q, k and v channels' conv taps, in the order of the conv state's channels."""
+        return torch.cat([self.conv_q, self.conv_k, self.conv_v])
 
     def output_gate(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """o [B, T, n, dv] scaled by silu of the gate projection (after the per-head norm)."""

@@ -7,13 +7,22 @@ vanilla model and layer-wise FA layers are untouched; a layer with no FA head is
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import SEQUENTIAL, HeadSplit, HybridCore, head_index
+from hhbench.layers import glue
 from hhbench.layers.gdn_heads import GatedDeltaNetHeads
+
+# The GDN glue: "reference" (torch ops, gathers on activations), "fused" (glue.py's ops with the head order folded
+# into the weights; fla's kernels on CUDA, their torch twins on the CPU), or "auto": fused where the GDN backend
+# is one of fla's on CUDA, reference elsewhere.
+GLUES = ("auto", "reference", "fused")
+FUSED_GDN_BACKENDS = ("fla-chunk", "flash-qla", "fla-recurrent")
 
 
 @functools.cache
@@ -45,6 +54,13 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
     return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * scale.to(dtype)).to(o.dtype)
 
 
+class FusedWeights(NamedTuple):
+    projection: torch.Tensor  # [S d + 2 n_la (+ n_la d), hidden]: fused q/k/v slots, then a, b (and gate) rows
+    bias: torch.Tensor | None
+    o_proj: torch.Tensor  # [hidden, H d], columns in kernel head order, scaled per head
+    conv: torch.Tensor | None  # [3 n_la d, K]
+
+
 @dataclass
 class LayerCache:
     """Decoding state of one layer: RoPE'd K and V of the FA groups, GDN state and conv states."""
@@ -53,8 +69,10 @@ class LayerCache:
     v: torch.Tensor | None
     length: int  # tokens held
     state: torch.Tensor | None  # [B, n_la, dk, dv], fp32
-    conv: list | None  # q, k, v conv states [B, C, K-1]
-    advance: bool = True  # False in benchmarks: every step overwrites the same slot (static shapes, graphs)
+    conv: torch.Tensor | None  # [B, 3 n_la d, K]: the GDN heads' q, k, v conv inputs (glue.py's layout)
+    # False in benchmarks: every step overwrites the same slot (static shapes, graphs); the fused path's conv
+    # state still advances in place (values only)
+    advance: bool = True
 
     def ensure_capacity(self, length: int) -> None:
         """Grow the FA K/V buffers (doubling) so that they hold `length` tokens: decoding of unknown length."""
@@ -88,8 +106,12 @@ class HydraAttention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         gdn_gate_bias: bool = False,
+        glue: str = "auto",
     ):
         super().__init__()
+        if glue not in GLUES:
+            raise ValueError(f"glue {glue!r}: choose from {', '.join(GLUES)}")
+        self.glue = glue
         self.hidden, self.n_heads, self.n_kv_heads, self.head_dim = hidden, n_heads, n_kv_heads, head_dim
         self.split = HeadSplit(n_heads, tuple(sorted(fa_heads)), n_heads // n_kv_heads)
         self.fa_backend, self.gdn_backend, self.mode = fa_backend, gdn_backend, mode
@@ -117,6 +139,16 @@ class HydraAttention(nn.Module):
         self.head_order = (*self.split.fa_heads, *self.split.la_heads)  # the kernels' outputs, concatenated
         self.gathers_slots = self.slot_order != tuple(range(H + 2 * KV))  # False for a plain MHA or GDN layer
         self.reorders_heads = self.head_order != tuple(range(n_heads))
+        # The fused path's slots: FA q, FA groups' k, GDN q, k, v, FA groups' v. Its qkv weight has these rows
+        # (a GDN head's k and v rows repeated from its KV group), so RoPE takes one run (FA q and k), Qwen3's q/k
+        # norms one run (every q and k) and the GDN conv one run, with no gather on activations.
+        fused_slots = (*self.split.fa_heads, *(H + g for g in self.split.fa_groups), *self.split.la_heads,
+                       *(H + g for g in la_groups), *(H + KV + g for g in la_groups),
+                       *(H + KV + g for g in self.split.fa_groups))  # fmt: skip
+        self.fused_rows = tuple(s * head_dim + i for s in fused_slots for i in range(head_dim))
+        self.fused_qk_kinds = tuple(int(s >= H) for s in fused_slots[: n_heads + len(self.split.fa_groups) + n_la])
+        self.kernel_columns = tuple(h * head_dim + i for h in self.head_order for i in range(head_dim))
+        self._fused_cache = None  # (parameter versions, fused weights) while they hold
 
     @property
     def n_fa(self) -> int:
@@ -126,6 +158,42 @@ class HydraAttention(nn.Module):
         fa = registry.resolve(self.fa_backend, registry.FA, device.type, pass_) if self.n_fa else None
         gdn = registry.resolve(self.gdn_backend, registry.GDN, device.type, pass_) if self.gdn else None
         return HybridCore(self.split, fa, gdn, self.mode, self.chunk_size)
+
+    def _glue_ops(self, core: HybridCore, device: torch.device) -> glue.GlueOps | None:
+        """The fused path's ops, or None for the reference glue (and for a layer without GDN heads)."""
+        if self.gdn is None or self.glue == "reference":
+            return None
+        if self.glue == "auto" and not (device.type == "cuda" and core.gdn_backend.name in FUSED_GDN_BACKENDS):
+            return None
+        return glue.fla_ops() if device.type == "cuda" else glue.TORCH
+
+    def _fused_weights(self) -> "FusedWeights":
+        """The weights of the fused path, with the head order folded in (indexing weights, not activations): one
+        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a, b and output-gate
+        rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight times gamma (the
+        norms then have no weight); the GDN conv taps of q, k, v together. Made once and kept while the
+        parameters hold (inference); made on every call from the parameters when autograd tracks them
+        (training), so that their gradients flow."""
+        params = tuple(self.parameters())
+        tracked = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if not tracked and self._fused_cache is not None and self._fused_cache[0] == key:
+            return self._fused_cache[1]
+        gdn, device = self.gdn, self.qkv.weight.device
+        rows = head_index(self.fused_rows, device)
+        gate_projs = (gdn.a_proj, gdn.b_proj, *((gdn.g_proj,) if gdn.g_proj is not None else ()))
+        weight = torch.cat([self.qkv.weight.index_select(0, rows), *(proj.weight for proj in gate_projs)])
+        bias = None
+        if self.qkv.bias is not None or any(proj.bias is not None for proj in gate_projs):
+            parts = [self.qkv.bias.index_select(0, rows) if self.qkv.bias is not None else None]
+            parts += [proj.bias for proj in gate_projs]
+            sizes = (len(self.fused_rows), *(proj.out_features for proj in gate_projs))
+            bias = torch.cat([weight.new_zeros(n) if b is None else b for b, n in zip(parts, sizes, strict=True)])
+        scale = (self.head_norm_weight * self.head_gamma[:, None]).index_select(0, head_index(self.head_order, device))
+        o_weight = self.o_proj.weight.index_select(1, head_index(self.kernel_columns, device)) * scale.flatten()
+        weights = FusedWeights(weight, bias, o_weight, gdn.conv_weight() if gdn.conv_size else None)
+        self._fused_cache = None if tracked else (key, weights)
+        return weights
 
     def _project(self, x) -> torch.Tensor:
         """The fused projection as head slots [B, T, H + 2 KV, d]: query heads, key groups, value groups."""
@@ -189,6 +257,9 @@ class HydraAttention(nn.Module):
             position_embeddings = rope_cos_sin(
                 torch.arange(x.shape[1], device=x.device), self.head_dim, self.rope_theta, x.dtype
             )
+        ops = self._glue_ops(core, x.device)
+        if ops is not None:
+            return self._prefill_fused(x, position_embeddings, cache, core, ops)
         fa, la = self._split_inputs(self._project(x), position_embeddings)
         gdn = conv_states = None
         if fa:
@@ -218,6 +289,9 @@ class HydraAttention(nn.Module):
             position_embeddings = rope_cos_sin(
                 torch.arange(position, position + 1, device=x.device), self.head_dim, self.rope_theta, x.dtype
             )
+        ops = self._glue_ops(core, x.device)
+        if ops is not None:
+            return self._decode_fused(x, position_embeddings, cache, core, ops)
         fa, la = self._split_inputs(self._project(x), position_embeddings)
         gdn = new_conv = None
         if fa:
@@ -233,3 +307,84 @@ class HydraAttention(nn.Module):
         if cache.advance:
             cache.length, cache.state, cache.conv = position + 1, state, new_conv
         return self._finish(fa_out, la_out, x)
+
+    # The fused path: the same math as the reference methods above, composed from glue.py's ops.
+
+    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights):
+        """The one input projection -> (FA q, k, v with RoPE, or None; the GDN heads' q, k, v channels
+        [B, T, 3 n_la d], a view; their a and b [B, T, n_la]; their output gate [B, T, n_la, d] or None)."""
+        B, T, _ = x.shape
+        d, n_fa, n_groups, n_la = self.head_dim, self.n_fa, len(self.split.fa_groups), self.gdn.n_heads
+        n_slots = len(self.fused_rows) // d
+        out = F.linear(x, weights.projection, weights.bias)
+        slots = out[..., : n_slots * d].view(B, T, n_slots, d)
+        a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
+        gate = out[..., n_slots * d + 2 * n_la :].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
+        if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once
+            n_qk = len(self.fused_qk_kinds)
+            scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
+            scale = scale.index_select(0, head_index(self.fused_qk_kinds, x.device))
+            slots = torch.cat([head_rms_norm(slots[:, :, :n_qk], scale, self.q_norm.eps), slots[:, :, n_qk:]], 2)
+        fa = None
+        if n_fa:
+            qk = apply_rope(slots[:, :, : n_fa + n_groups], *position_embeddings)
+            fa = (qk[:, :, :n_fa], qk[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
+        la = slots[:, :, n_fa + n_groups : n_fa + n_groups + 3 * n_la]
+        return fa, la.flatten(2), a, b, gate
+
+    def _gdn_gates(self, a, b, ops: glue.GlueOps):
+        return ops.gate(a, self.gdn.A_log, self.gdn.dt_bias), torch.sigmoid(b)
+
+    def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
+        B, T, _ = x.shape
+        weights = self._fused_weights()
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
+        if fa:
+            q_fa, k_fa, v_fa = fa
+            if cache is not None:
+                cache.k[:, :T], cache.v[:, :T] = k_fa, v_fa
+            fa = (q_fa, *self._expand_for_kernel(k_fa, v_fa))
+        gdn, conv_state = self.gdn, None
+        channels = la.split(la.shape[-1] // 3, dim=-1)
+        if gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
+            convs = [
+                ops.conv(c, w, None, cache is not None)
+                for c, w in zip(channels, (gdn.conv_q, gdn.conv_k, gdn.conv_v), strict=True)
+            ]
+            channels = [y for y, _ in convs]
+            conv_state = torch.cat([state for _, state in convs], 1) if cache is not None else None
+        else:
+            channels = [F.silu(c) for c in channels]
+        q, k, v = (c.view(B, T, gdn.n_heads, -1) for c in channels)
+        fa_out, (la_out, state) = core.prefill_parts(
+            fa, (q, k, v, *self._gdn_gates(a, b, ops)), output_final_state=cache is not None, qk_l2norm=True
+        )
+        if cache is not None:
+            cache.state, cache.conv, cache.length = state, conv_state, T
+        return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
+
+    def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
+        position, B = cache.length, x.shape[0]
+        weights = self._fused_weights()
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
+        if fa:
+            q_fa, k_new, v_new = fa
+            cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
+            fa = (q_fa, *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
+        gdn = self.gdn
+        la = ops.conv_update(la, cache.conv, weights.conv) if gdn.conv_size else F.silu(la)  # state advances here
+        q, k, v = la.view(B, 3 * gdn.n_heads, -1).split(gdn.n_heads, dim=1)
+        g, beta = self._gdn_gates(a, b, ops)
+        fa_out, (la_out, state) = core.decode_parts(fa, (q, k, v, g[:, 0], beta[:, 0], cache.state), qk_l2norm=True)
+        if cache.advance:
+            cache.length, cache.state = position + 1, state
+        return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
+
+    def _finish_fused(self, fa_out, la_out, gate, o_weight, ops: glue.GlueOps):
+        """Weightless per-head norms (the scales are in o_weight), the GDN heads' output gate, the output
+        projection with its columns in kernel order."""
+        la_out = la_out.to(o_weight.dtype)
+        o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
+        if fa_out is not None:
+            o = torch.cat([ops.norm(fa_out, self.norm_eps), o], dim=2)
+        return F.linear(o.flatten(2), o_weight, self.o_proj.bias)

@@ -1,0 +1,97 @@
+"""The glue ops of a HydraHead layer's fused path, one op per function (fla's way): the GDN heads' short causal
+conv, its one-token update, the decay gate, and the per-head RMS norms (GDN heads' gated by silu). On CUDA they
+are fla's Triton kernels; TORCH holds torch ops of the same signatures and math, so that the fused composition
+(head order and norm scales folded into the weights, conv states, shapes) is tested on the CPU, where fla's
+autotuned kernels cannot run (Triton's interpreter has no benchmarker).
+
+Shapes: conv x [B, T, C] (any strides), weight [C, K], states [B, C, K] in fla's layout (the last K inputs; the
+oldest is never read again). gate a [B, T, n] -> log decay, fp32. Norms take o [..., d] and return its dtype.
+"""
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GlueOps:
+    name: str
+    # (x, weight, initial_state, output_final_state) -> (silu(causal conv of x), final state or None)
+    conv: Callable
+    # (x [B, 1, C], state [B, C, K], weight) -> silu(conv) [B, 1, C]; `state` advances in place
+    conv_update: Callable
+    # (a, A_log, dt_bias) -> -exp(A_log) * softplus(a + dt_bias) in fp32
+    gate: Callable
+    # (o, eps) -> o / rms(o) over the last dim
+    norm: Callable
+    # (o, gate, eps) -> o / rms(o) * silu(gate)
+    norm_gated: Callable
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
+    """Depthwise causal conv + SiLU over x [B, T, C] with weight [C, K]; `state` [B, C, K] holds the inputs
+    before x (its last K-1 are read; zeros when None). Returns (y [B, T, C], the new state [B, C, K])."""
+    kernel = weight.shape[-1]
+    x_t = x.transpose(1, 2)
+    history = x_t.new_zeros(x.shape[0], x.shape[2], kernel - 1) if state is None else state[..., 1:].to(x.dtype)
+    padded = torch.cat([history, x_t], dim=-1)
+    y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), groups=x.shape[2])
+    # contiguous, as fla's conv update wants the state it advances in place
+    return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - kernel :].contiguous()
+
+
+def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Log decay g = -exp(A_log) * softplus(a + dt_bias), in fp32 at least (Gated DeltaNet, Mamba2)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+
+
+def rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:
+    wide = o.to(torch.promote_types(o.dtype, torch.float32))
+    return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)
+
+
+def _torch_conv(x, weight, initial_state=None, output_final_state=False):
+    y, state = causal_conv(x, weight, initial_state)
+    return y, state if output_final_state else None
+
+
+def _torch_conv_update(x, state, weight):
+    y, new = causal_conv(x, weight, state)
+    state.copy_(new)
+    return y
+
+
+def _torch_norm_gated(o, gate, eps):
+    return rms_norm(o, eps) * F.silu(gate)
+
+
+TORCH = GlueOps("torch", _torch_conv, _torch_conv_update, gdn_decay, rms_norm, _torch_norm_gated)
+
+
+@functools.cache
+def fla_ops() -> GlueOps:
+    """fla 0.6's fused kernels (imported on first use: fla needs Triton and a GPU build)."""
+    from fla.modules.causal_conv1d import causal_conv1d, causal_conv1d_update
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+    from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+    from fla.ops.gated_delta_rule.gate import fused_gdn_gate
+
+    def conv(x, weight, initial_state=None, output_final_state=False):
+        return causal_conv1d(
+            x, weight, initial_state=initial_state, output_final_state=output_final_state, activation="silu"
+        )
+
+    def conv_update(x, state, weight):
+        return causal_conv1d_update(x, state, weight=weight, activation="silu")[0]
+
+    def norm(o, eps):
+        return fla_rms_norm(o, None, None, eps=eps)
+
+    def norm_gated(o, gate, eps):
+        return rms_norm_gated(o, gate, None, None, activation="swish", eps=eps)
+
+    return GlueOps("fla", conv, conv_update, fused_gdn_gate, norm, norm_gated)
