@@ -164,6 +164,31 @@ def test_fused_glue_gathers_no_activation_once_its_weights_are_made():
         assert Count.calls == expected, glue_name
 
 
+@pytest.mark.parametrize("fa_heads", [(0, 8), (0,), (0, 4, 8, 12), (1, 2, 3), ()])
+def test_fused_views_start_and_stride_on_16_bytes(fa_heads):
+    """Kernels that read the projection in place (cuDNN attention through TMA) need 16-byte strides and offsets:
+    head 7:1 of Qwen3-1.7B (14 GDN heads) gave a 7964-wide bf16 row and wrong attention on an H200."""
+    layer = HydraAttention(256, 16, 8, 128, fa_heads, glue="fused").to(torch.bfloat16)
+    seen = []
+    original = layer._fused_inputs
+
+    def spy(*args):
+        outputs = original(*args)
+        fa, la, _, _, gate = outputs  # a and b [B, T, n_la] go through torch and fla's copying input guard
+        seen.extend(t for t in (*(fa or ()), la, gate) if t is not None)
+        return outputs
+
+    layer._fused_inputs = spy
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 256, dtype=torch.bfloat16))
+    assert layer._fused_weights().projection.shape[0] % 64 == 0
+    for view in seen:
+        offset = view.storage_offset() * view.element_size()
+        strides = [s * view.element_size() for s, n in zip(view.stride(), view.shape, strict=True) if s != 1 and n > 1]
+        assert offset % 16 == 0 or view.is_contiguous(), (view.shape, offset)
+        assert all(s % 16 == 0 for s in strides), (view.shape, view.stride())
+
+
 def test_glue_choice():
     """auto is the reference on the CPU; fused uses the torch twins there; a layer without GDN heads has no glue."""
     from hhbench.layers.hydrahead import HybridCore

@@ -55,7 +55,7 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
 
 
 class FusedWeights(NamedTuple):
-    projection: torch.Tensor  # [S d + 2 n_la (+ n_la d), hidden]: fused q/k/v slots, then a, b (and gate) rows
+    projection: torch.Tensor  # [S d (+ n_la d) + 2 n_la + pad, hidden]: q/k/v slots, (gate,) a, b rows, zero rows
     bias: torch.Tensor | None
     o_proj: torch.Tensor  # [hidden, H d], columns in kernel head order, scaled per head
     conv: torch.Tensor | None  # [3 n_la d, K]
@@ -181,14 +181,21 @@ class HydraAttention(nn.Module):
             return self._fused_cache[1]
         gdn, device = self.gdn, self.qkv.weight.device
         rows = head_index(self.fused_rows, device)
-        gate_projs = (gdn.a_proj, gdn.b_proj, *((gdn.g_proj,) if gdn.g_proj is not None else ()))
-        weight = torch.cat([self.qkv.weight.index_select(0, rows), *(proj.weight for proj in gate_projs)])
+        # The output gate's rows first (whole heads), then a and b, then zero rows up to a multiple of 64: every
+        # view of the projection then starts and strides on 16-byte bounds (cuDNN attention reads the FA heads'
+        # v in place and gives wrong results on unaligned strides; head 7:1 of Qwen3-1.7B had a 7708-wide row).
+        gate_projs = (*((gdn.g_proj,) if gdn.g_proj is not None else ()), gdn.a_proj, gdn.b_proj)
+        sizes = (len(self.fused_rows), *(proj.out_features for proj in gate_projs))
+        pad = -sum(sizes) % 64
+        weight = torch.cat([self.qkv.weight.index_select(0, rows), *(proj.weight for proj in gate_projs),
+                            self.qkv.weight.new_zeros(pad, self.hidden)])  # fmt: skip
         bias = None
         if self.qkv.bias is not None or any(proj.bias is not None for proj in gate_projs):
             parts = [self.qkv.bias.index_select(0, rows) if self.qkv.bias is not None else None]
-            parts += [proj.bias for proj in gate_projs]
-            sizes = (len(self.fused_rows), *(proj.out_features for proj in gate_projs))
-            bias = torch.cat([weight.new_zeros(n) if b is None else b for b, n in zip(parts, sizes, strict=True)])
+            parts += [proj.bias for proj in gate_projs] + [None]
+            bias = torch.cat(
+                [weight.new_zeros(n) if b is None else b for b, n in zip(parts, (*sizes, pad), strict=True)]
+            )
         scale = (self.head_norm_weight * self.head_gamma[:, None]).index_select(0, head_index(self.head_order, device))
         o_weight = self.o_proj.weight.index_select(1, head_index(self.kernel_columns, device)) * scale.flatten()
         weights = FusedWeights(weight, bias, o_weight, gdn.conv_weight() if gdn.conv_size else None)
@@ -318,8 +325,9 @@ class HydraAttention(nn.Module):
         n_slots = len(self.fused_rows) // d
         out = F.linear(x, weights.projection, weights.bias)
         slots = out[..., : n_slots * d].view(B, T, n_slots, d)
-        a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
-        gate = out[..., n_slots * d + 2 * n_la :].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
+        gate_end = n_slots * d + (n_la * d if self.gdn.g_proj is not None else 0)
+        gate = out[..., n_slots * d : gate_end].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
+        a, b = out[..., gate_end : gate_end + n_la], out[..., gate_end + n_la : gate_end + 2 * n_la]
         if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once
             n_qk = len(self.fused_qk_kinds)
             scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
