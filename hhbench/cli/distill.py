@@ -61,7 +61,11 @@ def distill(
         str, Opt(help="GDN backend of converted layers (auto: fla-chunk on CUDA, torch-recurrent on the CPU).")
     ] = "auto",
     out: Annotated[str, Opt(help="Results folder; the run goes to OUT/RUN.")] = "results",
-    run: Annotated[str, Opt(help="Run name (default distill-MODEL); an existing run resumes.")] = "",
+    run: Annotated[
+        str,
+        Opt("--run", "--run-name", help="Run name (default distill-MODEL); an existing run resumes. Under torchrun "
+            "spell it --run-name (torchrun takes --run for its own --run-path)."),
+    ] = "",
 ):
     """Distill converted students from their teacher: stage 1 aligns each converted attention layer (MSE on the
     teacher's hidden states), stage 2 matches the teacher's next-token distributions (KL, answers weighted).
