@@ -5,6 +5,7 @@ evaluation template, bad input is one line, and a student evaluates."""
 import ast
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from hhbench.models.variants import parse_variant, parse_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a shared 2-core machine: spinning OpenMP threads slow steps 20x
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,7 @@ def test_no_eval_template_in_the_training_stream(teacher):
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     args = ["distill", "--model", "tiny-random-llama", "--variants", "head:3:1", "--stage1-tokens", "1k",
             "--stage2-tokens", "1k", "--seq", "128", "--batch", "4", "--log-every", "1", "--out", str(tmp_path)]  # fmt: skip
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
     one = subprocess.run([sys.executable, "-m", "hhbench", *args, "--run", "one"], capture_output=True, text=True,
                          env=env, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr
@@ -192,7 +194,7 @@ def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teac
     text.write_text("\n".join(json.dumps({"text": f"Line {i}: plain prose about kettles and kites."}) for i in range(200)))
     result = cli("distill", "--model", "tiny-random-llama", "--variants", "head:3:1,layer:3:1", "--stage1-tokens",
                  "20k", "--stage2-tokens", "20k", "--seq", "128", "--data", str(text), "--out", str(tmp_path),
-                 "--run", "d", timeout=180)  # fmt: skip
+                 "--run", "d", timeout=180, env=ONE_THREAD)  # fmt: skip
     assert result.returncode == 0, result.stderr
     run = tmp_path / "d"
     assert json.loads((run / "recipe.json").read_text())["variants"] == ["head:3:1", "layer:3:1"]
@@ -211,7 +213,7 @@ def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teac
     gammas = [(n, p) for n, p in model.named_parameters() if n.endswith("head_gamma")]
     assert any(not torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in gammas)
     ev = cli("eval", "--model", "tiny-random-llama", "--variants", f"layer:3:1,layer:3:1@{run}", "--tasks", "passkey",
-             "--lengths", "256", "--limit", "1", "--out", str(tmp_path), "--run", "d", timeout=240)  # fmt: skip
+             "--lengths", "256", "--limit", "1", "--out", str(tmp_path), "--run", "d", timeout=240, env=ONE_THREAD)  # fmt: skip
     assert ev.returncode == 0, ev.stderr
     (student,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if "@d" in line]
     assert student["status"] == "ok" and student["extra"]["tokens_trained"] == 2 * 10 * 16 * 128
