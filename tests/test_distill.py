@@ -17,9 +17,8 @@ import torch
 from hhbench.cli.app import main
 from hhbench.distill import checkpoint, data, stages
 from hhbench.distill.recipe import Recipe
-from hhbench.distill.train import TRAIN, Dist, Job, read_train_rows, train
+from hhbench.distill.train import TRAIN, Job, read_train_rows, train
 from hhbench.eval.runner import EvalSettings, VariantModels
-from hhbench.models.convert import GDNInit
 from hhbench.models.loader import load_model
 from hhbench.models.variants import parse_variant, parse_variants
 
@@ -50,7 +49,9 @@ def job(teacher, tmp_path, rec, **kwargs) -> Job:
 
 
 def curve(path: Path, kind: str = "step") -> dict:
-    return {(r["variant"], r["stage"], r["step"]): r["loss"] for r in read_train_rows(path / TRAIN) if r["kind"] == kind}
+    return {
+        (r["variant"], r["stage"], r["step"]): r["loss"] for r in read_train_rows(path / TRAIN) if r["kind"] == kind
+    }
 
 
 def test_both_stage_losses_fall_over_30_steps(teacher, tmp_path):
@@ -102,7 +103,9 @@ def test_a_nan_loss_stops_that_variant_only(teacher, tmp_path, monkeypatch):
         return model, plan
 
     monkeypatch.setattr(VariantModels, "build", poisoned)
-    train(job(teacher, tmp_path, recipe(stage1_tokens=512, stage2_tokens=512)), parse_variants(["head:3:1", "layer:3:1"]))
+    train(
+        job(teacher, tmp_path, recipe(stage1_tokens=512, stage2_tokens=512)), parse_variants(["head:3:1", "layer:3:1"])
+    )
     rows = read_train_rows(tmp_path / TRAIN)
     bad = [r for r in rows if r["variant"] == "head:3:1"]
     assert len(bad) == 1 and bad[0]["status"] == "error" and "loss is nan" in bad[0]["reason"]
@@ -191,7 +194,9 @@ def main_ok(capsys, argv: list[str]) -> bool:
 
 def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teacher):
     text = tmp_path / "text.jsonl"
-    text.write_text("\n".join(json.dumps({"text": f"Line {i}: plain prose about kettles and kites."}) for i in range(200)))
+    text.write_text(
+        "\n".join(json.dumps({"text": f"Line {i}: plain prose about kettles and kites."}) for i in range(200))
+    )
     result = cli("distill", "--model", "tiny-random-llama", "--variants", "head:3:1,layer:3:1", "--stage1-tokens",
                  "20k", "--stage2-tokens", "20k", "--seq", "128", "--data", str(text), "--out", str(tmp_path),
                  "--run", "d", timeout=180, env=ONE_THREAD)  # fmt: skip

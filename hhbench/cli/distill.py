@@ -21,7 +21,9 @@ def parse_tokens(text: str, what: str) -> int:
 
 @app.command()
 def distill(
-    model: Annotated[str, Opt("--model", "-m", help="smollm2-135m, tiny-random-llama, or a local HF folder.")] = "smollm2-135m",
+    model: Annotated[
+        str, Opt("--model", "-m", help="smollm2-135m, tiny-random-llama, or a local HF folder.")
+    ] = "smollm2-135m",
     variants: Annotated[
         str, Opt(help="Students: head:R[:uniform|:random[:SEED]|:map=PATH|:selected], layer:R, la; comma-separated.")
     ] = "head:7:1:selected,head:7:1:random,head:3:1,layer:3:1",
@@ -32,7 +34,9 @@ def distill(
     retrieval_ratio: Annotated[
         float, Opt(help="Fraction of sequences that are generated retrieval documents (1 without --data).")
     ] = 0.5,
-    chat: Annotated[str, Opt(help="Retrieval documents in the chat template: auto (where the tokenizer has one), on, off.")] = "auto",
+    chat: Annotated[
+        str, Opt(help="Retrieval documents in the chat template: auto (where the tokenizer has one), on, off.")
+    ] = "auto",
     stage1_tokens: Annotated[str, Opt(help="Attention-alignment tokens: 5M, 20k (binary suffixes); 0 skips.")] = "5M",
     stage2_tokens: Annotated[str, Opt(help="Logit-distillation tokens; 0 skips.")] = "30M",
     seq: Annotated[int, Opt(help="Tokens per sequence (the eval context; >= 2K for real runs).")] = 2048,
@@ -55,7 +59,9 @@ def distill(
     checkpoint_every: Annotated[int, Opt(help="Checkpoint every N steps (0: at the end of each stage).")] = 200,
     log_every: Annotated[int, Opt(help="A train.jsonl row every N steps.")] = 10,
     stop_after: Annotated[int, Opt(help="Stop after N optimizer steps (0: never); the run resumes later.")] = 0,
-    parallel_variants: Annotated[bool, Opt(help="Under torchrun: one variant per rank instead of data-parallel.")] = False,
+    parallel_variants: Annotated[
+        bool, Opt(help="Under torchrun: one variant per rank instead of data-parallel.")
+    ] = False,
     fa_backend: Annotated[str, Opt(help="FA backend of converted layers.")] = "auto",
     gdn_backend: Annotated[
         str, Opt(help="GDN backend of converted layers (auto: fla-chunk on CUDA, torch-recurrent on the CPU).")
@@ -63,8 +69,12 @@ def distill(
     out: Annotated[str, Opt(help="Results folder; the run goes to OUT/RUN.")] = "results",
     run: Annotated[
         str,
-        Opt("--run", "--run-name", help="Run name (default distill-MODEL); an existing run resumes. Under torchrun "
-            "spell it --run-name (torchrun takes --run for its own --run-path)."),
+        Opt(
+            "--run",
+            "--run-name",
+            help="Run name (default distill-MODEL); an existing run resumes. Under torchrun "
+            "spell it --run-name (torchrun takes --run for its own --run-path).",
+        ),
     ] = "",
 ):
     """Distill converted students from their teacher: stage 1 aligns each converted attention layer (MSE on the
@@ -97,11 +107,15 @@ def distill(
     if chat not in ("auto", "on", "off"):
         raise UserError(f"--chat takes auto, on or off, not {chat!r}")
     if not 0 <= warmup < 1 or not 0 <= min_lr_ratio <= 1 or answer_weight <= 0 or answer_ce < 0 or lr_new <= 0:
-        raise UserError("--warmup in [0, 1), --min-lr-ratio in [0, 1], --answer-weight > 0, --answer-ce >= 0, --lr-new > 0")
+        raise UserError(
+            "--warmup in [0, 1), --min-lr-ratio in [0, 1], --answer-weight > 0, --answer-ce >= 0, --lr-new > 0"
+        )
     if head_map and not Path(head_map).exists():
         raise UserError(f"no head map at {head_map}")
     texts = data_mod.read_texts(data) if data else []
-    dist = train_mod.dist_from_env(parallel_variants, "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    dist = train_mod.dist_from_env(
+        parallel_variants, "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    )
     target = pick_device(device)
     if target.type == "cuda" and dist.world > 1:
         import os

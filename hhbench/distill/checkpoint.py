@@ -104,7 +104,9 @@ def load_student(run_dir: str | Path, label: str, teacher, fa_backend: str = "au
     if meta is None:
         raise UserError(f"no checkpoint of {label} in {run_dir} (see {Path(run_dir) / CHECKPOINTS})")
     if meta["model"] != teacher.shape.name:
-        raise UserError(f"checkpoint of {label} in {run_dir} was distilled from {meta['model']}, not {teacher.shape.name}")
+        raise UserError(
+            f"checkpoint of {label} in {run_dir} was distilled from {meta['model']}, not {teacher.shape.name}"
+        )
     plan = plan_of(label, meta["fa_heads"], teacher.shape)
     model = convert(copy.deepcopy(teacher.model), plan, fa_backend=fa_backend, gdn_backend=gdn_backend)
     load_weights(Path(run_dir), label, model)

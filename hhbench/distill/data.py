@@ -189,7 +189,9 @@ def read_texts(paths: list[str]) -> list[str]:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
-                        raise UserError(f"data {file}:{number} is not JSON (a .jsonl file has one object a line)") from None
+                        raise UserError(
+                            f"data {file}:{number} is not JSON (a .jsonl file has one object a line)"
+                        ) from None
                     if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip():
                         documents.append(record["text"])
                         found += 1

@@ -22,7 +22,9 @@ KL_CHUNK = 4096  # positions per chunk of full-vocabulary logits (SmolLM2: 4096 
 
 
 def converted_layers(model) -> dict[int, HydraAdapter]:
-    return {i: layer.self_attn for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.self_attn, HydraAdapter)}
+    return {
+        i: layer.self_attn for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.self_attn, HydraAdapter)
+    }
 
 
 def trained_parameters(model, stage: int, train_attn: bool) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
@@ -111,7 +113,11 @@ def distillation_loss(
     weight = student.get_output_embeddings().weight
     w = position_weights(answer, answer_weight).reshape(-1)
     is_answer = answer[:, 1:].reshape(-1).float()
-    hs, ht, flat_targets = h_student.reshape(-1, h_student.shape[-1]), h_teacher.reshape(-1, h_teacher.shape[-1]), targets.reshape(-1)
+    hs, ht, flat_targets = (
+        h_student.reshape(-1, h_student.shape[-1]),
+        h_teacher.reshape(-1, h_teacher.shape[-1]),
+        targets.reshape(-1),
+    )
     kl = nll = 0.0
     for start in range(0, hs.shape[0], KL_CHUNK):
         part = slice(start, start + KL_CHUNK)

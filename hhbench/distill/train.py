@@ -234,7 +234,9 @@ def _run_stage(job, variant, student, stage, steps, start, optimizer, params, sa
     tokens_per_step = recipe.batch * recipe.seq
     task = None
     if job.progress is not None:
-        task = job.progress.add_task(f"{variant.label} stage {stage}", total=steps, completed=start, loss="-", speed="-")
+        task = job.progress.add_task(
+            f"{variant.label} stage {stage}", total=steps, completed=start, loss="-", speed="-"
+        )
 
     def save(step: int, status: str = OK, reason: str = "") -> None:
         if not job.dist.writes:
@@ -286,7 +288,9 @@ def _run_stage(job, variant, student, stage, steps, start, optimizer, params, sa
     speed = tokens / max(seconds, 1e-9)
     job.log(TrainRow(variant.label, stage, steps, steps * tokens_per_step, kind="stage", seconds=round(seconds, 2),
                      tokens_per_s=round(speed, 1), extra={"tokens_this_run": tokens, "device": str(job.device)}))  # fmt: skip
-    job.echo(f"{variant.label} stage {stage}: {steps * tokens_per_step:,} tokens, {seconds:.1f} s, {speed:,.0f} tokens/s")
+    job.echo(
+        f"{variant.label} stage {stage}: {steps * tokens_per_step:,} tokens, {seconds:.1f} s, {speed:,.0f} tokens/s"
+    )
     return {"status": OK, "tokens": steps * tokens_per_step, "seconds": seconds, "tokens_per_s": speed}
 
 

@@ -362,7 +362,9 @@ def run_eval(
                     error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 seconds = now() - start
                 student = getattr(model, "hhbench_student", None)
-                rows = eval_rows(variant, plan, task, length, settings, result, error, seconds, settings.device, student)
+                rows = eval_rows(
+                    variant, plan, task, length, settings, result, error, seconds, settings.device, student
+                )
                 for row in rows:
                     append_row(eval_path, row)
                 primary = next((r for r in rows if r.metric == generators.primary_metric(task.name)), rows[0])

@@ -365,7 +365,9 @@ def training_figure(train_rows: pd.DataFrame) -> Figure | Omitted:
         return Omitted(title, "no logged training steps")
     data = data.sort_values(["run", "variant", "stage", "step"]).assign(
         series=data["run"] + " · " + data["variant"],
-        panel="stage " + data["stage"].astype(str) + (data["stage"] == 1).map({True: " (attention MSE)", False: " (KL)"}),
+        panel="stage "
+        + data["stage"].astype(str)
+        + (data["stage"] == 1).map({True: " (attention MSE)", False: " (KL)"}),
     )
     figure = px.line(data, x="tokens", y="loss", color="series", facet_col="panel", log_y=True,
                      hover_data=["step", "lr", "grad_norm", "tokens_per_s"])  # fmt: skip
