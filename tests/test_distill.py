@@ -78,6 +78,19 @@ def test_a_0_1_student_is_the_teacher_with_zero_loss(teacher, tmp_path):
     assert row["status"] == "skipped"
 
 
+def test_train_attn_keeps_the_fa_heads_the_teachers(teacher, tmp_path):
+    rec = recipe(stage1_tokens=0, stage2_tokens=2 * 256, train_attn=True, lr_attn=1e-2)
+    train(job(teacher, tmp_path, rec), parse_variants(["head:3:1"]))
+    student = checkpoint.load_student(tmp_path, "head:3:1", teacher, gdn_backend="torch-recurrent")
+    hydra = student.model.layers[0].self_attn.attn
+    original = teacher.model.model.layers[0].self_attn
+    d, fa, la = hydra.head_dim, hydra.split.fa_heads[0], hydra.split.la_heads[0]
+    q = hydra.qkv.weight[: hydra.n_heads * d]
+    assert torch.equal(q[fa * d : (fa + 1) * d], original.q_proj.weight[fa * d : (fa + 1) * d])
+    assert not torch.equal(q[la * d : (la + 1) * d], original.q_proj.weight[la * d : (la + 1) * d])
+    assert torch.equal(hydra.o_proj.weight[:, fa * d : (fa + 1) * d], original.o_proj.weight[:, fa * d : (fa + 1) * d])
+
+
 def test_resume_equals_an_uninterrupted_run(teacher, tmp_path):
     rec = recipe()
     whole, parts = tmp_path / "whole", tmp_path / "parts"

@@ -37,6 +37,30 @@ def trained_parameters(model, stage: int, train_attn: bool) -> dict[str, list[tu
     return {"new": groups["new"], "attn": attn}
 
 
+def keep_fa_heads(model) -> None:
+    """Gradient masks so that training the converted layers' projections (--train-attn) leaves every kept FA
+    head the teacher's: its query rows, its o_proj columns and the key/value rows of every KV group an FA head
+    reads get zero gradient (AdamW without weight decay then never moves them); GDN heads' slices train."""
+    for adapter in converted_layers(model).values():
+        hydra = adapter.attn
+        if not hydra.n_fa:
+            continue
+        d, H, KV = hydra.head_dim, hydra.n_heads, hydra.n_kv_heads
+        group = H // KV
+        fa_groups = {h // group for h in hydra.split.fa_heads}
+        rows = torch.ones(H + 2 * KV, dtype=torch.bool)
+        for h in hydra.split.fa_heads:
+            rows[h] = False
+        for g in fa_groups:
+            rows[H + g] = rows[H + KV + g] = False
+        row_mask = rows.repeat_interleave(d).to(hydra.qkv.weight.device)
+        col_mask = rows[:H].repeat_interleave(d).to(hydra.o_proj.weight.device)
+        hydra.qkv.weight.register_hook(lambda grad, m=row_mask: grad * m[:, None].to(grad.dtype))
+        if hydra.qkv.bias is not None:
+            hydra.qkv.bias.register_hook(lambda grad, m=row_mask: grad * m.to(grad.dtype))
+        hydra.o_proj.weight.register_hook(lambda grad, m=col_mask: grad * m[None, :].to(grad.dtype))
+
+
 @torch.no_grad()
 def teacher_attention(teacher, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple]:
     """For each layer in `layers`: (attention input [B, T, hidden], (cos, sin), attention output [B, T, hidden])

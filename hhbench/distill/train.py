@@ -209,6 +209,8 @@ def train_variant(job: Job, variant: Variant) -> dict:
             param.data = param.data.float()  # fp32 masters; the frozen weights stay in the teacher's dtype
             param.requires_grad_(True)
             params.append(param)
+        if groups["attn"]:
+            stages.keep_fa_heads(student)
         optimizer = torch.optim.AdamW(
             [{"params": [p for _, p in groups[g]], "lr": lr, "base_lr": lr}
              for g, lr in (("new", recipe.lr_new), ("attn", recipe.lr_attn)) if groups[g]],
