@@ -205,7 +205,7 @@ def main_ok(capsys, argv: list[str]) -> bool:
     return exit_.value.code == 0
 
 
-def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teacher):
+def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teacher, capsys):
     text = tmp_path / "text.jsonl"
     text.write_text(
         "\n".join(json.dumps({"text": f"Line {i}: plain prose about kettles and kites."}) for i in range(200))
@@ -231,8 +231,18 @@ def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teac
     gammas = [(n, p) for n, p in model.named_parameters() if n.endswith("head_gamma")]
     assert any(not torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in gammas)
     ev = cli("eval", "--model", "tiny-random-llama", "--variants", f"layer:3:1,layer:3:1@{run}", "--tasks", "passkey",
-             "--lengths", "256", "--limit", "1", "--out", str(tmp_path), "--run", "d", timeout=240, env=ONE_THREAD)  # fmt: skip
+             "--lengths", "256", "--limit", "2", "--out", str(tmp_path), "--run", "d", timeout=240, env=ONE_THREAD)  # fmt: skip
     assert ev.returncode == 0, ev.stderr
     (student,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if "@d" in line]
     assert student["status"] == "ok" and student["extra"]["tokens_trained"] == 2 * 10 * 16 * 128
     assert "layer:3:1@d" in ev.stdout
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["table", str(run)])
+    table = capsys.readouterr().out
+    assert exit_.value.code == 0 and "layer:3:1@d" in table and "±" in table  # intervals from the samples
+    from hhbench.report.page import build_report
+    from hhbench.rows.sources import load_runs
+
+    page = build_report(load_runs([run]))
+    assert {f.slug for f in page.figures} >= {"training", "quality"}

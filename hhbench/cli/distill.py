@@ -87,6 +87,7 @@ def distill(
     from hhbench.distill import data as data_mod
     from hhbench.distill import recipe as recipe_mod
     from hhbench.distill import train as train_mod
+    from hhbench.eval.runner import quiet_logs
     from hhbench.measure.env import capture_env
     from hhbench.models.convert import GDNInit
     from hhbench.models.loader import load_model, offline
@@ -94,6 +95,7 @@ def distill(
     from hhbench.rows.runs import RunDir
 
     offline()
+    quiet_logs()
     variant_list = parse_variants(split_list(variants))
     tokens1, tokens2 = parse_tokens(stage1_tokens, "--stage1-tokens"), parse_tokens(stage2_tokens, "--stage2-tokens")
     if tokens1 + tokens2 == 0:
