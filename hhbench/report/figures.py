@@ -358,8 +358,6 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
 def training_figure(train_rows: pd.DataFrame) -> Figure | Omitted:
     """Distillation loss against tokens trained, a line per run and variant, a panel per stage (train.jsonl)."""
     title = "Distillation: loss against tokens"
-    if train_rows.empty:
-        return Omitted(title, "no training rows (train.jsonl of hhbench distill)")
     data = train_rows[(train_rows["kind"] == "step") & (train_rows["status"] == OK) & train_rows["loss"].notna()]
     if data.empty:
         return Omitted(title, "no logged training steps")
