@@ -16,7 +16,7 @@ import torch
 
 from hhbench.cli.app import main
 from hhbench.distill import checkpoint, data, stages
-from hhbench.distill.recipe import Recipe
+from hhbench.distill.recipe import Recipe, load_recipe
 from hhbench.distill.train import TRAIN, Job, read_train_rows, train
 from hhbench.eval.runner import EvalSettings, VariantModels
 from hhbench.models.loader import load_model
@@ -160,19 +160,20 @@ def test_no_eval_template_in_the_training_stream(teacher):
     assert teacher.tokenizer.decode(first).strip().replace(", ", "").isalnum()
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
+def test_two_gloo_ranks_equal_one_process(tmp_path, teacher):
     args = ["distill", "--model", "tiny-random-llama", "--variants", "head:3:1", "--stage1-tokens", "1k",
             "--stage2-tokens", "1k", "--seq", "128", "--batch", "4", "--log-every", "1", "--out", str(tmp_path)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
-    one = subprocess.run([sys.executable, "-m", "hhbench", *args, "--run", "one"], capture_output=True, text=True,
-                         env=env, timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           "29517", "-m", "hhbench", *args, "--run-name", "two"], capture_output=True, text=True, env=env,
                          timeout=300)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
+    one = tmp_path / "one"
+    train(job(teacher, one, load_recipe(tmp_path / "two")), parse_variants(["head:3:1"]))  # the same recipe, 1 rank
+    a, b = curve(one), curve(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) == 4
+    stage_rows = [r for r in read_train_rows(tmp_path / "two" / TRAIN) if r["kind"] == "stage"]
+    assert [r["extra"]["data_parallel_ranks"] for r in stage_rows] == [2, 2]  # each rank took half of each batch
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 

@@ -289,7 +289,8 @@ def _run_stage(job, variant, student, stage, steps, start, optimizer, params, sa
     tokens = (steps - start) * tokens_per_step
     speed = tokens / max(seconds, 1e-9)
     job.log(TrainRow(variant.label, stage, steps, steps * tokens_per_step, kind="stage", seconds=round(seconds, 2),
-                     tokens_per_s=round(speed, 1), extra={"tokens_this_run": tokens, "device": str(job.device)}))  # fmt: skip
+                     tokens_per_s=round(speed, 1), extra={"tokens_this_run": tokens, "device": str(job.device),
+                            "data_parallel_ranks": job.dist.world if job.dist.data_parallel else 1}))  # fmt: skip
     job.echo(
         f"{variant.label} stage {stage}: {steps * tokens_per_step:,} tokens, {seconds:.1f} s, {speed:,.0f} tokens/s"
     )
