@@ -213,7 +213,7 @@ def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teac
     )
     result = cli("distill", "--model", "tiny-random-llama", "--variants", "head:3:1,layer:3:1", "--stage1-tokens",
                  "20k", "--stage2-tokens", "20k", "--seq", "128", "--data", str(text), "--out", str(tmp_path),
-                 "--run", "d", timeout=180, env=ONE_THREAD)  # fmt: skip
+                 "--run", "d", timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stderr
     run = tmp_path / "d"
     assert json.loads((run / "recipe.json").read_text())["variants"] == ["head:3:1", "layer:3:1"]

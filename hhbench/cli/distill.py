@@ -59,6 +59,9 @@ def distill(
     checkpoint_every: Annotated[int, Opt(help="Checkpoint every N steps (0: at the end of each stage).")] = 200,
     log_every: Annotated[int, Opt(help="A train.jsonl row every N steps.")] = 10,
     stop_after: Annotated[int, Opt(help="Stop after N optimizer steps (0: never); the run resumes later.")] = 0,
+    threads: Annotated[
+        int, Opt(help="CPU threads for torch on the CPU (0: torch's default). One is fastest for small models.")
+    ] = 1,
     parallel_variants: Annotated[
         bool, Opt(help="Under torchrun: one variant per rank instead of data-parallel.")
     ] = False,
@@ -83,7 +86,7 @@ def distill(
     `hhbench eval --variants VARIANT@OUT/RUN`."""
     import torch
 
-    from hhbench.cli.sweep import pick_device
+    from hhbench.cli.sweep import pick_device, set_cpu_threads
     from hhbench.distill import data as data_mod
     from hhbench.distill import recipe as recipe_mod
     from hhbench.distill import train as train_mod
@@ -127,6 +130,7 @@ def distill(
     if dist.data_parallel and batch % dist.world:
         raise UserError(f"--batch {batch} does not split over {dist.world} data-parallel ranks")
     dtype = dtype if dtype != "auto" else ("bf16" if target.type == "cuda" else "fp32")
+    set_cpu_threads(threads, target)  # small CPU models' ops are too small to share: 2 threads ran 6x slower
     if gdn_backend == "auto" and target.type == "cpu":
         gdn_backend = "torch-recurrent"  # trains ~2x faster than torch-chunk at small head dims (the same values)
     loaded = load_model(model, str(target), dtype)
