@@ -285,3 +285,24 @@ def test_fused_layer_decode_follows_the_full_forward(options):
     assert cache.length == 208
     assert rel(first, full[:, :200]) < BF16_LAYER
     assert rel(steps, full[:, 200:]) < BF16_LAYER
+
+
+def test_distillation_on_the_gpu_trains_in_bf16_on_fla_kernels(tmp_path):
+    """hhbench distill's loop on CUDA (bf16 teacher, fp32 masters, autocast, fla's chunk kernel): both stages'
+    losses are finite and fall, and the checkpoint reloads into the model that trained."""
+    from hhbench.distill import data
+    from hhbench.distill.train import TRAIN, Job, read_train_rows, train
+    from hhbench.models.loader import load_model
+    from hhbench.models.variants import parse_variants
+    from tests.test_distill import recipe
+
+    loaded = load_model("tiny-random-llama", "cuda", "bf16")
+    rec = recipe(stage1_tokens=20 * 8 * 512, stage2_tokens=20 * 8 * 512, seq=512, batch=8, dtype="bf16", warmup=0.0)
+    stream = data.TokenStream(loaded.tokenizer, rec.seq, 0, 1.0, [], False)
+    job = Job(rec, loaded, stream, tmp_path, torch.device("cuda"), log_every=1, echo=lambda *_: None)
+    train(job, parse_variants(["head:3:1"]))
+    rows = read_train_rows(tmp_path / TRAIN)
+    for stage in (1, 2):
+        losses = [r["loss"] for r in rows if r["stage"] == stage and r["kind"] == "step"]
+        assert len(losses) == 20 and all(map(lambda v: v == v, losses))
+        assert sum(losses[-3:]) < sum(losses[:3]), (stage, losses)

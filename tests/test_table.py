@@ -148,14 +148,10 @@ def test_runs_side_by_side_keep_their_identity(tmp_path, rows):
 def test_bad_input_exits_2_with_one_line(tmp_path, rows):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    quality_only = tmp_path / "quality"
-    quality_only.mkdir()
-    quality().to_jsonl(quality_only / "eval.jsonl")
     good = write_run(tmp_path / "good", rows)
     cases = [
         ([str(tmp_path / "nowhere")], "no run at"),
         ([str(empty)], "empty.jsonl holds no rows"),
-        ([str(quality_only)], "no performance rows to compare (only quality rows given)"),
         ([str(good), str(tmp_path / "." / "good" / "rows.jsonl")], "is given twice"),
         ([str(good), "--csv", "/proc/version/t.csv"], "cannot write /proc/version/t.csv"),
     ]
@@ -163,6 +159,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, rows):
         result = run_main("table", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+
+
+def test_a_quality_run_gets_the_quality_comparison_with_intervals(tmp_path):
+    folder = tmp_path / "quality"
+    folder.mkdir()
+    RowSet([replace(row, metric="acc") for row in quality(("teacher", "layer:3:1", "head:7:1@d"))]).to_jsonl(
+        folder / "eval.jsonl"
+    )
+    result = run_main("table", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert "| passkey | acc | 256 | 1.000 ±0.039 (+0.020) | 0.980 ±0.039 | 0.960 ±0.039 (-0.020) |" in result.stdout
 
 
 def test_clashing_run_names_get_their_parents(tmp_path, rows):

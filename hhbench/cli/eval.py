@@ -20,7 +20,10 @@ def eval_(
     ] = "smollm2-135m",
     variants: Annotated[
         str,
-        Opt(help="teacher, head:R[:uniform|:random[:SEED]|:map=PATH|:selected], layer:R, la; comma-separated."),
+        Opt(
+            help="teacher, head:R[:uniform|:random[:SEED]|:map=PATH|:selected], layer:R, la; VARIANT@RUN for a "
+            "student of `hhbench distill` run folder RUN; comma-separated."
+        ),
     ] = "teacher,head:7:1,head:3:1,layer:3:1",
     tasks: Annotated[
         str, Opt(help="passkey, niah_single, niah_multikey, vt, copy, or lm-eval task names (niah_single_1, ...).")
@@ -88,8 +91,14 @@ def eval_(
         model=loaded.shape.name, limit=limit, seed=seed, chat=use_chat, batch_size=batch_size, device=device,
         dtype=dtype, run=run_name, head_map=head_map or None, fa_backend=fa_backend, gdn_backend=gdn_backend,
     )  # fmt: skip
-    for variant in variant_list:  # bad head maps fail before hours of evaluation
-        variant.plan(loaded.shape, settings.head_map)
+    for variant in variant_list:  # bad head maps and missing students fail before hours of evaluation
+        if variant.checkpoint:
+            from hhbench.distill.checkpoint import read_meta
+
+            if read_meta(variant.checkpoint, variant.base_label) is None:
+                raise UserError(f"no student {variant.base_label} in {variant.checkpoint} (run hhbench distill first)")
+        else:
+            variant.plan(loaded.shape, settings.head_map)
     if not run_dir.env_path.exists():
         run_dir.write_env(
             capture_env({"command": "hhbench eval", "started": datetime.datetime.now(datetime.UTC).isoformat()})

@@ -21,6 +21,16 @@ SUMMARY = ["variant", "ratio_effective", "pass", "scope", "context", "batch", "m
            "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "vs_floor", "tflops", "vs_layer31_flops", "reason"]  # fmt: skip
 
 
+def set_cpu_threads(threads: int, where) -> None:
+    """--threads: torch's CPU threads when running on the CPU (0: torch's default)."""
+    import torch
+
+    if threads < 0:
+        raise UserError(f"--threads must be >= 0, got {threads}")
+    if threads and where.type == "cpu":
+        torch.set_num_threads(threads)
+
+
 def pick_device(name: str):
     import torch
 
@@ -100,19 +110,15 @@ def sweep(
     ] = 1,
 ):
     """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
-    import torch  # here, not at the top: the other commands start without loading torch
 
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import dedupe, grid_points, load_suite
     from hhbench.runner.sweep import run_sweep
 
     where = pick_device(device)
-    if threads < 0:
-        raise UserError(f"--threads must be >= 0, got {threads}")
+    set_cpu_threads(threads, where)
     if crosscheck < 0:
         raise UserError(f"--crosscheck must be >= 0, got {crosscheck}")
-    if threads and where.type == "cpu":
-        torch.set_num_threads(threads)
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
              "batch": [parse_count(b, "batch") for b in split_list(batch)] or None, "passes": passes,
              "scopes": [s for s in scopes.split(",") if s] if scopes else None,

@@ -22,14 +22,23 @@ def table(
     ] = False,
 ):
     """Compare every configuration with the layer-wise 3:1 row of the same run, model, context, batch, pass and
-    scope: latency, speedup, FLOPs and KV-cache ratios, TFLOP/s, peak memory, and where head-level wins."""
+    scope: latency, speedup, FLOPs and KV-cache ratios, TFLOP/s, peak memory, and where head-level wins. Runs
+    with quality rows only (hhbench eval, distilled students too): scores with 95% intervals against layer:3:1."""
     if targets:
         from hhbench.tables.targets import check_targets
 
         for run in load_runs(runs):
             typer.echo(check_targets(run).to_markdown())
         return
-    comparison = compare_runs(load_runs(runs))
+    loaded = load_runs(runs)
+    if not any(run.rows for run in loaded):  # quality runs only: the eval comparison, students included
+        from hhbench.eval.compare import comparison_table
+
+        for run in loaded:
+            if run.eval_rows:
+                typer.echo(f"## {run.label}\n\n{comparison_table(list(run.eval_rows))}\n")
+        return
+    comparison = compare_runs(loaded)
     if csv:
         comparison.to_csv(csv)
     if json_path:

@@ -90,7 +90,8 @@ def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
     if len(models) == 1:
         table = table.drop(columns=["model"])
     which = metric or "each task's metric (acc, and retrieval_gain in nats per answer token: higher is better)"
-    return f"{which} per task and context; (delta) against {baseline}\n\n" + markdown_table(table)
+    return (f"{which} per task and context; ± the 95% interval (1.96 stderr) where rows have a stderr; (delta) "
+            f"against {baseline}\n\n" + markdown_table(table))  # fmt: skip
 
 
 def _cell(record, is_baseline: bool) -> str:
@@ -99,6 +100,8 @@ def _cell(record, is_baseline: bool) -> str:
     if record.value is None or _nan(record.value):
         return record.status
     text = f"{record.value:.3f}"
+    if record.stderr is not None and not _nan(record.stderr):
+        text += f" ±{1.96 * record.stderr:.3f}"
     if not is_baseline and record.delta is not None and not _nan(record.delta):
         text += f" ({record.delta:+.3f})"
     return text

@@ -139,6 +139,14 @@ class VariantModels:
         return self._rms
 
     def build(self, variant: Variant):
+        """(model, plan) of a variant: the teacher itself, a fresh conversion, or a distilled student (the
+        conversion with its checkpoint's parameters; the model's `hhbench_student` says which)."""
+        if variant.checkpoint:
+            from hhbench.distill.checkpoint import load_student
+
+            model = load_student(variant.checkpoint, variant.base_label, self.loaded, self.settings.fa_backend,
+                                 self.settings.gdn_backend)  # fmt: skip
+            return model, model.hhbench_plan
         plan = variant.plan(self.loaded.shape, self.settings.head_map)
         if plan is None or not any(layer.n_la for layer in plan.layers):
             return self.loaded.model, plan
@@ -257,7 +265,7 @@ def check_resumable(rows, settings: EvalSettings, chat: str) -> None:
 
 def eval_rows(
     variant: Variant, plan, task: TaskRef, length: int, settings: EvalSettings, result: dict | None, error: str,
-    seconds: float, device: str,
+    seconds: float, device: str, student: dict | None = None,
 ) -> list[EvalRow]:  # fmt: skip
     common = {
         "model": settings.model,
@@ -276,7 +284,10 @@ def eval_rows(
         # the teacher: every head full attention
         common["fa_heads"] = float(settings.extra.get("n_layers", 0) * settings.extra.get("n_heads", 0))
     extra = {"settings": settings.fingerprint(), "lm_eval_task": task.lm_eval_name, "dtype": settings.dtype}
-    if variant.heads != "uniform":
+    if student is not None:  # a distilled student: which checkpoint, after how many tokens
+        extra.update(checkpoint=student["checkpoint"], tokens_trained=student["tokens_trained"],
+                     stage=student["stage"])  # fmt: skip
+    if variant.heads != "uniform" and student is None:
         extra["head_map"] = variant.argument if variant.heads == "map" else settings.head_map or variant.argument
     if result is None:
         return [EvalRow(metric=generators.primary_metric(task.name), status=ERROR, reason=error, extra=extra, **common)]
@@ -350,7 +361,10 @@ def run_eval(
                 except Exception as exc:  # one failed combination is a row with its reason; the run goes on
                     error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 seconds = now() - start
-                rows = eval_rows(variant, plan, task, length, settings, result, error, seconds, settings.device)
+                student = getattr(model, "hhbench_student", None)
+                rows = eval_rows(
+                    variant, plan, task, length, settings, result, error, seconds, settings.device, student
+                )
                 for row in rows:
                     append_row(eval_path, row)
                 primary = next((r for r in rows if r.metric == generators.primary_metric(task.name)), rows[0])

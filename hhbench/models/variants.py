@@ -8,11 +8,13 @@
     head:R:selected            the head map given with --head-map (what `hhbench select-heads` writes)
     layer:R                    layer-wise: in every group of la+fa layers the last fa keep full attention
     la                         every head Gated DeltaNet
+    VARIANT@RUN                that variant's student distilled by `hhbench distill` into the run folder RUN
 
 Head choices are a registry (`head_choice`): a new way to pick FA heads registers a function that turns the
 variant and the shape into a HeadMap (or None for the layout builder's own choice).
 """
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,12 @@ class Variant:
     ratio: Ratio | None = None
     heads: str = "uniform"  # the head choice (head layout only)
     argument: str = ""  # the choice's argument: a seed, a path
+    checkpoint: str = ""  # a distillation run folder holding this variant's student ("" : the conversion itself)
+
+    @property
+    def base_label(self) -> str:
+        """The label without the distillation run: what the run's checkpoint is named by."""
+        return self.label.split("@")[0]
 
     @property
     def is_teacher(self) -> bool:
@@ -96,6 +104,12 @@ def _selected(variant: Variant, shape: ModelShape, head_map_path: str | None) ->
 
 def parse_variant(text: str) -> Variant:
     text = text.strip()
+    if "@" in text:
+        base, run = text.split("@", 1)
+        variant = parse_variant(base)
+        if variant.is_teacher or not run:
+            raise UserError(f"bad variant {text!r}: VARIANT@RUN names a distilled student, e.g. layer:3:1@results/RUN")
+        return dataclasses.replace(variant, label=f"{variant.label}@{Path(run).name}", checkpoint=run)
     if text == TEACHER:
         return Variant(TEACHER)
     if text == "la":

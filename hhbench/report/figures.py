@@ -379,5 +379,25 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
     )
 
 
+def training_figure(train_rows: pd.DataFrame) -> Figure | Omitted:
+    """Distillation loss against tokens trained, a line per run and variant, a panel per stage (train.jsonl)."""
+    title = "Distillation: loss against tokens"
+    data = train_rows[(train_rows["kind"] == "step") & (train_rows["status"] == OK) & train_rows["loss"].notna()]
+    if data.empty:
+        return Omitted(title, "no logged training steps")
+    data = data.sort_values(["run", "variant", "stage", "step"]).assign(
+        series=data["run"] + " · " + data["variant"],
+        panel="stage "
+        + data["stage"].astype(str)
+        + (data["stage"] == 1).map({True: " (attention MSE)", False: " (KL)"}),
+    )
+    figure = px.line(data, x="tokens", y="loss", color="series", facet_col="panel", log_y=True,
+                     hover_data=["step", "lr", "grad_norm", "tokens_per_s"])  # fmt: skip
+    figure.update_yaxes(matches=None)  # stage 1's MSE and stage 2's KL have their own scales
+    figure.update_layout(height=460)
+    return Figure("training", title, figure, "Stage 1: MSE of converted attention outputs against the teacher's; "
+                  "stage 2: KL(teacher || student), answer positions weighted as the recipe says. Tokens per stage.")  # fmt: skip
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")

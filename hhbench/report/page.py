@@ -79,6 +79,9 @@ def build_report(runs: list[Run]) -> Report:
         made.append(F.roofline_figure(rows, {run.label: run.env for run in runs}))
         made.append(F.latency_figure(rows, ["decode"], "decode", "Decode latency against context"))
     made.append(F.quality_figure(eval_rows))
+    train_rows = [{**row, "run": run.label} for run in runs for row in run.train_rows]
+    if train_rows:  # distillation runs only: other runs have no curve to miss
+        made.append(F.training_figure(pd.DataFrame(train_rows)))
     return Report(
         runs=runs,
         figures=[item for item in made if isinstance(item, F.Figure)],

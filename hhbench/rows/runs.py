@@ -9,7 +9,7 @@ from hhbench.errors import UserError
 from hhbench.files import open_output
 from hhbench.rows.schema import EvalRow, RowSet, read_rows
 
-ROWS, EVAL, ENV = "rows.jsonl", "eval.jsonl", "env.json"
+ROWS, EVAL, ENV, TRAIN = "rows.jsonl", "eval.jsonl", "env.json", "train.jsonl"
 
 
 @dataclass(frozen=True)
@@ -18,14 +18,15 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> "RunDir":
-        """An existing run: a folder holding rows.jsonl or eval.jsonl, or one of those files itself."""
+        """An existing run: a folder holding rows.jsonl, eval.jsonl or train.jsonl (hhbench distill), or one of
+        those files itself."""
         path = Path(path)
-        if path.is_file() and path.name in (ROWS, EVAL):
+        if path.is_file() and path.name in (ROWS, EVAL, TRAIN):
             path = path.parent
         if not path.is_dir():
-            raise UserError(f"no run at {path}: expected a folder with {ROWS} or {EVAL}")
-        if not (path / ROWS).exists() and not (path / EVAL).exists():
-            raise UserError(f"{path} holds neither {ROWS} nor {EVAL}")
+            raise UserError(f"no run at {path}: expected a folder with {ROWS}, {EVAL} or {TRAIN}")
+        if not any((path / name).exists() for name in (ROWS, EVAL, TRAIN)):
+            raise UserError(f"{path} holds none of {ROWS}, {EVAL}, {TRAIN}")
         return cls(path)
 
     def create(self) -> "RunDir":
@@ -59,6 +60,12 @@ class RunDir:
 
     def eval_rows(self) -> RowSet:
         return read_rows(self.eval_path, kind=EvalRow) if self.eval_path.exists() else RowSet()
+
+    def train_rows(self) -> list[dict]:
+        """The training curve of a distillation run (hhbench.distill.train.read_train_rows); [] without."""
+        from hhbench.distill.train import read_train_rows
+
+        return read_train_rows(self.path / TRAIN) if (self.path / TRAIN).exists() else []
 
     def env(self) -> dict:
         if not self.env_path.exists():

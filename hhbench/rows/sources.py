@@ -17,6 +17,7 @@ class Run:
     rows: RowSet
     eval_rows: RowSet = field(default_factory=RowSet)
     env: dict = field(default_factory=dict)
+    train_rows: list[dict] = field(default_factory=list)  # hhbench distill's train.jsonl
 
     def frame(self):
         """The rows as a frame, with the run's label in `run` (a row's own `run` field may be empty)."""
@@ -37,7 +38,8 @@ def load_run(path: str | Path) -> Run:
     if path.is_file() and path.name not in ("rows.jsonl", "eval.jsonl"):
         return Run(label=path.stem, path=path, rows=read_rows(path))
     run = RunDir.open(path)
-    return Run(label=run.name, path=run.path, rows=run.rows(), eval_rows=run.eval_rows(), env=run.env())
+    return Run(label=run.name, path=run.path, rows=run.rows(), eval_rows=run.eval_rows(), env=run.env(),
+               train_rows=run.train_rows())  # fmt: skip
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -46,7 +48,7 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         raise UserError("no run given")
     runs = [load_run(path) for path in paths]
     for run in runs:
-        if not run.rows and not run.eval_rows:
+        if not run.rows and not run.eval_rows and not run.train_rows:
             raise UserError(f"{run.path} holds no rows")
     _unique_labels(runs)
     return runs

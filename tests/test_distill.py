@@ -1,0 +1,249 @@
+"""`hhbench distill` on a tiny random Llama (CPU): both losses fall, a 0:1 student is the teacher, a resumed run
+equals an uninterrupted one bit for bit, two gloo ranks equal one process, the training stream holds no
+evaluation template, bad input is one line, and a student evaluates."""
+
+import ast
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hhbench.cli.app import main
+from hhbench.distill import checkpoint, data, stages
+from hhbench.distill.recipe import Recipe, load_recipe
+from hhbench.distill.train import TRAIN, Job, read_train_rows, train
+from hhbench.eval.runner import EvalSettings, VariantModels
+from hhbench.models.loader import load_model
+from hhbench.models.variants import parse_variant, parse_variants
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore")
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a shared 2-core machine: spinning OpenMP threads slow steps 20x
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_model("tiny-random-llama")
+
+
+def recipe(**changes) -> Recipe:
+    base = dict(model="tiny-random-llama", variants=("head:3:1",), head_map="", data=(), data_tokens=0,
+                retrieval_ratio=1.0, chat=False, seq=128, batch=2, stage1_tokens=6 * 256, stage2_tokens=6 * 256,
+                lr_new=1e-3, lr_attn=1e-4, train_attn=False, schedule="cosine", warmup=0.1, min_lr_ratio=0.1,
+                weight_decay=0.0, betas=(0.9, 0.95), grad_clip=1.0, answer_weight=50.0, answer_ce=0.0, seed=0,
+                dtype="fp32", init={})  # fmt: skip
+    return Recipe(**{**base, **changes})
+
+
+def job(teacher, tmp_path, rec, **kwargs) -> Job:
+    stream = data.TokenStream(teacher.tokenizer, rec.seq, rec.seed, rec.retrieval_ratio, [], rec.chat)
+    kwargs.setdefault("echo", lambda *_: None)
+    return Job(rec, teacher, stream, tmp_path, torch.device("cpu"), gdn_backend="torch-recurrent", log_every=1,
+               **kwargs)  # fmt: skip
+
+
+def curve(path: Path, kind: str = "step") -> dict:
+    return {
+        (r["variant"], r["stage"], r["step"]): r["loss"] for r in read_train_rows(path / TRAIN) if r["kind"] == kind
+    }
+
+
+def test_both_stage_losses_fall_over_30_steps(teacher, tmp_path):
+    rec = recipe(stage1_tokens=30 * 256, stage2_tokens=30 * 256, warmup=0.0, lr_new=1e-2)
+    train(job(teacher, tmp_path, rec), parse_variants(["head:3:1"]))
+    losses = curve(tmp_path)
+    for stage in (1, 2):
+        values = [losses[("head:3:1", stage, step)] for step in range(1, 31)]
+        assert sum(values[-5:]) < 0.9 * sum(values[:5]), (stage, values)
+    meta = checkpoint.read_meta(tmp_path, "head:3:1")
+    assert meta["stage"] == 2 and meta["tokens"] == 60 * 256 and meta["recipe"]["answer_weight"] == 50.0
+    stage_rows = [r for r in read_train_rows(tmp_path / TRAIN) if r["kind"] == "stage"]
+    assert {r["stage"] for r in stage_rows} == {1, 2} and all(r["tokens_per_s"] > 0 for r in stage_rows)
+
+
+def test_a_0_1_student_is_the_teacher_with_zero_loss(teacher, tmp_path):
+    ids, answer = data.TokenStream(teacher.tokenizer, 128, 0, 1.0, [], False).batch(0, 2)
+    student = copy.deepcopy(teacher.model)  # 0:1 converts nothing
+    total, count = stages.alignment_loss(student, teacher.model, ids)
+    kl, nll, weight, answers = stages.distillation_loss(student, teacher.model, ids, answer, 50.0)
+    assert float(total) == 0.0 and float(kl) == 0.0 and weight > answers > 0
+    train(job(teacher, tmp_path, recipe()), parse_variants(["head:0:1"]))
+    (row,) = read_train_rows(tmp_path / TRAIN)
+    assert row["status"] == "skipped"
+
+
+def test_train_attn_keeps_the_fa_heads_the_teachers(teacher, tmp_path):
+    rec = recipe(stage1_tokens=0, stage2_tokens=2 * 256, train_attn=True, lr_attn=1e-2)
+    train(job(teacher, tmp_path, rec), parse_variants(["head:3:1"]))
+    student = checkpoint.load_student(tmp_path, "head:3:1", teacher, gdn_backend="torch-recurrent")
+    hydra = student.model.layers[0].self_attn.attn
+    original = teacher.model.model.layers[0].self_attn
+    d, fa, la = hydra.head_dim, hydra.split.fa_heads[0], hydra.split.la_heads[0]
+    q = hydra.qkv.weight[: hydra.n_heads * d]
+    assert torch.equal(q[fa * d : (fa + 1) * d], original.q_proj.weight[fa * d : (fa + 1) * d])
+    assert not torch.equal(q[la * d : (la + 1) * d], original.q_proj.weight[la * d : (la + 1) * d])
+    assert torch.equal(hydra.o_proj.weight[:, fa * d : (fa + 1) * d], original.o_proj.weight[:, fa * d : (fa + 1) * d])
+
+
+def test_resume_equals_an_uninterrupted_run(teacher, tmp_path):
+    rec = recipe()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(job(teacher, whole, rec, checkpoint_every=2), parse_variants(["head:3:1"]))
+    train(job(teacher, parts, rec, checkpoint_every=2, stop_after=4), parse_variants(["head:3:1"]))
+    assert checkpoint.read_meta(parts, "head:3:1")["step"] == 4
+    train(job(teacher, parts, rec, checkpoint_every=2), parse_variants(["head:3:1"]))
+    assert curve(parts) == curve(whole) and len(curve(whole)) == 12
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(checkpoint.variant_dir(p, "head:3:1") / checkpoint.WEIGHTS)) for p in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_stops_that_variant_only(teacher, tmp_path, monkeypatch):
+    build = VariantModels.build
+
+    def poisoned(self, variant):
+        model, plan = build(self, variant)
+        if variant.label == "head:3:1":
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if n.endswith("head_gamma")).fill_(float("nan"))
+        return model, plan
+
+    monkeypatch.setattr(VariantModels, "build", poisoned)
+    train(
+        job(teacher, tmp_path, recipe(stage1_tokens=512, stage2_tokens=512)), parse_variants(["head:3:1", "layer:3:1"])
+    )
+    rows = read_train_rows(tmp_path / TRAIN)
+    bad = [r for r in rows if r["variant"] == "head:3:1"]
+    assert len(bad) == 1 and bad[0]["status"] == "error" and "loss is nan" in bad[0]["reason"]
+    assert {r["stage"] for r in rows if r["variant"] == "layer:3:1" and r["kind"] == "stage"} == {1, 2}
+
+
+def _eval_template_fragments() -> set[str]:
+    """Every fixed piece (12+ characters, split at format fields) of the string constants of the eval generators,
+    the lm-eval suite and the head-selection probes."""
+    sources = [ROOT / "hhbench/eval/generators.py", ROOT / "hhbench/select/probes.py",
+               *(ROOT / "suites/lm_eval").glob("*.py")]  # fmt: skip
+    strings = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                strings.append(node.value)
+    for path in (ROOT / "suites/lm_eval").glob("*.yaml"):
+        strings += re.findall(r'"([^"]+)"', path.read_text())
+    fragments = set()
+    for text in strings:
+        for piece in re.split(r"\{[^}]*\}", text):
+            piece = piece.strip()
+            if len(piece) >= 12 and " " in piece:
+                fragments.add(piece.lower())
+    return fragments
+
+
+def test_no_eval_template_in_the_training_stream(teacher):
+    fragments = _eval_template_fragments()
+    assert any("the pass key is" in f for f in fragments)  # the check reads the eval templates
+    stream = data.TokenStream(teacher.tokenizer, 2048, 0, 1.0, [], False)
+    ids, answer = stream.batch(0, 40)
+    text = teacher.tokenizer.decode(ids.reshape(-1)).lower()
+    assert all(word in text for word in ("locker", "crate", "register entry", "slot"))  # every kind occurs
+    found = [f for f in fragments if f in text]
+    assert not found, found
+    assert answer.any(dim=1).all()  # every generated document has answer positions
+    first = ids[0][answer[0]].tolist()
+    assert teacher.tokenizer.decode(first).strip().replace(", ", "").isalnum()
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path, teacher):
+    args = ["distill", "--model", "tiny-random-llama", "--variants", "head:3:1", "--stage1-tokens", "1k",
+            "--stage2-tokens", "1k", "--seq", "128", "--batch", "4", "--log-every", "1", "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29517", "-m", "hhbench", *args, "--run-name", "two"], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = tmp_path / "one"
+    train(job(teacher, one, load_recipe(tmp_path / "two")), parse_variants(["head:3:1"]))  # the same recipe, 1 rank
+    a, b = curve(one), curve(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 4
+    stage_rows = [r for r in read_train_rows(tmp_path / "two" / TRAIN) if r["kind"] == "stage"]
+    assert [r["extra"]["data_parallel_ranks"] for r in stage_rows] == [2, 2]  # each rank took half of each batch
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def one_line(capsys, argv: list[str], text: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and text in err[0], err
+
+
+def test_bad_input_is_one_line(capsys, tmp_path):
+    base = ["distill", "--model", "tiny-random-llama", "--seq", "128", "--stage1-tokens", "1k", "--stage2-tokens",
+            "1k", "--batch", "2", "--out", str(tmp_path)]  # fmt: skip
+    one_line(capsys, [*base, "--variants", "head:7"], "bad variant")
+    one_line(capsys, [*base, "--variants", "head:7:1:selected"], "needs --head-map")
+    one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "none.txt")], "no data at")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "empty.jsonl")], "holds no text")
+    one_line(capsys, [*base, "--variants", "head:3:1", "--seq", "9000"], "longer than")
+    one_line(capsys, [*base, "--variants", "head:3:1", "--stage1-tokens", "0", "--stage2-tokens", "0"], "zero tokens")
+    assert main_ok(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--stop-after", "1"])
+    one_line(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--lr-new", "0.01"], "another recipe")
+
+
+def main_ok(capsys, argv: list[str]) -> bool:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    capsys.readouterr()
+    return exit_.value.code == 0
+
+
+def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teacher, capsys):
+    text = tmp_path / "text.jsonl"
+    text.write_text(
+        "\n".join(json.dumps({"text": f"Line {i}: plain prose about kettles and kites."}) for i in range(200))
+    )
+    result = cli("distill", "--model", "tiny-random-llama", "--variants", "head:3:1,layer:3:1", "--stage1-tokens",
+                 "20k", "--stage2-tokens", "20k", "--seq", "128", "--data", str(text), "--out", str(tmp_path),
+                 "--run", "d", timeout=180)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "d"
+    assert json.loads((run / "recipe.json").read_text())["variants"] == ["head:3:1", "layer:3:1"]
+    assert (run / "env.json").exists() and "mixed with the generated retrieval stream" in result.stdout
+    rows = read_train_rows(run / TRAIN)
+    assert {(r["variant"], r["stage"]) for r in rows if r["kind"] == "stage"} == {
+        (v, s) for v in ("head:3:1", "layer:3:1") for s in (1, 2)
+    }
+    assert {"variant", "stage", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    # the student as `hhbench eval` builds it is the trained model
+    variant = parse_variant(f"head:3:1@{run}")
+    assert variant.label == "head:3:1@d" and variant.base_label == "head:3:1"
+    model, plan = VariantModels(teacher, EvalSettings(model="x", limit=0, gdn_backend="torch-recurrent")).build(variant)
+    assert model.hhbench_student["tokens_trained"] == 2 * 10 * 16 * 128
+    fresh, _ = VariantModels(teacher, EvalSettings(model="x", limit=0)).build(parse_variant("head:3:1"))
+    gammas = [(n, p) for n, p in model.named_parameters() if n.endswith("head_gamma")]
+    assert any(not torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in gammas)
+    ev = cli("eval", "--model", "tiny-random-llama", "--variants", f"layer:3:1,layer:3:1@{run}", "--tasks", "passkey",
+             "--lengths", "256", "--limit", "2", "--out", str(tmp_path), "--run", "d", timeout=240, env=ONE_THREAD)  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    (student,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if "@d" in line]
+    assert student["status"] == "ok" and student["extra"]["tokens_trained"] == 2 * 10 * 16 * 128
+    assert "layer:3:1@d" in ev.stdout
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["table", str(run)])
+    table = capsys.readouterr().out
+    assert exit_.value.code == 0 and "layer:3:1@d" in table and "±" in table  # intervals from the samples
+    from hhbench.report.page import build_report
+    from hhbench.rows.sources import load_runs
+
+    page = build_report(load_runs([run]))
+    assert {f.slug for f in page.figures} >= {"training", "quality"}
