@@ -161,7 +161,7 @@ def test_timing_policy_bounds_the_samples():
         (["--contexts", "4q"], "bad context '4q'"),
         (["--scopes", "galaxy"], "unknown scope 'galaxy'"),
         (["--mode", "parallel"], "unknown mode 'parallel'"),
-        (["--out", "/proc/version/x"], "cannot write results"),
+        (["--out", "/proc/version/x"], "/proc/version is a file, not a folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cli, args, message):

@@ -2,7 +2,6 @@
 
 import re
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hhbench.cli.app import app
 from hhbench.errors import UserError
+from hhbench.files import run_folder
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, markdown_table
 
@@ -122,7 +122,7 @@ def sweep(
         name, points, policy = chosen.name, chosen.points, chosen.policy
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v >= 0}})
-    run_dir = RunDir(Path(out) / (run or default_run_name(name, where))).create()
+    run_dir = RunDir(run_folder(out, run or default_run_name(name, where))).create()
     # Started at the first finished point, so that set-up errors stay one line on stderr.
     progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
