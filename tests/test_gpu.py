@@ -3,6 +3,7 @@ references. CI has no GPU, so these skip there; they run on the device machine (
 
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -116,3 +117,18 @@ def test_split_kv_decode_on_the_flash_kernel_matches_math_sdpa(segments):
     k, v = (torch.randn(1, 32768 + 5, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     expected = registry.get("sdpa-math", registry.FA).decode(q.float(), k.float(), v.float())
     assert rel(split_kv_decode(q, k, v, segments), expected) < 1e-2
+
+
+def test_crosscheck_says_how_many_points_it_checked(tmp_path):
+    from inprocess import run_main
+
+    args = ["sweep", "--models", "tiny", "--layouts", "head", "--ratios", "3:1", "--contexts", "64", "--device",
+            "cuda", "--mode", "sequential,streams", "--target-ms", "2", "--min-reps", "2", "--out", str(tmp_path)]  # fmt: skip
+    result = run_main(*args, "--crosscheck", "1")
+    assert result.returncode == 0, result.stderr
+    # a 64-token kernel step is far below the 2 ms a crosscheck needs: none ran, and the output says so
+    assert "crosschecked 0 of the 1 points asked" in result.stderr
+    assert {row["mode"] for row in map(json.loads, next(tmp_path.iterdir()).joinpath("rows.jsonl").open())} == {
+        "sequential",
+        "streams",
+    }

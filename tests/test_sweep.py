@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from inprocess import run_main
 
 from hhbench.measure.timing import TimingPolicy, time_callable
 from hhbench.plan.grid import grid_points, load_suite
@@ -161,6 +162,15 @@ def test_timing_policy_bounds_the_samples():
         (["--contexts", "4q"], "bad context '4q'"),
         (["--scopes", "galaxy"], "unknown scope 'galaxy'"),
         (["--mode", "parallel"], "unknown mode 'parallel'"),
+        (
+            ["--mode", "sequential,streams"],
+            "mode streams runs the two backends on two CUDA streams, and this run is on cpu",
+        ),
+        (
+            ["--crosscheck", "1"],
+            "--crosscheck times points again with triton's do_bench on CUDA, and this run is on cpu",
+        ),
+        (["--crosscheck", "-1"], "--crosscheck must be >= 0"),
         (["--out", "/proc/version/x"], "/proc/version is a file, not a folder"),
     ],
 )
@@ -179,3 +189,12 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, message):
 def test_bad_suites(cli, args, message):
     result = cli("sweep", *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_suite_asking_for_streams_on_the_cpu_is_refused(tmp_path):
+    suite = tmp_path / "streams.toml"
+    suite.write_text('name = "s"\n[[grid]]\nmodels = ["tiny"]\nlayouts = ["head"]\nmodes = ["streams"]\n')
+    result = run_main("sweep", "--suite", str(suite), "--device", "cpu", "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "mode streams runs the two backends on two CUDA streams, and this run is on cpu" in result.stderr
+    assert not (tmp_path / "s-cpu").exists()

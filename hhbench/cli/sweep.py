@@ -99,11 +99,18 @@ def sweep(
 
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import dedupe, grid_points, load_suite
+    from hhbench.runner.measure import CROSSCHECK_MIN_MS
     from hhbench.runner.sweep import run_sweep
 
     where = pick_device(device)
     if threads < 0:
         raise UserError(f"--threads must be >= 0, got {threads}")
+    if crosscheck < 0:
+        raise UserError(f"--crosscheck must be >= 0, got {crosscheck}")
+    if crosscheck and where.type != "cuda":  # refused, not silently skipped
+        raise UserError(
+            f"--crosscheck times points again with triton's do_bench on CUDA, and this run is on {where.type}"
+        )
     if threads and where.type == "cpu":
         torch.set_num_threads(threads)
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
@@ -143,6 +150,12 @@ def sweep(
             progress.stop()
     typer.echo(summary(result.rows))
     typer.echo(f"\n{result.new} new rows, {result.skipped} already in {run_dir.rows_path}; env in {run_dir.env_path}")
+    if result.crosschecked < crosscheck:
+        print(
+            f"hhbench: crosschecked {result.crosschecked} of the {crosscheck} points asked: only new kernel-scope "
+            f"prefill and train points of at least {CROSSCHECK_MIN_MS:g} ms are",
+            file=sys.stderr,
+        )
     for failure in result.crosscheck_failures:
         print(f"hhbench: crosscheck beyond 5%: {failure}", file=sys.stderr)
     if result.crosscheck_failures:
