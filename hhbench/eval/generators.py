@@ -21,6 +21,8 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hhbench.models.tokens import encode
+
 NOISE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
 
 # Word lists for keys and for the essay-like filler (generated, so nothing needs to be downloaded).
@@ -221,6 +223,12 @@ def render(instruction: str, context: str, question: str, answer_prefix: str, to
 
 
 def count_tokens(tokenizer, text: str) -> int:
+    """A prompt's length as the model sees it: special tokens as the tokenizer adds them (hhbench.models.tokens)."""
+    return len(encode(tokenizer, text))
+
+
+def continuation_tokens(tokenizer, text: str) -> int:
+    """A continuation's length: lm-eval encodes it after its context, with no special tokens of its own."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -269,7 +277,7 @@ def generate(
             while counter == answer:
                 counter = number(other, len(answer))
             extra = {"control": text.replace(answer, counter), "continuation": " " + answer,
-                     "answer_tokens": count_tokens(tokenizer, " " + answer)}  # fmt: skip
+                     "answer_tokens": continuation_tokens(tokenizer, " " + answer)}  # fmt: skip
         docs.append(
             {
                 "index": index,

@@ -23,6 +23,7 @@ from hhbench.errors import UserError
 from hhbench.eval import generators
 from hhbench.models.convert import convert, teacher_head_rms
 from hhbench.models.loader import LoadedModel
+from hhbench.models.tokens import encode
 from hhbench.models.variants import Variant
 from hhbench.rows.schema import ERROR, OK, EvalRow
 
@@ -119,12 +120,12 @@ class EvalSettings:
 
 
 def calibration_ids(loaded: LoadedModel, length: int = 512, seed: int = 1234) -> torch.Tensor:
-    """Calibration tokens for gamma: essay-like filler from the task generators (not any evaluated sample)."""
+    """Calibration tokens for gamma [1, length]: essay-like filler from the task generators (not any evaluated
+    sample), tokenized as the evaluated prompts are (BOS where the tokenizer adds it)."""
     import random
 
     text = " ".join(generators.essay_filler(random.Random(seed), 4 * length))
-    ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :length]
-    return ids
+    return torch.tensor([encode(loaded.tokenizer, text)[:length]])  # special tokens as in evaluation
 
 
 class VariantModels:
