@@ -90,6 +90,7 @@ def eval_(
     )  # fmt: skip
     for variant in variant_list:  # bad head maps fail before hours of evaluation
         variant.plan(loaded.shape, settings.head_map)
+    runner.check_lengths(task_list, length_list, loaded.tokenizer, limit, seed, use_chat)
     if not run_dir.env_path.exists():
         run_dir.write_env(
             capture_env({"command": "hhbench eval", "started": datetime.datetime.now(datetime.UTC).isoformat()})

@@ -213,7 +213,9 @@ def evaluate_task(lm, task: TaskRef, length: int, settings: EvalSettings, tokeni
         }
         for s in samples[:3]
     ]
-    return {"metrics": metrics, "samples": len(samples), "examples": examples}
+    # each sample's prompt in the model's tokens, as lm-eval encoded it (a log-likelihood sample has two contexts)
+    prompt_tokens = [max(len(lm.tok_encode(request[0])) for request in s["arguments"]) for s in samples]
+    return {"metrics": metrics, "samples": len(samples), "examples": examples, "prompt_tokens": prompt_tokens}
 
 
 @contextlib.contextmanager
@@ -317,10 +319,24 @@ def eval_rows(
     if result is None:
         return [EvalRow(metric=generators.primary_metric(task.name), status=ERROR, reason=error, extra=extra, **common)]
     extra["examples"] = result["examples"]
+    tokens = result["prompt_tokens"]
+    status, reason = OK, ""
+    if tokens and max(tokens) > length:  # the row would claim a context its prompts exceed
+        status, reason = ERROR, f"prompts of up to {max(tokens)} tokens exceed the context {length}"
     rows = []
     for metric, (value, stderr) in result["metrics"].items():
         rows.append(
-            EvalRow(metric=metric, value=value, stderr=stderr, samples=result["samples"], extra=extra, **common)
+            EvalRow(
+                metric=metric,
+                value=value,
+                stderr=stderr,
+                samples=result["samples"],
+                prompt_tokens=tokens,
+                status=status,
+                reason=reason,
+                extra=extra,
+                **common,
+            )  # fmt: skip
         )
     return rows
 
@@ -374,6 +390,19 @@ def write_combination(eval_path: Path, rows: list[EvalRow]) -> None:
     temporary = eval_path.with_suffix(".tmp")
     RowSet([*kept, *rows]).to_jsonl(temporary)
     os.replace(temporary, eval_path)
+
+
+def check_lengths(tasks: list[TaskRef], lengths: list[int], tokenizer, limit: int, seed: int, chat: bool) -> None:
+    """A length below what one of hhbench's tasks needs for its fixed text (instruction, needles, question, answer
+    prefix, chat template) is refused, naming the minimum, before anything is evaluated."""
+    for task in (t for t in tasks if t.own):
+        for length in lengths:
+            need = generators.fixed_tokens(task.name, tokenizer, length, limit, seed, chat)
+            if need > length:
+                raise UserError(
+                    f"length {length} is too short for {task.name}: its fixed text (instruction, needles, question"
+                    f"{', chat template' if chat else ''}) takes {need} tokens; use at least {need}"
+                )
 
 
 def run_eval(
