@@ -336,7 +336,7 @@ def eval_rows(
                 reason=reason,
                 extra=extra,
                 **common,
-            )  # fmt: skip
+            )
         )
     return rows
 
