@@ -132,3 +132,17 @@ def test_crosscheck_says_how_many_points_it_checked(tmp_path):
         "sequential",
         "streams",
     }
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_cuda_timing_warms_up_until_settled_and_samples_within_the_policy(graph):
+    from hhbench.measure.timing import TimingPolicy, settled, time_callable
+
+    a = torch.randn(2048, 2048, device="cuda")
+    policy = TimingPolicy(warmup_ms=5, target_ms=20, min_reps=5, max_reps=60, graph=graph)
+    timing = time_callable(lambda: a @ a, torch.device("cuda"), policy)
+    assert 5 <= len(timing.samples_ms) <= 60 and timing.timer == ("cuda-graph" if graph else "cuda-events")
+    assert "L2 flushed by a read before each sample" in timing.notes
+    assert not any("had not settled" in note for note in timing.notes)
+    assert timing.percentile(0.1) <= timing.median_ms <= timing.percentile(0.9)
+    assert len(timing.samples_ms) < 10 or settled(timing.samples_ms)
