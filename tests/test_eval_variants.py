@@ -89,6 +89,11 @@ def test_comparison_against_layer_3_1():
     assert "against layer:3:1" in table
     assert "| passkey | acc | 1k | 1.000 (+0.700) | 0.500 (+0.200) | 0.300 | error |" in table
     assert comparison_table([]) == "(no eval rows)"
+    without = comparison_table([r for r in rows if r.variant != "layer:3:1"])
+    assert "against" not in without and "(layer:3:1 not run: no deltas)" in without
+    assert "| passkey | acc | 1k | 1.000 | 0.500 | error |" in without
+    # a baseline run at one length only: named, with deltas only where it has a score
+    assert "against layer:3:1" in comparison_table(rows[:5])
 
 
 def test_loglikelihood_tasks_compare_on_retrieval_gain():

@@ -3,6 +3,7 @@ references. CI has no GPU, so these skip there; they run on the device machine (
 
 import copy
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -306,3 +307,32 @@ def test_distillation_on_the_gpu_trains_in_bf16_on_fla_kernels(tmp_path):
         losses = [r["loss"] for r in rows if r["stage"] == stage and r["kind"] == "step"]
         assert len(losses) == 20 and all(map(lambda v: v == v, losses))
         assert sum(losses[-3:]) < sum(losses[:3]), (stage, losses)
+
+
+def test_crosscheck_says_how_many_points_it_checked(tmp_path):
+    from inprocess import run_main
+
+    args = ["sweep", "--models", "tiny", "--layouts", "head", "--ratios", "3:1", "--contexts", "64", "--device",
+            "cuda", "--mode", "sequential,streams", "--target-ms", "2", "--min-reps", "2", "--out", str(tmp_path)]  # fmt: skip
+    result = run_main(*args, "--crosscheck", "1")
+    assert result.returncode == 0, result.stderr
+    # a 64-token kernel step is far below the 2 ms a crosscheck needs: none ran, and the output says so
+    assert "crosschecked 0 of the 1 points asked" in result.stderr
+    assert {row["mode"] for row in map(json.loads, next(tmp_path.iterdir()).joinpath("rows.jsonl").open())} == {
+        "sequential",
+        "streams",
+    }
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_cuda_timing_warms_up_until_settled_and_samples_within_the_policy(graph):
+    from hhbench.measure.timing import TimingPolicy, settled, time_callable
+
+    a = torch.randn(2048, 2048, device="cuda")
+    policy = TimingPolicy(warmup_ms=5, target_ms=20, min_reps=5, max_reps=60, graph=graph)
+    timing = time_callable(lambda: a @ a, torch.device("cuda"), policy)
+    assert 5 <= len(timing.samples_ms) <= 60 and timing.timer == ("cuda-graph" if graph else "cuda-events")
+    assert "L2 flushed by a read before each sample" in timing.notes
+    assert not any("had not settled" in note for note in timing.notes)
+    assert timing.percentile(0.1) <= timing.median_ms <= timing.percentile(0.9)
+    assert len(timing.samples_ms) < 10 or settled(timing.samples_ms)

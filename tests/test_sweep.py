@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from inprocess import run_main
 
 from hhbench.bench.floor import floor_layers, floor_parts
 from hhbench.measure.timing import TimingPolicy, time_callable
@@ -163,7 +164,16 @@ def test_timing_policy_bounds_the_samples():
         (["--contexts", "4q"], "bad context '4q'"),
         (["--scopes", "galaxy"], "unknown scope 'galaxy'"),
         (["--mode", "parallel"], "unknown mode 'parallel'"),
-        (["--out", "/proc/version/x"], "cannot write results"),
+        (
+            ["--mode", "sequential,streams"],
+            "mode streams runs the two backends on two CUDA streams, and this run is on cpu",
+        ),
+        (
+            ["--crosscheck", "1"],
+            "--crosscheck times points again with triton's do_bench on CUDA, and this run is on cpu",
+        ),
+        (["--crosscheck", "-1"], "--crosscheck must be >= 0"),
+        (["--out", "/proc/version/x"], "/proc/version is a file, not a folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cli, args, message):
@@ -257,3 +267,12 @@ def test_no_floor_flag(cli, tmp_path):
     assert row["status"] == "ok" and row["floor_ms"] is None and row["vs_floor"] is None
     env = json.loads((tmp_path / "bare" / "env.json").read_text())
     assert env["auto"]["gdn/prefill"] == ["torch-chunk"] and "flash-qla" in env["versions"]
+
+
+def test_a_suite_asking_for_streams_on_the_cpu_is_refused(tmp_path):
+    suite = tmp_path / "streams.toml"
+    suite.write_text('name = "s"\n[[grid]]\nmodels = ["tiny"]\nlayouts = ["head"]\nmodes = ["streams"]\n')
+    result = run_main("sweep", "--suite", str(suite), "--device", "cpu", "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "mode streams runs the two backends on two CUDA streams, and this run is on cpu" in result.stderr
+    assert not (tmp_path / "s-cpu").exists()

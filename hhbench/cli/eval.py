@@ -8,6 +8,7 @@ import typer
 
 from hhbench.cli.app import app
 from hhbench.errors import UserError
+from hhbench.files import run_folder
 from hhbench.spec.units import parse_count, split_list
 
 Opt = typer.Option
@@ -77,8 +78,7 @@ def eval_(
     runner.quiet_logs()
     runner.check_tasks(task_list)
     run_name = run or f"eval-{Path(model).name}"
-    run_dir = RunDir(Path(out) / run_name)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(run_folder(out, run_name)).create()
     fingerprint = runner.EvalSettings(model="", limit=limit, seed=seed, dtype=dtype, run=run_name)
     if run_dir.eval_path.exists():  # rows made with other settings: said before the model loads
         runner.check_resumable(read_rows(run_dir.eval_path, kind=EvalRow), fingerprint, chat)
@@ -99,6 +99,7 @@ def eval_(
                 raise UserError(f"no student {variant.base_label} in {variant.checkpoint} (run hhbench distill first)")
         else:
             variant.plan(loaded.shape, settings.head_map)
+    runner.check_lengths(task_list, length_list, loaded.tokenizer, limit, seed, use_chat)
     if not run_dir.env_path.exists():
         run_dir.write_env(
             capture_env({"command": "hhbench eval", "started": datetime.datetime.now(datetime.UTC).isoformat()})

@@ -16,7 +16,12 @@ from hhbench.rows.sources import Run, load_run
 def gate_command(
     baseline: Annotated[str, typer.Argument(help="Baseline run folder or rows JSON-lines file.")],
     candidate: Annotated[str, typer.Argument(help="Candidate run folder or rows JSON-lines file.")],
-    max_slowdown: Annotated[str, typer.Option(help="Latency slowdown allowed beyond the noise: 5% or 0.05.")] = "5%",
+    max_slowdown: Annotated[
+        str,
+        typer.Option(
+            help="Smallest latency slowdown (median) that fails, when the samples' test finds it: 5% or 0.05."
+        ),
+    ] = "5%",
     metrics: Annotated[str, typer.Option(help=f"What to gate, comma-separated: {', '.join(METRICS)}.")] = ",".join(
         METRICS
     ),

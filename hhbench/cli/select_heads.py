@@ -58,6 +58,7 @@ def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, len
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hhbench.models.loader import load_model
+    from hhbench.models.tokens import special_prefix
     from hhbench.select.probes import make_probes
     from hhbench.select.scores import COMBINE, score_model
 
@@ -68,8 +69,13 @@ def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, len
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and max(lengths) > limit:
         raise UserError(f"length {max(lengths)} exceeds the model's {limit} positions")
+    # pieces encoded alone, the prompt's special tokens (BOS where the tokenizer adds it) in front, as evaluated
     probe_list = make_probes(
-        lambda text: loaded.tokenizer.encode(text, add_special_tokens=False), lengths, probes, seed
+        lambda text: loaded.tokenizer.encode(text, add_special_tokens=False),
+        lengths,
+        probes,
+        seed,
+        special_prefix(loaded.tokenizer),
     )
     loaded_at = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

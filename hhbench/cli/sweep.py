@@ -3,7 +3,6 @@
 import dataclasses
 import re
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hhbench.cli.app import app
 from hhbench.errors import UserError
+from hhbench.files import run_folder
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, markdown_table
 from hhbench.spec.units import parse_count, split_list
@@ -113,12 +113,17 @@ def sweep(
 
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import dedupe, grid_points, load_suite
+    from hhbench.runner.measure import CROSSCHECK_MIN_MS
     from hhbench.runner.sweep import run_sweep
 
     where = pick_device(device)
     set_cpu_threads(threads, where)
     if crosscheck < 0:
         raise UserError(f"--crosscheck must be >= 0, got {crosscheck}")
+    if crosscheck and where.type != "cuda":  # refused, not silently skipped
+        raise UserError(
+            f"--crosscheck times points again with triton's do_bench on CUDA, and this run is on {where.type}"
+        )
     flags = {"models": models, "set": set_, "layouts": layouts, "ratios": ratios, "contexts": contexts,
              "batch": [parse_count(b, "batch") for b in split_list(batch)] or None, "passes": passes,
              "scopes": [s for s in scopes.split(",") if s] if scopes else None,
@@ -137,7 +142,7 @@ def sweep(
         points = [dataclasses.replace(point, floor=False) for point in points]
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    run_dir = RunDir(Path(out) / (run or default_run_name(name, where))).create()
+    run_dir = RunDir(run_folder(out, run or default_run_name(name, where))).create()
     # Started at the first finished point, so that set-up errors stay one line on stderr.
     progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -158,6 +163,12 @@ def sweep(
             progress.stop()
     typer.echo(summary(result.rows))
     typer.echo(f"\n{result.new} new rows, {result.skipped} already in {run_dir.rows_path}; env in {run_dir.env_path}")
+    if result.crosschecked < crosscheck:
+        print(
+            f"hhbench: crosschecked {result.crosschecked} of the {crosscheck} points asked: only new kernel-scope "
+            f"prefill and train points of at least {CROSSCHECK_MIN_MS:g} ms are",
+            file=sys.stderr,
+        )
     for failure in result.crosscheck_failures:
         print(f"hhbench: crosscheck beyond 5%: {failure}", file=sys.stderr)
     if result.crosscheck_failures:

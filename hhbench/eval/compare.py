@@ -71,7 +71,8 @@ def _nan(value) -> bool:
 
 def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str | None = None) -> str:
     """Wide markdown: a line per (task, context), a column per variant (in the order first seen) holding
-    'value (delta vs baseline)'; the baseline's own column holds its value."""
+    'value (delta vs baseline)'; the baseline's own column holds its value. The header names the baseline only
+    where it was run."""
     frame = comparison_frame(rows, baseline, metric)
     if frame.empty:
         return "(no eval rows)"
@@ -90,8 +91,9 @@ def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
     if len(models) == 1:
         table = table.drop(columns=["model"])
     which = metric or "each task's metric (acc, and retrieval_gain in nats per answer token: higher is better)"
-    return (f"{which} per task and context; ± the 95% interval (1.96 stderr) where rows have a stderr; (delta) "
-            f"against {baseline}\n\n" + markdown_table(table))  # fmt: skip
+    against = f"; (delta) against {baseline}" if baseline in variants else f" ({baseline} not run: no deltas)"
+    return (f"{which} per task and context; ± the 95% interval (1.96 stderr) where rows have a stderr{against}\n\n"
+            + markdown_table(table))  # fmt: skip
 
 
 def _cell(record, is_baseline: bool) -> str:

@@ -21,6 +21,8 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hhbench.models.tokens import encode
+
 NOISE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
 
 # Word lists for keys and for the essay-like filler (generated, so nothing needs to be downloaded).
@@ -221,6 +223,12 @@ def render(instruction: str, context: str, question: str, answer_prefix: str, to
 
 
 def count_tokens(tokenizer, text: str) -> int:
+    """A prompt's length as the model sees it: special tokens as the tokenizer adds them (hhbench.models.tokens)."""
+    return len(encode(tokenizer, text))
+
+
+def continuation_tokens(tokenizer, text: str) -> int:
+    """A continuation's length: lm-eval encodes it after its context, with no special tokens of its own."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -239,19 +247,17 @@ def _fill(parts: Parts, rng: random.Random, n: int, depths: list[float], words: 
 def generate(
     task: str, tokenizer, length: int, samples: int, seed: int = 0, chat: bool = False, start: int = 0
 ) -> list[dict]:
-    """`samples` docs of `task` with prompts of at most `length` tokens (and within 2% under it)."""
+    """`samples` docs of `task` with prompts of at most `length` tokens (and within 2% under it). ValueError where
+    a sample's fixed text alone (see fixed_tokens) exceeds `length`."""
     spec = TASKS[task]
     docs = []
     for index in range(start, start + samples):
-        rng = random.Random(f"{spec.base or task}:{length}:{seed}:{index}")
-        parts = spec.make(rng)
-        depths = sorted(rng.random() for _ in parts.needles)
-        fill_seed = rng.random()
-
-        def prompt(n: int, words: int = 0, parts=parts, depths=depths, fill_seed=fill_seed) -> str:
-            context = _fill(parts, random.Random(fill_seed), n, depths, words)
-            return render(parts.instruction, context, parts.question, parts.answer_prefix, tokenizer, chat)
-
+        parts, fill_seed, prompt = _sample(task, tokenizer, length, seed, chat, index)
+        fixed = count_tokens(tokenizer, prompt(0))
+        if fixed > length:
+            raise ValueError(
+                f"{task} sample {index}: its fixed text takes {fixed} tokens, more than the length {length}"
+            )
         n = _largest_fitting(lambda n, prompt=prompt: count_tokens(tokenizer, prompt(n)), length)
         next_words = len(parts.filler(random.Random(fill_seed), n + 1)[n].split())
         words = _largest_fitting(
@@ -269,7 +275,7 @@ def generate(
             while counter == answer:
                 counter = number(other, len(answer))
             extra = {"control": text.replace(answer, counter), "continuation": " " + answer,
-                     "answer_tokens": count_tokens(tokenizer, " " + answer)}  # fmt: skip
+                     "answer_tokens": continuation_tokens(tokenizer, " " + answer)}  # fmt: skip
         docs.append(
             {
                 "index": index,
@@ -283,6 +289,28 @@ def generate(
             }
         )
     return docs
+
+
+def _sample(task: str, tokenizer, length: int, seed: int, chat: bool, index: int):
+    """Sample `index` of (task, length, seed): its parts, the seed of its filler, and prompt(n, words), its prompt
+    with n filler sentences and `words` words of one more."""
+    spec = TASKS[task]
+    rng = random.Random(f"{spec.base or task}:{length}:{seed}:{index}")
+    parts = spec.make(rng)
+    depths = sorted(rng.random() for _ in parts.needles)
+    fill_seed = rng.random()
+
+    def prompt(n: int, words: int = 0) -> str:
+        context = _fill(parts, random.Random(fill_seed), n, depths, words)
+        return render(parts.instruction, context, parts.question, parts.answer_prefix, tokenizer, chat)
+
+    return parts, fill_seed, prompt
+
+
+def fixed_tokens(task: str, tokenizer, length: int, samples: int, seed: int = 0, chat: bool = False) -> int:
+    """The most tokens the fixed text of one of the `samples` samples at `length` takes (instruction, needles,
+    question, answer prefix, chat template; no filler): below it, a prompt cannot be made to fit."""
+    return max(count_tokens(tokenizer, _sample(task, tokenizer, length, seed, chat, i)[2](0)) for i in range(samples))
 
 
 def _largest_fitting(size: Callable[[int], int], target: int) -> int:

@@ -13,6 +13,7 @@ import io
 import logging
 import re
 import time
+import unittest.mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hhbench.errors import UserError
 from hhbench.eval import generators
 from hhbench.models.convert import convert, teacher_head_rms
 from hhbench.models.loader import LoadedModel
+from hhbench.models.tokens import encode
 from hhbench.models.variants import Variant
 from hhbench.rows.schema import ERROR, OK, EvalRow
 
@@ -118,12 +120,12 @@ class EvalSettings:
 
 
 def calibration_ids(loaded: LoadedModel, length: int = 512, seed: int = 1234) -> torch.Tensor:
-    """Calibration tokens for gamma: essay-like filler from the task generators (not any evaluated sample)."""
+    """Calibration tokens for gamma [1, length]: essay-like filler from the task generators (not any evaluated
+    sample), tokenized as the evaluated prompts are (BOS where the tokenizer adds it)."""
     import random
 
     text = " ".join(generators.essay_filler(random.Random(seed), 4 * length))
-    ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :length]
-    return ids
+    return torch.tensor([encode(loaded.tokenizer, text)[:length]])  # special tokens as in evaluation
 
 
 class VariantModels:
@@ -180,7 +182,7 @@ def evaluate_task(lm, task: TaskRef, length: int, settings: EvalSettings, tokeni
         "hh_chat": settings.chat,
     }
     manager = task_manager(task, metadata)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), no_downloads(), quiet_git():
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=[task.lm_eval_name],
@@ -219,7 +221,43 @@ def evaluate_task(lm, task: TaskRef, length: int, settings: EvalSettings, tokeni
         }
         for s in samples[:3]
     ]
-    return {"metrics": metrics, "samples": len(samples), "examples": examples}
+    # each sample's prompt in the model's tokens, as lm-eval encoded it (a log-likelihood sample has two contexts)
+    prompt_tokens = [max(len(lm.tok_encode(request[0])) for request in s["arguments"]) for s in samples]
+    return {"metrics": metrics, "samples": len(samples), "examples": examples, "prompt_tokens": prompt_tokens}
+
+
+@contextlib.contextmanager
+def no_downloads():
+    """nltk.download refused for the duration: lm-eval's RULER tasks call nltk.download("punkt_tab") when they
+    are imported and nltk lacks it, and nothing may download at run time (not even try, offline). What then
+    needs punkt (RULER's essay haystacks) fails on its own rows with nltk's LookupError."""
+    try:
+        import nltk
+    except ImportError:
+        yield
+        return
+    with unittest.mock.patch.object(nltk, "download", lambda *args, **kwargs: False):
+        yield
+
+
+@contextlib.contextmanager
+def quiet_git():
+    """lm-eval records `git describe` of the working folder with git's stderr left on the terminal: outside a
+    checkout every evaluation printed "fatal: not a git repository". The same call, with that stderr dropped
+    (hhbench records its own commit in env.json)."""
+    import subprocess
+
+    from lm_eval import evaluator
+
+    def describe() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+    with unittest.mock.patch.object(evaluator, "get_git_commit_hash", describe):
+        yield
 
 
 def sample_stderr(values: list[float]) -> float | None:
@@ -292,10 +330,24 @@ def eval_rows(
     if result is None:
         return [EvalRow(metric=generators.primary_metric(task.name), status=ERROR, reason=error, extra=extra, **common)]
     extra["examples"] = result["examples"]
+    tokens = result["prompt_tokens"]
+    status, reason = OK, ""
+    if tokens and max(tokens) > length:  # the row would claim a context its prompts exceed
+        status, reason = ERROR, f"prompts of up to {max(tokens)} tokens exceed the context {length}"
     rows = []
     for metric, (value, stderr) in result["metrics"].items():
         rows.append(
-            EvalRow(metric=metric, value=value, stderr=stderr, samples=result["samples"], extra=extra, **common)
+            EvalRow(
+                metric=metric,
+                value=value,
+                stderr=stderr,
+                samples=result["samples"],
+                prompt_tokens=tokens,
+                status=status,
+                reason=reason,
+                extra=extra,
+                **common,
+            )
         )
     return rows
 
@@ -325,6 +377,45 @@ def now() -> float:
     return time.perf_counter()
 
 
+def shorten(text: str, width: int = 100) -> str:
+    """A reason on one line of at most `width` characters (the whole of it stays in eval.jsonl)."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def write_combination(eval_path: Path, rows: list[EvalRow]) -> None:
+    """A combination's rows, appended and fsynced; where the file already holds rows of that combination (a
+    failed attempt being run again), the file is rewritten without them, atomically (a kill leaves the old file
+    or the new one), so that a rerun replaces its rows instead of adding a second set."""
+    import os
+
+    from hhbench.rows.schema import RowSet, append_row, read_rows
+
+    combination = {(row.model, row.variant, row.task, row.context) for row in rows}
+    old = read_rows(eval_path, kind=EvalRow) if eval_path.exists() else RowSet()
+    if not any((row.model, row.variant, row.task, row.context) in combination for row in old):
+        for row in rows:
+            append_row(eval_path, row)
+        return
+    kept = RowSet(row for row in old if (row.model, row.variant, row.task, row.context) not in combination)
+    temporary = eval_path.with_suffix(".tmp")
+    RowSet([*kept, *rows]).to_jsonl(temporary)
+    os.replace(temporary, eval_path)
+
+
+def check_lengths(tasks: list[TaskRef], lengths: list[int], tokenizer, limit: int, seed: int, chat: bool) -> None:
+    """A length below what one of hhbench's tasks needs for its fixed text (instruction, needles, question, answer
+    prefix, chat template) is refused, naming the minimum, before anything is evaluated."""
+    for task in (t for t in tasks if t.own):
+        for length in lengths:
+            need = generators.fixed_tokens(task.name, tokenizer, length, limit, seed, chat)
+            if need > length:
+                raise UserError(
+                    f"length {length} is too short for {task.name}: its fixed text (instruction, needles, question"
+                    f"{', chat template' if chat else ''}) takes {need} tokens; use at least {need}"
+                )
+
+
 def run_eval(
     loaded: LoadedModel,
     variants: list[Variant],
@@ -336,7 +427,7 @@ def run_eval(
 ) -> None:
     """Every (task, length, variant) not yet in eval_path, task by task so that a stopped run leaves whole
     comparison rows; each finished combination's rows are appended (and fsynced) at once."""
-    from hhbench.rows.schema import append_row, read_rows
+    from hhbench.rows.schema import read_rows
 
     done = done_keys(read_rows(eval_path, repair=True, kind=EvalRow), settings) if eval_path.exists() else set()
     builder = VariantModels(loaded, settings)
@@ -365,10 +456,12 @@ def run_eval(
                 rows = eval_rows(
                     variant, plan, task, length, settings, result, error, seconds, settings.device, student
                 )
-                for row in rows:
-                    append_row(eval_path, row)
+                write_combination(eval_path, rows)
                 primary = next((r for r in rows if r.metric == generators.primary_metric(task.name)), rows[0])
                 shown = f"{primary.value:.3f}" if primary.value is not None else primary.status
-                echo(f"{variant.label:>20} {task.name:>14} {length:>6}: {primary.metric}={shown} ({seconds:.0f} s)")
+                why = f": {shorten(primary.reason)}" if primary.reason else ""
+                echo(
+                    f"{variant.label:>20} {task.name:>14} {length:>6}: {primary.metric}={shown} ({seconds:.0f} s){why}"
+                )
                 if model is not loaded.model:
                     free(model)

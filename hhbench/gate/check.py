@@ -5,14 +5,16 @@
 - presence: every baseline row must be in the candidate; new rows are listed;
 - status: a row whose status changed fails unless it became ok; rows already `incorrect` in the baseline are
   listed, not failed (the gate finds regressions; the baseline recorded that defect on purpose);
-- latency: a row is slower only when its median exceeds the baseline's by more than --max-slowdown AND the two
-  noise bands do not overlap (candidate p10 above baseline p90); faster rows, by the mirror rule, are listed.
+- latency: a row is slower only when its median exceeds the baseline's by more than --max-slowdown (the minimum
+  effect size) AND its repeated samples are slower than the baseline's by a one-sided Mann-Whitney U test (as asv
+  does) at p < ALPHA / (rows tested) (Bonferroni: a gate of two runs of one distribution fails by chance at most
+  ALPHA of the time); faster rows, by the mirror rule, are listed. A row whose sample counts cannot reach that
+  p even when every sample of one run is slower than every sample of the other is listed as not tested.
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
-
-import numpy as np
 
 from hhbench.errors import UserError
 from hhbench.files import open_output
@@ -22,6 +24,7 @@ from hhbench.spec.units import format_count, split_list
 METRICS = ("flops", "memory", "presence", "status", "latency")
 FLOPS_FIELDS = tuple(f.name for f in fields(Row) if f.name.startswith("flops_"))
 MEMORY_FIELDS = ("kv_cache_bytes", "state_bytes", "weight_bytes", "bytes_moved")
+ALPHA = 0.01  # family-wise false-alarm rate of the latency test, over all the rows one gate tests
 
 
 @dataclass
@@ -45,6 +48,8 @@ class GateReport:
     new_rows: list[str] = field(default_factory=list)
     missing_not_gated: list[str] = field(default_factory=list)  # missing rows while presence is not gated
     still_incorrect: list[Finding] = field(default_factory=list)  # incorrect in the baseline and the candidate
+    latency_untested: list[str] = field(default_factory=list)  # too few samples for the latency test
+    alpha: float = ALPHA
 
     @property
     def passed(self) -> bool:
@@ -64,8 +69,13 @@ class GateReport:
         lines = [
             f"# Gate: {self.candidate} against {self.baseline}",
             "",
-            f"{verdict}: {self.compared} rows compared on {', '.join(self.metrics)}; "
-            f"max slowdown {self.max_slowdown:.1%} beyond the p10-p90 noise.",
+            f"{verdict}: {self.compared} rows compared on {', '.join(self.metrics)}"
+            + (
+                f"; latency: a median more than {self.max_slowdown:.1%} slower and samples slower by a one-sided "
+                f"Mann-Whitney U test (p < {self.alpha:g} over the rows tested)."
+                if "latency" in self.metrics
+                else "."
+            ),
         ]
         if any(finding.check in ("flops", "memory") for finding in self.failures):
             lines.append(
@@ -76,6 +86,7 @@ class GateReport:
         lines += _section("Still incorrect, as in the baseline", self.still_incorrect)
         lines += _list("New rows (not in the baseline)", self.new_rows)
         lines += _list("Missing rows (presence not gated)", self.missing_not_gated)
+        lines += _list("Latency not tested (too few samples to reach the test's p)", self.latency_untested)
         return "\n".join(lines) + "\n"
 
 
@@ -160,6 +171,8 @@ def gate(
     else:
         report.missing_not_gated = missing
     report.new_rows = [describe(row) for key, row in cand.items() if key not in base]
+    if "latency" in metrics:
+        _latency(report, [(base[key], cand[key]) for key in common], max_slowdown)
     for key in common:
         old, new = base[key], cand[key]
         if "flops" in metrics:
@@ -168,8 +181,6 @@ def gate(
             report.failures += _exact("memory", old, new, MEMORY_FIELDS)
         if "status" in metrics:
             _status(report, old, new)
-        if "latency" in metrics:
-            _latency(report, old, new, max_slowdown)
     return report
 
 
@@ -197,25 +208,38 @@ def _status(report: GateReport, old: Row, new: Row) -> None:
         report.failures.append(finding)
 
 
-def noise_band(row: Row) -> tuple[float, float]:
-    """The row's p10-p90 latency band: as recorded, else from its repeated samples, else the median alone."""
-    if row.latency_p10_ms is not None and row.latency_p90_ms is not None:
-        return row.latency_p10_ms, row.latency_p90_ms
-    if len(row.samples_ms) >= 2:
-        low, high = np.percentile(row.samples_ms, [10, 90])
-        return float(low), float(high)
-    return row.latency_ms, row.latency_ms
+def least_p(n_old: int, n_new: int) -> float:
+    """The smallest one-sided Mann-Whitney U p-value two sample sets of these sizes can give (every sample of one
+    above every sample of the other): 1 / C(n_old + n_new, n_old)."""
+    return 1 / math.comb(n_old + n_new, n_old)
 
 
-def _latency(report: GateReport, old: Row, new: Row, max_slowdown: float) -> None:
-    if old.status != OK or new.status != OK or old.latency_ms is None or new.latency_ms is None:
-        return
-    (old_low, old_high), (new_low, new_high) = noise_band(old), noise_band(new)
-    change = new.latency_ms / old.latency_ms - 1
-    detail = f"{change:+.1%} median; bands {old_low:.4g}-{old_high:.4g} ms -> {new_low:.4g}-{new_high:.4g} ms"
-    if change > max_slowdown and new_low > old_high:
-        report.failures.append(Finding("latency", describe(new), "slower " + detail, old.latency_ms, new.latency_ms))
-    elif change < -max_slowdown and new_high < old_low:
-        report.improvements.append(
-            Finding("latency", describe(new), "faster " + detail, old.latency_ms, new.latency_ms)
-        )
+def _latency(report: GateReport, pairs: list[tuple[Row, Row]], max_slowdown: float) -> None:
+    from scipy.stats import (
+        mannwhitneyu,
+    )  # here: scipy.stats takes seconds to import, and every command loads this module
+
+    measured = [
+        (old, new)
+        for old, new in pairs
+        if old.status == OK and new.status == OK and old.latency_ms is not None and new.latency_ms is not None
+    ]
+    tested = sum(min(len(old.samples_ms), len(new.samples_ms)) >= 2 for old, new in measured)
+    threshold = report.alpha / max(tested, 1)
+    for old, new in measured:
+        n_old, n_new = len(old.samples_ms), len(new.samples_ms)
+        if min(n_old, n_new) < 2 or least_p(n_old, n_new) >= threshold:
+            report.latency_untested.append(f"{describe(new)} ({n_old} and {n_new} samples)")
+            continue
+        change = new.latency_ms / old.latency_ms - 1
+        slower = mannwhitneyu(new.samples_ms, old.samples_ms, alternative="greater").pvalue
+        faster = mannwhitneyu(new.samples_ms, old.samples_ms, alternative="less").pvalue
+        detail = f"{change:+.1%} median; Mann-Whitney U p={min(slower, faster):.2g} ({n_old} and {n_new} samples)"
+        if change > max_slowdown and slower < threshold:
+            report.failures.append(
+                Finding("latency", describe(new), "slower " + detail, old.latency_ms, new.latency_ms)
+            )
+        elif change < -max_slowdown and faster < threshold:
+            report.improvements.append(
+                Finding("latency", describe(new), "faster " + detail, old.latency_ms, new.latency_ms)
+            )

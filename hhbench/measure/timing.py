@@ -1,7 +1,9 @@
-"""Timing one callable the way METHOD.md asks: the first call (compile, JIT, autotune) timed on its own; warm-up;
-then repeated samples with CUDA events (or perf_counter on the CPU), L2 flushed (by a read) before each sample so short
-kernels are not timed out of a warm cache; optionally the callable captured in a CUDA graph and its replays
-timed (small decode steps are otherwise dominated by launch overhead). Median and p10/p90 of the samples."""
+"""Timing one callable the way METHOD.md asks: the first call (compile, JIT, autotune) timed on its own; warm-up
+until timings settle (bounded); then repeated samples, as many as the settled call time fits in the budget, with
+CUDA events (or perf_counter on the CPU), L2 flushed (by a read) before each sample so short kernels are not
+timed out of a warm cache; optionally the callable captured in a CUDA graph and its replays
+timed (small decode steps are otherwise dominated by launch overhead). Median and p10/p90 of the samples, settled
+ones only: a warm-up leftover at their start is dropped and taken again."""
 
 import dataclasses
 import math
@@ -17,7 +19,7 @@ from hhbench.errors import UserError
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    warmup_ms: float = 100.0  # warm-up budget after the first call
+    warmup_ms: float = 100.0  # warm-up budget after the first call; warm-up goes on (bounded) until timings settle
     target_ms: float = 1000.0  # total timed budget; the sample count follows from it
     min_reps: int = 10
     max_reps: int = 200
@@ -86,12 +88,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter; tests pass a fake one)
+
+# Warm-up has settled when the median of the last WINDOW calls is no more than SETTLE_TOLERANCE below the median
+# of the WINDOW calls before it (timings have stopped falling: JIT, autotune, caches and clocks have warmed up).
+WINDOW = 5
+SETTLE_TOLERANCE = 0.10
+WARMUP_BOUND = 10  # warm-up stops unsettled after this many times its budget (and after MAX_WARMUP_CALLS)
+MAX_WARMUP_CALLS = 1000
+
+
+def _timed_call(fn: Callable[[], object], device: torch.device, clock: Clock = time.perf_counter) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     _sync(device)
-    return (time.perf_counter() - start) * 1e3
+    return (clock() - start) * 1e3
 
 
 def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
@@ -107,24 +119,51 @@ def _capture(fn: Callable[[], object], device: torch.device) -> Callable[[], Non
     return graph.replay
 
 
-def time_callable(fn: Callable[[], object], device: torch.device, policy: TimingPolicy = TimingPolicy()) -> Timing:
-    compile_ms = _timed_call(fn, device)
-    notes = []
-    run = fn
-    timer = "perf_counter" if device.type != "cuda" else "cuda-events"
-    if policy.graph and device.type == "cuda":
-        run, timer = _capture(fn, device), "cuda-graph"
-    # Warm up for the budget, and learn how long one call takes to size the sample count.
-    warm, spent = 0, 0.0
-    while spent < policy.warmup_ms or warm < 2:
-        spent += _timed_call(run, device)
-        warm += 1
-        if warm >= 1000:
+def settled(times: list[float]) -> bool:
+    """Whether a series of call times (ms, in call order) has stopped falling: the median of its last WINDOW is
+    at least (1 - SETTLE_TOLERANCE) times the median of the WINDOW before. False with fewer than 2 * WINDOW."""
+    if len(times) < 2 * WINDOW:
+        return False
+    before, last = times[-2 * WINDOW : -WINDOW], times[-WINDOW:]
+    return statistics.median(last) >= (1 - SETTLE_TOLERANCE) * statistics.median(before)
+
+
+def transient(samples: list[float]) -> int:
+    """How many leading samples are a warm-up leftover: those before the first WINDOW whose median is within
+    SETTLE_TOLERANCE of the second half's median (the settled level), and any still above that band right
+    after it. 0 with fewer than 2 * WINDOW samples (too few to tell a transient from noise)."""
+    if len(samples) < 2 * WINDOW:
+        return 0
+    ceiling = (1 + SETTLE_TOLERANCE) * statistics.median(samples[len(samples) // 2 :])
+    first = next(
+        (k for k in range(len(samples) // 2) if statistics.median(samples[k : k + WINDOW]) <= ceiling),
+        len(samples) // 2,
+    )
+    while first < len(samples) // 2 and samples[first] > ceiling:
+        first += 1
+    return first
+
+
+def _warm_up(run: Callable[[], object], device: torch.device, policy: TimingPolicy, clock: Clock) -> list[float]:
+    """Call `run` for at least the warm-up budget, then on until its timings settle, at most WARMUP_BOUND times
+    the budget (and MAX_WARMUP_CALLS calls); the call times (ms)."""
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < MAX_WARMUP_CALLS:
+        times.append(_timed_call(run, device, clock))
+        spent += times[-1]
+        if (
+            spent >= policy.warmup_ms
+            and len(times) >= 2
+            and (settled(times) or spent >= WARMUP_BOUND * policy.warmup_ms)
+        ):
             break
-    per_call = max(spent / warm, 1e-3)
-    reps = int(min(policy.max_reps, max(policy.min_reps, policy.target_ms / per_call)))
+    return times
+
+
+def _sample(run: Callable[[], object], device: torch.device, reps: int, flush: bool, clock: Clock) -> list[float]:
+    """`reps` timed calls (ms): CUDA events around each (after an L2 flush when `flush`), else the clock."""
     if device.type == "cuda":
-        flush = policy.flush_l2
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
             if flush:
@@ -133,15 +172,49 @@ def time_callable(fn: Callable[[], object], device: torch.device, policy: Timing
             run()
             end.record()
         torch.cuda.synchronize(device)
-        samples = [start.elapsed_time(end) for start, end in events]
-        if flush:
-            notes.append("L2 flushed by a read before each sample")
-    else:
-        samples = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            run()
-            samples.append((time.perf_counter() - start) * 1e3)
+        return [start.elapsed_time(end) for start, end in events]
+    samples = []
+    for _ in range(reps):
+        start = clock()
+        run()
+        samples.append((clock() - start) * 1e3)
+    return samples
+
+
+def _reps(policy: TimingPolicy, per_call_ms: float) -> int:
+    return int(min(policy.max_reps, max(policy.min_reps, policy.target_ms / max(per_call_ms, 1e-3))))
+
+
+def time_callable(
+    fn: Callable[[], object],
+    device: torch.device,
+    policy: TimingPolicy = TimingPolicy(),
+    clock: Clock = time.perf_counter,
+) -> Timing:
+    """Times `fn` (see the module's doc): the first call alone, warm-up until timings settle, then samples sized
+    from the settled calls, and topped up where the settled samples say more fit the budget. Samples of a leftover
+    transient at their start (a warm-up that settled on a plateau) are dropped and taken again, so that median
+    and spread come from settled calls only; Timing.notes says when that happened or when the warm-up hit its
+    bound unsettled. `clock` (seconds) times the calls where CUDA events do not."""
+    compile_ms = _timed_call(fn, device, clock)
+    notes = []
+    run = fn
+    timer = "perf_counter" if device.type != "cuda" else "cuda-events"
+    if policy.graph and device.type == "cuda":
+        run, timer = _capture(fn, device), "cuda-graph"
+    flush = policy.flush_l2 and device.type == "cuda"
+    warm = _warm_up(run, device, policy, clock)
+    if len(warm) >= 2 * WINDOW and not settled(warm):
+        notes.append(f"timings had not settled when warm-up stopped at its bound ({len(warm)} calls)")
+    samples = _sample(run, device, _reps(policy, statistics.median(warm[-WINDOW:])), flush, clock)
+    dropped = transient(samples)
+    if dropped:
+        notes.append(f"{dropped} leading samples of a warm-up transient dropped and taken again")
+    # sized again from the settled samples: a warm-up window that still held slow calls sized too few
+    reps = max(len(samples), _reps(policy, statistics.median(samples[dropped:])))
+    samples = samples[dropped:] + _sample(run, device, reps - len(samples) + dropped, flush, clock)
+    if flush:
+        notes.append("L2 flushed by a read before each sample")
     return Timing(samples, timer, compile_ms, notes)
 
 

@@ -58,9 +58,10 @@ def smollm2_dir() -> Path:
     return folder
 
 
-def char_tokenizer(folder: str | Path):
-    """A character-level tokenizer (printable ASCII and newline, one token each), saved to `folder`."""
-    from tokenizers import Tokenizer, decoders, models
+def char_tokenizer(folder: str | Path, add_bos: bool = False):
+    """A character-level tokenizer (printable ASCII and newline, one token each), saved to `folder`; with
+    `add_bos`, it puts BOS before every text as Llama's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -68,6 +69,8 @@ def char_tokenizer(folder: str | Path):
     vocab = {token: i for i, token in enumerate(specials + chars)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
+    if add_bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )

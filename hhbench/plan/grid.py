@@ -18,7 +18,7 @@ from hhbench.analytic.costs import Scope, dtype_bytes
 from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import MODES, SEQUENTIAL
+from hhbench.kernels.hybrid import MODES, SEQUENTIAL, STREAMS
 from hhbench.measure.timing import TimingPolicy
 from hhbench.spec import parse as options
 from hhbench.spec.hybrid import GDNConfig, HybridSpec, Layout
@@ -138,6 +138,8 @@ def grid_points(grid: dict, device: str) -> list[Point]:
     for mode in modes:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+        if mode == STREAMS and device != "cuda":  # refused, not run sequentially under the streams label
+            raise UserError(f"mode streams runs the two backends on two CUDA streams, and this run is on {device}")
     fa_names = _as_list(grid.get("fa_backend", "auto"))
     gdn_names = _as_list(grid.get("gdn_backend", "auto"))
     for name in fa_names:

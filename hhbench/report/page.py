@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from hhbench.files import open_output
+from hhbench.files import make_folder, open_output
 from hhbench.report import figures as F
 from hhbench.rows.sources import Run
 from hhbench.tables.compare import BASELINE, compare_runs, crossover_table
@@ -54,7 +54,7 @@ class Report:
         folder = Path(folder)
         paths = [folder / f"{figure.slug}.png" for figure in self.figures]
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folder(folder)
             plots = [figure.figure for figure in self.figures]
             heights = [plot.layout.height for plot in plots]
             pio.write_images(plots, paths, width=PNG_WIDTH, height=heights)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.files import open_output
+from hhbench.files import make_folder, open_output
 from hhbench.rows.schema import EvalRow, RowSet, read_rows
 
 ROWS, EVAL, ENV, TRAIN = "rows.jsonl", "eval.jsonl", "env.json", "train.jsonl"
@@ -30,13 +30,7 @@ class RunDir:
         return cls(path)
 
     def create(self) -> "RunDir":
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise UserError(f"cannot write results to {self.path}: {exc.strerror or exc}") from None
+        make_folder(self.path)
         return self
 
     @property

@@ -118,6 +118,7 @@ class EvalRow:
     value: float | None = None
     stderr: float | None = None
     samples: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)  # each sample's prompt as the model saw it (its longest)
     status: str = OK
     reason: str = ""
     ratio_effective: str = ""

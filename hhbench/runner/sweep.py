@@ -36,6 +36,7 @@ class SweepResult:
     new: int = 0
     skipped: int = 0
     crosscheck_failures: list[str] = field(default_factory=list)
+    crosschecked: int = 0  # points timed again with do_bench (kernel scope, not decode, at least 2 ms)
 
 
 def _existing_rows(run: RunDir, retry: bool, wants_parts: set) -> RowSet:
@@ -127,6 +128,7 @@ def run_sweep(
         check = row.extra.get("crosscheck")
         if check:
             crosschecks_left -= 1
+            result.crosschecked += 1
             if abs(check["rel_diff"]) > 0.05:
                 result.crosscheck_failures.append(
                     f"{row.variant} {row.pass_} {row.context}: hhbench {row.latency_ms:.4g} ms vs do_bench {check['do_bench_ms']:.4g} ms"

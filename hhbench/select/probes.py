@@ -4,7 +4,8 @@ One probe is a RULER-style single needle ("The special magic number for KEY is: 
 digit-free haystack, then the question, then the answer VALUE (teacher-forced). Its twin has the same haystack,
 key and depth and a different VALUE (first digit differs, same token count), in the needle and in the answer,
 so that the two differ only where the needle value is. Prompts are built from separately encoded segments, so
-every position is known exactly and the clean and counterfactual token sequences align one to one.
+every position is known exactly and the clean and counterfactual token sequences align one to one; both start
+with the special tokens the tokenizer puts before a prompt (BOS for Llama's), as the evaluated prompts do.
 Deterministic for a seed: each probe draws from its own random.Random seeded by (seed, length, index).
 """
 
@@ -81,7 +82,10 @@ def _values(rng: random.Random) -> tuple[str, str]:
     return value, counter
 
 
-def make_probe(encode: Encode, length: int, index: int, count: int, seed: int) -> Probe:
+def make_probe(encode: Encode, length: int, index: int, count: int, seed: int, prefix: Sequence[int] = ()) -> Probe:
+    """Probe `index` of `count` at `length` tokens; `prefix` (the tokenizer's special tokens before a prompt, e.g.
+    [BOS]: hhbench.models.tokens.special_prefix) starts both token sequences, as it starts evaluated prompts."""
+    prefix = list(prefix)
     rng = random.Random(f"hhbench-niah:{seed}:{length}:{index}")
     key = rng.choice(KEYS)
     value, counter = _values(rng)
@@ -90,7 +94,7 @@ def make_probe(encode: Encode, length: int, index: int, count: int, seed: int) -
     value_ids, counter_ids = encode(VALUE.format(value=value)), encode(VALUE.format(value=counter))
     if len(value_ids) != len(counter_ids) or value_ids == counter_ids:
         raise UserError("the tokenizer encodes two needle values of the same digit count unequally")
-    fixed = len(intro) + len(needle) + 2 * len(value_ids) + len(end) + len(question)
+    fixed = len(prefix) + len(intro) + len(needle) + 2 * len(value_ids) + len(end) + len(question)
     budget = length - fixed
     need = fixed + 2 * min(len(encode(s)) for s in FILLER)
     if length < need:
@@ -110,10 +114,10 @@ def make_probe(encode: Encode, length: int, index: int, count: int, seed: int) -
     cut = round(depth * len(filler))
     before = [t for s in filler[:cut] for t in s]
     after = [t for s in filler[cut:] for t in s]
-    start = len(intro) + len(before)
+    start = len(prefix) + len(intro) + len(before)
 
     def build(ids: list[int]) -> tuple[int, ...]:
-        return tuple(intro + before + needle + ids + end + after + question + ids)
+        return tuple(prefix + intro + before + needle + ids + end + after + question + ids)
 
     clean, corrupt = build(value_ids), build(counter_ids)
     prompt_len = len(clean) - len(value_ids)
@@ -121,6 +125,8 @@ def make_probe(encode: Encode, length: int, index: int, count: int, seed: int) -
     return Probe(clean, corrupt, prompt_len, needle_span, length, depth, value, counter)
 
 
-def make_probes(encode: Encode, lengths: Sequence[int], per_length: int, seed: int) -> list[Probe]:
-    """`per_length` probes at each length, needles at evenly spread depths."""
-    return [make_probe(encode, length, i, per_length, seed) for length in lengths for i in range(per_length)]
+def make_probes(
+    encode: Encode, lengths: Sequence[int], per_length: int, seed: int, prefix: Sequence[int] = ()
+) -> list[Probe]:
+    """`per_length` probes at each length, needles at evenly spread depths, each starting with `prefix`."""
+    return [make_probe(encode, length, i, per_length, seed, prefix) for length in lengths for i in range(per_length)]

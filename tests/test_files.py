@@ -1,0 +1,72 @@
+"""Output paths: every command says what is wrong with a path it cannot write, and a run stays inside --out."""
+
+import pytest
+from inprocess import run_main
+from synthetic import analytic, measured, write_run
+
+from hhbench.errors import UserError
+from hhbench.files import make_folder, open_output, run_folder
+
+
+def one_line(result, text: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert text in result.stderr, result.stderr
+
+
+@pytest.fixture
+def blocker(tmp_path):
+    """A regular file where outputs expect a folder."""
+    path = tmp_path / "plain"
+    path.write_text("not a folder\n")
+    return path
+
+
+def test_open_output_names_the_file_in_the_way(blocker, tmp_path):
+    for target in (blocker / "x.csv", blocker / "deeper" / "still" / "x.csv"):
+        with pytest.raises(UserError, match=f"cannot write {target}: {blocker} is a file, not a folder$"):
+            open_output(target, "w")
+    with pytest.raises(UserError, match=f"cannot write {tmp_path}: {tmp_path} is a folder, not a file$"):
+        open_output(tmp_path, "w")
+    with pytest.raises(UserError, match=f"{blocker} is a file, not a folder$"):
+        make_folder(blocker)
+    with pytest.raises(UserError, match=f"{blocker} is a file, not a folder$"):
+        make_folder(blocker / "run")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "gone")
+    with pytest.raises(UserError, match="is a broken link|No such file"):
+        open_output(tmp_path / "dangling" / "x.csv", "w")
+    assert make_folder(tmp_path / "a" / "b").is_dir()
+    with open_output(tmp_path / "c" / "d.txt", "w") as out:
+        out.write("ok")
+    assert (tmp_path / "c" / "d.txt").read_text() == "ok"
+
+
+@pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "a\\b", "/tmp/abs", "", "  "])
+def test_a_run_name_stays_inside_out(name, tmp_path):
+    with pytest.raises(UserError, match="bad run name"):
+        run_folder(tmp_path, name)
+
+
+def test_plain_run_names_are_accepted(tmp_path):
+    for name in ("cpu", "eval-tiny", "run.2", "..x"):
+        assert run_folder(tmp_path, name) == tmp_path / name
+
+
+def test_every_command_says_what_is_wrong_with_its_output(blocker, tmp_path):
+    why = f"{blocker} is a file, not a folder"
+    one_line(run_main("flops", "--model", "tiny", "--contexts", "1k", "--csv", str(blocker / "f.csv")), why)
+    run = write_run(tmp_path / "run", measured(analytic(contexts=[256])), env={"device": "cpu"})
+    one_line(run_main("gate", str(run), str(run), "--json", str(blocker / "g.json")), why)
+    one_line(run_main("report", str(run), "--out", str(blocker / "r.html")), why)
+    one_line(run_main("table", str(run), "--csv", str(blocker / "t.csv")), why)
+    one_line(run_main("select-heads", "--model", "tiny-random-llama", "--out", str(blocker / "h.json")), why)
+    one_line(run_main("sweep", "--models", "tiny", "--contexts", "32", "--out", str(blocker)), why)
+    one_line(run_main("eval", "--model", "tiny-random-llama", "--out", str(blocker)), why)
+
+
+@pytest.mark.parametrize("command", ["sweep", "eval"])
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "a/b"])
+def test_commands_keep_the_run_inside_out(command, name, tmp_path):
+    args = ["--models", "tiny", "--contexts", "32"] if command == "sweep" else ["--model", "tiny-random-llama"]
+    one_line(run_main(command, *args, "--out", str(tmp_path / "out"), "--run", name), "bad run name")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
