@@ -1,15 +1,17 @@
 """Perplexity of converted, untrained models against the teacher's on held-out text: how close each GDN
 initialization starts to the teacher (issue 11, item 1).
 
-    python scripts/init_ppl.py --text doc-text/held-out.txt --out results/init-smollm2-135m \\
-        [--model smollm2-135m] [--variants head:7:1,head:3:1,layer:3:1] [--inits spread,distance,...] \\
-        [--seqs 8] [--length 1024]
+    PYTHONPATH=. python scripts/init_ppl.py --text doc-text/held-out.txt --out results/init-smollm2-135m \\
+        [--model smollm2-135m] [--variants head:7:1,head:3:1,layer:3:1] [--inits spread-rms,...] \\
+        [--metric ppl|layer_error] [--seqs 8] [--length 1024]
 
 The text (`scripts/doc-text.sh`'s held-out.txt) is tokenized once and cut into the first --seqs windows of
 --length tokens. Every variant is converted from the teacher the way `hhbench eval` converts it (gammas and
 decays from the teacher's statistics on the same 512 calibration tokens of essay filler), once per
-initialization in INITS (--inits picks some; the order is the order run), and scored by next-token cross-entropy over every window (fp32). Rows go to
-OUT/ppl.jsonl as they finish (a rerun skips the finished ones), OUT/env.json records the machine.
+initialization in INITS (--inits picks some, in that order), and scored: `ppl`, next-token cross-entropy over
+every window (fp32); `layer_error`, each converted layer's attention-output error against the teacher's on
+the first window, each layer fed the teacher's input. Rows go to OUT/ppl.jsonl as they finish (a rerun skips
+the finished ones); OUT/env.json records the machine.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ import torch.nn.functional as F
 
 from hhbench.eval.runner import calibration_ids
 from hhbench.measure.env import capture_env
-from hhbench.models.convert import GDNInit, convert, teacher_head_rms, teacher_head_tau
+from hhbench.models.convert import (
+    GDNInit,
+    HydraAdapter,
+    convert,
+    decoder_layers,
+    head_outputs,
+    teacher_attention_io,
+    teacher_head_rms,
+    teacher_head_tau,
+)
 from hhbench.models.loader import load_model
 from hhbench.models.variants import parse_variant
 
@@ -45,14 +56,30 @@ INITS = {
 
 
 @torch.no_grad()
-def nll(model, windows: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (nats) over windows [n, T], and the number of tokens scored."""
+def perplexity(model, windows: torch.Tensor) -> dict:
+    """Next-token cross-entropy (nats/token) and perplexity over windows [n, T] (every window's first token is
+    context only)."""
     total, count = 0.0, 0
     for row in windows:
         logits = model(row[None], use_cache=False).logits[0, :-1].float()
         total += F.cross_entropy(logits, row[1:], reduction="sum").item()
         count += row.numel() - 1
-    return total, count
+    return {"nll": total / count, "ppl": math.exp(total / count), "tokens": count}
+
+
+@torch.no_grad()
+def layer_error(model, io: list[tuple]) -> dict:
+    """Each converted layer fed the teacher's input: the squared error of its attention output against the
+    teacher layer's, relative to the latter's square (1.0: no better than a silent layer); mean over layers."""
+    errors = []
+    for layer, (x, position_embeddings, target) in zip(decoder_layers(model), io, strict=True):
+        if not isinstance(layer.self_attn, HydraAdapter):
+            continue
+        attn = layer.self_attn.attn
+        out = attn.o_proj(head_outputs(attn, x, position_embeddings).flatten(2))
+        reference = attn.o_proj(target.flatten(2))  # o_proj is the teacher's
+        errors.append(((out - reference).pow(2).sum() / reference.pow(2).sum()).item())
+    return {"layer_error": sum(errors) / len(errors), "layer_errors": [round(e, 4) for e in errors]}
 
 
 def main() -> None:
@@ -62,6 +89,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--variants", default="head:7:1,head:3:1,layer:3:1")
     ap.add_argument("--inits", default=",".join(INITS))
+    ap.add_argument("--metric", choices=("ppl", "layer_error"), default="ppl")
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--length", type=int, default=1024)
     args = ap.parse_args()
@@ -73,7 +101,7 @@ def main() -> None:
     rows_path = args.out / "ppl.jsonl"
     done = set()
     if rows_path.exists():
-        done = {(r["variant"], r["init"]) for r in map(json.loads, rows_path.read_text().splitlines())}
+        done = {(r["variant"], r["init"], r["metric"]) for r in map(json.loads, rows_path.read_text().splitlines())}
     env_path = args.out / "env.json"
     if not env_path.exists():
         env = capture_env({"command": "python scripts/init_ppl.py", "args": {k: str(v) for k, v in vars(args).items()}})
@@ -87,31 +115,24 @@ def main() -> None:
     calibration = calibration_ids(loaded)
     head_rms = teacher_head_rms(loaded.model, calibration)
     taus = {}
+    # the layer error is measured on the first window only: each layer fed the teacher's input, no full forward
+    io = teacher_attention_io(loaded.model, windows[:1]) if args.metric == "layer_error" else None
 
     def record(variant: str, init: str, fn) -> None:
-        if (variant, init) in done:
-            print(f"skip {variant} {init}")
+        if (variant, init, args.metric) in done:
+            print(f"skip {variant} {init} {args.metric}")
             return
         start = time.perf_counter()
-        total, count = fn()
-        row = {
-            "model": args.model,
-            "variant": variant,
-            "init": init,
-            "nll": total / count,
-            "ppl": math.exp(total / count),
-            "tokens": count,
-            "seqs": args.seqs,
-            "length": args.length,
-            "text": args.text.name,
-            "gdn_init": dataclasses.asdict(INITS[init]) if init in INITS else None,
-            "seconds": round(time.perf_counter() - start, 1),
-        }
+        row = {"model": args.model, "variant": variant, "init": init, "metric": args.metric, **fn()}
+        row |= {"seqs": 1 if io else args.seqs, "length": args.length, "text": args.text.name}
+        row |= {"gdn_init": dataclasses.asdict(INITS[init]) if init in INITS else None}
+        row["seconds"] = round(time.perf_counter() - start, 1)
         with open(rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{variant:>12} {init:>18}: nll {row['nll']:.4f} ppl {row['ppl']:.2f} ({row['seconds']} s)", flush=True)
+        print(f"{variant:>12} {init:>20} {args.metric}: {row.get('ppl', row.get('layer_error')):.4f}", flush=True)
 
-    record("teacher", "-", lambda: nll(loaded.model, windows))
+    if args.metric == "ppl":
+        record("teacher", "-", lambda: perplexity(loaded.model, windows))
     for variant in args.variants.split(","):
         plan = parse_variant(variant).plan(loaded.shape)
         for name in inits:
@@ -122,7 +143,7 @@ def main() -> None:
             def score(plan=plan, init=init):
                 model = copy.deepcopy(loaded.model)
                 convert(model, plan, head_rms, init, head_tau=taus[init.decay], calibration_ids=calibration)
-                return nll(model, windows)
+                return perplexity(model, windows) if io is None else layer_error(model, io)
 
             record(variant, name, score)
 

@@ -15,10 +15,12 @@ from hhbench.models.convert import (
     convert,
     decay_mean_distance,
     decoder_layers,
+    head_outputs,
     layer_outputs,
     parameter_groups,
     tau_for_distance,
     teacher_attention_distance,
+    teacher_attention_io,
     teacher_head_rms,
     teacher_head_tau,
 )
@@ -251,22 +253,22 @@ def test_gdn_decays_from_the_teacher_heads_attention_distance(tiny, ids):
 
 
 @torch.no_grad()
-def test_converted_heads_start_at_the_teacher_heads_output_rms(tiny, ids):
-    """Gamma fusion: every head of a converted layer (GDN heads after their output gate, FA heads too) puts out
-    the RMS the teacher head had on the calibration tokens, whatever its input."""
+def test_least_squares_gammas_fit_the_teacher_heads(tiny, ids):
+    """With calibration tokens every head's gamma is the least-squares scale onto the teacher head's output
+    (each layer fed the teacher's inputs): the residual is orthogonal to the head's output, and the layer's
+    error is below that of the teacher-RMS gammas and of a silent layer."""
     model, shape = tiny
-    out = converted(tiny, "head:3:1", ids)
-    rms = teacher_head_rms(model, ids)
-    student = torch.zeros_like(rms)
-    hooks = []
-    for i, layer in enumerate(decoder_layers(out)):
-
-        def hook(module, args, i=i):
-            o = args[0].reshape(*args[0].shape[:-1], shape.n_heads, shape.head_dim)
-            student[i] = o.pow(2).mean(dim=(0, 1, 3)).sqrt()
-
-        hooks.append(layer.self_attn.attn.o_proj.register_forward_pre_hook(hook))
-    out(ids)
-    for handle in hooks:
-        handle.remove()
-    assert torch.allclose(student, rms, rtol=1e-3)
+    plan = parse_variant("head:3:1").plan(shape)
+    fitted = convert(copy.deepcopy(model), plan, calibration_ids=ids)
+    by_rms = convert(copy.deepcopy(model), plan, teacher_head_rms(model, ids), GDNInit(gamma="rms"))
+    io = teacher_attention_io(model, ids)
+    for i in range(shape.n_layers):
+        x, position_embeddings, target = io[i]
+        errors = []
+        for converted_model in (fitted, by_rms):
+            out = head_outputs(decoder_layers(converted_model)[i].self_attn.attn, x, position_embeddings)
+            errors.append((out - target).pow(2).sum().item())
+            if converted_model is fitted:
+                dot = ((target - out) * out).sum(dim=(0, 1, 3))
+                assert dot.abs().max() < 1e-4 * out.pow(2).sum(dim=(0, 1, 3)).max()
+        assert errors[0] <= errors[1] and errors[0] < target.pow(2).sum().item()

@@ -216,17 +216,24 @@ def teacher_attention_io(model, input_ids: torch.Tensor) -> list[tuple]:
 
 
 @torch.no_grad()
-def fit_head_gamma(hydra: HydraAttention, x: torch.Tensor, position_embeddings, target: torch.Tensor) -> None:
-    """Set every head's gamma to the least-squares scale of its output (after norm and gate, at gamma 1) onto
-    `target` [B, T, heads, head_dim], the teacher heads' outputs for the layer input x [B, T, hidden]."""
-    hydra.head_gamma.fill_(1.0)
+def head_outputs(hydra: HydraAttention, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """[B, T, heads, head_dim]: a HydraAttention's head outputs (after norm, gamma and gate: the input of
+    o_proj) for the layer input x [B, T, hidden]."""
     captured = []
     handle = hydra.o_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
         hydra(x, position_embeddings)
     finally:
         handle.remove()
-    o, target = captured[0].float().reshape(target.shape), target.float()
+    return captured[0].reshape(*x.shape[:2], hydra.n_heads, hydra.head_dim)
+
+
+@torch.no_grad()
+def fit_head_gamma(hydra: HydraAttention, x: torch.Tensor, position_embeddings, target: torch.Tensor) -> None:
+    """Set every head's gamma to the least-squares scale of its output (after norm and gate, at gamma 1) onto
+    `target` [B, T, heads, head_dim], the teacher heads' outputs for the layer input x [B, T, hidden]."""
+    hydra.head_gamma.fill_(1.0)
+    o, target = head_outputs(hydra, x, position_embeddings).float(), target.float()
     gamma = (o * target).sum(dim=(0, 1, 3)) / o.pow(2).sum(dim=(0, 1, 3)).clamp_min(1e-30)
     hydra.head_gamma.copy_(gamma)
 
