@@ -51,7 +51,10 @@ INITS = {
     "spread-rms-beta0.5": dataclasses.replace(BEFORE, beta=0.5),
     "distance-nosink-rms": dataclasses.replace(BEFORE, decay="distance-nosink"),
     "spread-ls": dataclasses.replace(BEFORE, gamma="least-squares"),
+    "distance-ls": dataclasses.replace(BEFORE, decay="distance", gamma="least-squares"),
     "distance-nosink-ls": GDNInit(),
+    "distance-nosink-ls-beta0.3": dataclasses.replace(GDNInit(), beta=0.3),
+    "distance-nosink-ls-v1": dataclasses.replace(GDNInit(), v_conv=1.0),
 }
 
 
@@ -70,16 +73,25 @@ def perplexity(model, windows: torch.Tensor) -> dict:
 @torch.no_grad()
 def layer_error(model, io: list[tuple]) -> dict:
     """Each converted layer fed the teacher's input: the squared error of its attention output against the
-    teacher layer's, relative to the latter's square (1.0: no better than a silent layer); mean over layers."""
-    errors = []
+    teacher layer's, relative to the latter's square (1.0: no better than a silent layer), mean over layers;
+    and the GDN heads' output RMS over their gamma (1.0 where the per-head norm's eps does not bite)."""
+    errors, ratios = [], []
     for layer, (x, position_embeddings, target) in zip(decoder_layers(model), io, strict=True):
         if not isinstance(layer.self_attn, HydraAdapter):
             continue
         attn = layer.self_attn.attn
-        out = attn.o_proj(head_outputs(attn, x, position_embeddings).flatten(2))
+        heads = head_outputs(attn, x, position_embeddings)
+        out = attn.o_proj(heads.flatten(2))
         reference = attn.o_proj(target.flatten(2))  # o_proj is the teacher's
         errors.append(((out - reference).pow(2).sum() / reference.pow(2).sum()).item())
-    return {"layer_error": sum(errors) / len(errors), "layer_errors": [round(e, 4) for e in errors]}
+        la = list(attn.split.la_heads)
+        rms = heads[:, :, la].pow(2).mean(dim=(0, 1, 3)).sqrt()
+        ratios += (rms / attn.head_gamma[la].abs().clamp_min(1e-30)).tolist()
+    return {
+        "layer_error": sum(errors) / len(errors),
+        "layer_errors": [round(e, 4) for e in errors],
+        "gdn_rms_over_gamma": sum(ratios) / len(ratios),
+    }
 
 
 def main() -> None:
