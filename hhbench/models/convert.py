@@ -72,7 +72,7 @@ class GDNInit:
     tau_min: float = 32.0
     tau_max: float = 8192.0
     gate: float = 1.2785
-    decay: str = "distance-nosink"
+    decay: str = "distance"
     gamma: str = "least-squares"
 
     def __post_init__(self):
