@@ -43,7 +43,7 @@ from hhbench.models.loader import load_model
 from hhbench.models.variants import parse_variant
 
 # "spread-rms" is the initialization before issue 11 (decays log-spaced in head order, gamma the teacher head's
-# RMS); "distance-ls" is GDNInit()'s default since.
+# RMS); "distance-nosink-ls" is GDNInit()'s default since.
 BEFORE = GDNInit(decay="spread", gamma="rms")
 INITS = {
     "spread-rms": BEFORE,
@@ -51,8 +51,8 @@ INITS = {
     "spread-rms-beta0.5": dataclasses.replace(BEFORE, beta=0.5),
     "distance-nosink-rms": dataclasses.replace(BEFORE, decay="distance-nosink"),
     "spread-ls": dataclasses.replace(BEFORE, gamma="least-squares"),
-    "distance-ls": GDNInit(),
-    "distance-nosink-ls": dataclasses.replace(BEFORE, decay="distance-nosink", gamma="least-squares"),
+    "distance-ls": dataclasses.replace(BEFORE, decay="distance", gamma="least-squares"),
+    "distance-nosink-ls": GDNInit(),
     "distance-nosink-ls-beta0.3": dataclasses.replace(BEFORE, decay="distance-nosink", gamma="least-squares", beta=0.3),
     "distance-nosink-ls-v1": dataclasses.replace(BEFORE, decay="distance-nosink", gamma="least-squares", v_conv=1.0),
 }

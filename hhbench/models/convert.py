@@ -44,12 +44,12 @@ class GDNInit:
     - beta = sigmoid(b_proj x + bias) with zero weight: a constant `beta`. Small beta makes the delta rule's
       correction term (beta^2) negligible, so S_t ~ sum_s beta k_s v_s^T: plain linear attention.
     - decay exp(g) with g = -exp(A_log) softplus(a_proj x + dt_bias), zero weight and A_log = 0: a constant
-      g = -1/tau per head. `decay` says where tau comes from: "distance" (default) gives each GDN head the tau
-      whose exponential weights have the teacher head's mean attention distance on the calibration tokens
-      (`teacher_head_tau`), clamped to [tau_min, tau_max]: local heads get short memories, broad heads and heads
-      that park their attention on the first token (the sink) long ones. "distance-nosink" leaves key 0 out of
-      the distance; "spread" log-spaces tau over [tau_min, tau_max] in head order, ignoring the teacher (the
-      fallback where `convert` gets no head_tau).
+      g = -1/tau per head. `decay` says where tau comes from: "distance-nosink" (default) gives each GDN head
+      the tau whose exponential weights have the teacher head's mean attention distance on the calibration
+      tokens (`teacher_head_tau`), key 0 left out (attention a head parks on the first token, the sink, would
+      otherwise count as long-range), clamped to [tau_min, tau_max]: local
+      heads get short memories, broad heads long ones. "distance" keeps key 0; "spread" log-spaces tau over
+      [tau_min, tau_max] in head order, ignoring the teacher (the fallback where `convert` gets no head_tau).
     - output gate silu(g_proj x + bias) with zero weight and bias `gate` = 1.2785: silu = 1.0, a constant that
       keeps the head alive (a zero bias would give silu(0) = 0 and silence it) and trains from a non-flat spot.
     - per-head RMSNorm weight 1 and a scale gamma per head of a converted layer (FA heads too: HydraHead
@@ -57,18 +57,19 @@ class GDNInit:
       scale that minimizes the squared error between the head's output (after norm and gate) and the teacher
       head's, each layer fed the teacher's inputs: sum <o_teacher, o> / sum |o|^2 with o at gamma 1. A head
       whose output only partly follows the teacher's gets less than the teacher's RMS (its correlation times
-      it), so a converted layer's error is at most a silent layer's. "rms": the teacher head's RMS output over
+      it), so each head's error is at most a silent head's. "rms": the teacher head's RMS output over
       the gate's value (`head_rms`), which does not make a GDN head put out the teacher's RMS: its raw output
       (beta times v's small tap times d^-1/2) has a mean square near the norm's eps (1e-5 in SmolLM2), which
       damps it to about a quarter of gamma there (measured: 0.22-0.24), while heads that follow the teacher
       poorly keep their full scale.
-    Measured on SmolLM2-135M (README, "Initialization of converted heads", results/init-smollm2-135m):
-    perplexity on held-out text of the converted, untrained head:7:1 / head:3:1 / layer:3:1 models went from
-    7130 / 2944 / 8768 (spread decays, RMS gammas) to 405 / 334 / 272 (the teacher: 11.5). The least-squares
-    gammas give most of it (430 / 442 / 315 with spread decays), the teacher's distances the rest. The conv
-    taps and beta are the best of a grid by cosine similarity with the teacher head's output; beta 0.3 and v
-    tap 1 measured worse in perplexity (with least-squares gammas and the sink-free distances: 1320 / 686 / 884
-    and 2409 / 1255 / 867, against 405 / 349 / 279 at beta 0.05 and tap 0.1).
+    Measured on SmolLM2-135M (README, "Initialization of converted heads", results/init-smollm2-135m and
+    -1k): perplexity on held-out text (8 x 1024 tokens) of the converted, untrained head:7:1 / head:3:1 /
+    layer:3:1 models went from 6690 / 3972 / 8284 (spread decays, RMS gammas) to 495 / 395 / 301 (the teacher:
+    12.8). The least-squares gammas give most of it (518 / 516 / 356 with spread decays), the teacher's
+    distances the rest; with key 0 kept they score 495 / 413 / 311 (at 4 x 512 tokens the two are within 5%,
+    in the other order). The conv taps and beta are the best of a grid by cosine similarity with the teacher
+    head's output; beta 0.3 and v tap 1 measured worse (4 x 512 tokens: 1320 / 686 / 884 and 2409 / 1255 /
+    867, against 405 / 349 / 279 at beta 0.05 and tap 0.1).
     """
 
     qk_conv: float = 3.0
@@ -77,7 +78,7 @@ class GDNInit:
     tau_min: float = 32.0
     tau_max: float = 8192.0
     gate: float = 1.2785
-    decay: str = "distance"
+    decay: str = "distance-nosink"
     gamma: str = "least-squares"
 
     def __post_init__(self):
