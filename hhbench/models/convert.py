@@ -47,9 +47,9 @@ class GDNInit:
       g = -1/tau per head. `decay` says where tau comes from: "distance-nosink" (default) gives each GDN head
       the tau whose exponential weights have the teacher head's mean attention distance on the calibration
       tokens (`teacher_head_tau`), key 0 left out (attention a head parks on the first token, the sink, would
-      otherwise count as long-range), clamped to [tau_min, tau_max]: local
-      heads get short memories, broad heads long ones. "distance" keeps key 0; "spread" log-spaces tau over
-      [tau_min, tau_max] in head order, ignoring the teacher (the fallback where `convert` gets no head_tau).
+      otherwise count as long-range), clamped to [tau_min, tau_max]: local heads get short memories, broad
+      heads long ones. "distance" keeps key 0; "spread" log-spaces tau over [tau_min, tau_max] in head order,
+      ignoring the teacher (the fallback where `convert` gets no head_tau).
     - output gate silu(g_proj x + bias) with zero weight and bias `gate` = 1.2785: silu = 1.0, a constant that
       keeps the head alive (a zero bias would give silu(0) = 0 and silence it) and trains from a non-flat spot.
     - per-head RMSNorm weight 1 and a scale gamma per head of a converted layer (FA heads too: HydraHead
