@@ -13,10 +13,16 @@ from hhbench.models.convert import (
     HydraAdapter,
     cache_kwarg,
     convert,
+    decay_mean_distance,
     decoder_layers,
+    head_outputs,
     layer_outputs,
     parameter_groups,
+    tau_for_distance,
+    teacher_attention_distance,
+    teacher_attention_io,
     teacher_head_rms,
+    teacher_head_tau,
 )
 from hhbench.models.variants import parse_variant
 
@@ -258,3 +264,70 @@ def test_attention_dropout_is_refused_where_hydrahead_layers_come_in():
     with pytest.raises(UserError, match=r"attention_dropout=0.1: HydraHead layers apply none"):
         convert(copy.deepcopy(model), parse_variant("layer:3:1").plan(shape))
     assert convert(model, parse_variant("head:0:1").plan(shape)) is model  # no HydraHead layer: nothing changes
+
+
+def test_tau_for_distance_inverts_the_decay_mean_distance():
+    tau = torch.tensor([2.0, 16.0, 100.0, 700.0])
+    distance = decay_mean_distance(tau, 512)
+    assert torch.allclose(tau_for_distance(distance, 512, 1.0, 1e5), tau, rtol=1e-4)
+    # on a long sequence, short decays barely feel its start: the mean lag of exp(-lag/tau) is 1/(e^(1/tau) - 1)
+    assert torch.allclose(decay_mean_distance(tau[:2], 8192), 1 / torch.expm1(1 / tau[:2]), rtol=0.01)
+    # uniform attention (mean lag t/2, averaged over queries: (T-1)/4) needs an infinite tau: clamped to tau_max
+    assert tau_for_distance(torch.tensor([511 / 4]), 512, 1.0, 8192.0).item() == pytest.approx(8192.0)
+
+
+@torch.no_grad()
+def test_teacher_attention_distance_of_known_heads(tiny):
+    """A head with zero queries attends uniformly (mean lag (T-1)/4 over queries); one whose query-key score
+    is huge on its own token attends to lag 0."""
+    model = copy.deepcopy(tiny[0])
+    attn = decoder_layers(model)[0].self_attn
+    d = 8
+    attn.q_proj.weight[:d].zero_()  # head 0: uniform
+    T = 33
+    ids = torch.randint(4, 100, (1, T), generator=torch.Generator().manual_seed(2))
+    distance = teacher_attention_distance(model, ids)
+    assert distance.shape == (4, 8)
+    assert distance[0, 0].item() == pytest.approx((T - 1) / 4, rel=1e-4)
+    assert ((distance >= 0) & (distance <= (T - 1) / 2)).all()
+    # key 0 left out: uniform over keys 1..t for queries 1..T-1: mean lag (t-1)/2, averaged: (T-2)/4
+    assert teacher_attention_distance(model, ids, skip_sink=True)[0, 0].item() == pytest.approx((T - 2) / 4, rel=1e-4)
+
+
+@torch.no_grad()
+def test_gdn_decays_from_the_teacher_heads_attention_distance(tiny, ids):
+    model, shape = tiny
+    init = GDNInit(decay="distance", tau_min=1.0, tau_max=1e4)
+    tau = teacher_head_tau(model, ids, init)
+    assert torch.allclose(tau, tau_for_distance(teacher_attention_distance(model, ids), ids.shape[1], 1.0, 1e4))
+    assert teacher_head_tau(model, ids, GDNInit(decay="spread")) is None
+    out = convert(copy.deepcopy(model), parse_variant("head:3:1").plan(shape), init=init, head_tau=tau)
+    for i, layer in enumerate(decoder_layers(out)):
+        attn = layer.self_attn.attn
+        g, _ = attn.gdn.gates(torch.randn(1, 3, shape.hidden))
+        la = list(attn.split.la_heads)
+        assert torch.allclose(-1 / g[0, 0], tau[i, la], rtol=1e-3)  # per head: decay exp(-1/tau)
+    with pytest.raises(ValueError, match="decay"):
+        GDNInit(decay="nope")
+
+
+@torch.no_grad()
+def test_least_squares_gammas_fit_the_teacher_heads(tiny, ids):
+    """With calibration tokens every head's gamma is the least-squares scale onto the teacher head's output
+    (each layer fed the teacher's inputs): the residual is orthogonal to the head's output, and the layer's
+    error is below that of the teacher-RMS gammas and of a silent layer."""
+    model, shape = tiny
+    plan = parse_variant("head:3:1").plan(shape)
+    fitted = convert(copy.deepcopy(model), plan, calibration_ids=ids)
+    by_rms = convert(copy.deepcopy(model), plan, teacher_head_rms(model, ids), GDNInit(gamma="rms"))
+    io = teacher_attention_io(model, ids)
+    for i in range(shape.n_layers):
+        x, position_embeddings, target = io[i]
+        errors = []
+        for converted_model in (fitted, by_rms):
+            out = head_outputs(decoder_layers(converted_model)[i].self_attn.attn, x, position_embeddings)
+            errors.append((out - target).pow(2).sum().item())
+            if converted_model is fitted:
+                dot = ((target - out) * out).sum(dim=(0, 1, 3))
+                assert dot.abs().max() < 1e-4 * out.pow(2).sum(dim=(0, 1, 3)).max()
+        assert errors[0] <= errors[1] and errors[0] < target.pow(2).sum().item()

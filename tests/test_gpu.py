@@ -14,11 +14,13 @@ import handwired  # noqa: E402  (tests/ is on sys.path)
 
 from hhbench.kernels import registry  # noqa: E402
 from hhbench.models.convert import (  # noqa: E402
+    GDNInit,
     HydraAdapter,
     cache_kwarg,
     convert,
     decoder_layers,
     teacher_head_rms,
+    teacher_head_tau,
 )
 from hhbench.models.variants import parse_variant  # noqa: E402
 from tests.test_gdn_reference import rel  # noqa: E402
@@ -171,6 +173,19 @@ def test_converted_model_on_gpu_kernels_matches_the_reference(llama, variant):
     ref = converted(llama, variant, torch.float32, "sdpa-math", "torch-chunk")
     assert any(isinstance(layer.self_attn, HydraAdapter) for layer in decoder_layers(fast))
     assert rel(fast(ids).logits, ref(ids).logits) < BF16_REL
+
+
+@torch.no_grad()
+def test_init_from_teacher_statistics_on_gpu_kernels_matches_the_reference(llama):
+    """The default init (decays from the teacher's attention distance, least-squares gammas) fitted through
+    cuDNN + fla gives the gammas the torch references give."""
+    model, shape, ids = llama
+    plan = parse_variant("head:3:1").plan(shape)
+    tau = teacher_head_tau(model, ids, GDNInit())
+    fast = convert(copy.deepcopy(model), plan, head_tau=tau, calibration_ids=ids)
+    ref = convert(copy.deepcopy(model), plan, None, GDNInit(), "sdpa-math", "torch-chunk", tau, ids)
+    for a, b in zip(decoder_layers(fast), decoder_layers(ref), strict=True):
+        assert torch.allclose(a.self_attn.attn.head_gamma, b.self_attn.attn.head_gamma, rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["head:3:1", "layer:3:1"])

@@ -21,7 +21,7 @@ import torch
 
 from hhbench.errors import UserError
 from hhbench.eval import generators
-from hhbench.models.convert import convert, teacher_head_rms
+from hhbench.models.convert import GDNInit, convert, teacher_head_rms, teacher_head_tau
 from hhbench.models.loader import LoadedModel
 from hhbench.models.tokens import encode
 from hhbench.models.variants import Variant
@@ -120,8 +120,8 @@ class EvalSettings:
 
 
 def calibration_ids(loaded: LoadedModel, length: int = 512, seed: int = 1234) -> torch.Tensor:
-    """Calibration tokens for gamma [1, length]: essay-like filler from the task generators (not any evaluated
-    sample), tokenized as the evaluated prompts are (BOS where the tokenizer adds it)."""
+    """Calibration tokens for the GDN init (gammas, decays) [1, length]: essay-like filler from the task generators
+    (not any evaluated sample), tokenized as the evaluated prompts are (BOS where the tokenizer adds it)."""
     import random
 
     text = " ".join(generators.essay_filler(random.Random(seed), 4 * length))
@@ -129,16 +129,21 @@ def calibration_ids(loaded: LoadedModel, length: int = 512, seed: int = 1234) ->
 
 
 class VariantModels:
-    """Builds each variant from one loaded teacher (deep copies; the teacher itself stays unconverted)."""
+    """Builds each variant from one loaded teacher (deep copies; the teacher itself stays unconverted), its GDN
+    heads initialized as GDNInit() says from the teacher's statistics on the calibration tokens."""
 
     def __init__(self, loaded: LoadedModel, settings: EvalSettings):
         self.loaded, self.settings = loaded, settings
-        self._rms: torch.Tensor | None = None
+        self.init = GDNInit()
+        self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
-    def head_rms(self) -> torch.Tensor:
-        if self._rms is None:
-            self._rms = teacher_head_rms(self.loaded.model, calibration_ids(self.loaded))
-        return self._rms
+    def teacher_stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(calibration ids, head RMS, head tau): computed once, shared by every variant."""
+        if self._stats is None:
+            ids = calibration_ids(self.loaded)
+            model = self.loaded.model
+            self._stats = (ids, teacher_head_rms(model, ids), teacher_head_tau(model, ids, self.init))
+        return self._stats
 
     def build(self, variant: Variant):
         """(model, plan) of a variant: the teacher itself, a fresh conversion, or a distilled student (the
@@ -152,12 +157,16 @@ class VariantModels:
         plan = variant.plan(self.loaded.shape, self.settings.head_map)
         if plan is None or not any(layer.n_la for layer in plan.layers):
             return self.loaded.model, plan
+        ids, rms, tau = self.teacher_stats()
         model = convert(
             copy.deepcopy(self.loaded.model),
             plan,
-            self.head_rms(),
+            rms,
+            self.init,
             fa_backend=self.settings.fa_backend,
             gdn_backend=self.settings.gdn_backend,
+            head_tau=tau,
+            calibration_ids=ids,
         )
         return model, plan
 

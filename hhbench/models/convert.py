@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hhbench.errors import UserError
-from hhbench.layers.hydrahead import HydraAttention, LayerCache
+from hhbench.layers.hydrahead import HydraAttention, LayerCache, apply_rope
 from hhbench.spec.layout import LayerPlan
 from hhbench.spec.shapes import shape_from_config_dict
 
@@ -37,7 +37,7 @@ STATES = "_hhbench_states"  # attribute of a transformers Cache holding the adap
 @dataclass(frozen=True)
 class GDNInit:
     """How the new GDN parameters of a converted head start: close to causal linear attention over the head's
-    original (un-rotated) q, k and v.
+    original (un-rotated) q, k and v, at the output scale that fits the teacher head best.
 
     - conv: identity taps (the current token's weight, others 0). q and k then go through SiLU and L2 norm; with
       a tap of `qk_conv` the feature map is silu(c q)/|silu(c q)|. v goes through SiLU too: a small tap
@@ -46,14 +46,32 @@ class GDNInit:
     - beta = sigmoid(b_proj x + bias) with zero weight: a constant `beta`. Small beta makes the delta rule's
       correction term (beta^2) negligible, so S_t ~ sum_s beta k_s v_s^T: plain linear attention.
     - decay exp(g) with g = -exp(A_log) softplus(a_proj x + dt_bias), zero weight and A_log = 0: a constant
-      g = -1/tau per head, tau log-spaced over [tau_min, tau_max] tokens: long memories close to no decay.
+      g = -1/tau per head. `decay` says where tau comes from: "distance-nosink" (default) gives each GDN head
+      the tau whose exponential weights have the teacher head's mean attention distance on the calibration
+      tokens (`teacher_head_tau`), key 0 left out (attention a head parks on the first token, the sink, would
+      otherwise count as long-range), clamped to [tau_min, tau_max]: local heads get short memories, broad
+      heads long ones. "distance" keeps key 0; "spread" log-spaces tau over [tau_min, tau_max] in head order,
+      ignoring the teacher (the fallback where `convert` gets no head_tau).
     - output gate silu(g_proj x + bias) with zero weight and bias `gate` = 1.2785: silu = 1.0, a constant that
       keeps the head alive (a zero bias would give silu(0) = 0 and silence it) and trains from a non-flat spot.
-    - per-head RMSNorm weight 1 and gamma = the teacher head's RMS output on calibration tokens (divided by the
-      gate's value for GDN heads), so that every head of a converted layer, FA heads included (HydraHead
-      normalizes those too), starts with the scale the teacher's head had on average ("gamma fusion").
-    The defaults are the best of a small grid by cosine similarity between the GDN head's output and the
-    teacher head's on SmolLM2-135M (README, `hhbench eval` section).
+    - per-head RMSNorm weight 1 and a scale gamma per head of a converted layer (FA heads too: HydraHead
+      normalizes them). `gamma` = "least-squares" (default, where `convert` gets calibration tokens): the
+      scale that minimizes the squared error between the head's output (after norm and gate) and the teacher
+      head's, each layer fed the teacher's inputs: sum <o_teacher, o> / sum |o|^2 with o at gamma 1. A head
+      whose output only partly follows the teacher's gets less than the teacher's RMS (its correlation times
+      it), so each head's error is at most a silent head's. "rms": the teacher head's RMS output over
+      the gate's value (`head_rms`), which does not make a GDN head put out the teacher's RMS: its raw output
+      (beta times v's small tap times d^-1/2) has a mean square near the norm's eps (1e-5 in SmolLM2), which
+      damps it to about a quarter of gamma there (measured: 0.22-0.24), while heads that follow the teacher
+      poorly keep their full scale.
+    Measured on SmolLM2-135M (README, "Initialization of converted heads", results/init-smollm2-135m and
+    -1k): perplexity on held-out text (8 x 1024 tokens) of the converted, untrained head:7:1 / head:3:1 /
+    layer:3:1 models went from 6690 / 3972 / 8284 (spread decays, RMS gammas) to 495 / 395 / 301 (the teacher:
+    12.8). The least-squares gammas give most of it (518 / 516 / 356 with spread decays), the teacher's
+    distances the rest; with key 0 kept they score 495 / 413 / 311 (at 4 x 512 tokens the two are within 5%,
+    in the other order). The conv taps and beta are the best of a grid by cosine similarity with the teacher
+    head's output; beta 0.3 and v tap 1 measured worse (4 x 512 tokens: 1320 / 686 / 884 and 2409 / 1255 /
+    867, against 405 / 349 / 279 at beta 0.05 and tap 0.1).
     """
 
     qk_conv: float = 3.0
@@ -62,6 +80,18 @@ class GDNInit:
     tau_min: float = 32.0
     tau_max: float = 8192.0
     gate: float = 1.2785
+    decay: str = "distance-nosink"
+    gamma: str = "least-squares"
+
+    def __post_init__(self):
+        if self.decay not in DECAYS:
+            raise ValueError(f"GDNInit.decay {self.decay!r} is not one of {', '.join(DECAYS)}")
+        if self.gamma not in GAMMAS:
+            raise ValueError(f"GDNInit.gamma {self.gamma!r} is not one of {', '.join(GAMMAS)}")
+
+
+DECAYS = ("spread", "distance", "distance-nosink")
+GAMMAS = ("rms", "least-squares")
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -93,6 +123,138 @@ def teacher_head_rms(model, input_ids: torch.Tensor) -> torch.Tensor:
         for handle in hooks:
             handle.remove()
     return rms
+
+
+@torch.no_grad()
+def teacher_attention_distance(model, input_ids: torch.Tensor, skip_sink: bool = False) -> torch.Tensor:
+    """[layers, heads]: every attention head's mean attention distance over `input_ids` [B, T], in tokens: the
+    softmax-weighted lag sum_s a_ts (t - s) of each query t, averaged over queries and batch (the statistic
+    of Vig & Belinkov 2019 and of the ViT papers). The weights are recomputed from the q/k projections the
+    layer is called with (RoPE, Qwen3's q/k norms, GQA), so any attention implementation works. `skip_sink`
+    leaves out key 0 (the attention sink most heads park mass on) and renormalizes over the rest."""
+    layers = decoder_layers(model)
+    config = model.config
+    heads, kv, head_dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+    distance = torch.zeros(len(layers), heads)
+    hooks = []
+    for i, layer in enumerate(layers):
+
+        def hook(module, args, kwargs, i=i):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            B, T, _ = x.shape
+            q = module.q_proj(x).view(B, T, heads, head_dim)
+            k = module.k_proj(x).view(B, T, kv, head_dim)
+            if getattr(module, "q_norm", None) is not None:
+                q, k = module.q_norm(q), module.k_norm(k)
+            cos, sin = kwargs["position_embeddings"]
+            q, k = apply_rope(q.float(), cos.float(), sin.float()), apply_rope(k.float(), cos.float(), sin.float())
+            k = k.repeat_interleave(heads // kv, dim=2)
+            scale = getattr(module, "scaling", head_dim**-0.5)
+            scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+            lag = torch.arange(T, device=x.device)
+            lag = (lag[:, None] - lag[None, :]).float()
+            masked = lag < 0
+            if skip_sink:
+                masked = masked | (torch.arange(T, device=x.device) == 0)[None, :]
+            probs = scores.masked_fill(masked, float("-inf")).softmax(-1)
+            per_query = (probs * lag.clamp(min=0)).sum(-1)  # [B, heads, T]
+            per_query = per_query[..., 1:] if skip_sink else per_query  # query 0 sees only the sink
+            distance[i] = per_query.mean(dim=(0, 2)).cpu()
+
+        hooks.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model(input_ids.to(model.device), use_cache=False)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return distance
+
+
+def decay_mean_distance(tau: torch.Tensor, length: int) -> torch.Tensor:
+    """The mean attention distance of causal weights exp(-lag/tau) over a sequence of `length` tokens (each
+    query t weighs lags 0..t; the mean over queries), for every tau [n] in tokens: what an exponentially decaying
+    linear-attention head with equal key similarities would measure. Increasing in tau, from 0 to (length-1)/4."""
+    r = torch.exp(-1.0 / tau.double())[:, None]  # [n, 1]
+    n = torch.arange(1, length + 1, dtype=torch.float64)[None, :]  # lags 0..t: n = t + 1 of them
+    # mean of a geometric distribution truncated to 0..n-1: r/(1-r) - n r^n / (1-r^n)
+    mean = r / (1 - r) - n * r**n / (1 - r**n)
+    return mean.mean(dim=1).to(tau.dtype)
+
+
+def tau_for_distance(distance: torch.Tensor, length: int, tau_min: float, tau_max: float) -> torch.Tensor:
+    """The decay time constant tau (tokens) whose exponential weights have the mean attention distance
+    `distance` [...] over `length` tokens (the inverse of `decay_mean_distance`, by bisection on log tau),
+    clamped to [tau_min, tau_max]. A head as broad as uniform attention gets tau_max."""
+    flat = distance.reshape(-1).double()
+    lo = torch.full_like(flat, math.log(tau_min))
+    hi = torch.full_like(flat, math.log(tau_max))
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        below = decay_mean_distance(mid.exp(), length) < flat
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return ((lo + hi) / 2).exp().to(distance.dtype).reshape(distance.shape)
+
+
+@torch.no_grad()
+def teacher_attention_io(model, input_ids: torch.Tensor) -> list[tuple]:
+    """Per layer: (its attention's input hidden states [B, T, hidden], (cos, sin), its heads' outputs
+    [B, T, heads, head_dim], the input of o_proj) over `input_ids`: what a layer-local fit matches."""
+    layers = decoder_layers(model)
+    config = model.config
+    heads, head_dim = config.num_attention_heads, _head_dim(config)
+    io: list[list] = [[None, None, None] for _ in layers]
+    hooks = []
+    for i, layer in enumerate(layers):
+
+        def inputs(module, args, kwargs, i=i):
+            io[i][0] = kwargs.get("hidden_states", args[0] if args else None)
+            io[i][1] = kwargs["position_embeddings"]
+
+        def outputs(module, args, i=i):
+            io[i][2] = args[0].reshape(*args[0].shape[:-1], heads, head_dim)
+
+        hooks.append(layer.self_attn.register_forward_pre_hook(inputs, with_kwargs=True))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(outputs))
+    try:
+        model(input_ids.to(model.device), use_cache=False)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return [tuple(entry) for entry in io]
+
+
+@torch.no_grad()
+def head_outputs(hydra: HydraAttention, x: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """[B, T, heads, head_dim]: a HydraAttention's head outputs (after norm, gamma and gate: the input of
+    o_proj) for the layer input x [B, T, hidden]."""
+    captured = []
+    handle = hydra.o_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        hydra(x, position_embeddings)
+    finally:
+        handle.remove()
+    return captured[0].reshape(*x.shape[:2], hydra.n_heads, hydra.head_dim)
+
+
+@torch.no_grad()
+def fit_head_gamma(hydra: HydraAttention, x: torch.Tensor, position_embeddings, target: torch.Tensor) -> None:
+    """Set every head's gamma to the least-squares scale of its output (after norm and gate, at gamma 1) onto
+    `target` [B, T, heads, head_dim], the teacher heads' outputs for the layer input x [B, T, hidden]."""
+    hydra.head_gamma.fill_(1.0)
+    o, target = head_outputs(hydra, x, position_embeddings).float(), target.float()
+    gamma = (o * target).sum(dim=(0, 1, 3)) / o.pow(2).sum(dim=(0, 1, 3)).clamp_min(1e-30)
+    hydra.head_gamma.copy_(gamma)
+
+
+def teacher_head_tau(model, input_ids: torch.Tensor, init: GDNInit) -> torch.Tensor | None:
+    """[layers, heads]: decay time constants (tokens) whose exponential weights have each teacher head's mean
+    attention distance over `input_ids` [B, T], as init.decay says; None for "spread" (no teacher statistic)."""
+    if init.decay == "spread":
+        return None
+    skip_sink = init.decay == "distance-nosink"
+    distance = teacher_attention_distance(model, input_ids, skip_sink=skip_sink)
+    length = input_ids.shape[-1] - int(skip_sink)
+    return tau_for_distance(distance, length, init.tau_min, init.tau_max)
 
 
 def _head_dim(config) -> int:
@@ -155,10 +317,10 @@ def _reject_padding(module, args, kwargs):
 
 
 def build_hydra(
-    attn_module, config, fa_heads, init: GDNInit, fa_backend: str, gdn_backend: str, head_rms=None
+    attn_module, config, fa_heads, init: GDNInit, fa_backend: str, gdn_backend: str, head_rms=None, head_tau=None
 ) -> HydraAttention:
-    """A HydraAttention holding the teacher attention's weights, with new GDN parameters as `init` says and
-    gammas from head_rms [heads] (the teacher heads' RMS outputs)."""
+    """A HydraAttention holding the teacher attention's weights, with new GDN parameters as `init` says,
+    gammas from head_rms [heads] (the teacher heads' RMS outputs) and decays from head_tau [heads] (tokens)."""
     heads, kv, d = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
     from hhbench.models.loader import rope_theta_of
 
@@ -190,18 +352,23 @@ def build_hydra(
             hydra.q_norm.weight.copy_(q_norm.weight)
             hydra.k_norm.weight.copy_(attn_module.k_norm.weight)
     if hydra.gdn is not None:
-        init_gdn(hydra, init, head_rms)
+        init_gdn(hydra, init, head_rms, head_tau)
     return hydra
 
 
 @torch.no_grad()
-def init_gdn(hydra: HydraAttention, init: GDNInit, head_rms: torch.Tensor | None = None) -> None:
-    """Set a HydraAttention's new parameters as GDNInit says; head_rms [heads] sets gamma (else 1)."""
+def init_gdn(
+    hydra: HydraAttention, init: GDNInit, head_rms: torch.Tensor | None = None, head_tau: torch.Tensor | None = None
+) -> None:
+    """Set a HydraAttention's new parameters as GDNInit says; head_rms [heads] sets gamma (else 1), head_tau
+    [heads] the GDN heads' decay time constants in tokens (clamped to [tau_min, tau_max]; else log-spaced)."""
     gdn = hydra.gdn
     n = gdn.n_heads
     gdn.a_proj.weight.zero_()
     gdn.A_log.zero_()
-    if n == 1:
+    if head_tau is not None:
+        tau = head_tau.float()[list(hydra.split.la_heads)].clamp(init.tau_min, init.tau_max)
+    elif n == 1:
         tau = torch.tensor([math.sqrt(init.tau_min * init.tau_max)])
     else:
         tau = torch.logspace(math.log10(init.tau_min), math.log10(init.tau_max), n)
@@ -254,8 +421,13 @@ def convert(
     init: GDNInit = GDNInit(),  # noqa: B008  (frozen)
     fa_backend: str = "auto",
     gdn_backend: str = "auto",
+    head_tau: torch.Tensor | None = None,
+    calibration_ids: torch.Tensor | None = None,
 ):
-    """Convert `model` in place to `plan`; head_rms [layers, heads] from `teacher_head_rms` sets gamma."""
+    """Convert `model` in place to `plan`; head_rms [layers, heads] from `teacher_head_rms` sets gamma, head_tau
+    [layers, heads] from `teacher_head_tau` the GDN heads' decays (else GDNInit's log-spaced ones). With
+    calibration_ids [B, T] and init.gamma "least-squares", gammas are fitted to the teacher's head outputs on them
+    instead (one teacher forward before conversion)."""
     layers = decoder_layers(model)
     config = model.config
     if plan.shape.n_layers != len(layers) or plan.shape.n_heads != config.num_attention_heads:
@@ -263,11 +435,16 @@ def convert(
     if len(plan.layers) != len(layers):
         raise ValueError("a conversion needs one plan entry per layer")
     check_convertible(model, plan)
+    fit = calibration_ids is not None and init.gamma == "least-squares" and any(a.n_la for a in plan.layers)
+    io = teacher_attention_io(model, calibration_ids) if fit else None
     for i, (layer, assignment) in enumerate(zip(layers, plan.layers, strict=True)):
         if assignment.n_la == 0:
             continue  # no GDN head: the teacher's module, untouched
         rms = head_rms[i] if head_rms is not None else None
-        hydra = build_hydra(layer.self_attn, config, assignment.fa_heads, init, fa_backend, gdn_backend, rms)
+        tau = head_tau[i] if head_tau is not None else None
+        hydra = build_hydra(layer.self_attn, config, assignment.fa_heads, init, fa_backend, gdn_backend, rms, tau)
+        if io is not None:
+            fit_head_gamma(hydra, *io[i])
         layer.self_attn = HydraAdapter(hydra, i)
     if any(a.n_la for a in plan.layers) and not getattr(model, "_hhbench_guard", False):
         getattr(model, "model", model).register_forward_pre_hook(_reject_padding, with_kwargs=True)
