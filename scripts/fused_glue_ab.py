@@ -3,7 +3,7 @@ same points. Layer scope, qwen3-1.7b, B=1, bf16, default backends (auto). Prints
 ms per layer with the reference glue, with the fused glue, their ratio, and the fused point's relative error
 against the fp32 reference (hhbench's own correctness check).
 
-    python results/fused-glue-h200/experiments.py [prefill,decode,train] [16k,64k,128k]
+    python scripts/fused_glue_ab.py [prefill,decode,train] [16k,64k,128k]
 """
 
 import sys
