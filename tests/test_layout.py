@@ -99,6 +99,10 @@ def test_explicit_head_map_from_json(tmp_path):
     path.write_text(json.dumps({"fa_heads": [[0]]}))
     with pytest.raises(UserError, match="1 layers"):
         build_plan(PRESETS["tiny"], HybridSpec(Layout.HEAD, Ratio(7, 1), head_map=HeadMap.load(path)))
+    for index in (0.5, True, "3", -1):  # int() would take the first three
+        path.write_text(json.dumps({"fa_heads": [[0], [index], [1], [2]]}))
+        with pytest.raises(UserError, match="fa_heads must be lists of head indices"):
+            HeadMap.load(path)
 
 
 def test_distinct_layers_cover_the_model():

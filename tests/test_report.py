@@ -111,6 +111,14 @@ def test_png_without_chromium_says_so_and_still_writes_the_page(runs, tmp_path):
     assert not (tmp_path / "png" / "speedup.png").exists()
 
 
+def test_png_folder_that_is_a_file_is_bad_input(runs, tmp_path):
+    blocker = tmp_path / "png"
+    blocker.write_text("")
+    result = run_main("report", str(runs[3]), "--out", str(tmp_path / "report.html"), "--png", str(blocker))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "is a file, not a folder" in result.stderr, result.stderr
+
+
 def test_analytic_only_report(runs):
     report = build_report(load_runs([runs[2]]))
     assert [f.slug for f in report.figures] == ["speedup", "flops-tiny-prefill", "flops-tiny-train",

@@ -53,8 +53,8 @@ class Report:
         """Each figure as a PNG, through kaleido and a local Chromium. Raises RuntimeError saying why not."""
         folder = Path(folder)
         paths = [folder / f"{figure.slug}.png" for figure in self.figures]
+        make_folder(folder)  # a bad folder is the user's input (UserError, exit 2), not a missing tool
         try:
-            make_folder(folder)
             plots = [figure.figure for figure in self.figures]
             heights = [plot.layout.height for plot in plots]
             pio.write_images(plots, paths, width=PNG_WIDTH, height=heights)

@@ -80,6 +80,13 @@ class GDNConfig:
         return (self.head_k_dim or head_dim, self.head_v_dim or head_dim)
 
 
+def _head_index(value) -> int:
+    """A head index as JSON gives it: a whole number >= 0 (not 0.5, true or "3", which int() would take)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"not a head index: {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class HeadMap:
     """Per layer, which heads keep full attention; optional per-head scores it was chosen from."""
@@ -95,7 +102,7 @@ class HeadMap:
         if not isinstance(data, dict) or ("fa_heads" not in data and "scores" not in data):
             raise UserError(f"head map {path} has neither 'fa_heads' nor 'scores'")
         try:
-            fa = tuple(tuple(sorted(int(h) for h in layer)) for layer in data.get("fa_heads") or ())
+            fa = tuple(tuple(sorted(_head_index(h) for h in layer)) for layer in data.get("fa_heads") or ())
             scores = data.get("scores")
             scores = tuple(tuple(float(s) for s in layer) for layer in scores) if scores else None
         except (TypeError, ValueError):
