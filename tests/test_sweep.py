@@ -276,3 +276,12 @@ def test_a_suite_asking_for_streams_on_the_cpu_is_refused(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "mode streams runs the two backends on two CUDA streams, and this run is on cpu" in result.stderr
     assert not (tmp_path / "s-cpu").exists()
+
+
+def test_a_suite_asking_for_cuda_graphs_on_the_cpu_is_refused(tmp_path):
+    suite = tmp_path / "graphs.toml"
+    suite.write_text('name = "g"\n[[grid]]\nmodels = ["tiny"]\nlayouts = ["head"]\n[timing]\ngraph = true\n')
+    result = run_main("sweep", "--suite", str(suite), "--device", "cpu", "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "[timing] graph = true captures CUDA graphs, and this run is on cpu" in result.stderr
+    assert not (tmp_path / "g-cpu").exists()

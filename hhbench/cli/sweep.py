@@ -142,6 +142,8 @@ def sweep(
         points = [dataclasses.replace(point, floor=False) for point in points]
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    if policy.graph and where.type != "cuda":  # refused, not silently timed eagerly (as --mode streams)
+        raise UserError(f"[timing] graph = true captures CUDA graphs, and this run is on {where.type}")
     run_dir = RunDir(run_folder(out, run or default_run_name(name, where))).create()
     # Started at the first finished point, so that set-up errors stay one line on stderr.
     progress = Progress(
