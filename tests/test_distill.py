@@ -195,6 +195,9 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "empty.jsonl")], "holds no text")
     one_line(capsys, [*base, "--variants", "head:3:1", "--seq", "9000"], "longer than")
     one_line(capsys, [*base, "--variants", "head:3:1", "--stage1-tokens", "0", "--stage2-tokens", "0"], "zero tokens")
+    for flag in ("--run", "--run-name"):  # a run stays inside --out
+        one_line(capsys, [*base, "--variants", "head:3:1", flag, "../esc"], "bad run name")
+    assert not (tmp_path.parent / "esc").exists()
     assert main_ok(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--stop-after", "1"])
     one_line(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--lr-new", "0.01"], "another recipe")
 

@@ -9,6 +9,7 @@ import typer
 
 from hhbench.cli.app import app
 from hhbench.errors import UserError
+from hhbench.files import run_folder
 from hhbench.spec.units import parse_count, split_list
 
 Opt = typer.Option
@@ -99,6 +100,7 @@ def distill(
 
     offline()
     quiet_logs()
+    run_path = run_folder(out, run or f"distill-{Path(model).name}")
     variant_list = parse_variants(split_list(variants))
     tokens1, tokens2 = parse_tokens(stage1_tokens, "--stage1-tokens"), parse_tokens(stage2_tokens, "--stage2-tokens")
     if tokens1 + tokens2 == 0:
@@ -153,7 +155,7 @@ def distill(
         grad_clip=grad_clip, answer_weight=answer_weight, answer_ce=answer_ce, seed=seed, dtype=dtype,
         init=dataclasses.asdict(GDNInit()),
     )  # fmt: skip
-    run_dir = RunDir(Path(out) / (run or f"distill-{Path(model).name}"))
+    run_dir = RunDir(run_path)
     if dist.rank == 0:
         run_dir.create()
         recipe_mod.write_recipe(run_dir.path, recipe)
