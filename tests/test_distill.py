@@ -202,6 +202,24 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--lr-new", "0.01"], "another recipe")
 
 
+def test_a_refused_command_writes_nothing_and_the_corrected_one_runs(capsys, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from hhbench.models.loader import char_tokenizer
+
+    folder = tmp_path / "windowed"
+    char_tokenizer(folder)
+    config = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=8, sliding_window=8)  # fmt: skip
+    MistralForCausalLM(config).save_pretrained(folder)
+    capsys.readouterr()  # save_pretrained's progress bar
+    base = ["distill", "--model", str(folder), "--seq", "128", "--stage1-tokens", "256", "--stage2-tokens", "0",
+            "--batch", "2", "--out", str(tmp_path), "--run", "w"]  # fmt: skip
+    one_line(capsys, [*base, "--variants", "head:3:1"], "sliding-window attention")
+    assert not (tmp_path / "w").exists()
+    assert main_ok(capsys, [*base, "--variants", "layer:3:1"])
+
+
 def main_ok(capsys, argv: list[str]) -> bool:
     with pytest.raises(SystemExit) as exit_:
         main(argv)

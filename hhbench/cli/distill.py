@@ -93,7 +93,7 @@ def distill(
     from hhbench.distill import train as train_mod
     from hhbench.eval.runner import quiet_logs
     from hhbench.measure.env import capture_env
-    from hhbench.models.convert import GDNInit
+    from hhbench.models.convert import GDNInit, check_convertible
     from hhbench.models.loader import load_model, offline
     from hhbench.models.variants import parse_variants
     from hhbench.rows.runs import RunDir
@@ -139,8 +139,10 @@ def distill(
     positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if positions is not None and seq + 1 > positions:
         raise UserError(f"--seq {seq} is longer than {model}'s {positions} positions")
-    for variant in variant_list:  # bad head maps fail before the teacher runs
-        variant.plan(loaded.shape, head_map or None)
+    for variant in variant_list:  # bad head maps and refused conversions fail before the run folder is made
+        plan = variant.plan(loaded.shape, head_map or None)
+        if plan is not None:
+            check_convertible(loaded.model, plan)
     has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
     use_chat = has_template if chat == "auto" else chat == "on"
     if use_chat and not has_template:
