@@ -216,6 +216,7 @@ def test_a_refused_command_writes_nothing_and_the_corrected_one_runs(capsys, tmp
     base = ["distill", "--model", str(folder), "--seq", "128", "--stage1-tokens", "256", "--stage2-tokens", "0",
             "--batch", "2", "--out", str(tmp_path), "--run", "w"]  # fmt: skip
     one_line(capsys, [*base, "--variants", "head:3:1"], "sliding-window attention")
+    one_line(capsys, [*base, "--variants", "layer:3:1", "--fa-backend", "bogus"], "unknown FA backend")
     assert not (tmp_path / "w").exists()
     assert main_ok(capsys, [*base, "--variants", "layer:3:1"])
 
