@@ -6,6 +6,7 @@ import ast
 import copy
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -158,6 +159,28 @@ def test_no_eval_template_in_the_training_stream(teacher):
     assert answer.any(dim=1).all()  # every generated document has answer positions
     first = ids[0][answer[0]].tolist()
     assert teacher.tokenizer.decode(first).strip().replace(", ", "").isalnum()
+
+
+def test_sequences_start_as_evaluated_prompts_do(tmp_path):
+    from hhbench.models.loader import char_tokenizer
+    from hhbench.models.tokens import encode
+
+    tokenizer = char_tokenizer(tmp_path, add_bos=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    stream = data.RetrievalStream(tokenizer, 128, chat=False)
+    for seed in range(8):
+        made = stream.sequence(random.Random(seed))
+        assert len(made.ids) == 129 and made.ids[0] == bos and made.ids.count(bos) == 1 and made.ids[-1] == eos
+        # the document, less its EOS, is what the evaluation's tokenization of its text gives
+        assert made.ids[:-1] == encode(tokenizer, tokenizer.decode(made.ids[1:-1]))
+        marked = [i for i, answer in enumerate(made.answer) if answer]
+        assert marked == list(range(marked[0], 128)), marked  # one run of tokens, up to the EOS
+        answer = tokenizer.decode([made.ids[i] for i in marked])
+        assert tokenizer.decode(made.ids[marked[0] - 1]) in (":", ">")
+        assert re.fullmatch(r" (\d{4,8}|[a-z]+\d+(, [a-z]+\d+)*)", answer), answer
+    stream = data.TokenStream(tokenizer, 128, 0, 0.5, ["x" * 100, "y" * 100], chat=False)
+    x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
+    assert stream.corpus.tolist() == [bos, *[x] * 100, eos, bos, *[y] * 100, eos]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path, teacher):
