@@ -6,6 +6,7 @@ import ast
 import copy
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -160,6 +161,28 @@ def test_no_eval_template_in_the_training_stream(teacher):
     assert teacher.tokenizer.decode(first).strip().replace(", ", "").isalnum()
 
 
+def test_sequences_start_as_evaluated_prompts_do(tmp_path):
+    from hhbench.models.loader import char_tokenizer
+    from hhbench.models.tokens import encode
+
+    tokenizer = char_tokenizer(tmp_path, add_bos=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    stream = data.RetrievalStream(tokenizer, 128, chat=False)
+    for seed in range(8):
+        made = stream.sequence(random.Random(seed))
+        assert len(made.ids) == 129 and made.ids[0] == bos and made.ids.count(bos) == 1 and made.ids[-1] == eos
+        # the document, less its EOS, is what the evaluation's tokenization of its text gives
+        assert made.ids[:-1] == encode(tokenizer, tokenizer.decode(made.ids[1:-1]))
+        marked = [i for i, answer in enumerate(made.answer) if answer]
+        assert marked == list(range(marked[0], 128)), marked  # one run of tokens, up to the EOS
+        answer = tokenizer.decode([made.ids[i] for i in marked])
+        assert tokenizer.decode(made.ids[marked[0] - 1]) in (":", ">")
+        assert re.fullmatch(r" (\d{4,8}|[a-z]+\d+(, [a-z]+\d+)*)", answer), answer
+    stream = data.TokenStream(tokenizer, 128, 0, 0.5, ["x" * 100, "y" * 100], chat=False)
+    x, y = tokenizer.convert_tokens_to_ids(["x", "y"])
+    assert stream.corpus.tolist() == [bos, *[x] * 100, eos, bos, *[y] * 100, eos]
+
+
 def test_two_gloo_ranks_equal_one_process(tmp_path, teacher):
     args = ["distill", "--model", "tiny-random-llama", "--variants", "head:3:1", "--stage1-tokens", "1k",
             "--stage2-tokens", "1k", "--seq", "128", "--batch", "4", "--log-every", "1", "--out", str(tmp_path)]  # fmt: skip
@@ -195,8 +218,30 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "empty.jsonl")], "holds no text")
     one_line(capsys, [*base, "--variants", "head:3:1", "--seq", "9000"], "longer than")
     one_line(capsys, [*base, "--variants", "head:3:1", "--stage1-tokens", "0", "--stage2-tokens", "0"], "zero tokens")
+    for flag in ("--run", "--run-name"):  # a run stays inside --out
+        one_line(capsys, [*base, "--variants", "head:3:1", flag, "../esc"], "bad run name")
+    assert not (tmp_path.parent / "esc").exists()
     assert main_ok(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--stop-after", "1"])
     one_line(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--lr-new", "0.01"], "another recipe")
+
+
+def test_a_refused_command_writes_nothing_and_the_corrected_one_runs(capsys, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from hhbench.models.loader import char_tokenizer
+
+    folder = tmp_path / "windowed"
+    char_tokenizer(folder)
+    config = MistralConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=8, sliding_window=8)  # fmt: skip
+    MistralForCausalLM(config).save_pretrained(folder)
+    capsys.readouterr()  # save_pretrained's progress bar
+    base = ["distill", "--model", str(folder), "--seq", "128", "--stage1-tokens", "256", "--stage2-tokens", "0",
+            "--batch", "2", "--out", str(tmp_path), "--run", "w"]  # fmt: skip
+    one_line(capsys, [*base, "--variants", "head:3:1"], "sliding-window attention")
+    one_line(capsys, [*base, "--variants", "layer:3:1", "--fa-backend", "bogus"], "unknown FA backend")
+    assert not (tmp_path / "w").exists()
+    assert main_ok(capsys, [*base, "--variants", "layer:3:1"])
 
 
 def main_ok(capsys, argv: list[str]) -> bool:

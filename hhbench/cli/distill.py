@@ -9,6 +9,7 @@ import typer
 
 from hhbench.cli.app import app
 from hhbench.errors import UserError
+from hhbench.files import run_folder
 from hhbench.spec.units import parse_count, split_list
 
 Opt = typer.Option
@@ -91,14 +92,17 @@ def distill(
     from hhbench.distill import recipe as recipe_mod
     from hhbench.distill import train as train_mod
     from hhbench.eval.runner import quiet_logs
+    from hhbench.kernels.registry import FA, GDN
+    from hhbench.kernels.registry import get as backend
     from hhbench.measure.env import capture_env
-    from hhbench.models.convert import GDNInit
+    from hhbench.models.convert import GDNInit, check_convertible
     from hhbench.models.loader import load_model, offline
     from hhbench.models.variants import parse_variants
     from hhbench.rows.runs import RunDir
 
     offline()
     quiet_logs()
+    run_path = run_folder(out, run or f"distill-{Path(model).name}")
     variant_list = parse_variants(split_list(variants))
     tokens1, tokens2 = parse_tokens(stage1_tokens, "--stage1-tokens"), parse_tokens(stage2_tokens, "--stage2-tokens")
     if tokens1 + tokens2 == 0:
@@ -133,12 +137,17 @@ def distill(
     set_cpu_threads(threads, target)  # small CPU models' ops are too small to share: 2 threads ran 6x slower
     if gdn_backend == "auto" and target.type == "cpu":
         gdn_backend = "torch-recurrent"  # trains ~2x faster than torch-chunk at small head dims (the same values)
+    for name, kind in ((fa_backend, FA), (gdn_backend, GDN)):  # an unknown name fails before the run folder
+        if name != "auto":
+            backend(name, kind)
     loaded = load_model(model, str(target), dtype)
     positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if positions is not None and seq + 1 > positions:
         raise UserError(f"--seq {seq} is longer than {model}'s {positions} positions")
-    for variant in variant_list:  # bad head maps fail before the teacher runs
-        variant.plan(loaded.shape, head_map or None)
+    for variant in variant_list:  # bad head maps and refused conversions fail before the run folder is made
+        plan = variant.plan(loaded.shape, head_map or None)
+        if plan is not None:
+            check_convertible(loaded.model, plan)
     has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
     use_chat = has_template if chat == "auto" else chat == "on"
     if use_chat and not has_template:
@@ -153,7 +162,7 @@ def distill(
         grad_clip=grad_clip, answer_weight=answer_weight, answer_ce=answer_ce, seed=seed, dtype=dtype,
         init=dataclasses.asdict(GDNInit()),
     )  # fmt: skip
-    run_dir = RunDir(Path(out) / (run or f"distill-{Path(model).name}"))
+    run_dir = RunDir(run_path)
     if dist.rank == 0:
         run_dir.create()
         recipe_mod.write_recipe(run_dir.path, recipe)

@@ -9,6 +9,11 @@ hhbench.select.probes): training must not teach the test's wording. Four kinds o
 - kv: a table of key -> value entries, one key looked up;
 - chain: variable tracking, `slot X holds N`, `slot Y copies slot X`, ...; every slot holding N is the answer.
 
+Special tokens follow the evaluation's convention (hhbench.models.tokens): a retrieval document starts with the
+special tokens `encode` puts before its whole text, as an evaluated prompt does (BOS for tokenizers that add it,
+none where a chat template writes BOS itself); each text document is encoded the same way and followed by EOS,
+so the corpus windows see a document's start as the model sees a prompt's start.
+
 Sequence i of a run is a pure function of (seed, i): every variant sees the same stream in the same order, a
 resumed run continues where it stopped, and data-parallel ranks each take their slice of the same global batch.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 import torch
 
 from hhbench.errors import UserError
+from hhbench.models.tokens import special_prefix, writes_bos
 
 KINDS = ("single", "multi", "kv", "chain")
 
@@ -110,7 +116,7 @@ class Sequence:
 
 class RetrievalStream:
     """Generated retrieval documents of exactly seq + 1 tokens, assembled from separately tokenized parts (the
-    filler sentences are tokenized once, into a pool)."""
+    filler sentences are tokenized once, into a pool) after the special tokens an evaluated prompt starts with."""
 
     def __init__(self, tokenizer, seq: int, chat: bool, pool: int = 512):
         self.tokenizer, self.seq = tokenizer, seq
@@ -124,6 +130,7 @@ class RetrievalStream:
                 [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
             )
             self.user_prefix, self.user_suffix = text.split(marker)
+        self.start = [] if writes_bos(tokenizer, self.user_prefix) else special_prefix(tokenizer)
         if self._parts(make_example("single", random.Random(0), 1), intro="") is None:
             raise UserError(f"--seq {seq} is too short for a retrieval document: use at least 128 tokens")
 
@@ -131,7 +138,7 @@ class RetrievalStream:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _parts(self, example: Example, intro: str):
-        head = self.encode(self.user_prefix + intro)
+        head = self.start + self.encode(self.user_prefix + intro)
         facts = [self.encode(" " + fact) for fact in example.facts]
         tail = self.encode("\n\n" + example.question + self.user_suffix + example.prefix)
         answer = self.encode(" " + example.answer) + self.eos
@@ -205,7 +212,8 @@ def read_texts(paths: list[str]) -> list[str]:
 
 class TokenStream:
     """Sequence i: with probability `retrieval_ratio` a generated retrieval document, else the i-th window of the
-    text corpus (documents tokenized once, joined by EOS). Batches are [B, seq + 1] ids and answer masks."""
+    text corpus (documents tokenized once, each as an evaluated prompt starts, BOS where the tokenizer adds it,
+    and followed by EOS). Batches are [B, seq + 1] ids and answer masks."""
 
     def __init__(self, tokenizer, seq: int, seed: int, retrieval_ratio: float, texts: list[str], chat: bool):
         self.seq, self.seed = seq, seed
@@ -214,8 +222,11 @@ class TokenStream:
         self.corpus = None
         if texts:
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            start = special_prefix(tokenizer)
             encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-            self.corpus = torch.tensor([t for ids in encoded for t in [*ids, *eos]], dtype=torch.long)
+            documents = [[*([] if writes_bos(tokenizer, text) else start), *ids, *eos]
+                         for text, ids in zip(texts, encoded, strict=True)]  # fmt: skip
+            self.corpus = torch.tensor([t for ids in documents for t in ids], dtype=torch.long)
             if len(self.corpus) < seq + 1:
                 raise UserError(f"--data holds {len(self.corpus)} tokens, fewer than one sequence of {seq + 1}")
 

@@ -5,10 +5,16 @@ starts with the BOS token's text (a chat template that writes it), which is what
 encodes a prompt (`tok_encode`, `tok_batch_encode`, with `add_bos_token` unset as `hhbench eval` leaves it)."""
 
 
+def writes_bos(tokenizer, text: str) -> bool:
+    """Whether `text` already starts with the BOS token's text (a chat template that writes it), so that
+    `encode` adds no special tokens to it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """The ids of a whole prompt, special tokens as the tokenizer adds them (see the module's doc)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+    return list(tokenizer(text, add_special_tokens=not writes_bos(tokenizer, text))["input_ids"])
 
 
 def special_prefix(tokenizer) -> list[int]:
