@@ -166,7 +166,7 @@ def test_sweep_dedupes_by_the_same_rule_as_flops(tmp_path):
     many = {"models": "tiny,tiny", "ratios": "3:1,6:2,9:3", "contexts": [64, 64], "passes": "prefill,decode,prefill"}
     assert grid_points(many, "cpu") == one  # within one grid
     six = grid_points({"models": "tiny", "ratios": "6:2", "contexts": [64], "passes": "prefill,decode"}, "cpu")
-    assert [p.key[1] for p in six] == [p.key[1] for p in one] and {p.ratio for p in six} == {"6:2"}
+    assert [p.identity[1] for p in six] == [p.identity[1] for p in one] and {p.ratio for p in six} == {"6:2"}
     assert dedupe(one + six) == one  # across [[grid]] tables: the first text asked wins
     path = suite(tmp_path, "[[grid]]\nmodels = 'tiny'\nratios = ['6:2']\ncontexts = [64, 64]\n")
     assert len(load_suite(path, "cpu").points) == len(grid_points({"models": "tiny", "contexts": [64]}, "cpu"))

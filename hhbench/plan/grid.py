@@ -47,14 +47,9 @@ class Point:
     floor: bool = False  # also time the point's necessary kernels alone (layer and model scope)
 
     @property
-    def key(self) -> tuple:
-        """The same tuple as Row.key of the row this point produces."""
-        name, variant, *rest = self.identity
-        return (name, variant, self.ratio, *rest)
-
-    @property
     def identity(self) -> tuple:
-        """What is measured, whatever ratio text asked for it (the variant holds the normalized ratio)."""
+        """What is measured, whatever ratio text asked for it (the variant holds the normalized ratio): the same
+        tuple as Row.key of the row this point produces, so plan and resume drop repeats by one rule."""
         return (self.shape.name, self.spec.normalized().label, self.context, self.batch, self.pass_.value,
                 self.scope.value, self.dtype, self.fa_backend, self.gdn_backend, self.mode,
                 self.spec.head_map.source if self.spec.head_map else "", self.spec.kv_aware)  # fmt: skip
