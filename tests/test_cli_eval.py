@@ -19,8 +19,10 @@ def one_line_error(result, text: str):
 
 
 def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
-    args = ["eval", "--model", "tiny-random-llama", "--variants", "teacher,head:3:1,layer:3:1", "--tasks",
-            "passkey,copy,passkey_ll", "--lengths", "384", "--limit", "2", "--out", str(tmp_path), "--run", "tiny"]  # fmt: skip
+    # anything asked twice, a ratio in other terms included, is evaluated once
+    args = ["eval", "--model", "tiny-random-llama", "--variants", "teacher,head:3:1,layer:3:1,layer:6:2,teacher",
+            "--tasks", "passkey,copy,passkey_ll,passkey", "--lengths", "384,384", "--limit", "2", "--out",
+            str(tmp_path), "--run", "tiny"]  # fmt: skip
     result = cli(*args, timeout=240)
     assert result.returncode == 0, result.stderr
     run = RunDir.open(tmp_path / "tiny")
@@ -42,7 +44,8 @@ def test_end_to_end_on_a_tiny_llama_and_resume(cli, tmp_path):
     assert json.loads(run.env_path.read_text())["versions"]["lm-eval"]
     assert "against layer:3:1" in result.stdout and "| passkey | acc | 384 |" in result.stdout
     assert "| passkey_ll | retrieval_gain | 384 |" in result.stdout
-    again = cli(*args, timeout=240)
+    assert len(rows) == len(keys) and {r.variant for r in rows} == {"teacher", "head:3:1", "layer:3:1"}
+    again = cli(*args[:4], "teacher,head:6:2:uniform,layer:9:3", *args[5:], timeout=240)  # a resume in other terms
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skip ") == 9
     assert len(RunDir.open(tmp_path / "tiny").eval_rows()) == len(rows)

@@ -56,9 +56,14 @@ def test_bad_variants_are_one_line_errors(text):
         parse_variant(text)
 
 
-def test_duplicates_and_extensibility():
-    with pytest.raises(UserError, match="twice"):
-        parse_variants(["head:7:1", "head:7:1:uniform"])
+def test_one_rule_for_repeats_and_extensibility(tmp_path):
+    texts = ["teacher", "head:14:2", "layer:6:2", "head:7:1:uniform", "layer:3:1", "teacher", "head:6:2:random:1"]
+    assert [v.label for v in parse_variants(texts)] == ["teacher", "head:7:1", "layer:3:1", "head:3:1:random:1"]
+    assert parse_variant("layer:6:2").plan(SMOL) == parse_variant("layer:3:1").plan(SMOL)
+    students = [f"layer:3:1@{tmp_path}/a/r", f"layer:6:2@{tmp_path}/a/../a/r"]
+    assert [v.label for v in parse_variants(students)] == ["layer:3:1@r"]
+    with pytest.raises(UserError, match="names two students"):
+        parse_variants([f"layer:3:1@{tmp_path}/a/r", f"layer:3:1@{tmp_path}/b/r"])
     assert {"uniform", "random", "map", "selected"} <= set(HEAD_CHOICES)
 
 

@@ -104,6 +104,13 @@ GRID_KNOWN = "known are batch, contexts, dtype, fa_backend, floor, gdn_backend, 
         ("", "[[grid]]\nmodels = 'tiny'\nparts = 1\n", "[[grid]] 2: grid key parts takes true or false, got 1"),
         ("", "[[grid]]\nmodels = 'tiny'\nbatch = [1.5]\n", "[[grid]] 2: grid key batch takes whole numbers"),
         ("", "[[grid]]\nmodels = 'tiny'\ngdn_chunk = [32, 64]\n", "grid key gdn_chunk takes one whole number"),
+        ("", "[[grid]]\nmodels = 'tiny'\nscopes = [1]\n", "[[grid]] 2: grid key scopes takes a string or a list"),
+        ("", "[[grid]]\nmodels = 'tiny'\nhead_map = 3\n", "[[grid]] 2: grid key head_map takes a string or a"),
+        ("", "[[grid]]\nmodels = 3\n", "[[grid]] 2: grid key models takes a string or a list of strings, got 3"),
+        ("", "[[grid]]\nmodels = 'tiny'\nratios = [3]\n", "[[grid]] 2: grid key ratios takes a string"),
+        ("", "[[grid]]\nmodels = 'tiny'\nset = {a = 1}\n", "[[grid]] 2: grid key set takes a string"),
+        ("", "[[grid]]\nmodels = 'tiny'\ncontexts = [true]\n", "grid key contexts takes strings or whole numbers"),
+        ("", "[[grid]]\nmodels = 'tiny'\ndtype = [[1]]\n", "[[grid]] 2: grid key dtype takes a string"),
         ('nmae = "x"\n', "", "unknown key 'nmae': known are device, grid, name, timing"),
         ("timing = 5\n", "", "timing must be a [timing] table, got 5"),
     ],
@@ -121,6 +128,14 @@ def test_device_and_name(tmp_path):
         path.write_text(text + '[[grid]]\nmodels = "tiny"\n')
         with pytest.raises(UserError, match=message):
             load_suite(str(path), "cpu")
+
+
+def test_a_grid_that_is_not_tables(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\ngrid = 3\n')
+    with pytest.raises(UserError) as error:
+        load_suite(str(path), "cpu")
+    assert str(error.value) == f"suite {path}: grid must be [[grid]] tables, got 3"
 
 
 def test_the_shipped_suites_use_known_keys_only():
@@ -151,7 +166,7 @@ def test_sweep_dedupes_by_the_same_rule_as_flops(tmp_path):
     many = {"models": "tiny,tiny", "ratios": "3:1,6:2,9:3", "contexts": [64, 64], "passes": "prefill,decode,prefill"}
     assert grid_points(many, "cpu") == one  # within one grid
     six = grid_points({"models": "tiny", "ratios": "6:2", "contexts": [64], "passes": "prefill,decode"}, "cpu")
-    assert [p.key[1] for p in six] == [p.key[1] for p in one] and {p.ratio for p in six} == {"6:2"}
+    assert [p.identity[1] for p in six] == [p.identity[1] for p in one] and {p.ratio for p in six} == {"6:2"}
     assert dedupe(one + six) == one  # across [[grid]] tables: the first text asked wins
     path = suite(tmp_path, "[[grid]]\nmodels = 'tiny'\nratios = ['6:2']\ncontexts = [64, 64]\n")
     assert len(load_suite(path, "cpu").points) == len(grid_points({"models": "tiny", "contexts": [64]}, "cpu"))

@@ -122,6 +122,17 @@ def test_asking_for_parts_measures_a_finished_point_again(tmp_path):
     assert again.new == 0 and again.skipped == 1
 
 
+def test_a_resumed_sweep_skips_a_point_whatever_spelling_of_its_ratio_asks(cli, tmp_path):
+    tiny = ["--models", "tiny", "--layouts", "head,layer", "--contexts", "256", "--passes", "prefill", "--scopes",
+            "kernel", "--target-ms", "1", "--min-reps", "2", "--warmup-ms", "1", "--out", str(tmp_path), "--run", "dd"]  # fmt: skip
+    first = cli("sweep", "--ratios", "6:2", *tiny)
+    assert first.returncode == 0 and "2 new rows" in first.stdout, first.stderr
+    again = cli("sweep", "--ratios", "3:1,9:3", *tiny)
+    assert again.returncode == 0 and "0 new rows" in again.stdout, again.stdout + again.stderr
+    rows = rows_of(tmp_path / "dd")
+    assert sorted(row["variant"] for row in rows) == ["head:3:1", "layer:3:1"] and {r["ratio"] for r in rows} == {"6:2"}
+
+
 def test_isolated_points(cli, tmp_path):
     result = cli("sweep", "--models", "tiny", "--layouts", "head", "--ratios", "3:1", "--contexts", "64",
                  "--passes", "prefill,decode", "--isolate", "--out", str(tmp_path), "--run", "iso", "--target-ms", "2")  # fmt: skip

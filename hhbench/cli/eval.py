@@ -52,11 +52,12 @@ def eval_(
     from hhbench.models.variants import parse_variants
     from hhbench.rows.runs import RunDir
     from hhbench.rows.schema import EvalRow, read_rows
+    from hhbench.spec.parse import unique
 
     offline()
     variant_list = parse_variants(split_list(variants))
     task_list = runner.parse_tasks(split_list(tasks))
-    length_list = [parse_count(item, "length") for item in split_list(lengths)]
+    length_list = unique([parse_count(item, "length") for item in split_list(lengths)])
     if not length_list:
         raise UserError("no length given")
     if limit <= 0 or batch_size <= 0:

@@ -26,6 +26,7 @@ from hhbench.models.loader import LoadedModel
 from hhbench.models.tokens import encode
 from hhbench.models.variants import Variant
 from hhbench.rows.schema import ERROR, OK, EvalRow
+from hhbench.spec.parse import unique
 
 SUITES = Path(__file__).resolve().parents[2] / "suites" / "lm_eval"
 HH_PREFIX = "hh_"
@@ -68,7 +69,7 @@ def parse_tasks(names: list[str]) -> list[TaskRef]:
             tasks.append(TaskRef(name, name, False))
     if not tasks:
         raise UserError("no task given")
-    return tasks
+    return unique(tasks)  # passkey and hh_passkey are one task
 
 
 def task_manager(task: TaskRef, metadata: dict):

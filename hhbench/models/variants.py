@@ -10,6 +10,8 @@
     la                         every head Gated DeltaNet
     VARIANT@RUN                that variant's student distilled by `hhbench distill` into the run folder RUN
 
+A ratio is a proportion (head:6:2 is head:3:1, and is labelled so), and a variant asked for twice counts once.
+
 Head choices are a registry (`head_choice`): a new way to pick FA heads registers a function that turns the
 variant and the shape into a HeadMap (or None for the layout builder's own choice).
 """
@@ -121,7 +123,7 @@ def parse_variant(text: str) -> Variant:
             f"bad variant {text!r}: expected teacher, la, layer:LA:FA or head:LA:FA[:uniform|:random[:SEED]|"
             ":map=PATH|:selected]"
         )
-    layout, ratio = kinds[parts[0]], Ratio.parse(f"{parts[1]}:{parts[2]}")
+    layout, ratio = kinds[parts[0]], Ratio.parse(f"{parts[1]}:{parts[2]}").reduced()  # a proportion: 6:2 is 3:1
     base = f"{layout.value}:{ratio}"
     rest = parts[3:]
     if layout is Layout.LAYER or not rest:
@@ -150,11 +152,13 @@ def parse_variant(text: str) -> Variant:
 
 
 def parse_variants(texts: list[str]) -> list[Variant]:
-    variants = [parse_variant(text) for text in texts]
-    if not variants:
+    """Each variant once, by its canonical label (head:6:2 and head:3:1:uniform are head:3:1), in first-seen
+    order; two students of one label from different run folders are refused, since their rows would share it."""
+    unique: dict[str, Variant] = {}
+    for variant in map(parse_variant, texts):
+        kept = unique.setdefault(variant.label, variant)
+        if Path(kept.checkpoint).resolve() != Path(variant.checkpoint).resolve():
+            raise UserError(f"variant {variant.label} names two students: {kept.checkpoint} and {variant.checkpoint}")
+    if not unique:
         raise UserError("no variant given")
-    labels = [v.label for v in variants]
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise UserError(f"variant given twice: {', '.join(duplicates)}")
-    return variants
+    return list(unique.values())

@@ -47,14 +47,9 @@ class Point:
     floor: bool = False  # also time the point's necessary kernels alone (layer and model scope)
 
     @property
-    def key(self) -> tuple:
-        """The same tuple as Row.key of the row this point produces."""
-        name, variant, *rest = self.identity
-        return (name, variant, self.ratio, *rest)
-
-    @property
     def identity(self) -> tuple:
-        """What is measured, whatever ratio text asked for it (the variant holds the normalized ratio)."""
+        """What is measured, whatever ratio text asked for it (the variant holds the normalized ratio): the same
+        tuple as Row.key of the row this point produces, so plan and resume drop repeats by one rule."""
         return (self.shape.name, self.spec.normalized().label, self.context, self.batch, self.pass_.value,
                 self.scope.value, self.dtype, self.fa_backend, self.gdn_backend, self.mode,
                 self.spec.head_map.source if self.spec.head_map else "", self.spec.kv_aware)  # fmt: skip
@@ -70,10 +65,6 @@ class Suite:
 
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
-
-
-def _text(value) -> str:
-    return ",".join(str(v) for v in _as_list(value))
 
 
 def check_keys(found: dict, known, where: str = "") -> None:
@@ -100,16 +91,28 @@ def _flag(grid: dict, key: str, default: bool = False) -> bool:
     return value
 
 
-def _integers(grid: dict, key: str, default: int) -> list[int]:
+def _values(grid: dict, key: str, default, kinds: tuple = (str,), what: str = "a string or a list of strings") -> list:
+    """The key's value as a list, each item one of `kinds` (never a bool), else an error naming the key."""
     values = _as_list(grid.get(key, default))
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise UserError(f"grid key {key} takes whole numbers, got {grid[key]!r}")
+    if not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
+        raise UserError(f"grid key {key} takes {what}, got {grid[key]!r}")
     return values
+
+
+def _integers(grid: dict, key: str, default: int) -> list[int]:
+    return _values(grid, key, default, (int,), "whole numbers")
+
+
+def _text(
+    grid: dict, key: str, default: str, kinds: tuple = (str,), what: str = "a string or a list of strings"
+) -> str:
+    """A comma-separated option's text, as the CLI flag takes it."""
+    return ",".join(str(v) for v in _values(grid, key, default, kinds, what))
 
 
 def grid_points(grid: dict, device: str) -> list[Point]:
     check_keys(grid, GRID_KEYS)
-    shapes = options.models(_text(grid.get("models", "h32d128")), [str(s) for s in _as_list(grid.get("set", []))])
+    shapes = options.models(_text(grid, "models", "h32d128"), _values(grid, "set", []))
     for shape in shapes:
         if shape.windowed:  # the measured layers' FA backends attend to every earlier key
             raise UserError(
@@ -120,28 +123,28 @@ def grid_points(grid: dict, device: str) -> list[Point]:
     if not isinstance(chunk, int) or isinstance(chunk, bool):
         raise UserError(f"grid key gdn_chunk takes one whole number, got {chunk!r}")
     gdn = GDNConfig(chunk_size=chunk)
-    head_maps = _as_list(grid.get("head_map", ""))
+    head_maps = _values(grid, "head_map", "")
     specs = []
     for head_map in head_maps:
         specs += options.hybrid_specs(
-            _text(grid.get("layouts", "head,layer")), _text(grid.get("ratios", "3:1,7:1")), gdn, head_map or None,
+            _text(grid, "layouts", "head,layer"), _text(grid, "ratios", "3:1,7:1"), gdn, head_map or None,
             _flag(grid, "kv_aware"),
         )  # fmt: skip
-    contexts = options.contexts(_text(grid.get("contexts", "4k")))
+    contexts = options.contexts(_text(grid, "contexts", "4k", (str, int), "strings or whole numbers"))
     batches = [options.positive(b, "batch") for b in _integers(grid, "batch", 1)]
-    passes = options.passes(_text(grid.get("passes", "prefill")))
-    scopes = [Scope.parse(s) for s in _as_list(grid.get("scopes", "kernel"))]
-    dtypes = _as_list(grid.get("dtype", "bf16"))
+    passes = options.passes(_text(grid, "passes", "prefill"))
+    scopes = [Scope.parse(s) for s in _values(grid, "scopes", "kernel")]
+    dtypes = _values(grid, "dtype", "bf16")
     for dtype in dtypes:
         dtype_bytes(dtype)
-    modes = _as_list(grid.get("modes", SEQUENTIAL))
+    modes = _values(grid, "modes", SEQUENTIAL)
     for mode in modes:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
         if mode == STREAMS and device != "cuda":  # refused, not run sequentially under the streams label
             raise UserError(f"mode streams runs the two backends on two CUDA streams, and this run is on {device}")
-    fa_names = _as_list(grid.get("fa_backend", "auto"))
-    gdn_names = _as_list(grid.get("gdn_backend", "auto"))
+    fa_names = _values(grid, "fa_backend", "auto")
+    gdn_names = _values(grid, "gdn_backend", "auto")
     for name in fa_names:
         _check_backend(name, registry.FA, device)
     for name in gdn_names:
@@ -218,6 +221,8 @@ def load_suite(name_or_path: str, device: str) -> Suite:
     grids = data.get("grid", [])
     if isinstance(grids, dict):
         grids = [grids]
+    if not isinstance(grids, list):
+        raise UserError(f"suite {path}: grid must be [[grid]] tables, got {grids!r}")
     if not grids:
         raise UserError(f"suite {path} has no [[grid]] table")
     points = []

@@ -86,8 +86,10 @@ class Row:
     run: str = ""
     schema: int = SCHEMA_VERSION
 
-    KEY_FIELDS = ("model", "variant", "ratio", "context", "batch", "pass_", "scope", "dtype", "fa_backend",
-                  "gdn_backend", "mode", "head_map", "kv_aware")  # fmt: skip
+    # The configuration measured (Point.identity), not the ratio text that asked for it: the variant holds the
+    # normalized ratio, so a 3:1 row is the 6:2 row and a resumed sweep skips it whatever spelling asks again.
+    KEY_FIELDS = ("model", "variant", "context", "batch", "pass_", "scope", "dtype", "fa_backend", "gdn_backend",
+                  "mode", "head_map", "kv_aware")  # fmt: skip
 
     @property
     def key(self) -> tuple:

@@ -1,8 +1,9 @@
 """The sweep loop: points in, rows appended to results/<run>/rows.jsonl as each finishes.
 
 A finished row is durable before the next point starts (append + fsync); a rerun into the same run skips the
-points that already have a row, so a killed sweep resumes where it stopped, without duplicates. With
-`isolate`, each point runs in a fresh subprocess, because a CUDA error poisons the process that hit it.
+points that already have a row (by Point.identity: 3:1 asked after 6:2 is the same point), so a killed sweep
+resumes where it stopped, without duplicates. With `isolate`, each point runs in a fresh subprocess, because a
+CUDA error poisons the process that hit it.
 """
 
 import json
@@ -109,9 +110,9 @@ def run_sweep(
 ) -> SweepResult:
     run.create()
     _prepare_env(run, suite_name, device)
-    rows = _existing_rows(run, retry, {p.key for p in points if p.parts})
+    rows = _existing_rows(run, retry, {p.identity for p in points if p.parts})
     done = {row.key for row in rows}
-    todo = [p for p in points if p.key not in done]
+    todo = [p for p in points if p.identity not in done]
     result = SweepResult(run, rows, skipped=len(points) - len(todo))
     checked: dict = {}
     crosschecks_left = crosscheck

@@ -42,6 +42,11 @@ class Ratio:
     def fa_fraction(self) -> float:
         return self.fa / (self.la + self.fa)
 
+    def reduced(self) -> "Ratio":
+        """The same proportion in lowest terms: 6:2 is 3:1, 0:2 is 0:1."""
+        divisor = gcd(self.la, self.fa)
+        return Ratio(self.la // divisor, self.fa // divisor)
+
     def __str__(self) -> str:
         return f"{self.la}:{self.fa}"
 
@@ -132,10 +137,7 @@ class HybridSpec:
             return HybridSpec(Layout.FA, Ratio(0, 1), self.gdn)
         if self.layout is Layout.LA:
             return HybridSpec(Layout.LA, Ratio(1, 0), self.gdn)
-        divisor = gcd(self.ratio.la, self.ratio.fa)
-        if divisor > 1:
-            return replace(self, ratio=Ratio(self.ratio.la // divisor, self.ratio.fa // divisor))
-        return self
+        return replace(self, ratio=self.ratio.reduced())
 
     @property
     def label(self) -> str:

@@ -1,6 +1,6 @@
 """Parsing of the values several commands and suite files share (models, layouts, ratios, contexts, passes).
 
-One rule for every list, in `flops` and `sweep` alike: a value asked for twice counts once, in first-seen order
+One rule for every list, in every command (`eval`'s variants, tasks and lengths too): a value asked for twice counts once, in first-seen order
 (`256,256` and `1k,1024` are one context), and so does a hybrid that normalizes to the same spec (`6:2` is
 `3:1`; `head:0:1` is `fa`); it keeps the ratio text first asked for it."""
 
