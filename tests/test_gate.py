@@ -1,6 +1,7 @@
 """`hhbench gate`: regressions exit 1, a clean candidate 0, bad input 2 with one line."""
 
 import json
+import math
 import random
 from dataclasses import replace
 
@@ -231,7 +232,22 @@ def _bad_inputs(tmp_path, rows):
     garbled = tmp_path / "garbled.jsonl"
     garbled.write_text("{not json\n")
     twice = write_run(tmp_path / "twice", RowSet([rows[0], rows[0]]))
+    malformed = []
+    for number, (name, value, message) in enumerate(
+        [
+            ("latency_ms", "slow", 'field latency_ms must be a finite number or null, got "slow"'),
+            ("samples_ms", "fast", 'field samples_ms must be a list of finite numbers, got "fast"'),
+            ("context", "1k", 'field context must be an integer, got "1k"'),
+            ("samples_ms", [math.nan] * 3, "field samples_ms must be a list of finite numbers, got [NaN, NaN, NaN]"),
+            ("samples_ms", ["a", "b", "c"], 'field samples_ms must be a list of finite numbers, got ["a", "b", "c"]'),
+        ]
+    ):
+        path = tmp_path / f"malformed{number}.jsonl"
+        lines = [json.dumps(row.to_dict()) for row in rows[:2]] + [json.dumps({**rows[2].to_dict(), name: value})]
+        path.write_text("\n".join(lines) + "\n")
+        malformed.append(([str(good), str(path)], f"malformed{number}.jsonl:3: {message}"))
     return [
+        *malformed,
         ([str(tmp_path / "nowhere"), str(good)], "no run at"),
         ([str(old), str(good)], "row schema version 0 is not the supported version 1"),
         ([str(good), str(other)], "have no configuration in common"),
