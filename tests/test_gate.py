@@ -9,6 +9,7 @@ import pytest
 from inprocess import run_main
 from synthetic import analytic, measured, write_run
 
+from hhbench.errors import UserError
 from hhbench.gate.check import ALPHA, describe, gate, least_p, parse_slowdown
 from hhbench.rows.schema import ERROR, INCORRECT, OK, UNAVAILABLE, RowSet, read_rows
 
@@ -287,3 +288,15 @@ def test_gate_rates_script_counts_false_alarms_and_detections(tmp_path, rows):
     tested = 6 * len(rows)
     assert f"false alarms: 0/6 pairs, 0/{tested} rows (0%)" in result.stdout
     assert f"x1.15 detected across runs: {tested}/{tested} rows (100%); within a run: {len(rows) * 3}/" in result.stdout
+
+
+def test_an_eval_row_reads_lm_evals_nan_stderr_as_none_but_refuses_a_nan_value(tmp_path):
+    from hhbench.rows.schema import EvalRow
+
+    row = EvalRow("tiny", "teacher", "passkey", 1024, "exact_match", value=1.0, stderr=math.nan, samples=1)
+    path = tmp_path / "eval.jsonl"
+    RowSet([row]).to_jsonl(path)
+    assert read_rows(path, kind=EvalRow)[0].stderr is None
+    RowSet([replace(row, value=math.nan)]).to_jsonl(path)
+    with pytest.raises(UserError, match=r"eval.jsonl:1: field value must be a finite number or null, got NaN"):
+        read_rows(path, kind=EvalRow)

@@ -144,7 +144,11 @@ class EvalRow:
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalRow":
-        return _from_dict(cls, dict(data))
+        data = dict(data)
+        stderr = data.get("stderr")
+        if isinstance(stderr, float) and math.isnan(stderr):  # lm-eval's stderr of one sample: none to give
+            data["stderr"] = None
+        return _from_dict(cls, data)
 
 
 def _from_dict(cls, data: dict):
