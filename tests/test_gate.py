@@ -1,6 +1,7 @@
 """`hhbench gate`: regressions exit 1, a clean candidate 0, bad input 2 with one line."""
 
 import json
+import math
 import random
 from dataclasses import replace
 
@@ -8,6 +9,7 @@ import pytest
 from inprocess import run_main
 from synthetic import analytic, measured, write_run
 
+from hhbench.errors import UserError
 from hhbench.gate.check import ALPHA, describe, gate, least_p, parse_slowdown
 from hhbench.rows.schema import ERROR, INCORRECT, OK, UNAVAILABLE, RowSet, read_rows
 
@@ -231,7 +233,22 @@ def _bad_inputs(tmp_path, rows):
     garbled = tmp_path / "garbled.jsonl"
     garbled.write_text("{not json\n")
     twice = write_run(tmp_path / "twice", RowSet([rows[0], rows[0]]))
+    malformed = []
+    for number, (name, value, message) in enumerate(
+        [
+            ("latency_ms", "slow", 'field latency_ms must be a finite number or null, got "slow"'),
+            ("samples_ms", "fast", 'field samples_ms must be a list of finite numbers, got "fast"'),
+            ("context", "1k", 'field context must be an integer, got "1k"'),
+            ("samples_ms", [math.nan] * 3, "field samples_ms must be a list of finite numbers, got [NaN, NaN, NaN]"),
+            ("samples_ms", ["a", "b", "c"], 'field samples_ms must be a list of finite numbers, got ["a", "b", "c"]'),
+        ]
+    ):
+        path = tmp_path / f"malformed{number}.jsonl"
+        lines = [json.dumps(row.to_dict()) for row in rows[:2]] + [json.dumps({**rows[2].to_dict(), name: value})]
+        path.write_text("\n".join(lines) + "\n")
+        malformed.append(([str(good), str(path)], f"malformed{number}.jsonl:3: {message}"))
     return [
+        *malformed,
         ([str(tmp_path / "nowhere"), str(good)], "no run at"),
         ([str(old), str(good)], "row schema version 0 is not the supported version 1"),
         ([str(good), str(other)], "have no configuration in common"),
@@ -271,3 +288,15 @@ def test_gate_rates_script_counts_false_alarms_and_detections(tmp_path, rows):
     tested = 6 * len(rows)
     assert f"false alarms: 0/6 pairs, 0/{tested} rows (0%)" in result.stdout
     assert f"x1.15 detected across runs: {tested}/{tested} rows (100%); within a run: {len(rows) * 3}/" in result.stdout
+
+
+def test_an_eval_row_reads_lm_evals_nan_stderr_as_none_but_refuses_a_nan_value(tmp_path):
+    from hhbench.rows.schema import EvalRow
+
+    row = EvalRow("tiny", "teacher", "passkey", 1024, "exact_match", value=1.0, stderr=math.nan, samples=1)
+    path = tmp_path / "eval.jsonl"
+    RowSet([row]).to_jsonl(path)
+    assert read_rows(path, kind=EvalRow)[0].stderr is None
+    RowSet([replace(row, value=math.nan)]).to_jsonl(path)
+    with pytest.raises(UserError, match=r"eval.jsonl:1: field value must be a finite number or null, got NaN"):
+        read_rows(path, kind=EvalRow)

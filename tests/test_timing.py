@@ -91,3 +91,36 @@ def test_transient_and_settled_on_small_series():
     assert transient([9.0] + [2.0] * 11) == 1
     assert not settled([2.0] * (2 * WINDOW - 1))
     assert not settled([25.0] * WINDOW + [2.0] * WINDOW) and settled([2.0] * WINDOW + [25.0] * WINDOW)
+
+
+@pytest.mark.parametrize("plateau,dropped", [(30, 20), (45, 35)])
+def test_a_level_shift_late_in_the_samples_is_dropped_and_retaken(plateau, dropped):
+    # the tester's cases (issue 14): warm-up settles on the 25 ms plateau and sizes 40 samples from it; at 45 calls
+    # the shift to 2 ms came only in the last five samples, which the old check (against the samples' second half)
+    # did not see: median 25 ms, p10 2 ms, no note
+    timing, _ = timed(slow_then_fast(plateau), warmup_ms=100)
+    assert timing.samples_ms == pytest.approx([2.0] * 200)
+    assert timing.notes == [f"{dropped} leading samples of a warm-up transient dropped and taken again"]
+
+
+def test_a_noisy_plateau_is_dropped_too():
+    rng = random.Random(0)
+    noise = [1 + rng.uniform(-0.05, 0.05) for _ in range(400)]
+    timing, _ = timed(lambda n: noise[n] * (300.0 if n == 0 else 25.0 if n <= 40 else 2.0), warmup_ms=100)
+    assert len(timing.samples_ms) == 200 and max(timing.samples_ms) < 2.2
+    assert timing.median_ms == pytest.approx(2, rel=0.05) and timing.percentile(0.1) > 1.9
+    assert timing.notes[0].endswith("leading samples of a warm-up transient dropped and taken again")
+
+
+def test_samples_that_keep_falling_are_kept_with_a_note_after_the_bounded_retakes():
+    timing, fake = timed(lambda n: 25 * 0.8 ** (n // 15), warmup_ms=100, max_reps=50)  # 20% faster every 15 calls
+    assert timing.notes[0] == (
+        f"timings had not settled after {WARMUP_BOUND} re-samplings: the samples start slower than they end"
+    )
+    assert len(timing.samples_ms) == 50 and transient(timing.samples_ms) > 0
+    assert fake.calls <= 1 + 2 * WINDOW + (WARMUP_BOUND + 1) * 50  # bounded
+
+
+def test_a_rise_late_in_the_samples_is_not_a_transient():
+    assert transient([2.0] * 35 + [25.0] * 5) == 0
+    assert transient([25.0] * 35 + [2.0] * 5) == 35

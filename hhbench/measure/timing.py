@@ -3,7 +3,8 @@ until timings settle (bounded); then repeated samples, as many as the settled ca
 CUDA events (or perf_counter on the CPU), L2 flushed (by a read) before each sample so short kernels are not
 timed out of a warm cache; optionally the callable captured in a CUDA graph and its replays
 timed (small decode steps are otherwise dominated by launch overhead). Median and p10/p90 of the samples, settled
-ones only: a warm-up leftover at their start is dropped and taken again."""
+ones only: samples slower than the level they end at (a warm-up leftover, a level shift later in them) are
+dropped and taken again, a bounded number of times, after which a note says they had not settled."""
 
 import dataclasses
 import math
@@ -129,17 +130,15 @@ def settled(times: list[float]) -> bool:
 
 
 def transient(samples: list[float]) -> int:
-    """How many leading samples are a warm-up leftover: those before the first WINDOW whose median is within
-    SETTLE_TOLERANCE of the second half's median (the settled level), and any still above that band right
-    after it. 0 with fewer than 2 * WINDOW samples (too few to tell a transient from noise)."""
+    """How many leading samples are slower than where the series ends: those before the first WINDOW whose median
+    is within SETTLE_TOLERANCE of the last WINDOW's median (the latest level), and any still above that band right
+    after it. A level shift anywhere in the series counts (a warm-up that settled on a plateau the samples then
+    left); a rise does not. 0 with fewer than 2 * WINDOW samples (too few to tell a transient from noise)."""
     if len(samples) < 2 * WINDOW:
         return 0
-    ceiling = (1 + SETTLE_TOLERANCE) * statistics.median(samples[len(samples) // 2 :])
-    first = next(
-        (k for k in range(len(samples) // 2) if statistics.median(samples[k : k + WINDOW]) <= ceiling),
-        len(samples) // 2,
-    )
-    while first < len(samples) // 2 and samples[first] > ceiling:
+    ceiling = (1 + SETTLE_TOLERANCE) * statistics.median(samples[-WINDOW:])
+    first = next(k for k in range(len(samples)) if statistics.median(samples[k : k + WINDOW]) <= ceiling)
+    while samples[first] > ceiling:
         first += 1
     return first
 
@@ -192,10 +191,12 @@ def time_callable(
     clock: Clock = time.perf_counter,
 ) -> Timing:
     """Times `fn` (see the module's doc): the first call alone, warm-up until timings settle, then samples sized
-    from the settled calls, and topped up where the settled samples say more fit the budget. Samples of a leftover
-    transient at their start (a warm-up that settled on a plateau) are dropped and taken again, so that median
-    and spread come from settled calls only; Timing.notes says when that happened or when the warm-up hit its
-    bound unsettled. `clock` (seconds) times the calls where CUDA events do not."""
+    from the settled calls, and topped up where the settled samples say more fit the budget. Samples slower than
+    the level the samples end at (a warm-up that settled on a plateau; see `transient`) are dropped and taken
+    again, until none is (at most WARMUP_BOUND times), so that median and spread come from settled samples only;
+    Timing.notes says when samples were dropped, when the warm-up hit its bound unsettled, and when the samples
+    had still not settled at theirs (then kept as they are). `clock` (seconds) times the calls where CUDA events
+    do not."""
     compile_ms = _timed_call(fn, device, clock)
     notes = []
     run = fn
@@ -207,12 +208,20 @@ def time_callable(
     if len(warm) >= 2 * WINDOW and not settled(warm):
         notes.append(f"timings had not settled when warm-up stopped at its bound ({len(warm)} calls)")
     samples = _sample(run, device, _reps(policy, statistics.median(warm[-WINDOW:])), flush, clock)
-    dropped = transient(samples)
+    dropped = 0
+    for rounds in range(WARMUP_BOUND + 1):
+        leading = transient(samples)
+        # sized again from the settled samples: a warm-up window that still held slow calls sized too few
+        reps = max(len(samples), _reps(policy, statistics.median(samples[leading:])))
+        if not leading and reps == len(samples):
+            break
+        if rounds == WARMUP_BOUND:  # still falling after as many re-samplings as warm-up had budgets: say so
+            notes.append(f"timings had not settled after {rounds} re-samplings: the samples start slower than they end")
+            break
+        samples = samples[leading:] + _sample(run, device, reps - len(samples) + leading, flush, clock)
+        dropped += leading
     if dropped:
         notes.append(f"{dropped} leading samples of a warm-up transient dropped and taken again")
-    # sized again from the settled samples: a warm-up window that still held slow calls sized too few
-    reps = max(len(samples), _reps(policy, statistics.median(samples[dropped:])))
-    samples = samples[dropped:] + _sample(run, device, reps - len(samples) + dropped, flush, clock)
     if flush:
         notes.append("L2 flushed by a read before each sample")
     return Timing(samples, timer, compile_ms, notes)

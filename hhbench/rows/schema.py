@@ -4,6 +4,8 @@ markdown. Bump SCHEMA_VERSION when a field changes meaning or disappears (adding
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +146,11 @@ class EvalRow:
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalRow":
-        return _from_dict(cls, dict(data))
+        data = dict(data)
+        stderr = data.get("stderr")
+        if isinstance(stderr, float) and math.isnan(stderr):  # lm-eval's stderr of one sample: none to give
+            data["stderr"] = None
+        return _from_dict(cls, data)
 
 
 def _from_dict(cls, data: dict):
@@ -155,7 +161,35 @@ def _from_dict(cls, data: dict):
     unknown = set(data) - known
     if unknown:
         raise UserError(f"row has unknown fields {sorted(unknown)} for schema {SCHEMA_VERSION}")
+    for spec in dataclasses.fields(cls):
+        if spec.name in data and not _fits(data[spec.name], spec.type):
+            raise UserError(
+                f"field {spec.name.rstrip('_')} must be {_describe(spec.type)}, got {json.dumps(data[spec.name])[:60]}"
+            )
     return cls(**data)
+
+
+def _fits(value, kind) -> bool:
+    """Whether a JSON value is of a field's type; a float field takes finite numbers only (NaN is no measurement)."""
+    if isinstance(kind, types.UnionType):  # float | None
+        return any(_fits(value, option) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _describe(kind) -> str:
+    if isinstance(kind, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return "a list of " + {float: "finite numbers", int: "integers"}[typing.get_args(kind)[0]]
+    names = {type(None): "null", float: "a finite number", int: "an integer", bool: "true or false", str: "a string"}
+    return names.get(kind, "an object")
 
 
 DISPLAY_COLUMNS = ["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "context", "batch",

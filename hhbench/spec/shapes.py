@@ -258,9 +258,13 @@ def apply_overrides(shape: ModelShape, overrides: list[str] | tuple[str, ...]) -
             changes[key] = value.strip()
         elif key in _INT_FIELDS or key == "sliding_window":
             try:
-                changes[key] = int(value)
+                number = int(value)
             except ValueError:
                 raise UserError(f"bad shape override {item!r}: {key} takes an integer") from None
+            # the range config.json's fields get: an attention-only shape (mlp_hidden, vocab 0) is a preset
+            if key in _INT_FIELDS:
+                config_field({key: number}, key, int, f"bad shape override {item!r}", minimum=1)
+            changes[key] = number
         else:
             fields = ", ".join(("name", *_INT_FIELDS, *_BOOL_FIELDS, "sliding_window"))
             raise UserError(f"unknown model field {key!r} in {item!r}: fields are {fields}")
