@@ -137,6 +137,13 @@ def test_an_architecture_hhbench_does_not_know_is_refused():
         ({"rope_theta": "1e4"}, 'rope_theta must be a number, got "1e4"'),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 (partial RoPE) is not supported"),
         ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25}}, "partial_rotary_factor=0.25"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": "x"}}, 'rope_scaling: factor must be a number, got "x"'),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": -1}}, "low_freq_factor must be >= 0"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 4096.5}},
+            "original_max_position_embeddings must be an integer",
+        ),
+        ({"rope_scaling": {"rope_type": "longrope", "long_factor": [1, "a"]}}, "long_factor must be a list of numbers"),
     ],
 )
 def test_attention_fields_are_checked(change, message):

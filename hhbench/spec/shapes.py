@@ -152,6 +152,11 @@ def _layer_windows(config: dict, model_type: str, n_layers: int, source: str) ->
     return tuple(window if _LAYER_TYPES[kind] else 0 for kind in layer_types)
 
 
+_ROPE_NUMBERS = {"factor": float, "original_max_position_embeddings": int, "low_freq_factor": float,
+                 "high_freq_factor": float, "beta_fast": float, "beta_slow": float, "attention_factor": float,
+                 "mscale": float, "mscale_all_dim": float}  # fmt: skip
+
+
 def _check_rope(config: dict, source: str) -> None:
     """RoPE variants change only the rotary embedding that conversion and tracing take from the teacher, and no
     matmul of the cost model; partial RoPE changes what the attention layers compute and is not modelled."""
@@ -165,6 +170,15 @@ def _check_rope(config: dict, source: str) -> None:
         if kind not in _ROPE_TYPES:
             raise UserError(f"{source}: {key} rope_type {kind!r} is not one of {', '.join(_ROPE_TYPES)}")
         config_field(rope, "rope_theta", float, f"{source}: {key}", 1.0, minimum=0)
+        for name, kind in _ROPE_NUMBERS.items():  # the scaling types' parameters (transformers' rope_utils)
+            config_field(rope, name, kind, f"{source}: {key}", None, minimum=0)
+        for name in ("long_factor", "short_factor"):  # longrope: one factor per rotary frequency
+            factors = rope.get(name)
+            if factors is not None and not (
+                isinstance(factors, list)
+                and all(isinstance(f, int | float) and not isinstance(f, bool) for f in factors)
+            ):
+                raise UserError(f"{source}: {key} {name} must be a list of numbers, got {json.dumps(factors)[:60]}")
         _check_partial_rotary(rope, f"{source}: {key}")
     config_field(config, "rope_theta", float, source, 1.0, minimum=0)
     _check_partial_rotary(config, source)
