@@ -102,6 +102,15 @@ def decoder_layers(model) -> nn.ModuleList:
     return layers
 
 
+def _forward_with_hooks(model, input_ids: torch.Tensor, hooks: list) -> None:
+    """One forward pass over input_ids [B, T] with the hook handles attached, which are removed after it."""
+    try:
+        model(input_ids.to(model.device), use_cache=False)
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
 @torch.no_grad()
 def teacher_head_rms(model, input_ids: torch.Tensor) -> torch.Tensor:
     """[layers, heads]: the RMS of every attention head's output (the input of o_proj) over `input_ids`."""
@@ -117,11 +126,7 @@ def teacher_head_rms(model, input_ids: torch.Tensor) -> torch.Tensor:
             rms[i] = o.pow(2).mean(dim=(0, 1, 3)).sqrt().cpu()
 
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
-    try:
-        model(input_ids.to(model.device), use_cache=False)
-    finally:
-        for handle in hooks:
-            handle.remove()
+    _forward_with_hooks(model, input_ids, hooks)
     return rms
 
 
@@ -162,11 +167,7 @@ def teacher_attention_distance(model, input_ids: torch.Tensor, skip_sink: bool =
             distance[i] = per_query.mean(dim=(0, 2)).cpu()
 
         hooks.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        model(input_ids.to(model.device), use_cache=False)
-    finally:
-        for handle in hooks:
-            handle.remove()
+    _forward_with_hooks(model, input_ids, hooks)
     return distance
 
 
@@ -215,11 +216,7 @@ def teacher_attention_io(model, input_ids: torch.Tensor) -> list[tuple]:
 
         hooks.append(layer.self_attn.register_forward_pre_hook(inputs, with_kwargs=True))
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(outputs))
-    try:
-        model(input_ids.to(model.device), use_cache=False)
-    finally:
-        for handle in hooks:
-            handle.remove()
+    _forward_with_hooks(model, input_ids, hooks)
     return [tuple(entry) for entry in io]
 
 
