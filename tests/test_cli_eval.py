@@ -77,6 +77,12 @@ def test_unknown_model_task_and_variant_are_one_line(cli, tmp_path):
         cli("eval", "--model", "tiny-random-llama", "--variants", "head:7:1:selected", "--out", str(tmp_path)),
         "needs --head-map",
     )
+    for flag, name, message in (("--gdn-backend", "bogus", "unknown GDN backend 'bogus'"),
+                                ("--fa-backend", "sdpa-cudnn", "backend sdpa-cudnn needs cuda")):  # fmt: skip
+        one_line_error(
+            cli("eval", "--model", "tiny-random-llama", flag, name, "--run", "b", "--out", str(tmp_path)), message
+        )
+        assert not (tmp_path / "b").exists()
 
 
 def test_missing_smollm2_says_how_to_install(monkeypatch, capsys, tmp_path):

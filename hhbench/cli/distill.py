@@ -92,8 +92,7 @@ def distill(
     from hhbench.distill import recipe as recipe_mod
     from hhbench.distill import train as train_mod
     from hhbench.eval.runner import quiet_logs
-    from hhbench.kernels.registry import FA, GDN
-    from hhbench.kernels.registry import get as backend
+    from hhbench.kernels.registry import FA, GDN, check_name
     from hhbench.measure.env import capture_env
     from hhbench.models.convert import GDNInit, check_convertible
     from hhbench.models.loader import load_model, offline
@@ -138,8 +137,7 @@ def distill(
     if gdn_backend == "auto" and target.type == "cpu":
         gdn_backend = "torch-recurrent"  # trains ~2x faster than torch-chunk at small head dims (the same values)
     for name, kind in ((fa_backend, FA), (gdn_backend, GDN)):  # an unknown name fails before the run folder
-        if name != "auto":
-            backend(name, kind)
+        check_name(name, kind, target.type)
     loaded = load_model(model, str(target), dtype)
     positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if positions is not None and seq + 1 > positions:

@@ -76,6 +76,10 @@ def eval_(
         raise UserError(f"--chat takes auto, on or off, not {chat!r}")
     if head_map and not Path(head_map).exists():
         raise UserError(f"no head map at {head_map}")
+    from hhbench.kernels.registry import FA, GDN, check_name
+
+    for name, kind in ((fa_backend, FA), (gdn_backend, GDN)):  # before the run folder and the model load
+        check_name(name, kind, device)
     runner.quiet_logs()
     runner.check_tasks(task_list)
     run_name = run or f"eval-{Path(model).name}"

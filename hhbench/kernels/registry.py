@@ -95,6 +95,16 @@ def get(name: str, kind: str) -> Backend:
     return backend
 
 
+def check_name(name: str, kind: str, device: str) -> None:
+    """A backend name as a user gives it: "auto", or a known backend that runs on `device` ("cpu", "cuda").
+    Raises UserError (one line) for an unknown name or a GPU-only backend on a machine without a GPU."""
+    if name == "auto":
+        return
+    backend = get(name, kind)
+    if device not in backend.devices:
+        raise UserError(f"backend {name} needs {' or '.join(backend.devices)}, and this run is on {device}")
+
+
 def names(kind: str) -> list[str]:
     _load()
     return [n for n, b in REGISTRY.items() if b.kind == kind]

@@ -146,9 +146,9 @@ def grid_points(grid: dict, device: str) -> list[Point]:
     fa_names = _values(grid, "fa_backend", "auto")
     gdn_names = _values(grid, "gdn_backend", "auto")
     for name in fa_names:
-        _check_backend(name, registry.FA, device)
+        registry.check_name(name, registry.FA, device)
     for name in gdn_names:
-        _check_backend(name, registry.GDN, device)
+        registry.check_name(name, registry.GDN, device)
     parts = _flag(grid, "parts")
     floor = _flag(grid, "floor", default=True)
     points = []
@@ -176,15 +176,6 @@ def grid_points(grid: dict, device: str) -> list[Point]:
             )  # fmt: skip
         )
     return points
-
-
-def _check_backend(name: str, kind: str, device: str) -> None:
-    """An unknown backend, or a GPU-only backend asked for on a machine without a GPU, is the user's error."""
-    if name == "auto":
-        return
-    backend = registry.get(name, kind)
-    if device not in backend.devices:
-        raise UserError(f"backend {name} needs {' or '.join(backend.devices)}, and this run is on {device}")
 
 
 def dedupe(points: list[Point]) -> list[Point]:
