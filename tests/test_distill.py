@@ -66,6 +66,7 @@ def test_both_stage_losses_fall_over_30_steps(teacher, tmp_path):
     assert meta["stage"] == 2 and meta["tokens"] == 60 * 256 and meta["recipe"]["answer_weight"] == 50.0
     stage_rows = [r for r in read_train_rows(tmp_path / TRAIN) if r["kind"] == "stage"]
     assert {r["stage"] for r in stage_rows} == {1, 2} and all(r["tokens_per_s"] > 0 for r in stage_rows)
+    assert all(r["extra"]["first_step_s"] > 0 and r["extra"]["tokens_per_s_with_first_step"] > 0 for r in stage_rows)
 
 
 def test_a_0_1_student_is_the_teacher_with_zero_loss(teacher, tmp_path):

@@ -112,6 +112,7 @@ def test_asking_for_parts_measures_a_finished_point_again(tmp_path):
     run = RunDir(tmp_path / "r")
     first = sweep_module.run_sweep(grid_points(spec, "cpu"), run, torch.device("cpu"), FAST)
     assert first.new == 2 and not any("parts_ms" in row.extra for row in first.rows)
+    assert all(row.extra["point_s"] > 0 for row in first.rows)  # what each point cost the sweep, in seconds
     with_parts = grid_points({**spec, "contexts": "64", "parts": True}, "cpu")
     second = sweep_module.run_sweep(with_parts, run, torch.device("cpu"), FAST)
     assert second.new == 1 and second.skipped == 0

@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -118,10 +119,14 @@ def run_sweep(
     crosschecks_left = crosscheck
     for index, point in enumerate(todo):
         wants_crosscheck = crosschecks_left > 0 and point.scope.value == "kernel" and point.pass_.value != "decode"
+        began = time.perf_counter()
         if isolate:
             row = _measure_isolated(point, device, policy, wants_crosscheck)
         else:
             row = measure_point(point, device, policy, checked, wants_crosscheck)
+        # the point's wall time, compiles, autotuning, the correctness check and the floor included: what a
+        # suite costs to run, point by point
+        row.extra["point_s"] = round(time.perf_counter() - began, 2)
         row.run = run.name
         append_row(run.rows_path, row)
         rows.append(row)
