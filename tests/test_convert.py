@@ -331,3 +331,16 @@ def test_least_squares_gammas_fit_the_teacher_heads(tiny, ids):
                 dot = ((target - out) * out).sum(dim=(0, 1, 3))
                 assert dot.abs().max() < 1e-4 * out.pow(2).sum(dim=(0, 1, 3)).max()
         assert errors[0] <= errors[1] and errors[0] < target.pow(2).sum().item()
+
+
+def test_head_outputs_are_the_same_through_the_fused_glue(tiny, ids):
+    """The fused glue applies o_proj's weight itself (no o_proj call a hook could see), as on the GPU: the head
+    outputs the gamma fit reads must not depend on the glue (they raised IndexError on the H200)."""
+    model, shape = tiny
+    converted = convert(copy.deepcopy(model), parse_variant("head:3:1").plan(shape))
+    x, position_embeddings, _ = teacher_attention_io(model, ids)[0]
+    hydra = decoder_layers(converted)[0].self_attn.attn
+    reference = head_outputs(hydra, x, position_embeddings)
+    hydra.glue = "fused"
+    assert torch.allclose(head_outputs(hydra, x, position_embeddings), reference)
+    assert hydra.glue == "fused"

@@ -226,10 +226,12 @@ def head_outputs(hydra: HydraAttention, x: torch.Tensor, position_embeddings) ->
     o_proj) for the layer input x [B, T, hidden]."""
     captured = []
     handle = hydra.o_proj.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    glue, hydra.glue = hydra.glue, "reference"  # the fused glue applies o_proj's weight itself: no hook fires
     try:
         hydra(x, position_embeddings)
     finally:
         handle.remove()
+        hydra.glue = glue
     return captured[0].reshape(*x.shape[:2], hydra.n_heads, hydra.head_dim)
 
 
