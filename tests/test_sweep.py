@@ -211,19 +211,20 @@ def _parts(point):
 
 def test_the_floors_parts_are_the_points_parts():
     """tiny: hidden 64, 8 heads of 8, 4 KV heads, MLP 128, vocab 256, 4 layers; GDN heads add decay, beta and an
-    output gate of 8 to the input projection, and convolve their q, k and v (24 channels each)."""
+    output gate of 8 to the input projection (padded to a multiple of 64 rows: 128 + 6 x 10 -> 192, 128 + 8 x 10 ->
+    256), and convolve their q, k and v (24 channels each)."""
     head, layer = grid_points({"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64",
                                "scopes": "layer"}, "cpu")  # fmt: skip
     qkv = (8 + 2 * 4) * 8
     assert _parts(head) == {
-        ("2 FA + 6 GDN heads", "in_proj"): (1, {"tokens": 64, "in": 64, "out": qkv + 6 * 10}),
+        ("2 FA + 6 GDN heads", "in_proj"): (1, {"tokens": 64, "in": 64, "out": 192}),
         ("2 FA + 6 GDN heads", "conv"): (1, {"tokens": 64, "channels": 6 * 24, "size": 4}),
         ("2 FA + 6 GDN heads", "fa"): (1, {"heads": 2, "kv_heads": 2}),
         ("2 FA + 6 GDN heads", "gdn"): (1, {"heads": 6}),
         ("2 FA + 6 GDN heads", "o_proj"): (1, {"tokens": 64, "in": 64, "out": 64}),
     }
     assert _parts(layer) == {  # the timed unit: 3 GDN layers and one FA layer
-        ("0 FA + 8 GDN heads", "in_proj"): (3, {"tokens": 64, "in": 64, "out": qkv + 8 * 10}),
+        ("0 FA + 8 GDN heads", "in_proj"): (3, {"tokens": 64, "in": 64, "out": 256}),
         ("0 FA + 8 GDN heads", "conv"): (3, {"tokens": 64, "channels": 8 * 24, "size": 4}),
         ("0 FA + 8 GDN heads", "gdn"): (3, {"heads": 8}),
         ("0 FA + 8 GDN heads", "o_proj"): (3, {"tokens": 64, "in": 64, "out": 64}),
