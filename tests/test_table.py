@@ -175,3 +175,15 @@ def test_a_quality_run_gets_the_quality_comparison_with_intervals(tmp_path):
 def test_clashing_run_names_get_their_parents(tmp_path, rows):
     runs = load_runs([write_run(tmp_path / "x" / "gpu", rows), write_run(tmp_path / "y" / "gpu", rows)])
     assert [run.label for run in runs] == ["x/gpu", "y/gpu"]
+
+
+def test_distilled_students_are_compared_with_the_baseline_distilled_in_their_run(tmp_path):
+    folder = tmp_path / "quality"
+    folder.mkdir()
+    variants = ("teacher", "layer:3:1", "layer:3:1@d", "head:7:1@d", "head:7:1@e")
+    RowSet([replace(row, metric="acc") for row in quality(variants)]).to_jsonl(folder / "eval.jsonl")
+    result = run_main("table", str(folder))
+    assert result.returncode == 0, result.stderr
+    # head:7:1@d (0.920) against layer:3:1@d (0.940); head:7:1@e, whose run has no baseline, against layer:3:1
+    assert "| 0.940 ±0.039 | 0.920 ±0.039 (-0.020) | 0.900 ±0.039 (-0.060) |" in result.stdout
+    assert "(delta) against layer:3:1, layer:3:1@d" in result.stdout

@@ -48,21 +48,30 @@ def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
         "status",
     ]
     frame = pd.DataFrame(records, columns=columns)
-    base = {
-        (r["model"], r["task"], r["context"]): r["value"]
-        for r in records
-        if r["variant"] == baseline and r["value"] is not None
-    }
+    scores = {(r["model"], r["task"], r["context"], r["variant"]): r["value"] for r in records}
+
+    def reference(record) -> str:
+        key = (record["model"], record["task"], record["context"])
+        same_run = baseline_of(record["variant"], baseline)
+        return same_run if scores.get((*key, same_run)) is not None else baseline
 
     def delta(record) -> float | None:
-        reference = base.get((record["model"], record["task"], record["context"]))
-        if reference is None or record["value"] is None or _nan(record["value"]):
+        base = scores.get((record["model"], record["task"], record["context"], reference(record)))
+        if base is None or record["value"] is None or _nan(record["value"]):
             return None
-        return record["value"] - reference
+        return record["value"] - base
 
     frame["delta"] = [delta(r) for r in records]
-    frame["baseline"] = baseline
+    frame["baseline"] = [reference(r) for r in records]
     return frame
+
+
+def baseline_of(variant: str, baseline: str = BASELINE) -> str:
+    """The variant a row is compared with where it was run: a distilled student (`head:7:1:selected@RUN`) against
+    the baseline distilled in the same run (`layer:3:1@RUN`: same tokens, steps and schedule), anything else
+    against the baseline itself (also the student's fallback when its run's baseline has no score)."""
+    _, at, run = variant.partition("@")
+    return f"{baseline}@{run}" if at else baseline
 
 
 def _nan(value) -> bool:
@@ -85,13 +94,15 @@ def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
         line = {"model": model, "task": task, "metric": group["metric"].iloc[0], "context": format_count(int(context))}
         by_variant = {r.variant: r for r in group.itertuples(index=False)}
         for variant in variants:
-            line[variant] = _cell(by_variant.get(variant), variant == baseline)
+            line[variant] = _cell(by_variant.get(variant), variant == baseline_of(variant, baseline))
         lines.append(line)
     table = pd.DataFrame(lines)
     if len(models) == 1:
         table = table.drop(columns=["model"])
     which = metric or "each task's metric (acc, and retrieval_gain in nats per answer token: higher is better)"
-    against = f"; (delta) against {baseline}" if baseline in variants else f" ({baseline} not run: no deltas)"
+    compared = set(frame.loc[frame["delta"].notna(), "baseline"])
+    against = (f"; (delta) against {', '.join(sorted(compared))}" if compared
+               else f" ({baseline} not run: no deltas)")  # fmt: skip
     return (f"{which} per task and context; ± the 95% interval (1.96 stderr) where rows have a stderr{against}\n\n"
             + markdown_table(table))  # fmt: skip
 
