@@ -12,11 +12,17 @@ from plotly.subplots import make_subplots
 
 from hhbench.analytic.costs import Scope
 from hhbench.analytic.flops import Pass
-from hhbench.report.labels import context_ticks, hover_text, ordered_variants, present_order, series_labels
+from hhbench.report.labels import (
+    ROW,
+    attach_hover,
+    context_ticks,
+    ordered_variants,
+    present_order,
+    series_labels,
+)
 from hhbench.rows.schema import OK
 from hhbench.spec.units import format_count
 
-HOVER = "%{customdata[0]}<extra></extra>"
 PASS_ORDER = [p.value for p in Pass]
 SCOPE_ORDER = [s.value for s in Scope]
 COMPONENTS = {
@@ -56,14 +62,17 @@ def latency_figure(rows: pd.DataFrame, passes: list[str], slug: str, title: str)
     data = data[data["pass"].isin(passes)].sort_values("context")
     if data.empty:
         return Omitted(title, f"no measured {' or '.join(passes)} rows")
-    data = data.assign(
-        series=series_labels(data),
-        hover=hover_text(data),
-        above=data["latency_p90_ms"] - data["latency_ms"],
-        below=data["latency_ms"] - data["latency_p10_ms"],
-    )
     figure = _panels(
-        data, y="latency_ms", error_y="above", error_y_minus="below", labels={"latency_ms": "latency (ms)"}
+        data.assign(
+            series=series_labels(data),
+            above=data["latency_p90_ms"] - data["latency_ms"],
+            below=data["latency_ms"] - data["latency_p10_ms"],
+        ),
+        data,
+        y="latency_ms",
+        error_y="above",
+        error_y_minus="below",
+        labels={"latency_ms": "latency (ms)"},
     )
     return Figure(slug, title, figure, "Median of the repeated timings; error bars span p10 to p90.")
 
@@ -76,23 +85,27 @@ def floor_figure(rows: pd.DataFrame) -> Figure | Omitted:
     data = data[data["floor_ms"].notna()].sort_values("context")
     if data.empty:
         return Omitted(title, "no measured row with its floor timed (layer or model scope)")
-    data = data.assign(series=series_labels(data), hover=hover_text(data))
-    long = data.melt(
-        id_vars=["series", "variant", "context", "scope", "pass", "hover"],
-        value_vars=["latency_ms", "floor_ms"],
-        var_name="measure",
-        value_name="ms",
-    ).replace({"measure": {"latency_ms": "latency", "floor_ms": "floor"}})
-    figure = _panels(long, y="ms", line_dash="measure", line_dash_map={"latency": "solid", "floor": "dot"})
+    long = (
+        data.assign(series=series_labels(data), **{ROW: data.index})
+        .melt(
+            id_vars=["series", "variant", "context", "scope", "pass", ROW],
+            value_vars=["latency_ms", "floor_ms"],
+            var_name="measure",
+            value_name="ms",
+        )
+        .replace({"measure": {"latency_ms": "latency", "floor_ms": "floor"}})
+    )
+    figure = _panels(long, data, y="ms", line_dash="measure", line_dash_map={"latency": "solid", "floor": "dot"})
     return Figure("floor", title, figure, "Solid: median latency. Dotted: the floor, each part's median summed.")
 
 
-def _panels(data: pd.DataFrame, **options) -> go.Figure:
+def _panels(data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
     """Lines against context on log-log axes, a panel per scope and (where there are several) per pass."""
     many_passes = data["pass"].nunique() > 1
     figure = _express(
         px.line,
         data,
+        rows,
         facet_col="scope",
         facet_row="pass" if many_passes else None,
         log_y=True,
@@ -107,9 +120,11 @@ def _panels(data: pd.DataFrame, **options) -> go.Figure:
     return figure
 
 
-def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
+def _express(chart, data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
     """A plotly express chart on a log x axis (context by default, its ticks the contexts), a colour per series,
-    each point's hover carrying its row."""
+    each point's hover carrying its row of `rows` (the row labelled by the point's ROW, by default its own label)."""
+    if ROW not in data:
+        data = data.assign(**{ROW: data.index})
     options = {
         "x": "context",
         "color": "series",
@@ -117,12 +132,11 @@ def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
         "color_discrete_sequence": px.colors.qualitative.Dark24,  # runs x variants outnumber the 10 default colours
         **({"markers": True} if chart is px.line else {}),
         **options,
-        "custom_data": ["hover"],
+        "custom_data": [ROW],
         "category_orders": {"series": _series_order(data), **options.get("category_orders", {})},
         "labels": {"context": "context (tokens)", "series": "variant", **options.get("labels", {})},
     }
-    figure = chart(data, **options)
-    figure.update_traces(hovertemplate=HOVER)
+    figure = attach_hover(chart(data, **options), rows)
     if options["x"] == "context":
         figure.update_xaxes(**context_ticks(data["context"]))
     return figure
@@ -146,7 +160,7 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
             value, basis = 1 / part["flops_ratio"], "analytic FLOPs"
         else:
             continue
-        part = part.assign(value=value, label=series_labels(part, ("mode",)), hover=hover_text(part))
+        part = part.assign(value=value, label=series_labels(part, ("mode",)), **{ROW: part.index})
         part = part[part["value"].notna()]
         run, model, scope, pass_, batch = key[:5]
         panels.append((f"{run}: {model}, {pass_}, {scope} scope, batch {batch} (by {basis})", part))
@@ -167,8 +181,8 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
         contexts = sorted(part["context"].unique())
         grid = part.pivot_table(index="label", columns="context", values="value", aggfunc="first")
         grid = grid.reindex(index=labels, columns=contexts)
-        hover = part.pivot_table(index="label", columns="context", values="hover", aggfunc="first")
-        hover = hover.reindex(index=labels, columns=contexts).fillna("")
+        cells = part.pivot_table(index="label", columns="context", values=ROW, aggfunc="first")
+        cells = cells.reindex(index=labels, columns=contexts).astype(object)
         figure.add_trace(
             go.Heatmap(
                 z=np.log2(grid.to_numpy(dtype=float)),
@@ -176,8 +190,8 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
                 y=labels,
                 text=[[f"{v:.2f}x" if not math.isnan(v) else "" for v in line] for line in grid.to_numpy(dtype=float)],
                 texttemplate="%{text}",
-                customdata=hover.to_numpy()[..., None],
-                hovertemplate=HOVER,
+                customdata=cells.to_numpy()[..., None],
+                hoverongaps=False,
                 coloraxis="coloraxis",
             ),
             row=index,
@@ -196,6 +210,7 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
             },
         },
     )
+    attach_hover(figure, rows)
     figure.update_xaxes(type="category")
     figure.update_yaxes(autorange="reversed")  # fa on top, la at the bottom, as the tables read
     return Figure("speedup", title, figure, "Cells read layer 3:1 time (or FLOPs) over the row's: above 1x is faster.")
@@ -220,20 +235,25 @@ def analytic_view(rows: pd.DataFrame, model: str) -> tuple[pd.DataFrame, str]:
 
 
 def flops_figures(rows: pd.DataFrame) -> list[Figure]:
-    """Per model and pass, the FLOPs of each variant stacked by component, against context."""
+    """Per model and pass, the FLOPs of each variant by component against context: stacked on a linear axis, or
+    at kernel scope side by side on a log axis (there the FA core outgrows the GDN core by orders of magnitude,
+    and a stack would hide the GDN core)."""
     figures = []
     for model in rows["model"].unique():
         view, where = analytic_view(rows, model)
+        log = view["scope"].iloc[0] == Scope.KERNEL.value
         for pass_ in sorted(view["pass"].unique(), key=PASS_ORDER.index):
             part = view[view["pass"] == pass_]
-            part = part.assign(hover=hover_text(part), context_label=part["context"].map(format_count))
-            long = part.melt(
-                id_vars=["variant", "context_label", "hover"],
+            contexts = part["context"].map(format_count)
+            long = part.assign(context_label=contexts, **{ROW: part.index}).melt(
+                id_vars=["variant", "context_label", ROW],
                 value_vars=list(COMPONENTS),
                 var_name="component",
                 value_name="flops",
             )
             long["component"] = long["component"].map(COMPONENTS)
+            if log:  # a component the kernel lacks has no bar on a log axis, nor a legend entry
+                long = long[long["flops"] > 0]
             variants = ordered_variants(part["variant"])
             figure = px.bar(
                 long,
@@ -242,15 +262,22 @@ def flops_figures(rows: pd.DataFrame) -> list[Figure]:
                 color="component",
                 facet_col="variant",
                 facet_col_wrap=min(5, len(variants)),
-                custom_data=["hover", "component"],
-                category_orders={"variant": variants, "context_label": list(dict.fromkeys(part["context_label"]))},
+                custom_data=[ROW],
+                barmode="group" if log else "relative",
+                log_y=log,
+                category_orders={
+                    "variant": variants,
+                    "context_label": list(dict.fromkeys(contexts)),
+                    "component": list(COMPONENTS.values()),
+                },
                 labels={"context_label": "context", "flops": "FLOPs"},
             )
-            figure.update_traces(hovertemplate="<b>%{customdata[1]}</b>: %{y:.4g} FLOPs<br>" + HOVER)
+            attach_hover(figure, part, head="<b>%{fullData.name}</b>: %{y:.4g} FLOPs<br>")
             figure.update_layout(height=300 * math.ceil(len(variants) / 5) + 120)
             figure.update_yaxes(showticklabels=True)
             title = f"FLOPs breakdown, {pass_}: {where}"
-            figures.append(Figure(f"flops-{_slug(model)}-{pass_}", title, figure, "Analytic FLOPs by component."))
+            caption = "Analytic FLOPs by component" + (", side by side on a log axis." if log else ", stacked.")
+            figures.append(Figure(f"flops-{_slug(model)}-{pass_}", title, figure, caption))
     return figures
 
 
@@ -281,14 +308,13 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
                         name=f"{variant} {what}",
                         mode="lines+markers",
                         line={"dash": dash, "color": color},
-                        customdata=hover_text(shown).to_numpy()[:, None],
-                        hovertemplate=HOVER,
+                        customdata=shown.index.to_numpy()[:, None],
                     ),
                     row=1,
                     col=1,
                 )
         if not peaks.empty:
-            peaks = peaks.assign(series=series_labels(peaks, ("pass", "scope")), hover=hover_text(peaks))
+            peaks = peaks.assign(series=series_labels(peaks, ("pass", "scope")))
             for series in _series_order(peaks):
                 part = peaks[peaks["series"] == series]
                 figure.add_trace(
@@ -297,12 +323,12 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
                         y=part["peak_mem_bytes"],
                         name=f"{series} peak",
                         mode="lines+markers",
-                        customdata=part[["hover"]].to_numpy(),
-                        hovertemplate=HOVER,
+                        customdata=part.index.to_numpy()[:, None],
                     ),
                     row=1,
                     col=2,
                 )
+        attach_hover(figure, rows)
         figure.update_xaxes(type="log", title="context (tokens)", **context_ticks(rows["context"]))
         figure.update_yaxes(type="log", title="bytes")
         figure.update_layout(height=480)
@@ -329,13 +355,10 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
     data = data[data["tflops"].notna() & (data["bytes_moved"] > 0) & (data["tflops"] > 0)]
     if data.empty:
         return Omitted(title, "no measured rows with achieved TFLOP/s")
-    data = data.assign(
-        intensity=data["flops_total"] / data["bytes_moved"],
-        series=series_labels(data),
-        hover=hover_text(data),
-    )
+    intensity = data["flops_total"] / data["bytes_moved"]
     figure = _express(
         px.scatter,
+        data.assign(intensity=intensity, series=series_labels(data)),
         data,
         x="intensity",
         y="tflops",
@@ -345,7 +368,7 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
         labels={"intensity": "arithmetic intensity (FLOP/byte)", "tflops": "achieved TFLOP/s"},
     )
     notes = []
-    span = np.geomspace(data["intensity"].min() / 4, data["intensity"].max() * 4, 200)
+    span = np.geomspace(intensity.min() / 4, intensity.max() * 4, 200)
     for run in data["run"].unique():
         found = roofs(envs.get(run, {}))
         if found is None:
@@ -366,11 +389,18 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
     if data.empty:
         return Omitted(title, "no quality rows (eval.jsonl)")
     data = data.sort_values("context")
-    data = data.assign(series=series_labels(data), hover=hover_text(data), panel=data["task"] + " · " + data["metric"])
+    panels = data.assign(series=series_labels(data), panel=data["task"] + " · " + data["metric"])
     figure = _express(
-        px.line, data, y="value", facet_col="panel", facet_col_wrap=3, error_y="stderr", labels={"value": "score"}
+        px.line,
+        panels,
+        data,
+        y="value",
+        facet_col="panel",
+        facet_col_wrap=3,
+        error_y="stderr",
+        labels={"value": "score"},
     )
-    figure.update_layout(height=340 * math.ceil(data["panel"].nunique() / 3) + 120)
+    figure.update_layout(height=340 * math.ceil(panels["panel"].nunique() / 3) + 120)
     return Figure(
         "quality",
         title,

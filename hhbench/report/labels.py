@@ -3,7 +3,9 @@ every field of a row."""
 
 import math
 
+import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 
 from hhbench.spec.units import format_count
 from hhbench.tables.compare import distinct_values
@@ -58,16 +60,56 @@ def ordered_variants(variants) -> list[str]:
     return sorted(set(variants), key=variant_rank)
 
 
-def hover_text(frame: pd.DataFrame) -> pd.Series:
-    """Every field of each row that holds a value, one per line."""
+ROW = "_row"  # the column a figure passes as custom_data: the label of each point's row in the hover frame
+
+
+def attach_hover(figure: go.Figure, frame: pd.DataFrame, head: str = "") -> go.Figure:
+    """Each point's hover shows every field of its row that holds a value, one per line, after `head` (a plotly
+    hovertemplate fragment). Traces name their points' rows by the labels of `frame`'s index in customdata
+    (shape (points, 1), or (y, x, 1) for a heatmap, NaN for an empty cell); those labels are replaced by the
+    fields that differ within the trace, while the fields a trace's points share are written once into its
+    hovertemplate: the page then carries a trace's model, backends or device once, not once per point."""
     columns = [name for name in frame.columns if not name.startswith("_")]
-    return pd.Series(
-        [
-            "<br>".join(f"<b>{name}</b>: {text}" for name in columns if (text := _text(record[name])))
-            for record in frame.to_dict("records")
-        ],
-        index=frame.index,
-    )
+    texts = frame[columns].map(_text)
+    for trace in figure.data:
+        if trace.customdata is None:
+            continue
+        labels = np.asarray(trace.customdata, dtype=object)[..., 0]
+        present = [label for label in labels.ravel() if not pd.isna(label)]
+        template, varying, gappy = _hover_template(texts.loc[present])
+        points = texts.loc[present, varying].to_numpy(dtype=object)
+        for column, name in enumerate(varying):
+            if name in gappy:  # a field some points lack: the whole line or nothing
+                points[:, column] = [f"<br><b>{name}</b>: {text}" if text else "" for text in points[:, column]]
+        by_label = dict(zip(present, points.tolist(), strict=True))
+        blank = [""] * len(varying)
+        trace.customdata = np.array(
+            [by_label[label] if not pd.isna(label) else blank for label in labels.ravel()], dtype=object
+        ).reshape(*labels.shape, len(varying))
+        trace.hovertemplate = head + template + "<extra></extra>"
+    return figure
+
+
+def _hover_template(texts: pd.DataFrame) -> tuple[str, list[str], set[str]]:
+    """The hovertemplate of one trace whose rows' field texts are `texts`, the fields left to its points'
+    customdata (in order) and those of them that some points lack."""
+    pieces, varying, gappy = [], [], set()
+    for name in texts.columns:
+        values = texts[name]
+        held = values != ""
+        if not held.any():
+            continue
+        if held.all() and values.nunique() == 1:
+            pieces.append(f"<br><b>{name}</b>: {values.iloc[0]}")
+            continue
+        slot = f"%{{customdata[{len(varying)}]}}"
+        varying.append(name)
+        if held.all():
+            pieces.append(f"<br><b>{name}</b>: {slot}")
+        else:
+            gappy.add(name)
+            pieces.append(slot)
+    return "".join(pieces).removeprefix("<br>"), varying, gappy
 
 
 def _text(value) -> str:
@@ -78,7 +120,7 @@ def _text(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return "" if math.isnan(value) else f"{value:.4g}"
     return str(value)
 
 
