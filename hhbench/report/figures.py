@@ -35,15 +35,86 @@ COMPONENTS = {
 # Datasheet ceilings, used only when a run recorded no measured peaks and its GPU is this card.
 H100_SXM = {"bf16_matmul_tflops": 989.0, "copy_gbps": 3350.0}
 # One heatmap per set of layer 3:1 rows: a pure FA or GDN row joins the heatmap of the baseline it matched.
+SCOPE_SYMBOLS = {Scope.KERNEL.value: "circle", Scope.LAYER.value: "diamond", Scope.MODEL.value: "square"}
+# The quality figure's variants at one context spread over this share of the narrowest gap between contexts.
+DODGE_SHARE = 0.3
 HEATMAP_GROUP = ["run", "model", "scope", "pass", "batch", "dtype", "base_fa_backend", "base_gdn_backend"]
+
+
+# plotly's legend line at its default 12 px font, and its padding; its default top and bottom margins
+LEGEND_LINE_PX, LEGEND_PAD_PX, MARGIN_PX = 19, 20, {"t": 100, "b": 80}
 
 
 @dataclass
 class Figure:
+    """A drawn figure; on creation its log axes get readable ticks and its height room for its whole legend."""
+
     slug: str  # the figure's HTML id and PNG file name
     title: str
     figure: go.Figure
     caption: str = ""
+
+    def __post_init__(self):
+        label_log_axes(self.figure)
+        fit_legend(self.figure)
+
+
+def label_log_axes(figure: go.Figure) -> None:
+    """Each log axis without tick marks of its own labels decades where its data spans two or more, else 1, 2
+    and 5 times a power of ten, all written in full: plotly's default writes the 2s and 5s (or every digit)
+    between decades as bare small digits, which read as '5 4 3 2 10 9 8'. Axes that match share one setting."""
+    layout = figure.layout.to_plotly_json()
+    groups: dict[str, list[str]] = {}
+    for name, axis in layout.items():
+        if name[1:5] == "axis" and axis.get("type") == "log" and axis.get("tickvals") is None:
+            short = name[0] + name[5:]
+            groups.setdefault(axis.get("matches") or short, []).append(short)
+    if not groups:
+        return
+    values: dict[str, list[float]] = {}
+    for trace in figure.data:
+        if isinstance(trace, go.Heatmap):
+            continue
+        for letter in "xy":
+            if getattr(trace, letter, None) is not None:
+                values.setdefault(getattr(trace, f"{letter}axis", None) or letter, []).extend(_reach(trace, letter))
+    for members in groups.values():
+        shown = np.array([v for member in members for v in values.get(member, [])], dtype=float)
+        shown = shown[np.isfinite(shown) & (shown > 0)]
+        if shown.size == 0:
+            continue
+        lo, hi = shown.min(), shown.max()
+        ticks = {"tickformat": "~s" if hi >= 1e4 else "~g"}  # 10k, 1M, 1G for counts; 0.01 to 1000 in full
+        if hi / lo >= 100:
+            ticks["dtick"] = 1  # one tick per decade
+        elif hi / lo >= 5:
+            ticks["dtick"] = "D2"  # 1, 2 and 5 times each power of ten
+        # within a factor of 5 plotly's own choice is right: evenly spaced ticks, written in full
+        for member in members:
+            figure.layout[f"{member[0]}axis{member[1:]}"].update(ticks)
+
+
+def _reach(trace, letter: str) -> np.ndarray:
+    """The values a trace spans along one axis, its error bars' ends included."""
+    data = pd.to_numeric(pd.Series(np.asarray(getattr(trace, letter)).ravel()), errors="coerce").to_numpy(float)
+    error = getattr(trace, f"error_{letter}", None)
+    if error is None or error.array is None:
+        return data
+    above = np.asarray(error.array, dtype=float)
+    below = np.asarray(error.arrayminus if error.arrayminus is not None else error.array, dtype=float)
+    return np.concatenate([data, data + above, data - below])
+
+
+def fit_legend(figure: go.Figure) -> None:
+    """Make the figure tall enough that its vertical legend shows every entry: plotly clips a legend taller than
+    the plotting area behind a scroll bar, and a PNG cannot scroll."""
+    entries = sum(1 for trace in figure.data if trace.showlegend is not False and trace.name)
+    if entries < 2 and not any(trace.showlegend for trace in figure.data):
+        return  # plotly draws no legend for a single trace
+    lines = entries + (1 if figure.layout.legend.title.text else 0)
+    margin = {side: figure.layout.margin[side] or default for side, default in MARGIN_PX.items()}
+    needed = margin["t"] + margin["b"] + lines * LEGEND_LINE_PX + LEGEND_PAD_PX
+    figure.update_layout(height=max(figure.layout.height or 0, needed))
 
 
 @dataclass
@@ -160,7 +231,7 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
             value, basis = 1 / part["flops_ratio"], "analytic FLOPs"
         else:
             continue
-        part = part.assign(value=value, label=series_labels(part, ("mode",)), **{ROW: part.index})
+        part = part.assign(value=value, label=series_labels(part), **{ROW: part.index})
         part = part[part["value"].notna()]
         run, model, scope, pass_, batch = key[:5]
         panels.append((f"{run}: {model}, {pass_}, {scope} scope, batch {batch} (by {basis})", part))
@@ -291,13 +362,14 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
         peaks = measured(rows[rows["model"] == model])
         peaks = peaks[peaks["peak_mem_bytes"].notna()].sort_values("context")
         panels = 2 if not peaks.empty else 1
-        titles = ["KV cache and recurrent state (analytic)", "measured peak memory"][:panels]
+        titles = ["KV cache (solid) and recurrent state (dotted), analytic", "measured peak memory"][:panels]
         figure = make_subplots(rows=1, cols=panels, subplot_titles=titles)
         palette = px.colors.qualitative.Plotly
         for index, variant in enumerate(ordered_variants(view["variant"])):
             part = view[view["variant"] == variant]
             color = palette[index % len(palette)]
-            for column, dash, what in (("kv_cache_bytes", "solid", "KV cache"), ("state_bytes", "dot", "state")):
+            drawn = 0
+            for column, dash in (("kv_cache_bytes", "solid"), ("state_bytes", "dot")):
                 shown = part[part[column] > 0]  # a zero has no place on a log axis: that memory is absent
                 if shown.empty:
                     continue
@@ -305,7 +377,9 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
                     go.Scatter(
                         x=shown["context"],
                         y=shown[column],
-                        name=f"{variant} {what}",
+                        name=variant,
+                        legendgroup=variant,  # one legend entry per variant, its lines shown and hidden together
+                        showlegend=not drawn,
                         mode="lines+markers",
                         line={"dash": dash, "color": color},
                         customdata=shown.index.to_numpy()[:, None],
@@ -313,6 +387,7 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
                     row=1,
                     col=1,
                 )
+                drawn += 1
         if not peaks.empty:
             peaks = peaks.assign(series=series_labels(peaks, ("pass", "scope")))
             for series in _series_order(peaks):
@@ -331,7 +406,7 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
         attach_hover(figure, rows)
         figure.update_xaxes(type="log", title="context (tokens)", **context_ticks(rows["context"]))
         figure.update_yaxes(type="log", title="bytes")
-        figure.update_layout(height=480)
+        figure.update_layout(height=480, legend_tracegroupgap=0)  # entries as close as plotly express sets them
         figures.append(Figure(f"memory-{_slug(model)}", f"Memory: {where}", figure))
     return figures
 
@@ -363,11 +438,19 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
         x="intensity",
         y="tflops",
         symbol="scope",
+        symbol_map=SCOPE_SYMBOLS,
         log_y=True,
         category_orders={"scope": present_order(data["scope"], SCOPE_ORDER)},
         labels={"intensity": "arithmetic intensity (FLOP/byte)", "tflops": "achieved TFLOP/s"},
     )
-    notes = []
+    listed = set()
+    for trace in figure.data:  # one legend entry per series, its scopes shown and hidden together
+        series = trace.name.rsplit(", ", 1)[0]  # plotly express names a trace "<colour>, <symbol>"
+        trace.update(name=series, legendgroup=series, showlegend=series not in listed)
+        listed.add(series)
+    figure.update_layout(legend_title_text="variant")
+    scopes = present_order(data["scope"], SCOPE_ORDER)
+    notes = ["marker: " + ", ".join(f"{SCOPE_SYMBOLS[scope]} {scope}" for scope in scopes) + " scope"]
     span = np.geomspace(intensity.min() / 4, intensity.max() * 4, 200)
     for run in data["run"].unique():
         found = roofs(envs.get(run, {}))
@@ -384,28 +467,39 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
 
 
 def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
+    """Score against context, a panel per task and metric with its own scale, a line per variant; the variants
+    at one context sit side by side (dodged along the log context axis), so equal scores (many at 0) stay
+    apart instead of hiding each other."""
     title = "Quality: score against context"
     data = eval_rows[(eval_rows["status"] == OK) & eval_rows["value"].notna()] if not eval_rows.empty else eval_rows
     if data.empty:
         return Omitted(title, "no quality rows (eval.jsonl)")
     data = data.sort_values("context")
     panels = data.assign(series=series_labels(data), panel=data["task"] + " · " + data["metric"])
+    order = _series_order(panels)
+    contexts = np.log2(sorted(data["context"].unique()))
+    spread = DODGE_SHARE * (np.diff(contexts).min() if len(contexts) > 1 else 1.0)
+    offsets = np.linspace(-spread / 2, spread / 2, len(order)) if len(order) > 1 else np.zeros(1)
+    shift = panels["series"].map(dict(zip(order, offsets, strict=True)))
     figure = _express(
         px.line,
-        panels,
+        panels.assign(dodged=panels["context"] * 2.0**shift),
         data,
+        x="dodged",
         y="value",
         facet_col="panel",
         facet_col_wrap=3,
         error_y="stderr",
-        labels={"value": "score"},
+        labels={"value": "score", "dodged": "context (tokens)"},
     )
+    figure.update_xaxes(**context_ticks(data["context"]))
+    figure.update_yaxes(matches=None, showticklabels=True)  # accuracies, nats and gains have their own scales
     figure.update_layout(height=340 * math.ceil(panels["panel"].nunique() / 3) + 120)
     return Figure(
         "quality",
         title,
         figure,
-        "Scores per task and metric as lm-eval reports them (acc and retrieval_gain, nats per answer token: higher is better; *_nll: lower is better); error bars one stderr.",
+        "Scores per task and metric as lm-eval reports them (acc and retrieval_gain, nats per answer token: higher is better; *_nll: lower is better); error bars one stderr. At each context the variants sit side by side, in legend order.",
     )
 
 

@@ -17,7 +17,8 @@ LAYOUT_RANK = {"fa": 0, "layer": 1, "head": 2, "la": 3}
 
 def series_labels(frame: pd.DataFrame, also: tuple[str, ...] = ()) -> pd.Series:
     """'head:7:1', or 'head:7:1 · run gpu-a · fla' where runs or backends differ within the figure."""
-    varying = [name for name in [*DISTINGUISHING, *also] if name in frame and _varies(frame, name)]
+    fields = dict.fromkeys([*DISTINGUISHING, *also])  # a field named twice is told once
+    varying = [name for name in fields if name in frame and _varies(frame, name)]
 
     def label(row) -> str:
         parts = [row["variant"]]
