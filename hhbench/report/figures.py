@@ -37,7 +37,7 @@ H100_SXM = {"bf16_matmul_tflops": 989.0, "copy_gbps": 3350.0}
 # One heatmap per set of layer 3:1 rows: a pure FA or GDN row joins the heatmap of the baseline it matched.
 SCOPE_SYMBOLS = {Scope.KERNEL.value: "circle", Scope.LAYER.value: "diamond", Scope.MODEL.value: "square"}
 # The quality figure's variants at one context spread over this share of the narrowest gap between contexts.
-DODGE_SHARE = 0.3
+DODGE_SHARE = 0.5
 HEATMAP_GROUP = ["run", "model", "scope", "pass", "batch", "dtype", "base_fa_backend", "base_gdn_backend"]
 
 
@@ -494,6 +494,7 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
     )
     figure.update_xaxes(**context_ticks(data["context"]))
     figure.update_yaxes(matches=None, showticklabels=True)  # accuracies, nats and gains have their own scales
+    figure.for_each_annotation(lambda note: note.update(text=note.text.removeprefix("panel=")))
     figure.update_layout(height=340 * math.ceil(panels["panel"].nunique() / 3) + 120)
     return Figure(
         "quality",
@@ -517,7 +518,7 @@ def training_figure(train_rows: pd.DataFrame) -> Figure | Omitted:
     )
     figure = px.line(data, x="tokens", y="loss", color="series", facet_col="panel", log_y=True,
                      hover_data=["step", "lr", "grad_norm", "tokens_per_s"])  # fmt: skip
-    figure.update_yaxes(matches=None)  # stage 1's MSE and stage 2's KL have their own scales
+    figure.update_yaxes(matches=None, showticklabels=True)  # stage 1's MSE and stage 2's KL have their own scales
     figure.update_layout(height=460)
     return Figure("training", title, figure, "Stage 1: MSE of converted attention outputs against the teacher's; "
                   "stage 2: KL(teacher || student), answer positions weighted as the recipe says. Tokens per stage.")  # fmt: skip
