@@ -97,6 +97,14 @@ def test_page_renders_offline_in_headless_chromium(cli, runs, tmp_path):
             " }).map(p => p.id)"
         )
         assert clipped == []
+        # a point's hover label shows (plotly draws none that is taller than its figure)
+        unlabelled = browser.evaluate(
+            f"{rendered}.filter(p => {{ const t = p._fullData.findIndex(d => d.customdata && d.type !== 'heatmap');"
+            " if (t < 0) return false; const d = p._fullData[t];"
+            " Plotly.Fx.hover(p, [{curveNumber: t, pointNumber: 0}], d.xaxis + d.yaxis);"
+            " return !p.querySelector('.hoverlayer .hovertext'); }).map(p => p.id)"
+        )
+        assert unlabelled == []
         assert browser.errors() == []
         assert browser.remote_requests() == []
 

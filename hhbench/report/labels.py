@@ -61,15 +61,17 @@ def ordered_variants(variants) -> list[str]:
     return sorted(set(variants), key=variant_rank)
 
 
+HOVER_LINE_CHARS, SEPARATOR = 100, " · "  # a hover line's fields: about this many characters, apart by this
 ROW = "_row"  # the column a figure passes as custom_data: the label of each point's row in the hover frame
 
 
 def attach_hover(figure: go.Figure, frame: pd.DataFrame, head: str = "") -> go.Figure:
-    """Each point's hover shows every field of its row that holds a value, one per line, after `head` (a plotly
-    hovertemplate fragment). Traces name their points' rows by the labels of `frame`'s index in customdata
-    (shape (points, 1), or (y, x, 1) for a heatmap, NaN for an empty cell); those labels are replaced by the
-    fields that differ within the trace, while the fields a trace's points share are written once into its
-    hovertemplate: the page then carries a trace's model, backends or device once, not once per point."""
+    """Each point's hover shows every field of its row that holds a value, after `head` (a plotly hovertemplate
+    fragment), several fields to a line: plotly draws no hover label at all that is taller than its figure, and
+    a row's ~60 fields one per line are. Traces name their points' rows by the labels of `frame`'s index in
+    customdata (shape (points, 1), or (y, x, 1) for a heatmap, NaN for an empty cell); those labels are replaced
+    by the fields that differ within the trace, while the fields a trace's points share are written once into
+    its hovertemplate: the page then carries a trace's model, backends or device once, not once per point."""
     columns = [name for name in frame.columns if not name.startswith("_")]
     texts = frame[columns].map(_text)
     for trace in figure.data:
@@ -80,8 +82,8 @@ def attach_hover(figure: go.Figure, frame: pd.DataFrame, head: str = "") -> go.F
         template, varying, gappy = _hover_template(texts.loc[present])
         points = texts.loc[present, varying].to_numpy(dtype=object)
         for column, name in enumerate(varying):
-            if name in gappy:  # a field some points lack: the whole line or nothing
-                points[:, column] = [f"<br><b>{name}</b>: {text}" if text else "" for text in points[:, column]]
+            if name in gappy:  # a field some points lack: the field with its separator, or nothing
+                points[:, column] = [f"{SEPARATOR}<b>{name}</b>: {text}" if text else "" for text in points[:, column]]
         by_label = dict(zip(present, points.tolist(), strict=True))
         blank = [""] * len(varying)
         trace.customdata = np.array(
@@ -92,34 +94,45 @@ def attach_hover(figure: go.Figure, frame: pd.DataFrame, head: str = "") -> go.F
 
 
 def _hover_template(texts: pd.DataFrame) -> tuple[str, list[str], set[str]]:
-    """The hovertemplate of one trace whose rows' field texts are `texts`, the fields left to its points'
-    customdata (in order) and those of them that some points lack."""
-    pieces, varying, gappy = [], [], set()
+    """The hovertemplate of one trace whose rows' field texts are `texts`, fields filling lines of about
+    HOVER_LINE_CHARS; the fields left to its points' customdata (in order) and those of them that some points
+    lack (they carry their own separator and never start a line)."""
+    pieces, varying, gappy, line = [], [], set(), 0
     for name in texts.columns:
         values = texts[name]
         held = values != ""
         if not held.any():
             continue
+        width = len(name) + 2 + values.str.len().max()
         if held.all() and values.nunique() == 1:
-            pieces.append(f"<br><b>{name}</b>: {values.iloc[0]}")
-            continue
-        slot = f"%{{customdata[{len(varying)}]}}"
-        varying.append(name)
-        if held.all():
-            pieces.append(f"<br><b>{name}</b>: {slot}")
+            field = f"<b>{name}</b>: {values.iloc[0]}"
         else:
-            gappy.add(name)
-            pieces.append(slot)
-    return "".join(pieces).removeprefix("<br>"), varying, gappy
+            slot = f"%{{customdata[{len(varying)}]}}"
+            varying.append(name)
+            if not held.all():
+                gappy.add(name)
+                pieces.append(slot)
+                line += width + len(SEPARATOR)
+                continue
+            field = f"<b>{name}</b>: {slot}"
+        if pieces:
+            wrap = line + len(SEPARATOR) + width > HOVER_LINE_CHARS
+            pieces.append("<br>" if wrap else SEPARATOR)
+            line = 0 if wrap else line + len(SEPARATOR)
+        pieces.append(field)
+        line += width
+    return "".join(pieces), varying, gappy
 
 
 def _text(value) -> str:
     if value is None or isinstance(value, str) and not value:
         return ""
-    if isinstance(value, list | tuple):
-        return ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, list | tuple):  # a run's samples: ten to a line, so the label stays on the screen
+        items = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in value]
+        return ",<br>".join(", ".join(items[start : start + 10]) for start in range(0, len(items), 10))
     if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
+        items = [f"{k}={v}" for k, v in value.items()]
+        return (", " if sum(map(len, items)) < HOVER_LINE_CHARS else ",<br>").join(items)
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4g}"
     return str(value)
