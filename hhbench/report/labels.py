@@ -79,8 +79,9 @@ def attach_hover(figure: go.Figure, frame: pd.DataFrame, head: str = "") -> go.F
             continue
         labels = np.asarray(trace.customdata, dtype=object)[..., 0]
         present = [label for label in labels.ravel() if not pd.isna(label)]
-        template, varying, gappy = _hover_template(texts.loc[present])
-        points = texts.loc[present, varying].to_numpy(dtype=object)
+        block = texts.loc[present].to_numpy(dtype=object)
+        template, varying, gappy = _hover_template(columns, block)
+        points = block[:, [columns.index(name) for name in varying]]
         for column, name in enumerate(varying):
             if name in gappy:  # a field some points lack: the field with its separator, or nothing
                 points[:, column] = [f"{SEPARATOR}<b>{name}</b>: {text}" if text else "" for text in points[:, column]]
@@ -93,23 +94,22 @@ def attach_hover(figure: go.Figure, frame: pd.DataFrame, head: str = "") -> go.F
     return figure
 
 
-def _hover_template(texts: pd.DataFrame) -> tuple[str, list[str], set[str]]:
-    """The hovertemplate of one trace whose rows' field texts are `texts`, fields filling lines of about
-    HOVER_LINE_CHARS; the fields left to its points' customdata (in order) and those of them that some points
-    lack (they carry their own separator and never start a line)."""
+def _hover_template(columns: list[str], block: np.ndarray) -> tuple[str, list[str], set[str]]:
+    """The hovertemplate of one trace whose rows' field texts are `block` (rows x columns), fields filling lines
+    of about HOVER_LINE_CHARS; the fields left to its points' customdata (in order) and those of them that some
+    points lack (they carry their own separator and never start a line)."""
     pieces, varying, gappy, line = [], [], set(), 0
-    for name in texts.columns:
-        values = texts[name]
-        held = values != ""
-        if not held.any():
+    for name, values in zip(columns, block.T, strict=True):
+        distinct = set(values)
+        if distinct == {""}:
             continue
-        width = len(name) + 2 + values.str.len().max()
-        if held.all() and values.nunique() == 1:
-            field = f"<b>{name}</b>: {values.iloc[0]}"
+        width = len(name) + 2 + max(map(len, distinct))
+        if len(distinct) == 1:
+            field = f"<b>{name}</b>: {values[0]}"
         else:
             slot = f"%{{customdata[{len(varying)}]}}"
             varying.append(name)
-            if not held.all():
+            if "" in distinct:
                 gappy.add(name)
                 pieces.append(slot)
                 line += width + len(SEPARATOR)
