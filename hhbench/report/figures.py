@@ -35,12 +35,10 @@ COMPONENTS = {
 # Datasheet ceilings, used only when a run recorded no measured peaks and its GPU is this card.
 H100_SXM = {"bf16_matmul_tflops": 989.0, "copy_gbps": 3350.0}
 # One heatmap per set of layer 3:1 rows: a pure FA or GDN row joins the heatmap of the baseline it matched.
+HEATMAP_GROUP = ["run", "model", "scope", "pass", "batch", "dtype", "base_fa_backend", "base_gdn_backend"]
 SCOPE_SYMBOLS = {Scope.KERNEL.value: "circle", Scope.LAYER.value: "diamond", Scope.MODEL.value: "square"}
 # The quality figure's variants at one context spread over this share of the narrowest gap between contexts.
 DODGE_SHARE = 0.5
-HEATMAP_GROUP = ["run", "model", "scope", "pass", "batch", "dtype", "base_fa_backend", "base_gdn_backend"]
-
-
 # plotly's legend line at its default 12 px font, and its padding; its default top and bottom margins
 LEGEND_LINE_PX, LEGEND_PAD_PX, MARGIN_PX = 19, 20, {"t": 100, "b": 80}
 
@@ -193,7 +191,7 @@ def _panels(data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
 
 def _express(chart, data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
     """A plotly express chart on a log x axis (context by default, its ticks the contexts), a colour per series,
-    each point's hover carrying its row of `rows` (the row labelled by the point's ROW, by default its own label)."""
+    each point's hover carrying its row of `rows`: the row its ROW column names, by default its own index label."""
     if ROW not in data:
         data = data.assign(**{ROW: data.index})
     options = {
