@@ -5,6 +5,7 @@ import re
 import struct
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from browser import Browser, distinct_colours, find_chromium
 from inprocess import run_main
@@ -12,8 +13,9 @@ from synthetic import analytic, measured, quality, write_run
 
 from hhbench.analytic.costs import Scope
 from hhbench.analytic.flops import Pass
-from hhbench.report.figures import roofs
-from hhbench.report.page import build_report
+from hhbench.report.figures import quality_figure, roofs
+from hhbench.report.labels import series_labels
+from hhbench.report.page import Report, build_report
 from hhbench.rows.sources import load_runs
 
 H100_ENV = {
@@ -23,6 +25,7 @@ H100_ENV = {
     "hhbench_commit": "0123abc",
     "time": "2025-11-27T10:00:00+00:00",
 }
+RESULTS = Path(__file__).parent.parent / "results"
 CPU_ENV = {"device": "cpu (x86_64, 2 threads)", "peaks": {"bf16_matmul_tflops": 0.5, "copy_gbps": 10.0}}
 FIGURES = ["latency", "floor", "speedup", "flops-tiny-prefill", "flops-tiny-train", "flops-tiny-decode", "memory-tiny",
            "roofline", "decode", "quality"]  # fmt: skip
@@ -86,6 +89,22 @@ def test_page_renders_offline_in_headless_chromium(cli, runs, tmp_path):
             shot = browser.screenshot({**box, "scale": 0.12})
             assert distinct_colours(shot) > 8, f"figure {slug} looks blank"
         assert distinct_colours(browser.screenshot({"x": 0, "y": 0, "width": 1400, "height": 1000, "scale": 0.12})) > 8
+        # every legend entry inside the legend's box: none clipped behind a scroll bar
+        clipped = browser.evaluate(
+            f"{rendered}.filter(p => {{ const box = p.querySelector('.legend .bg');"
+            " if (!box) return false; const bottom = box.getBoundingClientRect().bottom + 1;"
+            " return [...p.querySelectorAll('.legend .traces')].some(t => t.getBoundingClientRect().bottom > bottom);"
+            " }).map(p => p.id)"
+        )
+        assert clipped == []
+        # a point's hover label shows (plotly draws none that is taller than its figure)
+        unlabelled = browser.evaluate(
+            f"{rendered}.filter(p => {{ const t = p._fullData.findIndex(d => d.customdata && d.type !== 'heatmap');"
+            " if (t < 0) return false; const d = p._fullData[t];"
+            " Plotly.Fx.hover(p, [{curveNumber: t, pointNumber: 0}], d.xaxis + d.yaxis);"
+            " return !p.querySelector('.hoverlayer .hovertext'); }).map(p => p.id)"
+        )
+        assert unlabelled == []
         assert browser.errors() == []
         assert browser.remote_requests() == []
 
@@ -136,9 +155,15 @@ def test_analytic_only_report(runs):
     ]  # fmt: skip
 
 
+def hover_of(trace, point: int) -> str:
+    """The hover text plotly shows for a point: the trace's hovertemplate filled with the point's customdata."""
+    fields = trace.customdata[point]
+    return re.sub(r"%\{customdata\[(\d+)\]\}", lambda m: str(fields[int(m[1])]), trace.hovertemplate)
+
+
 def test_hover_carries_every_field_and_header_every_environment(report):
     latency = report.figures[0].figure
-    hover = latency.data[0].customdata[0][0]
+    hover = hover_of(latency.data[0], 0)
     for field in ("model", "variant", "pass", "scope", "context", "fa_backend", "flops_total", "kv_cache_bytes",
                   "latency_ms", "latency_p10_ms", "latency_p90_ms", "samples_ms", "reps", "peak_mem_bytes", "tflops",
                   "device", "timer", "status", "run", "speedup", "flops_ratio"):  # fmt: skip
@@ -170,3 +195,61 @@ def test_roofline_draws_each_runs_roof(report):
     names = [trace.name for trace in roofline.figure.data if trace.mode == "lines"]
     assert names == ["h100 roof (datasheet H100 SXM: 989 TFLOP/s, 3350 GB/s)",
                      "cpu roof (measured peaks: 0.5 TFLOP/s, 10 GB/s)"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def committed() -> Report:
+    """README's report: an H100 sweep beside the CPU baseline."""
+    return build_report(load_runs([RESULTS / "gpu-default-h100", RESULTS / "baseline-cpu"]))
+
+
+def test_report_of_committed_runs_stays_small(committed):
+    """It was 13.6 MB: plotly.js inline and every field of every row written into each point's hover. Under
+    6 MB, with every hover still complete."""
+    report = committed
+    assert len(report.to_html().encode()) < 6_000_000
+    latency = report.figures[0].figure
+    trace = latency.data[0]
+    assert "<b>model</b>: h32d128" in trace.hovertemplate or "<b>model</b>: tiny" in trace.hovertemplate
+    assert all("model" not in str(field) for field in trace.customdata[0]), "shared fields are written once"
+    assert "<b>latency_ms</b>: " in hover_of(trace, 0)
+
+
+def test_series_labels_name_each_field_once():
+    frame = pd.DataFrame({"variant": ["fa", "head:3:1"], "mode": ["sequential", "streams"], "run": ["a", "a"]})
+    assert list(series_labels(frame, ("mode",))) == ["fa · sequential", "head:3:1 · streams"]
+
+
+def test_log_axes_label_decades_or_one_two_five_in_full(committed):
+    """plotly's own log ticks write the 2s and 5s between decades as bare digits ('5 4 3 2 10 9 8')."""
+    checked = 0
+    for figure in committed.figures:
+        layout = figure.figure.layout.to_plotly_json()
+        for name, axis in layout.items():
+            if name[1:5] == "axis" and axis.get("type") == "log" and axis.get("tickvals") is None:
+                assert axis.get("tickformat") in ("~s", "~g"), (figure.slug, name)
+                assert axis.get("dtick") in (1, "D2", None), (figure.slug, name)
+                checked += 1
+    assert checked > 10
+    kernel = committed.figures[0].figure.layout.yaxis  # latency at kernel scope: 0.3 ms to 1 s, decades
+    assert kernel.dtick == 1 and kernel.tickformat == "~g"
+
+
+def test_flops_at_kernel_scope_on_a_log_axis_shows_the_gdn_core(committed):
+    flops = next(f for f in committed.figures if f.slug == "flops-h32d128-prefill").figure
+    assert flops.layout.yaxis.type == "log" and flops.layout.barmode == "group"
+    gdn = [trace for trace in flops.data if trace.name == "GDN core"]
+    assert gdn and all(min(trace.y) > 0 for trace in gdn)
+    assert {trace.name for trace in flops.data} == {"FA core", "GDN core"}  # no bars, no legend, for zeros
+
+
+def test_quality_variants_at_one_score_stay_apart():
+    rows = pd.DataFrame([{"model": "tiny", "variant": variant, "task": task, "context": context, "metric": "acc",
+                          "value": 0.0, "stderr": 0.0, "samples": 10, "status": "ok"}
+                         for variant in ("teacher", "layer:3:1", "head:7:1") for task in ("passkey", "niah")
+                         for context in (1024, 4096)])  # fmt: skip
+    figure = quality_figure(rows).figure
+    points = {(trace.xaxis, x, y) for trace in figure.data for x, y in zip(trace.x, trace.y, strict=True)}
+    assert len(points) == len(rows), "no two points on one spot"
+    assert all(axis.matches is None for axis in figure.select_yaxes())
+    assert list(figure.layout.xaxis.tickvals) == [1024, 4096]

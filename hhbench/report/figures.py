@@ -12,11 +12,17 @@ from plotly.subplots import make_subplots
 
 from hhbench.analytic.costs import Scope
 from hhbench.analytic.flops import Pass
-from hhbench.report.labels import context_ticks, hover_text, ordered_variants, present_order, series_labels
+from hhbench.report.labels import (
+    ROW,
+    attach_hover,
+    context_ticks,
+    ordered_variants,
+    present_order,
+    series_labels,
+)
 from hhbench.rows.schema import OK
 from hhbench.spec.units import format_count
 
-HOVER = "%{customdata[0]}<extra></extra>"
 PASS_ORDER = [p.value for p in Pass]
 SCOPE_ORDER = [s.value for s in Scope]
 COMPONENTS = {
@@ -30,14 +36,83 @@ COMPONENTS = {
 H100_SXM = {"bf16_matmul_tflops": 989.0, "copy_gbps": 3350.0}
 # One heatmap per set of layer 3:1 rows: a pure FA or GDN row joins the heatmap of the baseline it matched.
 HEATMAP_GROUP = ["run", "model", "scope", "pass", "batch", "dtype", "base_fa_backend", "base_gdn_backend"]
+SCOPE_SYMBOLS = {Scope.KERNEL.value: "circle", Scope.LAYER.value: "diamond", Scope.MODEL.value: "square"}
+# The quality figure's variants at one context spread over this share of the narrowest gap between contexts.
+DODGE_SHARE = 0.5
+# plotly's legend line at its default 12 px font, and its padding; its default top and bottom margins
+LEGEND_LINE_PX, LEGEND_PAD_PX, MARGIN_PX = 19, 20, {"t": 100, "b": 80}
 
 
 @dataclass
 class Figure:
+    """A drawn figure; on creation its log axes get readable ticks and its height room for its whole legend."""
+
     slug: str  # the figure's HTML id and PNG file name
     title: str
     figure: go.Figure
     caption: str = ""
+
+    def __post_init__(self):
+        label_log_axes(self.figure)
+        fit_legend(self.figure)
+
+
+def label_log_axes(figure: go.Figure) -> None:
+    """Each log axis without tick marks of its own labels decades where its data spans two or more, else 1, 2
+    and 5 times a power of ten, all written in full: plotly's default writes the 2s and 5s (or every digit)
+    between decades as bare small digits, which read as '5 4 3 2 10 9 8'. Axes that match share one setting."""
+    layout = figure.layout.to_plotly_json()
+    groups: dict[str, list[str]] = {}
+    for name, axis in layout.items():
+        if name[1:5] == "axis" and axis.get("type") == "log" and axis.get("tickvals") is None:
+            short = name[0] + name[5:]
+            groups.setdefault(axis.get("matches") or short, []).append(short)
+    if not groups:
+        return
+    values: dict[str, list[float]] = {}
+    for trace in figure.data:
+        if isinstance(trace, go.Heatmap):
+            continue
+        for letter in "xy":
+            if getattr(trace, letter, None) is not None:
+                values.setdefault(getattr(trace, f"{letter}axis", None) or letter, []).extend(_reach(trace, letter))
+    for members in groups.values():
+        shown = np.array([v for member in members for v in values.get(member, [])], dtype=float)
+        shown = shown[np.isfinite(shown) & (shown > 0)]
+        if shown.size == 0:
+            continue
+        lo, hi = shown.min(), shown.max()
+        ticks = {"tickformat": "~s" if hi >= 1e4 else "~g"}  # 10k, 1M, 1G for counts; 0.01 to 1000 in full
+        if hi / lo >= 100:
+            ticks["dtick"] = 1  # one tick per decade
+        elif hi / lo >= 5:
+            ticks["dtick"] = "D2"  # 1, 2 and 5 times each power of ten
+        # within a factor of 5 plotly's own choice is right: evenly spaced ticks, written in full
+        for member in members:
+            figure.layout[f"{member[0]}axis{member[1:]}"].update(ticks)
+
+
+def _reach(trace, letter: str) -> np.ndarray:
+    """The values a trace spans along one axis, its error bars' ends included."""
+    data = pd.to_numeric(pd.Series(np.asarray(getattr(trace, letter)).ravel()), errors="coerce").to_numpy(float)
+    error = getattr(trace, f"error_{letter}", None)
+    if error is None or error.array is None:
+        return data
+    above = np.asarray(error.array, dtype=float)
+    below = np.asarray(error.arrayminus if error.arrayminus is not None else error.array, dtype=float)
+    return np.concatenate([data, data + above, data - below])
+
+
+def fit_legend(figure: go.Figure) -> None:
+    """Make the figure tall enough that its vertical legend shows every entry: plotly clips a legend taller than
+    the plotting area behind a scroll bar, and a PNG cannot scroll."""
+    entries = sum(1 for trace in figure.data if trace.showlegend is not False and trace.name)
+    if entries < 2 and not any(trace.showlegend for trace in figure.data):
+        return  # plotly draws no legend for a single trace
+    lines = entries + (1 if figure.layout.legend.title.text else 0)
+    margin = {side: figure.layout.margin[side] or default for side, default in MARGIN_PX.items()}
+    needed = margin["t"] + margin["b"] + lines * LEGEND_LINE_PX + LEGEND_PAD_PX
+    figure.update_layout(height=max(figure.layout.height or 0, needed))
 
 
 @dataclass
@@ -56,14 +131,17 @@ def latency_figure(rows: pd.DataFrame, passes: list[str], slug: str, title: str)
     data = data[data["pass"].isin(passes)].sort_values("context")
     if data.empty:
         return Omitted(title, f"no measured {' or '.join(passes)} rows")
-    data = data.assign(
-        series=series_labels(data),
-        hover=hover_text(data),
-        above=data["latency_p90_ms"] - data["latency_ms"],
-        below=data["latency_ms"] - data["latency_p10_ms"],
-    )
     figure = _panels(
-        data, y="latency_ms", error_y="above", error_y_minus="below", labels={"latency_ms": "latency (ms)"}
+        data.assign(
+            series=series_labels(data),
+            above=data["latency_p90_ms"] - data["latency_ms"],
+            below=data["latency_ms"] - data["latency_p10_ms"],
+        ),
+        data,
+        y="latency_ms",
+        error_y="above",
+        error_y_minus="below",
+        labels={"latency_ms": "latency (ms)"},
     )
     return Figure(slug, title, figure, "Median of the repeated timings; error bars span p10 to p90.")
 
@@ -76,23 +154,27 @@ def floor_figure(rows: pd.DataFrame) -> Figure | Omitted:
     data = data[data["floor_ms"].notna()].sort_values("context")
     if data.empty:
         return Omitted(title, "no measured row with its floor timed (layer or model scope)")
-    data = data.assign(series=series_labels(data), hover=hover_text(data))
-    long = data.melt(
-        id_vars=["series", "variant", "context", "scope", "pass", "hover"],
-        value_vars=["latency_ms", "floor_ms"],
-        var_name="measure",
-        value_name="ms",
-    ).replace({"measure": {"latency_ms": "latency", "floor_ms": "floor"}})
-    figure = _panels(long, y="ms", line_dash="measure", line_dash_map={"latency": "solid", "floor": "dot"})
+    long = (
+        data.assign(series=series_labels(data), **{ROW: data.index})
+        .melt(
+            id_vars=["series", "variant", "context", "scope", "pass", ROW],
+            value_vars=["latency_ms", "floor_ms"],
+            var_name="measure",
+            value_name="ms",
+        )
+        .replace({"measure": {"latency_ms": "latency", "floor_ms": "floor"}})
+    )
+    figure = _panels(long, data, y="ms", line_dash="measure", line_dash_map={"latency": "solid", "floor": "dot"})
     return Figure("floor", title, figure, "Solid: median latency. Dotted: the floor, each part's median summed.")
 
 
-def _panels(data: pd.DataFrame, **options) -> go.Figure:
+def _panels(data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
     """Lines against context on log-log axes, a panel per scope and (where there are several) per pass."""
     many_passes = data["pass"].nunique() > 1
     figure = _express(
         px.line,
         data,
+        rows,
         facet_col="scope",
         facet_row="pass" if many_passes else None,
         log_y=True,
@@ -107,9 +189,11 @@ def _panels(data: pd.DataFrame, **options) -> go.Figure:
     return figure
 
 
-def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
+def _express(chart, data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
     """A plotly express chart on a log x axis (context by default, its ticks the contexts), a colour per series,
-    each point's hover carrying its row."""
+    each point's hover carrying its row of `rows`: the row its ROW column names, by default its own index label."""
+    if ROW not in data:
+        data = data.assign(**{ROW: data.index})
     options = {
         "x": "context",
         "color": "series",
@@ -117,12 +201,11 @@ def _express(chart, data: pd.DataFrame, **options) -> go.Figure:
         "color_discrete_sequence": px.colors.qualitative.Dark24,  # runs x variants outnumber the 10 default colours
         **({"markers": True} if chart is px.line else {}),
         **options,
-        "custom_data": ["hover"],
+        "custom_data": [ROW],
         "category_orders": {"series": _series_order(data), **options.get("category_orders", {})},
         "labels": {"context": "context (tokens)", "series": "variant", **options.get("labels", {})},
     }
-    figure = chart(data, **options)
-    figure.update_traces(hovertemplate=HOVER)
+    figure = attach_hover(chart(data, **options), rows)
     if options["x"] == "context":
         figure.update_xaxes(**context_ticks(data["context"]))
     return figure
@@ -146,7 +229,7 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
             value, basis = 1 / part["flops_ratio"], "analytic FLOPs"
         else:
             continue
-        part = part.assign(value=value, label=series_labels(part, ("mode",)), hover=hover_text(part))
+        part = part.assign(value=value, label=series_labels(part), **{ROW: part.index})
         part = part[part["value"].notna()]
         run, model, scope, pass_, batch = key[:5]
         panels.append((f"{run}: {model}, {pass_}, {scope} scope, batch {batch} (by {basis})", part))
@@ -167,8 +250,8 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
         contexts = sorted(part["context"].unique())
         grid = part.pivot_table(index="label", columns="context", values="value", aggfunc="first")
         grid = grid.reindex(index=labels, columns=contexts)
-        hover = part.pivot_table(index="label", columns="context", values="hover", aggfunc="first")
-        hover = hover.reindex(index=labels, columns=contexts).fillna("")
+        cells = part.pivot_table(index="label", columns="context", values=ROW, aggfunc="first")
+        cells = cells.reindex(index=labels, columns=contexts).astype(object)
         figure.add_trace(
             go.Heatmap(
                 z=np.log2(grid.to_numpy(dtype=float)),
@@ -176,8 +259,8 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
                 y=labels,
                 text=[[f"{v:.2f}x" if not math.isnan(v) else "" for v in line] for line in grid.to_numpy(dtype=float)],
                 texttemplate="%{text}",
-                customdata=hover.to_numpy()[..., None],
-                hovertemplate=HOVER,
+                customdata=cells.to_numpy()[..., None],
+                hoverongaps=False,
                 coloraxis="coloraxis",
             ),
             row=index,
@@ -196,6 +279,7 @@ def speedup_figure(rows: pd.DataFrame) -> Figure | Omitted:
             },
         },
     )
+    attach_hover(figure, rows)
     figure.update_xaxes(type="category")
     figure.update_yaxes(autorange="reversed")  # fa on top, la at the bottom, as the tables read
     return Figure("speedup", title, figure, "Cells read layer 3:1 time (or FLOPs) over the row's: above 1x is faster.")
@@ -220,20 +304,25 @@ def analytic_view(rows: pd.DataFrame, model: str) -> tuple[pd.DataFrame, str]:
 
 
 def flops_figures(rows: pd.DataFrame) -> list[Figure]:
-    """Per model and pass, the FLOPs of each variant stacked by component, against context."""
+    """Per model and pass, the FLOPs of each variant by component against context: stacked on a linear axis, or
+    at kernel scope side by side on a log axis (there the FA core outgrows the GDN core by orders of magnitude,
+    and a stack would hide the GDN core)."""
     figures = []
     for model in rows["model"].unique():
         view, where = analytic_view(rows, model)
+        log = view["scope"].iloc[0] == Scope.KERNEL.value
         for pass_ in sorted(view["pass"].unique(), key=PASS_ORDER.index):
             part = view[view["pass"] == pass_]
-            part = part.assign(hover=hover_text(part), context_label=part["context"].map(format_count))
-            long = part.melt(
-                id_vars=["variant", "context_label", "hover"],
+            contexts = part["context"].map(format_count)
+            long = part.assign(context_label=contexts, **{ROW: part.index}).melt(
+                id_vars=["variant", "context_label", ROW],
                 value_vars=list(COMPONENTS),
                 var_name="component",
                 value_name="flops",
             )
             long["component"] = long["component"].map(COMPONENTS)
+            if log:  # a component the kernel lacks has no bar on a log axis, nor a legend entry
+                long = long[long["flops"] > 0]
             variants = ordered_variants(part["variant"])
             figure = px.bar(
                 long,
@@ -242,15 +331,22 @@ def flops_figures(rows: pd.DataFrame) -> list[Figure]:
                 color="component",
                 facet_col="variant",
                 facet_col_wrap=min(5, len(variants)),
-                custom_data=["hover", "component"],
-                category_orders={"variant": variants, "context_label": list(dict.fromkeys(part["context_label"]))},
+                custom_data=[ROW],
+                barmode="group" if log else "relative",
+                log_y=log,
+                category_orders={
+                    "variant": variants,
+                    "context_label": list(dict.fromkeys(contexts)),
+                    "component": list(COMPONENTS.values()),
+                },
                 labels={"context_label": "context", "flops": "FLOPs"},
             )
-            figure.update_traces(hovertemplate="<b>%{customdata[1]}</b>: %{y:.4g} FLOPs<br>" + HOVER)
+            attach_hover(figure, part, head="<b>%{fullData.name}</b>: %{y:.4g} FLOPs<br>")
             figure.update_layout(height=300 * math.ceil(len(variants) / 5) + 120)
             figure.update_yaxes(showticklabels=True)
             title = f"FLOPs breakdown, {pass_}: {where}"
-            figures.append(Figure(f"flops-{_slug(model)}-{pass_}", title, figure, "Analytic FLOPs by component."))
+            caption = "Analytic FLOPs by component" + (", side by side on a log axis." if log else ", stacked.")
+            figures.append(Figure(f"flops-{_slug(model)}-{pass_}", title, figure, caption))
     return figures
 
 
@@ -264,13 +360,14 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
         peaks = measured(rows[rows["model"] == model])
         peaks = peaks[peaks["peak_mem_bytes"].notna()].sort_values("context")
         panels = 2 if not peaks.empty else 1
-        titles = ["KV cache and recurrent state (analytic)", "measured peak memory"][:panels]
+        titles = ["KV cache (solid) and recurrent state (dotted), analytic", "measured peak memory"][:panels]
         figure = make_subplots(rows=1, cols=panels, subplot_titles=titles)
         palette = px.colors.qualitative.Plotly
         for index, variant in enumerate(ordered_variants(view["variant"])):
             part = view[view["variant"] == variant]
             color = palette[index % len(palette)]
-            for column, dash, what in (("kv_cache_bytes", "solid", "KV cache"), ("state_bytes", "dot", "state")):
+            drawn = 0
+            for column, dash in (("kv_cache_bytes", "solid"), ("state_bytes", "dot")):
                 shown = part[part[column] > 0]  # a zero has no place on a log axis: that memory is absent
                 if shown.empty:
                     continue
@@ -278,17 +375,19 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
                     go.Scatter(
                         x=shown["context"],
                         y=shown[column],
-                        name=f"{variant} {what}",
+                        name=variant,
+                        legendgroup=variant,  # one legend entry per variant, its lines shown and hidden together
+                        showlegend=not drawn,
                         mode="lines+markers",
                         line={"dash": dash, "color": color},
-                        customdata=hover_text(shown).to_numpy()[:, None],
-                        hovertemplate=HOVER,
+                        customdata=shown.index.to_numpy()[:, None],
                     ),
                     row=1,
                     col=1,
                 )
+                drawn += 1
         if not peaks.empty:
-            peaks = peaks.assign(series=series_labels(peaks, ("pass", "scope")), hover=hover_text(peaks))
+            peaks = peaks.assign(series=series_labels(peaks, ("pass", "scope")))
             for series in _series_order(peaks):
                 part = peaks[peaks["series"] == series]
                 figure.add_trace(
@@ -297,15 +396,15 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
                         y=part["peak_mem_bytes"],
                         name=f"{series} peak",
                         mode="lines+markers",
-                        customdata=part[["hover"]].to_numpy(),
-                        hovertemplate=HOVER,
+                        customdata=part.index.to_numpy()[:, None],
                     ),
                     row=1,
                     col=2,
                 )
+        attach_hover(figure, rows)
         figure.update_xaxes(type="log", title="context (tokens)", **context_ticks(rows["context"]))
         figure.update_yaxes(type="log", title="bytes")
-        figure.update_layout(height=480)
+        figure.update_layout(height=480, legend_tracegroupgap=0)  # entries as close as plotly express sets them
         figures.append(Figure(f"memory-{_slug(model)}", f"Memory: {where}", figure))
     return figures
 
@@ -329,23 +428,28 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
     data = data[data["tflops"].notna() & (data["bytes_moved"] > 0) & (data["tflops"] > 0)]
     if data.empty:
         return Omitted(title, "no measured rows with achieved TFLOP/s")
-    data = data.assign(
-        intensity=data["flops_total"] / data["bytes_moved"],
-        series=series_labels(data),
-        hover=hover_text(data),
-    )
+    intensity = data["flops_total"] / data["bytes_moved"]
     figure = _express(
         px.scatter,
+        data.assign(intensity=intensity, series=series_labels(data)),
         data,
         x="intensity",
         y="tflops",
         symbol="scope",
+        symbol_map=SCOPE_SYMBOLS,
         log_y=True,
         category_orders={"scope": present_order(data["scope"], SCOPE_ORDER)},
         labels={"intensity": "arithmetic intensity (FLOP/byte)", "tflops": "achieved TFLOP/s"},
     )
-    notes = []
-    span = np.geomspace(data["intensity"].min() / 4, data["intensity"].max() * 4, 200)
+    listed = set()
+    for trace in figure.data:  # one legend entry per series, its scopes shown and hidden together
+        series = trace.name.rsplit(", ", 1)[0]  # plotly express names a trace "<colour>, <symbol>"
+        trace.update(name=series, legendgroup=series, showlegend=series not in listed)
+        listed.add(series)
+    figure.update_layout(legend_title_text="variant")
+    scopes = present_order(data["scope"], SCOPE_ORDER)
+    notes = ["marker: " + ", ".join(f"{SCOPE_SYMBOLS[scope]} {scope}" for scope in scopes) + " scope"]
+    span = np.geomspace(intensity.min() / 4, intensity.max() * 4, 200)
     for run in data["run"].unique():
         found = roofs(envs.get(run, {}))
         if found is None:
@@ -361,21 +465,40 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
 
 
 def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
+    """Score against context, a panel per task and metric with its own scale, a line per variant; the variants
+    at one context sit side by side (dodged along the log context axis), so equal scores (many at 0) stay
+    apart instead of hiding each other."""
     title = "Quality: score against context"
     data = eval_rows[(eval_rows["status"] == OK) & eval_rows["value"].notna()] if not eval_rows.empty else eval_rows
     if data.empty:
         return Omitted(title, "no quality rows (eval.jsonl)")
     data = data.sort_values("context")
-    data = data.assign(series=series_labels(data), hover=hover_text(data), panel=data["task"] + " · " + data["metric"])
+    panels = data.assign(series=series_labels(data), panel=data["task"] + " · " + data["metric"])
+    order = _series_order(panels)
+    contexts = np.log2(sorted(data["context"].unique()))
+    spread = DODGE_SHARE * (np.diff(contexts).min() if len(contexts) > 1 else 1.0)
+    offsets = np.linspace(-spread / 2, spread / 2, len(order)) if len(order) > 1 else np.zeros(1)
+    shift = panels["series"].map(dict(zip(order, offsets, strict=True)))
     figure = _express(
-        px.line, data, y="value", facet_col="panel", facet_col_wrap=3, error_y="stderr", labels={"value": "score"}
+        px.line,
+        panels.assign(dodged=panels["context"] * 2.0**shift),
+        data,
+        x="dodged",
+        y="value",
+        facet_col="panel",
+        facet_col_wrap=3,
+        error_y="stderr",
+        labels={"value": "score", "dodged": "context (tokens)"},
     )
-    figure.update_layout(height=340 * math.ceil(data["panel"].nunique() / 3) + 120)
+    figure.update_xaxes(**context_ticks(data["context"]))
+    figure.update_yaxes(matches=None, showticklabels=True)  # accuracies, nats and gains have their own scales
+    figure.for_each_annotation(lambda note: note.update(text=note.text.removeprefix("panel=")))
+    figure.update_layout(height=340 * math.ceil(panels["panel"].nunique() / 3) + 120)
     return Figure(
         "quality",
         title,
         figure,
-        "Scores per task and metric as lm-eval reports them (acc and retrieval_gain, nats per answer token: higher is better; *_nll: lower is better); error bars one stderr.",
+        "Scores per task and metric as lm-eval reports them (acc and retrieval_gain, nats per answer token: higher is better; *_nll: lower is better); error bars one stderr. At each context the variants sit side by side, in legend order.",
     )
 
 
@@ -393,7 +516,7 @@ def training_figure(train_rows: pd.DataFrame) -> Figure | Omitted:
     )
     figure = px.line(data, x="tokens", y="loss", color="series", facet_col="panel", log_y=True,
                      hover_data=["step", "lr", "grad_norm", "tokens_per_s"])  # fmt: skip
-    figure.update_yaxes(matches=None)  # stage 1's MSE and stage 2's KL have their own scales
+    figure.update_yaxes(matches=None, showticklabels=True)  # stage 1's MSE and stage 2's KL have their own scales
     figure.update_layout(height=460)
     return Figure("training", title, figure, "Stage 1: MSE of converted attention outputs against the teacher's; "
                   "stage 2: KL(teacher || student), answer positions weighted as the recipe says. Tokens per stage.")  # fmt: skip
