@@ -168,3 +168,13 @@ def test_each_layer_target_can_fail():
 def test_layer_targets_without_their_points_say_no_data():
     targets = layer_targets([layer_row("fa", 4096)])
     assert [c.verdict for c in targets.values()] == ["no data"] * 8
+
+
+def test_a_floor_above_the_layer_is_no_floor():
+    """The H200 run whose floor timed an unpadded GEMM: the layer at 0.90x its floor, beyond its spread."""
+    targets = layer_targets([*passing_layer_rows(), layer_row("head:3:1", 64 * 1024, latency=9.0, floor=10.0)])
+    check = targets["layer prefill within 1.15x of its floor"]
+    assert check.verdict == "not met" and check.summary.endswith(
+        "in 1 rows the floor is above the layer's p90: not a floor"
+    )
+    assert check.evidence["floor_above_layer"].sum() == 1
