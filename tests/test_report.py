@@ -253,3 +253,14 @@ def test_quality_variants_at_one_score_stay_apart():
     assert len(points) == len(rows), "no two points on one spot"
     assert all(axis.matches is None for axis in figure.select_yaxes())
     assert list(figure.layout.xaxis.tickvals) == [1024, 4096]
+
+
+def test_training_panels_have_their_own_axes_and_plain_titles():
+    """Stage 1 trains on a few percent of stage 2's tokens: a shared token axis squeezed it into a corner."""
+    from hhbench.distill.train import read_train_rows
+    from hhbench.report.figures import training_figure
+
+    rows = pd.DataFrame(read_train_rows("results/distill-smollm2-135m-h200-v2/train.jsonl")).assign(run="r")
+    figure = training_figure(rows).figure
+    assert {axis.matches for axis in (figure.layout.xaxis, figure.layout.xaxis2)} == {None}
+    assert sorted(note.text for note in figure.layout.annotations) == ["stage 1 (attention MSE)", "stage 2 (KL)"]

@@ -517,6 +517,8 @@ def training_figure(train_rows: pd.DataFrame) -> Figure | Omitted:
     figure = px.line(data, x="tokens", y="loss", color="series", facet_col="panel", log_y=True,
                      hover_data=["step", "lr", "grad_norm", "tokens_per_s"])  # fmt: skip
     figure.update_yaxes(matches=None, showticklabels=True)  # stage 1's MSE and stage 2's KL have their own scales
+    figure.update_xaxes(matches=None)  # and their own token budgets (stage 1 is often a few percent of stage 2)
+    figure.for_each_annotation(lambda note: note.update(text=note.text.removeprefix("panel=")))
     figure.update_layout(height=460)
     return Figure("training", title, figure, "Stage 1: MSE of converted attention outputs against the teacher's; "
                   "stage 2: KL(teacher || student), answer positions weighted as the recipe says. Tokens per stage.")  # fmt: skip
