@@ -141,9 +141,10 @@ def test_a_grid_that_is_not_tables(tmp_path):
 def test_the_shipped_suites_use_known_keys_only():
     import tomllib
 
-    from hhbench.plan.grid import GRID_KEYS, SUITE_KEYS, SUITES
+    from hhbench.plan.grid import GRID_KEYS, SUITE_KEYS
+    from hhbench.resources import suites_dir
 
-    for path in SUITES.glob("*.toml"):
+    for path in suites_dir().glob("*.toml"):
         data = tomllib.loads(path.read_text())
         assert set(data) <= set(SUITE_KEYS), path
         assert all(set(grid) <= GRID_KEYS for grid in data["grid"]), path
