@@ -152,6 +152,21 @@ def test_the_shipped_suites_use_known_keys_only():
     assert len(load_suite("cpu", "cpu").points) == 60
 
 
+def test_the_suites_are_found_in_a_wheel_and_in_a_checkout(tmp_path, monkeypatch):
+    from hhbench import resources
+
+    site = tmp_path / "site"
+    package = site / "hhbench"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(resources.importlib.resources, "files", lambda name: package)
+    with pytest.raises(UserError, match="suites are missing"):
+        resources.suites_dir()
+    for folder in (site / "suites", package / "suites"):  # a checkout's top-level folder, then the wheel's copy
+        folder.mkdir()
+        (folder / "cpu.toml").write_text("")
+        assert resources.suites_dir() == folder
+
+
 def test_a_misspelt_table_stops_the_sweep_before_it_runs(cli, tmp_path):
     path = suite(tmp_path, "[timng]\nmin_reps = 2\n")
     result = cli("sweep", "--suite", path, "--out", str(tmp_path / "out"))
