@@ -35,4 +35,5 @@ if [ $test_extras = 1 ] && ! command -v chromium >/dev/null 2>&1; then
     echo "setup: chromium is missing and cannot be installed here (needs root and apt-get)" >&2
   fi
 fi
-echo "setup: ready (.venv, torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"
+echo "setup: ready (.venv, torch $(.venv/bin/python -c 'import torch; print(torch.__version__)')):" \
+  "run .venv/bin/hhbench, or plain hhbench after 'source .venv/bin/activate'"

@@ -1,4 +1,4 @@
-"""Whole-configuration FLOPs checked by hand against the conventions in README."""
+"""Whole-configuration FLOPs checked by hand against the conventions in docs/methods.md."""
 
 import pytest
 

@@ -1,5 +1,5 @@
 """The GPU paths of converted models and head selection: cuDNN/flash SDPA and fla's kernels against the torch
-references. CI has no GPU, so these skip there; they run on the device machine (README, "GPU paths")."""
+references. CI has no GPU, so these skip there; they run on the device machine (docs/methods.md, "GPU paths")."""
 
 import copy
 import importlib.util

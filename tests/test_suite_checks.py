@@ -141,14 +141,30 @@ def test_a_grid_that_is_not_tables(tmp_path):
 def test_the_shipped_suites_use_known_keys_only():
     import tomllib
 
-    from hhbench.plan.grid import GRID_KEYS, SUITE_KEYS, SUITES
+    from hhbench.plan.grid import GRID_KEYS, SUITE_KEYS
+    from hhbench.resources import suites_dir
 
-    for path in SUITES.glob("*.toml"):
+    for path in suites_dir().glob("*.toml"):
         data = tomllib.loads(path.read_text())
         assert set(data) <= set(SUITE_KEYS), path
         assert all(set(grid) <= GRID_KEYS for grid in data["grid"]), path
         TimingPolicy(**data.get("timing", {}))
     assert len(load_suite("cpu", "cpu").points) == 60
+
+
+def test_the_suites_are_found_in_a_wheel_and_in_a_checkout(tmp_path, monkeypatch):
+    from hhbench import resources
+
+    site = tmp_path / "site"
+    package = site / "hhbench"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(resources.importlib.resources, "files", lambda name: package)
+    with pytest.raises(UserError, match="suites are missing"):
+        resources.suites_dir()
+    for folder in (site / "suites", package / "suites"):  # a checkout's top-level folder, then the wheel's copy
+        folder.mkdir()
+        (folder / "cpu.toml").write_text("")
+        assert resources.suites_dir() == folder
 
 
 def test_a_misspelt_table_stops_the_sweep_before_it_runs(cli, tmp_path):

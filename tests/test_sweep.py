@@ -42,6 +42,9 @@ def test_cpu_suite_end_to_end(cli, tmp_path):
     env = json.loads((tmp_path / "cpu" / "env.json").read_text())
     assert env["device"].startswith("cpu") and env["versions"]["torch"] and env["suite"] == "cpu"
     assert "| head:3:1 |" in result.stdout and "60 new rows" in result.stdout
+    # the main job says what it chose and why, and the table's rates carry their unit
+    assert "no --suite given: suite 'cpu' (no CUDA GPU is visible" in result.stderr
+    assert "| TFLOP/s |" in result.stdout and "tflops" not in result.stdout
 
 
 def test_killed_sweep_resumes_to_the_same_rows(cli, tmp_path):

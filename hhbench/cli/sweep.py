@@ -53,7 +53,7 @@ def default_run_name(suite: str, device) -> str:
 def summary(rows: RowSet) -> str:
     frame = rows.frame()
     columns = [c for c in SUMMARY if c in frame and frame[c].notna().any() and (frame[c] != "").any()]
-    view = frame[columns].copy()
+    view = frame[columns].rename(columns={"tflops": "TFLOP/s"})
     for column in ("latency_ms", "latency_p10_ms", "latency_p90_ms"):
         if column in view:
             view[column] = view[column].map(lambda v: f"{v:.4g}" if v == v and v is not None else "")
@@ -145,6 +145,9 @@ def sweep(
     if policy.graph and where.type != "cuda":  # refused, not silently timed eagerly (as --mode streams)
         raise UserError(f"[timing] graph = true captures CUDA graphs, and this run is on {where.type}")
     run_dir = RunDir(run_folder(out, run or default_run_name(name, where))).create()
+    if not suite and not grid:  # the main job: nothing on its command line says what it runs, so say it here
+        why = "a CUDA GPU is visible" if where.type == "cuda" else "no CUDA GPU is visible, and 'default' needs one"
+        print(f"hhbench: no --suite given: suite {name!r} ({why}), rows to {run_dir.rows_path}", file=sys.stderr)
     # Started at the first finished point, so that set-up errors stay one line on stderr.
     progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -18,7 +18,7 @@ def table(
     ] = "",
     targets: Annotated[
         bool,
-        typer.Option(help="Check the performance targets (README: kernel, layer and model scope) on each run instead."),
+        typer.Option(help="Check the performance targets (docs/results.md) on each run instead."),
     ] = False,
 ):
     """Compare every configuration with the layer-wise 3:1 row of the same run, model, context, batch, pass and

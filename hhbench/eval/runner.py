@@ -25,10 +25,10 @@ from hhbench.models.convert import GDNInit, convert, teacher_head_rms, teacher_h
 from hhbench.models.loader import LoadedModel
 from hhbench.models.tokens import encode
 from hhbench.models.variants import Variant
+from hhbench.resources import suites_dir
 from hhbench.rows.schema import ERROR, OK, EvalRow
 from hhbench.spec.parse import unique
 
-SUITES = Path(__file__).resolve().parents[2] / "suites" / "lm_eval"
 HH_PREFIX = "hh_"
 
 
@@ -39,9 +39,11 @@ def lm_eval_dir() -> Path:
 
 
 def suite_dir() -> Path:
-    if not (SUITES / "hh_passkey.yaml").exists():
-        raise UserError(f"hhbench's task suite is missing at {SUITES}: run from a source checkout (pip install -e .)")
-    return SUITES
+    """hhbench's lm-eval task files (suites/lm_eval); UserError where they are missing."""
+    folder = suites_dir() / "lm_eval"
+    if not (folder / "hh_passkey.yaml").exists():
+        raise UserError(f"hhbench's task suite is missing at {folder}: reinstall hhbench")
+    return folder
 
 
 @dataclass(frozen=True)

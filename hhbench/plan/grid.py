@@ -20,11 +20,11 @@ from hhbench.errors import UserError
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import MODES, SEQUENTIAL, STREAMS
 from hhbench.measure.timing import TimingPolicy
+from hhbench.resources import suites_dir
 from hhbench.spec import parse as options
 from hhbench.spec.hybrid import GDNConfig, HybridSpec, Layout
 from hhbench.spec.shapes import ModelShape
 
-SUITES = Path(__file__).resolve().parents[2] / "suites"
 GRID_KEYS = {"models", "set", "layouts", "ratios", "contexts", "batch", "passes", "scopes", "fa_backend",
              "gdn_backend", "dtype", "modes", "head_map", "kv_aware", "parts", "floor", "gdn_chunk"}  # fmt: skip
 SUITE_KEYS = ("name", "device", "grid", "timing")
@@ -195,9 +195,9 @@ def dedupe(points: list[Point]) -> list[Point]:
 def load_suite(name_or_path: str, device: str) -> Suite:
     path = Path(name_or_path)
     if not path.exists():
-        path = SUITES / f"{name_or_path}.toml"
+        path = suites_dir() / f"{name_or_path}.toml"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in SUITES.glob("*.toml")))
+        known = ", ".join(sorted(p.stem for p in suites_dir().glob("*.toml")))
         raise UserError(f"no suite {name_or_path!r}: give a .toml path or one of {known}")
     try:
         data = tomllib.loads(path.read_text())

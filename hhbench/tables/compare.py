@@ -276,7 +276,7 @@ def _display(section: pd.DataFrame, measured: bool) -> pd.DataFrame:
     view["flops_ratio"] = section["flops_ratio"].map(_fixed)
     view["kv_ratio"] = section["kv_ratio"].map(_fixed)
     if measured:
-        view["tflops"] = section["tflops"]
+        view["TFLOP/s"] = section["tflops"]
         view["peak_mem"] = section["peak_mem_bytes"].map(lambda v: format_bytes(v) if pd.notna(v) else "")
     view["note"] = section["note"]
     return view
