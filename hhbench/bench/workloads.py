@@ -25,7 +25,7 @@ from hhbench.analytic.flops import Pass
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HeadSplit, HybridCore
 from hhbench.layers.hydrahead import HydraAttention
-from hhbench.layers.model import HybridLM
+from hhbench.layers.network import HybridLM
 from hhbench.plan.grid import Point
 from hhbench.spec.layout import LayerAssignment, build_plan
 

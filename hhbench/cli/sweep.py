@@ -31,18 +31,6 @@ def set_cpu_threads(threads: int, where) -> None:
         torch.set_num_threads(threads)
 
 
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}: choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to torch on this machine")
-    return torch.device(name)
-
-
 def default_run_name(suite: str, device) -> str:
     import torch
 
@@ -111,9 +99,10 @@ def sweep(
 ):
     """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
 
+    from hhbench.measure.env import pick_device
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import dedupe, grid_points, load_suite
-    from hhbench.runner.measure import CROSSCHECK_MIN_MS
+    from hhbench.runner.point import CROSSCHECK_MIN_MS
     from hhbench.runner.sweep import run_sweep
 
     where = pick_device(device)
