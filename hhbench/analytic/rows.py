@@ -2,9 +2,9 @@
 
 from functools import lru_cache
 
-from hhbench.analytic.costs import Costs, Scope, analytic_costs
-from hhbench.analytic.flops import Pass
+from hhbench.analytic.costs import Costs, analytic_costs
 from hhbench.rows.schema import Row
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.hybrid import LAYER31, HybridSpec
 from hhbench.spec.layout import LayerPlan, build_plan, distinct_plans
 from hhbench.spec.shapes import ModelShape

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
-from hhbench.bench.workloads import DTYPES, TrainStep, core_inputs, core_step, unit_of
+from hhbench.bench.workloads import TrainStep, core_inputs, core_step, unit_of
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HeadSplit, HybridCore
 from hhbench.plan.grid import Point
+from hhbench.spec.axes import Pass, Scope, torch_dtype
 from hhbench.spec.layout import LayerAssignment, build_plan
 
 
@@ -67,7 +66,7 @@ class _Parts:
     """Builds the parts' inputs (random, in the point's dtype) and callables."""
 
     def __init__(self, point: Point, device: torch.device):
-        self.point, self.device, self.dtype = point, device, DTYPES[point.dtype]
+        self.point, self.device, self.dtype = point, device, torch_dtype(point.dtype)
         self.tokens = 1 if point.pass_ is Pass.DECODE else point.context
         self.train = point.pass_ is Pass.TRAIN
 

@@ -20,16 +20,14 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HeadSplit, HybridCore
 from hhbench.layers.hydrahead import HydraAttention
 from hhbench.layers.network import HybridLM
 from hhbench.plan.grid import Point
+from hhbench.spec.axes import Pass, Scope, torch_dtype
 from hhbench.spec.layout import LayerAssignment, build_plan
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_UNIT_LAYERS = 64
 
 
@@ -270,7 +268,7 @@ def build(point: Point, device, context: int | None = None, batch: int | None = 
     context = point.context if context is None else context
     batch = point.batch if batch is None else batch
     fa_name, gdn_name = fa_name or point.fa_backend, gdn_name or point.gdn_backend
-    dtype = DTYPES[point.dtype]
+    dtype = torch_dtype(point.dtype)
     round_to, dtype = (dtype, torch.float32) if reference else (None, dtype)
     torch.manual_seed(seed)
     make = kernel_workload if point.scope is Scope.KERNEL else module_workload

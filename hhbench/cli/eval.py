@@ -48,10 +48,11 @@ def eval_(
     from hhbench.eval import harness
     from hhbench.eval.quality import comparison_table
     from hhbench.measure.env import capture_env, pick_device
-    from hhbench.models.loader import DTYPES, load_model, offline
+    from hhbench.models.loader import load_model, offline
     from hhbench.models.variants import parse_variants
     from hhbench.rows.runs import RunDir
     from hhbench.rows.schema import EvalRow, read_rows
+    from hhbench.spec.axes import DTYPES
     from hhbench.spec.parse import unique
 
     offline()

@@ -6,11 +6,11 @@ from typing import Annotated
 import typer
 
 from hhbench.analytic.claims import claim_points, claim_sentences
-from hhbench.analytic.costs import Scope, dtype_bytes
 from hhbench.analytic.rows import analytic_rows
 from hhbench.cli.app import app
 from hhbench.rows.schema import RowSet, markdown_table
 from hhbench.spec import parse as options
+from hhbench.spec.axes import Scope, dtype_bytes
 from hhbench.spec.hybrid import GDNConfig
 from hhbench.spec.layout import distinct_plans
 from hhbench.spec.units import format_bytes, format_count

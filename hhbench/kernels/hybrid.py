@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-SEQUENTIAL, STREAMS = "sequential", "streams"
-MODES = (SEQUENTIAL, STREAMS)
+from hhbench.spec.axes import SEQUENTIAL, STREAMS
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hhbench.analytic.costs import Scope, dtype_bytes
-from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import MODES, SEQUENTIAL, STREAMS
 from hhbench.measure.timing import TimingPolicy
 from hhbench.spec import parse as options
+from hhbench.spec.axes import SEQUENTIAL, Pass, Scope, check_mode, dtype_bytes
 from hhbench.spec.hybrid import GDNConfig, HybridSpec, Layout
 from hhbench.spec.shapes import ModelShape
 
@@ -139,10 +137,7 @@ def grid_points(grid: dict, device: str) -> list[Point]:
         dtype_bytes(dtype)
     modes = _values(grid, "modes", SEQUENTIAL)
     for mode in modes:
-        if mode not in MODES:
-            raise UserError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
-        if mode == STREAMS and device != "cuda":  # refused, not run sequentially under the streams label
-            raise UserError(f"mode streams runs the two backends on two CUDA streams, and this run is on {device}")
+        check_mode(mode, device)
     fa_names = _values(grid, "fa_backend", "auto")
     gdn_names = _values(grid, "gdn_backend", "auto")
     for name in fa_names:

@@ -10,10 +10,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.report.labels import context_ticks, hover_text, ordered_variants, present_order, series_labels
 from hhbench.rows.schema import OK
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.units import format_count
 
 HOVER = "%{customdata[0]}<extra></extra>"

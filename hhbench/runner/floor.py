@@ -9,12 +9,11 @@ its floor). It raises what its parts raise; the caller keeps that on the row."""
 
 import torch
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.bench.floor import floor_layers, floor_parts
 from hhbench.measure.timing import TimingPolicy, time_callable, time_each
 from hhbench.plan.grid import Point
 from hhbench.rows.schema import OK, Row
+from hhbench.spec.axes import Pass, Scope
 
 SCOPES = (Scope.LAYER, Scope.MODEL)
 

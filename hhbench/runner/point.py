@@ -7,7 +7,6 @@ import traceback
 
 import torch
 
-from hhbench.analytic.flops import Pass
 from hhbench.analytic.rows import cost_row
 from hhbench.bench import workloads
 from hhbench.errors import Unsupported
@@ -18,6 +17,7 @@ from hhbench.plan.grid import Point
 from hhbench.rows import schema
 from hhbench.rows.schema import Row
 from hhbench.runner import floor
+from hhbench.spec.axes import Pass
 from hhbench.spec.layout import build_plan
 
 CHECK_CONTEXT = 256  # small enough for the token-by-token oracle, several GDN chunks long

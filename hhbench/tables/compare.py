@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
 from hhbench.files import open_output
 from hhbench.rows.schema import ANALYTIC, INCORRECT, OK, markdown_table
 from hhbench.rows.sources import Run
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.hybrid import LAYER31
 from hhbench.spec.units import format_bytes, format_count
 
