@@ -1,7 +1,7 @@
 """What gets timed for a point: inputs on the device and the callable that runs them, per scope and pass.
 
-- kernel: the head-level core (FA backend on the FA heads, GDN backend on the GDN heads, heads merged back in
-  order) of each distinct layer of the plan;
+- kernel: the head-level core (FA backend on the FA heads, GDN backend on the GDN heads, their outputs apart:
+  the merge back into head order belongs to the layer) of each distinct layer of the plan;
 - layer: the HydraAttention module (projections, conv, gates, norms included);
 - model: the whole HybridLM.
 A plan whose layers differ (layer-wise, or uneven head counts) is timed as one unit holding each kind of layer
@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import HeadSplit, HybridCore
+from hhbench.kernels.hybrid import HybridCore
 from hhbench.layers.hydrahead import HydraAttention
 from hhbench.layers.network import HybridLM
 from hhbench.plan.grid import Point
 from hhbench.spec.axes import Pass, Scope, torch_dtype
-from hhbench.spec.layout import LayerAssignment, build_plan
+from hhbench.spec.layout import HeadSplit, build_plan
 
 MAX_UNIT_LAYERS = 64
 
@@ -40,7 +40,7 @@ class Workload:
     parts: dict[str, Callable[[], object]] | None = None  # kernel scope: each backend alone on its heads
 
 
-def unit_of(layers: list[tuple[LayerAssignment, float]]) -> list[tuple[LayerAssignment, int]]:
+def unit_of(layers: list[tuple[HeadSplit, float]]) -> list[tuple[HeadSplit, int]]:
     """Distinct layers with their smallest integer repeat counts in the plan's proportions."""
     fractions = [Fraction(weight).limit_denominator(64) for _, weight in layers]
     scale = math.lcm(*(f.denominator for f in fractions))
@@ -148,10 +148,9 @@ def kernel_workload(
     grad = point.pass_ is Pass.TRAIN
     items = []
     for layer, count in unit:
-        split = HeadSplit(layer.n_heads, layer.fa_heads, layer.group_size)
-        core = HybridCore(split, registry.get(fa_name, registry.FA), registry.get(gdn_name, registry.GDN), point.mode,
+        core = HybridCore(registry.get(fa_name, registry.FA), registry.get(gdn_name, registry.GDN), point.mode,
                           point.spec.gdn.chunk_size)  # fmt: skip
-        fa, gdn = core_inputs(point, split, device, dtype, context, batch, grad, round_to)
+        fa, gdn = core_inputs(point, layer, device, dtype, context, batch, grad, round_to)
         items.append((core, fa, gdn, count, core_step(core, fa, gdn, point.pass_, round_to)))
 
     def run():

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import SEQUENTIAL, HeadSplit, HybridCore, head_index
+from hhbench.kernels.hybrid import HybridCore, head_index
 from hhbench.layers import glue
 from hhbench.layers.gdn_heads import GatedDeltaNetHeads
+from hhbench.spec.axes import SEQUENTIAL
+from hhbench.spec.layout import HeadSplit
 
 # The GDN glue: "reference" (torch ops, gathers on activations), "fused" (glue.py's ops with the head order folded
 # into the weights; fla's kernels on CUDA, their torch twins on the CPU), or "auto": fused where the GDN backend
@@ -157,7 +159,7 @@ class HydraAttention(nn.Module):
     def _core(self, pass_: str, device: torch.device) -> HybridCore:
         fa = registry.resolve(self.fa_backend, registry.FA, device.type, pass_) if self.n_fa else None
         gdn = registry.resolve(self.gdn_backend, registry.GDN, device.type, pass_) if self.gdn else None
-        return HybridCore(self.split, fa, gdn, self.mode, self.chunk_size)
+        return HybridCore(fa, gdn, self.mode, self.chunk_size)
 
     def _glue_ops(self, core: HybridCore, device: torch.device) -> glue.GlueOps | None:
         """The fused path's ops, or None for the reference glue (and for a layer without GDN heads)."""
