@@ -24,6 +24,18 @@ OOM = "oom"
 ERROR = "error"
 STATUSES = (OK, ANALYTIC, UNAVAILABLE, UNSUPPORTED, INCORRECT, OOM, ERROR)
 
+# The configuration measured, not the ratio text that asked for it: the variant holds the normalized ratio, so a
+# 3:1 row is the 6:2 row and a resumed sweep skips it whatever spelling asks again.
+KEY_FIELDS = ("model", "variant", "context", "batch", "pass_", "scope", "dtype", "fa_backend", "gdn_backend", "mode",
+              "head_map", "kv_aware")  # fmt: skip
+
+
+def row_key(fields) -> tuple:
+    """The key of a Row from its fields by name (a Row's __dict__, or Point.key_fields()): the one rule by which
+    the plan drops repeated points, a resumed sweep skips measured ones and the gate pairs rows. Raises KeyError for
+    a missing field."""
+    return tuple(fields[name] for name in KEY_FIELDS)
+
 
 @dataclass
 class Row:
@@ -88,14 +100,10 @@ class Row:
     run: str = ""
     schema: int = SCHEMA_VERSION
 
-    # The configuration measured (Point.identity), not the ratio text that asked for it: the variant holds the
-    # normalized ratio, so a 3:1 row is the 6:2 row and a resumed sweep skips it whatever spelling asks again.
-    KEY_FIELDS = ("model", "variant", "context", "batch", "pass_", "scope", "dtype", "fa_backend", "gdn_backend",
-                  "mode", "head_map", "kv_aware")  # fmt: skip
-
     @property
     def key(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.KEY_FIELDS)
+        """row_key of this row (KEY_FIELDS' values in order)."""
+        return row_key(self.__dict__)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -1,6 +1,7 @@
 """One point in, one row out: availability, correctness against the reference, then timing and memory.
 Every failure becomes the row's status and reason; nothing here raises for a point that cannot run."""
 
+import dataclasses
 import gc
 import math
 import traceback
@@ -31,8 +32,7 @@ CROSSCHECK_MIN_MS = 2.0
 def base_row(point: Point) -> Row:
     plan = build_plan(point.shape, point.spec)
     row = cost_row(plan, point.pass_, point.context, point.batch, point.scope, point.dtype, point.ratio)
-    row.fa_backend, row.gdn_backend, row.mode = point.fa_backend, point.gdn_backend, point.mode
-    return row
+    return dataclasses.replace(row, **point.key_fields())
 
 
 def relative_error(test: torch.Tensor, ref: torch.Tensor) -> float:

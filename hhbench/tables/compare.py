@@ -22,7 +22,7 @@ GROUP = ["run", "model", "context", "batch", "pass", "scope", "dtype"]
 BACKENDS = ["fa_backend", "gdn_backend"]
 # A configuration apart from its context: the series that a crossover runs along.
 SERIES = ["run", "model", "scope", "pass", "batch", "dtype", *BACKENDS, "mode", "head_map", "kv_aware", "variant"]
-# Row.KEY_FIELDS in reading order (the variant names the normalized ratio).
+# rows.schema.KEY_FIELDS in reading order (the variant names the normalized ratio).
 KEY = [*SERIES[1:], "context"]
 COMPARED = (OK, ANALYTIC)
 DISAGREE_SLOWER = "fewer FLOPs, slower"
