@@ -18,7 +18,7 @@ from hhbench.spec.units import parse_count, split_list
 
 Opt = typer.Option
 SUMMARY = ["variant", "ratio_effective", "pass", "scope", "context", "batch", "mode", "fa_backend", "gdn_backend",
-           "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "vs_floor", "tflops", "vs_layer31_flops", "reason"]  # fmt: skip
+           "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "vs_floor", "tflops", "flops_ratio", "reason"]  # fmt: skip
 
 
 def set_cpu_threads(threads: int, where) -> None:
@@ -39,7 +39,10 @@ def default_run_name(suite: str, device) -> str:
 
 
 def summary(rows: RowSet) -> str:
-    frame = rows.frame()
+    """The run's rows for reading; flops_ratio against the run's layer:3:1 row where it has one (tables.compare)."""
+    from hhbench.tables.compare import against_layer31
+
+    frame = against_layer31(rows.frame())
     columns = [c for c in SUMMARY if c in frame and frame[c].notna().any() and (frame[c] != "").any()]
     view = frame[columns].copy()
     for column in ("latency_ms", "latency_p10_ms", "latency_p90_ms"):

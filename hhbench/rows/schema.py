@@ -1,5 +1,6 @@
 """The one result schema: every measured or analytic point is a Row; a RowSet writes itself as JSONL, CSV and
-markdown. Bump SCHEMA_VERSION when a field changes meaning or disappears (adding a field keeps it)."""
+markdown. Bump SCHEMA_VERSION when a field changes meaning or disappears (adding a field keeps it), and say in
+MIGRATIONS how a row of the version before becomes one of this: committed runs stay readable."""
 
 import dataclasses
 import json
@@ -12,7 +13,13 @@ from pathlib import Path
 from hhbench.errors import UserError
 from hhbench.files import open_output
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns the views compute from rows (tables.compare's layer-wise 3:1 ratios, which `hhbench flops` prints beside
+# its rows): dropped where a row carries them, so that a view's output reads back as rows.
+VIEW_COLUMNS = ("vs_layer31_flops", "vs_layer31_kv")
+# version -> the fields it had that the next one dropped. 1 -> 2: the layer-wise 3:1 ratios left the row for the
+# views (tables.compare computes them against the run's own layer:3:1 row).
+MIGRATIONS = {1: VIEW_COLUMNS}
 
 # status values
 OK = "ok"  # measured
@@ -76,8 +83,6 @@ class Row:
     state_bytes: float = 0.0
     weight_bytes: float = 0.0
     bytes_moved: float = 0.0  # analytic fewest bytes moved: arithmetic intensity = flops_total / bytes_moved
-    vs_layer31_flops: float | None = None
-    vs_layer31_kv: float | None = None
     # --- measurement
     status: str = ANALYTIC
     reason: str = ""
@@ -161,10 +166,19 @@ class EvalRow:
         return _from_dict(cls, data)
 
 
-def _from_dict(cls, data: dict):
+def _migrated(data: dict) -> dict:
+    """A row of an older schema version as one of SCHEMA_VERSION (MIGRATIONS), and a view's columns dropped."""
     version = data.get("schema")
+    while type(version) is int and version in MIGRATIONS:
+        data = {name: value for name, value in data.items() if name not in MIGRATIONS[version]}
+        version += 1
     if version != SCHEMA_VERSION:
-        raise UserError(f"row schema version {version} is not the supported version {SCHEMA_VERSION}")
+        raise UserError(f"row schema version {data.get('schema')} is not the supported version {SCHEMA_VERSION}")
+    return {name: value for name, value in data.items() if name not in VIEW_COLUMNS} | {"schema": version}
+
+
+def _from_dict(cls, data: dict):
+    data = _migrated(data)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
@@ -202,8 +216,7 @@ def _describe(kind) -> str:
 
 DISPLAY_COLUMNS = ["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "context", "batch",
                    "pass", "scope", "status", "flops_total", "flops_attention", "flops_fa_core", "flops_gdn_core",
-                   "flops_proj", "flops_mlp", "kv_cache_bytes", "state_bytes", "vs_layer31_flops", "vs_layer31_kv",
-                   "latency_ms", "latency_p10_ms", "latency_p90_ms", "floor_ms", "vs_floor", "tflops", "peak_mem_bytes"]  # fmt: skip
+                   "flops_proj", "flops_mlp", "kv_cache_bytes", "state_bytes", "latency_ms", "latency_p10_ms", "latency_p90_ms", "floor_ms", "vs_floor", "tflops", "peak_mem_bytes"]  # fmt: skip
 
 
 class RowSet(list):
