@@ -184,14 +184,30 @@ def _module_inputs(point: Point, device, dtype, context: int, batch: int):
 
 
 def _random_caches(caches, context: int, device):
-    """Caches as if `context` tokens were processed: random K/V, states and conv states; steps don't advance."""
+    """Caches as if `context` tokens were processed: random K/V, states and conv states."""
     for cache in caches:
         if cache.k is not None:
             cache.k.normal_()
             cache.v.normal_()
         cache.length = context
-        cache.advance = False
     return caches
+
+
+def _held_step(forward: Callable[[], torch.Tensor], caches, context: int):
+    """One decode step at context `context` every call: after the model's step advances the caches, their length,
+    state and conv state are put back (Python assignments, not kernels), so every step writes the same K/V slot and
+    reads the same state: static shapes for CUDA graphs, and a cache that never outgrows its buffers. The fused
+    path's conv state advances in place (values only), as a graph replay would."""
+    held = [(cache.state, cache.conv) for cache in caches]
+
+    @torch.no_grad()
+    def step() -> list[torch.Tensor]:
+        out = forward()
+        for cache, (state, conv) in zip(caches, held, strict=True):
+            cache.length, cache.state, cache.conv = context, state, conv
+        return [out]
+
+    return step
 
 
 def module_workload(
@@ -235,9 +251,9 @@ def module_workload(
     for i, (module, count) in enumerate(modules):
         if point.pass_ is Pass.DECODE:  # inference: no autograd (the fused glue would remake its weights per step)
             if isinstance(module, HybridLM):
-                step = torch.no_grad()(lambda module=module, i=i: [module(x, caches[i])])
+                step = _held_step(lambda module=module, i=i: module(x, caches[i]), caches[i], context)
             else:
-                step = torch.no_grad()(lambda module=module, i=i: [module(x, cache=caches[i][0])])
+                step = _held_step(lambda module=module, i=i: module(x, cache=caches[i][0]), caches[i], context)
         elif point.pass_ is Pass.TRAIN:
             leaves = ([x] if x.is_floating_point() else []) + list(module.parameters())
             step = TrainStep(lambda module=module: [module(x)], leaves, round_to)

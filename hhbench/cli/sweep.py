@@ -105,7 +105,7 @@ def sweep(
     from hhbench.measure.env import pick_device
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import dedupe, grid_points, load_suite
-    from hhbench.runner.point import CROSSCHECK_MIN_MS
+    from hhbench.runner.measurements import CROSSCHECK_MIN_MS
     from hhbench.runner.sweep import run_sweep
 
     where = pick_device(device)

@@ -72,9 +72,6 @@ class LayerCache:
     length: int  # tokens held
     state: torch.Tensor | None  # [B, n_la, dk, dv], fp32
     conv: torch.Tensor | None  # [B, 3 n_la d, K]: the GDN heads' q, k, v conv inputs (glue.py's layout)
-    # False in benchmarks: every step overwrites the same slot (static shapes, graphs); the fused path's conv
-    # state still advances in place (values only)
-    advance: bool = True
 
     def ensure_capacity(self, length: int) -> None:
         """Grow the FA K/V buffers (doubling) so that they hold `length` tokens: decoding of unknown length."""
@@ -313,8 +310,7 @@ class HydraAttention(nn.Module):
             gdn = (gq[:, 0], gk[:, 0], gv[:, 0], g[:, 0], beta[:, 0], cache.state)
         fa_out, gdn_result = core.decode_parts(fa, gdn)
         la_out, state = gdn_result if gdn_result is not None else (None, None)
-        if cache.advance:
-            cache.length, cache.state, cache.conv = position + 1, state, new_conv
+        cache.length, cache.state, cache.conv = position + 1, state, new_conv
         return self._finish(fa_out, la_out, x)
 
     # The fused path: the same math as the reference methods above, composed from glue.py's ops.
@@ -386,8 +382,7 @@ class HydraAttention(nn.Module):
         q, k, v = la.view(B, 3 * gdn.n_heads, -1).split(gdn.n_heads, dim=1)
         g, beta = self._gdn_gates(a, b, ops)
         fa_out, (la_out, state) = core.decode_parts(fa, (q, k, v, g[:, 0], beta[:, 0], cache.state), qk_l2norm=True)
-        if cache.advance:
-            cache.length, cache.state = position + 1, state
+        cache.length, cache.state = position + 1, state
         return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
 
     def _finish_fused(self, fa_out, la_out, gate, o_weight, ops: glue.GlueOps):

@@ -99,7 +99,7 @@ class Row:
     gbps: float | None = None  # analytic bytes / median latency
     max_rel_err: float | None = None
     gdn_impl: str = ""  # the GDN implementation that ran (kernels.registry.Backend.implementation); "" without GDN
-    floor_ms: float | None = None  # the point's necessary kernels timed alone, summed (hhbench.runner.floor)
+    floor_ms: float | None = None  # the point's necessary kernels timed alone, summed (hhbench.runner.measurements)
     vs_floor: float | None = None  # latency_ms / floor_ms
     extra: dict = field(default_factory=dict)
     run: str = ""
