@@ -225,3 +225,19 @@ def test_hybrid_core_runs_both_backends_on_their_heads():
         atol=1e-6,
     )
     assert torch.allclose(la_out, gdn_recurrent(*gdn)[0], atol=1e-5)
+
+
+def test_a_layer_resolves_its_backends_once_or_takes_them_resolved():
+    cpu = torch.device("cpu")
+    named = make_layer((1,))  # auto: resolved on first use per device and pass, then kept
+    with torch.no_grad():
+        named(torch.randn(1, 8, 32, dtype=torch.float64))
+    assert named._core("prefill", cpu) is named._core("prefill", cpu)
+    assert named._core("prefill", cpu).gdn_backend.name == "torch-chunk"
+    assert named._core("decode", cpu).gdn_backend.name == "torch-recurrent"
+    recurrent = registry.get("torch-recurrent", registry.GDN)
+    given = make_layer((1,), fa_backend=registry.get("sdpa-math", registry.FA), gdn_backend=recurrent)
+    assert given._core("prefill", cpu).gdn_backend is recurrent  # the sweep's: its point already chose it
+    with torch.no_grad():
+        out = given(torch.randn(1, 8, 32, dtype=torch.float64))
+    assert out.shape == (1, 8, 32) and torch.isfinite(out).all()

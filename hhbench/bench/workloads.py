@@ -141,15 +141,21 @@ def core_step(core: HybridCore, fa, gdn, pass_: Pass, round_to):
 
 
 def kernel_workload(
-    point: Point, device, context: int, batch: int, fa_name: str, gdn_name: str, dtype, round_to=None
+    point: Point,
+    device,
+    context: int,
+    batch: int,
+    fa_backend: registry.Backend,
+    gdn_backend: registry.Backend,
+    dtype,
+    round_to=None,
 ) -> Workload:
     plan = build_plan(point.shape, point.spec)
     unit = unit_of(plan.distinct_layers())
     grad = point.pass_ is Pass.TRAIN
     items = []
     for layer, count in unit:
-        core = HybridCore(registry.get(fa_name, registry.FA), registry.get(gdn_name, registry.GDN), point.mode,
-                          point.spec.gdn.chunk_size)  # fmt: skip
+        core = HybridCore(fa_backend, gdn_backend, point.mode, point.spec.gdn.chunk_size)
         fa, gdn = core_inputs(point, layer, device, dtype, context, batch, grad, round_to)
         items.append((core, fa, gdn, count, core_step(core, fa, gdn, point.pass_, round_to)))
 
@@ -211,17 +217,24 @@ def _held_step(forward: Callable[[], torch.Tensor], caches, context: int):
 
 
 def module_workload(
-    point: Point, device, context: int, batch: int, fa_name: str, gdn_name: str, dtype, round_to=None
+    point: Point,
+    device,
+    context: int,
+    batch: int,
+    fa_backend: registry.Backend,
+    gdn_backend: registry.Backend,
+    dtype,
+    round_to=None,
 ) -> Workload:
     plan = build_plan(point.shape, point.spec)
     shape, gdn = point.shape, point.spec.gdn
     if point.scope is Scope.MODEL:
-        modules = [(HybridLM(plan, fa_name, gdn_name, point.mode), 1)]
+        modules = [(HybridLM(plan, fa_backend, gdn_backend, point.mode), 1)]
         per_run = 1
     else:
         modules = [
             (HydraAttention(shape.hidden, shape.n_heads, shape.n_kv_heads, shape.head_dim, layer.fa_heads,
-                            gdn.conv_size, gdn.output_gate, gdn.chunk_size, fa_name, gdn_name, point.mode), count)
+                            gdn.conv_size, gdn.output_gate, gdn.chunk_size, fa_backend, gdn_backend, point.mode), count)
             for layer, count in unit_of(plan.distinct_layers())
         ]  # fmt: skip
         per_run = sum(count for _, count in modules)
@@ -282,9 +295,10 @@ def build(point: Point, device, context: int | None = None, batch: int | None = 
     fp32, for the given (reference) backends."""
     context = point.context if context is None else context
     batch = point.batch if batch is None else batch
-    fa_name, gdn_name = fa_name or point.fa_backend, gdn_name or point.gdn_backend
+    fa = registry.get(fa_name or point.fa_backend, registry.FA)  # resolved once: the layers run these
+    gdn = registry.get(gdn_name or point.gdn_backend, registry.GDN)
     dtype = torch_dtype(point.dtype)
     round_to, dtype = (dtype, torch.float32) if reference else (None, dtype)
     torch.manual_seed(seed)
     make = kernel_workload if point.scope is Scope.KERNEL else module_workload
-    return make(point, device, context, batch, fa_name, gdn_name, dtype, round_to)
+    return make(point, device, context, batch, fa, gdn, dtype, round_to)

@@ -177,6 +177,13 @@ def resolve(
     return candidates[-1]
 
 
+def layer_backend(choice: "str | Backend", kind: str, device: str, pass_: str) -> Backend:
+    """A layer's backend of `kind` for a pass on `device`: `choice` itself where the caller resolved it (a
+    Backend: the sweep's points name theirs), else resolve(choice, ...) of a name ("auto" or a registered one).
+    Raises UserError for an unknown name."""
+    return choice if isinstance(choice, Backend) else resolve(choice, kind, device, pass_)
+
+
 def auto_choices(device: str) -> dict[str, list[str]]:
     """Per kind and pass, the candidates of `auto` that are available on this machine, in order (env.json)."""
     return {

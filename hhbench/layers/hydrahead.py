@@ -96,8 +96,8 @@ class HydraAttention(nn.Module):
         conv_size: int = 4,
         output_gate: bool = True,
         chunk_size: int = 64,
-        fa_backend: str = "auto",
-        gdn_backend: str = "auto",
+        fa_backend: "str | registry.Backend" = "auto",
+        gdn_backend: "str | registry.Backend" = "auto",
         mode: str = SEQUENTIAL,
         rope_theta: float = 10000.0,
         qk_norm: bool = False,
@@ -113,7 +113,10 @@ class HydraAttention(nn.Module):
         self.glue = glue
         self.hidden, self.n_heads, self.n_kv_heads, self.head_dim = hidden, n_heads, n_kv_heads, head_dim
         self.split = HeadSplit(n_heads, tuple(sorted(fa_heads)), n_heads // n_kv_heads)
+        # Backends: resolved ones (kernels.registry.Backend, as the sweep passes them) or names, which are resolved
+        # once per device and pass (_core), never on every call.
         self.fa_backend, self.gdn_backend, self.mode = fa_backend, gdn_backend, mode
+        self._cores: dict[tuple[str, str], HybridCore] = {}
         self.rope_theta, self.norm_eps, self.chunk_size = rope_theta, norm_eps, chunk_size
         self.qkv = nn.Linear(hidden, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)  # Qwen2 has q/k/v biases
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
@@ -154,9 +157,13 @@ class HydraAttention(nn.Module):
         return len(self.split.fa_heads)
 
     def _core(self, pass_: str, device: torch.device) -> HybridCore:
-        fa = registry.resolve(self.fa_backend, registry.FA, device.type, pass_) if self.n_fa else None
-        gdn = registry.resolve(self.gdn_backend, registry.GDN, device.type, pass_) if self.gdn else None
-        return HybridCore(fa, gdn, self.mode, self.chunk_size)
+        """The head-level core of a pass ("prefill", "train", "decode") on the device's type, made once."""
+        key = (device.type, pass_)
+        if key not in self._cores:
+            fa = registry.layer_backend(self.fa_backend, registry.FA, device.type, pass_) if self.n_fa else None
+            gdn = registry.layer_backend(self.gdn_backend, registry.GDN, device.type, pass_) if self.gdn else None
+            self._cores[key] = HybridCore(fa, gdn, self.mode, self.chunk_size)
+        return self._cores[key]
 
     def _glue_ops(self, core: HybridCore, device: torch.device) -> glue.GlueOps | None:
         """The fused path's ops, or None for the reference glue (and for a layer without GDN heads)."""
