@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore
+from hhbench.kernels.registry import Backend
 from hhbench.layers.hydrahead import HydraAttention
 from hhbench.layers.network import HybridLM
 from hhbench.plan.grid import Point
@@ -141,14 +142,7 @@ def core_step(core: HybridCore, fa, gdn, pass_: Pass, round_to):
 
 
 def kernel_workload(
-    point: Point,
-    device,
-    context: int,
-    batch: int,
-    fa_backend: registry.Backend,
-    gdn_backend: registry.Backend,
-    dtype,
-    round_to=None,
+    point: Point, device, context: int, batch: int, fa_backend: Backend, gdn_backend: Backend, dtype, round_to=None
 ) -> Workload:
     plan = build_plan(point.shape, point.spec)
     unit = unit_of(plan.distinct_layers())
@@ -217,14 +211,7 @@ def _held_step(forward: Callable[[], torch.Tensor], caches, context: int):
 
 
 def module_workload(
-    point: Point,
-    device,
-    context: int,
-    batch: int,
-    fa_backend: registry.Backend,
-    gdn_backend: registry.Backend,
-    dtype,
-    round_to=None,
+    point: Point, device, context: int, batch: int, fa_backend: Backend, gdn_backend: Backend, dtype, round_to=None
 ) -> Workload:
     plan = build_plan(point.shape, point.spec)
     shape, gdn = point.shape, point.spec.gdn
