@@ -67,6 +67,8 @@ class Trial:
 
 @dataclass(frozen=True)
 class Measurement:
+    """One registered measurement: its name, the fields it writes, the function that writes them."""
+
     name: str
     fields: tuple[str, ...]  # the row fields, and extra.<key>s, it writes
     run: Callable[[Trial], None]

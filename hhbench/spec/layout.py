@@ -37,10 +37,12 @@ class HeadSplit:
 
     @property
     def n_fa(self) -> int:
+        """How many heads are FA."""
         return len(self.fa_heads)
 
     @property
     def n_la(self) -> int:
+        """How many heads are GDN."""
         return self.n_heads - self.n_fa
 
     @property
