@@ -321,8 +321,9 @@ def eval_rows(
     variant: Variant, plan, task: TaskRef, length: int, settings: EvalSettings, result: dict | None, error: str,
     seconds: float, device: str, student: dict | None = None,
 ) -> list[EvalRow]:  # fmt: skip
-    """The EvalRows of one variant on one task at one length: one per metric of `result` (lm-eval's
-    {metric: (value, stderr)}), or one error row with `error` where the task failed; seconds of wall time."""
+    """The EvalRows of one variant on one task at one length: one per metric of result["metrics"] (evaluate_task's
+    result; rows in error where its prompts exceed `length` tokens), or one error row saying `error` where result
+    is None. seconds: the task's wall time; student: a distilled student's checkpoint, stage and tokens."""
     common = {
         "model": settings.model,
         "variant": variant.label,
