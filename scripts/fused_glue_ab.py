@@ -14,7 +14,7 @@ from hhbench.bench.workloads import build
 from hhbench.layers.hydrahead import HydraAttention
 from hhbench.measure.timing import TimingPolicy, time_callable
 from hhbench.plan.grid import grid_points
-from hhbench.runner.measure import check_correctness
+from hhbench.runner.measurements import check_correctness
 
 device = torch.device("cuda")
 passes = sys.argv[1] if len(sys.argv) > 1 else "prefill,decode,train"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hhbench.eval.runner import calibration_ids
+from hhbench.eval.harness import calibration_ids
 from hhbench.measure.env import capture_env
 from hhbench.models.convert import (
     GDNInit,

@@ -6,10 +6,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.analytic.rows import analytic_rows
 from hhbench.rows.schema import OK, EvalRow, Row, RowSet
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.parse import hybrid_specs
 from hhbench.spec.shapes import resolve_shape
 

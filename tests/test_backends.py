@@ -188,3 +188,26 @@ def test_rows_name_the_gdn_implementation(monkeypatch):
         registry.get("torch-chunk", registry.GDN).implementation("train")
         == "pure-torch chunked reference (hhbench.kernels.reference)"
     )
+
+
+def test_registries_refuse_a_name_twice():
+    from hhbench.models.variants import HEAD_CHOICES, head_choice
+
+    registry.names(registry.FA)  # the backends' modules are loaded
+    before = dict(registry.REGISTRY)
+    again = type("Again", (registry.Backend,), {"prefill": lambda self, q, k, v: q, "decode": lambda self, *a: a[0]})
+    with pytest.raises(ValueError, match="backend 'sdpa-math' is registered twice"):
+        registry.register(registry.FA, "sdpa-math", ("cpu",), "a second sdpa-math")(again)
+    with pytest.raises(ValueError, match="head choice 'uniform' is registered twice"):
+        head_choice("uniform")(lambda variant, shape, path: None)
+    assert registry.REGISTRY == before and HEAD_CHOICES["uniform"].__name__ == "_uniform"
+
+
+def test_a_backend_defines_the_method_of_every_pass_it_declares():
+    prefill_only = type("PrefillOnly", (registry.Backend,), {"prefill": lambda self, *a, **o: a[0]})
+    with pytest.raises(ValueError, match="declares the decode pass and defines no step"):
+        registry.register(registry.GDN, "prefill-only", ("cpu",), "no recurrent step")(prefill_only)
+    assert "prefill-only" not in registry.REGISTRY
+    backend = registry.get("sdpa-split", registry.FA)  # decode only: prefill is Backend's, which refuses
+    with pytest.raises(NotImplementedError, match="sdpa-split does not implement prefill"):
+        backend.prefill(None, None, None)

@@ -107,16 +107,16 @@ def fake_result(metrics=None, prompt_tokens=(380,)):
 def test_a_failed_combination_says_why_and_a_rerun_replaces_its_rows(monkeypatch, tmp_path):
     from inprocess import run_main
 
-    from hhbench.eval import runner
+    from hhbench.eval import harness
 
-    monkeypatch.setattr(runner, "hflm", lambda *args: None)
+    monkeypatch.setattr(harness, "hflm", lambda *args: None)
 
     def fails(lm, task, length, settings, tokenizer_dir):
         raise RuntimeError("CUDA error: device-side assert triggered " + "x" * 300 + "\nmore lines of detail")
 
     args = ["eval", "--model", "tiny-random-llama", "--variants", "teacher,head:3:1", "--tasks", "passkey,copy",
             "--lengths", "384", "--limit", "1", "--out", str(tmp_path), "--run", "r"]  # fmt: skip
-    monkeypatch.setattr(runner, "evaluate_task", fails)
+    monkeypatch.setattr(harness, "evaluate_task", fails)
     first = run_main(*args)
     assert first.returncode == 0, first.stderr
     lines = [line for line in first.stdout.splitlines() if "acc=error" in line]
@@ -126,7 +126,7 @@ def test_a_failed_combination_says_why_and_a_rerun_replaces_its_rows(monkeypatch
     rows = RunDir.open(tmp_path / "r").eval_rows()
     assert [r.status for r in rows] == ["error"] * 4 and rows[0].reason.endswith("x" * 300)
     # the rerun measures the failed combinations again and replaces their rows; the copy task still fails
-    monkeypatch.setattr(runner, "evaluate_task", lambda lm, task, *rest: fails(lm, task, *rest) if task.name == "copy"
+    monkeypatch.setattr(harness, "evaluate_task", lambda lm, task, *rest: fails(lm, task, *rest) if task.name == "copy"
                         else fake_result())  # fmt: skip
     second = run_main(*args)
     assert second.returncode == 0 and "skip" not in second.stdout
@@ -135,7 +135,7 @@ def test_a_failed_combination_says_why_and_a_rerun_replaces_its_rows(monkeypatch
     assert len(rows) == 4 and by_key == {("teacher", "passkey"): "ok", ("head:3:1", "passkey"): "ok",
                                          ("teacher", "copy"): "error", ("head:3:1", "copy"): "error"}  # fmt: skip
     monkeypatch.setattr(
-        runner, "evaluate_task", lambda *a: fake_result({"acc": (0.5, None), "prefix_frac": (0.7, None)})
+        harness, "evaluate_task", lambda *a: fake_result({"acc": (0.5, None), "prefix_frac": (0.7, None)})
     )
     third = run_main(*args)
     assert third.stdout.count("skip ") == 2
@@ -152,7 +152,7 @@ def test_lm_eval_git_lookup_is_quiet_outside_a_checkout(monkeypatch, tmp_path, c
 
     from lm_eval import evaluator
 
-    from hhbench.eval.runner import quiet_git
+    from hhbench.eval.harness import quiet_git
 
     if shutil.which("git") is None:
         pytest.skip("no git on this machine")
@@ -172,7 +172,7 @@ def test_no_nltk_download_is_attempted(monkeypatch, tmp_path):
     nltk = pytest.importorskip("nltk")
     from nltk import downloader
 
-    from hhbench.eval.runner import no_downloads
+    from hhbench.eval.harness import no_downloads
 
     attempts = []
 
@@ -213,10 +213,10 @@ def test_a_length_below_a_tasks_fixed_text_is_refused_naming_the_minimum(tmp_pat
 def test_rows_whose_prompts_exceed_their_context_say_so(monkeypatch, tmp_path):
     from inprocess import run_main
 
-    from hhbench.eval import runner
+    from hhbench.eval import harness
 
-    monkeypatch.setattr(runner, "hflm", lambda *args: None)
-    monkeypatch.setattr(runner, "evaluate_task", lambda *a: fake_result(prompt_tokens=(300, 1100)))  # an lm-eval task
+    monkeypatch.setattr(harness, "hflm", lambda *args: None)
+    monkeypatch.setattr(harness, "evaluate_task", lambda *a: fake_result(prompt_tokens=(300, 1100)))  # an lm-eval task
     result = run_main("eval", "--model", "tiny-random-llama", "--variants", "teacher", "--tasks", "niah_single_1",
                       "--lengths", "1k", "--limit", "2", "--out", str(tmp_path), "--run", "r")  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -29,7 +29,7 @@ def test_json_rows_carry_the_required_fields(cli):
         assert field in row, field
     assert row["ratio"] == "7:1" and row["ratio_effective"] == "118:17" and row["fa_heads"] == 34
     assert row["flops_attention"] == row["flops_fa_core"] + row["flops_gdn_core"]
-    assert row["schema"] == 1
+    assert row["schema"] == 2
 
 
 def test_csv_output(cli, tmp_path):

@@ -2,12 +2,14 @@
 
 import pytest
 
-from hhbench.analytic.costs import Scope, analytic_costs
-from hhbench.analytic.flops import Pass
+from hhbench.analytic.costs import analytic_costs
 from hhbench.analytic.rows import analytic_rows
+from hhbench.rows.schema import RowSet
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.hybrid import GDNConfig, HybridSpec, Layout, Ratio
 from hhbench.spec.layout import build_plan
 from hhbench.spec.shapes import PRESETS
+from hhbench.tables.compare import against_layer31
 
 
 def c(model, layout, ratio, pass_=Pass.PREFILL, context=4096, scope=Scope.MODEL, **kw):
@@ -69,10 +71,10 @@ def test_layer31_rows_are_their_own_baseline_and_ratios_dedupe():
     ]
     rows = analytic_rows(PRESETS["qwen3-1.7b"], specs, [4096], [Pass.PREFILL])
     assert sorted(row.variant for row in rows) == ["fa", "head:3:1", "la", "layer:3:1"]
-    by = {row.variant: row for row in rows}
-    assert by["layer:3:1"].vs_layer31_flops == 1.0 and by["layer:3:1"].vs_layer31_kv == 1.0
-    assert by["fa"].vs_layer31_kv == 4.0 and by["la"].vs_layer31_kv == 0.0
-    assert by["head:3:1"].vs_layer31_flops == pytest.approx(1.0)
+    by = against_layer31(RowSet(rows).frame()).set_index("variant")  # the ratios are the views'
+    assert by.loc["layer:3:1", "flops_ratio"] == 1.0 and by.loc["layer:3:1", "kv_ratio"] == 1.0
+    assert by.loc["fa", "kv_ratio"] == 4.0 and by.loc["la", "kv_ratio"] == 0.0
+    assert by.loc["head:3:1", "flops_ratio"] == pytest.approx(1.0)
 
 
 # Sliding-window attention: Mistral-7B-v0.1's config.json values (window 4096 in every layer).

@@ -19,7 +19,7 @@ from hhbench.cli.app import main
 from hhbench.distill import checkpoint, data, stages
 from hhbench.distill.recipe import Recipe, load_recipe
 from hhbench.distill.train import TRAIN, Job, read_train_rows, train
-from hhbench.eval.runner import EvalSettings, VariantModels
+from hhbench.eval.harness import EvalSettings, VariantModels
 from hhbench.models.loader import load_model
 from hhbench.models.variants import parse_variant, parse_variants
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from hhbench.errors import UserError
-from hhbench.eval.compare import comparison_frame, comparison_table
+from hhbench.eval.quality import comparison_frame, comparison_table
 from hhbench.models.variants import HEAD_CHOICES, parse_variant, parse_variants
 from hhbench.rows.schema import ERROR, EvalRow
 from hhbench.spec.shapes import PRESETS

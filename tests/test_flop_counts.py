@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hhbench.analytic.flops import Pass, depthwise_conv, gdn_chunk_forward_per_token, gdn_core, linear
+from hhbench.analytic.flops import depthwise_conv, gdn_chunk_forward_per_token, gdn_core, linear
 from hhbench.kernels.reference import gdn_chunk, gdn_step
+from hhbench.spec.axes import Pass
 from tests.test_gdn_reference import gdn_inputs
 
 SHAPES = [  # B, T, H, K, V, C: whole chunks, ragged tails, dk != dv, one token

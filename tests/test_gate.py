@@ -250,7 +250,7 @@ def _bad_inputs(tmp_path, rows):
     return [
         *malformed,
         ([str(tmp_path / "nowhere"), str(good)], "no run at"),
-        ([str(old), str(good)], "row schema version 0 is not the supported version 1"),
+        ([str(old), str(good)], "row schema version 0 is not the supported version 2"),
         ([str(good), str(other)], "have no configuration in common"),
         ([str(garbled), str(good)], "garbled.jsonl:1: not a JSON row"),
         ([str(twice), str(good)], "has two rows for one configuration: tiny fa prefill model 256"),

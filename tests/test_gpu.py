@@ -147,7 +147,7 @@ def test_layer_points_run_with_their_floor_training_included(gdn_backend):
     """Every layer point of the Qwen3-1.7B shape at 4K runs (training too: on Hopper with Triton < 3.7.1 fla needs
     TileLang for the backward, FlashQLA brings its own) and gets its floor, fla's Triton conv inside."""
     from hhbench.measure.timing import TimingPolicy
-    from hhbench.runner.measure import measure_point
+    from hhbench.runner.point import measure_point
 
     policy = TimingPolicy(warmup_ms=5, target_ms=20, min_reps=3, max_reps=5)
     for point in _layer_points(gdn_backend):

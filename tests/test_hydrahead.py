@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import HeadSplit, HybridCore, merge_heads
+from hhbench.kernels.hybrid import HybridCore
 from hhbench.kernels.reference import gdn_recurrent
 from hhbench.layers import glue
 from hhbench.layers.hydrahead import HydraAttention, apply_rope, rope_cos_sin
+from hhbench.spec.layout import HeadSplit
 
 
 def make_layer(fa_heads, n_heads=8, n_kv=4, d=8, hidden=32, **kw):
@@ -193,7 +194,7 @@ def test_glue_choice():
     """auto is the reference on the CPU; fused uses the torch twins there; a layer without GDN heads has no glue."""
     from hhbench.layers.hydrahead import HybridCore
 
-    core = HybridCore(HeadSplit(8, (1,), 2), None, registry.get("torch-chunk", registry.GDN))
+    core = HybridCore(None, registry.get("torch-chunk", registry.GDN))
     cpu = torch.device("cpu")
     assert make_layer((1,))._glue_ops(core, cpu) is None
     assert make_layer((1,), glue="fused")._glue_ops(core, cpu) is glue.TORCH
@@ -209,29 +210,34 @@ def test_head_split_gqa_bookkeeping():
     assert not uneven.fa_gqa_uniform and uneven.fa_kv_index() == (0, 0, 1)
 
 
-def test_merge_restores_head_order():
-    split = HeadSplit(5, (3, 0))
-    fa = torch.tensor([[[10.0], [13.0]]])  # heads 0 and 3 (sorted order of fa_heads is the caller's)
-    split = HeadSplit(5, (0, 3))
-    la = torch.tensor([[[1.0], [2.0], [4.0]]])
-    assert merge_heads(split, fa, la).flatten().tolist() == [10.0, 1.0, 2.0, 13.0, 4.0]
-
-
 def test_hybrid_core_runs_both_backends_on_their_heads():
-    split = HeadSplit(4, (2,))
-    core = HybridCore(
-        split, registry.get("sdpa-math", registry.FA), registry.get("torch-chunk", registry.GDN), chunk_size=8
-    )
+    core = HybridCore(registry.get("sdpa-math", registry.FA), registry.get("torch-chunk", registry.GDN), chunk_size=8)
     q = torch.randn(1, 12, 1, 8)
     gdn = (F.normalize(torch.randn(1, 12, 3, 8), dim=-1), F.normalize(torch.randn(1, 12, 3, 8), dim=-1),
            torch.randn(1, 12, 3, 8), -torch.rand(1, 12, 3), torch.rand(1, 12, 3))  # fmt: skip
-    out = core.prefill((q, q, q), gdn)
-    assert out.shape == (1, 12, 4, 8)
+    fa_out, (la_out, _) = core.prefill_parts((q, q, q), gdn)
+    assert fa_out.shape == (1, 12, 1, 8) and la_out.shape == (1, 12, 3, 8)
     assert torch.allclose(
-        out[:, :, 2:3],
+        fa_out,
         F.scaled_dot_product_attention(
             q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), is_causal=True
         ).transpose(1, 2),
         atol=1e-6,
     )
-    assert torch.allclose(out[:, :, [0, 1, 3]], gdn_recurrent(*gdn)[0], atol=1e-5)
+    assert torch.allclose(la_out, gdn_recurrent(*gdn)[0], atol=1e-5)
+
+
+def test_a_layer_resolves_its_backends_once_or_takes_them_resolved():
+    cpu = torch.device("cpu")
+    named = make_layer((1,))  # auto: resolved on first use per device and pass, then kept
+    with torch.no_grad():
+        named(torch.randn(1, 8, 32, dtype=torch.float64))
+    assert named._core("prefill", cpu) is named._core("prefill", cpu)
+    assert named._core("prefill", cpu).gdn_backend.name == "torch-chunk"
+    assert named._core("decode", cpu).gdn_backend.name == "torch-recurrent"
+    recurrent = registry.get("torch-recurrent", registry.GDN)
+    given = make_layer((1,), fa_backend=registry.get("sdpa-math", registry.FA), gdn_backend=recurrent)
+    assert given._core("prefill", cpu).gdn_backend is recurrent  # the sweep's: its point already chose it
+    with torch.no_grad():
+        out = given(torch.randn(1, 8, 32, dtype=torch.float64))
+    assert out.shape == (1, 8, 32) and torch.isfinite(out).all()

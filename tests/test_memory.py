@@ -2,9 +2,9 @@
 
 import pytest
 
-from hhbench.analytic.costs import Scope, analytic_costs
-from hhbench.analytic.flops import Pass
+from hhbench.analytic.costs import analytic_costs
 from hhbench.analytic.memory import kv_cache_bytes
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.hybrid import GDNConfig, HybridSpec, Layout, Ratio
 from hhbench.spec.layout import build_plan
 from hhbench.spec.shapes import PRESETS

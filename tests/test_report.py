@@ -11,12 +11,11 @@ from browser import Browser, distinct_colours, find_chromium
 from inprocess import run_main
 from synthetic import analytic, measured, quality, write_run
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.report.figures import quality_figure, roofs
 from hhbench.report.labels import series_labels
 from hhbench.report.page import Report, build_report
 from hhbench.rows.sources import load_runs
+from hhbench.spec.axes import Pass, Scope
 
 H100_ENV = {
     "device": "NVIDIA H100 80GB HBM3",

@@ -3,8 +3,8 @@
 import pytest
 
 from hhbench.analytic.costs import analytic_costs
-from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
+from hhbench.spec.axes import Pass
 from hhbench.spec.hybrid import HybridSpec, Layout, Ratio
 from hhbench.spec.layout import build_plan
 from hhbench.spec.shapes import apply_overrides, shape_from_config_dict

@@ -188,6 +188,19 @@ def test_sweep_dedupes_by_the_same_rule_as_flops(tmp_path):
     assert len(load_suite(path, "cpu").points) == len(grid_points({"models": "tiny", "contexts": [64]}, "cpu"))
 
 
+def test_a_point_and_its_row_share_one_key():
+    from hhbench.plan.grid import grid_points
+    from hhbench.runner.point import base_row
+
+    grid = {"models": "tiny", "layouts": "head,layer,fa,la", "ratios": "6:2,7:1", "contexts": [64], "kv_aware": True,
+            "passes": "prefill,decode", "scopes": ["kernel", "layer"]}  # fmt: skip
+    points = grid_points(grid, "cpu")
+    assert len({point.identity for point in points}) == len(points) > 8
+    for point in points:
+        row = base_row(point)
+        assert row.key == point.identity and row.variant == point.identity[1] and row.ratio == point.ratio
+
+
 def test_a_layer_wise_ratio_in_other_terms_is_the_same_plan():
     from hhbench.spec.hybrid import HybridSpec, Layout, Ratio
     from hhbench.spec.layout import build_plan

@@ -1,5 +1,6 @@
 """`hhbench sweep` on the CPU: the suite end to end, crash safety and resume, failures kept on rows, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,8 +16,8 @@ from hhbench.bench.floor import floor_layers, floor_parts
 from hhbench.measure.timing import TimingPolicy, time_callable
 from hhbench.plan.grid import grid_points, load_suite
 from hhbench.rows.runs import RunDir
-from hhbench.rows.schema import read_rows
-from hhbench.runner import floor as floor_runner
+from hhbench.rows.schema import Row, read_rows
+from hhbench.runner import measurements
 from hhbench.runner import sweep as sweep_module
 from tests.conftest import ROOT
 
@@ -90,7 +91,7 @@ def test_half_written_last_line_is_repaired(tmp_path):
 def test_oom_and_errors_stay_on_their_rows_and_the_sweep_goes_on(tmp_path, monkeypatch):
     points = grid_points({"models": "tiny", "layouts": "head", "ratios": "1:1,3:1,7:1,15:1", "contexts": "32",
                           "passes": "prefill"}, "cpu")  # fmt: skip
-    real_build = sweep_module.measure_point.__globals__["workloads"].build
+    real_build = measurements.workloads.build
 
     def faulty_build(point, *args, **kwargs):
         if point.ratio == "3:1" and kwargs.get("reference") is None and len(args) == 1:
@@ -99,7 +100,7 @@ def test_oom_and_errors_stay_on_their_rows_and_the_sweep_goes_on(tmp_path, monke
             raise RuntimeError("an injected failure")
         return real_build(point, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_module.measure_point.__globals__["workloads"], "build", faulty_build)
+    monkeypatch.setattr(measurements.workloads, "build", faulty_build)
     result = sweep_module.run_sweep(points, RunDir(tmp_path / "r"), torch.device("cpu"), FAST)
     status = {row.ratio: (row.status, row.reason) for row in result.rows}
     assert status["1:1"][0] == "ok" and status["15:1"][0] == "ok"
@@ -268,7 +269,7 @@ def test_layer_and_model_rows_carry_their_floor(tmp_path, monkeypatch):
             row.latency_ms / row.floor_ms
         )
     # a floor that fails costs the row nothing but its floor
-    monkeypatch.setattr(floor_runner, "floor_parts", lambda point, device: 1 / 0)
+    monkeypatch.setattr(measurements, "floor_parts", lambda point, device: 1 / 0)
     again = sweep_module.run_sweep(points[:3], RunDir(tmp_path / "s"), torch.device("cpu"), FAST)
     broken = [row for row in again.rows if row.scope != "kernel"]
     assert broken and all(r.status == "ok" and r.floor_ms is None for r in broken)
@@ -301,3 +302,21 @@ def test_a_suite_asking_for_cuda_graphs_on_the_cpu_is_refused(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "[timing] graph = true captures CUDA graphs, and this run is on cpu" in result.stderr
     assert not (tmp_path / "g-cpu").exists()
+
+
+def test_a_measurement_is_one_registered_unit(monkeypatch):
+    from hhbench.runner.point import measure_point
+
+    assert list(measurements.MEASUREMENTS) == ["availability", "correctness", "timing", "memory", "throughput",
+                                               "parts", "crosscheck", "floor"]  # fmt: skip
+    fields = {spec.name for spec in dataclasses.fields(Row)}
+    for unit in measurements.MEASUREMENTS.values():
+        assert all(name.startswith("extra.") or name in fields for name in unit.fields), unit.name
+    with pytest.raises(ValueError, match="measurement 'timing' is registered twice"):
+        measurements.measurement("timing", ())(lambda trial: None)
+    # a new measurement: one unit, run after those before it, writing its own field
+    probe = measurements.Measurement("probe", ("extra.probe",), lambda t: t.row.extra.update(probe=t.row.tflops))
+    monkeypatch.setitem(measurements.MEASUREMENTS, "probe", probe)
+    [point] = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32"}, "cpu")
+    row = measure_point(point, torch.device("cpu"), FAST, {})
+    assert row.status == "ok" and row.extra["probe"] == row.tflops > 0

@@ -12,7 +12,7 @@ from inprocess import run_main  # noqa: E402
 
 from hhbench.errors import UserError  # noqa: E402
 from hhbench.eval import generators  # noqa: E402
-from hhbench.eval.runner import calibration_ids  # noqa: E402
+from hhbench.eval.harness import calibration_ids  # noqa: E402
 from hhbench.models import loader  # noqa: E402
 from hhbench.models.tokens import encode, special_prefix  # noqa: E402
 from hhbench.select.probes import NEEDLE, make_probes  # noqa: E402

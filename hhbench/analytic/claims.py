@@ -4,8 +4,8 @@ V, O, GDN gates and short conv), summed over the model's layers."""
 
 from dataclasses import dataclass
 
-from hhbench.analytic.costs import Scope, analytic_costs
-from hhbench.analytic.flops import Pass
+from hhbench.analytic.costs import analytic_costs
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.hybrid import LAYER31, HybridSpec, Layout, Ratio
 from hhbench.spec.layout import build_plan
 from hhbench.spec.shapes import ModelShape

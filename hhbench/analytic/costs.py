@@ -1,7 +1,6 @@
 """The analytic cost of one configuration: FLOPs by component and memory, summed over a layer plan.
 
-Scopes: `model` is the whole network (attention layers, MLPs, LM head); `layer` is one attention layer with its
-projections, averaged over the plan's layers; `kernel` is the attention cores alone, averaged likewise.
+Scopes and passes: hhbench.spec.axes.
 """
 
 from dataclasses import asdict, dataclass
@@ -9,23 +8,14 @@ from dataclasses import asdict, dataclass
 from hhbench.analytic import flops as F
 from hhbench.analytic import memory as M
 from hhbench.errors import UserError
+from hhbench.spec.axes import Pass, Scope, dtype_bytes
 from hhbench.spec.layout import LayerPlan
-from hhbench.spec.units import Choice
-
-
-class Scope(Choice):
-    KERNEL = "kernel"
-    LAYER = "layer"
-    MODEL = "model"
-
-
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # Which cost fields are conventions or estimates rather than exact counts, per pass.
 ESTIMATED = {
-    F.Pass.PREFILL: "flops_elementwise",
-    F.Pass.DECODE: "flops_elementwise",
-    F.Pass.TRAIN: "flops_elementwise,flops_fa_core(backward 2.5x convention)",
+    Pass.PREFILL: "flops_elementwise",
+    Pass.DECODE: "flops_elementwise",
+    Pass.TRAIN: "flops_elementwise,flops_fa_core(backward 2.5x convention)",
 }
 
 
@@ -52,15 +42,8 @@ class Costs:
         return asdict(self)
 
 
-def dtype_bytes(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise UserError(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPE_BYTES)}") from None
-
-
 def analytic_costs(
-    plan: LayerPlan, pass_: F.Pass, context: int, batch: int = 1, scope: Scope = Scope.MODEL, dtype: str = "bf16"
+    plan: LayerPlan, pass_: Pass, context: int, batch: int = 1, scope: Scope = Scope.MODEL, dtype: str = "bf16"
 ) -> Costs:
     if context <= 0 or batch <= 0:
         raise UserError(f"context and batch must be positive, got context={context} batch={batch}")
@@ -82,7 +65,7 @@ def analytic_costs(
             "kv": M.kv_cache_bytes(layer.kv_groups, F.attended(T, layer.window), d, nbytes, B),
             "state": M.gdn_state_bytes(la, dk, dv, gdn, nbytes, B),
             "weights": M.layer_weight_params(shape, layer, gdn) * nbytes,
-            "core_io": M.core_bytes_moved(pass_ is F.Pass.DECODE, B, T, layer, d, dk, dv, nbytes, gdn),
+            "core_io": M.core_bytes_moved(pass_ is Pass.DECODE, B, T, layer, d, dk, dv, nbytes, gdn),
         }
         if la and fa:  # HydraHead's per-head output norms
             part["elem"] += F.elementwise_norm(pass_, B, T, fa * d + la * dv)
@@ -104,13 +87,13 @@ def analytic_costs(
     if scope is Scope.MODEL:
         mlp = shape.n_layers * F.linear(pass_, B, T, shape.hidden, 3 * shape.mlp_hidden)
         # Generation needs the next-token logits only: prefill and decode compute one position, training all.
-        lm_head = F.linear(pass_, B, T if pass_ is F.Pass.TRAIN else 1, shape.hidden, shape.vocab)
+        lm_head = F.linear(pass_, B, T if pass_ is Pass.TRAIN else 1, shape.hidden, shape.vocab)
         norms = (2 * shape.n_layers + 1) * shape.hidden if shape.mlp_hidden else 0
         elementwise += F.elementwise_norm(pass_, B, T, norms)
         elementwise += shape.n_layers * F.elementwise_swiglu(pass_, B, T, shape.mlp_hidden)
         weights += (shape.n_layers * M.block_weight_params(shape) + M.embedding_params(shape)) * nbytes
     # Training reads every input again and writes its gradient, and reads the output's gradient: 3x forward.
-    passes = 3 if pass_ is F.Pass.TRAIN else 1
+    passes = 3 if pass_ is Pass.TRAIN else 1
     moved = sums["core_io"] * scale * passes
     if scope is not Scope.KERNEL:  # weights once, and the layer's input and output activations
         moved += weights * passes + 2 * B * F.tokens(pass_, T) * shape.hidden * nbytes * passes * (

@@ -17,14 +17,7 @@ Conventions (also in README):
 - Other linear layers: 2*in*out per token forward, 2x that for backward.
 """
 
-from hhbench.spec.units import Choice
-
-
-class Pass(Choice):
-    PREFILL = "prefill"  # forward over T tokens
-    TRAIN = "train"  # forward + backward over T tokens
-    DECODE = "decode"  # one new token at context T
-
+from hhbench.spec.axes import Pass
 
 FA_BACKWARD_FACTOR = 2.5
 GDN_BACKWARD_FACTOR = 2.0

@@ -2,7 +2,7 @@
 
 from hhbench.analytic.flops import attended
 from hhbench.spec.hybrid import GDNConfig
-from hhbench.spec.layout import LayerAssignment
+from hhbench.spec.layout import HeadSplit
 from hhbench.spec.shapes import ModelShape
 
 
@@ -18,7 +18,7 @@ def gdn_state_bytes(la_heads: float, dk: int, dv: int, gdn: GDNConfig, dtype_byt
     return batch * la_heads * (state + conv)
 
 
-def projection_widths(shape: ModelShape, layer: LayerAssignment, gdn: GDNConfig) -> tuple[int, int, int, int]:
+def projection_widths(shape: ModelShape, layer: HeadSplit, gdn: GDNConfig) -> tuple[int, int, int, int]:
     """Output widths of the Q, K, V projections and input width of O for one layer.
 
     When GDN heads keep the model's head_dim (the default), a converted layer reuses the original projections:
@@ -41,7 +41,7 @@ def gdn_conv_channels(la_heads: int, dk: int, dv: int, gdn: GDNConfig) -> int:
     return la_heads * (2 * dk + dv) if gdn.conv_size else 0
 
 
-def layer_weight_params(shape: ModelShape, layer: LayerAssignment, gdn: GDNConfig) -> int:
+def layer_weight_params(shape: ModelShape, layer: HeadSplit, gdn: GDNConfig) -> int:
     """Attention-layer parameters: projections with the biases and q/k norms the shape has, GDN extras (gates,
     conv, A_log and dt_bias), per-head norms."""
     dk, dv = gdn.dims(shape.head_dim)
@@ -75,7 +75,7 @@ def core_bytes_moved(
     decode: bool,
     batch: int,
     context: int,
-    layer: LayerAssignment,
+    layer: HeadSplit,
     head_dim: int,
     dk: int,
     dv: int,

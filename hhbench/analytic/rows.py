@@ -1,23 +1,11 @@
-"""Analytic rows: one Row per configuration, with its costs against the layer-wise 3:1 baseline."""
+"""Analytic rows: one Row per configuration with its costs (the views compare them with layer-wise 3:1)."""
 
-from functools import lru_cache
-
-from hhbench.analytic.costs import Costs, Scope, analytic_costs
-from hhbench.analytic.flops import Pass
+from hhbench.analytic.costs import analytic_costs
 from hhbench.rows.schema import Row
-from hhbench.spec.hybrid import LAYER31, HybridSpec
-from hhbench.spec.layout import LayerPlan, build_plan, distinct_plans
+from hhbench.spec.axes import Pass, Scope
+from hhbench.spec.hybrid import HybridSpec
+from hhbench.spec.layout import LayerPlan, distinct_plans
 from hhbench.spec.shapes import ModelShape
-
-
-@lru_cache(maxsize=4096)
-def _baseline(shape: ModelShape, gdn, pass_: Pass, context: int, batch: int, scope: Scope, dtype: str) -> Costs:
-    plan = build_plan(shape, HybridSpec(LAYER31.layout, LAYER31.ratio, gdn))
-    return analytic_costs(plan, pass_, context, batch, scope, dtype)
-
-
-def _ratio(value: float, base: float) -> float | None:
-    return value / base if base else None
 
 
 def plan_fields(plan: LayerPlan, scope: Scope) -> dict:
@@ -46,7 +34,6 @@ def cost_row(
     requested_ratio: str | None = None,
 ) -> Row:
     costs = analytic_costs(plan, pass_, context, batch, scope, dtype)
-    base = _baseline(plan.shape, plan.spec.gdn, pass_, context, batch, scope, dtype)
     return Row(
         ratio=requested_ratio or str(plan.spec.ratio),
         context=context,
@@ -56,8 +43,6 @@ def cost_row(
         dtype=dtype,
         **plan_fields(plan, scope),
         **costs.as_dict(),
-        vs_layer31_flops=_ratio(costs.flops_total, base.flops_total),
-        vs_layer31_kv=_ratio(costs.kv_cache_bytes, base.kv_cache_bytes),
     )
 
 

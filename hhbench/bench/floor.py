@@ -21,13 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
-from hhbench.bench.workloads import DTYPES, TrainStep, core_inputs, core_step, unit_of
+from hhbench.bench.workloads import TrainStep, core_inputs, core_step, unit_of
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import HeadSplit, HybridCore
+from hhbench.kernels.hybrid import HybridCore
 from hhbench.plan.grid import Point
-from hhbench.spec.layout import LayerAssignment, build_plan
+from hhbench.spec.axes import Pass, Scope, torch_dtype
+from hhbench.spec.layout import HeadSplit, build_plan
 
 
 @dataclass
@@ -39,11 +38,11 @@ class FloorPart:
     run: Callable[[], object]
 
 
-def layer_label(layer: LayerAssignment) -> str:
+def layer_label(layer: HeadSplit) -> str:
     return f"{layer.n_fa} FA + {layer.n_la} GDN heads"
 
 
-def layer_counts(point: Point) -> list[tuple[LayerAssignment, int]]:
+def layer_counts(point: Point) -> list[tuple[HeadSplit, int]]:
     """The distinct layers with how often the point runs each: the timed unit at layer scope, the model's own
     counts at model scope."""
     plan = build_plan(point.shape, point.spec)
@@ -67,7 +66,7 @@ class _Parts:
     """Builds the parts' inputs (random, in the point's dtype) and callables."""
 
     def __init__(self, point: Point, device: torch.device):
-        self.point, self.device, self.dtype = point, device, DTYPES[point.dtype]
+        self.point, self.device, self.dtype = point, device, torch_dtype(point.dtype)
         self.tokens = 1 if point.pass_ is Pass.DECODE else point.context
         self.train = point.pass_ is Pass.TRAIN
 
@@ -112,14 +111,13 @@ class _Parts:
 
         return self.step(torch_conv, [x, weight]), shape
 
-    def cores(self, layer: LayerAssignment) -> dict[str, tuple[Callable, dict]]:
+    def cores(self, layer: HeadSplit) -> dict[str, tuple[Callable, dict]]:
         """The FA and GDN backends alone on their heads: the kernel scope's parts, same inputs."""
         point = self.point
-        split = HeadSplit(layer.n_heads, layer.fa_heads, layer.group_size)
         fa_backend = registry.get(point.fa_backend, registry.FA) if layer.n_fa else None
         gdn_backend = registry.get(point.gdn_backend, registry.GDN) if layer.n_la else None
-        core = HybridCore(split, fa_backend, gdn_backend, chunk_size=point.spec.gdn.chunk_size)
-        fa, gdn = core_inputs(point, split, self.device, self.dtype, point.context, point.batch, self.train)
+        core = HybridCore(fa_backend, gdn_backend, chunk_size=point.spec.gdn.chunk_size)
+        fa, gdn = core_inputs(point, layer, self.device, self.dtype, point.context, point.batch, self.train)
         parts = {}
         if fa:
             parts["fa"] = (core_step(core, fa, None, point.pass_, None), {"heads": layer.n_fa,

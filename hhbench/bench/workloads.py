@@ -1,7 +1,7 @@
 """What gets timed for a point: inputs on the device and the callable that runs them, per scope and pass.
 
-- kernel: the head-level core (FA backend on the FA heads, GDN backend on the GDN heads, heads merged back in
-  order) of each distinct layer of the plan;
+- kernel: the head-level core (FA backend on the FA heads, GDN backend on the GDN heads, their outputs apart:
+  the merge back into head order belongs to the layer) of each distinct layer of the plan;
 - layer: the HydraAttention module (projections, conv, gates, norms included);
 - model: the whole HybridLM.
 A plan whose layers differ (layer-wise, or uneven head counts) is timed as one unit holding each kind of layer
@@ -20,16 +20,15 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import HeadSplit, HybridCore
+from hhbench.kernels.hybrid import HybridCore
+from hhbench.kernels.registry import Backend
 from hhbench.layers.hydrahead import HydraAttention
-from hhbench.layers.model import HybridLM
+from hhbench.layers.network import HybridLM
 from hhbench.plan.grid import Point
-from hhbench.spec.layout import LayerAssignment, build_plan
+from hhbench.spec.axes import Pass, Scope, torch_dtype
+from hhbench.spec.layout import HeadSplit, build_plan
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_UNIT_LAYERS = 64
 
 
@@ -42,7 +41,7 @@ class Workload:
     parts: dict[str, Callable[[], object]] | None = None  # kernel scope: each backend alone on its heads
 
 
-def unit_of(layers: list[tuple[LayerAssignment, float]]) -> list[tuple[LayerAssignment, int]]:
+def unit_of(layers: list[tuple[HeadSplit, float]]) -> list[tuple[HeadSplit, int]]:
     """Distinct layers with their smallest integer repeat counts in the plan's proportions."""
     fractions = [Fraction(weight).limit_denominator(64) for _, weight in layers]
     scale = math.lcm(*(f.denominator for f in fractions))
@@ -143,17 +142,15 @@ def core_step(core: HybridCore, fa, gdn, pass_: Pass, round_to):
 
 
 def kernel_workload(
-    point: Point, device, context: int, batch: int, fa_name: str, gdn_name: str, dtype, round_to=None
+    point: Point, device, context: int, batch: int, fa_backend: Backend, gdn_backend: Backend, dtype, round_to=None
 ) -> Workload:
     plan = build_plan(point.shape, point.spec)
     unit = unit_of(plan.distinct_layers())
     grad = point.pass_ is Pass.TRAIN
     items = []
     for layer, count in unit:
-        split = HeadSplit(layer.n_heads, layer.fa_heads, layer.group_size)
-        core = HybridCore(split, registry.get(fa_name, registry.FA), registry.get(gdn_name, registry.GDN), point.mode,
-                          point.spec.gdn.chunk_size)  # fmt: skip
-        fa, gdn = core_inputs(point, split, device, dtype, context, batch, grad, round_to)
+        core = HybridCore(fa_backend, gdn_backend, point.mode, point.spec.gdn.chunk_size)
+        fa, gdn = core_inputs(point, layer, device, dtype, context, batch, grad, round_to)
         items.append((core, fa, gdn, count, core_step(core, fa, gdn, point.pass_, round_to)))
 
     def run():
@@ -187,28 +184,44 @@ def _module_inputs(point: Point, device, dtype, context: int, batch: int):
 
 
 def _random_caches(caches, context: int, device):
-    """Caches as if `context` tokens were processed: random K/V, states and conv states; steps don't advance."""
+    """Caches as if `context` tokens were processed: random K/V, states and conv states."""
     for cache in caches:
         if cache.k is not None:
             cache.k.normal_()
             cache.v.normal_()
         cache.length = context
-        cache.advance = False
     return caches
 
 
+def _held_step(forward: Callable[[], torch.Tensor], caches, context: int):
+    """One decode step at context `context` every call: after the model's step advances the caches, their length,
+    state and conv state are put back (Python assignments, not kernels), so every step writes the same K/V slot and
+    reads the same state: static shapes for CUDA graphs, and a cache that never outgrows its buffers. The fused
+    path's conv state advances in place (values only), as a graph replay would."""
+    held = [(cache.state, cache.conv) for cache in caches]
+
+    @torch.no_grad()
+    def step() -> list[torch.Tensor]:
+        out = forward()
+        for cache, (state, conv) in zip(caches, held, strict=True):
+            cache.length, cache.state, cache.conv = context, state, conv
+        return [out]
+
+    return step
+
+
 def module_workload(
-    point: Point, device, context: int, batch: int, fa_name: str, gdn_name: str, dtype, round_to=None
+    point: Point, device, context: int, batch: int, fa_backend: Backend, gdn_backend: Backend, dtype, round_to=None
 ) -> Workload:
     plan = build_plan(point.shape, point.spec)
     shape, gdn = point.shape, point.spec.gdn
     if point.scope is Scope.MODEL:
-        modules = [(HybridLM(plan, fa_name, gdn_name, point.mode), 1)]
+        modules = [(HybridLM(plan, fa_backend, gdn_backend, point.mode), 1)]
         per_run = 1
     else:
         modules = [
             (HydraAttention(shape.hidden, shape.n_heads, shape.n_kv_heads, shape.head_dim, layer.fa_heads,
-                            gdn.conv_size, gdn.output_gate, gdn.chunk_size, fa_name, gdn_name, point.mode), count)
+                            gdn.conv_size, gdn.output_gate, gdn.chunk_size, fa_backend, gdn_backend, point.mode), count)
             for layer, count in unit_of(plan.distinct_layers())
         ]  # fmt: skip
         per_run = sum(count for _, count in modules)
@@ -238,9 +251,9 @@ def module_workload(
     for i, (module, count) in enumerate(modules):
         if point.pass_ is Pass.DECODE:  # inference: no autograd (the fused glue would remake its weights per step)
             if isinstance(module, HybridLM):
-                step = torch.no_grad()(lambda module=module, i=i: [module(x, caches[i])])
+                step = _held_step(lambda module=module, i=i: module(x, caches[i]), caches[i], context)
             else:
-                step = torch.no_grad()(lambda module=module, i=i: [module(x, cache=caches[i][0])])
+                step = _held_step(lambda module=module, i=i: module(x, cache=caches[i][0]), caches[i], context)
         elif point.pass_ is Pass.TRAIN:
             leaves = ([x] if x.is_floating_point() else []) + list(module.parameters())
             step = TrainStep(lambda module=module: [module(x)], leaves, round_to)
@@ -269,9 +282,10 @@ def build(point: Point, device, context: int | None = None, batch: int | None = 
     fp32, for the given (reference) backends."""
     context = point.context if context is None else context
     batch = point.batch if batch is None else batch
-    fa_name, gdn_name = fa_name or point.fa_backend, gdn_name or point.gdn_backend
-    dtype = DTYPES[point.dtype]
+    fa = registry.get(fa_name or point.fa_backend, registry.FA)  # resolved once: the layers run these
+    gdn = registry.get(gdn_name or point.gdn_backend, registry.GDN)
+    dtype = torch_dtype(point.dtype)
     round_to, dtype = (dtype, torch.float32) if reference else (None, dtype)
     torch.manual_seed(seed)
     make = kernel_workload if point.scope is Scope.KERNEL else module_workload
-    return make(point, device, context, batch, fa_name, gdn_name, dtype, round_to)
+    return make(point, device, context, batch, fa, gdn, dtype, round_to)

@@ -87,13 +87,13 @@ def distill(
     `hhbench eval --variants VARIANT@OUT/RUN`."""
     import torch
 
-    from hhbench.cli.sweep import pick_device, set_cpu_threads
+    from hhbench.cli.sweep import set_cpu_threads
     from hhbench.distill import data as data_mod
     from hhbench.distill import recipe as recipe_mod
     from hhbench.distill import train as train_mod
-    from hhbench.eval.runner import quiet_logs
+    from hhbench.eval.harness import quiet_logs
     from hhbench.kernels.registry import FA, GDN, check_name
-    from hhbench.measure.env import capture_env
+    from hhbench.measure.env import capture_env, pick_device
     from hhbench.models.convert import GDNInit, check_convertible
     from hhbench.models.loader import load_model, offline
     from hhbench.models.variants import parse_variants

@@ -34,7 +34,7 @@ def eval_(
     seed: Annotated[int, Opt(help="Seed of the generated samples.")] = 0,
     head_map: Annotated[str, Opt(help="Head-map JSON for head:R:selected variants (hhbench select-heads).")] = "",
     chat: Annotated[str, Opt(help="auto (the chat template where the tokenizer has one), on or off.")] = "auto",
-    device: Annotated[str, Opt(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, Opt(help="auto (CUDA when present), cpu or cuda.")] = "cpu",
     dtype: Annotated[str, Opt(help="fp32, bf16 or fp16 (auto: fp32 on CPU, bf16 on CUDA).")] = "auto",
     batch_size: Annotated[int, Opt(help="Teacher batch size (converted variants always run 1: no padding).")] = 1,
     out: Annotated[str, Opt(help="Results folder; the run goes to OUT/RUN.")] = "results",
@@ -45,30 +45,25 @@ def eval_(
     ] = "auto",
 ):
     """Run lm-eval long-context tasks on the teacher and its conversions; write eval.jsonl; print the comparison."""
-    from hhbench.eval import runner
-    from hhbench.eval.compare import comparison_table
-    from hhbench.measure.env import capture_env
-    from hhbench.models.loader import DTYPES, load_model, offline
+    from hhbench.eval import harness
+    from hhbench.eval.quality import comparison_table
+    from hhbench.measure.env import capture_env, pick_device
+    from hhbench.models.loader import load_model, offline
     from hhbench.models.variants import parse_variants
     from hhbench.rows.runs import RunDir
     from hhbench.rows.schema import EvalRow, read_rows
+    from hhbench.spec.axes import DTYPES
     from hhbench.spec.parse import unique
 
     offline()
     variant_list = parse_variants(split_list(variants))
-    task_list = runner.parse_tasks(split_list(tasks))
+    task_list = harness.parse_tasks(split_list(tasks))
     length_list = unique([parse_count(item, "length") for item in split_list(lengths)])
     if not length_list:
         raise UserError("no length given")
     if limit <= 0 or batch_size <= 0:
         raise UserError("--limit and --batch-size must be positive")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {device!r}: cpu or cuda")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda, but no CUDA device is available")
+    device = pick_device(device).type
     dtype = dtype if dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose from auto, {', '.join(DTYPES)}")
@@ -80,19 +75,19 @@ def eval_(
 
     for name, kind in ((fa_backend, FA), (gdn_backend, GDN)):  # before the run folder and the model load
         check_name(name, kind, device)
-    runner.quiet_logs()
-    runner.check_tasks(task_list)
+    harness.quiet_logs()
+    harness.check_tasks(task_list)
     run_name = run or f"eval-{Path(model).name}"
     run_dir = RunDir(run_folder(out, run_name)).create()
-    fingerprint = runner.EvalSettings(model="", limit=limit, seed=seed, dtype=dtype, run=run_name)
+    fingerprint = harness.EvalSettings(model="", limit=limit, seed=seed, dtype=dtype, run=run_name)
     if run_dir.eval_path.exists():  # rows made with other settings: said before the model loads
-        runner.check_resumable(read_rows(run_dir.eval_path, kind=EvalRow), fingerprint, chat)
+        harness.check_resumable(read_rows(run_dir.eval_path, kind=EvalRow), fingerprint, chat)
     loaded = load_model(model, device, dtype)
     has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
     use_chat = has_template if chat == "auto" else chat == "on"
     if use_chat and not has_template:
         raise UserError(f"--chat on, but {model}'s tokenizer has no chat template")
-    settings = runner.EvalSettings(
+    settings = harness.EvalSettings(
         model=loaded.shape.name, limit=limit, seed=seed, chat=use_chat, batch_size=batch_size, device=device,
         dtype=dtype, run=run_name, head_map=head_map or None, fa_backend=fa_backend, gdn_backend=gdn_backend,
     )  # fmt: skip
@@ -104,12 +99,12 @@ def eval_(
                 raise UserError(f"no student {variant.base_label} in {variant.checkpoint} (run hhbench distill first)")
         else:
             variant.plan(loaded.shape, settings.head_map)
-    runner.check_lengths(task_list, length_list, loaded.tokenizer, limit, seed, use_chat)
+    harness.check_lengths(task_list, length_list, loaded.tokenizer, limit, seed, use_chat)
     if not run_dir.env_path.exists():
         run_dir.write_env(
             capture_env({"command": "hhbench eval", "started": datetime.datetime.now(datetime.UTC).isoformat()})
         )
     typer.echo(f"run {run_dir.path}: {model} on {device} ({dtype}), chat template {'on' if use_chat else 'off'}")
-    runner.run_eval(loaded, variant_list, task_list, length_list, settings, run_dir.eval_path, typer.echo)
+    harness.run_eval(loaded, variant_list, task_list, length_list, settings, run_dir.eval_path, typer.echo)
     typer.echo("")
     typer.echo(comparison_table(read_rows(run_dir.eval_path, kind=EvalRow)))

@@ -1,17 +1,19 @@
 """`hhbench flops`: the analytic cost model as a table, JSON rows or CSV, and the claim check."""
 
 import json
+import math
 from typing import Annotated
 
 import typer
 
 from hhbench.analytic.claims import claim_points, claim_sentences
-from hhbench.analytic.costs import Scope, dtype_bytes
 from hhbench.analytic.rows import analytic_rows
 from hhbench.cli.app import app
+from hhbench.files import open_output
 from hhbench.rows.schema import RowSet, markdown_table
 from hhbench.spec import parse as options
-from hhbench.spec.hybrid import GDNConfig
+from hhbench.spec.axes import Scope, dtype_bytes
+from hhbench.spec.hybrid import LAYER31, GDNConfig, HybridSpec
 from hhbench.spec.layout import distinct_plans
 from hhbench.spec.units import format_bytes, format_count
 
@@ -25,8 +27,23 @@ def si(value: float) -> str:
     return f"{value:.3g}"
 
 
-def human_table(rows: RowSet) -> str:
-    frame = rows.frame()
+def with_layer31_ratios(shape, specs, contexts, passes, batch, scope, dtype):
+    """The analytic rows of `specs` (pairs of requested ratio text and spec) as a frame, one line per row in
+    analytic_rows' order, with vs_layer31_flops and vs_layer31_kv: flops_total and kv_cache_bytes over those of
+    the layer-wise 3:1 plan at the same point (tables.compare's rule; NaN where the baseline's is 0), its row
+    costed here where the specs lack it."""
+    from hhbench.tables.compare import against_layer31
+
+    asked = {plan.spec.label for _, plan in distinct_plans(shape, specs)}
+    baseline = HybridSpec(LAYER31.layout, LAYER31.ratio, specs[0][1].gdn if specs else GDNConfig())
+    rows = RowSet(analytic_rows(shape, [*specs, (str(LAYER31.ratio), baseline)], contexts, passes, batch, scope,
+                                dtype))  # fmt: skip
+    compared = against_layer31(rows.frame())
+    frame = rows.frame().assign(vs_layer31_flops=compared["flops_ratio"], vs_layer31_kv=compared["kv_ratio"])
+    return frame[frame["variant"].isin(asked)].reset_index(drop=True)
+
+
+def human_table(frame) -> str:
     view = frame[["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "pass", "context"]].copy()
     view["context"] = frame["context"].map(format_count)
     for column in ("fa_heads", "la_heads", "kv_groups"):
@@ -116,17 +133,18 @@ def flops(
     if plan:
         typer.echo("\n\n".join(plan_tables(shape, specs) for shape in shapes))
         return
-    rows = RowSet(
-        [
-            row
-            for shape in shapes
-            for row in analytic_rows(shape, specs, context_values, pass_values, batch, scope_value, dtype)
-        ]
+    import pandas as pd
+
+    frame = pd.concat(
+        [with_layer31_ratios(shape, specs, context_values, pass_values, batch, scope_value, dtype) for shape in shapes],
+        ignore_index=True,
     )
     if csv:
-        rows.to_csv(csv)
+        with open_output(csv, "w") as out:
+            frame.drop(columns=["samples_ms", "extra"]).to_csv(out, index=False)
     if as_json:
-        for row in rows:
-            typer.echo(json.dumps(row.to_dict()))
+        for record in frame.to_dict("records"):
+            typer.echo(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                   for k, v in record.items()}))  # fmt: skip
     else:
-        typer.echo(human_table(rows))
+        typer.echo(human_table(frame))

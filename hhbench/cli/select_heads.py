@@ -21,19 +21,6 @@ from hhbench.spec.shapes import ModelShape
 Opt = typer.Option
 
 
-def resolve_device(text: str) -> str:
-    text = text.strip().lower()
-    if text not in ("auto", "cpu", "cuda"):
-        raise UserError(f"unknown device {text!r}: choose auto, cpu or cuda")
-    import torch
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is available")
-    return text
-
-
 def _check_writable(path: str) -> None:
     """Fail before minutes of probing, not after."""
     existed = Path(path).exists()
@@ -164,7 +151,9 @@ def select_heads(
     if rescore:
         selection = _reselect(rescore, ratio_value, ratio, kv_aware)
     else:
-        device_value = resolve_device(device)
+        from hhbench.measure.env import pick_device
+
+        device_value = pick_device(device).type
         selection = _probe(model, ratio_value, ratio, kv_aware, probes, length_values, seed, device_value)
     selection.save(out)
     for line in summary(selection, top):

@@ -18,7 +18,7 @@ from hhbench.spec.units import parse_count, split_list
 
 Opt = typer.Option
 SUMMARY = ["variant", "ratio_effective", "pass", "scope", "context", "batch", "mode", "fa_backend", "gdn_backend",
-           "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "vs_floor", "tflops", "vs_layer31_flops", "reason"]  # fmt: skip
+           "status", "latency_ms", "latency_p10_ms", "latency_p90_ms", "vs_floor", "tflops", "flops_ratio", "reason"]  # fmt: skip
 
 
 def set_cpu_threads(threads: int, where) -> None:
@@ -31,18 +31,6 @@ def set_cpu_threads(threads: int, where) -> None:
         torch.set_num_threads(threads)
 
 
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}: choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to torch on this machine")
-    return torch.device(name)
-
-
 def default_run_name(suite: str, device) -> str:
     import torch
 
@@ -51,7 +39,10 @@ def default_run_name(suite: str, device) -> str:
 
 
 def summary(rows: RowSet) -> str:
-    frame = rows.frame()
+    """The run's rows for reading; flops_ratio against the run's layer:3:1 row where it has one (tables.compare)."""
+    from hhbench.tables.compare import against_layer31
+
+    frame = against_layer31(rows.frame())
     columns = [c for c in SUMMARY if c in frame and frame[c].notna().any() and (frame[c] != "").any()]
     view = frame[columns].rename(columns={"tflops": "TFLOP/s"})
     for column in ("latency_ms", "latency_p10_ms", "latency_p90_ms"):
@@ -111,9 +102,10 @@ def sweep(
 ):
     """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
 
+    from hhbench.measure.env import pick_device
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import dedupe, grid_points, load_suite
-    from hhbench.runner.measure import CROSSCHECK_MIN_MS
+    from hhbench.runner.measurements import CROSSCHECK_MIN_MS
     from hhbench.runner.sweep import run_sweep
 
     where = pick_device(device)

@@ -32,7 +32,7 @@ def table(
         return
     loaded = load_runs(runs)
     if not any(run.rows for run in loaded):  # quality runs only: the eval comparison, students included
-        from hhbench.eval.compare import comparison_table
+        from hhbench.eval.quality import comparison_table
 
         for run in loaded:
             if run.eval_rows:

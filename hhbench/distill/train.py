@@ -21,7 +21,7 @@ import torch
 from hhbench.distill import checkpoint, stages
 from hhbench.distill.data import TokenStream
 from hhbench.distill.recipe import Recipe
-from hhbench.eval.runner import EvalSettings, VariantModels
+from hhbench.eval.harness import EvalSettings, VariantModels
 from hhbench.models.variants import Variant
 from hhbench.rows.schema import ERROR, OK, append_row
 

@@ -14,12 +14,21 @@ from dataclasses import dataclass
 import torch
 
 from hhbench.errors import UserError
+from hhbench.names import Registry
 
 FA, GDN = "fa", "gdn"
+# The method a backend of each kind runs for each pass: a backend declares its passes, and defines these.
+METHODS = {(FA, "prefill"): "prefill", (FA, "train"): "prefill", (FA, "decode"): "decode",
+           (GDN, "prefill"): "prefill", (GDN, "train"): "prefill", (GDN, "decode"): "step"}  # fmt: skip
 
 
 @dataclass
 class Backend:
+    """One attention backend: its name, kind (FA or GDN), devices, what it needs and refuses, and the kernel
+    methods its passes run (METHODS): an FA backend's `prefill` (training differentiates it) and `decode`, a GDN
+    backend's `prefill` and `step`. A method a backend does not define raises NotImplementedError, which a row
+    records as unsupported; `register` refuses a backend that declares a pass without its method."""
+
     name: str
     kind: str  # FA or GDN
     devices: tuple[str, ...]  # "cpu", "cuda"
@@ -56,17 +65,37 @@ class Backend:
         """What runs for this pass, as precisely as the backend can say (rows record it)."""
         return self.description
 
+    def prefill(self, *inputs, **options):
+        """Causal attention over T tokens, forward (and backward under autograd). FA: q [B, T, Hq, d], k, v
+        [B, T, Hkv, d] with Hq a multiple of Hkv -> o [B, T, Hq, d]. GDN: q, k [B, T, H, dk], v [B, T, H, dv],
+        g (log decay) and beta [B, T, H]; options output_final_state, chunk_size (tokens),
+        use_qk_l2norm_in_kernel -> (o [B, T, H, dv], final state [B, H, dk, dv] fp32 or None)."""
+        raise NotImplementedError(f"{self.name} does not implement prefill")
 
-REGISTRY: dict[str, Backend] = {}
+    def decode(self, q, k_cache, v_cache):
+        """FA, one new token: q [B, 1, Hq, d] against whole caches [B, S, Hkv, d] -> o [B, 1, Hq, d]."""
+        raise NotImplementedError(f"{self.name} does not implement decode")
+
+    def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel: bool = False):
+        """GDN, one recurrent step: q, k [B, H, dk], v [B, H, dv], g and beta [B, H], state [B, H, dk, dv] fp32
+        -> (o [B, H, dv], new state)."""
+        raise NotImplementedError(f"{self.name} does not implement step")
+
+
+REGISTRY: Registry = Registry("backend")
 
 
 def register(kind: str, name: str, devices: tuple[str, ...], description: str, **options):
-    """Class decorator: the class body holds the kernel functions (static methods) for this backend."""
+    """Class decorator: the class (a Backend) defines the kernel methods of the passes it declares (METHODS).
+    Raises ValueError for a name registered twice or a declared pass whose method the class lacks."""
 
     def wrap(cls):
-        if name in REGISTRY:
-            raise ValueError(f"backend {name!r} is registered twice")
+        REGISTRY.check_new(name)
         backend = cls(name=name, kind=kind, devices=devices, description=description, **options)
+        for pass_ in backend.passes:
+            method = METHODS[(kind, pass_)]
+            if getattr(cls, method) is getattr(Backend, method):
+                raise ValueError(f"backend {name!r} declares the {pass_} pass and defines no {method}")
         REGISTRY[name] = backend
         return cls
 
@@ -146,6 +175,13 @@ def resolve(
         if backend.unavailable(device) is None and backend.unsupported(pass_, dtype, head_dim) is None:
             return backend
     return candidates[-1]
+
+
+def layer_backend(choice: "str | Backend", kind: str, device: str, pass_: str) -> Backend:
+    """A layer's backend of `kind` for a pass on `device`: `choice` itself where the caller resolved it (a
+    Backend: the sweep's points name theirs), else resolve(choice, ...) of a name ("auto" or a registered one).
+    Raises UserError for an unknown name."""
+    return choice if isinstance(choice, Backend) else resolve(choice, kind, device, pass_)
 
 
 def auto_choices(device: str) -> dict[str, list[str]]:

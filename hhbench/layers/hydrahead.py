@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import SEQUENTIAL, HeadSplit, HybridCore, head_index
+from hhbench.kernels.hybrid import HybridCore, head_index
 from hhbench.layers import glue
 from hhbench.layers.gdn_heads import GatedDeltaNetHeads
+from hhbench.spec.axes import SEQUENTIAL
+from hhbench.spec.layout import HeadSplit
 
 # The GDN glue: "reference" (torch ops, gathers on activations), "fused" (glue.py's ops with the head order folded
 # into the weights; fla's kernels on CUDA, their torch twins on the CPU), or "auto": fused where the GDN backend
@@ -70,9 +72,6 @@ class LayerCache:
     length: int  # tokens held
     state: torch.Tensor | None  # [B, n_la, dk, dv], fp32
     conv: torch.Tensor | None  # [B, 3 n_la d, K]: the GDN heads' q, k, v conv inputs (glue.py's layout)
-    # False in benchmarks: every step overwrites the same slot (static shapes, graphs); the fused path's conv
-    # state still advances in place (values only)
-    advance: bool = True
 
     def ensure_capacity(self, length: int) -> None:
         """Grow the FA K/V buffers (doubling) so that they hold `length` tokens: decoding of unknown length."""
@@ -97,8 +96,8 @@ class HydraAttention(nn.Module):
         conv_size: int = 4,
         output_gate: bool = True,
         chunk_size: int = 64,
-        fa_backend: str = "auto",
-        gdn_backend: str = "auto",
+        fa_backend: "str | registry.Backend" = "auto",
+        gdn_backend: "str | registry.Backend" = "auto",
         mode: str = SEQUENTIAL,
         rope_theta: float = 10000.0,
         qk_norm: bool = False,
@@ -114,7 +113,10 @@ class HydraAttention(nn.Module):
         self.glue = glue
         self.hidden, self.n_heads, self.n_kv_heads, self.head_dim = hidden, n_heads, n_kv_heads, head_dim
         self.split = HeadSplit(n_heads, tuple(sorted(fa_heads)), n_heads // n_kv_heads)
+        # Backends: resolved ones (kernels.registry.Backend, as the sweep passes them) or names, which are resolved
+        # once per device and pass (_core), never on every call.
         self.fa_backend, self.gdn_backend, self.mode = fa_backend, gdn_backend, mode
+        self._cores: dict[tuple[str, str], HybridCore] = {}
         self.rope_theta, self.norm_eps, self.chunk_size = rope_theta, norm_eps, chunk_size
         self.qkv = nn.Linear(hidden, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)  # Qwen2 has q/k/v biases
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
@@ -155,9 +157,13 @@ class HydraAttention(nn.Module):
         return len(self.split.fa_heads)
 
     def _core(self, pass_: str, device: torch.device) -> HybridCore:
-        fa = registry.resolve(self.fa_backend, registry.FA, device.type, pass_) if self.n_fa else None
-        gdn = registry.resolve(self.gdn_backend, registry.GDN, device.type, pass_) if self.gdn else None
-        return HybridCore(self.split, fa, gdn, self.mode, self.chunk_size)
+        """The head-level core of a pass ("prefill", "train", "decode") on the device's type, made once."""
+        key = (device.type, pass_)
+        if key not in self._cores:
+            fa = registry.layer_backend(self.fa_backend, registry.FA, device.type, pass_) if self.n_fa else None
+            gdn = registry.layer_backend(self.gdn_backend, registry.GDN, device.type, pass_) if self.gdn else None
+            self._cores[key] = HybridCore(fa, gdn, self.mode, self.chunk_size)
+        return self._cores[key]
 
     def _glue_ops(self, core: HybridCore, device: torch.device) -> glue.GlueOps | None:
         """The fused path's ops, or None for the reference glue (and for a layer without GDN heads)."""
@@ -311,8 +317,7 @@ class HydraAttention(nn.Module):
             gdn = (gq[:, 0], gk[:, 0], gv[:, 0], g[:, 0], beta[:, 0], cache.state)
         fa_out, gdn_result = core.decode_parts(fa, gdn)
         la_out, state = gdn_result if gdn_result is not None else (None, None)
-        if cache.advance:
-            cache.length, cache.state, cache.conv = position + 1, state, new_conv
+        cache.length, cache.state, cache.conv = position + 1, state, new_conv
         return self._finish(fa_out, la_out, x)
 
     # The fused path: the same math as the reference methods above, composed from glue.py's ops.
@@ -384,8 +389,7 @@ class HydraAttention(nn.Module):
         q, k, v = la.view(B, 3 * gdn.n_heads, -1).split(gdn.n_heads, dim=1)
         g, beta = self._gdn_gates(a, b, ops)
         fa_out, (la_out, state) = core.decode_parts(fa, (q, k, v, g[:, 0], beta[:, 0], cache.state), qk_l2norm=True)
-        if cache.advance:
-            cache.length, cache.state = position + 1, state
+        cache.length, cache.state = position + 1, state
         return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
 
     def _finish_fused(self, fa_out, la_out, gate, o_weight, ops: glue.GlueOps):

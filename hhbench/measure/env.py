@@ -10,8 +10,23 @@ from pathlib import Path
 
 import torch
 
+from hhbench.errors import UserError
+
 PACKAGES = ("torch", "triton", "fla-core", "flash-linear-attention", "flash-attn", "flash-qla", "tilelang",
             "lm-eval", "transformers", "numpy", "pandas")  # fmt: skip
+
+
+def pick_device(text: str) -> torch.device:
+    """The --device of every command: "auto" (CUDA where torch sees a GPU, else the CPU), "cpu" or "cuda".
+    Raises UserError (one line) for another name, or for "cuda" on a machine whose torch sees no GPU."""
+    name = text.strip().lower()
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown device {text!r}: choose auto, cpu or cuda")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch on this machine")
+    return torch.device(name)
 
 
 def _version(package: str) -> str | None:

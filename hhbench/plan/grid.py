@@ -14,14 +14,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hhbench.analytic.costs import Scope, dtype_bytes
-from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import MODES, SEQUENTIAL, STREAMS
 from hhbench.measure.timing import TimingPolicy
 from hhbench.resources import suites_dir
+from hhbench.rows.schema import row_key
 from hhbench.spec import parse as options
+from hhbench.spec.axes import SEQUENTIAL, Pass, Scope, check_mode, dtype_bytes
 from hhbench.spec.hybrid import GDNConfig, HybridSpec, Layout
 from hhbench.spec.shapes import ModelShape
 
@@ -46,13 +45,20 @@ class Point:
     parts: bool = False  # also time the FA and GDN parts alone (kernel scope, head layout)
     floor: bool = False  # also time the point's necessary kernels alone (layer and model scope)
 
+    def key_fields(self) -> dict:
+        """The key fields (rows.schema.KEY_FIELDS) of the row this point produces, by name: what is measured,
+        whatever ratio text asked for it (the variant holds the normalized ratio)."""
+        spec = self.spec.normalized()
+        return {"model": self.shape.name, "variant": spec.label, "context": self.context, "batch": self.batch,
+                "pass_": self.pass_.value, "scope": self.scope.value, "dtype": self.dtype,
+                "fa_backend": self.fa_backend, "gdn_backend": self.gdn_backend, "mode": self.mode,
+                "head_map": spec.head_map.source if spec.head_map else "", "kv_aware": spec.kv_aware}  # fmt: skip
+
     @property
     def identity(self) -> tuple:
-        """What is measured, whatever ratio text asked for it (the variant holds the normalized ratio): the same
-        tuple as Row.key of the row this point produces, so plan and resume drop repeats by one rule."""
-        return (self.shape.name, self.spec.normalized().label, self.context, self.batch, self.pass_.value,
-                self.scope.value, self.dtype, self.fa_backend, self.gdn_backend, self.mode,
-                self.spec.head_map.source if self.spec.head_map else "", self.spec.kv_aware)  # fmt: skip
+        """row_key of key_fields(): the key of the row this point produces, so plan and resume drop repeats by one
+        rule."""
+        return row_key(self.key_fields())
 
 
 @dataclass
@@ -139,10 +145,7 @@ def grid_points(grid: dict, device: str) -> list[Point]:
         dtype_bytes(dtype)
     modes = _values(grid, "modes", SEQUENTIAL)
     for mode in modes:
-        if mode not in MODES:
-            raise UserError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
-        if mode == STREAMS and device != "cuda":  # refused, not run sequentially under the streams label
-            raise UserError(f"mode streams runs the two backends on two CUDA streams, and this run is on {device}")
+        check_mode(mode, device)
     fa_names = _values(grid, "fa_backend", "auto")
     gdn_names = _values(grid, "gdn_backend", "auto")
     for name in fa_names:

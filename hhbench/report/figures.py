@@ -10,8 +10,6 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.report.labels import (
     ROW,
     attach_hover,
@@ -21,6 +19,7 @@ from hhbench.report.labels import (
     series_labels,
 )
 from hhbench.rows.schema import OK
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.units import format_count
 
 PASS_ORDER = [p.value for p in Pass]

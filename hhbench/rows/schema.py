@@ -1,5 +1,6 @@
 """The one result schema: every measured or analytic point is a Row; a RowSet writes itself as JSONL, CSV and
-markdown. Bump SCHEMA_VERSION when a field changes meaning or disappears (adding a field keeps it)."""
+markdown. Bump SCHEMA_VERSION when a field changes meaning or disappears (adding a field keeps it), and say in
+MIGRATIONS how a row of the version before becomes one of this: committed runs stay readable."""
 
 import dataclasses
 import json
@@ -12,7 +13,13 @@ from pathlib import Path
 from hhbench.errors import UserError
 from hhbench.files import open_output
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns the views compute from rows (tables.compare's layer-wise 3:1 ratios, which `hhbench flops` prints beside
+# its rows): dropped where a row carries them, so that a view's output reads back as rows.
+VIEW_COLUMNS = ("vs_layer31_flops", "vs_layer31_kv")
+# version -> the fields it had that the next one dropped. 1 -> 2: the layer-wise 3:1 ratios left the row for the
+# views (tables.compare computes them against the run's own layer:3:1 row).
+MIGRATIONS = {1: VIEW_COLUMNS}
 
 # status values
 OK = "ok"  # measured
@@ -23,6 +30,18 @@ INCORRECT = "incorrect"  # output did not match the reference: never compared
 OOM = "oom"
 ERROR = "error"
 STATUSES = (OK, ANALYTIC, UNAVAILABLE, UNSUPPORTED, INCORRECT, OOM, ERROR)
+
+# The configuration measured, not the ratio text that asked for it: the variant holds the normalized ratio, so a
+# 3:1 row is the 6:2 row and a resumed sweep skips it whatever spelling asks again.
+KEY_FIELDS = ("model", "variant", "context", "batch", "pass_", "scope", "dtype", "fa_backend", "gdn_backend", "mode",
+              "head_map", "kv_aware")  # fmt: skip
+
+
+def row_key(fields) -> tuple:
+    """The key of a Row from its fields by name (a Row's __dict__, or Point.key_fields()): the one rule by which
+    the plan drops repeated points, a resumed sweep skips measured ones and the gate pairs rows. Raises KeyError for
+    a missing field."""
+    return tuple(fields[name] for name in KEY_FIELDS)
 
 
 @dataclass
@@ -64,8 +83,6 @@ class Row:
     state_bytes: float = 0.0
     weight_bytes: float = 0.0
     bytes_moved: float = 0.0  # analytic fewest bytes moved: arithmetic intensity = flops_total / bytes_moved
-    vs_layer31_flops: float | None = None
-    vs_layer31_kv: float | None = None
     # --- measurement
     status: str = ANALYTIC
     reason: str = ""
@@ -82,20 +99,16 @@ class Row:
     gbps: float | None = None  # analytic bytes / median latency
     max_rel_err: float | None = None
     gdn_impl: str = ""  # the GDN implementation that ran (kernels.registry.Backend.implementation); "" without GDN
-    floor_ms: float | None = None  # the point's necessary kernels timed alone, summed (hhbench.runner.floor)
+    floor_ms: float | None = None  # the point's necessary kernels timed alone, summed (hhbench.runner.measurements)
     vs_floor: float | None = None  # latency_ms / floor_ms
     extra: dict = field(default_factory=dict)
     run: str = ""
     schema: int = SCHEMA_VERSION
 
-    # The configuration measured (Point.identity), not the ratio text that asked for it: the variant holds the
-    # normalized ratio, so a 3:1 row is the 6:2 row and a resumed sweep skips it whatever spelling asks again.
-    KEY_FIELDS = ("model", "variant", "context", "batch", "pass_", "scope", "dtype", "fa_backend", "gdn_backend",
-                  "mode", "head_map", "kv_aware")  # fmt: skip
-
     @property
     def key(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.KEY_FIELDS)
+        """row_key of this row (KEY_FIELDS' values in order)."""
+        return row_key(self.__dict__)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -153,10 +166,19 @@ class EvalRow:
         return _from_dict(cls, data)
 
 
-def _from_dict(cls, data: dict):
+def _migrated(data: dict) -> dict:
+    """A row of an older schema version as one of SCHEMA_VERSION (MIGRATIONS), and a view's columns dropped."""
     version = data.get("schema")
+    while type(version) is int and version in MIGRATIONS:
+        data = {name: value for name, value in data.items() if name not in MIGRATIONS[version]}
+        version += 1
     if version != SCHEMA_VERSION:
-        raise UserError(f"row schema version {version} is not the supported version {SCHEMA_VERSION}")
+        raise UserError(f"row schema version {data.get('schema')} is not the supported version {SCHEMA_VERSION}")
+    return {name: value for name, value in data.items() if name not in VIEW_COLUMNS} | {"schema": version}
+
+
+def _from_dict(cls, data: dict):
+    data = _migrated(data)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
     if unknown:
@@ -194,8 +216,7 @@ def _describe(kind) -> str:
 
 DISPLAY_COLUMNS = ["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "context", "batch",
                    "pass", "scope", "status", "flops_total", "flops_attention", "flops_fa_core", "flops_gdn_core",
-                   "flops_proj", "flops_mlp", "kv_cache_bytes", "state_bytes", "vs_layer31_flops", "vs_layer31_kv",
-                   "latency_ms", "latency_p10_ms", "latency_p90_ms", "floor_ms", "vs_floor", "tflops", "peak_mem_bytes"]  # fmt: skip
+                   "flops_proj", "flops_mlp", "kv_cache_bytes", "state_bytes", "latency_ms", "latency_p10_ms", "latency_p90_ms", "floor_ms", "vs_floor", "tflops", "peak_mem_bytes"]  # fmt: skip
 
 
 class RowSet(list):

@@ -26,7 +26,7 @@ from hhbench.plan.grid import Point
 from hhbench.rows import schema
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, RowSet, append_row, read_rows
-from hhbench.runner.measure import base_row, measure_point
+from hhbench.runner.point import base_row, measure_point
 
 RETRYABLE = (schema.ERROR, schema.OOM)
 

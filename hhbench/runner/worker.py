@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from hhbench.runner.measure import measure_point
+from hhbench.runner.point import measure_point
 
 if __name__ == "__main__":
     with open(sys.argv[1], "rb") as handle:

@@ -22,33 +22,72 @@ from hhbench.spec.shapes import ModelShape
 
 
 @dataclass(frozen=True)
-class LayerAssignment:
-    fa_heads: tuple[int, ...]
+class HeadSplit:
+    """One layer's heads split by kind: which of its `n_heads` query heads are FA (`fa_heads`, head indices in
+    0..n_heads-1, in the order their kernel inputs take), the rest GDN, and which KV group each head reads
+    (`group_size` query heads per KV head, GQA). In a plan it also carries how many of the model's layers it stands
+    for (`weight`) and its sliding window in keys (`window`, 0: full attention; its FA heads attend within it).
+    The cost model, the kernels' inputs and HydraAttention's gathers all read it."""
+
     n_heads: int
-    group_size: int  # query heads per KV head
+    fa_heads: tuple[int, ...]
+    group_size: int = 1  # query heads per KV head
     weight: float = 1.0  # how many of the model's layers this entry stands for
-    window: int = 0  # the layer's sliding window in keys (0: full attention); its FA heads attend within it
+    window: int = 0
 
     @property
     def n_fa(self) -> int:
+        """How many heads are FA."""
         return len(self.fa_heads)
 
     @property
     def n_la(self) -> int:
+        """How many heads are GDN."""
         return self.n_heads - self.n_fa
 
     @property
     def la_heads(self) -> tuple[int, ...]:
+        """The GDN heads, ascending."""
         fa = set(self.fa_heads)
         return tuple(h for h in range(self.n_heads) if h not in fa)
 
     @property
+    def fa_groups(self) -> tuple[int, ...]:
+        """The KV groups the FA heads read, ascending: what the KV cache holds."""
+        return tuple(sorted({h // self.group_size for h in self.fa_heads}))
+
+    @property
     def kv_groups(self) -> int:
         """Distinct KV heads the FA heads read: this, not the FA head count, sets the KV cache."""
-        return len({h // self.group_size for h in self.fa_heads})
+        return len(self.fa_groups)
+
+    @property
+    def fa_gqa_uniform(self) -> bool:
+        """True when each read group serves the same number of consecutive FA heads, in order: the FA kernel can
+        then take the compact K/V with native GQA; otherwise K/V are expanded per FA head."""
+        groups = self.fa_groups
+        if not groups or len(self.fa_heads) % len(groups):
+            return False
+        per = len(self.fa_heads) // len(groups)
+        return all(h // self.group_size == groups[i // per] for i, h in enumerate(self.fa_heads))
+
+    def fa_kv_index(self) -> tuple[int, ...]:
+        """For each FA head, the position of its group among fa_groups (K/V expansion when not uniform)."""
+        position = {g: i for i, g in enumerate(self.fa_groups)}
+        return tuple(position[h // self.group_size] for h in self.fa_heads)
+
+    def original_positions(self) -> tuple[int, ...]:
+        """For each head in the original order, its position among the FA heads followed by the GDN heads."""
+        order = (*self.fa_heads, *self.la_heads)
+        return tuple(order.index(h) for h in range(self.n_heads))
+
+    def la_kv_groups(self) -> tuple[int, ...]:
+        """For each GDN head, its KV group: GDN heads reuse their group's keys and values."""
+        return tuple(h // self.group_size for h in self.la_heads)
 
     @property
     def kind(self) -> tuple:
+        """What makes two layers of a plan time alike: their FA heads and window."""
         return self.fa_heads, self.window
 
 
@@ -56,7 +95,7 @@ class LayerAssignment:
 class LayerPlan:
     shape: ModelShape
     spec: HybridSpec
-    layers: tuple[LayerAssignment, ...]
+    layers: tuple[HeadSplit, ...]
 
     @cached_property
     def fa_heads(self) -> float:
@@ -74,10 +113,10 @@ class LayerPlan:
     def ratio_effective(self) -> str:
         return format_effective_ratio(_clean(self.la_heads), _clean(self.fa_heads))
 
-    def distinct_layers(self) -> list[tuple[LayerAssignment, float]]:
+    def distinct_layers(self) -> list[tuple[HeadSplit, float]]:
         """Each different layer once, with the number of model layers it stands for (what a timer runs)."""
         weights: dict[tuple, float] = {}
-        first: dict[tuple, LayerAssignment] = {}
+        first: dict[tuple, HeadSplit] = {}
         for layer in self.layers:
             weights[layer.kind] = weights.get(layer.kind, 0.0) + layer.weight
             first.setdefault(layer.kind, layer)
@@ -152,7 +191,7 @@ def build_plan(shape: ModelShape, spec: HybridSpec) -> LayerPlan:
     L, H = shape.n_layers, shape.n_heads
 
     def layer(fa_heads, weight=1.0, index=0):
-        return LayerAssignment(tuple(fa_heads), H, shape.group_size, weight, shape.window(index))
+        return HeadSplit(H, tuple(fa_heads), shape.group_size, weight, shape.window(index))
 
     if spec.layout is Layout.FA:
         layers = [layer(range(H), index=i) for i in range(L)]

@@ -4,8 +4,8 @@ One rule for every list, in every command (`eval`'s variants, tasks and lengths 
 (`256,256` and `1k,1024` are one context), and so does a hybrid that normalizes to the same spec (`6:2` is
 `3:1`; `head:0:1` is `fa`); it keeps the ratio text first asked for it."""
 
-from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
+from hhbench.spec.axes import Pass
 from hhbench.spec.hybrid import GDNConfig, HeadMap, HybridSpec, Layout, Ratio
 from hhbench.spec.shapes import ModelShape, resolve_shape
 from hhbench.spec.units import parse_count, split_list

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from hhbench.analytic.costs import Scope
-from hhbench.analytic.flops import Pass
 from hhbench.errors import UserError
 from hhbench.files import open_output
 from hhbench.rows.schema import ANALYTIC, INCORRECT, OK, markdown_table
 from hhbench.rows.sources import Run
+from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.hybrid import LAYER31
 from hhbench.spec.units import format_bytes, format_count
 
@@ -23,7 +22,7 @@ GROUP = ["run", "model", "context", "batch", "pass", "scope", "dtype"]
 BACKENDS = ["fa_backend", "gdn_backend"]
 # A configuration apart from its context: the series that a crossover runs along.
 SERIES = ["run", "model", "scope", "pass", "batch", "dtype", *BACKENDS, "mode", "head_map", "kv_aware", "variant"]
-# Row.KEY_FIELDS in reading order (the variant names the normalized ratio).
+# rows.schema.KEY_FIELDS in reading order (the variant names the normalized ratio).
 KEY = [*SERIES[1:], "context"]
 COMPARED = (OK, ANALYTIC)
 DISAGREE_SLOWER = "fewer FLOPs, slower"

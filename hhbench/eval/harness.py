@@ -56,6 +56,7 @@ class TaskRef:
 
     @property
     def ruler(self) -> bool:
+        """lm-eval's RULER tasks: they generate their data from the model's tokenizer (metadata "tokenizer")."""
         return not self.own and (self.name.startswith(("niah_", "ruler_")) or self.name == "ruler")
 
 
@@ -104,6 +105,9 @@ def check_tasks(tasks: list[TaskRef]) -> None:
 
 @dataclass
 class EvalSettings:
+    """One eval run's settings: model, samples per task and length (`limit`), seed, chat template, lm-eval batch
+    size, device ("cpu", "cuda"), dtype name, run name, head map path and the converted layers' backends."""
+
     model: str
     limit: int
     seed: int = 0
@@ -175,6 +179,7 @@ class VariantModels:
 
 
 def hflm(model, loaded: LoadedModel, batch_size: int, device: str, max_length: int):
+    """lm-eval's HFLM around an already loaded (or converted) model and its tokenizer; max_length in tokens."""
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(
@@ -273,6 +278,7 @@ def quiet_git():
 
 
 def sample_stderr(values: list[float]) -> float | None:
+    """Standard error of the mean of per-sample values (n - 1 in the variance); None for fewer than two."""
     if len(values) < 2:
         return None
     mean = sum(values) / len(values)
@@ -317,6 +323,9 @@ def eval_rows(
     variant: Variant, plan, task: TaskRef, length: int, settings: EvalSettings, result: dict | None, error: str,
     seconds: float, device: str, student: dict | None = None,
 ) -> list[EvalRow]:  # fmt: skip
+    """The EvalRows of one variant on one task at one length: one per metric of result["metrics"] (evaluate_task's
+    result; rows in error where its prompts exceed `length` tokens), or one error row saying `error` where result
+    is None. seconds: the task's wall time; student: a distilled student's checkpoint, stage and tokens."""
     common = {
         "model": settings.model,
         "variant": variant.label,
@@ -365,6 +374,7 @@ def eval_rows(
 
 
 def quiet_logs() -> None:
+    """lm-eval's, transformers' and datasets' logs at errors only, their progress bars off."""
     for name in ("lm_eval", "lm-eval", "transformers", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.suppress(Exception):
@@ -379,6 +389,7 @@ def quiet_logs() -> None:
 
 
 def free(model) -> None:
+    """Drop a reference to a model and give the device's cached memory back."""
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -386,6 +397,7 @@ def free(model) -> None:
 
 
 def now() -> float:
+    """Seconds of a monotonic clock (perf_counter), for the rows' `seconds`."""
     return time.perf_counter()
 
 

@@ -11,6 +11,8 @@ from hhbench.spec.layout import LayerPlan
 
 
 class GatedMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)), x [B, T, hidden] -> [B, T, hidden]; gate and up are one GEMM."""
+
     def __init__(self, hidden: int, width: int):
         super().__init__()
         self.gate_up = nn.Linear(hidden, 2 * width, bias=False)
@@ -22,6 +24,8 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)) where the shape has an MLP."""
+
     def __init__(self, attention: HydraAttention, hidden: int, mlp_hidden: int, eps: float):
         super().__init__()
         self.attn_norm = nn.RMSNorm(hidden, eps=eps)
@@ -37,6 +41,11 @@ class Block(nn.Module):
 
 
 class HybridLM(nn.Module):
+    """The network of a plan: one HydraAttention block per plan layer. fa_backend and gdn_backend are resolved
+    backends (kernels.registry.Backend) or names, as HydraAttention takes them; mode: spec.axes.MODES. Raises
+    Unsupported for GDN head dims other than the model's and for an average-layer plan (fewer layers than a
+    layer-wise group)."""
+
     def __init__(self, plan: LayerPlan, fa_backend="auto", gdn_backend="auto", mode="sequential", eps=1e-6):
         super().__init__()
         shape, gdn = plan.shape, plan.spec.gdn
@@ -77,6 +86,7 @@ class HybridLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def new_caches(self, batch: int, max_length: int, device, dtype) -> list[LayerCache]:
+        """One empty LayerCache per layer, FA K/V buffers of max_length tokens."""
         return [block.attention.new_cache(batch, max_length, device, dtype) for block in self.blocks]
 
     def forward(self, inputs: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:

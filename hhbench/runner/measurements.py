@@ -1,0 +1,254 @@
+"""What is measured on a point, one unit per measurement, registered in the order they run (the tracker of
+optimum-benchmark's backend / scenario / tracker split): each unit reads the Trial and writes its own fields of the
+row, so a new measurement is one function here. A unit that decides the row's status (unavailable, unsupported,
+incorrect) ends the point's required units; the row is `ok` when they all ran. Units marked `addition` run after
+the point's workload is freed, and only their own fields depend on them: their failure is kept in
+extra["<name>_error"] and the row keeps its latency (hhbench.runner.point.measure_point runs them)."""
+
+import dataclasses
+import gc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hhbench.bench import workloads
+from hhbench.bench.floor import floor_layers, floor_parts
+from hhbench.kernels import registry
+from hhbench.measure.timing import Timing, TimingPolicy, peak_memory_bytes, time_callable, time_each
+from hhbench.names import Registry
+from hhbench.plan.grid import Point
+from hhbench.rows import schema
+from hhbench.rows.schema import Row
+from hhbench.spec.axes import Pass, Scope
+from hhbench.spec.layout import build_plan
+
+CHECK_CONTEXT = 256  # small enough for the token-by-token oracle, several GDN chunks long
+TOLERANCE = {"bf16": 5e-2, "fp16": 2e-2, "fp32": 5e-3}  # max relative error, outputs and gradients
+REFERENCE = {registry.FA: "sdpa-math", registry.GDN: "torch-recurrent"}
+# Crosscheck only steps at least this long: shorter ones are launch- and CPU-bound, and two timers then
+# disagree by their jitter rather than by their method.
+CROSSCHECK_MIN_MS = 2.0
+
+
+@dataclass
+class Trial:
+    """One point being measured: what the units read (point, device, policy, the sweep's correctness cache and
+    whether to crosscheck) and share (the row, the point's workload and its timing)."""
+
+    point: Point
+    device: torch.device
+    policy: TimingPolicy
+    row: Row
+    checked: dict  # the sweep's correctness results by configuration: a backend pair is checked once per plan
+    crosscheck: bool = False
+    timing: Timing | None = None
+    _workload: workloads.Workload | None = field(default=None, repr=False)
+
+    @property
+    def workload(self) -> workloads.Workload:
+        """The point's workload at its context and batch, built on first use."""
+        if self._workload is None:
+            self._workload = workloads.build(self.point, self.device)
+        return self._workload
+
+    def policy_of(self, graph: bool) -> TimingPolicy:
+        """The sweep's timing policy, with CUDA-graph capture as the workload asks."""
+        return dataclasses.replace(self.policy, graph=graph)
+
+    def free(self) -> None:
+        """Drop the workload and give its memory back (between units that need the device's memory whole)."""
+        self._workload = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One registered measurement: its name, the fields it writes, the function that writes them."""
+
+    name: str
+    fields: tuple[str, ...]  # the row fields, and extra.<key>s, it writes
+    run: Callable[[Trial], None]
+    addition: bool = False  # runs after the workload is freed; its failure costs the row only its own fields
+
+
+MEASUREMENTS: Registry = Registry("measurement")
+
+
+def measurement(name: str, fields: tuple[str, ...], addition: bool = False):
+    """Decorator: register `fn(trial)` as the measurement `name` writing `fields`, after those registered before
+    it. A name registered twice is a ValueError."""
+
+    def wrap(fn: Callable[[Trial], None]) -> Callable[[Trial], None]:
+        MEASUREMENTS[name] = Measurement(name, fields, fn, addition)
+        return fn
+
+    return wrap
+
+
+def needed_backends(point: Point) -> list[registry.Backend]:
+    """The backends the point runs: FA where its plan has FA heads, GDN where it has GDN heads."""
+    plan = build_plan(point.shape, point.spec)
+    needed = []
+    if plan.fa_heads:
+        needed.append(registry.get(point.fa_backend, registry.FA))
+    if plan.la_heads:
+        needed.append(registry.get(point.gdn_backend, registry.GDN))
+    return needed
+
+
+@measurement("availability", ("status", "reason", "gdn_impl"))
+def availability(trial: Trial) -> None:
+    """Each needed backend runs on this machine and takes the point's pass, dtype and head dim; else the row is
+    unavailable or unsupported, with the backend's reason. gdn_impl: what the GDN backend runs for the pass."""
+    point, row = trial.point, trial.row
+    backends = needed_backends(point)
+    for backend in backends:
+        reason = backend.unavailable(trial.device.type)
+        if reason:
+            row.status, row.reason = schema.UNAVAILABLE, f"{backend.name}: {reason}"
+            return
+        reason = backend.unsupported(point.pass_.value, point.dtype, point.shape.head_dim)
+        if reason:
+            row.status, row.reason = schema.UNSUPPORTED, reason
+            return
+    row.gdn_impl = next((b.implementation(point.pass_.value) for b in backends if b.kind == registry.GDN), "")
+
+
+def relative_error(test: torch.Tensor, ref: torch.Tensor) -> float:
+    """||test - ref|| / ||ref|| in float64 (the absolute error where ref is 0); inf where test is not finite."""
+    test, ref = test.detach().double(), ref.detach().double()
+    if not torch.isfinite(test).all():
+        return math.inf
+    denominator = ref.norm().item()
+    return (test - ref).norm().item() / denominator if denominator else (test - ref).norm().item()
+
+
+def check_correctness(point: Point, device: torch.device) -> float:
+    """Max relative error of the point's backends against the fp32 reference on the same inputs and weights, at
+    a small context (outputs, and gradients for training)."""
+    context = min(point.context, CHECK_CONTEXT)
+    batch = min(point.batch, 2)
+    test = workloads.build(point, device, context, batch).outputs()
+    ref = workloads.build(
+        point, device, context, batch, REFERENCE[registry.FA], REFERENCE[registry.GDN], reference=True
+    ).outputs()
+    return max(relative_error(t, r) for t, r in zip(test, ref, strict=True))
+
+
+@measurement("correctness", ("max_rel_err", "status", "reason"))
+def correctness(trial: Trial) -> None:
+    """max_rel_err against the fp32 reference (check_correctness), once per configuration of the sweep; beyond
+    the dtype's TOLERANCE the row is incorrect and never timed."""
+    point, row = trial.point, trial.row
+    key = (point.shape, point.spec, point.pass_, point.scope, point.dtype, point.fa_backend, point.gdn_backend,
+           point.mode)  # fmt: skip
+    if key not in trial.checked:
+        trial.checked[key] = check_correctness(point, trial.device)
+        trial.free()
+    row.max_rel_err = trial.checked[key]
+    if not row.max_rel_err <= TOLERANCE[point.dtype]:
+        row.status = schema.INCORRECT
+        row.reason = f"relative error {row.max_rel_err:.3g} against the fp32 reference exceeds {TOLERANCE[point.dtype]}"
+
+
+@measurement("timing", ("samples_ms", "latency_ms", "latency_p10_ms", "latency_p90_ms", "reps", "timer",
+                        "compile_ms", "extra.unit_layers", "extra.timing_notes"))  # fmt: skip
+def timing(trial: Trial) -> None:
+    """The workload timed (hhbench.measure.timing), per layer where the timed unit holds several: ms."""
+    workload, row = trial.workload, trial.row
+    trial.timing = found = time_callable(workload.run, trial.device, trial.policy_of(workload.graph))
+    per_layer = workload.layers_per_run
+    row.samples_ms = [s / per_layer for s in found.samples_ms]
+    row.latency_ms = found.median_ms / per_layer
+    row.latency_p10_ms = found.percentile(0.1) / per_layer
+    row.latency_p90_ms = found.percentile(0.9) / per_layer
+    row.reps, row.timer, row.compile_ms = len(found.samples_ms), found.timer, found.compile_ms
+    if per_layer > 1:
+        row.extra["unit_layers"] = per_layer
+    if found.notes:
+        row.extra["timing_notes"] = found.notes
+
+
+@measurement("memory", ("peak_mem_bytes", "extra.peak_mem"))
+def memory(trial: Trial) -> None:
+    """Peak device memory of one run of the workload, bytes (CUDA only; the CPU's row says so)."""
+    trial.row.peak_mem_bytes = peak_memory_bytes(trial.workload.run, trial.device)
+    if trial.row.peak_mem_bytes is None:
+        trial.row.extra["peak_mem"] = "not measured on the CPU (analytic memory only)"
+
+
+@measurement("throughput", ("tflops", "gbps"))
+def throughput(trial: Trial) -> None:
+    """Analytic FLOPs and bytes over the median latency: TFLOP/s and GB/s (decimal units)."""
+    row = trial.row
+    seconds = row.latency_ms * 1e-3
+    row.tflops = row.flops_total / seconds / 1e12
+    row.gbps = row.bytes_moved / seconds / 1e9
+
+
+@measurement("parts", ("extra.parts_ms", "extra.vs_parts_sum"))
+def parts(trial: Trial) -> None:
+    """Kernel-scope head-level points asked for parts: each backend alone on its heads (median ms), and the
+    latency over their sum (above 1: running them together costs more than the parts)."""
+    workload, row = trial.workload, trial.row
+    if not workload.parts:
+        return
+    times = time_each(workload.parts, trial.device, trial.policy_of(workload.graph))
+    row.extra["parts_ms"] = times
+    row.extra["vs_parts_sum"] = row.latency_ms / sum(times.values())
+
+
+@measurement("crosscheck", ("extra.crosscheck",))
+def crosscheck(trial: Trial) -> None:
+    """Where the sweep asks (CUDA, not decode, steps of CROSSCHECK_MIN_MS or more): the same workload timed by
+    triton's do_bench, its median ms and our latency's relative difference from it."""
+    row, point = trial.row, trial.point
+    if not trial.crosscheck or trial.device.type != "cuda" or point.pass_ is Pass.DECODE:
+        return
+    if row.latency_ms < CROSSCHECK_MIN_MS:
+        return
+    import triton.testing
+
+    workload = trial.workload
+    theirs = triton.testing.do_bench(workload.run, return_mode="median") / workload.layers_per_run
+    row.extra["crosscheck"] = {"do_bench_ms": theirs, "rel_diff": row.latency_ms / theirs - 1}
+
+
+@measurement("floor", ("floor_ms", "vs_floor", "extra.floor_parts_ms", "extra.floor_method"), addition=True)
+def floor(trial: Trial) -> None:
+    """On a layer- or model-scope point asked for its floor, whose latency was measured: time the point's necessary
+    kernels alone (hhbench.bench.floor) and write `floor_ms`, `vs_floor` (latency / floor) and
+    `extra.floor_parts_ms` (each part's median alone, per distinct layer, with its count). `floor_ms` is the parts
+    as often as the point runs each, per layer like the latency at layer scope: their medians summed, or, where the
+    point is timed as one CUDA graph (decode), all of them back to back captured as one graph and timed
+    (`extra.floor_method` says which): a decode part takes microseconds, and each part alone would pay its own graph
+    launch, which the step pays once. It tells whether a slowdown is the architecture (a high floor) or the
+    implementation (latency far above its floor). It raises what its parts raise."""
+    point, row, device = trial.point, trial.row, trial.device
+    if not (point.floor and point.scope in (Scope.LAYER, Scope.MODEL) and row.status == schema.OK):
+        return
+    same = trial.policy_of(point.pass_ is Pass.DECODE and device.type == "cuda")
+    made = floor_parts(point, device)
+    times = time_each({str(i): part.run for i, part in enumerate(made)}, device, same)
+    by_layer: dict[str, dict] = {}
+    for i, part in enumerate(made):
+        entry = by_layer.setdefault(part.layer, {"count": part.count, "parts_ms": {}})
+        entry["parts_ms"][part.name] = times[str(i)]
+    if same.graph:
+
+        def every_part():
+            for part in made:
+                for _ in range(part.count):
+                    part.run()
+
+        total, method = time_callable(every_part, device, same).median_ms, "every part back to back, one CUDA graph"
+    else:
+        total, method = sum(times[str(i)] * part.count for i, part in enumerate(made)), "the parts' medians summed"
+    row.floor_ms = total / floor_layers(point)
+    row.vs_floor = row.latency_ms / row.floor_ms
+    row.extra["floor_parts_ms"] = by_layer
+    row.extra["floor_method"] = method
