@@ -31,6 +31,9 @@ from hhbench.spec.layout import HeadSplit, build_plan
 
 @dataclass
 class FloorPart:
+    """One kernel of a point's floor (module docstring): its name, the distinct layer it belongs to, how often
+    the point runs it, the sizes it runs at and the callable that runs it once."""
+
     name: str  # in_proj | conv | fa | gdn | o_proj | mlp | lm_head
     layer: str  # which distinct layer it belongs to, e.g. "2 FA + 14 GDN heads"
     count: int  # how often the point runs it per timed unit (layer scope) or per model (model scope)
@@ -39,6 +42,7 @@ class FloorPart:
 
 
 def layer_label(layer: HeadSplit) -> str:
+    """A distinct layer's label in floor parts: "<n_fa> FA + <n_la> GDN heads"."""
     return f"{layer.n_fa} FA + {layer.n_la} GDN heads"
 
 
