@@ -33,6 +33,8 @@ HEATMAP_GROUP = ["run", "model", "scope", "pass", "batch", "dtype", "base_fa_bac
 
 @dataclass
 class Figure:
+    """A drawn figure: its slug (HTML id, PNG name), title, plotly figure and caption."""
+
     slug: str  # the figure's HTML id and PNG file name
     title: str
     figure: go.Figure
@@ -41,11 +43,14 @@ class Figure:
 
 @dataclass
 class Omitted:
+    """A figure not drawn, and why (its data is absent)."""
+
     title: str
     reason: str
 
 
 def measured(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with status ok and a latency."""
     return rows[(rows["status"] == OK) & rows["latency_ms"].notna()]
 
 
@@ -360,6 +365,8 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
 
 
 def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
+    """Quality score against context (tokens), a panel per task and metric, with lm-eval's stderr as error bars;
+    Omitted without ok quality rows."""
     title = "Quality: score against context"
     data = eval_rows[(eval_rows["status"] == OK) & eval_rows["value"].notna()] if not eval_rows.empty else eval_rows
     if data.empty:
