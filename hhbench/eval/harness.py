@@ -33,12 +33,15 @@ HH_PREFIX = "hh_"
 
 
 def lm_eval_dir() -> Path:
+    """The folder of lm-eval's own task YAMLs (lm_eval/tasks)."""
     import lm_eval
 
     return Path(lm_eval.__file__).parent / "tasks"
 
 
 def suite_dir() -> Path:
+    """hhbench's lm-eval task suite (suites/lm_eval). Raises UserError where it is missing (not a source
+    checkout)."""
     if not (SUITES / "hh_passkey.yaml").exists():
         raise UserError(f"hhbench's task suite is missing at {SUITES}: run from a source checkout (pip install -e .)")
     return SUITES
