@@ -172,7 +172,11 @@ def _l2norm(q, k, normalize: bool):
 
 
 class _TorchGDN(Backend):
+    """The torch backends' shared decode: one recurrent step of the reference (reference.gdn_step)."""
+
     def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel=False):
+        """One decode token: q, k [B, H, dk], v [B, H, dv], g and beta [B, H], state [B, H, dk, dv] fp32 ->
+        (o [B, H, dv] in v's dtype, new state)."""
         o, state = reference.gdn_step(*_l2norm(q, k, use_qk_l2norm_in_kernel), v, g, beta, state)
         return o.to(v.dtype), state
 
