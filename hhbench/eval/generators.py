@@ -89,7 +89,7 @@ def noise_filler(rng: random.Random, count: int) -> list[str]:
 
 
 def essay_filler(rng: random.Random, count: int) -> list[str]:
-    """`count` generated essay-like sentences (RULER's essay haystack, from the word lists: nothing downloaded)."""
+    """`count` essay-like sentences generated from the word lists (RULER's haystack is essays; nothing is downloaded here)."""
     sentences = []
     for _ in range(count):
         if rng.random() < 0.15:
@@ -102,7 +102,7 @@ def essay_filler(rng: random.Random, count: int) -> list[str]:
 
 
 def random_key(rng: random.Random) -> str:
-    """A random 'adjective-noun' key, as RULER's needles name them."""
+    """A random 'adjective-noun' key for a needle (KEY in the module docstring)."""
     return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
 
 
