@@ -89,7 +89,7 @@ def noise_filler(rng: random.Random, count: int) -> list[str]:
 
 
 def essay_filler(rng: random.Random, count: int) -> list[str]:
-    """`count` essay-like sentences generated from the word lists (RULER's haystack is essays; nothing is downloaded here)."""
+    """`count` essay-like sentences generated from the word lists (RULER's haystack is essays; nothing downloads)."""
     sentences = []
     for _ in range(count):
         if rng.random() < 0.15:
