@@ -52,7 +52,8 @@ class Choice(str, Enum):
 
     @classmethod
     def parse(cls, text: str):
-        """The member named `text` (case and spaces ignored). Raises UserError (one line, listing the names) for another."""
+        """The member named `text` (case and surrounding spaces ignored). Raises UserError (one line, listing the
+        names) for another."""
         try:
             return cls(text.strip().lower())
         except ValueError:
