@@ -18,6 +18,9 @@ REFERENCES = ((HybridSpec(Layout.FA, Ratio(0, 1)), "a vanilla block"), (LAYER31,
 
 @dataclass(frozen=True)
 class ClaimPoint:
+    """One comparison for the seed article's claim: a head-level candidate's and a reference's attention-related
+    FLOPs at one context (tokens)."""
+
     candidate: str
     reference: str
     context: int
@@ -31,6 +34,8 @@ class ClaimPoint:
 
 
 def attention_related(shape: ModelShape, spec: HybridSpec, pass_: Pass, context: int, batch: int) -> float:
+    """Attention-related FLOPs of `spec` on `shape` for the whole model (Scope.MODEL): the FA and GDN cores
+    plus all attention projections (Q, K, V, O, GDN gates, short conv), for `batch` sequences of `context` tokens."""
     costs = analytic_costs(build_plan(shape, spec), pass_, context, batch, Scope.MODEL)
     return costs.flops_attention + costs.flops_proj
 
@@ -38,6 +43,8 @@ def attention_related(shape: ModelShape, spec: HybridSpec, pass_: Pass, context:
 def claim_points(
     shape: ModelShape, contexts: list[int], pass_: Pass = Pass.PREFILL, batch: int = 1
 ) -> list[ClaimPoint]:
+    """ClaimPoints of every candidate (head-level 3:1 and 7:1) against every reference (vanilla, layer-wise 3:1)
+    at each of `contexts` (tokens), from analytic_costs."""
     return [
         ClaimPoint(
             candidate.label,
@@ -65,6 +72,8 @@ def _where(points: list[ClaimPoint], threshold: float) -> str:
 
 
 def claim_sentences(shape: ModelShape, points: list[ClaimPoint], pass_: Pass) -> list[str]:
+    """One sentence per (candidate, reference): at which contexts the candidate cuts attention-related FLOPs by
+    at least one third and by 40% (the seed article's claim), and the cut at each context."""
     sentences = []
     names = dict((ref.label, name) for ref, name in REFERENCES)
     for candidate in CANDIDATES:

@@ -21,6 +21,9 @@ ESTIMATED = {
 
 @dataclass(frozen=True)
 class Costs:
+    """Analytic costs of one configuration at one scope: FLOPs by component (2 per multiply-add; the
+    conventions are in hhbench.analytic.flops), and bytes of KV cache, GDN state, weights and the least traffic."""
+
     flops_total: float
     flops_attention: float  # FA core + GDN core
     flops_fa_core: float
@@ -39,12 +42,16 @@ class Costs:
     bytes_moved: float  # fewest bytes the scope must move (inputs read once, outputs written once): rooflines
 
     def as_dict(self) -> dict:
+        """The fields as a dict, as Row takes them."""
         return asdict(self)
 
 
 def analytic_costs(
     plan: LayerPlan, pass_: Pass, context: int, batch: int = 1, scope: Scope = Scope.MODEL, dtype: str = "bf16"
 ) -> Costs:
+    """FLOPs and bytes of `plan` for one `pass_` over `batch` sequences of `context` tokens, at `scope`
+    (model: whole network; layer / kernel: averaged per attention layer; kernel: the cores alone). `dtype` sizes
+    the KV cache, weights and traffic. Raises UserError for a non-positive context or batch, or an unknown dtype."""
     if context <= 0 or batch <= 0:
         raise UserError(f"context and batch must be positive, got context={context} batch={batch}")
     shape, gdn = plan.shape, plan.spec.gdn

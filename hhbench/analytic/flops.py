@@ -30,6 +30,7 @@ def tokens(pass_: Pass, context: int) -> int:
 
 
 def padded(context: int, chunk: int) -> int:
+    """`context` rounded up to whole chunks of `chunk` tokens (the chunkwise GDN kernels pad the last one)."""
     return -(-context // chunk) * chunk
 
 
@@ -55,10 +56,14 @@ def fa_core(pass_: Pass, batch: int, heads: float, context: int, head_dim: int, 
 
 
 def gdn_chunk_forward_per_token(dk: int, dv: int, chunk: int) -> float:
+    """Matmul FLOPs per token per head of the chunkwise GDN forward: C*(6*dk + 4*dv) + 6*dk*dv (module
+    docstring; exact for hhbench.kernels.reference's chunked form)."""
     return chunk * (6 * dk + 4 * dv) + 6 * dk * dv
 
 
 def gdn_core(pass_: Pass, batch: int, heads: float, context: int, dk: int, dv: int, chunk: int) -> float:
+    """GDN core FLOPs of `heads` heads: chunkwise over `context` padded to `chunk`, backward 2x forward;
+    decode is one recurrent step over the dk x dv state, 6*dk*dv per head (Gated DeltaNet, Yang et al. 2024)."""
     if pass_ is Pass.DECODE:
         return 6.0 * batch * heads * dk * dv
     forward = float(batch * heads * padded(context, chunk) * gdn_chunk_forward_per_token(dk, dv, chunk))
@@ -66,6 +71,7 @@ def gdn_core(pass_: Pass, batch: int, heads: float, context: int, dk: int, dv: i
 
 
 def linear(pass_: Pass, batch: int, context: int, d_in: float, d_out: float) -> float:
+    """FLOPs of a linear layer d_in -> d_out over the pass's tokens: 2*d_in*d_out per token, backward 2x."""
     forward = 2.0 * batch * tokens(pass_, context) * d_in * d_out
     return forward * (1 + LINEAR_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
 
@@ -84,6 +90,7 @@ L2NORM_PER_ELEMENT = 3
 
 
 def elementwise_fa(pass_: Pass, batch: int, heads: float, context: int, window: int = 0) -> float:
+    """Softmax estimate of `heads` FA heads: SOFTMAX_PER_SCORE per (query, key) score; never part of a total."""
     scores = attended(context, window) if pass_ is Pass.DECODE else score_pairs(context, window)
     forward = SOFTMAX_PER_SCORE * batch * heads * scores
     return forward * (1 + FA_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
@@ -102,10 +109,12 @@ def elementwise_gdn(pass_: Pass, batch: int, heads: float, context: int, dk: int
 
 
 def elementwise_norm(pass_: Pass, batch: int, context: int, elements_per_token: float) -> float:
+    """RMSNorm estimate: RMSNORM_PER_ELEMENT per normalized element, `elements_per_token` per token."""
     forward = RMSNORM_PER_ELEMENT * batch * tokens(pass_, context) * elements_per_token
     return forward * (1 + LINEAR_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward
 
 
 def elementwise_swiglu(pass_: Pass, batch: int, context: int, width: int) -> float:
+    """SwiGLU activation estimate: SWIGLU_PER_ELEMENT per element of the MLP's `width` per token."""
     forward = SWIGLU_PER_ELEMENT * batch * tokens(pass_, context) * width
     return forward * (1 + LINEAR_BACKWARD_FACTOR) if pass_ is Pass.TRAIN else forward

@@ -38,6 +38,7 @@ def gdn_projection_width(la_heads: int, dv: int, gdn: GDNConfig) -> int:
 
 
 def gdn_conv_channels(la_heads: int, dk: int, dv: int, gdn: GDNConfig) -> int:
+    """Channels of the GDN short conv over q, k and v (2*dk + dv per head); 0 without a conv."""
     return la_heads * (2 * dk + dv) if gdn.conv_size else 0
 
 
@@ -66,6 +67,8 @@ def block_weight_params(shape: ModelShape) -> int:
 
 
 def embedding_params(shape: ModelShape) -> int:
+    """Parameters of the input embedding, the LM head (unless tied) and the final norm; 0 for a shape without
+    a vocabulary."""
     if not shape.vocab:
         return 0
     return shape.vocab * shape.hidden * (1 if shape.tie_embeddings else 2) + shape.hidden

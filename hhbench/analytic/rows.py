@@ -33,6 +33,8 @@ def cost_row(
     dtype: str = "bf16",
     requested_ratio: str | None = None,
 ) -> Row:
+    """The analytic Row of one configuration: key fields, plan_fields and analytic_costs (raises as it does).
+    `requested_ratio` keeps the ratio as the user wrote it when the plan's spec spells it differently."""
     costs = analytic_costs(plan, pass_, context, batch, scope, dtype)
     return Row(
         ratio=requested_ratio or str(plan.spec.ratio),

@@ -31,6 +31,9 @@ from hhbench.spec.layout import HeadSplit, build_plan
 
 @dataclass
 class FloorPart:
+    """One kernel of a point's floor (module docstring): its name, the distinct layer it belongs to, how often
+    the point runs it, the sizes it runs at and the callable that runs it once."""
+
     name: str  # in_proj | conv | fa | gdn | o_proj | mlp | lm_head
     layer: str  # which distinct layer it belongs to, e.g. "2 FA + 14 GDN heads"
     count: int  # how often the point runs it per timed unit (layer scope) or per model (model scope)
@@ -39,6 +42,7 @@ class FloorPart:
 
 
 def layer_label(layer: HeadSplit) -> str:
+    """A distinct layer's label in floor parts: "<n_fa> FA + <n_la> GDN heads"."""
     return f"{layer.n_fa} FA + {layer.n_la} GDN heads"
 
 
@@ -71,19 +75,23 @@ class _Parts:
         self.train = point.pass_ is Pass.TRAIN
 
     def tensor(self, *shape, scale=1.0):
+        """A random tensor of `shape` in the point's dtype, times `scale`; a leaf taking gradients when training."""
         t = torch.randn(*shape, device=self.device, dtype=self.dtype) * scale
         return t.requires_grad_(self.train)
 
     def step(self, forward: Callable[[], list[torch.Tensor]], leaves: list[torch.Tensor]):
+        """`forward` as the pass runs it: forward and backward (TrainStep) when training, else under no_grad."""
         return TrainStep(forward, leaves) if self.train else torch.no_grad()(forward)
 
     def gemm(self, n_in: int, n_out: int) -> tuple[Callable, dict]:
+        """One GEMM x [B, T, n_in] @ W^T [n_in, n_out] (T = 1 in decode) -> (callable, its sizes)."""
         x = self.tensor(self.point.batch, self.tokens, n_in)
         w = self.tensor(n_out, n_in, scale=n_in**-0.5)
         return self.step(lambda: [F.linear(x, w)], [x, w]), {"tokens": self.point.batch * self.tokens,
                                                               "in": n_in, "out": n_out}  # fmt: skip
 
     def mlp(self, hidden: int, width: int) -> tuple[Callable, dict]:
+        """The gated MLP's two GEMMs, x [B, T, hidden] -> [B, T, 2 width] -> [B, T, hidden] -> (callable, its sizes)."""
         x = self.tensor(self.point.batch, self.tokens, hidden)
         up = self.tensor(2 * width, hidden, scale=hidden**-0.5)
         down = self.tensor(hidden, width, scale=width**-0.5)
@@ -91,6 +99,8 @@ class _Parts:
             "tokens": self.point.batch * self.tokens, "hidden": hidden, "width": width}  # fmt: skip
 
     def conv(self, channels: int, size: int) -> tuple[Callable, dict]:
+        """The short causal depthwise conv with SiLU over `channels` channels of `size` taps (fla's causal_conv1d where
+        it imports on CUDA, else F.conv1d); in decode its one-token update -> (callable, its sizes)."""
         B, T = self.point.batch, self.tokens
         weight = self.tensor(channels, size, scale=size**-0.5)
         shape = {"tokens": B * T, "channels": channels, "size": size}

@@ -34,6 +34,9 @@ MAX_UNIT_LAYERS = 64
 
 @dataclass
 class Workload:
+    """What a point times: `run` (one timed call), `outputs` (what the correctness check compares), the layers
+    one run covers, whether to capture a CUDA graph, and at kernel scope each backend alone on its heads (`parts`)."""
+
     run: Callable[[], object]  # the timed call
     outputs: Callable[[], list[torch.Tensor]]  # what the correctness check compares
     layers_per_run: int  # latency per layer = run time / this (1 for the model scope)
@@ -62,6 +65,10 @@ def gdn_decay(shape, device, dtype=torch.float32):
 
 
 def core_inputs(point: Point, split: HeadSplit, device, dtype, context: int, batch: int, grad: bool, round_to=None):
+    """Random inputs of a head-level core for one layer's `split`, rounded through `round_to` then cast to `dtype`:
+    FA q [B, T, n_fa, d], k, v [B, T, kv heads, d] (decode: q [B, 1, n_fa, d] against caches of T); GDN q, k
+    (L2-normalized), v [B, T, n_la, d], g, beta [B, T, n_la] (decode: [B, n_la, *] and a state [B, n_la, d, d]).
+    Returns (fa, gdn), each None without such heads; `grad` makes them leaves for training."""
     d = point.shape.head_dim
     B, T = batch, context
     n_fa, n_la = len(split.fa_heads), len(split.la_heads)
@@ -144,6 +151,8 @@ def core_step(core: HybridCore, fa, gdn, pass_: Pass, round_to):
 def kernel_workload(
     point: Point, device, context: int, batch: int, fa_backend: Backend, gdn_backend: Backend, dtype, round_to=None
 ) -> Workload:
+    """The kernel-scope workload: the head-level core (HybridCore) of each distinct layer of the plan, as often
+    as the timed unit holds it, on core_inputs; with the point's `parts`, each backend alone on its heads too."""
     plan = build_plan(point.shape, point.spec)
     unit = unit_of(plan.distinct_layers())
     grad = point.pass_ is Pass.TRAIN
@@ -213,6 +222,9 @@ def _held_step(forward: Callable[[], torch.Tensor], caches, context: int):
 def module_workload(
     point: Point, device, context: int, batch: int, fa_backend: Backend, gdn_backend: Backend, dtype, round_to=None
 ) -> Workload:
+    """The layer- or model-scope workload: HydraAttention per distinct layer (layer scope, as often as the unit
+    holds it) or the whole HybridLM (model scope) on x [B, T, hidden] (token ids for a model with a vocabulary);
+    decode runs one token against caches of `context` tokens, training forward and backward."""
     plan = build_plan(point.shape, point.spec)
     shape, gdn = point.shape, point.spec.gdn
     if point.scope is Scope.MODEL:

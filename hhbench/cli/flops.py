@@ -21,6 +21,7 @@ Opt = typer.Option
 
 
 def si(value: float) -> str:
+    """FLOPs with an SI prefix, three significant digits: 1.5e12 -> '1.5T'."""
     for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= size:
             return f"{value / size:.3g}{unit}"
@@ -44,6 +45,8 @@ def with_layer31_ratios(shape, specs, contexts, passes, batch, scope, dtype):
 
 
 def human_table(frame) -> str:
+    """The flops command's markdown table: head counts, FLOPs by component (SI prefixes), KV cache and state
+    (binary units), and the ratios to layer-wise 3:1."""
     view = frame[["model", "variant", "ratio_effective", "fa_heads", "la_heads", "kv_groups", "pass", "context"]].copy()
     view["context"] = frame["context"].map(format_count)
     for column in ("fa_heads", "la_heads", "kv_groups"):

@@ -99,6 +99,8 @@ def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, len
 
 
 def summary(selection: HeadSelection, top: int) -> list[str]:
+    """Lines for the terminal: the selection's ratio and KV groups, the `top` heads' scores, the FA heads per layer
+    and the probe statistics."""
     lines = [
         f"{selection.model}: {selection.n_fa} of {selection.n_layers * selection.n_heads} heads keep full attention "
         f"(ratio {selection.ratio}, effective {selection.ratio_effective}, {selection.kv_groups} KV groups"

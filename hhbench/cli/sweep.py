@@ -32,6 +32,7 @@ def set_cpu_threads(threads: int, where) -> None:
 
 
 def default_run_name(suite: str, device) -> str:
+    """The run folder's default name: '<suite>-<device>' with the GPU's name (or 'cpu') in lower-case and dashes."""
     import torch
 
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"

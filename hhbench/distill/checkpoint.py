@@ -21,6 +21,8 @@ CHECKPOINTS, WEIGHTS, STATE = "checkpoints", "student.safetensors", "state.pt"
 
 
 def variant_dir(run_dir: str | Path, label: str) -> Path:
+    """<run>/checkpoints/<label>: a variant's checkpoint folder, characters other than letters, digits, '-' and
+    '.' in the label replaced by '_'."""
     safe = "".join(c if c.isalnum() or c in "-." else "_" for c in label)
     return Path(run_dir) / CHECKPOINTS / safe
 

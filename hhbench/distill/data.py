@@ -110,6 +110,8 @@ def make_example(kind: str, rng: random.Random, facts: int) -> Example:
 
 @dataclass
 class Sequence:
+    """One training sequence: seq + 1 token ids and, per id, whether it belongs to an answer."""
+
     ids: list[int]  # seq + 1 token ids (inputs are ids[:-1], next-token targets ids[1:])
     answer: list[bool]  # per id: part of an answer
 
@@ -135,6 +137,7 @@ class RetrievalStream:
             raise UserError(f"--seq {seq} is too short for a retrieval document: use at least 128 tokens")
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _parts(self, example: Example, intro: str):
@@ -146,6 +149,8 @@ class RetrievalStream:
         return (head, facts, tail, answer, budget) if budget >= 0 else None
 
     def sequence(self, rng: random.Random) -> Sequence:
+        """One generated retrieval document of seq + 1 tokens (a random kind and fact count, as many as fit, filler
+        from the pool), its answer tokens marked (EOS excluded)."""
         kind = rng.choice(KINDS)
         facts = {"single": 1, "multi": rng.randint(2, 6), "kv": rng.randint(4, 16), "chain": rng.randint(2, 5)}[kind]
         intro = rng.choice(INTROS)
@@ -231,6 +236,8 @@ class TokenStream:
                 raise UserError(f"--data holds {len(self.corpus)} tokens, fewer than one sequence of {seq + 1}")
 
     def sequence(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence `index` (deterministic in seed and index): (ids [seq + 1], answer mask [seq + 1]), a retrieval
+        document or a window of the corpus (no answer tokens)."""
         rng = random.Random(f"hhbench-distill:{self.seed}:{index}")
         if self.corpus is None or rng.random() < self.retrieval_ratio:
             made = self.retrieval.sequence(rng)

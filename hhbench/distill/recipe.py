@@ -15,6 +15,9 @@ RECIPE = "recipe.json"
 
 @dataclass(frozen=True)
 class Recipe:
+    """Every choice that shapes a distillation run's students (module docstring): model, variants, data, sequence
+    length and batch (tokens, sequences), tokens per stage, learning rates and schedule, seed, dtype, GDN init."""
+
     model: str
     variants: tuple[str, ...]
     head_map: str  # path of the head map for :selected variants ("" without)
@@ -42,6 +45,7 @@ class Recipe:
     init: dict  # hhbench.models.convert.GDNInit, as fields
 
     def steps(self, stage: int) -> int:
+        """Optimizer steps of `stage` (1 or 2): its tokens over batch * seq, rounded up; 0 for a stage of no tokens."""
         tokens = self.stage1_tokens if stage == 1 else self.stage2_tokens
         return math.ceil(tokens / (self.batch * self.seq)) if tokens else 0
 
@@ -50,10 +54,12 @@ class Recipe:
         return 0 if stage == 1 else self.steps(1) * self.batch
 
     def to_dict(self) -> dict:
+        """The recipe as JSON-ready data (recipe.json)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
+        """A Recipe from recipe.json's data. Raises UserError when its fields are not this version's."""
         fields = {f.name for f in dataclasses.fields(cls)}
         if set(data) != fields:
             raise UserError(f"{RECIPE} does not match this version's recipe fields")
@@ -81,6 +87,7 @@ def write_recipe(run_dir: Path, recipe: Recipe) -> None:
 
 
 def load_recipe(run_dir: str | Path) -> Recipe:
+    """The recipe of the run folder `run_dir`. Raises UserError when it has no recipe.json or an unreadable one."""
     path = Path(run_dir) / RECIPE
     if not path.exists():
         raise UserError(f"no distillation run at {run_dir}: {RECIPE} is missing")

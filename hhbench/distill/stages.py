@@ -22,6 +22,7 @@ KL_CHUNK = 4096  # positions per chunk of full-vocabulary logits (SmolLM2: 4096 
 
 
 def converted_layers(model) -> dict[int, HydraAdapter]:
+    """The model's converted layers by index: those whose self_attn is a HydraAdapter."""
     return {
         i: layer.self_attn for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.self_attn, HydraAdapter)
     }

@@ -50,6 +50,7 @@ class TrainRow:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The row as JSON-ready data (train.jsonl)."""
         return asdict(self)
 
 
@@ -68,12 +69,16 @@ def read_train_rows(path: str | Path) -> list[dict]:
 
 @dataclass(frozen=True)
 class Dist:
+    """This process's place under torchrun: world size, rank, and whether ranks split the variants rather than
+    the batch (module docstring)."""
+
     world: int = 1
     rank: int = 0
     parallel_variants: bool = False
 
     @property
     def data_parallel(self) -> bool:
+        """True when several ranks share every batch (not parallel_variants)."""
         return self.world > 1 and not self.parallel_variants
 
     @property
@@ -82,6 +87,7 @@ class Dist:
         return self.parallel_variants or self.rank == 0
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the ranks in place (all_reduce) when data-parallel; as it is otherwise."""
         if self.data_parallel:
             import torch.distributed as dist
 
@@ -89,6 +95,7 @@ class Dist:
         return value
 
     def mine(self, variants: list[Variant]) -> list[Variant]:
+        """The variants this rank trains: every world-th from its rank with parallel_variants, else all."""
         return variants[self.rank :: self.world] if self.parallel_variants and self.world > 1 else variants
 
 
@@ -116,6 +123,9 @@ def lr_factor(step: int, steps: int, recipe: Recipe) -> float:
 
 @dataclass
 class Job:
+    """One distillation invocation: the recipe, the teacher, the token stream, the run folder, the device, the
+    torchrun place, checkpoint and log intervals (steps), a step budget and the backends of the converted layers."""
+
     recipe: Recipe
     loaded: object  # hhbench.models.loader.LoadedModel: the teacher
     stream: TokenStream
@@ -137,11 +147,13 @@ class Job:
         self.builder = VariantModels(self.loaded, settings)
 
     def autocast(self):
+        """bf16 autocast on CUDA; nothing on the CPU."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def log(self, row: TrainRow) -> None:
+        """Append `row` to the run's train.jsonl, where this rank writes."""
         if self.dist.writes:
             append_row(self.run_dir / TRAIN, row)
 

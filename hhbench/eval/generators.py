@@ -50,6 +50,9 @@ REFLECTIONS = ("Small habits shape a town more than grand plans do.", "Most work
 
 @dataclass(frozen=True)
 class TaskDef:
+    """One generated long-context task (module docstring): its name, sample maker, generation budget (tokens),
+    description, and scoring (a generation, or the answer's log-likelihood against a control prompt)."""
+
     name: str
     make: Callable[[random.Random], "Parts"]
     max_gen_toks: int
@@ -63,6 +66,7 @@ class TaskDef:
 
     @property
     def primary_metric(self) -> str:
+        """The metric eval tables lead with: retrieval_gain for log-likelihood tasks, else acc."""
         return "retrieval_gain" if self.scoring == "loglikelihood" else PRIMARY_METRIC
 
 
@@ -80,10 +84,12 @@ class Parts:
 
 
 def noise_filler(rng: random.Random, count: int) -> list[str]:
+    """`count` sentences of the pass-key noise (Mohtashami & Jaggi 2023), in order; `rng` unused."""
     return [NOISE[i % len(NOISE)] for i in range(count)]
 
 
 def essay_filler(rng: random.Random, count: int) -> list[str]:
+    """`count` essay-like sentences generated from the word lists (RULER's haystack is essays; nothing downloads)."""
     sentences = []
     for _ in range(count):
         if rng.random() < 0.15:
@@ -96,10 +102,12 @@ def essay_filler(rng: random.Random, count: int) -> list[str]:
 
 
 def random_key(rng: random.Random) -> str:
+    """A random 'adjective-noun' key for a needle (KEY in the module docstring)."""
     return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
 
 
 def number(rng: random.Random, digits: int) -> str:
+    """A random decimal number of exactly `digits` digits, as text."""
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
@@ -328,6 +336,7 @@ def _largest_fitting(size: Callable[[int], int], target: int) -> int:
 
 
 def normalize(text: str) -> str:
+    """`text` with whitespace runs collapsed to single spaces and the ends stripped."""
     return " ".join(text.strip().split())
 
 

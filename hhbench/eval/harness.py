@@ -33,6 +33,7 @@ HH_PREFIX = "hh_"
 
 
 def lm_eval_dir() -> Path:
+    """The folder of lm-eval's own task YAMLs (lm_eval/tasks)."""
     import lm_eval
 
     return Path(lm_eval.__file__).parent / "tasks"

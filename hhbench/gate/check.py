@@ -29,6 +29,8 @@ ALPHA = 0.01  # family-wise false-alarm rate of the latency test, over all the r
 
 @dataclass
 class Finding:
+    """One gate finding: the check (one of METRICS), the row described, what changed, and the two values."""
+
     check: str  # one of METRICS
     row: str  # the configuration, readable
     detail: str
@@ -38,6 +40,9 @@ class Finding:
 
 @dataclass
 class GateReport:
+    """The verdict of a gate: rows compared, failures (which fail the gate), improvements, new, missing and
+    still-incorrect rows, and rows whose latency could not be tested."""
+
     baseline: str
     candidate: str
     metrics: list[str]
@@ -53,17 +58,21 @@ class GateReport:
 
     @property
     def passed(self) -> bool:
+        """True when nothing failed."""
         return not self.failures
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready data, with `passed`."""
         return {**asdict(self), "passed": self.passed}
 
     def to_json(self, path) -> None:
+        """Write to_dict as JSON; raises UserError for an unwritable path."""
         with open_output(path, "w") as out:
             json.dump(self.to_dict(), out, indent=1)
             out.write("\n")
 
     def to_markdown(self) -> str:
+        """The report for a reader: the verdict with the rules applied, then each list of findings."""
         count = len(self.failures)
         verdict = "PASS" if self.passed else f"FAIL ({count} regression{'s' if count > 1 else ''})"
         lines = [
@@ -117,6 +126,8 @@ def _cell(value) -> str:
 
 
 def parse_metrics(text: str) -> list[str]:
+    """--metrics text ('flops,latency') as names of METRICS, in METRICS' order. Raises UserError for none or an
+    unknown one."""
     metrics = split_list(text)
     unknown = [name for name in metrics if name not in METRICS]
     if unknown or not metrics:
@@ -145,6 +156,7 @@ def describe(row: Row) -> str:
 
 
 def by_key(rows: RowSet, name: str) -> dict[tuple, Row]:
+    """The rows by configuration key (Row.key). Raises UserError when two rows of `name` share one."""
     keyed: dict[tuple, Row] = {}
     for row in rows:
         if row.key in keyed:
@@ -160,6 +172,9 @@ def gate(
     max_slowdown: float = 0.05,
     names: tuple[str, str] = ("baseline", "candidate"),
 ) -> GateReport:
+    """Gate `candidate` against `baseline` row by row on `metrics` (module docstring); `max_slowdown` is the least
+    latency regression that counts (0.05: 5%). Raises UserError for two rows of one key in a run or no key in
+    common."""
     base, cand = by_key(baseline, names[0]), by_key(candidate, names[1])
     common = [key for key in base if key in cand]
     if not common:

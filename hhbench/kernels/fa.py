@@ -15,6 +15,9 @@ def expand_kv(k: torch.Tensor, q_heads: int) -> torch.Tensor:
 
 
 class Sdpa(Backend):
+    """torch SDPA (F.scaled_dot_product_attention) pinned to one kernel by sdpa_kernel; the subclasses pick it.
+    q [B, T, Hq, d], k, v [B, T, Hkv, d]; K and V are expanded to Hq heads for kernels without native GQA."""
+
     kernel: SDPBackend
     native_gqa = True  # SDPA's enable_gqa; kernels that lack it get expanded K and V
 
@@ -30,9 +33,11 @@ class Sdpa(Backend):
         return o.transpose(1, 2)
 
     def prefill(self, q, k, v):
+        """Causal attention: q [B, T, Hq, d], k, v [B, T, Hkv, d] -> o [B, T, Hq, d]."""
         return self._call(q, k, v, causal=True)
 
     def decode(self, q, k_cache, v_cache):
+        """One new token: q [B, 1, Hq, d] against whole caches [B, S, Hkv, d] (no mask) -> o [B, 1, Hq, d]."""
         return self._call(q, k_cache, v_cache, causal=False)
 
 
@@ -49,6 +54,8 @@ def _probe_sdpa(kernel: SDPBackend, device: str):
     FA, "sdpa-cudnn", ("cuda",), "torch SDPA, cuDNN attention", probe_fn=_probe_sdpa(SDPBackend.CUDNN_ATTENTION, "cuda")
 )
 class SdpaCudnn(Sdpa):
+    """SDPA's cuDNN attention kernel (no native GQA: K and V expanded)."""
+
     kernel = SDPBackend.CUDNN_ATTENTION
     native_gqa = False
 
@@ -61,6 +68,8 @@ class SdpaCudnn(Sdpa):
     probe_fn=_probe_sdpa(SDPBackend.FLASH_ATTENTION, "cuda"),
 )
 class SdpaFlash(Sdpa):
+    """SDPA's FlashAttention-2 kernel."""
+
     kernel = SDPBackend.FLASH_ATTENTION
 
 
@@ -72,12 +81,16 @@ class SdpaFlash(Sdpa):
     probe_fn=_probe_sdpa(SDPBackend.EFFICIENT_ATTENTION, "cuda"),
 )
 class SdpaEfficient(Sdpa):
+    """SDPA's memory-efficient kernel (no native GQA: K and V expanded)."""
+
     kernel = SDPBackend.EFFICIENT_ATTENTION
     native_gqa = False
 
 
 @register(FA, "sdpa-math", ("cpu", "cuda"), "torch SDPA, math reference (fp32 accumulation)")
 class SdpaMath(Sdpa):
+    """SDPA's math reference: plain matmuls and softmax, on CPU and CUDA."""
+
     kernel = SDPBackend.MATH
 
 
@@ -85,12 +98,17 @@ class SdpaMath(Sdpa):
     FA, "flash-attn", ("cuda",), "flash-attn package: flash_attn_func, flash_attn_with_kvcache", requires="flash_attn"
 )
 class FlashAttn(Backend):
+    """The flash-attn package (Dao et al.): flash_attn_func for prefill and training, flash_attn_with_kvcache for
+    decode; [B, T, H, d] layout natively, GQA included."""
+
     def prefill(self, q, k, v):
+        """Causal flash_attn_func: q [B, T, Hq, d], k, v [B, T, Hkv, d] -> o [B, T, Hq, d]."""
         from flash_attn import flash_attn_func
 
         return flash_attn_func(q, k, v, causal=True)
 
     def decode(self, q, k_cache, v_cache):
+        """flash_attn_with_kvcache of q [B, 1, Hq, d] over whole caches [B, S, Hkv, d] -> o [B, 1, Hq, d]."""
         from flash_attn import flash_attn_with_kvcache
 
         return flash_attn_with_kvcache(q, k_cache, v_cache, causal=False)
@@ -119,7 +137,11 @@ def _causal_mask(length: int, device: str):
     passes=("prefill", "train"),
 )
 class Flex(Backend):
+    """FlexAttention (torch.nn.attention.flex_attention), torch.compile'd once, with a causal block mask cached
+    per length; prefill and training only."""
+
     def prefill(self, q, k, v):
+        """Causal flex_attention: q [B, T, Hq, d], k, v [B, T, Hkv, d] -> o [B, T, Hq, d]."""
         mask = _causal_mask(q.shape[1], q.device.type)
         gqa = k.shape[2] != q.shape[2]
         o = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, enable_gqa=gqa)

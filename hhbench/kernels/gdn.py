@@ -66,10 +66,15 @@ def _version(package: str) -> str:
     passes=("prefill", "train"),
 )
 class FlaChunk(Backend):
+    """fla's chunk_gated_delta_rule (Gated DeltaNet, Yang et al. 2024), pinned to fla's own Triton path
+    (fla_triton_only); prefill and training."""
+
     def prefill(
         self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
         use_qk_l2norm_in_kernel=False,
     ):  # fmt: skip
+        """fla chunk_gated_delta_rule over [B, T, H, *] inputs (Backend.prefill gives the shapes) -> (o, final state
+        or None). Raises Unsupported for a chunk size other than 64 (fla's kernels fix it)."""
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         if chunk_size != 64:
@@ -81,6 +86,7 @@ class FlaChunk(Backend):
             )  # fmt: skip
 
     def implementation(self, pass_: str) -> str:
+        """fla's version and path; for training, whether fla sends chunk_bwd_dqkwg to TileLang."""
         what = f"fla {_version('fla-core')} Triton chunk ({FLASH_QLA_SWITCH}=0)"
         if pass_ == "train" and fla_tilelang_backward():
             what += ", backward chunk_bwd_dqkwg in TileLang"
@@ -109,6 +115,8 @@ class FlashQla(Backend):
         self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
         use_qk_l2norm_in_kernel=False,
     ):  # fmt: skip
+        """FlashQLA's chunk_gated_delta_rule over [B, T, H, *] inputs (Backend.prefill gives the shapes) -> (o, final
+        state or None). Raises Unsupported for a chunk size other than 64 or key and value heads other than 128."""
         import flash_qla
 
         if chunk_size != 64:
@@ -121,6 +129,7 @@ class FlashQla(Backend):
         )  # fmt: skip
 
     def implementation(self, pass_: str) -> str:
+        """FlashQLA's and TileLang's versions."""
         return f"flash_qla {_version('flash-qla')} (TileLang {_version('tilelang')})"
 
 
@@ -132,10 +141,15 @@ class FlashQla(Backend):
     probe_fn=_probe_fla,
 )
 class FlaRecurrent(Backend):
+    """fla's fused_recurrent_gated_delta_rule: the recurrence token by token in one Triton kernel; its step is a
+    sequence of one token."""
+
     def prefill(
         self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
         use_qk_l2norm_in_kernel=False,
     ):  # fmt: skip
+        """fla fused_recurrent_gated_delta_rule over [B, T, H, *] inputs -> (o, final state or None); `chunk_size`
+        is ignored (there are no chunks)."""
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
         return fused_recurrent_gated_delta_rule(
@@ -144,6 +158,8 @@ class FlaRecurrent(Backend):
         )  # fmt: skip
 
     def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel=False):
+        """One decode token: [B, H, *] inputs and state [B, H, dk, dv] -> (o [B, H, dv], new state), as a
+        recurrent prefill of length 1."""
         o, state = self.prefill(
             *(t.unsqueeze(1) for t in (q, k, v, g, beta)), initial_state=state, output_final_state=True,
             use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
@@ -156,17 +172,26 @@ def _l2norm(q, k, normalize: bool):
 
 
 class _TorchGDN(Backend):
+    """The torch backends' shared decode: one recurrent step of the reference (reference.gdn_step)."""
+
     def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel=False):
+        """One decode token: q, k [B, H, dk], v [B, H, dv], g and beta [B, H], state [B, H, dk, dv] fp32 ->
+        (o [B, H, dv] in v's dtype, new state)."""
         o, state = reference.gdn_step(*_l2norm(q, k, use_qk_l2norm_in_kernel), v, g, beta, state)
         return o.to(v.dtype), state
 
 
 @register(GDN, "torch-chunk", ("cpu", "cuda"), "pure-torch chunked reference (hhbench.kernels.reference)")
 class TorchChunk(_TorchGDN):
+    """The pure-torch chunked form (reference.gdn_chunk), on CPU and CUDA; its matmuls are the ones the analytic
+    model counts."""
+
     def prefill(
         self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
         use_qk_l2norm_in_kernel=False,
     ):  # fmt: skip
+        """reference.gdn_chunk over [B, T, H, *] inputs, chunks of `chunk_size` tokens -> (o in v's dtype, final
+        state in the compute dtype, fp32, or None)."""
         q, k = _l2norm(q, k, use_qk_l2norm_in_kernel)
         return reference.gdn_chunk(
             q, k, v, g, beta, chunk_size, initial_state=initial_state, output_final_state=output_final_state
@@ -175,10 +200,15 @@ class TorchChunk(_TorchGDN):
 
 @register(GDN, "torch-recurrent", ("cpu", "cuda"), "pure-torch recurrence, token by token: the oracle")
 class TorchRecurrent(_TorchGDN):
+    """The pure-torch recurrence token by token (reference.gdn_recurrent): the oracle the other GDN backends are
+    checked against."""
+
     def prefill(
         self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
         use_qk_l2norm_in_kernel=False,
     ):  # fmt: skip
+        """reference.gdn_recurrent over [B, T, H, *] inputs -> (o in v's dtype, final state (fp32) or None);
+        `chunk_size` is ignored."""
         q, k = _l2norm(q, k, use_qk_l2norm_in_kernel)
         return reference.gdn_recurrent(
             q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the reference computes in: fp32, or wider if `t` is (fp64 stays fp64)."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
@@ -48,6 +49,9 @@ def gdn_chunk(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise Gated DeltaNet (fla's layout, module docstring): q, k [B, T, H, K], v [B, T, H, V], g and beta
+    [B, T, H], chunks of `chunk_size` tokens (T padded up to whole chunks), `scale` default K^-0.5. Returns (o
+    [B, T, H, V] in v's dtype, final state [B, H, K, V] in the compute dtype, or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size

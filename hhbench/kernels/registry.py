@@ -59,6 +59,7 @@ class Backend:
 
     @property
     def restricted(self) -> bool:
+        """Whether the backend takes only some dtypes or head dims (auto skips it when a point does not say them)."""
         return bool(self.dtypes or self.head_dims)
 
     def implementation(self, pass_: str) -> str:
@@ -116,6 +117,8 @@ def _probe(name: str) -> str | None:
 
 
 def get(name: str, kind: str) -> Backend:
+    """The registered backend `name` of `kind` (FA or GDN). Raises UserError (one line, listing the names) for an
+    unknown name or one of the other kind."""
     _load()
     backend = REGISTRY.get(name)
     if backend is None or backend.kind != kind:
@@ -135,6 +138,7 @@ def check_name(name: str, kind: str, device: str) -> None:
 
 
 def names(kind: str) -> list[str]:
+    """Names of the registered backends of `kind` (FA or GDN), in registration order."""
     _load()
     return [n for n, b in REGISTRY.items() if b.kind == kind]
 

@@ -82,7 +82,12 @@ def _probe_flash():
     probe_fn=_probe_flash,
 )
 class SplitKV(Backend):
+    """Split-KV decode (flash-decoding, Dao et al. 2023) in torch: the cache is cut into segments, each attended by
+    SDPA's flash kernel with its log-sum-exp, and the partial outputs merged exactly. Decode only."""
+
     def decode(self, q, k_cache, v_cache):
+        """q [B, 1, Hq, d] over whole caches [B, S, Hkv, d] -> o [B, 1, Hq, d], in as many segments as fill the
+        device (n_segments)."""
         segments = n_segments(k_cache.shape[1], k_cache.shape[0] * k_cache.shape[2], _target_blocks(q.device))
         return split_kv_decode(q, k_cache, v_cache, segments)
 
@@ -104,7 +109,11 @@ def _probe_triton():
     probe_fn=_probe_triton,
 )
 class TritonSplitKV(Backend):
+    """Split-KV decode (flash-decoding) as two Triton kernels (hhbench.kernels.triton_decode): segment partials,
+    then a log-sum-exp merge. Decode only, CUDA."""
+
     def decode(self, q, k_cache, v_cache):
+        """q [B, 1, Hq, d] over whole caches [B, S, Hkv, d] -> o [B, 1, Hq, d], segments sized to fill the GPU's SMs."""
         from hhbench.kernels import triton_decode
 
         target = _target_blocks(q.device, triton_decode.PROGRAMS_PER_SM)

@@ -12,6 +12,10 @@ from hhbench.layers.glue import causal_conv, gdn_decay
 
 
 class GatedDeltaNetHeads(nn.Module):
+    """The GDN parametrization of `n_heads` heads with key width `dk` and value width `dv`: decay gate (A_log,
+    dt_bias, a_proj), beta (b_proj), short causal conv of `conv_size` taps (0: none) and output gate, as fla's
+    GatedDeltaNet layer (Gated DeltaNet, Yang et al. 2024). `gate_bias` gives beta and the output gate biases."""
+
     def __init__(
         self,
         hidden: int,

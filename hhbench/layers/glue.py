@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class GlueOps:
+    """One implementation of the fused path's glue ops (fla's Triton kernels, or TORCH's torch twins); the
+    comments give each op's signature."""
+
     name: str
     # (x, weight, initial_state, output_final_state) -> (silu(causal conv of x), final state or None)
     conv: Callable
@@ -50,6 +53,7 @@ def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> to
 
 
 def rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:
+    """o / rms(o) over the last dim, without weight, computed in fp32 at least; returns o's dtype."""
     wide = o.to(torch.promote_types(o.dtype, torch.float32))
     return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)
 

@@ -57,6 +57,9 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
 
 
 class FusedWeights(NamedTuple):
+    """The fused path's weights (HydraAttention._fused_weights): one input projection with its bias, o_proj with
+    the head order and per-head norm scales folded in, and the GDN conv taps."""
+
     projection: torch.Tensor  # [S d (+ n_la d) + 2 n_la + pad, hidden]: q/k/v slots, (gate,) a, b rows, zero rows
     bias: torch.Tensor | None
     o_proj: torch.Tensor  # [hidden, H d], columns in kernel head order, scaled per head
@@ -86,6 +89,11 @@ class LayerCache:
 
 
 class HydraAttention(nn.Module):
+    """HydraHead attention layer: the heads `fa_heads` (indices into n_heads) run full attention through
+    `fa_backend`, the others Gated DeltaNet through `gdn_backend`, in one layer (module docstring). Backends are
+    Backend objects or registry names ("auto"); `mode` runs them one after the other or on two CUDA streams; `glue`
+    picks the GDN glue (GLUES). x [B, T, hidden] -> [B, T, hidden]. Raises ValueError for an unknown glue."""
+
     def __init__(
         self,
         hidden: int,
@@ -154,6 +162,7 @@ class HydraAttention(nn.Module):
 
     @property
     def n_fa(self) -> int:
+        """Number of FA heads."""
         return len(self.split.fa_heads)
 
     def _core(self, pass_: str, device: torch.device) -> HybridCore:
@@ -289,6 +298,9 @@ class HydraAttention(nn.Module):
         return self._finish(fa_out, la_out, x)
 
     def new_cache(self, batch: int, max_length: int, device, dtype) -> LayerCache:
+        """An empty LayerCache for `batch` sequences of up to `max_length` tokens: K and V buffers
+        [batch, max_length, FA KV groups, head_dim] (None without FA heads); GDN state and conv state come with the
+        prefill."""
         groups = len(self.split.fa_groups)
         shape = (batch, max_length, groups, self.head_dim)
         k = torch.zeros(shape, device=device, dtype=dtype) if groups else None

@@ -19,6 +19,7 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x):
+        """x [B, T, hidden] -> [B, T, hidden]."""
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(nn.functional.silu(gate) * up)
 
@@ -34,6 +35,7 @@ class Block(nn.Module):
         self.mlp = GatedMLP(hidden, mlp_hidden) if mlp_hidden else None
 
     def forward(self, x, cache: LayerCache | None = None):
+        """x [B, T, hidden] -> [B, T, hidden]; `cache` as HydraAttention.forward takes it (decode)."""
         x = x + self.attention(self.attn_norm(x), cache=cache)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))

@@ -81,12 +81,15 @@ def _nvidia_smi() -> dict:
 
 
 def device_name() -> str:
+    """The device rows name: the first CUDA GPU's name, else "cpu (<processor>, <n> threads)"."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
 
 
 def capture_env(extra: dict | None = None) -> dict:
+    """The environment of a run for env.json: time (UTC), host, platform, versions of PACKAGES, hhbench commit,
+    device, CUDA and the GPU's properties, updated with `extra`."""
     env = {
         "schema": 1,
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -20,6 +20,9 @@ from hhbench.errors import UserError
 
 @dataclass(frozen=True)
 class TimingPolicy:
+    """How a point is timed: warm-up and timed budgets (ms), the sample count's bounds, L2 flush between samples,
+    CUDA-graph capture. Raises UserError (one line) for an option of the wrong type or range."""
+
     warmup_ms: float = 100.0  # warm-up budget after the first call; warm-up goes on (bounded) until timings settle
     target_ms: float = 1000.0  # total timed budget; the sample count follows from it
     min_reps: int = 10
@@ -49,6 +52,8 @@ _EXPECTED = {bool: "true or false", int: "an integer", float: "a number"}
 
 @dataclass
 class Timing:
+    """Timed samples (ms) of one point, the timer that took them, the first call's time (compile_ms, ms) and notes."""
+
     samples_ms: list[float]
     timer: str  # cuda-events | cuda-graph | perf_counter
     compile_ms: float
@@ -56,9 +61,11 @@ class Timing:
 
     @property
     def median_ms(self) -> float:
+        """Median of the samples, ms."""
         return statistics.median(self.samples_ms)
 
     def percentile(self, q: float) -> float:
+        """The q-quantile (0 <= q <= 1) of the samples, ms, linearly interpolated between order statistics."""
         ordered = sorted(self.samples_ms)
         position = q * (len(ordered) - 1)
         low = int(position)
@@ -77,6 +84,7 @@ class _L2Flusher:
 
     @classmethod
     def flush(cls, device: torch.device) -> None:
+        """Read the device's flush buffer (made once, twice the L2's size): the L2 holds clean, unrelated lines."""
         buffer = cls._buffers.get(device)
         if buffer is None:
             l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20) or 64 * 2**20

@@ -95,6 +95,8 @@ GAMMAS = ("rms", "least-squares")
 
 
 def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a transformers Llama-family LM (model.model.layers). Raises ValueError for a model
+    without them."""
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -277,6 +279,8 @@ class HydraAdapter(nn.Module):
         past_key_values=None,
         **kwargs,
     ):
+        """hidden_states [B, T, hidden] -> (output [B, T, hidden], None), as transformers calls an attention module;
+        with a cache, a new prompt is prefilled and a continuation decoded token by token (module docstring)."""
         cache = cache if cache is not None else past_key_values
         if cache is None:
             return self.attn(hidden_states, position_embeddings), None

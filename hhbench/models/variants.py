@@ -34,6 +34,9 @@ BASELINE = "layer:3:1"  # what every comparison is made against
 
 @dataclass(frozen=True)
 class Variant:
+    """A model variant as `hhbench eval` names it (module docstring): label, layout and ratio (None for the
+    teacher), head choice and its argument, and the distillation run holding its student."""
+
     label: str  # canonical name, the `variant` of eval rows
     layout: Layout | None = None  # None: the teacher
     ratio: Ratio | None = None
@@ -48,9 +51,12 @@ class Variant:
 
     @property
     def is_teacher(self) -> bool:
+        """True for the unconverted model."""
         return self.layout is None
 
     def head_map(self, shape: ModelShape, head_map_path: str | None = None) -> HeadMap | None:
+        """The HeadMap of a head-level variant by its head choice (HEAD_CHOICES); None for other layouts or the
+        layout builder's own spread. Raises UserError as the choice does (a missing or bad head-map file)."""
         if self.layout is not Layout.HEAD:
             return None
         return HEAD_CHOICES[self.heads](self, shape, head_map_path)
@@ -107,6 +113,8 @@ def _selected(variant: Variant, shape: ModelShape, head_map_path: str | None) ->
 
 
 def parse_variant(text: str) -> Variant:
+    """A Variant from its name (module docstring), ratio reduced (head:6:2 is head:3:1). Raises UserError (one
+    line, with the accepted forms) for a bad name."""
     text = text.strip()
     if "@" in text:
         base, run = text.split("@", 1)

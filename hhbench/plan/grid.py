@@ -31,6 +31,9 @@ SUITE_KEYS = ("name", "device", "grid", "timing")
 
 @dataclass(frozen=True)
 class Point:
+    """One measurement to make: shape, spec (with the ratio text asked), context (tokens), batch, pass, scope,
+    dtype, resolved backend names, head-level mode, and whether to also time the parts and the floor."""
+
     shape: ModelShape
     spec: HybridSpec
     ratio: str  # as requested
@@ -63,6 +66,8 @@ class Point:
 
 @dataclass
 class Suite:
+    """A named list of points with the timing policy they are measured under and the device they were planned for."""
+
     name: str
     points: list[Point]
     policy: TimingPolicy = field(default_factory=TimingPolicy)
@@ -117,6 +122,9 @@ def _text(
 
 
 def grid_points(grid: dict, device: str) -> list[Point]:
+    """The points of one [[grid]] table (or of the CLI flags as one), the product of its keys (GRID_KEYS), with
+    backends resolved for `device` ("cpu", "cuda"). Raises UserError (one line) for an unknown key, a bad value,
+    a backend that cannot run on the device or a sliding-window model."""
     check_keys(grid, GRID_KEYS)
     shapes = options.models(_text(grid, "models", "h32d128"), _values(grid, "set", []))
     for shape in shapes:
@@ -196,6 +204,9 @@ def dedupe(points: list[Point]) -> list[Point]:
 
 
 def load_suite(name_or_path: str, device: str) -> Suite:
+    """The Suite of suites/<name>.toml or of a .toml path, its points planned for `device` ("cpu", "cuda").
+    Raises UserError (one line) for a missing or unreadable file, an unknown key or table, a bad grid or timing
+    value, or a GPU suite without a GPU."""
     path = Path(name_or_path)
     if not path.exists():
         path = suites_dir() / f"{name_or_path}.toml"

@@ -116,11 +116,14 @@ def fit_legend(figure: go.Figure) -> None:
 
 @dataclass
 class Omitted:
+    """A figure not drawn, and why (its data is absent)."""
+
     title: str
     reason: str
 
 
 def measured(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with status ok and a latency."""
     return rows[(rows["status"] == OK) & rows["latency_ms"].notna()]
 
 

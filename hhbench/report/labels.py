@@ -58,6 +58,7 @@ def variant_rank(variant: str) -> tuple:
 
 
 def ordered_variants(variants) -> list[str]:
+    """The distinct variants in reading order (variant_rank)."""
     return sorted(set(variants), key=variant_rank)
 
 

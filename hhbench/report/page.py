@@ -27,12 +27,15 @@ ENV_VERSIONS = ("torch", "triton", "fla-core", "flash-linear-attention", "flash-
 
 @dataclass
 class Report:
+    """The report's content: the runs, the figures drawn, those omitted with their reasons, and the crossover table."""
+
     runs: list[Run]
     figures: list[F.Figure]
     omitted: list[F.Omitted] = field(default_factory=list)
     crossovers: pd.DataFrame = field(default_factory=pd.DataFrame)  # crossover_table's view
 
     def to_html(self) -> str:
+        """The whole page as one self-contained HTML string (plotly.js embedded once)."""
         sections = []
         for figure in self.figures:
             plot = (
@@ -54,6 +57,7 @@ class Report:
         )
 
     def write_html(self, path: str | Path) -> None:
+        """Write to_html to `path`; raises UserError for an unwritable path."""
         with open_output(path, "w") as out:
             out.write(self.to_html())
 
@@ -73,6 +77,8 @@ class Report:
 
 
 def build_report(runs: list[Run]) -> Report:
+    """The Report of `runs`: performance figures from compare_runs' rows (where a run has them), the quality figure
+    and, for distillation runs, the training curve."""
     comparison = compare_runs(runs) if any(run.rows for run in runs) else None
     rows = comparison.rows if comparison is not None else pd.DataFrame()
     eval_frames = [run.eval_frame() for run in runs if run.eval_rows]

@@ -14,6 +14,8 @@ ROWS, EVAL, ENV, TRAIN = "rows.jsonl", "eval.jsonl", "env.json", "train.jsonl"
 
 @dataclass(frozen=True)
 class RunDir:
+    """A run folder results/<run>/ (module docstring) and the paths of its files."""
+
     path: Path
 
     @classmethod
@@ -30,29 +32,36 @@ class RunDir:
         return cls(path)
 
     def create(self) -> "RunDir":
+        """Make the folder (and its parents) and check it is writable; raises UserError where it is not."""
         make_folder(self.path)
         return self
 
     @property
     def name(self) -> str:
+        """The run's name: its folder's name."""
         return self.path.name
 
     @property
     def rows_path(self) -> Path:
+        """<run>/rows.jsonl: performance and analytic rows."""
         return self.path / ROWS
 
     @property
     def eval_path(self) -> Path:
+        """<run>/eval.jsonl: quality rows."""
         return self.path / EVAL
 
     @property
     def env_path(self) -> Path:
+        """<run>/env.json: the machine and versions of the run."""
         return self.path / ENV
 
     def rows(self) -> RowSet:
+        """The run's Rows (read_rows; empty without rows.jsonl)."""
         return read_rows(self.rows_path) if self.rows_path.exists() else RowSet()
 
     def eval_rows(self) -> RowSet:
+        """The run's EvalRows (read_rows; empty without eval.jsonl)."""
         return read_rows(self.eval_path, kind=EvalRow) if self.eval_path.exists() else RowSet()
 
     def train_rows(self) -> list[dict]:
@@ -62,6 +71,7 @@ class RunDir:
         return read_train_rows(self.path / TRAIN) if (self.path / TRAIN).exists() else []
 
     def env(self) -> dict:
+        """env.json as a dict ({} without it). Raises UserError for an unreadable or malformed file."""
         if not self.env_path.exists():
             return {}
         try:
@@ -70,6 +80,7 @@ class RunDir:
             raise UserError(f"cannot read {self.env_path}: {exc}") from None
 
     def write_env(self, env: dict) -> None:
+        """Write `env` as env.json (indented, sorted keys); raises UserError for an unwritable path."""
         with open_output(self.env_path, "w") as out:
             json.dump(env, out, indent=2, sort_keys=True)
             out.write("\n")

@@ -46,6 +46,9 @@ def row_key(fields) -> tuple:
 
 @dataclass
 class Row:
+    """One point of a run (rows.jsonl): its configuration (the key, KEY_FIELDS), the plan it really is, its analytic
+    costs (FLOPs, bytes) and, where measured, status, latency (ms), memory (bytes), throughput and errors."""
+
     # --- configuration: what was asked (the key of a row)
     model: str
     layout: str  # head | layer | fa | la
@@ -111,12 +114,15 @@ class Row:
         return row_key(self.__dict__)
 
     def to_dict(self) -> dict:
+        """The row as JSON-ready data: `pass_` written "pass", non-finite floats as null."""
         data = dataclasses.asdict(self)
         data["pass"] = data.pop("pass_")
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Row":
+        """A Row from JSON data ("pass" or "pass_"), older schema versions migrated (MIGRATIONS). Raises UserError
+        for an unknown field, a value of the wrong type, or an unsupported schema version."""
         data = dict(data)
         if "pass" in data:
             data["pass_"] = data.pop("pass")
@@ -152,13 +158,17 @@ class EvalRow:
 
     @property
     def key(self) -> tuple:
+        """KEY_FIELDS' values in order: (model, variant, task, context, metric)."""
         return tuple(getattr(self, name) for name in self.KEY_FIELDS)
 
     def to_dict(self) -> dict:
+        """The row as JSON-ready data."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "EvalRow":
+        """An EvalRow from JSON data (lm-eval's NaN stderr of one sample read as none), migrated as Row.from_dict.
+        Raises UserError as it does."""
         data = dict(data)
         stderr = data.get("stderr")
         if isinstance(stderr, float) and math.isnan(stderr):  # lm-eval's stderr of one sample: none to give
@@ -223,21 +233,25 @@ class RowSet(list):
     """A list of rows that writes itself as JSON lines, CSV and markdown."""
 
     def frame(self):
+        """The rows as a pandas DataFrame, one column per field (Row's `pass_` as "pass")."""
         import pandas as pd
 
         return pd.DataFrame([row.to_dict() for row in self])
 
     def to_jsonl(self, path: str | Path) -> None:
+        """Write one JSON row per line to `path`; raises UserError for an unwritable path."""
         with open_output(path, "w") as out:
             for row in self:
                 out.write(json.dumps(row.to_dict()) + "\n")
 
     def to_csv(self, path: str | Path) -> None:
+        """Write the rows as CSV to `path`, without samples_ms and extra; raises UserError for an unwritable path."""
         frame = self.frame().drop(columns=["samples_ms", "extra"], errors="ignore")
         with open_output(path, "w") as out:
             frame.to_csv(out, index=False)
 
     def to_markdown(self, columns: list[str] | None = None) -> str:
+        """A markdown table of `columns` (default DISPLAY_COLUMNS), leaving out those no row fills."""
         frame = self.frame()
         columns = [c for c in (columns or DISPLAY_COLUMNS) if c in frame and frame[c].notna().any()]
         return markdown_table(frame[columns])

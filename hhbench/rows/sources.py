@@ -12,6 +12,8 @@ from hhbench.rows.schema import RowSet, read_rows
 
 @dataclass
 class Run:
+    """One loaded run: its label, path, Rows, EvalRows, env.json and distillation curve."""
+
     label: str  # unique among the runs loaded together
     path: Path
     rows: RowSet
@@ -27,6 +29,7 @@ class Run:
         return frame
 
     def eval_frame(self):
+        """The eval rows as a frame, with the run's label in `run`."""
         frame = self.eval_rows.frame()
         if not frame.empty:
             frame["run"] = self.label
@@ -34,6 +37,8 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
+    """A Run from a run folder, one of its files, or a lone rows file (labelled by its stem). Raises UserError for
+    a path that holds no run or an unreadable row."""
     path = Path(path)
     if path.is_file() and path.name not in ("rows.jsonl", "eval.jsonl"):
         return Run(label=path.stem, path=path, rows=read_rows(path))

@@ -33,6 +33,9 @@ RETRYABLE = (schema.ERROR, schema.OOM)
 
 @dataclass
 class SweepResult:
+    """What a sweep did: the run, all its rows (old and new), how many points were measured and skipped, and the
+    do_bench crosschecks made and failed."""
+
     run: RunDir
     rows: RowSet  # every row of the run, old and new
     new: int = 0
@@ -109,6 +112,10 @@ def run_sweep(
     retry: bool = False,
     on_row: Callable[[Row, int, int], None] | None = None,
 ) -> SweepResult:
+    """Measure the points that `run` has no row for yet (`retry`: error and oom rows again), appending each row
+    durably as it finishes; `isolate` runs each point in a subprocess; `crosscheck` times up to that many kernel
+    points again with triton's do_bench (a gap over 5% is a failure). Raises UserError when the run was measured
+    on another device."""
     run.create()
     _prepare_env(run, suite_name, device)
     rows = _existing_rows(run, retry, {p.identity for p in points if p.parts})

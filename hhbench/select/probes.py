@@ -63,6 +63,7 @@ class Probe:
 
     @property
     def answer(self) -> tuple[int, ...]:
+        """The answer's token ids: clean[prompt_len:]."""
         return self.clean[self.prompt_len :]
 
     @property

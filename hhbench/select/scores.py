@@ -26,6 +26,8 @@ Grid = tuple[tuple[float, ...], ...]
 
 @dataclass(frozen=True)
 class HeadScores:
+    """Per-head scores [layers][heads]: retrieval, patching and combined (module docstring), with probe statistics."""
+
     retrieval: Grid
     patching: Grid
     combined: Grid
@@ -43,10 +45,14 @@ def _by_max(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def combine(retrieval: torch.Tensor, patching: torch.Tensor) -> torch.Tensor:
+    """The combined score of [L, H] retrieval and patching: the mean of each divided by its maximum over the heads
+    (negative values as 0)."""
     return (_by_max(retrieval) + _by_max(patching)) / 2
 
 
 def aggregate(results: list[ProbeResult]) -> HeadScores:
+    """HeadScores from the probes' results: retrieval (Wu et al. 2024) and pooled patching effects, combined
+    (module docstring). Raises ValueError for no results."""
     if not results:
         raise ValueError("no probe results")
     shape = results[0].hits.shape

@@ -30,6 +30,9 @@ def select(shape: ModelShape, scores: Grid, ratio: Ratio, kv_aware: bool = False
 
 @dataclass(frozen=True)
 class HeadSelection:
+    """The head map `hhbench select-heads` writes: the model, the FA heads per layer chosen by select, the scores
+    they were chosen by, the ratio asked and achieved, and the probe settings."""
+
     model: str
     n_layers: int
     n_heads: int
@@ -54,6 +57,7 @@ class HeadSelection:
 
     @property
     def n_fa(self) -> int:
+        """FA heads over the model."""
         return sum(len(layer) for layer in self.fa_heads)
 
     def top(self, count: int) -> list[tuple[int, int]]:
@@ -62,6 +66,7 @@ class HeadSelection:
         return sorted(pairs, key=lambda p: (-self.scores[p[0]][p[1]], p))[:count]
 
     def to_dict(self) -> dict:
+        """The selection as JSON-ready data (score grids as lists)."""
         return {k: ([list(row) for row in v] if k in _GRIDS else v) for k, v in asdict(self).items()}
 
     def save(self, path: str | Path) -> None:
@@ -78,6 +83,8 @@ class HeadSelection:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadSelection":
+        """Read a head map written by select-heads. Raises UserError for another kind of file, another schema version
+        or a malformed one."""
         data = read_json(path, "head selection")
         if not isinstance(data, dict) or data.get("kind") != KIND:
             raise UserError(f"{path} is not a head map written by hhbench select-heads")

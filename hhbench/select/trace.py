@@ -98,6 +98,9 @@ def _register() -> None:
 
 @dataclass
 class ProbeResult:
+    """One probe's per-head measurements: needle hits of each head's argmax attention [L, H] and the logit
+    differences (right - counterfactual answer token) clean, corrupt, unpatched and patched per head [L, H]."""
+
     hits: torch.Tensor  # [L, H] copied needle tokens the head's argmax attention found
     copied: int  # answer tokens the model copies (argmax = next answer token) that occur in the needle
     exact: bool  # every answer token copied
@@ -178,6 +181,7 @@ class HeadTracer:
 
     @torch.inference_mode()
     def run(self, probe: Probe) -> ProbeResult:
+        """The three passes over one probe (module docstring) -> its ProbeResult."""
         L, H = self.n_layers, self.n_heads
         P, split, answer = probe.prompt_len, probe.split, probe.answer
         right, wrong = probe.clean[split + 1], probe.corrupt[split + 1]

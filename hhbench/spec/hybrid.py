@@ -11,6 +11,9 @@ from hhbench.spec.units import Choice
 
 
 class Layout(Choice):
+    """Where a hybrid puts its two kinds of heads: inside every layer (head, HydraHead), in whole layers (layer),
+    or nowhere (fa: all full attention; la: all Gated DeltaNet)."""
+
     HEAD = "head"  # FA and GDN heads side by side inside every layer (HydraHead)
     LAYER = "layer"  # whole FA layers among whole GDN layers (Qwen3-Next style)
     FA = "fa"  # every head full attention: the vanilla transformer
@@ -33,6 +36,7 @@ class Ratio:
 
     @classmethod
     def parse(cls, text: str) -> "Ratio":
+        """'7:1' -> Ratio(7, 1) (LA:FA, whole numbers). Raises UserError (one line) for other text."""
         match = _RATIO.match(text)
         if not match:
             raise UserError(f"bad ratio {text!r}: expected LA:FA with whole numbers, e.g. 7:1, 3:1, 0:1 (all FA)")
@@ -40,6 +44,7 @@ class Ratio:
 
     @property
     def fa_fraction(self) -> float:
+        """The FA share fa / (la + fa): 0.125 for 7:1."""
         return self.fa / (self.la + self.fa)
 
     def reduced(self) -> "Ratio":
@@ -82,6 +87,7 @@ class GDNConfig:
             raise UserError(f"GDN conv size must be >= 0, got {self.conv_size}")
 
     def dims(self, head_dim: int) -> tuple[int, int]:
+        """(dk, dv): the GDN heads' key and value widths, the model's `head_dim` where not set."""
         return (self.head_k_dim or head_dim, self.head_v_dim or head_dim)
 
 
@@ -119,6 +125,9 @@ class HeadMap:
 
 @dataclass(frozen=True)
 class HybridSpec:
+    """One hybrid configuration: layout, LA:FA ratio, GDN settings, an optional head map (which heads keep FA, or
+    scores to pick them by) and kv_aware (FA heads packed into as few KV groups as possible)."""
+
     layout: Layout
     ratio: Ratio
     gdn: GDNConfig = field(default_factory=GDNConfig)

@@ -93,24 +93,30 @@ class HeadSplit:
 
 @dataclass(frozen=True)
 class LayerPlan:
+    """A spec laid out on a shape: one HeadSplit per model layer (or weighted average layers, module docstring)."""
+
     shape: ModelShape
     spec: HybridSpec
     layers: tuple[HeadSplit, ...]
 
     @cached_property
     def fa_heads(self) -> float:
+        """FA heads over the model (layer weights applied)."""
         return sum(layer.n_fa * layer.weight for layer in self.layers)
 
     @cached_property
     def la_heads(self) -> float:
+        """GDN heads over the model (layer weights applied)."""
         return sum(layer.n_la * layer.weight for layer in self.layers)
 
     @cached_property
     def kv_groups(self) -> float:
+        """KV heads the FA heads read, over the model (layer weights applied): what sets the KV cache."""
         return sum(layer.kv_groups * layer.weight for layer in self.layers)
 
     @property
     def ratio_effective(self) -> str:
+        """The LA:FA ratio of heads the plan really has, e.g. '7:1' or '118:17' (format_effective_ratio)."""
         return format_effective_ratio(_clean(self.la_heads), _clean(self.fa_heads))
 
     def distinct_layers(self) -> list[tuple[HeadSplit, float]]:
@@ -187,6 +193,8 @@ def _check_head_map(head_map: HeadMap, shape: ModelShape) -> None:
 
 
 def build_plan(shape: ModelShape, spec: HybridSpec) -> LayerPlan:
+    """The LayerPlan of `spec` (normalized) on `shape`, by the rounding rules of the module docstring. Raises
+    UserError for a head map that does not fit the shape, or a layer-wise group averaged over differing windows."""
     spec = spec.normalized()
     L, H = shape.n_layers, shape.n_heads
 

@@ -12,6 +12,8 @@ from hhbench.spec.units import parse_count, split_list
 
 
 def models(text: list[str] | str, overrides: list[str] | None = None) -> list[ModelShape]:
+    """Model shapes from a list of preset names or config.json paths (comma-separated or repeated), each with the
+    `field=value` overrides, repeats dropped. Raises UserError for none or an unknown one."""
     names = split_list(text)
     if not names:
         raise UserError("no model given")
@@ -24,6 +26,8 @@ def unique(values: list) -> list:
 
 
 def contexts(text: list[str] | str) -> list[int]:
+    """Context lengths in tokens from '4k,8192'-style text (parse_count), repeats dropped. Raises UserError for none
+    or a bad one."""
     values = unique([parse_count(item, "context") for item in split_list(text)])
     if not values:
         raise UserError("no context given")
@@ -31,6 +35,7 @@ def contexts(text: list[str] | str) -> list[int]:
 
 
 def passes(text: list[str] | str) -> list[Pass]:
+    """Passes from 'prefill,decode'-style text, repeats dropped. Raises UserError for none or an unknown one."""
     values = unique([Pass.parse(item) for item in split_list(text)])
     if not values:
         raise UserError("no pass given")
@@ -38,6 +43,7 @@ def passes(text: list[str] | str) -> list[Pass]:
 
 
 def positive(value: int, name: str) -> int:
+    """`value` if > 0, else UserError naming the option --`name`."""
     if value <= 0:
         raise UserError(f"--{name} must be a positive integer, got {value}")
     return value

@@ -11,6 +11,10 @@ from hhbench.errors import UserError
 
 @dataclass(frozen=True)
 class ModelShape:
+    """The numbers of a transformer the cost model and the kernels need: widths, layer and head counts (GQA: n_heads
+    a multiple of n_kv_heads), MLP width and vocabulary (0 for an attention-only shape), biases, q/k norms and
+    sliding windows, as Hugging Face configs give them. Raises UserError for a non-positive size."""
+
     name: str
     hidden: int
     n_layers: int
@@ -50,6 +54,7 @@ class ModelShape:
         return self.n_heads // self.n_kv_heads
 
     def kv_group(self, head: int) -> int:
+        """The KV head (group) query head `head` reads under GQA."""
         return head // self.group_size
 
     def window(self, layer: int) -> int:
@@ -257,6 +262,8 @@ def resolve_shape(model: str, overrides: list[str] | tuple[str, ...] = ()) -> Mo
 
 
 def apply_overrides(shape: ModelShape, overrides: list[str] | tuple[str, ...]) -> ModelShape:
+    """`shape` with `field=value` overrides (integer and boolean fields, name, sliding_window for every layer); a
+    changed shape is renamed '<name>+field=value' unless name is given. Raises UserError for a bad item."""
     changes: dict[str, object] = {}
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -39,6 +39,7 @@ def split_list(text: str | list[str] | None) -> list[str]:
 
 
 def format_bytes(value: float) -> str:
+    """Bytes in binary units: 512 -> '512 B', 3 * 2**20 -> '3.00 MiB' (up to TiB)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
@@ -51,6 +52,8 @@ class Choice(str, Enum):
 
     @classmethod
     def parse(cls, text: str):
+        """The member named `text` (case and surrounding spaces ignored). Raises UserError (one line, listing the
+        names) for another."""
         try:
             return cls(text.strip().lower())
         except ValueError:

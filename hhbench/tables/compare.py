@@ -31,6 +31,9 @@ DISAGREE_FASTER = "more FLOPs, faster"
 
 @dataclass
 class Comparison:
+    """Every row against its layer-wise 3:1 baseline (module docstring), the crossover of each head-level series,
+    and, for several runs, the configurations they share side by side."""
+
     rows: pd.DataFrame  # one line per row, with its baseline's numbers and the ratios
     crossovers: pd.DataFrame  # one line per head-level series
     side_by_side: pd.DataFrame  # configurations found in several runs, one column set per run (empty for one run)
@@ -38,10 +41,12 @@ class Comparison:
     measured: bool  # some row has a measured latency; analytic-only comparisons leave latency out
 
     def to_csv(self, path) -> None:
+        """Write the compared rows as CSV (without samples_ms and extra); raises UserError for an unwritable path."""
         with open_output(path, "w") as out:  # lists and dicts stay in the JSON
             self.rows.drop(columns=["samples_ms", "extra"]).to_csv(out, index=False)
 
     def to_json(self, path) -> None:
+        """Write runs, baseline, rows, crossovers and side-by-side as JSON; raises UserError for an unwritable path."""
         data = {
             "runs": self.runs,
             "measured": self.measured,
@@ -55,6 +60,7 @@ class Comparison:
             out.write("\n")
 
     def to_markdown(self) -> str:
+        """Markdown: a table per (run, model, scope, pass), the crossover table, and the runs side by side."""
         parts = []
         for heading, section in self.rows.groupby(["run", "model", "scope", "pass"], sort=False):
             run, model, scope, pass_ = heading
@@ -78,6 +84,8 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 
 
 def compare_runs(runs: list[Run]) -> Comparison:
+    """The Comparison of the runs' performance rows, in reading order. Raises UserError when no run has any (quality
+    rows only)."""
     frames = [run.frame() for run in runs if run.rows]
     if not frames:
         raise UserError("no performance rows to compare (only quality rows given)")

@@ -24,6 +24,8 @@ KERNEL_KEY = ["model", "variant", "context", "batch", "pass", "dtype", "fa_backe
 
 @dataclass
 class Check:
+    """One target's verdict ("met", "not met" or "no data"), a one-line summary and the rows it read (evidence)."""
+
     target: str
     evidence: pd.DataFrame
     verdict: str  # met | not met | no data
@@ -32,10 +34,13 @@ class Check:
 
 @dataclass
 class Targets:
+    """The checks of one run's rows against the performance targets."""
+
     run: str
     checks: list[Check] = field(default_factory=list)
 
     def to_markdown(self) -> str:
+        """Markdown: a table of the verdicts, then each check's evidence."""
         blocks = [f"## Performance targets: {self.run}\n"]
         blocks.append(
             markdown_table(
@@ -49,6 +54,9 @@ class Targets:
 
 
 def streams_check(rows: pd.DataFrame) -> Check:
+    """Target 1 (module docstring): head-level rows timed sequential and on two streams, paired by KERNEL_KEY;
+    met when no pair is slower on streams beyond noise (p10 above the other's p90) and head 1:1 at 4K, batch 4,
+    prefill is at least 1.2x faster with every FA backend."""
     head = rows[rows["variant"].str.startswith("head:")]
     pairs = head[head["mode"] == "sequential"].merge(
         head[head["mode"] == "streams"], on=KERNEL_KEY, suffixes=("_seq", "_str")
@@ -81,6 +89,7 @@ def streams_check(rows: pd.DataFrame) -> Check:
 
 
 def parts_check(rows: pd.DataFrame) -> Check:
+    """Target 2: met when every sequential head-level row with its parts timed takes at most 1.05x their sum."""
     sequential = rows[(rows["mode"] == "sequential") & rows["extra"].map(lambda e: "vs_parts_sum" in e)]
     if sequential.empty:
         return Check("parts", pd.DataFrame(), "no data", "no sequential head-level row with its parts timed")
@@ -94,6 +103,7 @@ def parts_check(rows: pd.DataFrame) -> Check:
 
 
 def layer31_check(rows: pd.DataFrame) -> Check:
+    """Target 3: met when head 7:1 is at least 1.45x faster than layer 3:1 at 64K prefill, batch 1 (ms per layer)."""
     at = rows[
         (rows["context"] == 65536) & (rows["pass"] == "prefill") & (rows["batch"] == 1) & (rows["mode"] == "sequential")
     ]
@@ -172,6 +182,7 @@ class FloorTarget:
     batch: int = 1
 
     def check(self, rows: pd.DataFrame) -> Check:
+        """This target's Check on `rows`: met when every measured row with a floor is within `at_most` x of it."""
         at = _at(rows, self.model, self.scope, self.pass_, self.batch)
         at = at[at["variant"].isin(self.variants) & at["context"].between(*self.contexts) & at["floor_ms"].notna()]
         if at.empty:
@@ -208,6 +219,7 @@ class SpeedupTarget:
     batch: int = 1
 
     def check(self, rows: pd.DataFrame) -> Check:
+        """This target's Check on `rows`: the slower variant's best latency over the faster's, at this point."""
         at = _at(rows, self.model, self.scope, self.pass_, self.batch)
         at = at[at["context"] == self.context]
         fast = at[at["variant"] == self.faster]
@@ -239,6 +251,7 @@ class BackendsTarget:
     batch: int = 1
 
     def check(self, rows: pd.DataFrame) -> Check:
+        """This target's Check on `rows`: met when every point with either GDN backend has both."""
         at = rows[(rows["model"] == self.model) & (rows["scope"] == self.scope) & (rows["batch"] == self.batch)]
         at = at[at["pass"].isin(self.passes) & at["context"].between(*self.contexts)]
         at = at[at["gdn_backend"].isin(self.backends)]
