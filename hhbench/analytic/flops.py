@@ -1,6 +1,6 @@
 """Analytic FLOPs of each component, per pass. Pure functions of shapes; no torch.
 
-Conventions (also in README):
+Conventions (also in docs/methods.md):
 - 2 FLOPs per multiply-add; the headline numbers count matmuls (and the short conv); softmax, norms, gates and
   other elementwise work are a separate estimate (`elementwise_*`), never part of a total.
 - FA core, causal forward: 4*B*H*T^2*d/2 (FlashAttention's benchmark convention); backward 2.5x forward

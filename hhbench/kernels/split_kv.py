@@ -1,7 +1,7 @@
 """Split-KV decoding (flash-decoding) over SDPA's flash kernel.
 
 A decode kernel runs one thread block per (sequence, KV head): with a few FA heads at batch 1 that is too few
-blocks to read the KV cache at the card's bandwidth (README, "Performance targets"). Here the cache is cut
+blocks to read the KV cache at the card's bandwidth (docs/results.md, "Performance targets"). Here the cache is cut
 into segments that run as separate batch entries of one flash call; each segment's log-sum-exp weighs its
 partial output, which makes the merge exact. The query heads of a KV group ride along as extra query rows of
 that group (a decode step is not causal), so GQA costs no copy of K or V.

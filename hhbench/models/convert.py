@@ -64,7 +64,7 @@ class GDNInit:
       (beta times v's small tap times d^-1/2) has a mean square near the norm's eps (1e-5 in SmolLM2), which
       damps it to about a quarter of gamma there (measured: 0.22-0.24), while heads that follow the teacher
       poorly keep their full scale.
-    Measured on SmolLM2-135M (README, "Initialization of converted heads", results/init-smollm2-135m and
+    Measured on SmolLM2-135M (docs/results.md, "Initialization of converted heads", results/init-smollm2-135m and
     -1k): perplexity on held-out text (8 x 1024 tokens) of the converted, untrained head:7:1 / head:3:1 /
     layer:3:1 models went from 6690 / 3972 / 8284 (spread decays, RMS gammas) to 495 / 395 / 301 (the teacher:
     12.8). The least-squares gammas give most of it (518 / 516 / 356 with spread decays), the teacher's

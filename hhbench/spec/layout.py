@@ -1,6 +1,6 @@
 """The layout builder: which heads of which layers keep full attention.
 
-Rounding rules (documented in README):
+Rounding rules (documented in docs/methods.md):
 - head layout: the model keeps round(L * H * fa / (la + fa)) FA heads in all (halves round up), at least one
   per layer; per-layer counts differ by at most one, the extra heads spread evenly over the depth. Inside a
   layer the FA heads are spread evenly over the head indices, or, with kv_aware, packed into as few KV groups
