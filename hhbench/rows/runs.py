@@ -1,7 +1,9 @@
 """A run folder, results/<run>/: rows.jsonl (performance and analytic rows), eval.jsonl (quality rows) and
-env.json (the machine and versions that produced them)."""
+env.json (the machine and versions that produced them); while several workers measure it (hhbench.launch),
+shards/ holds each worker's files until they are merged into rows.jsonl and env.json."""
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,37 @@ from hhbench.files import make_folder, open_output
 from hhbench.rows.schema import EvalRow, RowSet, read_rows
 
 ROWS, EVAL, ENV, TRAIN = "rows.jsonl", "eval.jsonl", "env.json", "train.jsonl"
+SHARDS, LOCK = "shards", ".lock"
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """One worker's files in RUN/shards/: its rows (appended and flushed per point, as rows.jsonl inline), its
+    env (host, device), the point it is measuring now (that point's error row, kept if the worker dies on it),
+    its task (hhbench.launch.worker.Task, pickled) and its log (stdout and stderr of its process)."""
+
+    folder: Path
+    name: str
+
+    @property
+    def rows(self) -> Path:
+        return self.folder / f"{self.name}.jsonl"
+
+    @property
+    def env(self) -> Path:
+        return self.folder / f"{self.name}.env.json"
+
+    @property
+    def current(self) -> Path:
+        return self.folder / f"{self.name}.current.json"
+
+    @property
+    def task(self) -> Path:
+        return self.folder / f"{self.name}.task.pkl"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / f"{self.name}.log"
 
 
 @dataclass(frozen=True)
@@ -49,6 +82,21 @@ class RunDir:
     def env_path(self) -> Path:
         return self.path / ENV
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK
+
+    def shard(self, name: str) -> ShardFiles:
+        return ShardFiles(self.path / SHARDS, name)
+
+    def shard_names(self) -> list[str]:
+        """The workers with rows or a point in progress in shards/, sorted."""
+        folder = self.path / SHARDS
+        if not folder.is_dir():
+            return []
+        names = {p.name.removesuffix(".current.json") for p in folder.glob("*.current.json")}
+        return sorted(names | {p.stem for p in folder.glob("*.jsonl")})
+
     def rows(self) -> RowSet:
         return read_rows(self.rows_path) if self.rows_path.exists() else RowSet()
 
@@ -70,6 +118,9 @@ class RunDir:
             raise UserError(f"cannot read {self.env_path}: {exc}") from None
 
     def write_env(self, env: dict) -> None:
-        with open_output(self.env_path, "w") as out:
+        """Replaced whole: a kill while writing leaves the old env.json or the new one."""
+        temporary = self.env_path.with_suffix(".tmp")
+        with open_output(temporary, "w") as out:
             json.dump(env, out, indent=2, sort_keys=True)
             out.write("\n")
+        os.replace(temporary, self.env_path)

@@ -1,0 +1,140 @@
+"""Workers on this machine: one process per GPU (CUDA_VISIBLE_DEVICES), watched until all finish. A worker that
+dies inside a point leaves that point as an error row (merge.reap) and is started again on the rest of its
+points; one that dies between points (its set-up) is reported and not started again."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import hhbench
+from hhbench.launch.merge import reap, remaining
+from hhbench.launch.shards import deal
+from hhbench.launch.worker import Task
+from hhbench.rows.runs import RunDir
+
+POLL_S = 0.5
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may give to workers, as CUDA_VISIBLE_DEVICES names them (SLURM sets it to a task's
+    allocation), else 0..count-1; [] where torch sees no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    named = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+    return named[:count] if named else [str(index) for index in range(count)]
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """This environment, with this process's hhbench first on PYTHONPATH: workers run the code that launched them
+    (a checkout, not whatever hhbench the interpreter has installed)."""
+    root = str(Path(hhbench.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+class Handle(Protocol):
+    def done(self) -> bool: ...
+
+    def failure(self) -> str | None:
+        """Why the worker ended badly (one line), None when it finished."""
+
+
+@dataclass
+class WorkerProcess:
+    """A worker as a child process, its stdout and stderr in its shard log."""
+
+    process: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, run: RunDir, task: Task, gpu: str | None) -> "WorkerProcess":
+        files = run.shard(task.name)
+        files.folder.mkdir(parents=True, exist_ok=True)
+        files.task.write_bytes(pickle.dumps(task))
+        extra = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+        with open(files.log, "a") as log:
+            process = subprocess.Popen([sys.executable, "-m", "hhbench.launch.worker", str(files.task)], env=child_env(extra),
+                                       stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        return cls(process, files.log)
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def failure(self) -> str | None:
+        code = self.process.returncode
+        if code == 0:
+            return None
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        return f"{how}: {lines[-1].strip()[:200]}" if lines else how
+
+
+def worker_name(task: str, gpu: str | None) -> str:
+    if gpu is None:
+        return task or "cpu"
+    return f"{task}-gpu{gpu}" if task else f"gpu{gpu}"
+
+
+def rows_written(run: RunDir, names: list[str]) -> int:
+    """Rows in the shard files of these workers, and of their per-GPU workers (NAME-gpuK)."""
+    folder = run.shard("").folder
+    paths = {path for name in names for path in (run.shard(name).rows, *folder.glob(f"{name}-gpu*.jsonl"))}
+    return sum(path.read_bytes().count(b"\n") for path in paths if path.exists())
+
+
+def supervise(
+    run: RunDir,
+    tasks: list[Task],
+    start: Callable[[Task], Handle],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Run every task through `start` until its worker has finished, rows counted as they land for
+    on_progress(done, total). Returns one line per worker that died between points (its points left unmeasured
+    for a rerun)."""
+    total = sum(len(task.points) for task in tasks)
+    names = [task.name for task in tasks]
+    before = rows_written(run, names)
+    running = {task.name: (task, start(task)) for task in tasks}
+    failures = []
+    while running:
+        time.sleep(POLL_S)
+        for name, (task, handle) in list(running.items()):
+            if not handle.done():
+                continue
+            del running[name]
+            why = handle.failure()
+            if why is None:
+                continue
+            lost = reap(run, name, why)
+            left = remaining(run, name, task.points)
+            if lost is None:
+                failures.append(f"worker {name} stopped between points ({why}); {len(left)} points left for a rerun")
+            elif left:
+                again = replace(task, points=left)
+                running[name] = (again, start(again))
+        if on_progress:
+            on_progress(rows_written(run, names) - before, total)
+    return failures
+
+
+def run_on_gpus(task: Task, gpus: list[str | None], on_progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """`task`'s points dealt by estimated cost (shards.deal) to one worker process per GPU (None: one worker on
+    the CPU), supervised; the worker on GPU K is named TASK-gpuK (gpuK for an unnamed task), the one on the
+    CPU TASK (cpu). Returns supervise's failures."""
+    run = RunDir(Path(task.run))
+    parts = deal(list(task.points), len(gpus), task.policy)
+    named = {worker_name(task.name, gpu): gpu for gpu in gpus}
+    tasks = [
+        replace(task, name=name, points=part.points) for name, part in zip(named, parts, strict=True) if part.points
+    ]
+    return supervise(run, tasks, lambda t: WorkerProcess.start(run, t, named[t.name]), on_progress)
