@@ -19,7 +19,7 @@ from hhbench.launch.shards import deal
 from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
 
-POLL_S = 0.5
+POLL_S = 0.2
 
 
 def visible_gpus() -> list[str]:
