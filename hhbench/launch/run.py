@@ -1,6 +1,7 @@
 """A launched sweep, as `hhbench sweep --gpus N|all` or `--launcher local|slurm --shards N` runs it: the run
 merged, the unfinished points dealt to workers, the workers run (or submitted), the run merged again."""
 
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -116,8 +117,10 @@ def launch(
     threads: int = 0,
     on_progress=None,
 ) -> Launched:
-    """Measure (or submit, or with dry_run only plan) `points` into `run` as `options` spread them. The caller
-    holds the run lock (hhbench.launch.lock.run_lock), except for a dry run, which writes nothing."""
+    """Measure (or submit, or with dry_run only plan) `points` into `run` as `options` spread them; a launch on
+    this machine adds its wall time to its session in env.json (wall_s). The caller holds the run lock
+    (hhbench.launch.lock.run_lock), except for a dry run, which writes nothing."""
+    started = time.monotonic()
     busy = []
     if options.dry_run:
         done = _done_keys(run)
@@ -144,7 +147,7 @@ def launch(
         return outcome
     if options.gpus:  # dealt again by run_on_gpus, as a SLURM job deals its shard over its GPUs
         outcome.failures = run_on_gpus(task, options.gpus, on_progress)
-        return _merged(run, outcome)
+        return _merged(run, outcome, started)
     tasks = [replace(task, name=name, points=shard.points) for name, shard in outcome.plan]
     if options.launcher == "local":
         outcome.failures = cluster.run_local(run, tasks, visible_gpus(), on_progress)
@@ -152,10 +155,13 @@ def launch(
         outcome.submitted = cluster.submit_slurm(run, tasks, options.slurm) if tasks else []
         outcome.rows = run.rows()
         return outcome
-    return _merged(run, outcome)
+    return _merged(run, outcome, started)
 
 
-def _merged(run: RunDir, outcome: Launched) -> Launched:
+def _merged(run: RunDir, outcome: Launched, started: float) -> Launched:
     merged = merge(run)
     outcome.rows, outcome.new = merged.rows, merged.added
+    env = run.env()
+    env["sessions"][-1]["wall_s"] = round(time.monotonic() - started, 1)
+    run.write_env(env)
     return outcome
