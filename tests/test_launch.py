@@ -15,7 +15,7 @@ import pytest
 import torch
 from inprocess import run_main
 
-from hhbench.launch import local
+from hhbench.launch import cluster, local
 from hhbench.launch import run as launch_run
 from hhbench.launch.cluster import parse_time
 from hhbench.launch.lock import run_lock, try_lock
@@ -193,6 +193,18 @@ def test_the_dry_run_prints_submitits_sbatch_array(tmp_path):
     assert [line.split(":")[0] for line in script.splitlines() if line.startswith("shard-")] == [
         "shard-0-of-3", "shard-1-of-3", "shard-2-of-3"]  # fmt: skip
     assert not (tmp_path / "s").exists(), "a dry run writes nothing"
+
+
+def test_a_rerun_leaves_shards_slurm_still_holds(tmp_path, monkeypatch):
+    (tmp_path / "s" / "submitit").mkdir(parents=True)
+    (tmp_path / "s" / "submitit" / "array.json").write_text(json.dumps({"shard-0-of-2": "7_0", "shard-1-of-2": "7_1"}))
+    monkeypatch.setattr(cluster, "job_states", lambda run, ids: {"7_0": "COMPLETED", "7_1": "PENDING"})
+    result = run_main("sweep", *FLAGS, "--launcher", "slurm", "--shards", "2", "--out", str(tmp_path), "--run", "s",
+                      "--dry-run")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "shard-1-of-2 is still queued or running: not submitted again" in result.stdout
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("shard-0")] == ["shard-0-of-2"]
+    assert "#SBATCH --array" not in result.stdout, "one shard left: one job, no array"
 
 
 @pytest.mark.parametrize("text,minutes", [("90", 90), ("5:30", 6), ("1:30:00", 90), ("2-00", 2880), ("1-2:3:4", 1564)])

@@ -220,6 +220,8 @@ def _dry_run(points, run_dir: RunDir, where, policy, spread) -> None:
     for name, shard in planned.plan:
         typer.echo(f"{name}: {len(shard.points)} points, about {shard.seconds:.0f} s")
     typer.echo(f"{planned.skipped} points already in {run_dir.path}")
+    for shard in planned.busy:
+        typer.echo(f"{shard} is still queued or running: not submitted again")
     if planned.script:
         typer.echo(planned.script)
 
@@ -231,7 +233,7 @@ def _launch(points, run_dir: RunDir, where, policy, spread, name, isolate, retry
     if progress.live.is_started:
         progress.stop()
     for shard in launched.busy:
-        print(f"hhbench: {shard} is still running: not submitted again", file=sys.stderr)
+        print(f"hhbench: {shard} is still queued or running: not submitted again", file=sys.stderr)
     if spread.launcher == "slurm":
         ids = ", ".join(launched.submitted) or "nothing"
         typer.echo(f"submitted {len(launched.submitted)} shard(s) of {spread.shards}: {ids}; {launched.skipped} "

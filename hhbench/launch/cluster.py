@@ -2,6 +2,7 @@
 jobs of its local executor on a machine without SLURM. Each job measures its shard on the GPUs it was given,
 one worker process per GPU (hhbench.launch.local), so that a point that kills its worker costs that point only."""
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local executor kills a job after 2
 # SLURM's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
 # days-hours:minutes:seconds
 TIME = re.compile(r"(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+):(\d+):(\d+)|(\d+)(?::(\d+))?)")
+# SLURM job states in which a shard's task may still write: its shard is not submitted again
+QUEUED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
 NAME = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")  # a SLURM partition or account (a list for partitions)
 
 
@@ -111,12 +114,39 @@ def sbatch_script(run: RunDir, slurm: Slurm, count: int) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, uid="")
 
 
+def _record(run: RunDir) -> Path:
+    return run.path / SUBMITIT / "array.json"  # shard name -> the SLURM job id of its last submission
+
+
 def submit_slurm(run: RunDir, tasks: list[Task], slurm: Slurm) -> list[str]:
-    """The tasks submitted as one job array; returns the job ids (ARRAY_TASK)."""
+    """The tasks submitted as one job array; returns the job ids (ARRAY_TASK), also recorded for queued_shards."""
     executor = _slurm_executor(import_submitit(), run.path / SUBMITIT, slurm, script_only=False)
     with executor.batch():
         jobs = [executor.submit(shard_job, task) for task in tasks]
-    return [job.job_id for job in jobs]
+    ids = [job.job_id for job in jobs]
+    record = _record(run)
+    known = json.loads(record.read_text()) if record.exists() else {}
+    record.write_text(json.dumps({**known, **{task.name: id_ for task, id_ in zip(tasks, ids, strict=True)}}))
+    return ids
+
+
+def job_states(run: RunDir, ids: list[str]) -> dict[str, str]:
+    """SLURM's state of each job id (one sacct call through submitit's watcher; UNKNOWN where sacct cannot say)."""
+    submitit = import_submitit()
+    jobs = [submitit.SlurmJob(folder=run.path / SUBMITIT, job_id=id_) for id_ in ids]
+    if jobs:
+        jobs[0].watcher.update()
+    return {job.job_id: job.watcher.get_state(job.job_id, mode="cache") for job in jobs}
+
+
+def queued_shards(run: RunDir) -> list[str]:
+    """The shards whose last submitted task SLURM still holds (pending or running): a rerun leaves them be."""
+    record = _record(run)
+    if not record.exists():
+        return []
+    submitted = json.loads(record.read_text())
+    states = job_states(run, list(submitted.values()))
+    return [name for name, id_ in submitted.items() if states.get(id_, "").split(" ")[0].upper() in QUEUED]
 
 
 def run_local(

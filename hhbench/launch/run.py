@@ -126,6 +126,8 @@ def launch(
         done = _done_keys(run)
     else:
         busy = merge(run).busy
+        if options.gpus and busy:  # an earlier sweep's orphaned workers: their points would be measured twice
+            raise UserError(f"workers of an earlier sweep still write {run.path}: {', '.join(busy)}; wait for them")
         if options.launcher != "slurm":
             prepare_env(run, suite_name, where)
             if where.type == "cuda":
@@ -139,6 +141,8 @@ def launch(
         outcome.plan = [(worker_name("", gpu), shard) for gpu, shard in zip(options.gpus, shards, strict=True)]
     else:
         shards = unfinished(deal(points, options.shards, policy), done, policy)
+        if options.launcher == "slurm":
+            busy = [*busy, *cluster.queued_shards(run)]
         outcome.busy = [s.name for s in shards if any(b == s.name or b.startswith(f"{s.name}-gpu") for b in busy)]
         outcome.plan = [(s.name, s) for s in shards if s.name not in outcome.busy]
     if options.dry_run:
