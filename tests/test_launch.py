@@ -68,20 +68,10 @@ def test_points_are_dealt_longest_first_to_the_least_loaded_shard():
         deal(points, 0, policy)
 
 
-def test_local_launcher_gives_the_keys_of_an_inline_run(cli, tmp_path):
+def test_the_local_launcher_killed_midway_resumes_to_the_keys_of_an_inline_run(cli, tmp_path):
+    """--launcher local --shards 2, killed as a whole (the sweep, submitit's jobs, their workers), then the same
+    command again: every key of an inline run of the plan, each once, all measured."""
     run_sweep(grid_points(GRID, "cpu"), RunDir(tmp_path / "inline"), torch.device("cpu"), FAST)
-    result = cli("sweep", *FLAGS, "--launcher", "local", "--shards", "2", "--out", str(tmp_path), "--run", "two")
-    assert result.returncode == 0, result.stderr
-    rows = read_rows(tmp_path / "two" / "rows.jsonl")
-    assert keys(tmp_path / "two") == keys(tmp_path / "inline") == planned_keys(), "same keys, none twice"
-    assert {row.status for row in rows} == {"ok"} and {row.worker for row in rows} == {"shard-0-of-2", "shard-1-of-2"}
-    workers = json.loads((tmp_path / "two" / "env.json").read_text())["workers"]
-    assert sorted(workers) == ["shard-0-of-2", "shard-1-of-2"]
-    assert all(w["host"] and w["device"].startswith("cpu") for w in workers.values())
-    assert not list((tmp_path / "two" / "shards").glob("*.jsonl")), "all merged"
-
-
-def test_a_killed_launch_resumes_to_the_same_keys(cli, tmp_path):
     args = ["sweep", *FLAGS, "--launcher", "local", "--shards", "2", "--out", str(tmp_path), "--run", "k"]
     shards = tmp_path / "k" / "shards"
     process = subprocess.Popen([sys.executable, "-m", "hhbench", *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -89,7 +79,7 @@ def test_a_killed_launch_resumes_to_the_same_keys(cli, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and sum(len(p.read_text().splitlines()) for p in shards.glob("*.jsonl")) < 3:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the sweep, submitit's jobs and their workers
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     time.sleep(0.5)  # the kernel drops the dead workers' locks
     measured = sum(len(p.read_text().splitlines()) for p in shards.glob("*.jsonl"))
@@ -100,7 +90,12 @@ def test_a_killed_launch_resumes_to_the_same_keys(cli, tmp_path):
     resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     rows = read_rows(tmp_path / "k" / "rows.jsonl")
-    assert keys(tmp_path / "k") == planned_keys() and {row.status for row in rows} == {"ok"}
+    assert keys(tmp_path / "k") == keys(tmp_path / "inline") == planned_keys(), "same keys, none twice"
+    assert {row.status for row in rows} == {"ok"} and {row.worker for row in rows} == {"shard-0-of-2", "shard-1-of-2"}
+    workers = json.loads((tmp_path / "k" / "env.json").read_text())["workers"]
+    assert sorted(workers) == ["shard-0-of-2", "shard-1-of-2"]
+    assert all(w["host"] and w["device"].startswith("cpu") for w in workers.values())
+    assert not list(shards.glob("*.jsonl")), "all merged"
 
 
 def _kill_after_its_first_row(shards: Path, worker: str, killed: list) -> None:
@@ -135,7 +130,7 @@ def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypa
     assert keys(tmp_path / "g") == planned_keys()
     errors = [row for row in rows if row.status != "ok"]
     assert len(errors) == 1 and errors[0].worker == "gpu1", [(r.status, r.reason) for r in rows]
-    assert "worker gpu1 stopped while measuring this point (killed by SIGKILL)" in errors[0].reason
+    assert "worker gpu1 stopped while measuring this point (killed by SIGKILL)" in errors[0].reason, errors[0].reason
     assert {row.worker for row in rows} == {"gpu0", "gpu1"}
     env = json.loads((tmp_path / "g" / "env.json").read_text())
     assert {name: w["cuda_visible_devices"] for name, w in env["workers"].items()} == {"gpu0": "0", "gpu1": "1"}
@@ -248,3 +243,53 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert local.visible_gpus() == ["3", "5"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert local.visible_gpus() == ["0", "1"]
+
+
+def test_a_worker_stops_where_an_error_poisoned_its_device(tmp_path, monkeypatch):
+    from hhbench.runner import sweep as sweep_module
+
+    real_build = sweep_module.measure_point.__globals__["workloads"].build
+
+    def faulty_build(point, *args, **kwargs):
+        if len(args) == 1 and point.context == 64 and point.pass_.value == "prefill":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_build(point, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module.measure_point.__globals__["workloads"], "build", faulty_build)
+    monkeypatch.setattr(sweep_module, "device_usable", lambda device: False)
+    points = grid_points({**GRID, "layouts": "head", "scopes": "kernel", "passes": "prefill,decode"}, "cpu")
+    run = RunDir(tmp_path / "r")
+    result = run_sweep(points, run, torch.device("cpu"), FAST, worker="w")
+    assert result.new == 1 and "illegal memory access" in result.poisoned
+    (row,) = read_rows(run.shard("w").rows)
+    assert row.status == "error" and row.worker == "w" and not run.rows_path.exists()
+
+
+class FakeWorker:
+    """A worker that writes the row of its first point and then dies (rows=1), or dies at once (rows=0)."""
+
+    def __init__(self, run, task, rows):
+        for point in task.points[:rows]:
+            row = base_row(point)
+            row.status = "ok"
+            append_row(run.shard(task.name).rows, row)
+
+    def done(self):
+        return True
+
+    def failure(self):
+        return "exit status 3"
+
+
+def test_a_worker_is_started_again_while_each_start_adds_a_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "POLL_S", 0)
+    run = RunDir(tmp_path / "r").create()
+    points = tuple(grid_points(GRID, "cpu"))
+    task = launch_run.Task(str(run.path), "w", points, FAST, "", "cpu")
+    starts = []
+    failures = local.supervise(run, [task], lambda t: starts.append(t) or FakeWorker(run, t, 1))
+    assert not failures and len(starts) == len(points)
+    assert sorted(row.key for row in read_rows(run.shard("w").rows)) == planned_keys()
+    dead = local.supervise(run, [launch_run.Task(str(run.path), "x", points, FAST, "", "cpu")],
+                           lambda t: FakeWorker(run, t, 0))  # fmt: skip
+    assert dead == [f"worker x stopped before its first row (exit status 3); {len(points)} points left"]

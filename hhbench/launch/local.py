@@ -1,6 +1,7 @@
 """Workers on this machine: one process per GPU (CUDA_VISIBLE_DEVICES), watched until all finish. A worker that
-dies inside a point leaves that point as an error row (merge.reap) and is started again on the rest of its
-points; one that dies between points (its set-up) is reported and not started again."""
+dies inside a point leaves that point as an error row (merge.reap); one that stops after an error poisoned its
+CUDA context has that row already. Either is started again on the rest of its points, as long as each start
+adds a row; one that dies before its first row (its set-up) is reported and not started again."""
 
 import os
 import pickle
@@ -74,9 +75,10 @@ class WorkerProcess:
         code = self.process.returncode
         if code == 0:
             return None
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
         lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
-        return f"{how}: {lines[-1].strip()[:200]}" if lines else how
+        return f"exit status {code}: {lines[-1].strip()[:200]}" if lines else f"exit status {code}"
 
 
 def worker_name(task: str, gpu: str | None) -> str:
@@ -99,11 +101,12 @@ def supervise(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Run every task through `start` until its worker has finished, rows counted as they land for
-    on_progress(done, total). Returns one line per worker that died between points (its points left unmeasured
-    for a rerun)."""
+    on_progress(done, total). Returns one line per worker that stopped without adding a row (its points left
+    unmeasured for a rerun)."""
     total = sum(len(task.points) for task in tasks)
     names = [task.name for task in tasks]
     before = rows_written(run, names)
+    started = {task.name: rows_written(run, [task.name]) for task in tasks}
     running = {task.name: (task, start(task)) for task in tasks}
     failures = []
     while running:
@@ -115,13 +118,14 @@ def supervise(
             why = handle.failure()
             if why is None:
                 continue
-            lost = reap(run, name, why)
+            reap(run, name, why)
             left = remaining(run, name, task.points)
-            if lost is None:
-                failures.append(f"worker {name} stopped between points ({why}); {len(left)} points left for a rerun")
-            elif left:
+            if left and rows_written(run, [name]) > started[name]:
                 again = replace(task, points=left)
+                started[name] = rows_written(run, [name])
                 running[name] = (again, start(again))
+            elif left:
+                failures.append(f"worker {name} stopped before its first row ({why}); {len(left)} points left")
         if on_progress:
             on_progress(rows_written(run, names) - before, total)
     return failures

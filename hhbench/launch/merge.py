@@ -35,19 +35,17 @@ def _keys(run: RunDir, name: str) -> set[tuple]:
     return {row.key for row in rows}
 
 
-def reap(run: RunDir, name: str, why: str) -> Row | None:
+def reap(run: RunDir, name: str, why: str) -> None:
     """The point worker `name` was measuring when it stopped, appended to its rows as an error row that says
-    `why`; None where it stopped between points (its last noted point has a row, or none was noted)."""
+    `why`; nothing where it stopped between points (its last noted point has a row, or none was noted)."""
     files = run.shard(name)
     if not files.current.exists():
         return None
     row = Row.from_dict(read_json(files.current, "the point in progress of worker"))
-    lost = row.key not in _keys(run, name)
-    if lost:
+    if row.key not in _keys(run, name):
         row.reason = f"worker {name} stopped while measuring this point ({why}); the other points went on"
         append_row(files.rows, row)
     files.current.unlink()
-    return row if lost else None
 
 
 def remaining(run: RunDir, name: str, points: tuple) -> tuple:

@@ -14,7 +14,7 @@ from hhbench.launch.lock import try_lock
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import Point
 from hhbench.rows.runs import RunDir
-from hhbench.runner.sweep import run_sweep
+from hhbench.runner.sweep import SweepResult, run_sweep
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,10 @@ class Task:
     threads: int = 0  # torch's CPU threads on the CPU (0: torch's default)
 
 
-def run_task(task: Task) -> int:
-    """Measure the task's points that have no row yet; returns how many rows it added. Raises UserError while
-    another worker holds this shard, or where the run was measured on another device."""
+def run_task(task: Task) -> SweepResult:
+    """Measure the task's points that have no row yet, stopping early where an error left the CUDA context
+    unusable (result.poisoned). Raises UserError while another worker holds this shard, or where the run was
+    measured on another device."""
     run = RunDir(Path(task.run))
     files = run.shard(task.name)
     handle = try_lock(files.rows)
@@ -44,17 +45,20 @@ def run_task(task: Task) -> int:
             torch.set_num_threads(task.threads)
         result = run_sweep(list(task.points), run, torch.device(task.device), task.policy, task.suite,
                            task.isolate, worker=task.name)  # fmt: skip
-        files.current.unlink(missing_ok=True)  # finished between points: nothing in progress to reap
+        files.current.unlink(missing_ok=True)  # stopped between points: nothing in progress to reap
     finally:
         handle.close()
-    return result.new
+    return result
 
 
 if __name__ == "__main__":
     with open(sys.argv[1], "rb") as stream:
         loaded = pickle.load(stream)
     try:
-        run_task(loaded)
+        outcome = run_task(loaded)
     except UserError as exc:
         print(f"hhbench: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if outcome.poisoned:  # the supervisor starts a fresh process on the points left
+        print(f"hhbench: CUDA context unusable after {outcome.poisoned}", file=sys.stderr)
+        raise SystemExit(3)

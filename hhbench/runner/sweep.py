@@ -43,6 +43,7 @@ class SweepResult:
     skipped: int = 0
     crosscheck_failures: list[str] = field(default_factory=list)
     crosschecked: int = 0  # points timed again with do_bench (kernel scope, not decode, at least 2 ms)
+    poisoned: str = ""  # a worker's CUDA context failed after this error: the rest of its points left to another
 
 
 def finished_rows(run: RunDir, retry: bool, wants_parts: set) -> RowSet:
@@ -116,6 +117,19 @@ def _note_current(run: RunDir, worker: str, point: Point) -> None:
     os.replace(temporary, path)
 
 
+def device_usable(device: torch.device) -> bool:
+    """Whether the device still runs work after an error: an illegal memory access leaves a CUDA context that
+    fails every later call (sticky), so that every later point in the process would be an error row."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.ones(1, device=device).add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _measure_isolated(point: Point, device: torch.device, policy: TimingPolicy, crosscheck: bool) -> Row:
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as handle:
         pickle.dump((point, device.type, policy, crosscheck), handle)
@@ -183,4 +197,7 @@ def run_sweep(
                 )
         if on_row:
             on_row(row, index + 1, len(todo))
+        if worker and row.status == schema.ERROR and not device_usable(device):
+            result.poisoned = f"{row.variant} {row.pass_} {row.scope} {row.context}: {row.reason}"
+            break
     return result
