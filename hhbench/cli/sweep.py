@@ -113,7 +113,7 @@ def sweep(
         str, Opt(help="One worker process per GPU of this machine: N or all (points dealt by estimated cost).")
     ] = "",
     launcher: Annotated[
-        str, Opt(help="local or slurm: the shards as submitit jobs (pip install 'hhbench[cluster]').")
+        str, Opt(help="local or slurm: the shards as submitit jobs (needs submitit, the cluster extra).")
     ] = "",
     shards: Annotated[int | None, Opt(help="Shards for --launcher (one job, or array task, each). Default 1.")] = None,
     slurm_partition: Annotated[str, Opt(help="SLURM partition of the array.")] = "",
