@@ -18,7 +18,7 @@ from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, RowSet, append_row, read_rows
 
 # What env.json's "workers" keeps of each worker's own env; the rest is the run's (the same machine and versions).
-WORKER_FIELDS = ("host", "device", "cuda_visible_devices", "slurm_job_id", "time", "hhbench_commit")
+WORKER_FIELDS = ("host", "device", "cuda_visible_devices", "slurm_job_id", "time", "hhbench_commit", "peaks")
 
 
 @dataclass
