@@ -18,7 +18,8 @@ from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, RowSet, append_row, read_rows
 
 # What env.json's "workers" keeps of each worker's own env; the rest is the run's (the same machine and versions).
-WORKER_FIELDS = ("host", "device", "cuda_visible_devices", "slurm_job_id", "time", "hhbench_commit", "peaks")
+WORKER_FIELDS = ("host", "device", "cuda_visible_devices", "slurm_job_id", "time", "finished", "hhbench_commit",
+                 "peaks")  # fmt: skip
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _fold_env(env: dict, name: str, worker_env: dict) -> dict:
             f"shard files out of the run's shards/ folder, or measure that shard again on {env['device']}"
         )
     if not env.get("device"):  # a run measured by workers only (SLURM): theirs is the run's machine
-        mine = ("worker", "cuda_visible_devices", "slurm_job_id")
+        mine = ("worker", "cuda_visible_devices", "slurm_job_id", "finished")
         env = {**{k: v for k, v in worker_env.items() if k not in mine}, **env}
     env.setdefault("workers", {})[name] = {k: worker_env.get(k) for k in WORKER_FIELDS}
     return env

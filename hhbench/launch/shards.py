@@ -1,5 +1,7 @@
 """The plan dealt into shards: each point's measuring time estimated from its analytic FLOPs and bytes, then
-the points dealt longest first to the least loaded shard (LPT), so that the shards finish together.
+the points dealt longest first to the shard where they end soonest (LPT), so that the shards finish together;
+a shard pays a point's correctness check once per check group, so points that share one stay together where
+that costs no balance.
 
 Pure functions of the plan: shard i of N is the same on every rerun of the same command, which is what lets a
 rerun submit only the shards that still have unfinished points.
@@ -15,7 +17,15 @@ from hhbench.runner.measure import base_row
 # bytes into seconds; dealing only compares points with one another, so one balance serves every device.
 PEAK_FLOPS = 989e12
 PEAK_BYTES_PER_S = 4.8e12
-POINT_OVERHEAD_S = 0.5  # building the workload, the correctness check at 256 tokens, compilation
+POINT_OVERHEAD_S = 1.0  # building the workload, compilation and autotuning, the peak-memory run
+CHECK_S = 2.0  # the correctness check at 256 tokens against the fp32 reference, once per check group and worker
+
+
+def check_group(point: Point) -> tuple:
+    """What a worker's correctness check of `point` covers: the point but for its ratio text, context and batch
+    (the key hhbench.runner.measure.measure_point caches checks by)."""
+    return (point.shape, point.spec, point.pass_, point.scope, point.dtype, point.fa_backend, point.gdn_backend,
+            point.mode)  # fmt: skip
 
 
 def estimated_seconds(point: Point, policy: TimingPolicy) -> float:
@@ -34,29 +44,34 @@ class Shard:
     index: int
     count: int
     points: tuple[Point, ...]  # in plan order
-    seconds: float  # estimated, estimated_seconds summed
+    seconds: float  # estimated: estimated_seconds summed, and CHECK_S per check group
 
     @property
     def name(self) -> str:
         return f"shard-{self.index}-of-{self.count}"
 
 
+def _seconds(points: tuple[Point, ...], policy: TimingPolicy) -> float:
+    return sum(estimated_seconds(p, policy) for p in points) + CHECK_S * len({check_group(p) for p in points})
+
+
 def deal(points: list[Point], count: int, policy: TimingPolicy) -> list[Shard]:
-    """`points` dealt into `count` shards, longest estimated point first to the shard with the least estimated
-    time (ties: plan order, lowest shard), each shard keeping plan order. Some shards are empty when there are
-    fewer points than shards. Raises ValueError for count < 1."""
+    """`points` dealt into `count` shards, longest estimated point first to the shard where it would end
+    soonest, a check (CHECK_S) counted where the shard has no point of its check group yet (ties: the lowest
+    shard); each shard keeps plan order. Some shards are empty when there are fewer points than shards.
+    Raises ValueError for count < 1."""
     if count < 1:
         raise ValueError(f"shard count must be >= 1, got {count}")
     costs = [estimated_seconds(point, policy) for point in points]
-    loads, members = [0.0] * count, [[] for _ in range(count)]
+    loads, members, groups = [0.0] * count, [[] for _ in range(count)], [set() for _ in range(count)]
     for index in sorted(range(len(points)), key=lambda i: -costs[i]):
-        least = min(range(count), key=lambda s: (loads[s], s))
-        loads[least] += costs[index]
-        members[least].append(index)
-    return [
-        Shard(s, count, tuple(points[i] for i in sorted(members[s])), sum(costs[i] for i in members[s]))
-        for s in range(count)
-    ]
+        group = check_group(points[index])
+        ends = [loads[s] + costs[index] + (CHECK_S if group not in groups[s] else 0.0) for s in range(count)]
+        best = min(range(count), key=lambda s: (ends[s], s))
+        loads[best] = ends[best]
+        members[best].append(index)
+        groups[best].add(group)
+    return [Shard(s, count, tuple(points[i] for i in sorted(members[s])), loads[s]) for s in range(count)]
 
 
 def unfinished(shards: list[Shard], done: set[tuple], policy: TimingPolicy) -> list[Shard]:
@@ -66,5 +81,5 @@ def unfinished(shards: list[Shard], done: set[tuple], policy: TimingPolicy) -> l
     for shard in shards:
         left = tuple(point for point in shard.points if point.identity not in done)
         if left:
-            kept.append(Shard(shard.index, shard.count, left, sum(estimated_seconds(p, policy) for p in left)))
+            kept.append(Shard(shard.index, shard.count, left, _seconds(left, policy)))
     return kept

@@ -2,6 +2,8 @@
 shard file. `python -m hhbench.launch.worker TASK.pkl` is the worker process of `sweep --gpus`; submitit calls
 run_task in its job processes."""
 
+import datetime
+import json
 import pickle
 import sys
 from dataclasses import dataclass
@@ -46,6 +48,9 @@ def run_task(task: Task) -> SweepResult:
         result = run_sweep(list(task.points), run, torch.device(task.device), task.policy, task.suite,
                            task.isolate, worker=task.name)  # fmt: skip
         files.current.unlink(missing_ok=True)  # stopped between points: nothing in progress to reap
+        env = json.loads(files.env.read_text())  # when it finished: the workers of a run should finish together
+        env["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        files.env.write_text(json.dumps(env, indent=2, sort_keys=True))
     finally:
         handle.close()
     return result
