@@ -288,6 +288,9 @@ class FakeWorker:
     def failure(self):
         return "exit status 3"
 
+    def stop(self):
+        raise AssertionError("a finished worker is not stopped")
+
 
 def test_a_worker_is_started_again_while_each_start_adds_a_row(tmp_path, monkeypatch):
     monkeypatch.setattr(local, "POLL_S", 0)

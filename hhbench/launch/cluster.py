@@ -165,13 +165,15 @@ def run_local(
         jobs.append((task, executor.submit(shard_job, task)))
     names, total = [task.name for task in tasks], sum(len(task.points) for task in tasks)
     before = rows_written(run, names)
-    while True:
-        finished = all(job.done() for _, job in jobs)
-        if on_progress:
-            on_progress(rows_written(run, names) - before, total)
-        if finished:
-            break
-        time.sleep(POLL_S)
+    try:
+        while not all(job.done() for _, job in jobs):
+            time.sleep(POLL_S)
+            if on_progress:
+                on_progress(rows_written(run, names) - before, total)
+    finally:  # interrupted: no job outlives its launch (submitit's controller ends the job's processes)
+        for _, job in jobs:
+            if not job.done():
+                job.cancel(check=False)
     failures = []
     for task, job in jobs:
         error = job.exception()

@@ -49,6 +49,9 @@ class Handle(Protocol):
     def failure(self) -> str | None:
         """Why the worker ended badly (one line), None when it finished."""
 
+    def stop(self) -> None:
+        """End the worker now (the launch is interrupted): its point in progress gets no row, to be measured later."""
+
 
 @dataclass
 class WorkerProcess:
@@ -62,7 +65,7 @@ class WorkerProcess:
         files = run.shard(task.name)
         files.folder.mkdir(parents=True, exist_ok=True)
         files.task.write_bytes(pickle.dumps(task))
-        extra = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+        extra = {"HHBENCH_SUPERVISOR": str(os.getpid()), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
         with open(files.log, "a") as log:
             process = subprocess.Popen([sys.executable, "-m", "hhbench.launch.worker", str(files.task)], env=child_env(extra),
                                        stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
@@ -70,6 +73,10 @@ class WorkerProcess:
 
     def done(self) -> bool:
         return self.process.poll() is not None
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
     def failure(self) -> str | None:
         code = self.process.returncode
@@ -109,25 +116,29 @@ def supervise(
     started = {task.name: rows_written(run, [task.name]) for task in tasks}
     running = {task.name: (task, start(task)) for task in tasks}
     failures = []
-    while running:
-        time.sleep(POLL_S)
-        for name, (task, handle) in list(running.items()):
-            if not handle.done():
-                continue
-            del running[name]
-            why = handle.failure()
-            if why is None:
-                continue
-            reap(run, name, why)
-            left = remaining(run, name, task.points)
-            if left and rows_written(run, [name]) > started[name]:
-                again = replace(task, points=left)
-                started[name] = rows_written(run, [name])
-                running[name] = (again, start(again))
-            elif left:
-                failures.append(f"worker {name} stopped before its first row ({why}); {len(left)} points left")
-        if on_progress:
-            on_progress(rows_written(run, names) - before, total)
+    try:
+        while running:
+            time.sleep(POLL_S)
+            for name, (task, handle) in list(running.items()):
+                if not handle.done():
+                    continue
+                del running[name]
+                why = handle.failure()
+                if why is None:
+                    continue
+                reap(run, name, why)
+                left = remaining(run, name, task.points)
+                if left and rows_written(run, [name]) > started[name]:
+                    again = replace(task, points=left)
+                    started[name] = rows_written(run, [name])
+                    running[name] = (again, start(again))
+                elif left:
+                    failures.append(f"worker {name} stopped before its first row ({why}); {len(left)} points left")
+            if on_progress:
+                on_progress(rows_written(run, names) - before, total)
+    finally:  # interrupted (Ctrl-C, or a SIGINT to this process alone): no worker outlives its launch
+        for _, handle in running.values():
+            handle.stop()
     return failures
 
 
