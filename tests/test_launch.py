@@ -21,6 +21,7 @@ from hhbench.launch.cluster import parse_time
 from hhbench.launch.lock import run_lock, try_lock
 from hhbench.launch.merge import merge
 from hhbench.launch.shards import CHECK_S, _seconds, deal, estimated_seconds, unfinished
+from hhbench.launch.worker import Task
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import grid_points
 from hhbench.rows.runs import RunDir
@@ -296,11 +297,11 @@ def test_a_worker_is_started_again_while_each_start_adds_a_row(tmp_path, monkeyp
     monkeypatch.setattr(local, "POLL_S", 0)
     run = RunDir(tmp_path / "r").create()
     points = tuple(grid_points(GRID, "cpu"))
-    task = launch_run.Task(str(run.path), "w", points, FAST, "", "cpu")
+    task = Task(str(run.path), "w", points, FAST, "", "cpu")
     starts = []
     failures = local.supervise(run, [task], lambda t: starts.append(t) or FakeWorker(run, t, 1))
     assert not failures and len(starts) == len(points)
     assert sorted(row.key for row in read_rows(run.shard("w").rows)) == planned_keys()
-    dead = local.supervise(run, [launch_run.Task(str(run.path), "x", points, FAST, "", "cpu")],
+    dead = local.supervise(run, [Task(str(run.path), "x", points, FAST, "", "cpu")],
                            lambda t: FakeWorker(run, t, 0))  # fmt: skip
     assert dead == [f"worker x stopped before its first row (exit status 3); {len(points)} points left"]

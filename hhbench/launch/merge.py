@@ -41,7 +41,7 @@ def reap(run: RunDir, name: str, why: str) -> None:
     `why`; nothing where it stopped between points (its last noted point has a row, or none was noted)."""
     files = run.shard(name)
     if not files.current.exists():
-        return None
+        return
     row = Row.from_dict(read_json(files.current, "the point in progress of worker"))
     if row.key not in _keys(run, name):
         row.reason = f"worker {name} stopped while measuring this point ({why}); the other points went on"
