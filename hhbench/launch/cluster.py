@@ -15,6 +15,7 @@ from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
 
 SUBMITIT = "submitit"  # the folder in RUN/ holding submitit's pickles and logs
+CANCEL_WAIT_S = 10
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local executor kills a job after 2 minutes unless told otherwise
 # SLURM's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
 # days-hours:minutes:seconds
@@ -174,6 +175,9 @@ def run_local(
         for _, job in jobs:
             if not job.done():
                 job.cancel(check=False)
+        deadline = time.monotonic() + CANCEL_WAIT_S  # so that the merge after this finds their shards released
+        while not all(job.done() for _, job in jobs) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
     failures = []
     for task, job in jobs:
         error = job.exception()

@@ -142,14 +142,20 @@ def supervise(
     return failures
 
 
-def run_on_gpus(task: Task, gpus: list[str | None], on_progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """`task`'s points dealt by estimated cost (shards.deal) to one worker process per GPU (None: one worker on
-    the CPU), supervised; the worker on GPU K is named TASK-gpuK (gpuK for an unnamed task), the one on the
-    CPU TASK (cpu). Returns supervise's failures."""
-    run = RunDir(Path(task.run))
+def run_workers(
+    run: RunDir, tasks: list[Task], gpus: list[str | None], on_progress: Callable[[int, int], None] | None = None
+) -> list[str]:
+    """One worker process per task with points, task i on GPU gpus[i] (None: the CPU), supervised. Returns
+    supervise's failures."""
+    gpu_of = {task.name: gpu for task, gpu in zip(tasks, gpus, strict=True)}
+    busy = [task for task in tasks if task.points]
+    return supervise(run, busy, lambda task: WorkerProcess.start(run, task, gpu_of[task.name]), on_progress)
+
+
+def run_on_gpus(task: Task, gpus: list[str | None]) -> list[str]:
+    """`task`'s points dealt by estimated cost (shards.deal) over `gpus` and run there, one worker each; the
+    worker on GPU K is named TASK-gpuK (gpuK for an unnamed task), the one on the CPU TASK (cpu)."""
     parts = deal(list(task.points), len(gpus), task.policy)
-    named = {worker_name(task.name, gpu): gpu for gpu in gpus}
-    tasks = [
-        replace(task, name=name, points=part.points) for name, part in zip(named, parts, strict=True) if part.points
-    ]
-    return supervise(run, tasks, lambda t: WorkerProcess.start(run, t, named[t.name]), on_progress)
+    tasks = [replace(task, name=worker_name(task.name, gpu), points=part.points)
+             for gpu, part in zip(gpus, parts, strict=True)]  # fmt: skip
+    return run_workers(RunDir(Path(task.run)), tasks, gpus)

@@ -9,7 +9,7 @@ import torch
 from hhbench.errors import UserError
 from hhbench.launch import cluster
 from hhbench.launch.cluster import Slurm
-from hhbench.launch.local import run_on_gpus, visible_gpus, worker_name
+from hhbench.launch.local import run_workers, visible_gpus, worker_name
 from hhbench.launch.merge import merge
 from hhbench.launch.shards import Shard, deal, unfinished
 from hhbench.launch.worker import Task
@@ -135,7 +135,6 @@ def launch(
         done = {row.key for row in finished_rows(run, retry, {p.identity for p in points if p.parts})}
     todo = [point for point in points if point.identity not in done]
     outcome = Launched(skipped=len(points) - len(todo))
-    task = Task(str(run.path), "", tuple(todo), policy, suite_name, where.type, isolate, threads)
     if options.gpus:
         shards = deal(todo, len(options.gpus), policy)
         outcome.plan = [(worker_name("", gpu), shard) for gpu, shard in zip(options.gpus, shards, strict=True)]
@@ -149,23 +148,25 @@ def launch(
         if options.launcher == "slurm":
             outcome.script = cluster.sbatch_script(run, options.slurm, len(outcome.plan))
         return outcome
-    if options.gpus:  # dealt again by run_on_gpus, as a SLURM job deals its shard over its GPUs
-        outcome.failures = run_on_gpus(task, options.gpus, on_progress)
-        return _merged(run, outcome, started)
-    tasks = [replace(task, name=name, points=shard.points) for name, shard in outcome.plan]
-    if options.launcher == "local":
-        outcome.failures = cluster.run_local(run, tasks, visible_gpus(), on_progress)
-    else:
+    template = Task(str(run.path), "", (), policy, suite_name, where.type, isolate, threads)
+    tasks = [replace(template, name=name, points=shard.points) for name, shard in outcome.plan]
+    if options.launcher == "slurm":
         outcome.submitted = cluster.submit_slurm(run, tasks, options.slurm) if tasks else []
         outcome.rows = run.rows()
         return outcome
-    return _merged(run, outcome, started)
+    try:
+        if options.gpus:
+            outcome.failures = run_workers(run, tasks, options.gpus, on_progress)
+        else:
+            outcome.failures = cluster.run_local(run, tasks, visible_gpus(), on_progress)
+    finally:  # interrupted too (the workers are stopped by then): what they measured is merged, the time kept
+        _merged(run, outcome, started)
+    return outcome
 
 
-def _merged(run: RunDir, outcome: Launched, started: float) -> Launched:
+def _merged(run: RunDir, outcome: Launched, started: float) -> None:
     merged = merge(run)
     outcome.rows, outcome.new = merged.rows, merged.added
     env = run.env()
     env["sessions"][-1]["wall_s"] = round(time.monotonic() - started, 1)
     run.write_env(env)
-    return outcome
