@@ -199,6 +199,15 @@ def test_the_dry_run_prints_submitits_sbatch_array(tmp_path):
     assert not (tmp_path / "s").exists(), "a dry run writes nothing"
 
 
+def test_the_gpus_dry_run_shows_each_workers_points(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch_run, "visible_gpus", lambda: ["2", "5", "7"])
+    result = run_main("sweep", *FLAGS, "--gpus", "2", "--dry-run", "--out", str(tmp_path), "--run", "d")
+    assert result.returncode == 0, result.stderr
+    counts = [line.split(":")[1].split()[0] for line in result.stdout.splitlines() if line.startswith("gpu")]
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("gpu")] == ["gpu2", "gpu5"]
+    assert sum(map(int, counts)) == len(planned_keys()) and not (tmp_path / "d").exists()
+
+
 def test_a_rerun_leaves_shards_slurm_still_holds(tmp_path, monkeypatch):
     (tmp_path / "s" / "submitit").mkdir(parents=True)
     (tmp_path / "s" / "submitit" / "array.json").write_text(json.dumps({"shard-0-of-2": "7_0", "shard-1-of-2": "7_1"}))
