@@ -36,6 +36,10 @@ def main() -> int:
         print(f"| {run.path} | {len(keyed)} | {'' if wall is None else f'{wall:.1f}'} |")
     if None not in walls:
         print(f"\nspeed-up: {walls[0] / walls[1]:.2f}x (reference wall / candidate wall)")
+    for run in runs:  # workers of a balanced launch finish together
+        workers = run.env().get("workers", {})
+        ends = ", ".join(f"{name} {w.get('time')} -> {w.get('finished')}" for name, w in sorted(workers.items()))
+        print(f"\n{run.path} workers (last start -> finish): {ends or 'none recorded'}")
     only = [set(rows[0]) - set(rows[1]), set(rows[1]) - set(rows[0])]
     print(
         f"\nkey sets identical: {not any(only)} ({len(only[0])} only in the reference, {len(only[1])} only in the candidate)"
