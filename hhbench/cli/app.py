@@ -21,7 +21,7 @@ def _root() -> None:
 
 
 def _register_commands() -> None:
-    from hhbench.cli import distill, eval, flops, gate, report, select_heads, sweep, table  # noqa: F401  (importing a module registers its command)
+    from hhbench.cli import distill, eval, flops, gate, merge, report, select_heads, sweep, table  # noqa: F401  (importing a module registers its command)
 
 
 def _cli_exceptions() -> tuple[type[BaseException], ...]:

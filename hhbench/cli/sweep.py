@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hhbench.cli.app import app
 from hhbench.errors import UserError
 from hhbench.files import run_folder
+from hhbench.launch.lock import run_lock
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, markdown_table
 from hhbench.spec.units import parse_count, split_list
@@ -100,16 +101,38 @@ def sweep(
         int,
         Opt(help="CPU threads for torch (0: torch's default). One keeps small CPU kernels steady on shared machines."),
     ] = 1,
+    gpus: Annotated[
+        str, Opt(help="One worker process per GPU of this machine: N or all (points dealt by estimated cost).")
+    ] = "",
+    launcher: Annotated[
+        str, Opt(help="local or slurm: the shards as submitit jobs (needs submitit, the cluster extra).")
+    ] = "",
+    shards: Annotated[int | None, Opt(help="Shards for --launcher (one job, or array task, each). Default 1.")] = None,
+    slurm_partition: Annotated[str, Opt(help="SLURM partition of the array.")] = "",
+    slurm_gpus_per_node: Annotated[
+        int | None, Opt(help="GPUs of each array task, one worker each (default 1; 0: CPU).")
+    ] = None,
+    slurm_time: Annotated[
+        str, Opt(help="Time limit of each task, SLURM's format (90, 1:30:00, 2-00). Default 60 min.")
+    ] = "",
+    slurm_account: Annotated[str, Opt(help="SLURM account charged.")] = "",
+    dry_run: Annotated[
+        bool, Opt(help="With --gpus or --launcher: print each worker's points (and the sbatch script), run nothing.")
+    ] = False,
 ):
     """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
 
+    from hhbench.launch.run import Launch
     from hhbench.measure.env import pick_device
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import dedupe, grid_points, load_suite
     from hhbench.runner.measurements import CROSSCHECK_MIN_MS
     from hhbench.runner.sweep import run_sweep
 
-    where = pick_device(device)
+    slurm = {"partition": slurm_partition, "gpus_per_node": slurm_gpus_per_node, "time": slurm_time,
+             "account": slurm_account}  # fmt: skip
+    spread = Launch.from_flags(gpus, launcher, shards, slurm, dry_run, device, crosscheck)
+    where = spread.slurm_device() or pick_device(device)
     set_cpu_threads(threads, where)
     if crosscheck < 0:
         raise UserError(f"--crosscheck must be >= 0, got {crosscheck}")
@@ -137,10 +160,13 @@ def sweep(
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     if policy.graph and where.type != "cuda":  # refused, not silently timed eagerly (as --mode streams)
         raise UserError(f"[timing] graph = true captures CUDA graphs, and this run is on {where.type}")
-    run_dir = RunDir(run_folder(out, run or default_run_name(name, where))).create()
+    run_dir = RunDir(run_folder(out, run or default_run_name(name, where)))
     if not suite and not grid:  # the main job: nothing on its command line says what it runs, so say it here
         why = "a CUDA GPU is visible" if where.type == "cuda" else "no CUDA GPU is visible, and 'default' needs one"
         print(f"hhbench: no --suite given: suite {name!r} ({why}), rows to {run_dir.rows_path}", file=sys.stderr)
+    if spread.dry_run:
+        return _dry_run(points, run_dir, where, policy, spread)
+    run_dir.create()
     # Started at the first finished point, so that set-up errors stay one line on stderr.
     progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -154,8 +180,18 @@ def sweep(
         progress.update(task, completed=done, total=total,
                         description=f"{row.variant} {row.pass_} {row.scope} {row.context}: {row.status}")  # fmt: skip
 
+    def on_progress(done, total):
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(task, completed=done, total=total)
+
     try:
-        result = run_sweep(points, run_dir, where, policy, name, isolate, crosscheck, retry_errors, on_row)
+        with run_lock(run_dir):
+            if spread.active:
+                return _launch(
+                    points, run_dir, where, policy, spread, name, isolate, retry_errors, threads, on_progress, progress
+                )
+            result = run_sweep(points, run_dir, where, policy, name, isolate, crosscheck, retry_errors, on_row)
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -170,4 +206,41 @@ def sweep(
     for failure in result.crosscheck_failures:
         print(f"hhbench: crosscheck beyond 5%: {failure}", file=sys.stderr)
     if result.crosscheck_failures:
+        raise SystemExit(1)
+
+
+def _dry_run(points, run_dir: RunDir, where, policy, spread) -> None:
+    from hhbench.launch.run import launch
+
+    planned = launch(points, run_dir, where, policy, spread)
+    for name, shard in planned.plan:
+        typer.echo(f"{name}: {len(shard.points)} points, about {shard.seconds:.0f} s")
+    typer.echo(f"{planned.skipped} points already in {run_dir.path}")
+    for shard in planned.busy:
+        typer.echo(f"{shard} is still queued or running: not submitted again")
+    if planned.script:
+        typer.echo(planned.script)
+
+
+def _launch(points, run_dir: RunDir, where, policy, spread, name, isolate, retry, threads, on_progress, progress):
+    from hhbench.launch.run import launch
+
+    launched = launch(points, run_dir, where, policy, spread, name, isolate, retry, threads, on_progress)
+    if progress.live.is_started:
+        progress.stop()
+    for shard in launched.busy:
+        print(f"hhbench: {shard} is still queued or running: not submitted again", file=sys.stderr)
+    if spread.launcher == "slurm":
+        ids = ", ".join(launched.submitted) or "nothing"
+        typer.echo(f"submitted {len(launched.submitted)} shard(s) of {spread.shards}: {ids}; {launched.skipped} "
+                   f"points already in {run_dir.path}. When they end: hhbench merge {run_dir.path}; rerun this "
+                   "command to submit the shards with points left.")  # fmt: skip
+        return
+    typer.echo(summary(launched.rows))
+    typer.echo(
+        f"\n{launched.new} new rows, {launched.skipped} already in {run_dir.rows_path}; env in {run_dir.env_path}"
+    )
+    for failure in launched.failures:
+        print(f"hhbench: {failure}", file=sys.stderr)
+    if launched.failures:
         raise SystemExit(1)

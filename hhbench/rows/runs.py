@@ -1,7 +1,9 @@
 """A run folder, results/<run>/: rows.jsonl (performance and analytic rows), eval.jsonl (quality rows) and
-env.json (the machine and versions that produced them)."""
+env.json (the machine and versions that produced them); while several workers measure it (hhbench.launch),
+shards/ holds each worker's files until they are merged into rows.jsonl and env.json."""
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,42 @@ from hhbench.files import make_folder, open_output
 from hhbench.rows.schema import EvalRow, RowSet, read_rows
 
 ROWS, EVAL, ENV, TRAIN = "rows.jsonl", "eval.jsonl", "env.json", "train.jsonl"
+SHARDS, LOCK = "shards", ".lock"
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """One worker's files in RUN/shards/: its rows (appended and flushed per point, as rows.jsonl inline), its
+    env (host, device), the point it is measuring now (that point's error row, kept if the worker dies on it),
+    its task (hhbench.launch.worker.Task, pickled) and its log (stdout and stderr of its process)."""
+
+    folder: Path
+    name: str
+
+    @property
+    def rows(self) -> Path:
+        """NAME.jsonl: the worker's rows, appended and flushed per point."""
+        return self.folder / f"{self.name}.jsonl"
+
+    @property
+    def env(self) -> Path:
+        """NAME.env.json: the worker's host, device and versions."""
+        return self.folder / f"{self.name}.env.json"
+
+    @property
+    def current(self) -> Path:
+        """NAME.current.json: the point in progress, as its error row (kept as the row if the worker dies on it)."""
+        return self.folder / f"{self.name}.current.json"
+
+    @property
+    def task(self) -> Path:
+        """NAME.task.pkl: the worker's hhbench.launch.worker.Task, pickled."""
+        return self.folder / f"{self.name}.task.pkl"
+
+    @property
+    def log(self) -> Path:
+        """NAME.log: the worker process's stdout and stderr."""
+        return self.folder / f"{self.name}.log"
 
 
 @dataclass(frozen=True)
@@ -56,6 +94,23 @@ class RunDir:
         """<run>/env.json: the machine and versions of the run."""
         return self.path / ENV
 
+    @property
+    def lock_path(self) -> Path:
+        """<run>/.lock: held by the sweep or merge writing the run (hhbench.launch.lock)."""
+        return self.path / LOCK
+
+    def shard(self, name: str) -> ShardFiles:
+        """The files of worker `name` in <run>/shards/."""
+        return ShardFiles(self.path / SHARDS, name)
+
+    def shard_names(self) -> list[str]:
+        """The workers with rows or a point in progress in shards/, sorted."""
+        folder = self.path / SHARDS
+        if not folder.is_dir():
+            return []
+        names = {p.name.removesuffix(".current.json") for p in folder.glob("*.current.json")}
+        return sorted(names | {p.stem for p in folder.glob("*.jsonl")})
+
     def rows(self) -> RowSet:
         """The run's Rows (read_rows; empty without rows.jsonl)."""
         return read_rows(self.rows_path) if self.rows_path.exists() else RowSet()
@@ -80,7 +135,10 @@ class RunDir:
             raise UserError(f"cannot read {self.env_path}: {exc}") from None
 
     def write_env(self, env: dict) -> None:
-        """Write `env` as env.json (indented, sorted keys); raises UserError for an unwritable path."""
-        with open_output(self.env_path, "w") as out:
+        """Write `env` as env.json (indented, sorted keys), replaced whole: a kill while writing leaves the old
+        env.json or the new one; raises UserError for an unwritable path."""
+        temporary = self.env_path.with_suffix(".tmp")
+        with open_output(temporary, "w") as out:
             json.dump(env, out, indent=2, sort_keys=True)
             out.write("\n")
+        os.replace(temporary, self.env_path)

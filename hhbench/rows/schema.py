@@ -106,6 +106,7 @@ class Row:
     vs_floor: float | None = None  # latency_ms / floor_ms
     extra: dict = field(default_factory=dict)
     run: str = ""
+    worker: str = ""  # the launch worker that measured it (env.json "workers" holds its host and device); "" inline
     schema: int = SCHEMA_VERSION
 
     @property

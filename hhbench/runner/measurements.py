@@ -89,6 +89,13 @@ def measurement(name: str, fields: tuple[str, ...], addition: bool = False):
     return wrap
 
 
+def check_group(point: Point) -> tuple:
+    """What one correctness check covers: the point but for its ratio text, context and batch (the check runs at a
+    small context and batch of its own), so a sweep checks each group once and a launcher keeps a group together."""
+    return (point.shape, point.spec, point.pass_, point.scope, point.dtype, point.fa_backend, point.gdn_backend,
+            point.mode)  # fmt: skip
+
+
 def needed_backends(point: Point) -> list[registry.Backend]:
     """The backends the point runs: FA where its plan has FA heads, GDN where it has GDN heads."""
     plan = build_plan(point.shape, point.spec)
@@ -144,8 +151,7 @@ def correctness(trial: Trial) -> None:
     """max_rel_err against the fp32 reference (check_correctness), once per configuration of the sweep; beyond
     the dtype's TOLERANCE the row is incorrect and never timed."""
     point, row = trial.point, trial.row
-    key = (point.shape, point.spec, point.pass_, point.scope, point.dtype, point.fa_backend, point.gdn_backend,
-           point.mode)  # fmt: skip
+    key = check_group(point)
     if key not in trial.checked:
         trial.checked[key] = check_correctness(point, trial.device)
         trial.free()

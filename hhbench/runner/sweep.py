@@ -4,6 +4,10 @@ A finished row is durable before the next point starts (append + fsync); a rerun
 points that already have a row (by Point.identity: 3:1 asked after 6:2 is the same point), so a killed sweep
 resumes where it stopped, without duplicates. With `isolate`, each point runs in a fresh subprocess, because a
 CUDA error poisons the process that hit it.
+
+The same loop runs in each worker of a launch (hhbench.launch): with `worker`, rows go to the worker's shard file
+and its env beside it, rows.jsonl and env.json are only read, and each point's error row is written down before
+the point starts, so that a worker that dies on it leaves that row (hhbench.launch.merge).
 """
 
 import json
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hhbench.errors import UserError
+from hhbench.files import open_output
 from hhbench.kernels import registry
 from hhbench.measure.env import capture_env, device_name, measure_peaks
 from hhbench.measure.timing import TimingPolicy
@@ -42,9 +47,10 @@ class SweepResult:
     skipped: int = 0
     crosscheck_failures: list[str] = field(default_factory=list)
     crosschecked: int = 0  # points timed again with do_bench (kernel scope, not decode, at least 2 ms)
+    poisoned: str = ""  # a worker's CUDA context failed after this error: the rest of its points left to another
 
 
-def _existing_rows(run: RunDir, retry: bool, wants_parts: set) -> RowSet:
+def finished_rows(run: RunDir, retry: bool, wants_parts: set) -> RowSet:
     """The run's finished rows, less those to measure again: error and oom rows with retry, and rows measured
     without the parts this sweep asks for (rewritten atomically: a kill here leaves the old file or the new one)."""
     if not run.rows_path.exists():
@@ -65,21 +71,67 @@ def _existing_rows(run: RunDir, retry: bool, wants_parts: set) -> RowSet:
     return rows
 
 
-def _prepare_env(run: RunDir, suite_name: str, device: torch.device) -> None:
-    env = run.env()
+def _check_device(env: dict, run: RunDir) -> None:
     here = device_name()
     if env and env.get("device") != here:
         raise UserError(
             f"run {run.path} was measured on {env.get('device')}, this machine is {here}: use another --run"
         )
+
+
+def _new_env(suite_name: str, device: torch.device, extra: dict) -> dict:
+    # auto's candidates available here, in order: a point's auto takes the first that accepts it
+    env = capture_env({"suite": suite_name, "auto": registry.auto_choices(device.type), **extra})
+    if device.type == "cuda":
+        env["peaks"] = measure_peaks()
+    return env
+
+
+def prepare_env(run: RunDir, suite_name: str, device: torch.device) -> None:
+    """env.json of a run measured here: written at its first sweep, a session added at each; a run measured on
+    another device is refused."""
+    env = run.env()
+    _check_device(env, run)
     if not env:
-        # auto's candidates available here, in order: a point's auto takes the first that accepts it
-        env = capture_env({"suite": suite_name, "argv": sys.argv[1:], "auto": registry.auto_choices(device.type)})
-        if device.type == "cuda":
-            env["peaks"] = measure_peaks()
+        env = _new_env(suite_name, device, {"argv": sys.argv[1:]})
     now = capture_env()
     env.setdefault("sessions", []).append({"time": now["time"], "hhbench_commit": now["hhbench_commit"]})
     run.write_env(env)
+
+
+def _prepare_worker_env(run: RunDir, worker: str, suite_name: str, device: torch.device) -> None:
+    """The worker's own env (host, device, the GPU it was given) beside its rows; merge folds it into env.json."""
+    env = run.env()
+    if env.get("device"):
+        _check_device(env, run)
+    where = {"worker": worker, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}  # fmt: skip
+    mine = _new_env(suite_name, device, where)
+    with open_output(run.shard(worker).env, "w") as out:
+        json.dump(mine, out, indent=2, sort_keys=True)
+
+
+def _note_current(run: RunDir, worker: str, point: Point) -> None:
+    """The point's row as it stays if this worker dies measuring it (merge.reap fills in why); replaced whole."""
+    row = base_row(point)
+    row.status, row.device, row.worker = schema.ERROR, device_name(), worker
+    path = run.shard(worker).current
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(row.to_dict()))
+    os.replace(temporary, path)
+
+
+def device_usable(device: torch.device) -> bool:
+    """Whether the device still runs work after an error: an illegal memory access leaves a CUDA context that
+    fails every later call (sticky), so that every later point in the process would be an error row."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.ones(1, device=device).add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _measure_isolated(point: Point, device: torch.device, policy: TimingPolicy, crosscheck: bool) -> Row:
@@ -111,14 +163,21 @@ def run_sweep(
     crosscheck: int = 0,
     retry: bool = False,
     on_row: Callable[[Row, int, int], None] | None = None,
+    worker: str = "",
 ) -> SweepResult:
     """Measure the points that `run` has no row for yet (`retry`: error and oom rows again), appending each row
     durably as it finishes; `isolate` runs each point in a subprocess; `crosscheck` times up to that many kernel
     points again with triton's do_bench (a gap over 5% is a failure). Raises UserError when the run was measured
     on another device."""
     run.create()
-    _prepare_env(run, suite_name, device)
-    rows = _existing_rows(run, retry, {p.identity for p in points if p.parts})
+    if worker:  # the launcher prepared env.json and rows.jsonl (retry, parts); this worker only reads them
+        out = run.shard(worker).rows
+        _prepare_worker_env(run, worker, suite_name, device)
+        rows = RowSet([*run.rows(), *(read_rows(out, repair=True) if out.exists() else [])])
+    else:
+        out = run.rows_path
+        prepare_env(run, suite_name, device)
+        rows = finished_rows(run, retry, {p.identity for p in points if p.parts})
     done = {row.key for row in rows}
     todo = [p for p in points if p.identity not in done]
     result = SweepResult(run, rows, skipped=len(points) - len(todo))
@@ -126,6 +185,8 @@ def run_sweep(
     crosschecks_left = crosscheck
     for index, point in enumerate(todo):
         wants_crosscheck = crosschecks_left > 0 and point.scope.value == "kernel" and point.pass_.value != "decode"
+        if worker:
+            _note_current(run, worker, point)
         began = time.perf_counter()
         if isolate:
             row = _measure_isolated(point, device, policy, wants_crosscheck)
@@ -134,8 +195,8 @@ def run_sweep(
         # the point's wall time, compiles, autotuning, the correctness check and the floor included: what a
         # suite costs to run, point by point
         row.extra["point_s"] = round(time.perf_counter() - began, 2)
-        row.run = run.name
-        append_row(run.rows_path, row)
+        row.run, row.worker = run.name, worker
+        append_row(out, row)
         rows.append(row)
         result.new += 1
         check = row.extra.get("crosscheck")
@@ -148,4 +209,7 @@ def run_sweep(
                 )
         if on_row:
             on_row(row, index + 1, len(todo))
+        if worker and row.status == schema.ERROR and not device_usable(device):
+            result.poisoned = f"{row.variant} {row.pass_} {row.scope} {row.context}: {row.reason}"
+            break
     return result

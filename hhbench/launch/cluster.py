@@ -1,0 +1,189 @@
+"""submitit, the field's convention for clusters: the shards as one SLURM job array (one shard a task), or as
+jobs of its local executor on a machine without SLURM. Each job measures its shard on the GPUs it was given,
+one worker process per GPU (hhbench.launch.local), so that a point that kills its worker costs that point only."""
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hhbench.errors import UserError
+from hhbench.launch.local import POLL_S, rows_written, run_on_gpus, visible_gpus
+from hhbench.launch.worker import Task
+from hhbench.rows.runs import RunDir
+
+SUBMITIT = "submitit"  # the folder in RUN/ holding submitit's pickles and logs
+CANCEL_WAIT_S = 10
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local executor kills a job after 2 minutes unless told otherwise
+# SLURM's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds
+TIME = re.compile(r"(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+):(\d+):(\d+)|(\d+)(?::(\d+))?)")
+# SLURM job states in which a shard's task may still write: its shard is not submitted again
+QUEUED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
+NAME = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")  # a SLURM partition or account (a list for partitions)
+
+
+def parse_time(text: str) -> int:
+    """A SLURM --time value in whole minutes, rounded up. Raises UserError for another format or zero."""
+    match = TIME.fullmatch(text.strip())
+    if not match:
+        raise UserError(
+            f"--slurm-time {text!r}: use SLURM's formats, minutes, minutes:seconds, hours:minutes:seconds or "
+            "days-hours[:minutes[:seconds]]"
+        )
+    days, day_hours, day_minutes, day_seconds, hours, minutes, seconds, only_minutes, only_seconds = (
+        int(group or 0) for group in match.groups()
+    )
+    total_s = (
+        days * 86400 + day_hours * 3600 + day_minutes * 60 + day_seconds
+        + hours * 3600 + minutes * 60 + seconds + only_minutes * 60 + only_seconds
+    )  # fmt: skip
+    if not total_s:
+        raise UserError(f"--slurm-time {text!r} is zero: give the time a shard may run")
+    return -(-total_s // 60)
+
+
+def import_submitit():
+    """submitit, imported where a launcher needs it (the `cluster` extra); UserError naming the extra where it is
+    not installed."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(
+            "--launcher local and slurm submit through submitit, which is not installed: pip install 'hhbench[cluster]'"
+        ) from None
+    return submitit
+
+
+@dataclass(frozen=True)
+class Slurm:
+    """What each array task asks of SLURM: one node, one task, `gpus_per_node` GPUs, `minutes` of time."""
+
+    partition: str = ""
+    gpus_per_node: int = 1
+    minutes: int = 60
+    account: str = ""
+
+    def __post_init__(self):
+        for flag, value in (("--slurm-partition", self.partition), ("--slurm-account", self.account)):
+            if value and not NAME.fullmatch(value):
+                raise UserError(f"{flag} {value!r}: a SLURM name is letters, digits, '_', '-' and '.'")
+        if self.gpus_per_node < 0:
+            raise UserError(f"--slurm-gpus-per-node must be >= 0, got {self.gpus_per_node}")
+
+    def parameters(self) -> dict:
+        """SlurmExecutor.update_parameters' arguments."""
+        chosen = {"partition": self.partition or None, "account": self.account or None}
+        return {"job_name": "hhbench", "nodes": 1, "ntasks_per_node": 1, "time": self.minutes,
+                "gpus_per_node": self.gpus_per_node, **{k: v for k, v in chosen.items() if v}}  # fmt: skip
+
+
+def shard_job(task: Task) -> int:
+    """One job (an array task, a local job): its shard over the GPUs the job was given, one worker each, or one
+    worker on the CPU. Raises RuntimeError, so that the job reads as failed, when a worker stopped between
+    points; returns the number of points."""
+    failures = run_on_gpus(task, visible_gpus() or [None])
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    return len(task.points)
+
+
+def _slurm_executor(submitit, folder: Path, slurm: Slurm, script_only: bool):
+    kind = submitit.SlurmExecutor
+    if script_only:  # SlurmExecutor refuses to exist where srun is missing; its script needs no srun
+
+        class ScriptOnly(kind):
+            @classmethod
+            def affinity(cls) -> int:
+                return 1
+
+        kind = ScriptOnly
+    try:
+        executor = kind(folder=folder)
+    except RuntimeError as exc:  # no srun here
+        raise UserError(f"--launcher slurm: {exc} (submit from a SLURM login node, or use --dry-run)") from None
+    executor.update_parameters(**slurm.parameters())
+    return executor
+
+
+def sbatch_script(run: RunDir, slurm: Slurm, count: int) -> str:
+    """The sbatch script that submitting `count` shards writes, as submitit writes it (SlurmExecutor's
+    submission text, with the --array line it adds for more than one job)."""
+    executor = _slurm_executor(import_submitit(), run.path / SUBMITIT, slurm, script_only=True)
+    if count > 1:
+        executor.parameters["map_count"] = count  # what SlurmExecutor does when it submits an array
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="")
+
+
+def _record(run: RunDir) -> Path:
+    return run.path / SUBMITIT / "array.json"  # shard name -> the SLURM job id of its last submission
+
+
+def submit_slurm(run: RunDir, tasks: list[Task], slurm: Slurm) -> list[str]:
+    """The tasks submitted as one job array; returns the job ids (ARRAY_TASK), also recorded for queued_shards."""
+    executor = _slurm_executor(import_submitit(), run.path / SUBMITIT, slurm, script_only=False)
+    with executor.batch():
+        jobs = [executor.submit(shard_job, task) for task in tasks]
+    ids = [job.job_id for job in jobs]
+    record = _record(run)
+    known = json.loads(record.read_text()) if record.exists() else {}
+    record.write_text(json.dumps({**known, **{task.name: id_ for task, id_ in zip(tasks, ids, strict=True)}}))
+    return ids
+
+
+def job_states(run: RunDir, ids: list[str]) -> dict[str, str]:
+    """SLURM's state of each job id (one sacct call through submitit's watcher; UNKNOWN where sacct cannot say)."""
+    submitit = import_submitit()
+    jobs = [submitit.SlurmJob(folder=run.path / SUBMITIT, job_id=id_) for id_ in ids]
+    if jobs:
+        jobs[0].watcher.update()
+    return {job.job_id: job.watcher.get_state(job.job_id, mode="cache") for job in jobs}
+
+
+def queued_shards(run: RunDir) -> list[str]:
+    """The shards whose last submitted task SLURM still holds (pending or running): a rerun leaves them be."""
+    record = _record(run)
+    if not record.exists():
+        return []
+    submitted = json.loads(record.read_text())
+    states = job_states(run, list(submitted.values()))
+    return [name for name, id_ in submitted.items() if states.get(id_, "").split(" ")[0].upper() in QUEUED]
+
+
+def run_local(
+    run: RunDir, tasks: list[Task], gpus: list[str], on_progress: Callable[[int, int], None] | None = None
+) -> list[str]:
+    """The tasks as jobs of submitit's local executor, job i on GPU gpus[i % len(gpus)] (on the CPU without
+    GPUs), waited for; returns one line per failed job."""
+    submitit = import_submitit()
+    if not all(gpu.isdigit() for gpu in gpus):
+        raise UserError(f"--launcher local gives jobs GPUs by index, and CUDA_VISIBLE_DEVICES names {','.join(gpus)}")
+    executor = submitit.LocalExecutor(folder=run.path / SUBMITIT)
+    jobs = []
+    for index, task in enumerate(tasks):
+        gpu = [int(gpus[index % len(gpus)])] if gpus else []
+        executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=len(gpu), visible_gpus=gpu)
+        jobs.append((task, executor.submit(shard_job, task)))
+    names, total = [task.name for task in tasks], sum(len(task.points) for task in tasks)
+    before = rows_written(run, names)
+    try:
+        while not all(job.done() for _, job in jobs):
+            time.sleep(POLL_S)
+            if on_progress:
+                on_progress(rows_written(run, names) - before, total)
+    finally:  # interrupted: no job outlives its launch (submitit's controller ends the job's processes)
+        for _, job in jobs:
+            if not job.done():
+                job.cancel(check=False)
+        deadline = time.monotonic() + CANCEL_WAIT_S  # so that the merge after this finds their shards released
+        while not all(job.done() for _, job in jobs) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+    failures = []
+    for task, job in jobs:
+        error = job.exception()
+        if error is not None:
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            failures.append(f"job {task.name}: {lines[-1].strip()[:300] if lines else type(error).__name__}")
+    return failures

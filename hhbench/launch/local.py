@@ -1,0 +1,172 @@
+"""Workers on this machine: one process per GPU (CUDA_VISIBLE_DEVICES), watched until all finish. A worker that
+dies inside a point leaves that point as an error row (merge.reap); one that stops after an error poisoned its
+CUDA context has that row already. Either is started again on the rest of its points, as long as each start
+adds a row; one that dies before its first row (its set-up) is reported and not started again."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import hhbench
+from hhbench.launch.merge import reap, remaining
+from hhbench.launch.shards import deal
+from hhbench.launch.worker import Task
+from hhbench.rows.runs import RunDir
+
+POLL_S = 0.2
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may give to workers, as CUDA_VISIBLE_DEVICES names them (SLURM sets it to a task's
+    allocation), else 0..count-1; [] where torch sees no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    named = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+    return named[:count] if named else [str(index) for index in range(count)]
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """This environment, with this process's hhbench first on PYTHONPATH: workers run the code that launched them
+    (a checkout, not whatever hhbench the interpreter has installed)."""
+    root = str(Path(hhbench.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+class Handle(Protocol):
+    """A running worker as the supervisor sees it: a child process (--gpus) or a submitit job (--launcher)."""
+
+    def done(self) -> bool:
+        """Whether the worker has ended, well or badly."""
+        ...
+
+    def failure(self) -> str | None:
+        """Why the worker ended badly (one line), None when it finished."""
+
+    def stop(self) -> None:
+        """End the worker now (the launch is interrupted): its point in progress gets no row, to be measured later."""
+
+
+@dataclass
+class WorkerProcess:
+    """A worker as a child process, its stdout and stderr in its shard log."""
+
+    process: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, run: RunDir, task: Task, gpu: str | None) -> "WorkerProcess":
+        """Start `task` as `python -m hhbench.launch.worker` with only `gpu` visible (CUDA_VISIBLE_DEVICES; None: the
+        device the task names), its task pickled and its output appended to its shard log."""
+        files = run.shard(task.name)
+        files.folder.mkdir(parents=True, exist_ok=True)
+        files.task.write_bytes(pickle.dumps(task))
+        extra = {"HHBENCH_SUPERVISOR": str(os.getpid()), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+        with open(files.log, "a") as log:
+            process = subprocess.Popen([sys.executable, "-m", "hhbench.launch.worker", str(files.task)], env=child_env(extra),
+                                       stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        return cls(process, files.log)
+
+    def done(self) -> bool:
+        """Whether the process has exited."""
+        return self.process.poll() is not None
+
+    def stop(self) -> None:
+        """Kill the process and wait for it: its point in progress gets no row (see Handle.stop)."""
+        self.process.kill()
+        self.process.wait()
+
+    def failure(self) -> str | None:
+        """None after exit status 0, else one line: the signal that killed it, or the status and its log's last line."""
+        code = self.process.returncode
+        if code == 0:
+            return None
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        return f"exit status {code}: {lines[-1].strip()[:200]}" if lines else f"exit status {code}"
+
+
+def worker_name(task: str, gpu: str | None) -> str:
+    """The name rows and shard files carry: gpuK for GPU K of an inline --gpus launch, TASK-gpuK inside a shard,
+    the task's own name (or "cpu") without a GPU."""
+    if gpu is None:
+        return task or "cpu"
+    return f"{task}-gpu{gpu}" if task else f"gpu{gpu}"
+
+
+def rows_written(run: RunDir, names: list[str]) -> int:
+    """Rows in the shard files of these workers, and of their per-GPU workers (NAME-gpuK)."""
+    folder = run.shard("").folder
+    paths = {path for name in names for path in (run.shard(name).rows, *folder.glob(f"{name}-gpu*.jsonl"))}
+    return sum(path.read_bytes().count(b"\n") for path in paths if path.exists())
+
+
+def supervise(
+    run: RunDir,
+    tasks: list[Task],
+    start: Callable[[Task], Handle],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Run every task through `start` until its worker has finished, rows counted as they land for
+    on_progress(done, total). Returns one line per worker that stopped without adding a row (its points left
+    unmeasured for a rerun)."""
+    total = sum(len(task.points) for task in tasks)
+    names = [task.name for task in tasks]
+    before = rows_written(run, names)
+    started = {task.name: rows_written(run, [task.name]) for task in tasks}
+    running = {task.name: (task, start(task)) for task in tasks}
+    failures = []
+    try:
+        while running:
+            time.sleep(POLL_S)
+            for name, (task, handle) in list(running.items()):
+                if not handle.done():
+                    continue
+                del running[name]
+                why = handle.failure()
+                if why is None:
+                    continue
+                reap(run, name, why)
+                left = remaining(run, name, task.points)
+                if left and rows_written(run, [name]) > started[name]:
+                    again = replace(task, points=left)
+                    started[name] = rows_written(run, [name])
+                    running[name] = (again, start(again))
+                elif left:
+                    failures.append(f"worker {name} stopped before its first row ({why}); {len(left)} points left")
+            if on_progress:
+                on_progress(rows_written(run, names) - before, total)
+    finally:  # interrupted (Ctrl-C, or a SIGINT to this process alone): no worker outlives its launch
+        for _, handle in running.values():
+            handle.stop()
+    return failures
+
+
+def run_workers(
+    run: RunDir, tasks: list[Task], gpus: list[str | None], on_progress: Callable[[int, int], None] | None = None
+) -> list[str]:
+    """One worker process per task with points, task i on GPU gpus[i] (None: the CPU), supervised. Returns
+    supervise's failures."""
+    gpu_of = {task.name: gpu for task, gpu in zip(tasks, gpus, strict=True)}
+    busy = [task for task in tasks if task.points]
+    return supervise(run, busy, lambda task: WorkerProcess.start(run, task, gpu_of[task.name]), on_progress)
+
+
+def run_on_gpus(task: Task, gpus: list[str | None]) -> list[str]:
+    """`task`'s points dealt by estimated cost (shards.deal) over `gpus` and run there, one worker each; the
+    worker on GPU K is named TASK-gpuK (gpuK for an unnamed task), the one on the CPU TASK (cpu)."""
+    parts = deal(list(task.points), len(gpus), task.policy)
+    tasks = [replace(task, name=worker_name(task.name, gpu), points=part.points)
+             for gpu, part in zip(gpus, parts, strict=True)]  # fmt: skip
+    return run_workers(RunDir(Path(task.run)), tasks, gpus)

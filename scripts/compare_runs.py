@@ -1,0 +1,63 @@
+"""Two runs of one plan side by side, as the multi-GPU evidence asks (docs/sweeps-multi-gpu.md): wall times,
+key sets, and each point's median against the other run's spread.
+
+    python scripts/compare_runs.py REFERENCE CANDIDATE [--wall SECONDS SECONDS]
+
+Wall time is each run's sessions' wall_s summed (recorded by `sweep --gpus/--launcher local`), or --wall. A point
+agrees when both medians lie inside the other run's p10-p90 range; points ok in only one run are listed."""
+
+import argparse
+import sys
+
+from hhbench.rows.runs import RunDir
+from hhbench.rows.schema import OK
+
+
+def wall_seconds(run: RunDir) -> float | None:
+    walls = [session.get("wall_s") for session in run.env().get("sessions", [])]
+    return sum(walls) if walls and None not in walls else None
+
+
+def inside(value: float, row) -> bool:
+    return row.latency_p10_ms <= value <= row.latency_p90_ms
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reference")
+    parser.add_argument("candidate")
+    parser.add_argument("--wall", nargs=2, type=float, metavar="SECONDS", help="wall times, reference and candidate")
+    args = parser.parse_args()
+    runs = [RunDir.open(args.reference), RunDir.open(args.candidate)]
+    rows = [{row.key: row for row in run.rows()} for run in runs]
+    walls = args.wall or [wall_seconds(run) for run in runs]
+    print("| run | rows | wall s |\n|---|---|---|")
+    for run, keyed, wall in zip(runs, rows, walls, strict=True):
+        print(f"| {run.path} | {len(keyed)} | {'' if wall is None else f'{wall:.1f}'} |")
+    if None not in walls:
+        print(f"\nspeed-up: {walls[0] / walls[1]:.2f}x (reference wall / candidate wall)")
+    for run in runs:  # workers of a balanced launch finish together
+        workers = run.env().get("workers", {})
+        ends = ", ".join(f"{name} {w.get('time')} -> {w.get('finished')}" for name, w in sorted(workers.items()))
+        print(f"\n{run.path} workers (last start -> finish): {ends or 'none recorded'}")
+    only = [set(rows[0]) - set(rows[1]), set(rows[1]) - set(rows[0])]
+    print(
+        f"\nkey sets identical: {not any(only)} ({len(only[0])} only in the reference, {len(only[1])} only in the candidate)"
+    )
+    both = [key for key in rows[0] if key in rows[1]]
+    measured = [key for key in both if rows[0][key].status == OK and rows[1][key].status == OK]
+    status_differs = [key for key in both if rows[0][key].status != rows[1][key].status]
+    apart = [key for key in measured if not (inside(rows[0][key].latency_ms, rows[1][key])
+                                             and inside(rows[1][key].latency_ms, rows[0][key]))]  # fmt: skip
+    print(f"medians within each other's p10-p90: {len(measured) - len(apart)} of {len(measured)} points ok in both")
+    for key in apart:
+        a, b = rows[0][key], rows[1][key]
+        print(f"  apart: {' '.join(map(str, key[1:6]))}: {a.latency_ms:.4g} ms [{a.latency_p10_ms:.4g}, "
+              f"{a.latency_p90_ms:.4g}] vs {b.latency_ms:.4g} ms [{b.latency_p10_ms:.4g}, {b.latency_p90_ms:.4g}]")  # fmt: skip
+    for key in status_differs:
+        print(f"  status: {' '.join(map(str, key[1:6]))}: {rows[0][key].status} vs {rows[1][key].status}")
+    return 0 if not any(only) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Sweeps spread over workers (hhbench.launch) on the CPU: dealing by cost, submitit's local executor against an
+inline run, a killed launch resumed, a worker killed inside a point, the run lock, merge, the SLURM script and
+bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from inprocess import run_main
+
+from hhbench.launch import cluster, local
+from hhbench.launch import run as launch_run
+from hhbench.launch.cluster import parse_time
+from hhbench.launch.lock import run_lock, try_lock
+from hhbench.launch.merge import merge
+from hhbench.launch.shards import CHECK_S, _seconds, deal, estimated_seconds, unfinished
+from hhbench.launch.worker import Task
+from hhbench.measure.timing import TimingPolicy
+from hhbench.plan.grid import grid_points
+from hhbench.rows.runs import RunDir
+from hhbench.rows.schema import Row, append_row, read_rows
+from hhbench.runner.point import base_row
+from hhbench.runner.sweep import run_sweep
+from tests.conftest import ROOT
+
+GRID = {"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64", "passes": "prefill,decode",
+        "scopes": ["kernel", "layer"], "floor": False}  # fmt: skip
+FLAGS = ["--models", "tiny", "--layouts", "head,layer", "--ratios", "3:1", "--contexts", "64", "--passes",
+         "prefill,decode", "--scopes", "kernel,layer", "--target-ms", "1", "--min-reps", "2", "--max-reps", "3",
+         "--warmup-ms", "0", "--no-floor"]  # fmt: skip
+FAST = TimingPolicy(warmup_ms=0, target_ms=1, min_reps=2, max_reps=3)
+
+
+def planned_keys() -> list[tuple]:
+    return sorted(point.identity for point in grid_points(GRID, "cpu"))
+
+
+def keys(run: Path) -> list[tuple]:
+    return sorted(row.key for row in read_rows(run / "rows.jsonl"))
+
+
+def test_points_are_dealt_longest_first_to_the_least_loaded_shard():
+    points = grid_points({"models": "tiny", "layouts": "head,layer", "ratios": "0:1,3:1,1:0",
+                          "contexts": "1k,4k,16k,64k", "passes": "prefill,train"}, "cpu")  # fmt: skip
+    policy = TimingPolicy(warmup_ms=0, target_ms=0, min_reps=1, max_reps=1)
+    cost = {p.identity: estimated_seconds(p, policy) for p in points}
+    assert cost[points[-1].identity] > cost[points[0].identity], "a longer context costs more"
+    shards = deal(points, 3, policy)
+    assert sorted(p.identity for s in shards for p in s.points) == sorted(cost), "every point in one shard"
+    for shard in shards:
+        assert [points.index(p) for p in shard.points] == sorted(points.index(p) for p in shard.points)
+    loads = [s.seconds for s in shards]
+    assert max(loads) - min(loads) <= max(cost.values()) + CHECK_S, "LPT: within one point (and check) of each other"
+    assert loads == [pytest.approx(_seconds(s.points, policy)) for s in shards]
+    # one check group (one variant, pass and scope) is split all the same where keeping it whole costs balance
+    group = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "1k,2k,4k,8k"}, "cpu")
+    assert all(shard.points for shard in deal(group, 2, policy))
+    assert deal(points, 3, policy) == shards, "the same shards on every rerun"
+    done = {p.identity for p in shards[1].points} | {shards[2].points[0].identity}
+    left = unfinished(shards, done, policy)
+    assert [(s.name, len(s.points)) for s in left] == [
+        ("shard-0-of-3", len(shards[0].points)),
+        ("shard-2-of-3", len(shards[2].points) - 1),
+    ]
+    with pytest.raises(ValueError):
+        deal(points, 0, policy)
+
+
+def test_the_local_launcher_killed_midway_resumes_to_the_keys_of_an_inline_run(cli, tmp_path):
+    """--launcher local --shards 2, killed as a whole (the sweep, submitit's jobs, their workers), then the same
+    command again: every key of an inline run of the plan, each once, all measured."""
+    run_sweep(grid_points(GRID, "cpu"), RunDir(tmp_path / "inline"), torch.device("cpu"), FAST)
+    args = ["sweep", *FLAGS, "--launcher", "local", "--shards", "2", "--out", str(tmp_path), "--run", "k"]
+    shards = tmp_path / "k" / "shards"
+    process = subprocess.Popen([sys.executable, "-m", "hhbench", *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(len(p.read_text().splitlines()) for p in shards.glob("*.jsonl")) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    time.sleep(0.5)  # the kernel drops the dead workers' locks
+    measured = sum(len(p.read_text().splitlines()) for p in shards.glob("*.jsonl"))
+    assert 3 <= measured < 8, "the kill must land midway"
+
+    planned = run_main(*args, "--dry-run")
+    assert planned.returncode == 0 and "0 points already" not in planned.stdout, planned.stderr
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = read_rows(tmp_path / "k" / "rows.jsonl")
+    assert keys(tmp_path / "k") == keys(tmp_path / "inline") == planned_keys(), "same keys, none twice"
+    assert {row.status for row in rows} == {"ok"} and {row.worker for row in rows} == {"shard-0-of-2", "shard-1-of-2"}
+    workers = json.loads((tmp_path / "k" / "env.json").read_text())["workers"]
+    assert sorted(workers) == ["shard-0-of-2", "shard-1-of-2"]
+    assert all(w["host"] and w["device"].startswith("cpu") for w in workers.values())
+    assert not list(shards.glob("*.jsonl")), "all merged"
+
+
+def _kill_inside_a_point(shards: Path, worker: str, killed: list) -> None:
+    """SIGKILL worker `worker` (found by its task file on its command line) once it has a row and is inside a
+    later point (its noted point has no row yet), as the kernel's OOM killer would."""
+    task, current, rows = (str(shards / f"{worker}.task.pkl"), shards / f"{worker}.current.json",
+                           shards / f"{worker}.jsonl")  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not killed:
+        try:
+            noted = Row.from_dict(json.loads(current.read_text())).key
+            inside = rows.exists() and noted not in {row.key for row in read_rows(rows)} and rows.read_text()
+        except (OSError, ValueError):  # not there yet, or replaced while read
+            inside = False
+        for proc in Path("/proc").iterdir() if inside else ():
+            try:
+                if proc.name.isdigit() and task in (proc / "cmdline").read_bytes().decode():
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(int(proc.name))
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypatch):
+    """--gpus on the CPU: two fake GPUs give two real worker processes (CUDA_VISIBLE_DEVICES 0 and 1)."""
+    monkeypatch.setattr(launch_run, "visible_gpus", lambda: ["0", "1"])
+    killed = []
+    killer = threading.Thread(target=_kill_inside_a_point, args=(tmp_path / "g" / "shards", "gpu1", killed))
+    killer.start()
+    result = run_main("sweep", *FLAGS, "--gpus", "2", "--out", str(tmp_path), "--run", "g",
+                      env={"PYTHONPATH": str(ROOT)})  # fmt: skip
+    killer.join()
+    assert result.returncode == 0 and killed, result.stderr
+    rows = read_rows(tmp_path / "g" / "rows.jsonl")
+    assert keys(tmp_path / "g") == planned_keys()
+    errors = [row for row in rows if row.status != "ok"]
+    assert len(errors) == 1 and errors[0].worker == "gpu1", [(r.status, r.reason) for r in rows]
+    assert "worker gpu1 stopped while measuring this point (killed by SIGKILL)" in errors[0].reason, errors[0].reason
+    assert {row.worker for row in rows} == {"gpu0", "gpu1"}
+    env = json.loads((tmp_path / "g" / "env.json").read_text())
+    assert {name: w["cuda_visible_devices"] for name, w in env["workers"].items()} == {"gpu0": "0", "gpu1": "1"}
+
+
+def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    run.rows_path.touch()
+    with run_lock(run):  # as a first sweep holds it while it runs
+        second = run_main("sweep", *FLAGS, "--out", str(tmp_path), "--run", "r")
+        merging = run_main("merge", str(run.path))
+    for result in (second, merging):
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"run {run.path} is being written by another sweep (pid {os.getpid()}" in result.stderr
+    assert not run.rows_path.read_text()
+    with run_lock(run):  # released at the end of the first
+        pass
+
+
+def test_merge_keeps_one_row_a_key_and_leaves_live_shards(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    points = grid_points(GRID, "cpu")
+    rows = [base_row(point) for point in points]
+    for row, worker in zip(rows, ["a", "b"] * 4, strict=True):
+        row.worker = worker
+        append_row(run.shard(worker).rows, row)
+    append_row(run.shard("b").rows, rows[0])  # merged before, then killed before its shard file went
+    append_row(run.shard("live").rows, rows[1])
+    for worker in ("a", "b"):
+        run.shard(worker).env.write_text(json.dumps({"host": f"node-{worker}", "device": "cpu", "versions": {}}))
+    holder = try_lock(run.shard("live").rows)  # a worker still writing
+    merged = merge(run)
+    holder.close()
+    assert (merged.added, merged.duplicates, merged.busy) == (8, 1, ["live"])
+    assert keys(run.path) == planned_keys()
+    env = run.env()
+    assert env["device"] == "cpu" and {n: w["host"] for n, w in env["workers"].items()} == {
+        "a": "node-a",
+        "b": "node-b",
+    }
+    assert run.shard_names() == ["live"]
+    result = run_main("merge", str(run.path))
+    assert result.returncode == 0 and "0 rows merged" in result.stdout and "1 duplicates" in result.stdout
+
+
+def test_the_dry_run_prints_submitits_sbatch_array(tmp_path):
+    result = run_main("sweep", *FLAGS, "--launcher", "slurm", "--shards", "3", "--slurm-partition", "gpu",
+                      "--slurm-gpus-per-node", "2", "--slurm-time", "1:30:00", "--slurm-account", "lab",
+                      "--out", str(tmp_path), "--run", "s", "--dry-run")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    for line in ("#SBATCH --array=0-2%3", "#SBATCH --gpus-per-node=2", "#SBATCH --time=90", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=lab", "-m submitit.core._submit"):  # fmt: skip
+        assert line in script
+    assert [line.split(":")[0] for line in script.splitlines() if line.startswith("shard-")] == [
+        "shard-0-of-3", "shard-1-of-3", "shard-2-of-3"]  # fmt: skip
+    assert not (tmp_path / "s").exists(), "a dry run writes nothing"
+
+
+def test_the_gpus_dry_run_shows_each_workers_points(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch_run, "visible_gpus", lambda: ["2", "5", "7"])
+    result = run_main("sweep", *FLAGS, "--gpus", "2", "--dry-run", "--out", str(tmp_path), "--run", "d")
+    assert result.returncode == 0, result.stderr
+    counts = [line.split(":")[1].split()[0] for line in result.stdout.splitlines() if line.startswith("gpu")]
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("gpu")] == ["gpu2", "gpu5"]
+    assert sum(map(int, counts)) == len(planned_keys()) and not (tmp_path / "d").exists()
+
+
+def test_a_rerun_leaves_shards_slurm_still_holds(tmp_path, monkeypatch):
+    (tmp_path / "s" / "submitit").mkdir(parents=True)
+    (tmp_path / "s" / "submitit" / "array.json").write_text(json.dumps({"shard-0-of-2": "7_0", "shard-1-of-2": "7_1"}))
+    monkeypatch.setattr(cluster, "job_states", lambda run, ids: {"7_0": "COMPLETED", "7_1": "PENDING"})
+    result = run_main("sweep", *FLAGS, "--launcher", "slurm", "--shards", "2", "--out", str(tmp_path), "--run", "s",
+                      "--dry-run")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "shard-1-of-2 is still queued or running: not submitted again" in result.stdout
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("shard-0")] == ["shard-0-of-2"]
+    assert "#SBATCH --array" not in result.stdout, "one shard left: one job, no array"
+
+
+@pytest.mark.parametrize("text,minutes", [("90", 90), ("5:30", 6), ("1:30:00", 90), ("2-00", 2880), ("1-2:3:4", 1564)])
+def test_slurm_time_formats(text, minutes):
+    assert parse_time(text) == minutes
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--launcher", "local", "--shards", "0"], "--shards must be >= 1, got 0"),
+        (["--gpus", "3"], "--gpus 3: this machine has 2 GPU(s) visible to torch"),
+        (["--gpus", "two"], "--gpus 'two': give a number of GPUs (>= 1) or all"),
+        (["--launcher", "slurm", "--slurm-time", "1h"], "--slurm-time '1h': use SLURM's formats"),
+        (["--launcher", "slurm", "--slurm-partition", "gpu;rm"], "--slurm-partition 'gpu;rm': a SLURM name is"),
+        (["--launcher", "pbs"], "unknown --launcher 'pbs'"),
+        (["--shards", "2"], "--shards is for --launcher local or slurm"),
+        (["--slurm-time", "10"], "--slurm-time is for --launcher slurm"),
+        (["--gpus", "1", "--launcher", "local"], "give either --gpus"),
+        (["--launcher", "local", "--crosscheck", "1"], "--crosscheck runs in a single-process sweep"),
+    ],
+)
+def test_bad_launch_flags(tmp_path, monkeypatch, args, message):
+    monkeypatch.setattr(launch_run, "visible_gpus", lambda: ["0", "1"])
+    result = run_main("sweep", *FLAGS, *args, "--out", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not any(tmp_path.iterdir()), "refused before anything is written"
+
+
+def test_submitit_missing_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` now raises ImportError
+    result = run_main("sweep", *FLAGS, "--launcher", "slurm", "--dry-run", "--out", str(tmp_path))
+    assert result.returncode == 2 and "pip install 'hhbench[cluster]'" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert local.visible_gpus() == ["3", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert local.visible_gpus() == ["0", "1"]
+
+
+def test_a_worker_stops_where_an_error_poisoned_its_device(tmp_path, monkeypatch):
+    from hhbench.runner import sweep as sweep_module
+
+    real_build = sweep_module.measure_point.__globals__["workloads"].build
+
+    def faulty_build(point, *args, **kwargs):
+        if len(args) == 1 and point.context == 64 and point.pass_.value == "prefill":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_build(point, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module.measure_point.__globals__["workloads"], "build", faulty_build)
+    monkeypatch.setattr(sweep_module, "device_usable", lambda device: False)
+    points = grid_points({**GRID, "layouts": "head", "scopes": "kernel", "passes": "prefill,decode"}, "cpu")
+    run = RunDir(tmp_path / "r")
+    result = run_sweep(points, run, torch.device("cpu"), FAST, worker="w")
+    assert result.new == 1 and "illegal memory access" in result.poisoned
+    (row,) = read_rows(run.shard("w").rows)
+    assert row.status == "error" and row.worker == "w" and not run.rows_path.exists()
+
+
+class FakeWorker:
+    """A worker that writes the row of its first point and then dies (rows=1), or dies at once (rows=0)."""
+
+    def __init__(self, run, task, rows):
+        for point in task.points[:rows]:
+            row = base_row(point)
+            row.status = "ok"
+            append_row(run.shard(task.name).rows, row)
+
+    def done(self):
+        return True
+
+    def failure(self):
+        return "exit status 3"
+
+    def stop(self):
+        raise AssertionError("a finished worker is not stopped")
+
+
+def test_a_worker_is_started_again_while_each_start_adds_a_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "POLL_S", 0)
+    run = RunDir(tmp_path / "r").create()
+    points = tuple(grid_points(GRID, "cpu"))
+    task = Task(str(run.path), "w", points, FAST, "", "cpu")
+    starts = []
+    failures = local.supervise(run, [task], lambda t: starts.append(t) or FakeWorker(run, t, 1))
+    assert not failures and len(starts) == len(points)
+    assert sorted(row.key for row in read_rows(run.shard("w").rows)) == planned_keys()
+    dead = local.supervise(run, [Task(str(run.path), "x", points, FAST, "", "cpu")],
+                           lambda t: FakeWorker(run, t, 0))  # fmt: skip
+    assert dead == [f"worker x stopped before its first row (exit status 3); {len(points)} points left"]
