@@ -264,16 +264,17 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
 
 
 def test_a_worker_stops_where_an_error_poisoned_its_device(tmp_path, monkeypatch):
+    from hhbench.bench import workloads
     from hhbench.runner import sweep as sweep_module
 
-    real_build = sweep_module.measure_point.__globals__["workloads"].build
+    real_build = workloads.build
 
     def faulty_build(point, *args, **kwargs):
         if len(args) == 1 and point.context == 64 and point.pass_.value == "prefill":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_build(point, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_module.measure_point.__globals__["workloads"], "build", faulty_build)
+    monkeypatch.setattr(workloads, "build", faulty_build)
     monkeypatch.setattr(sweep_module, "device_usable", lambda device: False)
     points = grid_points({**GRID, "layouts": "head", "scopes": "kernel", "passes": "prefill,decode"}, "cpu")
     run = RunDir(tmp_path / "r")
