@@ -320,3 +320,17 @@ def test_a_measurement_is_one_registered_unit(monkeypatch):
     [point] = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32"}, "cpu")
     row = measure_point(point, torch.device("cpu"), FAST, {})
     assert row.status == "ok" and row.extra["probe"] == row.tflops > 0
+
+
+def test_an_interrupt_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    """Typer turns a KeyboardInterrupt inside a command into exit code 130 by itself: the line must still come."""
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "measure_point", interrupt)
+    result = run_main("sweep", "--models", "tiny", "--layouts", "fa", "--contexts", "32", "--passes", "prefill",
+                      "--scopes", "kernel", "--out", str(tmp_path), "--run", "r")  # fmt: skip
+    assert result.returncode == 130
+    assert result.stderr.strip().splitlines()[-1] == "hhbench: interrupted; rerun the same command to resume"
+    assert "Traceback" not in result.stderr

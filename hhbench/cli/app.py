@@ -45,11 +45,23 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+
+
+def interrupted() -> None:
+    """Print the one line an interrupt gets (what was finished is kept: rerunning resumes) and exit 130."""
+    print("hhbench: interrupted; rerun the same command to resume", file=sys.stderr)
+    raise SystemExit(INTERRUPTED)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input of any kind ends in one line on stderr and exit code 2, never a traceback."""
+    """Entry point: bad input of any kind ends in one line on stderr and exit code 2, never a traceback; an
+    interrupt (Ctrl-C) ends in one line and exit code 130."""
     _register_commands()
     command = typer.main.get_command(app)
     try:
+        # Typer catches a KeyboardInterrupt inside the command itself and, without standalone mode, returns
+        # its Exit(130) code instead of raising: that return value is the interrupt.
         code = command.main(args=argv, prog_name="hhbench", standalone_mode=False)
     except UserError as exc:
         fail(str(exc))
@@ -61,5 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see '{where} --help')" if hasattr(exc, "ctx") else ""
         fail(exc.format_message() + hint)
     except (KeyboardInterrupt, typer.Abort):
-        fail("interrupted", 130)
+        interrupted()
+    if code == INTERRUPTED:
+        interrupted()
     raise SystemExit(code if isinstance(code, int) else 0)
