@@ -334,3 +334,12 @@ def test_an_interrupt_is_one_line_and_exit_130(tmp_path, monkeypatch):
     assert result.returncode == 130
     assert result.stderr.strip().splitlines()[-1] == "hhbench: interrupted; rerun the same command to resume"
     assert "Traceback" not in result.stderr
+
+
+def test_the_docs_name_the_rows_schema_version():
+    import re
+
+    from hhbench.rows.schema import SCHEMA_VERSION
+
+    said = re.findall(r"schema version (\d+)", (ROOT / "docs" / "sweep.md").read_text())
+    assert said and {int(n) for n in said} == {SCHEMA_VERSION}
