@@ -315,3 +315,18 @@ def test_a_worker_is_started_again_while_each_start_adds_a_row(tmp_path, monkeyp
     dead = local.supervise(run, [Task(str(run.path), "x", points, FAST, "", "cpu")],
                            lambda t: FakeWorker(run, t, 0))  # fmt: skip
     assert dead == [f"worker x stopped before its first row (exit status 3); {len(points)} points left"]
+
+
+def test_a_slurm_submission_without_srun_is_refused_before_the_run_exists(tmp_path, monkeypatch):
+    """Refused up front: no run folder, no .lock left. (A .lock that is left, by a sweep that failed later or was
+    killed, is only a file: the flock dies with its holder, and a rerun takes the run.)"""
+    submitit = cluster.import_submitit()
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: -1))  # as without srun
+    result = run_main("sweep", *FLAGS, "--launcher", "slurm", "--out", str(tmp_path), "--run", "s")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--launcher slurm: srun is not on PATH" in result.stderr
+    assert not any(tmp_path.iterdir()), "refused before anything is written"
+    stale = RunDir(tmp_path / "s").create()
+    stale.lock_path.write_text("pid 999999 on gone\n")  # the lock file of a process that died
+    with run_lock(stale):
+        assert stale.lock_path.read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"

@@ -90,6 +90,13 @@ def shard_job(task: Task) -> int:
     return len(task.points)
 
 
+def check_submission() -> None:
+    """Refuse a SLURM submission from a machine without srun (not a SLURM login node): UserError, raised before
+    the sweep writes anything (submitit's own check would come after the run folder and its lock exist)."""
+    if import_submitit().SlurmExecutor.affinity() < 0:  # submitit's probe: -1 where srun is not on PATH
+        raise UserError("--launcher slurm: srun is not on PATH (submit from a SLURM login node, or use --dry-run)")
+
+
 def _slurm_executor(submitit, folder: Path, slurm: Slurm, script_only: bool):
     kind = submitit.SlurmExecutor
     if script_only:  # SlurmExecutor refuses to exist where srun is missing; its script needs no srun
@@ -100,10 +107,9 @@ def _slurm_executor(submitit, folder: Path, slurm: Slurm, script_only: bool):
                 return 1
 
         kind = ScriptOnly
-    try:
-        executor = kind(folder=folder)
-    except RuntimeError as exc:  # no srun here
-        raise UserError(f"--launcher slurm: {exc} (submit from a SLURM login node, or use --dry-run)") from None
+    else:
+        check_submission()
+    executor = kind(folder=folder)
     executor.update_parameters(**slurm.parameters())
     return executor
 

@@ -60,6 +60,8 @@ class Launch:
                 per_node = slurm.get("gpus_per_node")
                 options["slurm"] = Slurm(slurm.get("partition") or "", 1 if per_node is None else per_node, minutes,
                                          slurm.get("account") or "")  # fmt: skip
+                if not dry_run:
+                    cluster.check_submission()
             return cls(launcher=launcher, shards=shards or 1, dry_run=dry_run, **options)
         if not gpus:
             return cls()
