@@ -330,3 +330,21 @@ def test_a_slurm_submission_without_srun_is_refused_before_the_run_exists(tmp_pa
     stale.lock_path.write_text("pid 999999 on gone\n")  # the lock file of a process that died
     with run_lock(stale):
         assert stale.lock_path.read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
+
+
+def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group: the sweep, submitit's controllers and jobs, the
+    workers): one line, no traceback of any of them, exit 130; what was measured is merged."""
+    args = ["sweep", *FLAGS, "--launcher", "local", "--shards", "2", "--out", str(tmp_path), "--run", "i"]
+    shards = tmp_path / "i" / "shards"
+    process = subprocess.Popen([sys.executable, "-m", "hhbench", *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(len(p.read_text().splitlines()) for p in shards.glob("*.jsonl")) < 2:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "hhbench: interrupted; rerun the same command to resume"
+    assert len(read_rows(tmp_path / "i" / "rows.jsonl")) >= 2, "what the workers measured is merged"

@@ -2,10 +2,13 @@
 jobs of its local executor on a machine without SLURM. Each job measures its shard on the GPUs it was given,
 one worker process per GPU (hhbench.launch.local), so that a point that kills its worker costs that point only."""
 
+import contextlib
 import json
+import os
 import re
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
 
 SUBMITIT = "submitit"  # the folder in RUN/ holding submitit's pickles and logs
+CONTROLLER_LOG = "controllers.log"  # in SUBMITIT: what submitit's local job controllers print
 CANCEL_WAIT_S = 10
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local executor kills a job after 2 minutes unless told otherwise
 # SLURM's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
@@ -158,6 +162,24 @@ def queued_shards(run: RunDir) -> list[str]:
     return [name for name, id_ in submitted.items() if states.get(id_, "").split(" ")[0].upper() in QUEUED]
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """This process's stderr (file descriptor 2) appended to `path` while inside: the processes started here
+    inherit it. submitit's local controllers print a KeyboardInterrupt traceback to the stderr they inherit when
+    a Ctrl-C (SIGINT to the terminal's process group) or a cancel reaches them: the log gets it, not the terminal,
+    where the sweep's own line says it was interrupted."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run_local(
     run: RunDir, tasks: list[Task], gpus: list[str], on_progress: Callable[[int, int], None] | None = None
 ) -> list[str]:
@@ -168,10 +190,11 @@ def run_local(
         raise UserError(f"--launcher local gives jobs GPUs by index, and CUDA_VISIBLE_DEVICES names {','.join(gpus)}")
     executor = submitit.LocalExecutor(folder=run.path / SUBMITIT)
     jobs = []
-    for index, task in enumerate(tasks):
-        gpu = [int(gpus[index % len(gpus)])] if gpus else []
-        executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=len(gpu), visible_gpus=gpu)
-        jobs.append((task, executor.submit(shard_job, task)))
+    with _stderr_to(run.path / SUBMITIT / CONTROLLER_LOG):
+        for index, task in enumerate(tasks):
+            gpu = [int(gpus[index % len(gpus)])] if gpus else []
+            executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=len(gpu), visible_gpus=gpu)
+            jobs.append((task, executor.submit(shard_job, task)))
     names, total = [task.name for task in tasks], sum(len(task.points) for task in tasks)
     before = rows_written(run, names)
     try:
