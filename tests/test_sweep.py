@@ -343,3 +343,20 @@ def test_the_docs_name_the_rows_schema_version():
 
     said = re.findall(r"schema version (\d+)", (ROOT / "docs" / "sweep.md").read_text())
     assert said and {int(n) for n in said} == {SCHEMA_VERSION}
+
+
+def test_a_point_above_the_available_memory_is_an_oom_row_not_a_run(tmp_path, monkeypatch):
+    """Its analytic lower bound (kernel prefill: the cores' inputs and outputs, 33.5 MiB at 64k tokens of tiny's
+    head:3:1) above the device's available memory (1 MiB here): not run, an oom row naming both; the sweep goes
+    on to the point that fits (64 tokens)."""
+    from hhbench.runner import point as point_module
+
+    monkeypatch.setattr(point_module, "available_bytes", lambda device: 2.0**20)
+    points = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "64k,64",
+                          "passes": "prefill", "scopes": ["kernel"]}, "cpu")  # fmt: skip
+    result = sweep_module.run_sweep(points, RunDir(tmp_path / "r"), torch.device("cpu"), FAST)
+    status = {row.context: (row.status, row.reason) for row in result.rows}
+    assert status[65536] == (
+        "oom", "not run: needs at least 0.0327 GiB (analytic lower bound), cpu has 0.000977 GiB available"
+    )  # fmt: skip
+    assert status[64][0] == "ok"
