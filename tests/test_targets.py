@@ -172,9 +172,9 @@ def test_layer_targets_without_their_points_say_no_data():
 
 def test_a_floor_above_the_layer_is_no_floor():
     """The H200 run whose floor timed an unpadded GEMM: the layer at 0.90x its floor, beyond its spread."""
-    targets = layer_targets([*passing_layer_rows(), layer_row("head:3:1", 64 * 1024, latency=9.0, floor=10.0)])
-    check = targets["layer prefill within 1.15x of its floor"]
-    assert check.verdict == "not met" and check.summary.endswith(
-        "in 1 rows the floor is above the layer's p90: not a floor"
-    )
+    checked = check_targets(run_of([*passing_layer_rows(), layer_row("head:3:1", 64 * 1024, latency=9.0, floor=10.0)]))
+    check = {c.target: c for c in checked.checks}["layer prefill within 1.15x of its floor"]
+    assert check.verdict == "floor invalid", "not 'not met': every ratio is within the target"
+    assert check.summary.startswith("in 1 of 13 rows the floor is above the layer's p90, no floor; 13 of 13 rows")
+    assert "| layer prefill within 1.15x of its floor | floor invalid | in 1 of 13 rows" in checked.to_markdown()
     assert check.evidence["floor_above_layer"].sum() == 1

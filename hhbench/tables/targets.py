@@ -22,13 +22,17 @@ from hhbench.rows.sources import Run
 KERNEL_KEY = ["model", "variant", "context", "batch", "pass", "dtype", "fa_backend", "gdn_backend"]
 
 
+FLOOR_INVALID = "floor invalid"  # a floor target's verdict where a row's floor is above the layer's p90
+
+
 @dataclass
 class Check:
-    """One target's verdict ("met", "not met" or "no data"), a one-line summary and the rows it read (evidence)."""
+    """One target's verdict ("met", "not met", "no data", or for a floor target "floor invalid": some row's floor
+    is above the layer's p90, so it bounds nothing), a one-line summary and the rows it read (evidence)."""
 
     target: str
     evidence: pd.DataFrame
-    verdict: str  # met | not met | no data
+    verdict: str  # met | not met | no data | floor invalid
     summary: str
 
 
@@ -170,7 +174,8 @@ def _at(rows: pd.DataFrame, model: str, scope: str, pass_: str, batch: int) -> p
 
 @dataclass(frozen=True)
 class FloorTarget:
-    """Every measured row of these variants in the context range (each GDN backend) within `at_most` x its floor."""
+    """Every measured row of these variants in the context range (each GDN backend) within `at_most` x its floor;
+    "floor invalid" where a row's floor is above its layer's p90."""
 
     name: str
     scope: str
@@ -182,14 +187,16 @@ class FloorTarget:
     batch: int = 1
 
     def check(self, rows: pd.DataFrame) -> Check:
-        """This target's Check on `rows`: met when every measured row with a floor is within `at_most` x of it."""
+        """This target's Check on `rows`: met when every measured row with a floor is within `at_most` x of it,
+        floor invalid (whatever the ratios) when some row's floor is above the layer's p90."""
         at = _at(rows, self.model, self.scope, self.pass_, self.batch)
         at = at[at["variant"].isin(self.variants) & at["context"].between(*self.contexts) & at["floor_ms"].notna()]
         if at.empty:
             return Check(self.name, pd.DataFrame(), "no data", "no measured row with its floor at these points")
         evidence = at[POINT + ["latency_ms", "floor_ms", "vs_floor"]].round(4).reset_index(drop=True)
         # A layer faster than its floor even at its 90th percentile means the floor timed a part slower than the
-        # layer runs it (an unpadded GEMM did, on the H200): such a floor bounds nothing, and the target is not met.
+        # layer runs it (an unpadded GEMM did, on the H200): such a floor bounds nothing, so the target cannot be
+        # judged on these rows (neither met nor not met).
         evidence["floor_above_layer"] = (at["latency_p90_ms"] < at["floor_ms"]).to_numpy()
         worst = evidence.loc[evidence["vs_floor"].idxmax()]
         over = int((evidence["vs_floor"] > self.at_most).sum())
@@ -199,8 +206,9 @@ class FloorTarget:
             f"({worst['variant']}, {worst['gdn_backend']}, {int(worst['context']) // K}K)"
         )
         if invalid:
-            summary += f"; in {invalid} rows the floor is above the layer's p90: not a floor"
-        return Check(self.name, evidence, "met" if over == 0 and not invalid else "not met", summary)
+            summary = f"in {invalid} of {len(evidence)} rows the floor is above the layer's p90, no floor; " + summary
+            return Check(self.name, evidence, FLOOR_INVALID, summary)
+        return Check(self.name, evidence, "met" if over == 0 else "not met", summary)
 
 
 @dataclass(frozen=True)
