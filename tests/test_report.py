@@ -263,3 +263,48 @@ def test_training_panels_have_their_own_axes_and_plain_titles():
     figure = training_figure(rows).figure
     assert {axis.matches for axis in (figure.layout.xaxis, figure.layout.xaxis2)} == {None}
     assert sorted(note.text for note in figure.layout.annotations) == ["stage 1 (attention MSE)", "stage 2 (KL)"]
+
+
+def test_memory_panels_plot_what_their_titles_say(report):
+    """The figure's title names the model only; each measured-peak panel holds the rows of its title's scope and
+    pass (one panel had mixed scopes, passes and runs under a title naming one scope)."""
+    memory = next(f for f in report.figures if f.slug == "memory-tiny")
+    assert memory.title == "Memory: tiny"
+    titles = [note.text for note in memory.figure.layout.annotations]
+    assert titles[0].startswith("analytic KV cache (solid) and recurrent state (dotted): tiny, model scope")
+    assert titles[1:] == [f"measured peak memory: {scope} scope, {pass_}" for scope in ("kernel", "model")
+                          for pass_ in ("prefill", "train", "decode")]  # fmt: skip
+    checked = 0
+    for trace in memory.figure.data:
+        panel = 1 if trace.xaxis == "x" else int(trace.xaxis[1:])
+        if panel == 1:
+            continue
+        scope, pass_ = re.fullmatch(r"measured peak memory: (\w+) scope, (\w+)", titles[panel - 1]).groups()
+        for point in range(len(trace.x)):
+            hover = hover_of(trace, point)
+            assert f"<b>scope</b>: {scope}" in hover and f"<b>pass</b>: {pass_}" in hover
+            checked += 1
+    assert checked
+
+
+def test_a_variant_keeps_its_colour_from_figure_to_figure():
+    """The quality and loss figures of a distillation run: head:3:1 (eval's head:3:1@CHECKPOINT) one colour."""
+    report = build_report(load_runs([RESULTS / "distill-smollm2-135m-h200-v2"]))
+    colours: dict[str, set] = {}
+    for figure in report.figures:
+        for trace in figure.figure.data:
+            variant = re.search(r"teacher|(?:head|layer):[\w:]+", trace.name)[0]  # less run and checkpoint
+            colours.setdefault(variant, set()).add(trace.line.color)
+    assert {"head:3:1", "layer:3:1", "head:7:1:selected"} <= set(colours)
+    assert all(len(found) == 1 for found in colours.values()), colours
+    assert len({colour for found in colours.values() for colour in found}) == len(colours)
+
+
+def test_a_loss_curve_of_one_logged_step_shows():
+    from hhbench.report.figures import training_figure
+
+    rows = pd.DataFrame([{"kind": "step", "status": "ok", "run": "r", "variant": variant, "stage": 2, "step": 10,
+                          "tokens": 4096, "loss": 1.5, "lr": 1e-4, "grad_norm": 1.0, "tokens_per_s": 1e4}
+                         for variant in ("head:3:1", "layer:3:1")])  # fmt: skip
+    figure = training_figure(rows).figure
+    assert len(figure.data) == 2 and all("markers" in trace.mode for trace in figure.data)

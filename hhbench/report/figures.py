@@ -13,10 +13,12 @@ from plotly.subplots import make_subplots
 from hhbench.report.labels import (
     ROW,
     attach_hover,
+    colour_key,
     context_ticks,
     ordered_variants,
     present_order,
     series_labels,
+    variant_colours,
 )
 from hhbench.rows.schema import OK
 from hhbench.spec.axes import Pass, Scope
@@ -36,6 +38,8 @@ H100_SXM = {"bf16_matmul_tflops": 989.0, "copy_gbps": 3350.0}
 # One heatmap per set of layer 3:1 rows: a pure FA or GDN row joins the heatmap of the baseline it matched.
 HEATMAP_GROUP = ["run", "model", "scope", "pass", "batch", "dtype", "base_fa_backend", "base_gdn_backend"]
 SCOPE_SYMBOLS = {Scope.KERNEL.value: "circle", Scope.LAYER.value: "diamond", Scope.MODEL.value: "square"}
+# Series of one variant (several runs or backends) share its colour; their markers tell them apart.
+SHARED_SYMBOLS = ("circle", "square", "diamond", "x", "triangle-up", "cross", "star", "hexagon")
 # The quality figure's variants at one context spread over this share of the narrowest gap between contexts.
 DODGE_SHARE = 0.5
 # plotly's legend line at its default 12 px font, and its padding; its default top and bottom margins
@@ -127,8 +131,11 @@ def measured(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[(rows["status"] == OK) & rows["latency_ms"].notna()]
 
 
-def latency_figure(rows: pd.DataFrame, passes: list[str], slug: str, title: str) -> Figure | Omitted:
-    """Median latency against context, log-log, a line per layout and ratio, p10-p90 as error bars."""
+def latency_figure(
+    rows: pd.DataFrame, passes: list[str], slug: str, title: str, colours: dict[str, str] | None = None
+) -> Figure | Omitted:
+    """Median latency against context, log-log, a line per layout and ratio, p10-p90 as error bars; `colours`
+    (variant label -> colour, default variant_colours of the rows) colours each series by its variant."""
     data = measured(rows)
     data = data[data["pass"].isin(passes)].sort_values("context")
     if data.empty:
@@ -144,13 +151,14 @@ def latency_figure(rows: pd.DataFrame, passes: list[str], slug: str, title: str)
         error_y="above",
         error_y_minus="below",
         labels={"latency_ms": "latency (ms)"},
+        colours=colours,
     )
     return Figure(slug, title, figure, "Median of the repeated timings; error bars span p10 to p90.")
 
 
-def floor_figure(rows: pd.DataFrame) -> Figure | Omitted:
+def floor_figure(rows: pd.DataFrame, colours: dict[str, str] | None = None) -> Figure | Omitted:
     """Latency (solid) and its floor (dotted: the point's necessary kernels timed alone) against context, a panel
-    per scope and pass: the gap between the two lines is the implementation's glue."""
+    per scope and pass: the gap between the two lines is the implementation's glue. `colours` as latency_figure's."""
     title = "Latency against its floor"
     data = measured(rows)
     data = data[data["floor_ms"].notna()].sort_values("context")
@@ -166,7 +174,8 @@ def floor_figure(rows: pd.DataFrame) -> Figure | Omitted:
         )
         .replace({"measure": {"latency_ms": "latency", "floor_ms": "floor"}})
     )
-    figure = _panels(long, data, y="ms", line_dash="measure", line_dash_map={"latency": "solid", "floor": "dot"})
+    figure = _panels(long, data, y="ms", line_dash="measure", line_dash_map={"latency": "solid", "floor": "dot"},
+                     colours=colours)  # fmt: skip
     return Figure("floor", title, figure, "Solid: median latency. Dotted: the floor, each part's median summed.")
 
 
@@ -191,16 +200,19 @@ def _panels(data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
     return figure
 
 
-def _express(chart, data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
-    """A plotly express chart on a log x axis (context by default, its ticks the contexts), a colour per series,
-    each point's hover carrying its row of `rows`: the row its ROW column names, by default its own index label."""
+def _express(
+    chart, data: pd.DataFrame, rows: pd.DataFrame, colours: dict[str, str] | None = None, **options
+) -> go.Figure:
+    """A plotly express chart on a log x axis (context by default, its ticks the contexts), a series coloured by
+    its variant (`colours`: variant label -> colour, default variant_colours of the data), each point's hover
+    carrying its row of `rows`: the row its ROW column names, by default its own index label."""
     if ROW not in data:
         data = data.assign(**{ROW: data.index})
     options = {
         "x": "context",
         "color": "series",
         "log_x": True,
-        "color_discrete_sequence": px.colors.qualitative.Dark24,  # runs x variants outnumber the 10 default colours
+        "color_discrete_map": series_colours(data, colours),
         **({"markers": True} if chart is px.line else {}),
         **options,
         "custom_data": [ROW],
@@ -208,9 +220,34 @@ def _express(chart, data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Fig
         "labels": {"context": "context (tokens)", "series": "variant", **options.get("labels", {})},
     }
     figure = attach_hover(chart(data, **options), rows)
+    if chart is px.line:  # a scatter's symbols say something else (the roofline's: the scope)
+        mark_shared_colours(figure, data)
     if options["x"] == "context":
         figure.update_xaxes(**context_ticks(data["context"]))
     return figure
+
+
+def series_colours(data: pd.DataFrame, colours: dict[str, str] | None = None) -> dict[str, str]:
+    """Each series' colour: its variant's in `colours` (default: variant_colours of the data's variants)."""
+    colours = colours or variant_colours(data["variant"])
+    firsts = data.drop_duplicates("series")
+    return dict(zip(firsts["series"], firsts["variant"].map(colours), strict=True))
+
+
+def mark_shared_colours(figure: go.Figure, data: pd.DataFrame) -> None:
+    """Give the series of one variant (one colour_key), which share its colour, a marker symbol each (SHARED_SYMBOLS). A trace's
+    series is its legend group up to plotly express's ', ' (which joins the colour's value to a dash's)."""
+    firsts = data.drop_duplicates("series")
+    symbol_of = {}
+    for _, group in firsts.groupby(firsts["variant"].map(colour_key)):
+        if len(group) > 1:
+            symbol_of.update(
+                {series: SHARED_SYMBOLS[i % len(SHARED_SYMBOLS)] for i, series in enumerate(group["series"])}
+            )
+    for trace in figure.data:
+        series = (trace.legendgroup or trace.name or "").split(", ")[0]
+        if series in symbol_of:
+            trace.update(marker_symbol=symbol_of[series])
 
 
 def _series_order(data: pd.DataFrame) -> list[str]:
@@ -352,23 +389,29 @@ def flops_figures(rows: pd.DataFrame) -> list[Figure]:
     return figures
 
 
-def memory_figures(rows: pd.DataFrame) -> list[Figure]:
-    """Per model: analytic KV cache (solid) and recurrent state (dotted) against context; beside it the measured
-    peak memory where rows have one."""
+def memory_figures(rows: pd.DataFrame, colours: dict[str, str] | None = None) -> list[Figure]:
+    """Per model, titled by the model alone: analytic KV cache (solid) and recurrent state (dotted) against
+    context, of the scope, batch and run its panel's title names (analytic_view); then, where rows have one, the
+    measured peak memory in a panel per scope and pass, each panel's title naming them (several runs or backends
+    as series). `colours` as latency_figure's."""
+    colours = colours or variant_colours(rows["variant"])
     figures = []
     for model in rows["model"].unique():
         view, where = analytic_view(rows, model)
         view = view[view["pass"] == view["pass"].iloc[0]]
         peaks = measured(rows[rows["model"] == model])
         peaks = peaks[peaks["peak_mem_bytes"].notna()].sort_values("context")
-        panels = 2 if not peaks.empty else 1
-        titles = ["KV cache (solid) and recurrent state (dotted), analytic", "measured peak memory"][:panels]
-        figure = make_subplots(rows=1, cols=panels, subplot_titles=titles)
-        palette = px.colors.qualitative.Plotly
-        for index, variant in enumerate(ordered_variants(view["variant"])):
+        peaks = peaks.assign(series=series_labels(peaks))
+        panels = [(scope, pass_) for scope in SCOPE_ORDER for pass_ in PASS_ORDER
+                  if ((peaks["scope"] == scope) & (peaks["pass"] == pass_)).any()]  # fmt: skip
+        titles = [f"analytic KV cache (solid) and recurrent state (dotted): {where}"]
+        titles += [f"measured peak memory: {scope} scope, {pass_}" for scope, pass_ in panels]
+        columns = min(2, len(titles))
+        lines = math.ceil(len(titles) / columns)
+        figure = make_subplots(rows=lines, cols=columns, subplot_titles=titles, vertical_spacing=0.5 / lines)
+        listed = set()
+        for variant in ordered_variants(view["variant"]):
             part = view[view["variant"] == variant]
-            color = palette[index % len(palette)]
-            drawn = 0
             for column, dash in (("kv_cache_bytes", "solid"), ("state_bytes", "dot")):
                 shown = part[part[column] > 0]  # a zero has no place on a log axis: that memory is absent
                 if shown.empty:
@@ -379,35 +422,41 @@ def memory_figures(rows: pd.DataFrame) -> list[Figure]:
                         y=shown[column],
                         name=variant,
                         legendgroup=variant,  # one legend entry per variant, its lines shown and hidden together
-                        showlegend=not drawn,
+                        showlegend=variant not in listed,
                         mode="lines+markers",
-                        line={"dash": dash, "color": color},
+                        line={"dash": dash, "color": colours[variant]},
                         customdata=shown.index.to_numpy()[:, None],
                     ),
                     row=1,
                     col=1,
                 )
-                drawn += 1
-        if not peaks.empty:
-            peaks = peaks.assign(series=series_labels(peaks, ("pass", "scope")))
-            for series in _series_order(peaks):
-                part = peaks[peaks["series"] == series]
+                listed.add(variant)
+        for index, (scope, pass_) in enumerate(panels, 1):
+            panel = peaks[(peaks["scope"] == scope) & (peaks["pass"] == pass_)]
+            for series in _series_order(panel):
+                part = panel[panel["series"] == series]
                 figure.add_trace(
                     go.Scatter(
                         x=part["context"],
                         y=part["peak_mem_bytes"],
-                        name=f"{series} peak",
+                        name=series,
+                        legendgroup=series,  # a series is the same variant (and run) in every panel
+                        showlegend=series not in listed,
                         mode="lines+markers",
+                        line={"color": colours[part["variant"].iloc[0]]},
                         customdata=part.index.to_numpy()[:, None],
                     ),
-                    row=1,
-                    col=2,
+                    row=index // columns + 1,
+                    col=index % columns + 1,
                 )
+                listed.add(series)
+        if not peaks.empty:
+            mark_shared_colours(figure, peaks)
         attach_hover(figure, rows)
         figure.update_xaxes(type="log", title="context (tokens)", **context_ticks(rows["context"]))
         figure.update_yaxes(type="log", title="bytes")
-        figure.update_layout(height=480, legend_tracegroupgap=0)  # entries as close as plotly express sets them
-        figures.append(Figure(f"memory-{_slug(model)}", f"Memory: {where}", figure))
+        figure.update_layout(height=480 * lines, legend_tracegroupgap=0)  # entries as close as plotly express sets them
+        figures.append(Figure(f"memory-{_slug(model)}", f"Memory: {model}", figure))
     return figures
 
 
@@ -422,9 +471,11 @@ def roofs(env: dict) -> tuple[dict, str] | None:
     return None
 
 
-def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitted:
+def roofline_figure(
+    rows: pd.DataFrame, envs: dict[str, dict], colours: dict[str, str] | None = None
+) -> Figure | Omitted:
     """Achieved TFLOP/s against arithmetic intensity (analytic FLOPs over analytic fewest bytes moved), with
-    each run's compute and bandwidth ceilings where known."""
+    each run's compute and bandwidth ceilings where known; `colours` as latency_figure's."""
     title = "Roofline"
     data = measured(rows)
     data = data[data["tflops"].notna() & (data["bytes_moved"] > 0) & (data["tflops"] > 0)]
@@ -442,6 +493,7 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
         log_y=True,
         category_orders={"scope": present_order(data["scope"], SCOPE_ORDER)},
         labels={"intensity": "arithmetic intensity (FLOP/byte)", "tflops": "achieved TFLOP/s"},
+        colours=colours,
     )
     listed = set()
     for trace in figure.data:  # one legend entry per series, its scopes shown and hidden together
@@ -466,10 +518,10 @@ def roofline_figure(rows: pd.DataFrame, envs: dict[str, dict]) -> Figure | Omitt
     return Figure("roofline", title, figure, "; ".join(notes))
 
 
-def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
+def quality_figure(eval_rows: pd.DataFrame, colours: dict[str, str] | None = None) -> Figure | Omitted:
     """Score against context, a panel per task and metric with its own scale, a line per variant; the variants
     at one context sit side by side (dodged along the log context axis), so equal scores (many at 0) stay
-    apart instead of hiding each other."""
+    apart instead of hiding each other. `colours` as latency_figure's."""
     title = "Quality: score against context"
     data = eval_rows[(eval_rows["status"] == OK) & eval_rows["value"].notna()] if not eval_rows.empty else eval_rows
     if data.empty:
@@ -491,6 +543,7 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
         facet_col_wrap=3,
         error_y="stderr",
         labels={"value": "score", "dodged": "context (tokens)"},
+        colours=colours,
     )
     figure.update_xaxes(**context_ticks(data["context"]))
     figure.update_yaxes(matches=None, showticklabels=True)  # accuracies, nats and gains have their own scales
@@ -504,20 +557,24 @@ def quality_figure(eval_rows: pd.DataFrame) -> Figure | Omitted:
     )
 
 
-def training_figure(train_rows: pd.DataFrame) -> Figure | Omitted:
-    """Distillation loss against tokens trained, a line per run and variant, a panel per stage (train.jsonl)."""
+def training_figure(train_rows: pd.DataFrame, colours: dict[str, str] | None = None) -> Figure | Omitted:
+    """Distillation loss against tokens trained, a line per variant (and run, where several), a panel per stage
+    (train.jsonl); markers, so that a series of one logged step shows. `colours` as latency_figure's."""
     title = "Distillation: loss against tokens"
     data = train_rows[(train_rows["kind"] == "step") & (train_rows["status"] == OK) & train_rows["loss"].notna()]
     if data.empty:
         return Omitted(title, "no logged training steps")
-    data = data.sort_values(["run", "variant", "stage", "step"]).assign(
-        series=data["run"] + " · " + data["variant"],
+    data = data.sort_values(["run", "variant", "stage", "step"])
+    data = data.assign(
+        series=series_labels(data[["variant", "run"]]),
         panel="stage "
         + data["stage"].astype(str)
         + (data["stage"] == 1).map({True: " (attention MSE)", False: " (KL)"}),
     )
-    figure = px.line(data, x="tokens", y="loss", color="series", facet_col="panel", log_y=True,
-                     hover_data=["step", "lr", "grad_norm", "tokens_per_s"])  # fmt: skip
+    figure = px.line(data, x="tokens", y="loss", color="series", facet_col="panel", log_y=True, markers=True,
+                     color_discrete_map=series_colours(data, colours), category_orders={"series": _series_order(data)},
+                     labels={"series": "variant"}, hover_data=["step", "lr", "grad_norm", "tokens_per_s"])  # fmt: skip
+    mark_shared_colours(figure, data)
     figure.update_yaxes(matches=None, showticklabels=True)  # stage 1's MSE and stage 2's KL have their own scales
     figure.update_xaxes(matches=None)  # and their own token budgets (stage 1 is often a few percent of stage 2)
     figure.for_each_annotation(lambda note: note.update(text=note.text.removeprefix("panel=")))

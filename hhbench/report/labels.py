@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 
 from hhbench.spec.units import format_count
@@ -60,6 +61,25 @@ def variant_rank(variant: str) -> tuple:
 def ordered_variants(variants) -> list[str]:
     """The distinct variants in reading order (variant_rank)."""
     return sorted(set(variants), key=variant_rank)
+
+
+# runs x variants outnumber plotly's 10 default colours; a report's variants rarely outnumber these 24
+PALETTE = px.colors.qualitative.Dark24
+
+
+def colour_key(variant: str) -> str:
+    """What a variant's colour follows: its label less the checkpoint an evaluated variant names after '@'
+    ('head:3:1@runs/distill-x' is the head:3:1 that distill trained, which train.jsonl calls 'head:3:1')."""
+    return variant.split("@", 1)[0]
+
+
+def variant_colours(variants) -> dict[str, str]:
+    """One colour per distinct colour_key of the variants, in reading order (ordered_variants), keyed by each
+    variant: a report draws every figure with one such map, so that a variant keeps its colour from figure to
+    figure."""
+    keys = ordered_variants(colour_key(variant) for variant in variants)
+    colour = {key: PALETTE[index % len(PALETTE)] for index, key in enumerate(keys)}
+    return {variant: colour[colour_key(variant)] for variant in set(variants)}
 
 
 HOVER_LINE_CHARS, SEPARATOR = 100, " · "  # a hover line's fields: about this many characters, apart by this

@@ -17,6 +17,7 @@ from plotly.offline import get_plotlyjs
 
 from hhbench.files import make_folder, open_output
 from hhbench.report import figures as F
+from hhbench.report.labels import variant_colours
 from hhbench.rows.sources import Run
 from hhbench.tables.compare import BASELINE, compare_runs, crossover_table
 
@@ -83,19 +84,23 @@ def build_report(runs: list[Run]) -> Report:
     rows = comparison.rows if comparison is not None else pd.DataFrame()
     eval_frames = [run.eval_frame() for run in runs if run.eval_rows]
     eval_rows = pd.concat(eval_frames, ignore_index=True) if eval_frames else pd.DataFrame()
+    train_rows = pd.DataFrame([{**row, "run": run.label} for run in runs for row in run.train_rows])
+    # one colour per variant for the whole page: a variant keeps it from the latency to the loss figure
+    colours = variant_colours(
+        [variant for frame in (rows, eval_rows, train_rows) if not frame.empty for variant in frame["variant"]]
+    )
     made: list[F.Figure | F.Omitted] = []
     if not rows.empty:
-        made.append(F.latency_figure(rows, ["prefill", "train"], "latency", "Latency against context"))
-        made.append(F.floor_figure(rows))
+        made.append(F.latency_figure(rows, ["prefill", "train"], "latency", "Latency against context", colours))
+        made.append(F.floor_figure(rows, colours))
         made.append(F.speedup_figure(rows))
         made += F.flops_figures(rows)
-        made += F.memory_figures(rows)
-        made.append(F.roofline_figure(rows, {run.label: run.env for run in runs}))
-        made.append(F.latency_figure(rows, ["decode"], "decode", "Decode latency against context"))
-    made.append(F.quality_figure(eval_rows))
-    train_rows = [{**row, "run": run.label} for run in runs for row in run.train_rows]
-    if train_rows:  # distillation runs only: other runs have no curve to miss
-        made.append(F.training_figure(pd.DataFrame(train_rows)))
+        made += F.memory_figures(rows, colours)
+        made.append(F.roofline_figure(rows, {run.label: run.env for run in runs}, colours))
+        made.append(F.latency_figure(rows, ["decode"], "decode", "Decode latency against context", colours))
+    made.append(F.quality_figure(eval_rows, colours))
+    if not train_rows.empty:  # distillation runs only: other runs have no curve to miss
+        made.append(F.training_figure(train_rows, colours))
     return Report(
         runs=runs,
         figures=[item for item in made if isinstance(item, F.Figure)],
