@@ -223,3 +223,23 @@ def test_rows_whose_prompts_exceed_their_context_say_so(monkeypatch, tmp_path):
     (row,) = RunDir.open(tmp_path / "r").eval_rows()
     assert (row.status, row.prompt_tokens, row.value) == ("error", [300, 1100], 1.0)
     assert row.reason == "prompts of up to 1100 tokens exceed the context 1024" and row.reason in result.stdout
+
+
+@pytest.mark.parametrize(
+    "missing,argv",
+    [
+        ("transformers", ["eval", "--model", "tiny-random-llama", "--tasks", "passkey", "--lengths", "512"]),
+        ("lm_eval", ["eval", "--model", "tiny-random-llama", "--tasks", "passkey", "--lengths", "512"]),
+        ("transformers", ["select-heads", "--model", "tiny-random-llama", "--lengths", "256", "--probes", "1"]),
+        ("transformers", ["distill", "--model", "tiny-random-llama", "--variants", "layer:3:1", "--seq", "128"]),
+    ],
+)
+def test_a_missing_eval_extra_is_one_line_naming_it(monkeypatch, tmp_path, missing, argv):
+    import sys
+
+    from inprocess import run_main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # what a wheel without the `eval` extra has: no such module
+    out = ["--out", str(tmp_path / ("heads.json" if argv[0] == "select-heads" else "results"))]
+    result = run_main(*argv, *out)
+    one_line_error(result, f"{missing} is not installed: pip install 'hhbench[eval]'")
