@@ -217,7 +217,7 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "none.txt")], "no data at")
     (tmp_path / "empty.jsonl").write_text("\n")
     one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "empty.jsonl")], "holds no text")
-    one_line(capsys, [*base, "--variants", "head:3:1", "--seq", "9000"], "longer than")
+    one_line(capsys, [*base, "--variants", "head:3:1", "--seq", "9000"], "exceeds tiny-random-llama's 8192 positions")
     one_line(capsys, [*base, "--variants", "head:3:1", "--stage1-tokens", "0", "--stage2-tokens", "0"], "zero tokens")
     for flag in ("--run", "--run-name"):  # a run stays inside --out
         one_line(capsys, [*base, "--variants", "head:3:1", flag, "../esc"], "bad run name")

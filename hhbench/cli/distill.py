@@ -95,7 +95,7 @@ def distill(
     from hhbench.kernels.registry import FA, GDN, check_name
     from hhbench.measure.env import capture_env, pick_device
     from hhbench.models.convert import GDNInit, check_convertible
-    from hhbench.models.loader import load_model, offline
+    from hhbench.models.loader import check_positions, load_model, offline
     from hhbench.models.variants import parse_variants
     from hhbench.rows.runs import RunDir
 
@@ -139,9 +139,7 @@ def distill(
     for name, kind in ((fa_backend, FA), (gdn_backend, GDN)):  # an unknown name fails before the run folder
         check_name(name, kind, target.type)
     loaded = load_model(model, str(target), dtype)
-    positions = getattr(loaded.model.config, "max_position_embeddings", None)
-    if positions is not None and seq + 1 > positions:
-        raise UserError(f"--seq {seq} is longer than {model}'s {positions} positions")
+    check_positions(loaded, seq + 1, f"--seq {seq} and its next-token target")
     for variant in variant_list:  # bad head maps and refused conversions fail before the run folder is made
         plan = variant.plan(loaded.shape, head_map or None)
         if plan is not None:

@@ -93,16 +93,25 @@ def plan_of(label: str, fa_heads, shape):
     return variant.plan(shape)
 
 
+def student_meta(run_dir: str | Path, label: str, model: str) -> dict:
+    """The metadata of the student `label` of run_dir, which must have been distilled from `model` (a ModelShape
+    name). Raises UserError where run_dir holds no such student or where its teacher was another model."""
+    meta = read_meta(run_dir, label)
+    if meta is None:
+        raise UserError(
+            f"no student {label} in {run_dir} (run hhbench distill first; see {Path(run_dir) / CHECKPOINTS})"
+        )
+    if meta["model"] != model:
+        raise UserError(
+            f"student {label} in {run_dir} was distilled from {meta['model']}, not {model}: give its teacher as --model"
+        )
+    return meta
+
+
 def load_student(run_dir: str | Path, label: str, teacher, fa_backend: str = "auto", gdn_backend: str = "auto"):
     """The distilled student `label` of run_dir on top of a conversion of teacher (a LoadedModel; its model is
     deep-copied, not changed). The model gets `hhbench_student`: checkpoint path, stage and tokens trained."""
-    meta = read_meta(run_dir, label)
-    if meta is None:
-        raise UserError(f"no checkpoint of {label} in {run_dir} (see {Path(run_dir) / CHECKPOINTS})")
-    if meta["model"] != teacher.shape.name:
-        raise UserError(
-            f"checkpoint of {label} in {run_dir} was distilled from {meta['model']}, not {teacher.shape.name}"
-        )
+    meta = student_meta(run_dir, label, teacher.shape.name)
     plan = plan_of(label, meta["fa_heads"], teacher.shape)
     model = convert(copy.deepcopy(teacher.model), plan, fa_backend=fa_backend, gdn_backend=gdn_backend)
     load_weights(Path(run_dir), label, model)

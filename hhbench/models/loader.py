@@ -133,7 +133,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "fp32", work_dir: st
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load model folder {name}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot load model folder {name}: {exc}") from None  # fail() joins its lines
         tokenizer_dir = name
     else:
         raise UserError(
@@ -145,3 +145,12 @@ def load_model(name: str, device: str = "cpu", dtype: str = "fp32", work_dir: st
     model = model.to(device).eval()
     shape = dataclasses.replace(shape_from_config_dict(model.config.to_dict(), name), name=Path(name).name or name)
     return LoadedModel(name, model, tokenizer, tokenizer_dir, shape, rope_theta_of(model.config))
+
+
+def check_positions(loaded: LoadedModel, tokens: int, what: str) -> None:
+    """Refuse (UserError naming the limit) `tokens` positions beyond the model's max_position_embeddings: RoPE
+    models past it give meaningless scores, and very long inputs run for hours. `what` names the request in the
+    message ("length 9000", "--seq 4096 and its target token")."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and tokens > limit:
+        raise UserError(f"{what} exceeds {loaded.shape.name}'s {limit} positions (max_position_embeddings)")
