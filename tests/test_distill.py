@@ -107,6 +107,40 @@ def test_resume_equals_an_uninterrupted_run(teacher, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_run_logs_each_step_once(teacher, tmp_path, monkeypatch):
+    rec = recipe()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(job(teacher, whole, rec, checkpoint_every=2), parse_variants(["head:3:1", "layer:3:1"]))
+    log = Job.log
+
+    def interrupted(self, row):  # Ctrl-C once head:3:1 logged stage 2 step 3: its checkpoint is at step 2
+        log(self, row)
+        if (row.variant, row.stage, row.step) == ("head:3:1", 2, 3):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Job, "log", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(job(teacher, parts, rec, checkpoint_every=2), parse_variants(["head:3:1", "layer:3:1"]))
+    with open(parts / TRAIN, "a") as out:
+        out.write('{"variant": "head:3:1", "st')  # a row cut short by the kill
+    monkeypatch.setattr(Job, "log", log)
+    train(job(teacher, parts, rec, checkpoint_every=2), parse_variants(["head:3:1", "layer:3:1"]))
+
+    def keys(path: Path) -> list[tuple]:
+        found = []
+        for line in (path / TRAIN).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                found.append(("not a row", line))
+                continue
+            found.append((row["variant"], row["stage"], row["step"], row["kind"]))
+        return found
+
+    assert keys(parts) == keys(whole) and len(keys(whole)) == 2 * (12 + 2)
+    assert curve(parts) == curve(whole)
+
+
 def test_a_nan_loss_stops_that_variant_only(teacher, tmp_path, monkeypatch):
     build = VariantModels.build
 
