@@ -253,6 +253,9 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "empty.jsonl")], "holds no text")
     one_line(capsys, [*base, "--variants", "head:3:1", "--seq", "9000"], "exceeds tiny-random-llama's 8192 positions")
     one_line(capsys, [*base, "--variants", "head:3:1", "--stage1-tokens", "0", "--stage2-tokens", "0"], "zero tokens")
+    for nothing in ("teacher", "layer:3:1,head:0:1"):  # no linear-attention head: nothing to train
+        one_line(capsys, [*base, "--variants", nothing, "--run", "t"], "converts no attention head")
+    assert not (tmp_path / "t").exists()
     for flag in ("--run", "--run-name"):  # a run stays inside --out
         one_line(capsys, [*base, "--variants", "head:3:1", flag, "../esc"], "bad run name")
     assert not (tmp_path.parent / "esc").exists()

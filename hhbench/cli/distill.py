@@ -142,8 +142,12 @@ def distill(
     check_positions(loaded, seq + 1, f"--seq {seq} and its next-token target")
     for variant in variant_list:  # bad head maps and refused conversions fail before the run folder is made
         plan = variant.plan(loaded.shape, head_map or None)
-        if plan is not None:
-            check_convertible(loaded.model, plan)
+        if plan is None or not any(layer.n_la for layer in plan.layers):
+            raise UserError(
+                f"{variant.label} converts no attention head, so there is nothing to distill: students are "
+                "head:R, layer:R or la with linear-attention heads"
+            )
+        check_convertible(loaded.model, plan)
     has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
     use_chat = has_template if chat == "auto" else chat == "on"
     if use_chat and not has_template:
