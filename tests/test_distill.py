@@ -282,6 +282,21 @@ def test_a_refused_command_writes_nothing_and_the_corrected_one_runs(capsys, tmp
     assert main_ok(capsys, [*base, "--variants", "layer:3:1"])
 
 
+TINY_DISTILL = ["distill", "--model", "tiny-random-llama", "--variants", "layer:3:1", "--seq", "128", "--batch", "2",
+                "--stage1-tokens", "256", "--stage2-tokens", "0", "--run", "d"]  # fmt: skip
+
+
+def test_a_second_distill_into_a_running_run_is_refused(capsys, tmp_path):
+    from hhbench.launch.lock import run_lock
+    from hhbench.rows.runs import RunDir
+
+    args = [*TINY_DISTILL, "--out", str(tmp_path)]
+    with run_lock(RunDir(tmp_path / "d")):  # a distill (or sweep) still writing the run
+        one_line(capsys, args, f"run {tmp_path / 'd'} is being written by another")
+    assert not (tmp_path / "d" / TRAIN).exists()
+    assert main_ok(capsys, args)  # once it has finished
+
+
 def main_ok(capsys, argv: list[str]) -> bool:
     with pytest.raises(SystemExit) as exit_:
         main(argv)
