@@ -297,6 +297,27 @@ def test_a_second_distill_into_a_running_run_is_refused(capsys, tmp_path):
     assert main_ok(capsys, args)  # once it has finished
 
 
+def test_the_printed_eval_command_evaluates_the_students(capsys, tmp_path):
+    import shlex
+
+    import typer
+
+    from hhbench.cli.app import app
+
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY_DISTILL, "--variants", "head:3:1,layer:3:1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 0
+    argv = shlex.split(printed.split("evaluate with: ", 1)[1])
+    assert argv[:2] == ["hhbench", "eval"]
+    ctx = typer.main.get_command(app).get_command(None, "eval").make_context("eval", argv[2:])
+    assert ctx.params["model"] == "tiny-random-llama" and ctx.params["variants"] == ",".join(
+        f"{v}@{out / 'd'}" for v in ("head:3:1", "layer:3:1")
+    )
+    assert (ctx.params["out"], ctx.params["run"]) == (str(out), "d")  # the distillation's own run folder
+
+
 def main_ok(capsys, argv: list[str]) -> bool:
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import datetime
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -200,5 +201,9 @@ def distill(
         for summary in summaries:
             if summary["status"] not in ("ok", train_mod.SKIPPED):
                 say(f"{summary['variant']}: {summary['status']} {summary.get('reason', '')}".rstrip())
-        say(f"students in {run_dir.path / 'checkpoints'}; evaluate with: hhbench eval --variants "
-            + ",".join(f"{v.label}@{run_dir.path}" for v in variant_list))  # fmt: skip
+        students = ",".join(f"{v.label}@{run_dir.path}" for v in variant_list)
+        # into the distillation's own run folder: `hhbench table` and `report` then show the students beside the curves
+        evaluate = ["hhbench", "eval", "--model", model, "--variants", students, "--out", out, "--run", run_dir.name]
+        if target.type == "cuda":
+            evaluate += ["--device", "cuda"]
+        say(f"students in {run_dir.path / 'checkpoints'}; evaluate with: {shlex.join(evaluate)}")
