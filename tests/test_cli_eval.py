@@ -223,3 +223,68 @@ def test_rows_whose_prompts_exceed_their_context_say_so(monkeypatch, tmp_path):
     (row,) = RunDir.open(tmp_path / "r").eval_rows()
     assert (row.status, row.prompt_tokens, row.value) == ("error", [300, 1100], 1.0)
     assert row.reason == "prompts of up to 1100 tokens exceed the context 1024" and row.reason in result.stdout
+
+
+@pytest.mark.parametrize(
+    "missing,argv",
+    [
+        ("transformers", ["eval", "--model", "tiny-random-llama", "--tasks", "passkey", "--lengths", "512"]),
+        ("lm_eval", ["eval", "--model", "tiny-random-llama", "--tasks", "passkey", "--lengths", "512"]),
+        ("transformers", ["select-heads", "--model", "tiny-random-llama", "--lengths", "256", "--probes", "1"]),
+        ("transformers", ["distill", "--model", "tiny-random-llama", "--variants", "layer:3:1", "--seq", "128"]),
+    ],
+)
+def test_a_missing_eval_extra_is_one_line_naming_it(monkeypatch, tmp_path, missing, argv):
+    import sys
+
+    from inprocess import run_main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # what a wheel without the `eval` extra has: no such module
+    out = ["--out", str(tmp_path / ("heads.json" if argv[0] == "select-heads" else "results"))]
+    result = run_main(*argv, *out)
+    one_line_error(result, f"{missing} is not installed: pip install 'hhbench[eval]'")
+
+
+def test_a_length_beyond_the_models_positions_is_refused_before_any_data(monkeypatch, tmp_path):
+    from inprocess import run_main
+
+    from hhbench.eval import harness
+
+    monkeypatch.setattr(harness, "hflm", lambda *args: None)  # the old code's run: quick, and visibly not refused
+    monkeypatch.setattr(harness, "evaluate_task", lambda *a: fake_result(prompt_tokens=(9000,)))
+    result = run_main("eval", "--model", "tiny-random-llama", "--variants", "teacher", "--tasks", "passkey",
+                      "--lengths", "1k,9000", "--limit", "1", "--out", str(tmp_path), "--run", "r")  # fmt: skip
+    one_line_error(result, "length 9000 exceeds tiny-random-llama's 8192 positions (max_position_embeddings)")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_refused_eval_leaves_no_run_folder(tmp_path):
+    import torch
+    from inprocess import run_main
+    from safetensors.torch import save_file
+
+    from hhbench.distill.checkpoint import WEIGHTS, variant_dir
+
+    out = tmp_path / "results"
+    one_line_error(run_main("eval", "--model", str(tmp_path / "nonexistent"), "--out", str(out)), "unknown model")
+    assert not out.exists()
+    student = variant_dir(tmp_path / "d", "head:3:1")  # a student of another teacher
+    student.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(student / WEIGHTS), metadata={"model": '"other-model"'})
+    result = run_main("eval", "--model", "tiny-random-llama", "--variants", f"head:3:1@{tmp_path / 'd'}", "--tasks",
+                      "passkey", "--lengths", "512", "--limit", "1", "--out", str(out), "--run", "r")  # fmt: skip
+    one_line_error(result, "was distilled from other-model, not tiny-random-llama: give its teacher as --model")
+    assert not out.exists()
+
+
+def test_a_multi_line_load_error_is_one_whole_line(tmp_path):
+    from inprocess import run_main
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "config-only"  # config.json, no tokenizer, no weights
+    LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=4, head_dim=8).save_pretrained(folder)  # fmt: skip
+    result = run_main("eval", "--model", str(folder), "--tasks", "passkey", "--out", str(tmp_path / "results"))
+    one_line_error(result, f"cannot load model folder {folder}: Couldn't instantiate the backend tokenizer from one of")
+    assert "(3) an equivalent slow tokenizer class" in result.stderr  # the message's later lines, on the same line
+    assert not (tmp_path / "results").exists()

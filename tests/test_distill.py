@@ -107,6 +107,40 @@ def test_resume_equals_an_uninterrupted_run(teacher, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_run_logs_each_step_once(teacher, tmp_path, monkeypatch):
+    rec = recipe()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(job(teacher, whole, rec, checkpoint_every=2), parse_variants(["head:3:1", "layer:3:1"]))
+    log = Job.log
+
+    def interrupted(self, row):  # Ctrl-C once head:3:1 logged stage 2 step 3: its checkpoint is at step 2
+        log(self, row)
+        if (row.variant, row.stage, row.step) == ("head:3:1", 2, 3):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Job, "log", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(job(teacher, parts, rec, checkpoint_every=2), parse_variants(["head:3:1", "layer:3:1"]))
+    with open(parts / TRAIN, "a") as out:
+        out.write('{"variant": "head:3:1", "st')  # a row cut short by the kill
+    monkeypatch.setattr(Job, "log", log)
+    train(job(teacher, parts, rec, checkpoint_every=2), parse_variants(["head:3:1", "layer:3:1"]))
+
+    def keys(path: Path) -> list[tuple]:
+        found = []
+        for line in (path / TRAIN).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                found.append(("not a row", line))
+                continue
+            found.append((row["variant"], row["stage"], row["step"], row["kind"]))
+        return found
+
+    assert keys(parts) == keys(whole) and len(keys(whole)) == 2 * (12 + 2)
+    assert curve(parts) == curve(whole)
+
+
 def test_a_nan_loss_stops_that_variant_only(teacher, tmp_path, monkeypatch):
     build = VariantModels.build
 
@@ -217,8 +251,11 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "none.txt")], "no data at")
     (tmp_path / "empty.jsonl").write_text("\n")
     one_line(capsys, [*base, "--variants", "head:3:1", "--data", str(tmp_path / "empty.jsonl")], "holds no text")
-    one_line(capsys, [*base, "--variants", "head:3:1", "--seq", "9000"], "longer than")
+    one_line(capsys, [*base, "--variants", "head:3:1", "--seq", "9000"], "exceeds tiny-random-llama's 8192 positions")
     one_line(capsys, [*base, "--variants", "head:3:1", "--stage1-tokens", "0", "--stage2-tokens", "0"], "zero tokens")
+    for nothing in ("teacher", "layer:3:1,head:0:1"):  # no linear-attention head: nothing to train
+        one_line(capsys, [*base, "--variants", nothing, "--run", "t"], "converts no attention head")
+    assert not (tmp_path / "t").exists()
     for flag in ("--run", "--run-name"):  # a run stays inside --out
         one_line(capsys, [*base, "--variants", "head:3:1", flag, "../esc"], "bad run name")
     assert not (tmp_path.parent / "esc").exists()
@@ -243,6 +280,42 @@ def test_a_refused_command_writes_nothing_and_the_corrected_one_runs(capsys, tmp
     one_line(capsys, [*base, "--variants", "layer:3:1", "--fa-backend", "bogus"], "unknown FA backend")
     assert not (tmp_path / "w").exists()
     assert main_ok(capsys, [*base, "--variants", "layer:3:1"])
+
+
+TINY_DISTILL = ["distill", "--model", "tiny-random-llama", "--variants", "layer:3:1", "--seq", "128", "--batch", "2",
+                "--stage1-tokens", "256", "--stage2-tokens", "0", "--run", "d"]  # fmt: skip
+
+
+def test_a_second_distill_into_a_running_run_is_refused(capsys, tmp_path):
+    from hhbench.launch.lock import run_lock
+    from hhbench.rows.runs import RunDir
+
+    args = [*TINY_DISTILL, "--out", str(tmp_path)]
+    with run_lock(RunDir(tmp_path / "d")):  # a distill (or sweep) still writing the run
+        one_line(capsys, args, f"run {tmp_path / 'd'} is being written by another")
+    assert not (tmp_path / "d" / TRAIN).exists()
+    assert main_ok(capsys, args)  # once it has finished
+
+
+def test_the_printed_eval_command_evaluates_the_students(capsys, tmp_path):
+    import shlex
+
+    import typer
+
+    from hhbench.cli.app import app
+
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_:
+        main([*TINY_DISTILL, "--variants", "head:3:1,layer:3:1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 0
+    argv = shlex.split(printed.split("evaluate with: ", 1)[1])
+    assert argv[:2] == ["hhbench", "eval"]
+    ctx = typer.main.get_command(app).get_command(None, "eval").make_context("eval", argv[2:])
+    assert ctx.params["model"] == "tiny-random-llama" and ctx.params["variants"] == ",".join(
+        f"{v}@{out / 'd'}" for v in ("head:3:1", "layer:3:1")
+    )
+    assert (ctx.params["out"], ctx.params["run"]) == (str(out), "d")  # the distillation's own run folder
 
 
 def main_ok(capsys, argv: list[str]) -> bool:

@@ -187,3 +187,15 @@ def test_distilled_students_are_compared_with_the_baseline_distilled_in_their_ru
     # head:7:1@d (0.920) against layer:3:1@d (0.940); head:7:1@e, whose run has no baseline, against layer:3:1
     assert "| 0.940 ±0.039 | 0.920 ±0.039 (-0.020) | 0.900 ±0.039 (-0.060) |" in result.stdout
     assert "(delta) against layer:3:1, layer:3:1@d" in result.stdout
+
+
+def test_a_distillation_run_without_eval_rows_says_where_its_curves_are(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    row = {"variant": "head:3:1", "stage": 1, "step": 1, "tokens": 256, "loss": 1.5, "kind": "step", "status": "ok"}
+    (folder / "train.jsonl").write_text(json.dumps(row) + "\n")
+    result = run_main("table", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{folder} holds only training rows (train.jsonl): see `hhbench report {folder}` for its curves"
+    ]

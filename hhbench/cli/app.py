@@ -40,8 +40,9 @@ def _cli_exceptions() -> tuple[type[BaseException], ...]:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print 'hhbench: error: <message>' on stderr and exit with `code` (2: a usage error, as UserError)."""
-    print(f"hhbench: error: {message}", file=sys.stderr)
+    """Print 'hhbench: error: <message>' on stderr, a multi-line message joined into that one line, and exit with
+    `code` (2: a usage error, as UserError)."""
+    print(f"hhbench: error: {' '.join(message.split())}", file=sys.stderr)
     raise SystemExit(code)
 
 

@@ -1,7 +1,9 @@
 """`hhbench distill`: align, then distill converted hybrids on their teacher (issue 11), into results/<run>/."""
 
+import contextlib
 import dataclasses
 import datetime
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -93,9 +95,10 @@ def distill(
     from hhbench.distill import train as train_mod
     from hhbench.eval.harness import quiet_logs
     from hhbench.kernels.registry import FA, GDN, check_name
+    from hhbench.launch.lock import run_lock
     from hhbench.measure.env import capture_env, pick_device
     from hhbench.models.convert import GDNInit, check_convertible
-    from hhbench.models.loader import load_model, offline
+    from hhbench.models.loader import check_positions, load_model, offline
     from hhbench.models.variants import parse_variants
     from hhbench.rows.runs import RunDir
 
@@ -139,13 +142,15 @@ def distill(
     for name, kind in ((fa_backend, FA), (gdn_backend, GDN)):  # an unknown name fails before the run folder
         check_name(name, kind, target.type)
     loaded = load_model(model, str(target), dtype)
-    positions = getattr(loaded.model.config, "max_position_embeddings", None)
-    if positions is not None and seq + 1 > positions:
-        raise UserError(f"--seq {seq} is longer than {model}'s {positions} positions")
+    check_positions(loaded, seq + 1, f"--seq {seq} and its next-token target")
     for variant in variant_list:  # bad head maps and refused conversions fail before the run folder is made
         plan = variant.plan(loaded.shape, head_map or None)
-        if plan is not None:
-            check_convertible(loaded.model, plan)
+        if plan is None or not any(layer.n_la for layer in plan.layers):
+            raise UserError(
+                f"{variant.label} converts no attention head, so there is nothing to distill: students are "
+                "head:R, layer:R or la with linear-attention heads"
+            )
+        check_convertible(loaded.model, plan)
     has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
     use_chat = has_template if chat == "auto" else chat == "on"
     if use_chat and not has_template:
@@ -161,36 +166,44 @@ def distill(
         init=dataclasses.asdict(GDNInit()),
     )  # fmt: skip
     run_dir = RunDir(run_path)
-    if dist.rank == 0:
-        run_dir.create()
-        recipe_mod.write_recipe(run_dir.path, recipe)
-        if not run_dir.env_path.exists():
-            started = datetime.datetime.now(datetime.UTC).isoformat()
-            run_dir.write_env(capture_env({"command": "hhbench distill", "started": started, "world": dist.world}))
-    if dist.world > 1:
-        import torch.distributed
+    with contextlib.ExitStack() as held:
+        if dist.rank == 0:
+            # The sweep's run lock (RUN/.lock): a second invocation writing this run is refused in one line. Rank 0
+            # holds it for the whole job, as the rank that makes the run and, data-parallel, writes all of it; a
+            # lock per rank would refuse this job's own ranks (under --parallel-variants the others write beside it).
+            held.enter_context(run_lock(run_dir))
+            recipe_mod.write_recipe(run_dir.path, recipe)
+            if not run_dir.env_path.exists():
+                started = datetime.datetime.now(datetime.UTC).isoformat()
+                run_dir.write_env(capture_env({"command": "hhbench distill", "started": started, "world": dist.world}))
+        if dist.world > 1:
+            import torch.distributed
 
-        torch.distributed.barrier()
-        recipe_mod.write_recipe(run_dir.path, recipe)  # every rank checks the recipe rank 0 wrote
-    say = typer.echo if dist.rank == 0 or dist.parallel_variants else (lambda *_: None)
-    source = f"{len(texts)} documents ({recipe.data_tokens:,} tokens) mixed with" if texts else "no --data: only"
-    say(f"run {run_dir.path}: {model} on {target} ({dtype}); {source} the generated retrieval stream "
-        f"({recipe.retrieval_ratio:.0%} of sequences); stage 1 {recipe.steps(1)} steps, stage 2 {recipe.steps(2)} "
-        f"steps of {batch} x {seq} tokens")  # fmt: skip
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            torch.distributed.barrier()
+            recipe_mod.write_recipe(run_dir.path, recipe)  # every rank checks the recipe rank 0 wrote
+        say = typer.echo if dist.rank == 0 or dist.parallel_variants else (lambda *_: None)
+        source = f"{len(texts)} documents ({recipe.data_tokens:,} tokens) mixed with" if texts else "no --data: only"
+        say(f"run {run_dir.path}: {model} on {target} ({dtype}); {source} the generated retrieval stream "
+            f"({recipe.retrieval_ratio:.0%} of sequences); stage 1 {recipe.steps(1)} steps, stage 2 {recipe.steps(2)} "
+            f"steps of {batch} x {seq} tokens")  # fmt: skip
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[speed]} tok/s"), TextColumn("eta"), TimeRemainingColumn(),
-        console=Console(stderr=True), disable=not (dist.rank == 0 or dist.parallel_variants),
-    )  # fmt: skip
-    job = train_mod.Job(recipe, loaded, stream, run_dir.path, target, dist, checkpoint_every, max(1, log_every),
-                        stop_after, fa_backend, gdn_backend, progress, say)  # fmt: skip
-    with progress:
-        summaries = train_mod.train(job, variant_list)
-    for summary in summaries:
-        if summary["status"] not in ("ok", train_mod.SKIPPED):
-            say(f"{summary['variant']}: {summary['status']} {summary.get('reason', '')}".rstrip())
-    say(f"students in {run_dir.path / 'checkpoints'}; evaluate with: hhbench eval --variants "
-        + ",".join(f"{v.label}@{run_dir.path}" for v in variant_list))  # fmt: skip
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} tok/s"), TextColumn("eta"), TimeRemainingColumn(),
+            console=Console(stderr=True), disable=not (dist.rank == 0 or dist.parallel_variants),
+        )  # fmt: skip
+        job = train_mod.Job(recipe, loaded, stream, run_dir.path, target, dist, checkpoint_every, max(1, log_every),
+                            stop_after, fa_backend, gdn_backend, progress, say)  # fmt: skip
+        with progress:
+            summaries = train_mod.train(job, variant_list)
+        for summary in summaries:
+            if summary["status"] not in ("ok", train_mod.SKIPPED):
+                say(f"{summary['variant']}: {summary['status']} {summary.get('reason', '')}".rstrip())
+        students = ",".join(f"{v.label}@{run_dir.path}" for v in variant_list)
+        # into the distillation's own run folder: `hhbench table` and `report` then show the students beside the curves
+        evaluate = ["hhbench", "eval", "--model", model, "--variants", students, "--out", out, "--run", run_dir.name]
+        if target.type == "cuda":
+            evaluate += ["--device", "cuda"]
+        say(f"students in {run_dir.path / 'checkpoints'}; evaluate with: {shlex.join(evaluate)}")

@@ -48,7 +48,7 @@ def eval_(
     from hhbench.eval import harness
     from hhbench.eval.quality import comparison_table
     from hhbench.measure.env import capture_env, pick_device
-    from hhbench.models.loader import load_model, offline
+    from hhbench.models.loader import check_positions, load_model, offline
     from hhbench.models.variants import parse_variants
     from hhbench.rows.runs import RunDir
     from hhbench.rows.schema import EvalRow, read_rows
@@ -78,11 +78,12 @@ def eval_(
     harness.quiet_logs()
     harness.check_tasks(task_list)
     run_name = run or f"eval-{Path(model).name}"
-    run_dir = RunDir(run_folder(out, run_name)).create()
+    run_dir = RunDir(run_folder(out, run_name))  # made only once every check below has passed
     fingerprint = harness.EvalSettings(model="", limit=limit, seed=seed, dtype=dtype, run=run_name)
     if run_dir.eval_path.exists():  # rows made with other settings: said before the model loads
         harness.check_resumable(read_rows(run_dir.eval_path, kind=EvalRow), fingerprint, chat)
     loaded = load_model(model, device, dtype)
+    check_positions(loaded, max(length_list), f"length {max(length_list)}")
     has_template = getattr(loaded.tokenizer, "chat_template", None) is not None
     use_chat = has_template if chat == "auto" else chat == "on"
     if use_chat and not has_template:
@@ -91,15 +92,15 @@ def eval_(
         model=loaded.shape.name, limit=limit, seed=seed, chat=use_chat, batch_size=batch_size, device=device,
         dtype=dtype, run=run_name, head_map=head_map or None, fa_backend=fa_backend, gdn_backend=gdn_backend,
     )  # fmt: skip
-    for variant in variant_list:  # bad head maps and missing students fail before hours of evaluation
+    for variant in variant_list:  # bad head maps and missing or foreign students fail before hours of evaluation
         if variant.checkpoint:
-            from hhbench.distill.checkpoint import read_meta
+            from hhbench.distill.checkpoint import student_meta
 
-            if read_meta(variant.checkpoint, variant.base_label) is None:
-                raise UserError(f"no student {variant.base_label} in {variant.checkpoint} (run hhbench distill first)")
+            student_meta(variant.checkpoint, variant.base_label, loaded.shape.name)
         else:
             variant.plan(loaded.shape, settings.head_map)
     harness.check_lengths(task_list, length_list, loaded.tokenizer, limit, seed, use_chat)
+    run_dir.create()
     if not run_dir.env_path.exists():
         run_dir.write_env(
             capture_env({"command": "hhbench eval", "started": datetime.datetime.now(datetime.UTC).isoformat()})

@@ -11,7 +11,6 @@ from typing import Annotated
 import typer
 
 from hhbench.cli.app import app
-from hhbench.errors import UserError
 from hhbench.files import open_output
 from hhbench.select.selection import HeadSelection, select
 from hhbench.spec import parse as options
@@ -44,7 +43,7 @@ def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, len
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hhbench.models.loader import load_model
+    from hhbench.models.loader import check_positions, load_model
     from hhbench.models.tokens import special_prefix
     from hhbench.select.probes import make_probes
     from hhbench.select.scores import COMBINE, score_model
@@ -53,9 +52,7 @@ def _probe(model: str, ratio: Ratio, text: str, kv_aware: bool, probes: int, len
     with tempfile.TemporaryDirectory(prefix="hhbench-select-") as work_dir:
         with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's progress bar
             loaded = load_model(model, device, "fp32", work_dir)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit and max(lengths) > limit:
-        raise UserError(f"length {max(lengths)} exceeds the model's {limit} positions")
+    check_positions(loaded, max(lengths), f"length {max(lengths)}")
     # pieces encoded alone, the prompt's special tokens (BOS where the tokenizer adds it) in front, as evaluated
     probe_list = make_probes(
         lambda text: loaded.tokenizer.encode(text, add_special_tokens=False),

@@ -31,6 +31,11 @@ def table(
             typer.echo(check_targets(run).to_markdown())
         return
     loaded = load_runs(runs)
+    for run in loaded:  # a distillation not yet evaluated: nothing to compare, which is said rather than silent
+        if run.train_rows and not run.rows and not run.eval_rows:
+            typer.echo(
+                f"{run.path} holds only training rows (train.jsonl): see `hhbench report {run.path}` for its curves"
+            )
     if not any(run.rows for run in loaded):  # quality runs only: the eval comparison, students included
         from hhbench.eval.quality import comparison_table
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from hhbench.errors import UserError
+from hhbench.errors import UserError, require_extra
 from hhbench.models.convert import convert
 from hhbench.models.variants import parse_variant
 from hhbench.spec.hybrid import HeadMap, HybridSpec, Layout
@@ -36,14 +36,12 @@ def _atomic(path: Path, write) -> None:
 
 def save(run_dir: Path, label: str, model, names: list[str], meta: dict, state: dict) -> Path:
     """The trained parameters `names` of `model` (fp32), metadata `meta` (JSON-able) and the resume `state`."""
-    from safetensors.torch import save_file
-
     folder = variant_dir(run_dir, label)
     folder.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
     tensors = {name: params[name].detach().float().cpu().contiguous() for name in names}
     metadata = {key: json.dumps(value) for key, value in meta.items()}
-    _atomic(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic(folder / WEIGHTS, lambda tmp: require_extra("safetensors.torch").save_file(tensors, tmp, metadata=metadata))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -53,12 +51,10 @@ def save(run_dir: Path, label: str, model, names: list[str], meta: dict, state: 
 
 def read_meta(run_dir: str | Path, label: str) -> dict | None:
     """The metadata of a variant's checkpoint; None where there is none."""
-    from safetensors import safe_open
-
     path = variant_dir(run_dir, label) / WEIGHTS
     if not path.exists():
         return None
-    with safe_open(str(path), "pt") as f:
+    with require_extra("safetensors").safe_open(str(path), "pt") as f:
         return {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
 
 
@@ -78,9 +74,7 @@ def load_state(run_dir: Path, label: str) -> dict | None:
 
 def load_weights(run_dir: Path, label: str, model) -> None:
     """Copy a checkpoint's parameters into `model` (a conversion of the teacher to the same plan)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(variant_dir(run_dir, label) / WEIGHTS))
+    tensors = require_extra("safetensors.torch").load_file(str(variant_dir(run_dir, label) / WEIGHTS))
     params = dict(model.named_parameters())
     missing = [name for name in tensors if name not in params]
     if missing:
@@ -99,16 +93,25 @@ def plan_of(label: str, fa_heads, shape):
     return variant.plan(shape)
 
 
+def student_meta(run_dir: str | Path, label: str, model: str) -> dict:
+    """The metadata of the student `label` of run_dir, which must have been distilled from `model` (a ModelShape
+    name). Raises UserError where run_dir holds no such student or where its teacher was another model."""
+    meta = read_meta(run_dir, label)
+    if meta is None:
+        raise UserError(
+            f"no student {label} in {run_dir} (run hhbench distill first; see {Path(run_dir) / CHECKPOINTS})"
+        )
+    if meta["model"] != model:
+        raise UserError(
+            f"student {label} in {run_dir} was distilled from {meta['model']}, not {model}: give its teacher as --model"
+        )
+    return meta
+
+
 def load_student(run_dir: str | Path, label: str, teacher, fa_backend: str = "auto", gdn_backend: str = "auto"):
     """The distilled student `label` of run_dir on top of a conversion of teacher (a LoadedModel; its model is
     deep-copied, not changed). The model gets `hhbench_student`: checkpoint path, stage and tokens trained."""
-    meta = read_meta(run_dir, label)
-    if meta is None:
-        raise UserError(f"no checkpoint of {label} in {run_dir} (see {Path(run_dir) / CHECKPOINTS})")
-    if meta["model"] != teacher.shape.name:
-        raise UserError(
-            f"checkpoint of {label} in {run_dir} was distilled from {meta['model']}, not {teacher.shape.name}"
-        )
+    meta = student_meta(run_dir, label, teacher.shape.name)
     plan = plan_of(label, meta["fa_heads"], teacher.shape)
     model = convert(copy.deepcopy(teacher.model), plan, fa_backend=fa_backend, gdn_backend=gdn_backend)
     load_weights(Path(run_dir), label, model)

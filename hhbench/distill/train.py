@@ -56,7 +56,8 @@ class TrainRow:
 
 def read_train_rows(path: str | Path) -> list[dict]:
     """train.jsonl, the last row of each (variant, stage, step, kind): a resumed run logs again the steps after
-    its last checkpoint, and those replace what the killed run had logged."""
+    its last checkpoint, and those replace what the killed run had logged (train() cuts them from the file before
+    it resumes; files written before it did keep both)."""
     latest: dict[tuple, dict] = {}
     for line in Path(path).read_text().splitlines():
         try:
@@ -326,9 +327,47 @@ def _tokens_trained(recipe: Recipe, stage: int, step: int) -> int:
     return before + step * recipe.batch * recipe.seq
 
 
+def drop_unsaved_rows(run_dir: Path, labels: list[str]) -> None:
+    """Cut from run_dir's train.jsonl the rows that the variants `labels` logged after their last checkpoint
+    (every row of a variant without one, and a line cut short by a kill): the steps a resumed run trains and logs
+    again, so that the resumed file holds what an uninterrupted run's does. A variant stopped by an error keeps its
+    rows (its checkpoint is the step before the error row, and it does not train again). The file is rewritten
+    through a temporary file and os.replace: a kill leaves the old file or the new one."""
+    path = Path(run_dir) / TRAIN
+    if not path.exists():
+        return
+    saved = {}  # label -> the (stage, step) of its checkpoint; rows after it go
+    for label in labels:
+        meta = checkpoint.read_meta(run_dir, label)
+        if meta is None:
+            saved[label] = (-1, -1)
+        elif meta.get("status", OK) == OK:
+            saved[label] = (meta["stage"], meta["step"])
+    text = path.read_text()
+    kept = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["variant"] not in saved or (row["stage"], row["step"]) <= saved[row["variant"]]:
+            kept.append(line + "\n")
+    if "".join(kept) != text:
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
+
 def train(job: Job, variants: list[Variant]) -> list[dict]:
     """Every variant this rank trains, one after another; a variant that fails (NaN loss) does not stop the
-    others."""
+    others. Rank 0 first cuts the rows logged after each variant's checkpoint (drop_unsaved_rows), before any rank
+    appends."""
+    if job.dist.rank == 0:
+        drop_unsaved_rows(job.run_dir, [variant.label for variant in variants])
+    if job.dist.world > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()
     summaries = []
     for variant in job.dist.mine(variants):
         summaries.append(train_variant(job, variant))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hhbench.errors import UserError
+from hhbench.errors import UserError, require_extra
 from hhbench.eval import generators
 from hhbench.models.convert import GDNInit, convert, teacher_head_rms, teacher_head_tau
 from hhbench.models.loader import LoadedModel
@@ -34,9 +34,7 @@ HH_PREFIX = "hh_"
 
 def lm_eval_dir() -> Path:
     """The folder of lm-eval's own task YAMLs (lm_eval/tasks)."""
-    import lm_eval
-
-    return Path(lm_eval.__file__).parent / "tasks"
+    return Path(require_extra("lm_eval").__file__).parent / "tasks"
 
 
 def suite_dir() -> Path:
@@ -78,8 +76,7 @@ def parse_tasks(names: list[str]) -> list[TaskRef]:
 
 def task_manager(task: TaskRef, metadata: dict):
     """A TaskManager that knows `task`, scanning as little as possible (lm-eval's full index takes ~30 s)."""
-    from lm_eval.tasks import TaskManager
-
+    TaskManager = require_extra("lm_eval.tasks").TaskManager
     if task.own:
         return TaskManager(include_path=str(suite_dir()), include_defaults=False, metadata=metadata)
     if task.ruler:
@@ -90,6 +87,7 @@ def task_manager(task: TaskRef, metadata: dict):
 def check_tasks(tasks: list[TaskRef]) -> None:
     """Unknown task names fail in one line before any model is loaded. lm-eval's own index takes ~30 s to build,
     so a name that no task file of lm-eval even mentions is refused from a plain text scan of those files."""
+    require_extra("lm_eval")  # every task runs in lm-eval: without it, one line here rather than an error row each
     others = [t for t in tasks if not t.own]
     if not others:
         return
@@ -181,17 +179,14 @@ class VariantModels:
 
 def hflm(model, loaded: LoadedModel, batch_size: int, device: str, max_length: int):
     """lm-eval's HFLM around an already loaded (or converted) model and its tokenizer; max_length in tokens."""
-    from lm_eval.models.huggingface import HFLM
-
-    return HFLM(
+    return require_extra("lm_eval.models.huggingface").HFLM(
         pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=max_length, device=device
     )
 
 
 def evaluate_task(lm, task: TaskRef, length: int, settings: EvalSettings, tokenizer_dir: str) -> dict:
     """One lm-eval run of one task at one length: {metric: (value, stderr)}, sample count, a few examples."""
-    import lm_eval
-
+    lm_eval = require_extra("lm_eval")
     metadata = {
         "tokenizer": tokenizer_dir,
         "max_seq_lengths": [length],
@@ -265,7 +260,7 @@ def quiet_git():
     (hhbench records its own commit in env.json)."""
     import subprocess
 
-    from lm_eval import evaluator
+    evaluator = require_extra("lm_eval.evaluator")
 
     def describe() -> str | None:
         try:

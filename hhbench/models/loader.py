@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from hhbench.errors import UserError
+from hhbench.errors import UserError, require_extra
 from hhbench.spec import axes
 from hhbench.spec.shapes import ModelShape, shape_from_config_dict, shape_from_hf_config
 
@@ -59,17 +59,17 @@ def smollm2_dir() -> Path:
 def char_tokenizer(folder: str | Path, add_bos: bool = False):
     """A character-level tokenizer (printable ASCII and newline, one token each), saved to `folder`; with
     `add_bos`, it puts BOS before every text as Llama's tokenizers do."""
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
+    tokenizers = require_extra("tokenizers")
+    decoders, models, processors = tokenizers.decoders, tokenizers.models, tokenizers.processors
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {token: i for i, token in enumerate(specials + chars)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
     if add_bos:
         core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = require_extra("transformers").PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     tokenizer.save_pretrained(str(folder))
@@ -78,9 +78,8 @@ def char_tokenizer(folder: str | Path, add_bos: bool = False):
 
 def tiny_llama(vocab: int, seed: int = 0, layers: int = 4, max_positions: int = 8192):
     """A random Llama small enough for CPU tests: hidden 64, 8 heads of 8, 4 KV heads (GQA), MLP 128."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
+    transformers = require_extra("transformers")
+    config = transformers.LlamaConfig(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
@@ -96,7 +95,7 @@ def tiny_llama(vocab: int, seed: int = 0, layers: int = 4, max_positions: int = 
         pad_token_id=3,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # larger random weights than the default init, so that logits differ visibly
         for param in model.parameters():
             if param.dim() == 2:
@@ -113,13 +112,15 @@ def rope_theta_of(config) -> float:
 def load_model(name: str, device: str = "cpu", dtype: str = "fp32", work_dir: str | None = None) -> LoadedModel:
     """`smollm2-135m`, `tiny-random-llama` or a local Hugging Face model folder (config.json + weights)."""
     offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers = require_extra("transformers")
+    AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
     torch_dtype = axes.torch_dtype(dtype)
     work_dir = work_dir or tempfile.mkdtemp(prefix="hhbench-tok-")
     tokenizer_dir = str(Path(work_dir) / "tokenizer")
     if name == SMOLLM2:
         folder = smollm2_dir()
+        require_extra("gguf")  # transformers reads the GGUF with it, and raises a bare ImportError without
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
         tokenizer.save_pretrained(tokenizer_dir)
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF, dtype=torch_dtype)
@@ -132,7 +133,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "fp32", work_dir: st
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load model folder {name}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot load model folder {name}: {exc}") from None  # fail() joins its lines
         tokenizer_dir = name
     else:
         raise UserError(
@@ -144,3 +145,12 @@ def load_model(name: str, device: str = "cpu", dtype: str = "fp32", work_dir: st
     model = model.to(device).eval()
     shape = dataclasses.replace(shape_from_config_dict(model.config.to_dict(), name), name=Path(name).name or name)
     return LoadedModel(name, model, tokenizer, tokenizer_dir, shape, rope_theta_of(model.config))
+
+
+def check_positions(loaded: LoadedModel, tokens: int, what: str) -> None:
+    """Refuse (UserError naming the limit) `tokens` positions beyond the model's max_position_embeddings: RoPE
+    models past it give meaningless scores, and very long inputs run for hours. `what` names the request in the
+    message ("length 9000", "--seq 4096 and its target token")."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and tokens > limit:
+        raise UserError(f"{what} exceeds {loaded.shape.name}'s {limit} positions (max_position_embeddings)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hhbench.errors import UserError
+from hhbench.errors import UserError, require_extra
 from hhbench.select.probes import Probe
 from hhbench.spec.shapes import shape_from_config_dict
 
@@ -91,9 +91,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(IMPL, _attention)
+    require_extra("transformers").AttentionInterface.register(IMPL, _attention)
 
 
 @dataclass
