@@ -153,7 +153,7 @@ def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):
         merging = run_main("merge", str(run.path))
     for result in (second, merging):
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-        assert f"run {run.path} is being written by another sweep (pid {os.getpid()}" in result.stderr
+        assert f"run {run.path} is being written by another hhbench process (pid {os.getpid()}" in result.stderr
     assert not run.rows_path.read_text()
     with run_lock(run):  # released at the end of the first
         pass

@@ -37,7 +37,7 @@ def run_lock(run: RunDir) -> Iterator[None]:
     if handle is None:
         holder = run.lock_path.read_text().strip() or "another process"
         raise UserError(
-            f"run {run.path} is being written by another sweep ({holder}): wait for it or use another --run"
+            f"run {run.path} is being written by another hhbench process ({holder}): wait for it or use another --run"
         )
     try:
         handle.seek(0)
