@@ -221,3 +221,12 @@ def test_the_tracer_refuses_a_sliding_window_model():
         HeadTracer(MistralForCausalLM(config))
     config.sliding_window = None
     HeadTracer(MistralForCausalLM(config))  # without a window it traces
+
+
+def test_a_selection_without_evidence_says_so():
+    """A model that never copies the needle scores every head 0: its map is the tie order, and the summary warns."""
+    from hhbench.cli.select_heads import summary
+
+    zeros = tuple(tuple(0.0 for _ in range(9)) for _ in range(30))
+    assert any("no retrieval evidence" in line for line in summary(_selection(scores=zeros), 3))
+    assert not any("no retrieval evidence" in line for line in summary(_selection(), 3))

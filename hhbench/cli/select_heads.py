@@ -118,6 +118,10 @@ def summary(selection: HeadSelection, top: int) -> list[str]:
             f"{stats.get('copied_needle_tokens')} copied needle tokens; {selection.seconds} s probing on "
             f"{selection.device}"
         )
+    if not any(score for layer in selection.scores for score in layer):
+        # a random or broken model never copies the needle: the map is then the tie order, not a selection
+        lines.append("warning: every head scored 0 (no retrieval evidence): these FA heads are the tie order, "
+                     "not a selection; probe longer, more often, or a model that retrieves")  # fmt: skip
     return lines
 
 
