@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hhbench.errors import UserError
+from hhbench.errors import UserError, require_extra
 from hhbench.launch.local import POLL_S, rows_written, run_on_gpus, visible_gpus
 from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
@@ -50,15 +50,9 @@ def parse_time(text: str) -> int:
 
 
 def import_submitit():
-    """submitit, imported where a launcher needs it (the `cluster` extra); UserError naming the extra where it is
-    not installed."""
-    try:
-        import submitit
-    except ImportError:
-        raise UserError(
-            "--launcher local and slurm submit through submitit, which is not installed: pip install 'hhbench[cluster]'"
-        ) from None
-    return submitit
+    """submitit, imported where a launcher (local or slurm) needs it: the `cluster` extra, through
+    errors.require_extra (UserError naming `pip install 'hhbench[cluster]'` where it is not installed)."""
+    return require_extra("submitit", "cluster")
 
 
 @dataclass(frozen=True)
