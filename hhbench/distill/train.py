@@ -59,13 +59,18 @@ def read_train_rows(path: str | Path) -> list[dict]:
     its last checkpoint, and those replace what the killed run had logged (train() cuts them from the file before
     it resumes; files written before it did keep both)."""
     latest: dict[tuple, dict] = {}
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
+    for _, row in _whole_lines(Path(path).read_text()):
         latest[(row["variant"], row["stage"], row["step"], row["kind"])] = row
     return list(latest.values())
+
+
+def _whole_lines(text: str):
+    """(line, row) for each line of a train.jsonl text that parses; a line cut short by a kill is skipped."""
+    for line in text.splitlines():
+        try:
+            yield line, json.loads(line)
+        except json.JSONDecodeError:
+            continue
 
 
 @dataclass(frozen=True)
@@ -344,14 +349,11 @@ def drop_unsaved_rows(run_dir: Path, labels: list[str]) -> None:
         elif meta.get("status", OK) == OK:
             saved[label] = (meta["stage"], meta["step"])
     text = path.read_text()
-    kept = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row["variant"] not in saved or (row["stage"], row["step"]) <= saved[row["variant"]]:
-            kept.append(line + "\n")
+    kept = [
+        line + "\n"
+        for line, row in _whole_lines(text)
+        if row["variant"] not in saved or (row["stage"], row["step"]) <= saved[row["variant"]]
+    ]
     if "".join(kept) != text:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(kept))
