@@ -307,7 +307,7 @@ def test_a_suite_asking_for_cuda_graphs_on_the_cpu_is_refused(tmp_path):
 def test_a_measurement_is_one_registered_unit(monkeypatch):
     from hhbench.runner.point import measure_point
 
-    assert list(measurements.MEASUREMENTS) == ["availability", "correctness", "timing", "memory", "throughput",
+    assert list(measurements.MEASUREMENTS) == ["fit", "availability", "correctness", "timing", "memory", "throughput",
                                                "parts", "crosscheck", "floor"]  # fmt: skip
     fields = {spec.name for spec in dataclasses.fields(Row)}
     for unit in measurements.MEASUREMENTS.values():
@@ -349,9 +349,9 @@ def test_a_point_above_the_available_memory_is_an_oom_row_not_a_run(tmp_path, mo
     """Its analytic lower bound (kernel prefill: the cores' inputs and outputs, 33.5 MiB at 64k tokens of tiny's
     head:3:1) above the device's available memory (1 MiB here): not run, an oom row naming both; the sweep goes
     on to the point that fits (64 tokens)."""
-    from hhbench.runner import point as point_module
+    from hhbench.runner import measurements as measurements_module
 
-    monkeypatch.setattr(point_module, "available_bytes", lambda device: 2.0**20)
+    monkeypatch.setattr(measurements_module, "available_bytes", lambda device: 2.0**20)
     points = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "64k,64",
                           "passes": "prefill", "scopes": ["kernel"]}, "cpu")  # fmt: skip
     result = sweep_module.run_sweep(points, RunDir(tmp_path / "r"), torch.device("cpu"), FAST)

@@ -1,18 +1,20 @@
 """What is measured on a point, one unit per measurement, registered in the order they run (the tracker of
 optimum-benchmark's backend / scenario / tracker split): each unit reads the Trial and writes its own fields of the
-row, so a new measurement is one function here. A unit that decides the row's status (unavailable, unsupported,
-incorrect) ends the point's required units; the row is `ok` when they all ran. Units marked `addition` run after
+row, so a new measurement is one function here. A unit that decides the row's status (oom by the analytic memory bound,
+unavailable, unsupported, incorrect) ends the point's required units; the row is `ok` when they all ran. Units marked `addition` run after
 the point's workload is freed, and only their own fields depend on them: their failure is kept in
 extra["<name>_error"] and the row keeps its latency (hhbench.runner.point.measure_point runs them)."""
 
 import dataclasses
 import gc
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from hhbench.analytic.flops import tokens
 from hhbench.bench import workloads
 from hhbench.bench.floor import floor_layers, floor_parts
 from hhbench.kernels import registry
@@ -21,7 +23,7 @@ from hhbench.names import Registry
 from hhbench.plan.grid import Point
 from hhbench.rows import schema
 from hhbench.rows.schema import Row
-from hhbench.spec.axes import Pass, Scope
+from hhbench.spec.axes import Pass, Scope, dtype_bytes
 from hhbench.spec.layout import build_plan
 
 CHECK_CONTEXT = 256  # small enough for the token-by-token oracle, several GDN chunks long
@@ -30,6 +32,7 @@ REFERENCE = {registry.FA: "sdpa-math", registry.GDN: "torch-recurrent"}
 # Crosscheck only steps at least this long: shorter ones are launch- and CPU-bound, and two timers then
 # disagree by their jitter rather than by their method.
 CROSSCHECK_MIN_MS = 2.0
+GIB = 2**30
 
 
 @dataclass
@@ -105,6 +108,60 @@ def needed_backends(point: Point) -> list[registry.Backend]:
     if plan.la_heads:
         needed.append(registry.get(point.gdn_backend, registry.GDN))
     return needed
+
+
+def available_bytes(device: torch.device) -> float:
+    """Memory a point may still take on `device`, in bytes: CUDA's free memory (torch.cuda.mem_get_info), or
+    the CPU's available RAM (MemAvailable of /proc/meminfo, else os.sysconf's available pages; the host's
+    figure, so a container's lower limit is not seen: the check stays on the side of running)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024  # the file says kB: KiB
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def resident_lower_bound(point: Point, row: Row) -> float:
+    """Fewest bytes the point's workload holds at once, from the row's analytic costs (bytes): a lower bound,
+    so that refusing a point above it never refuses one that fits.
+
+    Kernel scope: every input and output of the attention cores (bytes_moved of one forward: the timed workload
+    holds them all between repetitions). Layer and model scope: the weights, the input activations
+    (batch x tokens x hidden), and the KV of one layer (K and V exist while its core runs; the average layer's,
+    below the largest), or for decode the whole KV cache and GDN state the step reads (kv_cache_bytes and
+    state_bytes). Everything else (intermediates, gradients, allocator slack) is left out."""
+    if point.scope is Scope.KERNEL:
+        return row.bytes_moved / (3 if point.pass_ is Pass.TRAIN else 1)  # training moves 3x one forward's inputs
+    shape, nbytes = point.shape, dtype_bytes(point.dtype)
+    held = row.weight_bytes + point.batch * tokens(point.pass_, point.context) * shape.hidden * nbytes
+    if point.pass_ is Pass.DECODE:
+        return held + row.kv_cache_bytes + row.state_bytes
+    return held + row.kv_cache_bytes / (shape.n_layers if point.scope is Scope.MODEL else 1)
+
+
+def memory_refusal(point: Point, row: Row, device: torch.device) -> str:
+    """Why the point is not run (its lower bound on memory exceeds what the device has available), or ""."""
+    needed, available = resident_lower_bound(point, row), available_bytes(device)
+    if needed <= available:
+        return ""
+    return (
+        f"not run: needs at least {needed / GIB:.3g} GiB (analytic lower bound), {device.type} has "
+        f"{available / GIB:.3g} GiB available"
+    )
+
+
+@measurement("fit", ("status", "reason"))
+def fit(trial: Trial) -> None:
+    """A point whose analytic lower bound on memory exceeds what the device has available is not run: its row
+    says oom and why (measured, it would be killed: the CPU's OOM killer leaves no row; or fail on allocation)."""
+    refusal = memory_refusal(trial.point, trial.row, trial.device)
+    if refusal:
+        trial.row.status, trial.row.reason = schema.OOM, refusal
 
 
 @measurement("availability", ("status", "reason", "gdn_impl"))
