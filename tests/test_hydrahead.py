@@ -244,17 +244,13 @@ def test_a_layer_resolves_its_backends_once_or_takes_them_resolved():
 
 
 def test_a_layer_on_the_gpu_picks_its_auto_backends_by_dtype(monkeypatch):
-    """cuDNN attention takes bf16 and fp16 only (torch's sdp_utils.cpp): an fp32 layer on CUDA gets SDPA's
-    memory-efficient kernel, a bf16 one cuDNN. The fp32 gamma fit of a converted model on the H200 ran into
-    "No available kernel" when auto gave every dtype cuDNN. Resolution only: every CUDA backend counts as
-    available."""
+    """A layer resolves `auto` by the dtype it is called in: on CUDA cuDNN attention for bf16 and fp16, SDPA's
+    memory-efficient kernel for fp32, which cuDNN does not take (auto gave every dtype cuDNN, and the GPU test's fp32
+    gamma fit called it with fp32 inputs, which SDPA refuses: "No available kernel"). Resolution only: every CUDA
+    backend counts as available."""
     monkeypatch.setattr(registry.Backend, "unavailable", lambda self, device: None)
     cuda = torch.device("cuda")
     layer = make_layer((1, 6))
     for dtype, fa in ((torch.float32, "sdpa-efficient"), (torch.bfloat16, "sdpa-cudnn"), (torch.float16, "sdpa-cudnn")):
         core = layer._core("train", cuda, dtype)
         assert (core.fa_backend.name, core.gdn_backend.name) == (fa, "fla-chunk"), dtype
-    assert (
-        registry.get("sdpa-cudnn", registry.FA).unsupported("prefill", "fp32")
-        == "sdpa-cudnn takes bf16, fp16, not fp32"
-    )
