@@ -10,7 +10,7 @@ from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore
 from hhbench.kernels.reference import gdn_recurrent
 from hhbench.layers import glue
-from hhbench.layers.hydrahead import HydraAttention, apply_rope, rope_cos_sin
+from hhbench.layers.hydrahead import HydraAttention, _kernel_dtype, apply_rope, rope_cos_sin
 from hhbench.spec.layout import HeadSplit
 
 
@@ -254,3 +254,5 @@ def test_a_layer_on_the_gpu_picks_its_auto_backends_by_dtype(monkeypatch):
     for dtype, fa in ((torch.float32, "sdpa-efficient"), (torch.bfloat16, "sdpa-cudnn"), (torch.float16, "sdpa-cudnn")):
         core = layer._core("train", cuda, dtype)
         assert (core.fa_backend.name, core.gdn_backend.name) == (fa, "fla-chunk"), dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the projections cast: the kernels see autocast's dtype
+        assert _kernel_dtype(torch.randn(1, 4, 32)) == torch.bfloat16

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # tests/test_gpu.py on one GPU of the device machine, its log and the environment it ran in (env.json) into
 # $OUT/gpu-tests-h200/. FlashQLA on the path (its tests run; fla-chunk's pinning is then tested for real).
-# GPU=<index> picks the GPU (default 0). A run cut short still logs every failure so far: the quick tests run first
-# as a pytest run of their own, which prints its failures when it ends; the compile-heavy ones (FlashQLA against
-# fla: 225 s for its first case; the layer points: over 200 s) run after it. Each test may take TIMEOUT seconds
-# (default 300, where pytest-timeout imports: past it the test fails with its stack and the run goes on); both runs
-# together LIMIT seconds (default 540, then SIGINT).
+# GPU=<index> picks the GPU (default 0). A run cut short still logs every failure so far: each failure's short
+# traceback is printed when it happens (HHBENCH_INSTAFAIL, tests/conftest.py), and the quick tests run first, the
+# compile-heavy ones (FlashQLA against fla: 225 s for its first case; the layer points: over 200 s) in a second
+# pytest run after them. Each test may take TIMEOUT seconds (default 300, where pytest-timeout imports: past it the
+# test fails with its stack and the run goes on); both runs together LIMIT seconds (default 540, then SIGINT).
 set -uo pipefail
-export PYTHONPATH=/tmp/site:/tmp/site-qla:$PWD
+export PYTHONPATH=/tmp/site:/tmp/site-qla:$PWD HHBENCH_INSTAFAIL=1
 export CUDA_VISIBLE_DEVICES=${GPU:-0}
 dest=$OUT/gpu-tests-h200
 mkdir -p "$dest"
