@@ -12,6 +12,15 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)  # the tests' tensors are small: one thread is faster and steadier on a shared CPU
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    """With HHBENCH_INSTAFAIL=1 (experiments/h200/gpu-tests.sh) a failure's traceback is printed when it happens, as
+    pytest-instafail does (absent on the device machines): a run that its device call's time limit kills never
+    reaches pytest's report at the end."""
+    if report.failed and os.environ.get("HHBENCH_INSTAFAIL") == "1":
+        print(f"\n{report.nodeid} ({report.when}):\n{report.longreprtext}", flush=True)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -146,8 +146,16 @@ def test_auto_takes_the_first_candidate_that_fits_the_point(gpu_backends):
     assert auto() == auto("train") == "flash-qla"
     assert auto(dtype="fp32") == auto(head_dim=64) == "fla-chunk"  # FlashQLA takes bf16/fp16 and heads of 128
     assert auto("decode") == "fla-recurrent"
-    # a layer built with auto outside a sweep does not know its point: restricted candidates are passed over
+    # an axis the caller does not say passes over the candidates restricted on it (a layer says its dtype only)
     assert registry.resolve("auto", registry.GDN, "cuda", "prefill").name == "fla-chunk"
+    assert registry.resolve("auto", registry.GDN, "cuda", "prefill", "bf16").name == "fla-chunk"
+    fa = {"bf16": "sdpa-cudnn", "fp16": "sdpa-cudnn", "fp32": "sdpa-efficient", None: "sdpa-efficient"}
+    for dtype, name in fa.items():  # cuDNN attention takes bf16 and fp16 only (torch's sdp_utils.cpp)
+        assert registry.resolve("auto", registry.FA, "cuda", "train", dtype).name == name
+    assert (
+        registry.get("sdpa-cudnn", registry.FA).unsupported("prefill", "fp32")
+        == "sdpa-cudnn takes bf16, fp16, not fp32"
+    )
     assert registry.auto_choices("cuda")["gdn/train"] == ["flash-qla", "fla-chunk"]
     gpu_backends.add("flash-qla")
     assert auto() == "fla-chunk"

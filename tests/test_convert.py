@@ -196,7 +196,7 @@ def test_gdn_head_starts_close_to_linear_attention():
     q, k, v = slots[:, :, :2], slots[:, :, 2:4], slots[:, :, 4:]  # 2 heads, 2 KV heads: one slot each
     _, la = attn._split_inputs(slots, rope_cos_sin(torch.arange(T), d, attn.rope_theta, x.dtype))
     (gq, gk, gv, g, beta), _ = attn.gdn.prepare(la, x)
-    o, _ = attn._core("prefill", x.device).prefill_parts(None, (gq, gk, gv, g, beta))[1]
+    o, _ = attn._core("prefill", x.device, x.dtype).prefill_parts(None, (gq, gk, gv, g, beta))[1]
     qf = F.normalize(F.silu(init.qk_conv * q[:, :, 1]), dim=-1)
     kf = F.normalize(F.silu(init.qk_conv * k[:, :, 1]), dim=-1)
     vf = F.silu(init.v_conv * v[:, :, 1])
@@ -344,3 +344,19 @@ def test_head_outputs_are_the_same_through_the_fused_glue(tiny, ids):
     hydra.glue = "fused"
     assert torch.allclose(head_outputs(hydra, x, position_embeddings), reference)
     assert hydra.glue == "fused"
+
+
+@torch.no_grad()
+def test_fitted_gammas_scale_the_same_heads_through_the_fused_glue(tiny, ids):
+    """The fit reads head outputs through the reference glue and keeps gammas in the original head order; the fused
+    glue (the GPU's, here with its torch twins) folds them in kernel order into o_proj's columns. With a shuffled,
+    uneven head map the converted model gives the same logits through both glues: each gamma scales its own head."""
+    model, shape = tiny
+    plan = parse_variant("head:3:1:random:2").plan(shape)
+    student = convert(copy.deepcopy(model), plan, calibration_ids=ids)
+    hydras = [layer.self_attn.attn for layer in decoder_layers(student)]
+    assert any(hydra.reorders_heads for hydra in hydras)
+    reference = student(ids).logits
+    for hydra in hydras:
+        hydra.glue = "fused"
+    assert torch.allclose(student(ids).logits, reference, atol=1e-5)

@@ -10,7 +10,7 @@ from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore
 from hhbench.kernels.reference import gdn_recurrent
 from hhbench.layers import glue
-from hhbench.layers.hydrahead import HydraAttention, apply_rope, rope_cos_sin
+from hhbench.layers.hydrahead import HydraAttention, _kernel_dtype, apply_rope, rope_cos_sin
 from hhbench.spec.layout import HeadSplit
 
 
@@ -228,16 +228,31 @@ def test_hybrid_core_runs_both_backends_on_their_heads():
 
 
 def test_a_layer_resolves_its_backends_once_or_takes_them_resolved():
-    cpu = torch.device("cpu")
-    named = make_layer((1,))  # auto: resolved on first use per device and pass, then kept
+    cpu, f64 = torch.device("cpu"), torch.float64
+    named = make_layer((1,))  # auto: resolved on first use per device, pass and dtype, then kept
     with torch.no_grad():
-        named(torch.randn(1, 8, 32, dtype=torch.float64))
-    assert named._core("prefill", cpu) is named._core("prefill", cpu)
-    assert named._core("prefill", cpu).gdn_backend.name == "torch-chunk"
-    assert named._core("decode", cpu).gdn_backend.name == "torch-recurrent"
+        named(torch.randn(1, 8, 32, dtype=f64))
+    assert named._core("prefill", cpu, f64) is named._core("prefill", cpu, f64)
+    assert named._core("prefill", cpu, f64).gdn_backend.name == "torch-chunk"
+    assert named._core("decode", cpu, f64).gdn_backend.name == "torch-recurrent"
     recurrent = registry.get("torch-recurrent", registry.GDN)
     given = make_layer((1,), fa_backend=registry.get("sdpa-math", registry.FA), gdn_backend=recurrent)
-    assert given._core("prefill", cpu).gdn_backend is recurrent  # the sweep's: its point already chose it
+    assert given._core("prefill", cpu, f64).gdn_backend is recurrent  # the sweep's: its point already chose it
     with torch.no_grad():
         out = given(torch.randn(1, 8, 32, dtype=torch.float64))
     assert out.shape == (1, 8, 32) and torch.isfinite(out).all()
+
+
+def test_a_layer_on_the_gpu_picks_its_auto_backends_by_dtype(monkeypatch):
+    """A layer resolves `auto` by the dtype it is called in: on CUDA cuDNN attention for bf16 and fp16, SDPA's
+    memory-efficient kernel for fp32, which cuDNN does not take (auto gave every dtype cuDNN, and the GPU test's fp32
+    gamma fit called it with fp32 inputs, which SDPA refuses: "No available kernel"). Resolution only: every CUDA
+    backend counts as available."""
+    monkeypatch.setattr(registry.Backend, "unavailable", lambda self, device: None)
+    cuda = torch.device("cuda")
+    layer = make_layer((1, 6))
+    for dtype, fa in ((torch.float32, "sdpa-efficient"), (torch.bfloat16, "sdpa-cudnn"), (torch.float16, "sdpa-cudnn")):
+        core = layer._core("train", cuda, dtype)
+        assert (core.fa_backend.name, core.gdn_backend.name) == (fa, "fla-chunk"), dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the projections cast: the kernels see autocast's dtype
+        assert _kernel_dtype(torch.randn(1, 4, 32)) == torch.bfloat16

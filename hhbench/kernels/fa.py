@@ -50,8 +50,18 @@ def _probe_sdpa(kernel: SDPBackend, device: str):
     return probe
 
 
+# cuDNN's and the flash kernel's dtypes on sm80 and newer: torch's sdp_utils.cpp (check_dtypes_low_precision); an fp32
+# call pinned to either raises "No available kernel".
+HALF_DTYPES = ("bf16", "fp16")
+
+
 @register(
-    FA, "sdpa-cudnn", ("cuda",), "torch SDPA, cuDNN attention", probe_fn=_probe_sdpa(SDPBackend.CUDNN_ATTENTION, "cuda")
+    FA,
+    "sdpa-cudnn",
+    ("cuda",),
+    "torch SDPA, cuDNN attention",
+    probe_fn=_probe_sdpa(SDPBackend.CUDNN_ATTENTION, "cuda"),
+    dtypes=HALF_DTYPES,
 )
 class SdpaCudnn(Sdpa):
     """SDPA's cuDNN attention kernel (no native GQA: K and V expanded)."""
@@ -66,6 +76,7 @@ class SdpaCudnn(Sdpa):
     ("cuda",),
     "torch SDPA, FlashAttention-2 kernel",
     probe_fn=_probe_sdpa(SDPBackend.FLASH_ATTENTION, "cuda"),
+    dtypes=HALF_DTYPES,
 )
 class SdpaFlash(Sdpa):
     """SDPA's FlashAttention-2 kernel."""

@@ -57,11 +57,6 @@ class Backend:
             return f"{self.name} takes head dims {', '.join(map(str, self.head_dims))}, not {head_dim}"
         return None
 
-    @property
-    def restricted(self) -> bool:
-        """Whether the backend takes only some dtypes or head dims (auto skips it when a point does not say them)."""
-        return bool(self.dtypes or self.head_dims)
-
     def implementation(self, pass_: str) -> str:
         """What runs for this pass, as precisely as the backend can say (rows record it)."""
         return self.description
@@ -144,13 +139,15 @@ def names(kind: str) -> list[str]:
 
 
 # What `auto` means, per device and pass: candidates in order of preference, fastest first. auto takes the first
-# that is available here and accepts the point's pass, dtype and head dim; where the point is not known (a layer
-# built with `auto` outside a sweep) a candidate with dtype or head-dim restrictions is passed over. FlashQLA leads
-# GDN prefill and training on the GPU: 3.1-3.8x fla's Triton chunk forward at 64K-128K on an H200, 2.3x at 16K
-# (issue 12); like every backend it is checked against the fp32 reference on each point before it is timed.
+# that is available here and accepts the point's pass, dtype and head dim; where the caller does not say one of
+# them (a layer built with `auto` outside a sweep knows its dtype at the call, not a point's head dim) a candidate
+# restricted on that axis is passed over. cuDNN attention takes bf16 and fp16 only: fp32 gets SDPA's
+# memory-efficient kernel. FlashQLA leads GDN prefill and training on the GPU: 3.1-3.8x fla's Triton chunk forward
+# at 64K-128K on an H200, 2.3x at 16K (issue 12); like every backend it is checked against the fp32 reference on
+# each point before it is timed.
 AUTO = {
-    (FA, "cuda", "prefill"): ("sdpa-cudnn",),
-    (FA, "cuda", "train"): ("sdpa-cudnn",),
+    (FA, "cuda", "prefill"): ("sdpa-cudnn", "sdpa-efficient"),
+    (FA, "cuda", "train"): ("sdpa-cudnn", "sdpa-efficient"),
     (FA, "cuda", "decode"): ("triton-split",),
     (FA, "cpu", "prefill"): ("sdpa-math",),
     (FA, "cpu", "train"): ("sdpa-math",),
@@ -168,24 +165,23 @@ def resolve(
     name: str, kind: str, device: str, pass_: str, dtype: str | None = None, head_dim: int | None = None
 ) -> Backend:
     """The backend `name` names; for `auto` the first candidate of AUTO that fits (see there), else the last one
-    (whose row then says why it cannot run)."""
+    (whose row then says why it cannot run). dtype: "bf16", "fp16", "fp32" or None (not known); head_dim likewise."""
     if name != "auto":
         return get(name, kind)
     candidates = [get(n, kind) for n in AUTO[(kind, device, pass_)]]
     for backend in candidates:
-        known = dtype is not None and head_dim is not None
-        if backend.restricted and not known:
-            continue
+        if (backend.dtypes and dtype is None) or (backend.head_dims and head_dim is None):
+            continue  # restricted on an axis the caller does not say
         if backend.unavailable(device) is None and backend.unsupported(pass_, dtype, head_dim) is None:
             return backend
     return candidates[-1]
 
 
-def layer_backend(choice: "str | Backend", kind: str, device: str, pass_: str) -> Backend:
-    """A layer's backend of `kind` for a pass on `device`: `choice` itself where the caller resolved it (a
-    Backend: the sweep's points name theirs), else resolve(choice, ...) of a name ("auto" or a registered one).
-    Raises UserError for an unknown name."""
-    return choice if isinstance(choice, Backend) else resolve(choice, kind, device, pass_)
+def layer_backend(choice: "str | Backend", kind: str, device: str, pass_: str, dtype: str | None = None) -> Backend:
+    """A layer's backend of `kind` for a pass on `device` in `dtype` (resolve's names): `choice` itself where the
+    caller resolved it (a Backend: the sweep's points name theirs), else resolve(choice, ...) of a name ("auto" or a
+    registered one). Raises UserError for an unknown name."""
+    return choice if isinstance(choice, Backend) else resolve(choice, kind, device, pass_, dtype)
 
 
 def auto_choices(device: str) -> dict[str, list[str]]:

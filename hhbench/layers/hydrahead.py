@@ -17,7 +17,7 @@ from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore, head_index
 from hhbench.layers import glue
 from hhbench.layers.gdn_heads import GatedDeltaNetHeads
-from hhbench.spec.axes import SEQUENTIAL
+from hhbench.spec.axes import SEQUENTIAL, dtype_name
 from hhbench.spec.layout import HeadSplit
 
 # The GDN glue: "reference" (torch ops, gathers on activations), "fused" (glue.py's ops with the head order folded
@@ -47,6 +47,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention kernels see for layer input x: autocast's where it is on (the projections cast)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,12 +170,14 @@ class HydraAttention(nn.Module):
         """Number of FA heads."""
         return len(self.split.fa_heads)
 
-    def _core(self, pass_: str, device: torch.device) -> HybridCore:
-        """The head-level core of a pass ("prefill", "train", "decode") on the device's type, made once."""
-        key = (device.type, pass_)
+    def _core(self, pass_: str, device: torch.device, dtype: torch.dtype) -> HybridCore:
+        """The head-level core of a pass ("prefill", "train", "decode") on the device's type for activations of
+        `dtype`, made once: `auto` picks by dtype too (cuDNN attention takes no fp32)."""
+        key = (device.type, pass_, dtype)
         if key not in self._cores:
-            fa = registry.layer_backend(self.fa_backend, registry.FA, device.type, pass_) if self.n_fa else None
-            gdn = registry.layer_backend(self.gdn_backend, registry.GDN, device.type, pass_) if self.gdn else None
+            name = dtype_name(dtype)
+            fa = registry.layer_backend(self.fa_backend, registry.FA, device.type, pass_, name) if self.n_fa else None
+            gdn = registry.layer_backend(self.gdn_backend, registry.GDN, device.type, pass_, name) if self.gdn else None
             self._cores[key] = HybridCore(fa, gdn, self.mode, self.chunk_size)
         return self._cores[key]
 
@@ -274,7 +281,7 @@ class HydraAttention(nn.Module):
         by this prefill. `position_embeddings` = (cos, sin) as Hugging Face passes them; else made here."""
         if cache is not None and cache.length > 0:
             return self._decode(x, position_embeddings, cache)
-        core = self._core("train" if torch.is_grad_enabled() else "prefill", x.device)
+        core = self._core("train" if torch.is_grad_enabled() else "prefill", x.device, _kernel_dtype(x))
         if position_embeddings is None and self.n_fa:
             position_embeddings = rope_cos_sin(
                 torch.arange(x.shape[1], device=x.device), self.head_dim, self.rope_theta, x.dtype
@@ -308,7 +315,7 @@ class HydraAttention(nn.Module):
         return LayerCache(k, v, 0, None, None)
 
     def _decode(self, x, position_embeddings, cache: LayerCache):
-        core = self._core("decode", x.device)
+        core = self._core("decode", x.device, _kernel_dtype(x))
         position = cache.length
         if position_embeddings is None and self.n_fa:
             position_embeddings = rope_cos_sin(

@@ -53,6 +53,12 @@ def torch_dtype(dtype: str):
     return getattr(torch, _TORCH_NAMES[dtype])
 
 
+def dtype_name(dtype) -> str | None:
+    """The name ("bf16", "fp16", "fp32") of torch dtype `dtype`, or None for a dtype without one (fp64)."""
+    torch_name = str(dtype).removeprefix("torch.")
+    return next((name for name, known in _TORCH_NAMES.items() if known == torch_name), None)
+
+
 def check_mode(mode: str, device: str) -> str:
     """`mode` if it names a head-level mode that runs on `device` ("cpu", "cuda"), else UserError (one line):
     streams needs CUDA, and is refused rather than run sequentially under the streams label."""
