@@ -23,13 +23,14 @@ from hhbench.launch.lock import run_lock, try_lock
 from hhbench.launch.merge import merge
 from hhbench.launch.shards import CALIBRATED, Costs, deal, estimated_seconds, setup_group, shard_seconds, unfinished
 from hhbench.launch.worker import Task
+from hhbench.measure.env import device_name
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import grid_points
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, append_row, read_rows
 from hhbench.runner.measurements import check_group
 from hhbench.runner.point import base_row
-from hhbench.runner.sweep import run_sweep
+from hhbench.runner.sweep import prepare_env, run_sweep
 from tests.conftest import ROOT
 
 GRID = {"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64", "passes": "prefill,decode",
@@ -175,6 +176,23 @@ def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypa
     assert {row.worker for row in rows} == {"gpu0", "gpu1"}
     env = json.loads((tmp_path / "g" / "env.json").read_text())
     assert {name: w["cuda_visible_devices"] for name, w in env["workers"].items()} == {"gpu0": "0", "gpu1": "1"}
+    assert [session["workers"] for session in env["sessions"]] == [2]
+
+
+def test_each_session_records_its_command_and_workers(tmp_path, monkeypatch):
+    """A run resumed with --gpus 2 after a session of env.json's older form (no argv or workers in its sessions):
+    the old session is kept as it was, the new one says how it ran, the run's argv stays the first session's."""
+    run = RunDir(tmp_path / "r").create()
+    first = {"time": "2026-11-30T02:07:10+00:00", "hhbench_commit": "0f29b51", "wall_s": 501.4}
+    run.write_env({"device": device_name(), "argv": ["sweep", "--gpus", "1"], "sessions": [first]})
+    monkeypatch.setattr(sys, "argv", ["hhbench", "sweep", "--gpus", "2"])
+    prepare_env(run, "floor-h200", torch.device("cpu"), workers=2)
+    env = run.env()
+    assert env["argv"] == ["sweep", "--gpus", "1"] and env["sessions"][0] == first
+    assert {k: env["sessions"][1][k] for k in ("argv", "workers")} == {"argv": ["sweep", "--gpus", "2"], "workers": 2}
+    lines = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))["sessions"](run)
+    assert lines[0] == "  session 1: 2026-11-30T02:07:10+00:00, 501.4 s, workers ?, argv ?"
+    assert lines[1].endswith(", ? s, workers 2, argv sweep --gpus 2"), lines
 
 
 def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):
