@@ -304,6 +304,26 @@ def test_submitit_missing_is_one_line(tmp_path, monkeypatch):
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("asked", [None, "0"])
+def test_workers_share_one_triton_cache_with_autotuning_kept(tmp_path, monkeypatch, asked):
+    """The environment a worker process is started with: its GPU, this checkout first on PYTHONPATH, the launch's
+    Triton cache, and autotuning results kept there (TRITON_CACHE_AUTOTUNING=1) unless the launch said otherwise."""
+    started = []
+    monkeypatch.setattr(local.subprocess, "Popen", lambda args, env, **kwargs: started.append(env))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    if asked is None:
+        monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", asked)
+    task = Task(str(tmp_path / "r"), "gpu1", (), FAST, "", "cuda")
+    for gpu in ("0", "1"):
+        local.WorkerProcess.start(RunDir(tmp_path / "r"), task, gpu)
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in started] == ["0", "1"]
+    assert {env["TRITON_CACHE_DIR"] for env in started} == {str(tmp_path / "triton")}
+    assert {env["TRITON_CACHE_AUTOTUNING"] for env in started} == {asked or "1"}
+    assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT) for env in started)
+
+
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
