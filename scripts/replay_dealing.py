@@ -1,7 +1,7 @@
 """The dealing's cost model fitted on a measured multi-GPU sweep, and that sweep's measured point times replayed
 through the dealing before the calibration and through the calibrated one (docs/sweeps-multi-gpu.md).
 
-    python scripts/replay_dealing.py [RUN] [--workers 2]
+    python scripts/replay_dealing.py [RUN] [--workers 2 3 4]
 
 RUN (default results/floor-targets-h200) holds rows with `worker` and `extra.point_s`, env.json naming its suite,
 and sweep.log, whose progress lines give each session's row count: merge appends a session's rows worker by
@@ -141,7 +141,7 @@ def dealing_before():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?", default=str(ROOT / "results" / "floor-targets-h200"))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
     args = parser.parse_args()
     run = RunDir.open(args.run)
     rows = list(run.rows())
@@ -157,17 +157,19 @@ def main() -> int:
         f"  {rounded(fitted)}\n  CALIBRATED {'matches' if rounded(fitted) == CALIBRATED else f'differs: {CALIBRATED}'}"
     )
     seconds, setup = measured_costs(rows, firsts, point_of)
-    print(f"\nreplay of the measured point times on {args.workers} workers (setup once per worker and group):")
+    print("\nreplay of the measured point times (a group's setup once per worker it is dealt to):")
     print(f"  one worker: {sum(seconds.values()) + sum(setup.values()):.0f} s")
-    for name, shards in (("before", dealing_before().deal(points, args.workers, policy)),
-                         ("calibrated", deal(points, args.workers, policy))):  # fmt: skip
-        times = replay(shards, seconds, setup)
-        split = sum(1 for g in {setup_group(p) for p in points}
-                    if sum(any(setup_group(p) == g for p in s.points) for s in shards) > 1)  # fmt: skip
-        print(
-            f"  {name}: makespan {max(times):.0f} s; workers {', '.join(f'{t:.0f}' for t in times)} s; "
-            f"{split} setup groups split; estimated {', '.join(f'{s.seconds:.0f}' for s in shards)} s"
-        )
+    before = dealing_before()
+    for workers in args.workers:
+        for name, shards in (("before", before.deal(points, workers, policy)),
+                             ("calibrated", deal(points, workers, policy))):  # fmt: skip
+            times = replay(shards, seconds, setup)
+            split = sum(1 for g in {setup_group(p) for p in points}
+                        if sum(any(setup_group(p) == g for p in s.points) for s in shards) > 1)  # fmt: skip
+            print(
+                f"  {workers} workers, {name}: makespan {max(times):.0f} s; workers {', '.join(f'{t:.0f}' for t in times)}"
+                f" s; {split} setup groups split; estimated {', '.join(f'{s.seconds:.0f}' for s in shards)} s"
+            )
     return 0
 
 
