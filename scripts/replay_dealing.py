@@ -12,8 +12,8 @@ caches were cold for it).
 Fit (printed as the Costs literal of hhbench/launch/shards.py): medians, see CALIBRATED's comment there.
 
 Replay, not a measurement: a point takes its measured point_s, except a cold first, which takes the median
-point_s of its group's other points (its own where it has none); a setup group's setup is its cold firsts' median
-excess over that, paid once by every worker dealt one of its points. A worker's time is the sum; the makespan the
+point_s of its group's other points (where it has none, its own, and its group no setup); a setup group's setup
+is its cold firsts' median excess over that, paid once by every worker dealt one of its points. A worker's time is the sum; the makespan the
 largest. Left out: two workers setting up one group at once (both paid, as measured: the replay charges both too)
 or one after the other (the second finds the first's compile caches on disk and pays less: the replay charges it
 fully), and the machine time between points.

@@ -33,8 +33,7 @@ class Costs:
     """Seconds a worker spends, as deal() models them. Per point: `point_s` (building its workload, its
     peak-memory run, writing its row), `first_call_s[gdn_backend]` at layer and model scope (a backend that compiles
     anew at each point's first call), and each timing's warm-up and samples of a step `roofline_fraction` of the
-    roofline's speed. Per setup group, once on each worker that measures one of its points:
-    `setup_s[setup_kind(point)]`."""
+    roofline's speed. Per setup group, once on each worker that measures one of its points: setup_seconds."""
 
     point_s: float
     roofline_fraction: float  # roofline step time / measured step time
@@ -44,10 +43,11 @@ class Costs:
 
 # Fitted by scripts/replay_dealing.py on results/floor-targets-h200 (49 points of suites/floor-h200.toml, two H200s,
 # cold Triton and TileLang caches; each row's extra.point_s, compile_ms and latency; the sessions' rows told apart
-# by sweep.log), medians: roofline_fraction of every row's roofline step over its measured step; first_call_s of
-# the compile_ms of fla-chunk points that were not their group's first (FlashQLA's: 0.1-0.2 s); point_s of the
-# rest of those points' time beyond their timed samples; setup_s of a group's first point on a cold worker, beyond
-# its per-point estimate. Kernel scope (results/gpu-default-h100 has no point_s) takes its pass's layer value.
+# by sweep.log), medians: roofline_fraction of every row's roofline step over its measured step; first_call_s, by
+# GDN backend, of the compile_ms of the points that were not their setup group's first from cold caches; point_s of
+# those points' time beyond that and their timed samples; setup_s, by kind and by kind and backend, of the first
+# points' time beyond their per-point estimate. Kernel scope (results/gpu-default-h100 has no point_s) takes the
+# layer-scope values of its pass and backend.
 CALIBRATED = Costs(
     point_s=1.6,
     roofline_fraction=0.26,
