@@ -4,7 +4,7 @@ through the dealing before the calibration and through the calibrated one (docs/
     python scripts/replay_dealing.py [RUN] [--workers 2 3 4]
 
 RUN (default results/floor-targets-h200) holds rows with `worker` and `extra.point_s`, env.json naming its suite,
-and sweep.log, whose progress lines give each session's row count: merge appends a session's rows worker by
+and sweep.log (without it, one session), whose progress lines give each session's row count: merge appends a session's rows worker by
 worker, each worker's in the order it measured them, so a row's worker process is (session, worker). A row is its
 setup group's cold first where its process had not measured the group and no earlier session had (the compile
 caches were cold for it).
@@ -83,7 +83,7 @@ def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
     later = [i for i in range(len(rows)) if i not in firsts]
     compiles = defaultdict(list)
     for i in later:
-        if rows[i].scope != Scope.KERNEL.value:
+        if rows[i].scope != Scope.KERNEL.value and rows[i].status == OK:
             compiles[rows[i].gdn_backend].append(rows[i].compile_ms / 1e3)
     costs = Costs(0.0, statistics.median(steps), {},
                   {backend: statistics.median(found) for backend, found in sorted(compiles.items())})  # fmt: skip
@@ -145,7 +145,8 @@ def main() -> int:
     args = parser.parse_args()
     run = RunDir.open(args.run)
     rows = list(run.rows())
-    sizes = session_sizes(run.path / "sweep.log")
+    log = run.path / "sweep.log"
+    sizes = session_sizes(log) if log.exists() else [len(rows)]  # without a log: one session
     if sum(sizes) != len(rows):
         print(f"sweep.log's sessions add {sum(sizes)} rows, rows.jsonl has {len(rows)}", file=sys.stderr)
         return 2
