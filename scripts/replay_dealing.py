@@ -145,6 +145,9 @@ def main() -> int:
     args = parser.parse_args()
     run = RunDir.open(args.run)
     rows = list(run.rows())
+    if any("point_s" not in row.extra for row in rows):
+        print(f"{run.path}: rows without extra.point_s (a worker's seconds on the point): nothing to fit", file=sys.stderr)
+        return 2
     log = run.path / "sweep.log"
     sizes = session_sizes(log) if log.exists() else [len(rows)]  # without a log: one session
     if sum(sizes) != len(rows):
