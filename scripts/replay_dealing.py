@@ -146,7 +146,9 @@ def main() -> int:
     run = RunDir.open(args.run)
     rows = list(run.rows())
     if any("point_s" not in row.extra for row in rows):
-        print(f"{run.path}: rows without extra.point_s (a worker's seconds on the point): nothing to fit", file=sys.stderr)
+        print(
+            f"{run.path}: rows without extra.point_s (a worker's seconds on the point): nothing to fit", file=sys.stderr
+        )
         return 2
     log = run.path / "sweep.log"
     sizes = session_sizes(log) if log.exists() else [len(rows)]  # without a log: one session
