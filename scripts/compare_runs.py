@@ -18,6 +18,17 @@ def wall_seconds(run: RunDir) -> float | None:
     return sum(walls) if walls and None not in walls else None
 
 
+def sessions(run: RunDir) -> list[str]:
+    """One line per session of the run: when, its wall time, its workers and command line ("?" where env.json
+    predates their record)."""
+    lines = []
+    for number, session in enumerate(run.env().get("sessions", []), 1):
+        wall, argv = session.get("wall_s"), session.get("argv")
+        lines.append(f"  session {number}: {session.get('time')}, {'?' if wall is None else wall} s, workers "
+                     f"{session.get('workers', '?')}, argv {'?' if argv is None else ' '.join(argv)}")  # fmt: skip
+    return lines
+
+
 def inside(value: float, row) -> bool:
     return row.latency_p10_ms <= value <= row.latency_p90_ms
 
@@ -36,6 +47,8 @@ def main() -> int:
         print(f"| {run.path} | {len(keyed)} | {'' if wall is None else f'{wall:.1f}'} |")
     if None not in walls:
         print(f"\nspeed-up: {walls[0] / walls[1]:.2f}x (reference wall / candidate wall)")
+    for run in runs:
+        print(f"\n{run.path} sessions:", *sessions(run), sep="\n")
     for run in runs:  # workers of a balanced launch finish together
         workers = run.env().get("workers", {})
         ends = ", ".join(f"{name} {w.get('time')} -> {w.get('finished')}" for name, w in sorted(workers.items()))

@@ -410,3 +410,29 @@ def test_workers_each_measure_on_their_own_gpu(tmp_path, spread):
     given = {worker["cuda_visible_devices"] for worker in workers.values()}
     assert given <= set(gpus) and len(given) == min(len(gpus), len(workers)), workers
     assert all(worker["device"] == rows[0].device for worker in workers.values())
+
+
+def test_a_second_worker_process_takes_the_first_ones_autotuning_from_the_shared_triton_cache(tmp_path):
+    """Two worker-like processes one after the other, with the environment the launcher gives workers and one
+    fresh Triton cache: the first autotunes fla's chunk kernels (TRITON_PRINT_AUTOTUNING prints each tuning) and
+    leaves *.autotune.json there, the second tunes nothing."""
+    import subprocess
+    import sys
+
+    from hhbench.launch.local import child_env
+    from tests.conftest import ROOT
+
+    code = (
+        "import torch; from hhbench.kernels import registry; from tests.test_gdn_reference import gdn_inputs; "
+        "x = [t.cuda().to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() "
+        "for i, t in enumerate(gdn_inputs(1, 1000, 4, 128, 128, dtype=torch.float32))]; "
+        "o, _ = registry.get('fla-chunk', registry.GDN).prefill(*x); o.float().sum().backward(); "
+        "torch.cuda.synchronize()"
+    )
+    env = child_env({"TRITON_CACHE_DIR": str(tmp_path / "triton"), "TRITON_PRINT_AUTOTUNING": "1"})
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+            for _ in range(2)]  # fmt: skip
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr[-2000:]
+    assert "Triton autotuning for function" in runs[0].stdout, runs[0].stdout[-2000:]
+    assert list((tmp_path / "triton").rglob("*.autotune.json"))
+    assert "Triton autotuning for function" not in runs[1].stdout, runs[1].stdout[-2000:]

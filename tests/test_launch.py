@@ -4,6 +4,7 @@ bad input."""
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -20,14 +21,16 @@ from hhbench.launch import run as launch_run
 from hhbench.launch.cluster import parse_time
 from hhbench.launch.lock import run_lock, try_lock
 from hhbench.launch.merge import merge
-from hhbench.launch.shards import CHECK_S, _seconds, deal, estimated_seconds, unfinished
+from hhbench.launch.shards import CALIBRATED, Costs, deal, estimated_seconds, setup_group, shard_seconds, unfinished
 from hhbench.launch.worker import Task
+from hhbench.measure.env import device_name
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import grid_points
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, append_row, read_rows
+from hhbench.runner.measurements import check_group
 from hhbench.runner.point import base_row
-from hhbench.runner.sweep import run_sweep
+from hhbench.runner.sweep import prepare_env, run_sweep
 from tests.conftest import ROOT
 
 GRID = {"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64", "passes": "prefill,decode",
@@ -46,7 +49,7 @@ def keys(run: Path) -> list[tuple]:
     return sorted(row.key for row in read_rows(run / "rows.jsonl"))
 
 
-def test_points_are_dealt_longest_first_to_the_least_loaded_shard():
+def test_points_are_dealt_by_setup_group_largest_first_to_the_least_loaded_shard():
     points = grid_points({"models": "tiny", "layouts": "head,layer", "ratios": "0:1,3:1,1:0",
                           "contexts": "1k,4k,16k,64k", "passes": "prefill,train"}, "cpu")  # fmt: skip
     policy = TimingPolicy(warmup_ms=0, target_ms=0, min_reps=1, max_reps=1)
@@ -56,12 +59,12 @@ def test_points_are_dealt_longest_first_to_the_least_loaded_shard():
     assert sorted(p.identity for s in shards for p in s.points) == sorted(cost), "every point in one shard"
     for shard in shards:
         assert [points.index(p) for p in shard.points] == sorted(points.index(p) for p in shard.points)
+    groups = {setup_group(p) for p in points}
+    assert all(sum(g in {setup_group(p) for p in s.points} for s in shards) == 1 for g in groups), "none split"
     loads = [s.seconds for s in shards]
-    assert max(loads) - min(loads) <= max(cost.values()) + CHECK_S, "LPT: within one point (and check) of each other"
-    assert loads == [pytest.approx(_seconds(s.points, policy)) for s in shards]
-    # one check group (one variant, pass and scope) is split all the same where keeping it whole costs balance
-    group = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "1k,2k,4k,8k"}, "cpu")
-    assert all(shard.points for shard in deal(group, 2, policy))
+    largest = max(shard_seconds(tuple(p for p in points if setup_group(p) == g), policy) for g in groups)
+    assert max(loads) - min(loads) <= largest, "LPT over groups: within one group of each other"
+    assert loads == [pytest.approx(shard_seconds(s.points, policy)) for s in shards]
     assert deal(points, 3, policy) == shards, "the same shards on every rerun"
     done = {p.identity for p in shards[1].points} | {shards[2].points[0].identity}
     left = unfinished(shards, done, policy)
@@ -71,6 +74,36 @@ def test_points_are_dealt_longest_first_to_the_least_loaded_shard():
     ]
     with pytest.raises(ValueError):
         deal(points, 0, policy)
+
+
+@pytest.mark.parametrize("setup, sizes, makespan", [(1.0, [4, 4], 402.0), (1000.0, [6, 2], 1600.0)])
+def test_a_setup_group_is_split_only_where_that_ends_the_shards_sooner(setup, sizes, makespan):
+    """Groups of six and two points, 100 s each: with a 1 s setup the six are split 4 + 2 (402 s, not 601); with a
+    1000 s setup they stay whole (1600 s; split, the second worker would take 2300)."""
+    six = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "1k,2k,4k,8k,16k,32k"}, "cpu")
+    two = grid_points({"models": "tiny", "layouts": "layer", "ratios": "3:1", "contexts": "1k,2k"}, "cpu")
+    costs = Costs(100.0, 1.0, dict.fromkeys(("prefill", "train", "decode", "model"), setup), {})
+    policy = TimingPolicy(warmup_ms=0, target_ms=0, min_reps=1, max_reps=1)
+    shards = deal(six + two, 2, policy, costs)
+    assert [len(s.points) for s in shards] == sizes
+    assert max(s.seconds for s in shards) == pytest.approx(makespan, rel=1e-3)
+
+
+def test_two_streams_share_their_sequential_twins_setup_group():
+    sequential, streams = grid_points({"models": "tiny", "layouts": "head", "ratios": "1:1", "contexts": "1k",
+                                       "modes": ["sequential", "streams"]}, "cuda")  # fmt: skip
+    assert setup_group(sequential) == setup_group(streams)
+    assert check_group(sequential) != check_group(streams), "each mode is still checked"
+
+
+def test_the_calibrated_costs_are_the_fit_of_the_committed_h200_sweep():
+    """CALIBRATED is what scripts/replay_dealing.py fits on results/floor-targets-h200, rounded as it prints it."""
+    replay = runpy.run_path(str(ROOT / "scripts" / "replay_dealing.py"))
+    run = RunDir.open(str(ROOT / "results" / "floor-targets-h200"))
+    rows = list(run.rows())
+    points, policy, point_of = replay["plan"](run, rows)
+    firsts = replay["cold_firsts"](rows, replay["session_sizes"](run.path / "sweep.log"), point_of)
+    assert replay["rounded"](replay["fit"](rows, firsts, point_of, policy)) == CALIBRATED
 
 
 def test_the_local_launcher_killed_midway_resumes_to_the_keys_of_an_inline_run(cli, tmp_path):
@@ -143,6 +176,23 @@ def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypa
     assert {row.worker for row in rows} == {"gpu0", "gpu1"}
     env = json.loads((tmp_path / "g" / "env.json").read_text())
     assert {name: w["cuda_visible_devices"] for name, w in env["workers"].items()} == {"gpu0": "0", "gpu1": "1"}
+    assert [session["workers"] for session in env["sessions"]] == [2]
+
+
+def test_each_session_records_its_command_and_workers(tmp_path, monkeypatch):
+    """A run resumed with --gpus 2 after a session of env.json's older form (no argv or workers in its sessions):
+    the old session is kept as it was, the new one says how it ran, the run's argv stays the first session's."""
+    run = RunDir(tmp_path / "r").create()
+    first = {"time": "2026-11-30T02:07:10+00:00", "hhbench_commit": "0f29b51", "wall_s": 501.4}
+    run.write_env({"device": device_name(), "argv": ["sweep", "--gpus", "1"], "sessions": [first]})
+    monkeypatch.setattr(sys, "argv", ["hhbench", "sweep", "--gpus", "2"])
+    prepare_env(run, "floor-h200", torch.device("cpu"), workers=2)
+    env = run.env()
+    assert env["argv"] == ["sweep", "--gpus", "1"] and env["sessions"][0] == first
+    assert {k: env["sessions"][1][k] for k in ("argv", "workers")} == {"argv": ["sweep", "--gpus", "2"], "workers": 2}
+    lines = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))["sessions"](run)
+    assert lines[0] == "  session 1: 2026-11-30T02:07:10+00:00, 501.4 s, workers ?, argv ?"
+    assert lines[1].endswith(", ? s, workers 2, argv sweep --gpus 2"), lines
 
 
 def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):
@@ -252,6 +302,26 @@ def test_submitit_missing_is_one_line(tmp_path, monkeypatch):
     result = run_main("sweep", *FLAGS, "--launcher", "slurm", "--dry-run", "--out", str(tmp_path))
     assert result.returncode == 2 and "pip install 'hhbench[cluster]'" in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("asked", [None, "0"])
+def test_workers_share_one_triton_cache_with_autotuning_kept(tmp_path, monkeypatch, asked):
+    """The environment a worker process is started with: its GPU, this checkout first on PYTHONPATH, the launch's
+    Triton cache, and autotuning results kept there (TRITON_CACHE_AUTOTUNING=1) unless the launch said otherwise."""
+    started = []
+    monkeypatch.setattr(local.subprocess, "Popen", lambda args, env, **kwargs: started.append(env))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    if asked is None:
+        monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", asked)
+    task = Task(str(tmp_path / "r"), "gpu1", (), FAST, "", "cuda")
+    for gpu in ("0", "1"):
+        local.WorkerProcess.start(RunDir(tmp_path / "r"), task, gpu)
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in started] == ["0", "1"]
+    assert {env["TRITON_CACHE_DIR"] for env in started} == {str(tmp_path / "triton")}
+    assert {env["TRITON_CACHE_AUTOTUNING"] for env in started} == {asked or "1"}
+    assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT) for env in started)
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):

@@ -36,11 +36,15 @@ def visible_gpus() -> list[str]:
 
 
 def child_env(extra: dict | None = None) -> dict:
-    """This environment, with this process's hhbench first on PYTHONPATH: workers run the code that launched them
-    (a checkout, not whatever hhbench the interpreter has installed)."""
+    """This environment, with this process's hhbench first on PYTHONPATH (workers run the code that launched them,
+    a checkout, not whatever hhbench the interpreter has installed) and Triton's autotuning results kept on disk
+    (TRITON_CACHE_AUTOTUNING=1 unless set otherwise, Triton >= 3.4): the workers inherit one Triton cache
+    (TRITON_CACHE_DIR, else Triton's ~/.triton/cache), so the first worker to tune a kernel for a tuning key saves
+    the others the tuning. fla 0.6 asks for that on its own kernels already (FLA_CACHE_RESULTS, default 1); the
+    switch extends it to every autotuned Triton kernel."""
     root = str(Path(hhbench.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+    return {"TRITON_CACHE_AUTOTUNING": "1", **os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 class Handle(Protocol):

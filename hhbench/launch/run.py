@@ -134,7 +134,7 @@ def launch(
         if options.gpus and busy:  # an earlier sweep's orphaned workers: their points would be measured twice
             raise UserError(f"workers of an earlier sweep still write {run.path}: {', '.join(busy)}; wait for them")
         if options.launcher != "slurm":
-            prepare_env(run, suite_name, where)
+            prepare_env(run, suite_name, where, len(options.gpus) or options.shards)
             if where.type == "cuda":
                 torch.cuda.empty_cache()  # the peaks' buffers: GPU 0's worker needs its memory
         done = {row.key for row in finished_rows(run, retry, {p.identity for p in points if p.parts})}

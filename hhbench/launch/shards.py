@@ -1,36 +1,97 @@
-"""The plan dealt into shards: each point's measuring time estimated from its analytic FLOPs and bytes, then
-the points dealt longest first to the shard where they end soonest (LPT), so that the shards finish together;
-a shard pays a point's correctness check once per check group, so points that share one stay together where
-that costs no balance.
+"""The plan dealt into shards: each point's time on a worker estimated by a cost model calibrated on a measured
+sweep, then the points dealt setup group by setup group, largest first, to the shard where they end soonest (LPT),
+so that the shards finish together.
+
+What dominates a worker's time from cold compile caches is paid once per setup group (the points but for their
+context and batch, see setup_group): the group's first point on a worker compiles and autotunes its kernels, runs
+the correctness check and builds the floor's parts, 67-201 s for a layer prefill or training point on an H200,
+where the group's later points take 1-22 s. A group split over two workers pays that twice, so a group stays on
+one worker unless splitting it ends the shards sooner.
 
 Pure functions of the plan: shard i of N is the same on every rerun of the same command, which is what lets a
 rerun submit only the shards that still have unfinished points.
 """
 
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import Point
 from hhbench.runner.measurements import check_group
 from hhbench.runner.point import base_row
+from hhbench.spec.axes import SEQUENTIAL, Scope
 
 # A nominal machine balance (an H200's dense bf16 rate and HBM bandwidth, from its datasheet) turns FLOPs and
-# bytes into seconds; dealing only compares points with one another, so one balance serves every device.
+# bytes into a roofline step time; dealing only compares points with one another, so one balance serves every device.
 PEAK_FLOPS = 989e12
 PEAK_BYTES_PER_S = 4.8e12
-POINT_OVERHEAD_S = 1.0  # building the workload, compilation and autotuning, the peak-memory run
-CHECK_S = 2.0  # the correctness check at 256 tokens against the fp32 reference, once per check group and worker
 
 
-def estimated_seconds(point: Point, policy: TimingPolicy) -> float:
-    """Seconds a worker spends on `point`: a fixed overhead plus, for each timing it runs (the point; its FA
-    and GDN parts alone with parts; its floor), warm-up and the timed samples the policy asks of one roofline
-    step, max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S)."""
+@dataclass(frozen=True)
+class Costs:
+    """Seconds a worker spends, as deal() models them. Per point: `point_s` (building its workload, its
+    peak-memory run, writing its row), `first_call_s[gdn_backend]` at layer and model scope (a backend that compiles
+    anew at each point's first call), and each timing's warm-up and samples of a step `roofline_fraction` of the
+    roofline's speed. Per setup group, once on each worker that measures one of its points: setup_seconds."""
+
+    point_s: float
+    roofline_fraction: float  # roofline step time / measured step time
+    setup_s: dict[str, float]  # by kind ("prefill", "train", "decode"; "model" at model scope), and kind and backend
+    first_call_s: dict[str, float]  # by GDN backend, layer and model scope
+
+
+# Fitted by scripts/replay_dealing.py on results/floor-targets-h200 (49 points of suites/floor-h200.toml, two H200s,
+# cold Triton and TileLang caches; each row's extra.point_s, compile_ms and latency; the sessions' rows told apart
+# by sweep.log), medians: roofline_fraction of every row's roofline step over its measured step; first_call_s, by
+# GDN backend, of the compile_ms of the points that were not their setup group's first from cold caches; point_s of
+# those points' time beyond that and their timed samples; setup_s, by kind and by kind and backend, of the first
+# points' time beyond their per-point estimate. Kernel scope (results/gpu-default-h100 has no point_s) takes the
+# layer-scope values of its pass and backend.
+CALIBRATED = Costs(
+    point_s=1.6,
+    roofline_fraction=0.26,
+    setup_s={
+        "prefill": 91,
+        "prefill fla-chunk": 60,
+        "prefill flash-qla": 101,
+        "train": 105,
+        "train fla-chunk": 90,
+        "train flash-qla": 174,
+        "decode": 9,
+        "decode fla-recurrent": 9,
+        "model": 41,
+        "model flash-qla": 41,
+    },
+    first_call_s={"fla-chunk": 14.2, "fla-recurrent": 0.0, "flash-qla": 0.2},
+)
+
+
+def setup_group(point: Point) -> tuple:
+    """What a worker compiles, autotunes and checks once: the check group (hhbench.runner.measurements.check_group:
+    the point but for its ratio text, context and batch) but for the head-level mode, as two streams run the
+    kernels of one."""
+    return check_group(dataclasses.replace(point, mode=SEQUENTIAL))
+
+
+def setup_seconds(point: Point, costs: Costs = CALIBRATED) -> float:
+    """Seconds the first point of `point`'s setup group costs a worker beyond its own: costs.setup_s of its kind
+    ("model" at model scope, else its pass) and GDN backend, else of its kind."""
+    kind = "model" if point.scope is Scope.MODEL else point.pass_.value
+    return costs.setup_s.get(f"{kind} {point.gdn_backend}", costs.setup_s[kind])
+
+
+def estimated_seconds(point: Point, policy: TimingPolicy, costs: Costs = CALIBRATED) -> float:
+    """Seconds a worker spends on `point` once its setup group is set up: costs.point_s, the backend's first-call
+    compile at layer and model scope, and for each timing it runs (the point; its FA and GDN parts alone with
+    parts; its floor) the warm-up and the timed samples the policy asks of one step, the roofline step
+    max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S) over costs.roofline_fraction."""
     row = base_row(point)
-    step_s = max(row.flops_total / PEAK_FLOPS, row.bytes_moved / PEAK_BYTES_PER_S)
+    step_s = max(row.flops_total / PEAK_FLOPS, row.bytes_moved / PEAK_BYTES_PER_S) / costs.roofline_fraction
     timed_s = min(max(policy.target_ms / 1e3, policy.min_reps * step_s), policy.max_reps * step_s)
     timings = 1 + 2 * point.parts + point.floor
-    return POINT_OVERHEAD_S + timings * (policy.warmup_ms / 1e3 + timed_s)
+    compile_s = costs.first_call_s.get(point.gdn_backend, 0.0) if point.scope is not Scope.KERNEL else 0.0
+    return costs.point_s + compile_s + timings * (policy.warmup_ms / 1e3 + timed_s)
 
 
 @dataclass(frozen=True)
@@ -40,7 +101,7 @@ class Shard:
     index: int
     count: int
     points: tuple[Point, ...]  # in plan order
-    seconds: float  # estimated: estimated_seconds summed, and CHECK_S per check group
+    seconds: float  # estimated: estimated_seconds summed, and the setup of each of its setup groups
 
     @property
     def name(self) -> str:
@@ -48,26 +109,52 @@ class Shard:
         return f"shard-{self.index}-of-{self.count}"
 
 
-def _seconds(points: tuple[Point, ...], policy: TimingPolicy) -> float:
-    return sum(estimated_seconds(p, policy) for p in points) + CHECK_S * len({check_group(p) for p in points})
+def shard_seconds(points: tuple[Point, ...], policy: TimingPolicy, costs: Costs = CALIBRATED) -> float:
+    """A worker's estimated seconds on `points`: each point's estimated_seconds, and each setup group's setup once."""
+    firsts = {setup_group(p): p for p in points}.values()
+    return sum(estimated_seconds(p, policy, costs) for p in points) + sum(setup_seconds(p, costs) for p in firsts)
 
 
-def deal(points: list[Point], count: int, policy: TimingPolicy) -> list[Shard]:
-    """`points` dealt into `count` shards, longest estimated point first to the shard where it would end
-    soonest, a check (CHECK_S) counted where the shard has no point of its check group yet (ties: the lowest
-    shard); each shard keeps plan order. Some shards are empty when there are fewer points than shards.
-    Raises ValueError for count < 1."""
+def deal(points: list[Point], count: int, policy: TimingPolicy, costs: Costs = CALIBRATED) -> list[Shard]:
+    """`points` dealt into `count` shards: whole setup groups (their setup and their points' estimated seconds),
+    largest first, each to the shard that ends soonest; then, while it ends the last shard sooner, one point moved
+    from the last shard to the first to end (paying its group's setup there where the group is new to it). So a
+    group is split only where that shortens the makespan. Deterministic (ties: plan order, the lowest shard); each
+    shard keeps plan order; some are empty when there are fewer groups than shards. Raises ValueError for count < 1."""
     if count < 1:
         raise ValueError(f"shard count must be >= 1, got {count}")
-    costs = [estimated_seconds(point, policy) for point in points]
-    loads, members, groups = [0.0] * count, [[] for _ in range(count)], [set() for _ in range(count)]
-    for index in sorted(range(len(points)), key=lambda i: -costs[i]):
-        group = check_group(points[index])
-        ends = [loads[s] + costs[index] + (CHECK_S if group not in groups[s] else 0.0) for s in range(count)]
-        best = min(range(count), key=lambda s: (ends[s], s))
-        loads[best] = ends[best]
-        members[best].append(index)
-        groups[best].add(group)
+    cost = [estimated_seconds(point, policy, costs) for point in points]
+    group_of = [setup_group(point) for point in points]
+    setup = {group: setup_seconds(point, costs) for group, point in zip(group_of, points, strict=True)}
+    groups: dict[tuple, list[int]] = {}  # in plan order
+    for index, group in enumerate(group_of):
+        groups.setdefault(group, []).append(index)
+    members: list[list[int]] = [[] for _ in range(count)]
+    held = [Counter() for _ in range(count)]  # each shard's points per setup group
+    loads = [0.0] * count
+    for group, indices in sorted(groups.items(), key=lambda item: -(setup[item[0]] + sum(cost[i] for i in item[1]))):
+        best = min(range(count), key=lambda s: (loads[s], s))
+        members[best] += indices
+        held[best][group] += len(indices)
+        loads[best] += setup[group] + sum(cost[i] for i in indices)
+
+    def moved(i: int, source: int, target: int) -> tuple[float, float]:
+        """The loads of shards `source` and `target` with point i moved from the one to the other."""
+        group = group_of[i]
+        return (loads[source] - cost[i] - (setup[group] if held[source][group] == 1 else 0.0),
+                loads[target] + cost[i] + (setup[group] if not held[target][group] else 0.0))  # fmt: skip
+
+    while True:  # each move lowers the longest shard, so this ends
+        last = max(range(count), key=lambda s: (loads[s], -s))
+        first = min(range(count), key=lambda s: (loads[s], s))
+        move = min(members[last], key=lambda i: (max(moved(i, last, first)), i), default=None)
+        if move is None or max(moved(move, last, first)) >= loads[last] - 1e-9:
+            break
+        loads[last], loads[first] = moved(move, last, first)
+        members[last].remove(move)
+        members[first].append(move)
+        held[last][group_of[move]] -= 1
+        held[first][group_of[move]] += 1
     return [Shard(s, count, tuple(points[i] for i in sorted(members[s])), loads[s]) for s in range(count)]
 
 
@@ -78,5 +165,5 @@ def unfinished(shards: list[Shard], done: set[tuple], policy: TimingPolicy) -> l
     for shard in shards:
         left = tuple(point for point in shard.points if point.identity not in done)
         if left:
-            kept.append(Shard(shard.index, shard.count, left, _seconds(left, policy)))
+            kept.append(Shard(shard.index, shard.count, left, shard_seconds(left, policy)))
     return kept

@@ -1,0 +1,183 @@
+"""The dealing's cost model fitted on a measured multi-GPU sweep, and that sweep's measured point times replayed
+through the dealing before the calibration and through the calibrated one (docs/sweeps-multi-gpu.md).
+
+    python scripts/replay_dealing.py [RUN] [--workers 2 3 4]
+
+RUN (default results/floor-targets-h200) holds rows with `worker` and `extra.point_s`, env.json naming its suite,
+and sweep.log (without it, one session), whose progress lines give each session's row count: merge appends a session's rows worker by
+worker, each worker's in the order it measured them, so a row's worker process is (session, worker). A row is its
+setup group's cold first where its process had not measured the group and no earlier session had (the compile
+caches were cold for it).
+
+Fit (printed as the Costs literal of hhbench/launch/shards.py): medians, see CALIBRATED's comment there.
+
+Replay, not a measurement: a point takes its measured point_s, except a cold first, which takes the median
+point_s of its group's other points (where it has none, its own, and its group no setup); a setup group's setup
+is its cold firsts' median excess over that, paid once by every worker dealt one of its points. A worker's time is the sum; the makespan the
+largest. Left out: two workers setting up one group at once (both paid, as measured: the replay charges both too)
+or one after the other (the second finds the first's compile caches on disk and pays less: the replay charges it
+fully), and the machine time between points.
+"""
+
+import argparse
+import dataclasses
+import re
+import statistics
+import subprocess
+import sys
+import types
+from collections import defaultdict
+from pathlib import Path
+
+from hhbench.launch.shards import CALIBRATED, PEAK_BYTES_PER_S, PEAK_FLOPS, Costs, deal, estimated_seconds, setup_group
+from hhbench.measure.timing import TimingPolicy
+from hhbench.plan.grid import load_suite
+from hhbench.rows.runs import RunDir
+from hhbench.rows.schema import OK
+from hhbench.spec.axes import Scope
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = "b28f9c5"  # main before the calibration: shards.py with POINT_OVERHEAD_S = 1 and CHECK_S = 2
+
+
+def session_sizes(log: Path) -> list[int]:
+    """Rows each session added: the final N of each `sweep ... N/M` progress line of sweep.log."""
+    return [int(found[-1][0]) for line in log.read_text().splitlines() if line.startswith("sweep ")
+            and (found := re.findall(r"(\d+)/(\d+)", line))]  # fmt: skip
+
+
+def plan(run: RunDir, rows: list) -> tuple[list, TimingPolicy, dict]:
+    """The run's suite as points (a point's backends as its row names them where `auto` resolves otherwise
+    without a GPU), its timing policy, and each row's point by row key."""
+    suite = load_suite(run.env()["suite"], "cuda")
+    keys = {row.key for row in rows}
+    by_rest = {row.key[:7] + row.key[9:]: row for row in rows}  # the key but for its backends
+    points = []
+    for point in suite.points:
+        row = by_rest[point.identity[:7] + point.identity[9:]]
+        same = point.identity in keys
+        points.append(point if same else dataclasses.replace(point, fa_backend=row.fa_backend,
+                                                             gdn_backend=row.gdn_backend))  # fmt: skip
+    return points, suite.policy, {point.identity: point for point in points}
+
+
+def cold_firsts(rows: list, sizes: list[int], point_of: dict) -> set[int]:
+    """Indices of the rows that were their setup group's first in a worker process with cold caches for it."""
+    firsts, before, start = set(), set(), 0
+    for size in sizes:
+        seen = defaultdict(set)
+        for index in range(start, start + size):
+            row, group = rows[index], setup_group(point_of[rows[index].key])
+            if group not in seen[row.worker] and group not in before:
+                firsts.add(index)
+            seen[row.worker].add(group)
+        before |= set().union(*seen.values())
+        start += size
+    return firsts
+
+
+def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
+    """The Costs of CALIBRATED's comment, fitted on `rows`."""
+    steps = [max(r.flops_total / PEAK_FLOPS, r.bytes_moved / PEAK_BYTES_PER_S)
+             / (r.latency_ms * r.extra.get("unit_layers", 1) / 1e3) for r in rows if r.status == OK]  # fmt: skip
+    later = [i for i in range(len(rows)) if i not in firsts]
+    compiles = defaultdict(list)
+    for i in later:
+        if rows[i].scope != Scope.KERNEL.value and rows[i].status == OK:
+            compiles[rows[i].gdn_backend].append(rows[i].compile_ms / 1e3)
+    costs = Costs(0.0, statistics.median(steps), {},
+                  {backend: statistics.median(found) for backend, found in sorted(compiles.items())})  # fmt: skip
+    overhead = [rows[i].extra["point_s"] - estimated_seconds(point_of[rows[i].key], policy, costs) for i in later]
+    costs = dataclasses.replace(costs, point_s=statistics.median(overhead))
+    setups = defaultdict(list)
+    for i in sorted(firsts):
+        point = point_of[rows[i].key]
+        kind = "model" if point.scope is Scope.MODEL else point.pass_.value
+        excess = rows[i].extra["point_s"] - estimated_seconds(point, policy, costs)
+        setups[kind].append(excess)
+        setups[f"{kind} {point.gdn_backend}"].append(excess)
+    return dataclasses.replace(costs, setup_s={kind: statistics.median(found) for kind, found in setups.items()})
+
+
+def rounded(costs: Costs) -> Costs:
+    """The fit as CALIBRATED holds it: seconds to 0.1 (setups to 1 s), the roofline fraction to 0.01."""
+    return Costs(round(costs.point_s, 1), round(costs.roofline_fraction, 2),
+                 {kind: round(s) for kind, s in costs.setup_s.items()},
+                 {backend: round(s, 1) for backend, s in costs.first_call_s.items()})  # fmt: skip
+
+
+def measured_costs(rows: list, firsts: set[int], point_of: dict) -> tuple[dict, dict]:
+    """Each point's replayed seconds by key, and each setup group's setup seconds."""
+    later_by_group = defaultdict(list)
+    for i, row in enumerate(rows):
+        if i not in firsts:
+            later_by_group[setup_group(point_of[row.key])].append(row.extra["point_s"])
+    seconds, excess = {}, defaultdict(list)
+    for i, row in enumerate(rows):
+        group = setup_group(point_of[row.key])
+        if i in firsts and later_by_group[group]:
+            seconds[row.key] = statistics.median(later_by_group[group])
+            excess[group].append(row.extra["point_s"] - seconds[row.key])
+        else:
+            seconds[row.key] = row.extra["point_s"]
+    return seconds, {group: statistics.median(found) for group, found in excess.items()}
+
+
+def replay(shards, seconds: dict, setup: dict) -> list[float]:
+    """Each shard's replayed seconds: its points' measured seconds and its setup groups' setups."""
+    return [sum(seconds[p.identity] for p in shard.points) + sum(setup.get(g, 0.0) for g in
+            {setup_group(p) for p in shard.points}) for shard in shards]  # fmt: skip
+
+
+def dealing_before():
+    """hhbench/launch/shards.py as it was at BEFORE, read from git, as a module."""
+    source = subprocess.run(["git", "show", f"{BEFORE}:hhbench/launch/shards.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    module = types.ModuleType("shards_before")
+    exec(compile(source, f"{BEFORE}:hhbench/launch/shards.py", "exec"), module.__dict__)
+    return module
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", nargs="?", default=str(ROOT / "results" / "floor-targets-h200"))
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    args = parser.parse_args()
+    run = RunDir.open(args.run)
+    rows = list(run.rows())
+    if any("point_s" not in row.extra for row in rows):
+        print(
+            f"{run.path}: rows without extra.point_s (a worker's seconds on the point): nothing to fit", file=sys.stderr
+        )
+        return 2
+    log = run.path / "sweep.log"
+    sizes = session_sizes(log) if log.exists() else [len(rows)]  # without a log: one session
+    if sum(sizes) != len(rows):
+        print(f"sweep.log's sessions add {sum(sizes)} rows, rows.jsonl has {len(rows)}", file=sys.stderr)
+        return 2
+    points, policy, point_of = plan(run, rows)
+    firsts = cold_firsts(rows, sizes, point_of)
+    fitted = fit(rows, firsts, point_of, policy)
+    print(f"fitted on {run.path} ({len(rows)} rows, sessions of {sizes} rows, {len(firsts)} cold firsts):")
+    print(
+        f"  {rounded(fitted)}\n  CALIBRATED {'matches' if rounded(fitted) == CALIBRATED else f'differs: {CALIBRATED}'}"
+    )
+    seconds, setup = measured_costs(rows, firsts, point_of)
+    print("\nreplay of the measured point times (a group's setup once per worker it is dealt to):")
+    print(f"  one worker: {sum(seconds.values()) + sum(setup.values()):.0f} s")
+    before = dealing_before()
+    for workers in args.workers:
+        for name, shards in (("before", before.deal(points, workers, policy)),
+                             ("calibrated", deal(points, workers, policy))):  # fmt: skip
+            times = replay(shards, seconds, setup)
+            split = sum(1 for g in {setup_group(p) for p in points}
+                        if sum(any(setup_group(p) == g for p in s.points) for s in shards) > 1)  # fmt: skip
+            print(
+                f"  {workers} workers, {name}: makespan {max(times):.0f} s; workers {', '.join(f'{t:.0f}' for t in times)}"
+                f" s; {split} setup groups split; estimated {', '.join(f'{s.seconds:.0f}' for s in shards)} s"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
