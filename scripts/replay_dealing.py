@@ -50,14 +50,15 @@ def plan(run: RunDir, rows: list) -> tuple[list, TimingPolicy, dict]:
     """The run's suite as points (a point's backends as its row names them where `auto` resolves otherwise
     without a GPU), its timing policy, and each row's point by row key."""
     suite = load_suite(run.env()["suite"], "cuda")
-    keys = {row.key for row in rows}
-    by_rest = {row.key[:7] + row.key[9:]: row for row in rows}  # the key but for its backends
+    # A point's backends as resolved here may differ from the GPU's: match it to its row on the key without the FA
+    # backend first (the suite names GDN backends where it lists both), then without either.
+    without_fa = {row.key[:7] + row.key[8:]: row for row in rows}
+    without_both = {row.key[:7] + row.key[9:]: row for row in rows}
     points = []
     for point in suite.points:
-        row = by_rest[point.identity[:7] + point.identity[9:]]
-        same = point.identity in keys
-        points.append(point if same else dataclasses.replace(point, fa_backend=row.fa_backend,
-                                                             gdn_backend=row.gdn_backend))  # fmt: skip
+        key = point.identity
+        row = without_fa.get(key[:7] + key[8:]) or without_both[key[:7] + key[9:]]
+        points.append(dataclasses.replace(point, fa_backend=row.fa_backend, gdn_backend=row.gdn_backend))
     return points, suite.policy, {point.identity: point for point in points}
 
 
