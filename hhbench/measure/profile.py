@@ -41,8 +41,8 @@ def _kernel_events(averages, device: torch.device):
         if device.type == "cuda":
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            # self_device_time_total from torch 2.4 on, self_cuda_time_total before
-            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+            # a kernel nests nothing: its device time is its own (device_time_total from torch 2.4 on)
+            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         else:
             if event.device_type != torch.autograd.DeviceType.CPU or event.key.startswith(STEP_MARK):
                 continue
