@@ -9,8 +9,10 @@ from inprocess import run_main
 
 from hhbench.measure.profile import kernel_kinds, profile_kernels
 from hhbench.plan.grid import grid_points
+from hhbench.report.page import build_report
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import read_rows
+from hhbench.rows.sources import load_runs
 from hhbench.runner import measurements
 from hhbench.runner import sweep as sweep_module
 from hhbench.runner.point import measure_point
@@ -130,6 +132,14 @@ def test_sweep_profile_flag_and_the_kernels_view(tmp_path):
     assert any(line.startswith("| other (") for line in lines)
     empty = run_main("table", str(tmp_path / "bare"), "--kernels")
     assert empty.returncode == 0 and "holds a kernel profile (`hhbench sweep --profile`)" in empty.stdout
+    # the report's figure: the row's kernel time by kind, its latency and floor beside; none without profiles
+    figure = next(f for f in build_report(load_runs([tmp_path / "prof"])).figures if f.slug == "kernels").figure
+    bars = {trace.name: trace.x[0] for trace in figure.data if trace.type == "bar"}
+    assert list(bars) == ["floor kernels", "shared kernels", "rest kernels"]
+    assert sum(bars.values()) == pytest.approx(row.extra["kernels"]["kernel_ms"])
+    bare_report = build_report(load_runs([tmp_path / "bare"]))
+    assert "kernels" not in {f.slug for f in bare_report.figures}
+    assert not any(o.title.startswith("Kernel time") for o in bare_report.omitted)  # opt-in: nothing to miss
     both = run_main("table", str(tmp_path / "prof"), "--kernels", "--targets")
     assert both.returncode == 2 and both.stderr.count("\n") == 1
     assert "--kernels is a view of its own" in both.stderr
