@@ -143,3 +143,16 @@ def test_sweep_profile_flag_and_the_kernels_view(tmp_path):
     both = run_main("table", str(tmp_path / "prof"), "--kernels", "--targets")
     assert both.returncode == 2 and both.stderr.count("\n") == 1
     assert "--kernels is a view of its own" in both.stderr
+
+
+def test_a_suite_asks_for_the_profile_by_its_grid_key(tmp_path):
+    from hhbench.errors import UserError
+    from hhbench.plan.grid import load_suite
+
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\n[[grid]]\nmodels = "tiny"\ncontexts = [64]\nprofile = true\n')
+    assert all(point.profile for point in load_suite(str(path), "cpu").points)
+    assert not any(point.profile for point in load_suite("cpu", "cpu").points)  # off by default
+    path.write_text('name = "s"\n[[grid]]\nmodels = "tiny"\nprofile = "yes"\n')
+    with pytest.raises(UserError, match="grid key profile takes true or false, got 'yes'"):
+        load_suite(str(path), "cpu")

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-STEP_MARK = "ProfilerStep"  # torch.profiler's own range around each scheduled step: not an operator
-
 
 @dataclass
 class KernelTimes:
@@ -36,17 +34,14 @@ class KernelTimes:
 
 def _kernel_events(averages, device: torch.device):
     """(name, total ms, launches) of each kernel in key_averages(): device events on CUDA, operators' self time on
-    the CPU (module docstring); names with no time of their own (wrappers, views) left out."""
+    the CPU (module docstring); names with no time of their own (wrappers, views) left out, and so are annotated
+    ranges (record_function's, the profiler's own ProfilerStep#), which on CUDA span kernels counted already."""
+    wanted = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     for event in averages:
-        if device.type == "cuda":
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            # a kernel nests nothing: its device time is its own (device_time_total from torch 2.4 on)
-            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        else:
-            if event.device_type != torch.autograd.DeviceType.CPU or event.key.startswith(STEP_MARK):
-                continue
-            us = event.self_cpu_time_total
+        if event.device_type != wanted or getattr(event, "is_user_annotation", False):
+            continue
+        # a kernel nests nothing: its device time is its own
+        us = event.device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if us > 0:
             yield event.key, us / 1e3, event.count
 
