@@ -7,8 +7,9 @@ import pytest
 import torch
 from inprocess import run_main
 
+from hhbench.errors import UserError
 from hhbench.measure.profile import kernel_kinds, profile_kernels
-from hhbench.plan.grid import grid_points
+from hhbench.plan.grid import grid_points, load_suite
 from hhbench.report.page import build_report
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import read_rows
@@ -146,9 +147,6 @@ def test_sweep_profile_flag_and_the_kernels_view(tmp_path):
 
 
 def test_a_suite_asks_for_the_profile_by_its_grid_key(tmp_path):
-    from hhbench.errors import UserError
-    from hhbench.plan.grid import load_suite
-
     path = tmp_path / "s.toml"
     path.write_text('name = "s"\n[[grid]]\nmodels = "tiny"\ncontexts = [64]\nprofile = true\n')
     assert all(point.profile for point in load_suite(str(path), "cpu").points)
