@@ -166,7 +166,7 @@ def test_layer_points_run_with_their_floor_training_included(gdn_backend):
 @pytest.mark.parametrize("pass_", ["prefill", "decode"])
 def test_a_profiled_layer_lists_its_cuda_kernels_and_the_floors_share(pass_):
     """sweep --profile on the GPU: CUDA kernels (not CPU operators) per layer, their sum within the profiled step
-    and covering most of a 4K prefill's latency, the projections' GEMMs attributed to the floor, decode profiled
+    and covering most of a 4K prefill's latency, the projections' GEMMs attributed to the floor parts, decode profiled
     eagerly (its latency is a graph replay of the same kernels)."""
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import grid_points
@@ -186,7 +186,8 @@ def test_a_profiled_layer_lists_its_cuda_kernels_and_the_floors_share(pass_):
         if pass_ == "prefill":
             assert kernels["kernel_ms"] >= 0.5 * row.latency_ms, where
         assert shares["floor"] > 0 and sum(shares.values()) == pytest.approx(1), where
-        assert any("o_proj" in k["parts"] and k["kind"] == "floor" for k in kernels["top"]), where
+        # the output projection's GEMM (GEMV in decode) found by name among the floor parts' kernels
+        assert any("o_proj" in k["parts"] and k["kind"] != "rest" for k in kernels["top"]), where
 
 
 @pytest.mark.parametrize("variant", ["head:3:1", "head:3:1:random:2", "layer:3:1", "head:1:0"])
