@@ -166,6 +166,33 @@ def test_layer_points_run_with_their_floor_training_included(gdn_backend):
             assert row.gdn_impl.startswith("flash_qla"), where
 
 
+@pytest.mark.parametrize("pass_", ["prefill", "decode"])
+def test_a_profiled_layer_lists_its_cuda_kernels_and_the_floors_share(pass_):
+    """sweep --profile on the GPU: CUDA kernels (not CPU operators) per layer, their sum within the profiled step
+    and covering most of a 4K prefill's latency, the projections' GEMMs attributed to the floor parts, decode profiled
+    eagerly (its latency is a graph replay of the same kernels)."""
+    from hhbench.measure.timing import TimingPolicy
+    from hhbench.plan.grid import grid_points
+    from hhbench.runner.point import measure_point
+
+    grid = {"models": "qwen3-1.7b", "layouts": "head,layer", "ratios": "7:1,3:1", "contexts": "4k", "passes": pass_,
+            "scopes": "layer", "profile": True}  # fmt: skip
+    policy = TimingPolicy(warmup_ms=5, target_ms=20, min_reps=3, max_reps=5)
+    for point in grid_points(grid, "cuda")[::3]:  # head 7:1 and layer 3:1
+        row = measure_point(point, torch.device("cuda"), policy, {})
+        where = f"{row.variant} {row.pass_}"
+        assert row.status == "ok" and "profile_error" not in row.extra, f"{where}: {row.extra.get('profile_error')}"
+        kernels, shares = row.extra["kernels"], row.extra["kernel_shares"]
+        assert kernels["activity"] == "cuda" and not any(k["name"].startswith("aten::") for k in kernels["top"])
+        assert 0 < kernels["kernel_ms"] <= kernels["step_ms"], where
+        assert ("note" in kernels) == (pass_ == "decode"), where
+        if pass_ == "prefill":
+            assert kernels["kernel_ms"] >= 0.5 * row.latency_ms, where
+        assert shares["floor"] > 0 and sum(shares.values()) == pytest.approx(1), where
+        # the output projection's GEMM (GEMV in decode) found by name among the floor parts' kernels
+        assert any("o_proj" in k["parts"] and k["kind"] != "rest" for k in kernels["top"]), where
+
+
 @pytest.mark.parametrize("variant", ["head:3:1", "head:3:1:random:2", "layer:3:1", "head:1:0"])
 @torch.no_grad()
 def test_converted_model_on_gpu_kernels_matches_the_reference(llama, variant):

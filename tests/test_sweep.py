@@ -308,7 +308,7 @@ def test_a_measurement_is_one_registered_unit(monkeypatch):
     from hhbench.runner.point import measure_point
 
     assert list(measurements.MEASUREMENTS) == ["fit", "availability", "correctness", "timing", "memory", "throughput",
-                                               "parts", "crosscheck", "floor"]  # fmt: skip
+                                               "parts", "crosscheck", "floor", "profile"]  # fmt: skip
     fields = {spec.name for spec in dataclasses.fields(Row)}
     for unit in measurements.MEASUREMENTS.values():
         assert all(name.startswith("extra.") or name in fields for name in unit.fields), unit.name

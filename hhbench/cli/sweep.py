@@ -85,6 +85,13 @@ def sweep(
     floor: Annotated[
         bool, Opt(help="Time each layer and model point's floor: its necessary kernels alone (floor_ms, vs_floor).")
     ] = True,
+    profile: Annotated[
+        bool,
+        Opt(
+            help="Also profile each point's step kernel by kernel under torch.profiler, apart from its timing "
+            "(extra.kernels; `hhbench table --kernels`)."
+        ),
+    ] = False,
     device: Annotated[str, Opt(help="auto, cpu or cuda.")] = "auto",
     run: Annotated[str, Opt(help="Run name: results go to OUT/RUN/. Default: SUITE-DEVICE (rerun to resume).")] = "",
     out: Annotated[str, Opt(help="Folder holding runs.")] = "results",
@@ -156,6 +163,8 @@ def sweep(
         name, points, policy = chosen.name, chosen.points, chosen.policy
     if not floor:
         points = [dataclasses.replace(point, floor=False) for point in points]
+    if profile:  # on a suite's points too, as --no-floor: what to measure besides the latency
+        points = [dataclasses.replace(point, profile=True) for point in points]
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     if policy.graph and where.type != "cuda":  # refused, not silently timed eagerly (as --mode streams)

@@ -5,6 +5,7 @@ from typing import Annotated
 import typer
 
 from hhbench.cli.app import app
+from hhbench.errors import UserError
 from hhbench.rows.sources import load_runs
 from hhbench.tables.compare import compare_runs
 
@@ -20,10 +21,22 @@ def table(
         bool,
         typer.Option(help="Check the performance targets (docs/results.md) on each run instead."),
     ] = False,
+    kernels: Annotated[
+        bool,
+        typer.Option(help="List each profiled row's top kernels instead (rows of `hhbench sweep --profile`)."),
+    ] = False,
 ):
     """Compare every configuration with the layer-wise 3:1 row of the same run, model, context, batch, pass and
     scope: latency, speedup, FLOPs and KV-cache ratios, TFLOP/s, peak memory, and where head-level wins. Runs
     with quality rows only (hhbench eval, distilled students too): scores with 95% intervals against layer:3:1."""
+    if kernels and (targets or csv or json_path):
+        raise UserError("--kernels is a view of its own: give it without --targets, --csv or --json")
+    if kernels:
+        from hhbench.tables.kernels import kernels_table
+
+        for run in load_runs(runs):
+            typer.echo(kernels_table(run))
+        return
     if targets:
         from hhbench.tables.targets import check_targets
 

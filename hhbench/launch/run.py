@@ -17,7 +17,7 @@ from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import Point
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, read_rows
-from hhbench.runner.sweep import finished_rows, prepare_env
+from hhbench.runner.sweep import asked_extras, finished_rows, prepare_env
 
 LAUNCHERS = ("local", "slurm")
 
@@ -137,7 +137,7 @@ def launch(
             prepare_env(run, suite_name, where, len(options.gpus) or options.shards)
             if where.type == "cuda":
                 torch.cuda.empty_cache()  # the peaks' buffers: GPU 0's worker needs its memory
-        done = {row.key for row in finished_rows(run, retry, {p.identity for p in points if p.parts})}
+        done = {row.key for row in finished_rows(run, retry, asked_extras(points))}
     todo = [point for point in points if point.identity not in done]
     outcome = Launched(skipped=len(points) - len(todo))
     if options.gpus:

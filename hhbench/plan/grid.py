@@ -4,8 +4,9 @@ A suite holds `name`, `device` (any or cuda), one or more [[grid]] tables and a 
 grids' union, in order, duplicates dropped. Every grid key takes a list (or a single value): models, set (shape
 overrides), layouts, ratios, contexts, batch, passes, scopes, fa_backend, gdn_backend, dtype, modes, head_map,
 kv_aware, parts, floor (default true: layer and model points also time their floor, hhbench.bench.floor),
-gdn_chunk. [timing] sets the policy (TimingPolicy's fields). A table or key not among these is an error that lists
-the known ones: a misspelt one would otherwise be ignored.
+profile (default false: each point's step also profiled kernel by kernel, the profile unit of
+hhbench.runner.measurements), gdn_chunk. [timing] sets the policy (TimingPolicy's fields). A table or key not
+among these is an error that lists the known ones: a misspelt one would otherwise be ignored.
 """
 
 import dataclasses
@@ -25,14 +26,15 @@ from hhbench.spec.hybrid import GDNConfig, HybridSpec, Layout
 from hhbench.spec.shapes import ModelShape
 
 GRID_KEYS = {"models", "set", "layouts", "ratios", "contexts", "batch", "passes", "scopes", "fa_backend",
-             "gdn_backend", "dtype", "modes", "head_map", "kv_aware", "parts", "floor", "gdn_chunk"}  # fmt: skip
+             "gdn_backend", "dtype", "modes", "head_map", "kv_aware", "parts", "floor", "profile", "gdn_chunk"}  # fmt: skip
 SUITE_KEYS = ("name", "device", "grid", "timing")
 
 
 @dataclass(frozen=True)
 class Point:
     """One measurement to make: shape, spec (with the ratio text asked), context (tokens), batch, pass, scope,
-    dtype, resolved backend names, head-level mode, and whether to also time the parts and the floor."""
+    dtype, resolved backend names, head-level mode, and whether to also time the parts and the floor and profile
+    the step kernel by kernel."""
 
     shape: ModelShape
     spec: HybridSpec
@@ -47,6 +49,7 @@ class Point:
     mode: str
     parts: bool = False  # also time the FA and GDN parts alone (kernel scope, head layout)
     floor: bool = False  # also time the point's necessary kernels alone (layer and model scope)
+    profile: bool = False  # also profile the step kernel by kernel (extra.kernels), apart from its timing
 
     def key_fields(self) -> dict:
         """The key fields (rows.schema.KEY_FIELDS) of the row this point produces, by name: what is measured,
@@ -162,6 +165,7 @@ def grid_points(grid: dict, device: str) -> list[Point]:
         registry.check_name(name, registry.GDN, device)
     parts = _flag(grid, "parts")
     floor = _flag(grid, "floor", default=True)
+    profile = _flag(grid, "profile")
     points = []
     for shape, (ratio, spec), context, batch, pass_, scope, dtype, mode, fa, gdn_name in itertools.product(
         shapes, specs, contexts, batches, passes, scopes, dtypes, modes, fa_names, gdn_names
@@ -184,6 +188,7 @@ def grid_points(grid: dict, device: str) -> list[Point]:
                 mode,
                 parts and spec.layout is Layout.HEAD and scope is Scope.KERNEL,
                 floor and scope is not Scope.KERNEL,
+                profile,
             )  # fmt: skip
         )
     return points
@@ -191,14 +196,19 @@ def grid_points(grid: dict, device: str) -> list[Point]:
 
 def dedupe(points: list[Point]) -> list[Point]:
     """One point per configuration (`Point.identity`: 6:2 after 3:1 is dropped), in first-seen order; a point
-    asked for with its parts or its floor timed keeps them."""
+    asked for with its parts or its floor timed, or its profile, keeps them."""
     unique: dict[tuple, Point] = {}
     for point in points:
         kept = unique.get(point.identity)
         unique[point.identity] = (
             point
             if kept is None
-            else dataclasses.replace(kept, parts=kept.parts or point.parts, floor=kept.floor or point.floor)
+            else dataclasses.replace(
+                kept,
+                parts=kept.parts or point.parts,
+                floor=kept.floor or point.floor,
+                profile=kept.profile or point.profile,
+            )
         )
     return list(unique.values())
 

@@ -179,6 +179,42 @@ def floor_figure(rows: pd.DataFrame, colours: dict[str, str] | None = None) -> F
     return Figure("floor", title, figure, "Solid: median latency. Dotted: the floor, each part's median summed.")
 
 
+KERNEL_KINDS = {"floor": "#2ca02c", "shared": "#9e9e9e", "rest": "#d62728"}  # the profile's kinds of kernel
+
+
+def kernel_figure(rows: pd.DataFrame) -> Figure | Omitted:
+    """Each profiled layer- or model-scope row's kernel time (ms per layer, as its latency) split by kind (`sweep
+    --profile`: kernels its floor parts launch, shared names, the rest), a bar per row, its latency and floor beside
+    as markers, a panel per pass: how much of the gap above the floor is kernels outside the floor's parts."""
+    title = "Kernel time by kind: the floor's kernels and the rest"
+    data = measured(rows)
+    data = data[data["extra"].map(lambda extra: isinstance(extra, dict) and "kernel_shares" in extra)]
+    if data.empty:
+        return Omitted(title, "no profiled layer or model row (sweep --profile)")
+    data = data.sort_values(["pass", "variant", "context"])
+    labels = series_labels(data) + " · " + data["scope"] + " · " + data["context"].map(format_count)
+    passes = present_order(data["pass"], PASS_ORDER)
+    figure = make_subplots(rows=len(passes), cols=1, subplot_titles=[f"pass={p}" for p in passes],
+                           vertical_spacing=min(0.3, 0.6 / len(passes)))  # fmt: skip
+    for panel, pass_ in enumerate(passes, 1):
+        part = data[data["pass"] == pass_]
+        y = labels[part.index]
+        kernel_ms = part["extra"].map(lambda extra: extra["kernels"]["kernel_ms"])
+        for kind, colour in KERNEL_KINDS.items():
+            ms = kernel_ms * part["extra"].map(lambda extra, kind=kind: extra["kernel_shares"][kind])
+            figure.add_bar(x=ms, y=y, orientation="h", name=f"{kind} kernels", marker_color=colour,
+                           legendgroup=kind, showlegend=panel == 1, row=panel, col=1)  # fmt: skip
+        for column, name, symbol in (("latency_ms", "latency (timed)", "diamond"),
+                                     ("floor_ms", "floor (its parts timed alone)", "line-ns-open")):  # fmt: skip
+            figure.add_scatter(x=part[column], y=y, mode="markers", name=name,
+                               marker={"symbol": symbol, "size": 12, "color": "black"}, legendgroup=column,
+                               showlegend=panel == 1, row=panel, col=1)  # fmt: skip
+    figure.update_layout(barmode="stack", height=160 + 40 * len(data) + 60 * len(passes))
+    figure.update_xaxes(title_text="ms (per layer at layer scope)")
+    return Figure("kernels", title, figure, "Device time of the profiled step's kernels (CPU: operators' self time), "
+                  "split by whether the point's floor parts launch them; diamond: the timed latency; vertical mark: the floor.")  # fmt: skip
+
+
 def _panels(data: pd.DataFrame, rows: pd.DataFrame, **options) -> go.Figure:
     """Lines against context on log-log axes, a panel per scope and (where there are several) per pass."""
     many_passes = data["pass"].nunique() > 1

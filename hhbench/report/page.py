@@ -98,6 +98,9 @@ def build_report(runs: list[Run]) -> Report:
         made += F.memory_figures(rows, colours)
         made.append(F.roofline_figure(rows, {run.label: run.env for run in runs}, colours))
         made.append(F.latency_figure(rows, ["decode"], "decode", "Decode latency against context", colours))
+        kernels = F.kernel_figure(rows)
+        if isinstance(kernels, F.Figure):  # profiled runs only (sweep --profile): others have none to miss
+            made.append(kernels)
     made.append(F.quality_figure(eval_rows, colours))
     if not train_rows.empty:  # distillation runs only: other runs have no curve to miss
         made.append(F.training_figure(train_rows, colours))

@@ -3,7 +3,8 @@ optimum-benchmark's backend / scenario / tracker split): each unit reads the Tri
 row, so a new measurement is one function here. A unit that decides the row's status (oom by the analytic memory bound,
 unavailable, unsupported, incorrect) ends the point's required units; the row is `ok` when they all ran. Units marked `addition` run after
 the point's workload is freed, and only their own fields depend on them: their failure is kept in
-extra["<name>_error"] and the row keeps its latency (hhbench.runner.point.measure_point runs them)."""
+extra["<name>_error"] and the row keeps its latency (hhbench.runner.point.measure_point runs them): the floor, and
+the kernel profile, which is never taken while the point is timed (the profiler's overhead stays out of latency)."""
 
 import dataclasses
 import gc
@@ -18,7 +19,15 @@ from hhbench.analytic.flops import tokens
 from hhbench.bench import workloads
 from hhbench.bench.floor import floor_layers, floor_parts
 from hhbench.kernels import registry
-from hhbench.measure.timing import Timing, TimingPolicy, peak_memory_bytes, time_callable, time_each
+from hhbench.measure.profile import kernel_kinds, profile_kernels
+from hhbench.measure.timing import (
+    Timing,
+    TimingPolicy,
+    _L2Flusher,
+    peak_memory_bytes,
+    time_callable,
+    time_each,
+)
 from hhbench.names import Registry
 from hhbench.plan.grid import Point
 from hhbench.rows import schema
@@ -32,6 +41,9 @@ REFERENCE = {registry.FA: "sdpa-math", registry.GDN: "torch-recurrent"}
 # Crosscheck only steps at least this long: shorter ones are launch- and CPU-bound, and two timers then
 # disagree by their jitter rather than by their method.
 CROSSCHECK_MIN_MS = 2.0
+PROFILE_STEPS = 5  # profiled calls of the point's step, after PROFILE_WARM_CALLS untimed ones
+PROFILE_WARM_CALLS = 3
+PROFILE_TOP = 12  # kernels listed by name in extra.kernels; the rest summed as "other"
 GIB = 2**30
 
 
@@ -315,3 +327,79 @@ def floor(trial: Trial) -> None:
     row.vs_floor = row.latency_ms / row.floor_ms
     row.extra["floor_parts_ms"] = by_layer
     row.extra["floor_method"] = method
+
+
+def floor_kernels(point: Point, device: torch.device) -> tuple[dict[str, float], dict[str, set[str]]]:
+    """What the point's floor parts launch (hhbench.bench.floor), each profiled alone for one warm call: launches
+    per kernel name in the latency's unit (per layer at layer scope, per model call at model scope), and which
+    parts launch each name."""
+    launches: dict[str, float] = {}
+    parts_of: dict[str, set[str]] = {}
+    for part in floor_parts(point, device):
+        for _ in range(PROFILE_WARM_CALLS):
+            part.run()
+        for name, count in profile_kernels(part.run, device, 1).launches.items():
+            launches[name] = launches.get(name, 0.0) + count * part.count / floor_layers(point)
+            parts_of.setdefault(name, set()).add(part.name)
+    return launches, parts_of
+
+
+@measurement("profile", ("extra.kernels", "extra.kernel_shares"), addition=True)
+def kernel_profile(trial: Trial) -> None:
+    """On a point asked for its profile (`sweep --profile`) whose latency was measured: its step run PROFILE_STEPS
+    times under torch.profiler (hhbench.measure.profile; L2 flushed before each call where the timing flushes it),
+    after the timing and apart from it. `extra.kernels`: per kernel name (CUDA kernels; CPU operators' self time on
+    the CPU) its device time (ms) and launches per step in the latency's unit (per layer at layer scope, per model
+    call at model scope), the PROFILE_TOP longest by name and the rest as `other`; `kernel_ms` their sum and
+    `step_ms` the profiled calls' own time (both in that unit). A step timed as a CUDA graph (decode) is profiled
+    eagerly: the graph replays the very same kernel launches, without the CPU's launch gaps, so the kernels' times
+    hold and `step_ms` is above the latency (`note` says so). With two CUDA streams (mode streams) kernels overlap
+    and their times may sum above the step's.
+
+    Layer and model scope also get `extra.kernel_shares`: the shares of kernel time in kernels the point's floor
+    parts launch (profiled alone; hhbench.measure.profile.kernel_kinds): `floor`, `shared` (names the parts launch
+    less often than the step does) and `rest` (names no part launches: norms, gates, merges, copies), and each
+    listed kernel its `kind` and the `parts` that launch it. It raises what the step and the parts raise, and
+    RuntimeError where the profiler recorded no kernel."""
+    point, row, device = trial.point, trial.row, trial.device
+    if not (point.profile and row.status == schema.OK):
+        return
+    workload = trial.workload
+    for _ in range(PROFILE_WARM_CALLS):
+        workload.run()
+    flush = (lambda: _L2Flusher.flush(device)) if trial.policy.flush_l2 and device.type == "cuda" else None
+    found = profile_kernels(workload.run, device, PROFILE_STEPS, flush)
+    per_step = PROFILE_STEPS * workload.layers_per_run
+    graph = workload.graph
+    trial.free()
+    if not found.ms:
+        raise RuntimeError("the profiler recorded no kernel")
+    ms = {name: total / per_step for name, total in found.ms.items()}
+    launches = {name: count / per_step for name, count in found.launches.items()}
+    kinds, parts_of = {}, {}
+    if point.scope in (Scope.LAYER, Scope.MODEL):
+        floor_launches, parts_of = floor_kernels(point, device)
+        kinds = kernel_kinds(launches, floor_launches)
+        total = sum(ms.values())
+        row.extra["kernel_shares"] = {
+            kind: sum(t for name, t in ms.items() if kinds[name] == kind) / total
+            for kind in ("floor", "shared", "rest")
+        }
+    ordered = sorted(ms, key=ms.__getitem__, reverse=True)
+    top = [{"name": name, "ms": ms[name], "launches": launches[name],
+            **({"kind": kinds[name], "parts": sorted(parts_of.get(name, ()))} if kinds else {})}
+           for name in ordered[:PROFILE_TOP]]  # fmt: skip
+    others = ordered[PROFILE_TOP:]
+    row.extra["kernels"] = {
+        "activity": "cuda" if device.type == "cuda" else "cpu",
+        "steps": PROFILE_STEPS,
+        "step_ms": found.step_ms / per_step,
+        "kernel_ms": sum(ms.values()),
+        "top": top,
+        "other": {
+            "kernels": len(others),
+            "ms": sum(ms[n] for n in others),
+            "launches": sum(launches[n] for n in others),
+        },
+        **({"note": "profiled eagerly; timed as a CUDA graph replaying the same kernels"} if graph else {}),
+    }

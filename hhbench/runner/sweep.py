@@ -50,9 +50,21 @@ class SweepResult:
     poisoned: str = ""  # a worker's CUDA context failed after this error: the rest of its points left to another
 
 
-def finished_rows(run: RunDir, retry: bool, wants_parts: set) -> RowSet:
-    """The run's finished rows, less those to measure again: error and oom rows with retry, and rows measured
-    without the parts this sweep asks for (rewritten atomically: a kill here leaves the old file or the new one)."""
+def asked_extras(points: list[Point]) -> dict[tuple, list[set[str]]]:
+    """Per point identity, what its row's extra must hold to count as finished, one of each set: parts_ms where it
+    asks for its parts, kernels (or profile_error: a profile that failed) where it asks for its profile."""
+    asked: dict[tuple, list[set[str]]] = {}
+    for point in points:
+        wants = ([{"parts_ms"}] if point.parts else []) + ([{"kernels", "profile_error"}] if point.profile else [])
+        if wants:
+            asked[point.identity] = wants
+    return asked
+
+
+def finished_rows(run: RunDir, retry: bool, asked: dict[tuple, list[set[str]]]) -> RowSet:
+    """The run's finished rows, less those to measure again: error and oom rows with retry, and ok rows measured
+    without the parts or the profile this sweep asks for (`asked`: asked_extras of its points; rewritten
+    atomically: a kill here leaves the old file or the new one)."""
     if not run.rows_path.exists():
         return RowSet()
     rows = read_rows(run.rows_path, repair=True)
@@ -60,7 +72,7 @@ def finished_rows(run: RunDir, retry: bool, wants_parts: set) -> RowSet:
     def again(row) -> bool:
         if retry and row.status in RETRYABLE:
             return True
-        return row.status == schema.OK and row.key in wants_parts and "parts_ms" not in row.extra
+        return row.status == schema.OK and any(not wants & row.extra.keys() for wants in asked.get(row.key, []))
 
     if any(again(row) for row in rows):
         kept = RowSet(row for row in rows if not again(row))
@@ -180,7 +192,7 @@ def run_sweep(
     else:
         out = run.rows_path
         prepare_env(run, suite_name, device)
-        rows = finished_rows(run, retry, {p.identity for p in points if p.parts})
+        rows = finished_rows(run, retry, asked_extras(points))
     done = {row.key for row in rows}
     todo = [p for p in points if p.identity not in done]
     result = SweepResult(run, rows, skipped=len(points) - len(todo))

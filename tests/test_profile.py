@@ -1,0 +1,156 @@
+"""`sweep --profile` on the CPU: the step kernel by kernel (extra.kernels), the floor's share of its kernel time,
+kept out of the timing, and `hhbench table --kernels`."""
+
+import dataclasses
+
+import pytest
+import torch
+from inprocess import run_main
+
+from hhbench.errors import UserError
+from hhbench.measure.profile import kernel_kinds, profile_kernels
+from hhbench.plan.grid import grid_points, load_suite
+from hhbench.report.page import build_report
+from hhbench.rows.runs import RunDir
+from hhbench.rows.schema import read_rows
+from hhbench.rows.sources import load_runs
+from hhbench.runner import measurements
+from hhbench.runner import sweep as sweep_module
+from hhbench.runner.point import measure_point
+from tests.test_sweep import FAST
+
+CPU = torch.device("cpu")
+TINY = {"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64", "scopes": "layer"}
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    """Rows of the tiny head 3:1 layer in prefill and decode, layer 3:1 in decode and a kernel-scope decode, profiled
+    (prefill through the CPU's chunked reference runs thousands of operators: one such row is enough)."""
+    grid = {**TINY, "passes": "decode", "profile": True}
+    points = [*grid_points({**grid, "layouts": "head", "passes": "prefill"}, "cpu"), *grid_points(grid, "cpu"),
+              *grid_points({**grid, "scopes": "kernel"}, "cpu")[:1]]  # fmt: skip
+    return [measure_point(point, CPU, FAST, {}) for point in points]
+
+
+def test_a_profiled_step_lists_the_kernels_it_runs(profiled):
+    for row in profiled:
+        where = f"{row.variant} {row.pass_} {row.scope}"
+        kernels = row.extra["kernels"]
+        assert row.status == "ok" and "profile_error" not in row.extra, where
+        assert kernels["activity"] == "cpu" and kernels["steps"] == measurements.PROFILE_STEPS
+        listed = kernels["top"]
+        assert len(listed) == measurements.PROFILE_TOP and kernels["other"]["kernels"] > 0, where
+        assert [k["ms"] for k in listed] == sorted((k["ms"] for k in listed), reverse=True), where
+        assert all(k["ms"] > 0 and k["launches"] > 0 for k in listed), where
+        total = sum(k["ms"] for k in listed) + kernels["other"]["ms"]
+        assert total == pytest.approx(kernels["kernel_ms"]), where
+        # per step, the kernels' times fit in the step that ran them (self times: nested operators count once)
+        assert 0 < kernels["kernel_ms"] <= kernels["step_ms"], where
+        # the layer's projections are matrix products: one of the longest operators on these small shapes
+        if row.scope == "layer":
+            assert {"aten::mm", "aten::addmm", "aten::bmm"} & {k["name"] for k in listed}, where
+        assert "note" not in kernels  # the CPU times no CUDA graph
+
+
+def test_layer_rows_split_their_kernel_time_by_the_floors_parts(profiled):
+    for row in profiled:
+        where = f"{row.variant} {row.pass_} {row.scope}"
+        if row.scope == "kernel":  # the cores alone: no floor to attribute against
+            assert "kernel_shares" not in row.extra and "kind" not in row.extra["kernels"]["top"][0], where
+            continue
+        shares = row.extra["kernel_shares"]
+        assert set(shares) == {"floor", "shared", "rest"} and sum(shares.values()) == pytest.approx(1), where
+        for kernel in row.extra["kernels"]["top"]:
+            assert kernel["kind"] in shares and (kernel["kind"] == "rest") == (not kernel["parts"]), where
+            assert set(kernel["parts"]) <= {"in_proj", "conv", "fa", "gdn", "o_proj"}, where
+        matmul = next(k for k in row.extra["kernels"]["top"] if k["name"] == "aten::mm")
+        assert {"in_proj", "o_proj"} <= set(matmul["parts"]), where
+
+
+def test_kernel_kinds_by_the_launches_of_the_floors_parts():
+    launches = {"gemm": 2.0, "copy": 5.0, "norm": 1.0, "conv": 0.75}
+    floor = {"gemm": 2.0, "copy": 1.0, "conv": 0.75, "unused": 3.0}
+    assert kernel_kinds(launches, floor) == {"gemm": "floor", "copy": "shared", "norm": "rest", "conv": "floor"}
+
+
+def test_a_flush_before_each_call_is_not_profiled():
+    x = torch.randn(32, 32)
+    found = profile_kernels(lambda: x @ x, CPU, 3, before=lambda: torch.randn(64).exp())
+    assert found.launches["aten::mm"] == 3 and "aten::exp" not in found.ms and "aten::randn" not in found.ms
+
+
+def test_the_profile_runs_after_everything_timed(monkeypatch):
+    """The profiler never runs while the point (or its floor) is timed: its overhead stays out of every latency."""
+    calls = []
+    for name in ("time_callable", "time_each", "profile_kernels"):
+        original = getattr(measurements, name)
+        monkeypatch.setattr(measurements, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    assert measurements.MEASUREMENTS["profile"].addition
+    [point] = grid_points({**TINY, "layouts": "head", "passes": "decode", "profile": True}, "cpu")
+    row = measure_point(point, CPU, FAST, {})
+    assert row.status == "ok" and row.floor_ms and "kernels" in row.extra
+    first = calls.index("profile_kernels")
+    assert "time_callable" in calls[:first] and not {"time_callable", "time_each"} & set(calls[first:])
+
+
+def test_a_failed_profile_costs_the_row_only_its_profile(monkeypatch):
+    monkeypatch.setattr(measurements, "profile_kernels", lambda *args, **kwargs: 1 / 0)
+    [point] = grid_points({**TINY, "layouts": "head", "profile": True}, "cpu")
+    row = measure_point(point, CPU, FAST, {})
+    assert row.status == "ok" and row.latency_ms > 0 and row.floor_ms > 0
+    assert "kernels" not in row.extra and row.extra["profile_error"].startswith("ZeroDivisionError")
+
+
+def test_asking_for_the_profile_measures_a_finished_point_again(tmp_path):
+    [point] = grid_points({**TINY, "layouts": "head", "passes": "decode", "floor": False}, "cpu")
+    run = RunDir(tmp_path / "r")
+    first = sweep_module.run_sweep([point], run, CPU, FAST)
+    assert first.new == 1 and "kernels" not in first.rows[0].extra  # off by default
+    profiled = dataclasses.replace(point, profile=True)
+    assert sweep_module.run_sweep([profiled], run, CPU, FAST).new == 1
+    [row] = read_rows(run.rows_path)
+    assert "kernels" in row.extra
+    assert sweep_module.run_sweep([profiled], run, CPU, FAST).new == 0
+
+
+def test_sweep_profile_flag_and_the_kernels_view(tmp_path):
+    flags = ["--models", "tiny", "--layouts", "head", "--ratios", "3:1", "--contexts", "32", "--scopes", "layer",
+             "--passes", "decode",
+             "--target-ms", "2", "--min-reps", "2", "--warmup-ms", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert run_main("sweep", *flags, "--run", "bare").returncode == 0
+    assert run_main("sweep", *flags, "--run", "prof", "--profile").returncode == 0
+    [bare] = read_rows(tmp_path / "bare" / "rows.jsonl")
+    [row] = read_rows(tmp_path / "prof" / "rows.jsonl")
+    assert "kernels" not in bare.extra and "kernel_shares" not in bare.extra
+    view = run_main("table", str(tmp_path / "prof"), "--kernels")
+    assert view.returncode == 0, view.stderr
+    lines = view.stdout.splitlines()
+    assert lines[0] == "## Kernels: prof" and lines[2].startswith("### head:3:1, decode, layer scope, 32, batch 1")
+    assert f"latency {row.latency_ms:.4g} ms; floor {row.floor_ms:.4g} ms; kernels " in view.stdout
+    assert "| kernel | ms | share | launches | kind | floor parts |" in lines
+    assert any(line.startswith("| aten::mm |") and "in_proj, o_proj" in line for line in lines)
+    assert any(line.startswith("| other (") for line in lines)
+    empty = run_main("table", str(tmp_path / "bare"), "--kernels")
+    assert empty.returncode == 0 and "holds a kernel profile (`hhbench sweep --profile`)" in empty.stdout
+    # the report's figure: the row's kernel time by kind, its latency and floor beside; none without profiles
+    figure = next(f for f in build_report(load_runs([tmp_path / "prof"])).figures if f.slug == "kernels").figure
+    bars = {trace.name: trace.x[0] for trace in figure.data if trace.type == "bar"}
+    assert list(bars) == ["floor kernels", "shared kernels", "rest kernels"]
+    assert sum(bars.values()) == pytest.approx(row.extra["kernels"]["kernel_ms"])
+    bare_report = build_report(load_runs([tmp_path / "bare"]))
+    assert "kernels" not in {f.slug for f in bare_report.figures}
+    assert not any(o.title.startswith("Kernel time") for o in bare_report.omitted)  # opt-in: nothing to miss
+    both = run_main("table", str(tmp_path / "prof"), "--kernels", "--targets")
+    assert both.returncode == 2 and both.stderr.count("\n") == 1
+    assert "--kernels is a view of its own" in both.stderr
+
+
+def test_a_suite_asks_for_the_profile_by_its_grid_key(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('name = "s"\n[[grid]]\nmodels = "tiny"\ncontexts = [64]\nprofile = true\n')
+    assert all(point.profile for point in load_suite(str(path), "cpu").points)
+    assert not any(point.profile for point in load_suite("cpu", "cpu").points)  # off by default
+    path.write_text('name = "s"\n[[grid]]\nmodels = "tiny"\nprofile = "yes"\n')
+    with pytest.raises(UserError, match="grid key profile takes true or false, got 'yes'"):
+        load_suite(str(path), "cpu")
