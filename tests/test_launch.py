@@ -304,6 +304,14 @@ def test_submitit_missing_is_one_line(tmp_path, monkeypatch):
     assert result.stderr.count("\n") == 1
 
 
+def test_a_slurm_run_from_a_machine_without_a_gpu_asks_for_its_name(tmp_path, monkeypatch):
+    """The default run name is the GPU's: a login node without one gets one line asking for --run, no traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = run_main("sweep", *FLAGS, "--launcher", "slurm", "--shards", "2", "--dry-run", "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "no GPU to name the run after" in result.stderr and "give --run" in result.stderr
+
+
 @pytest.mark.parametrize("asked", [None, "0"])
 def test_workers_share_one_triton_cache_with_autotuning_kept(tmp_path, monkeypatch, asked):
     """The environment a worker process is started with: its GPU, this checkout first on PYTHONPATH, the launch's

@@ -33,9 +33,15 @@ def set_cpu_threads(threads: int, where) -> None:
 
 
 def default_run_name(suite: str, device) -> str:
-    """The run folder's default name: '<suite>-<device>' with the GPU's name (or 'cpu') in lower-case and dashes."""
+    """The run folder's default name: '<suite>-<device>' with the GPU's name (or 'cpu') in lower-case and dashes.
+    UserError where the points run on a GPU this machine does not have (a SLURM array submitted from a login node):
+    there is no GPU to name the run after."""
     import torch
 
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "this machine has no GPU to name the run after (--launcher slurm runs on the nodes'): give --run"
+        )
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     return f"{suite}-{re.sub(r'[^a-z0-9]+', '-', where.lower()).strip('-')}"
 
