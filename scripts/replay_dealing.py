@@ -29,6 +29,7 @@ import types
 from collections import defaultdict
 from pathlib import Path
 
+from hhbench.errors import UserError
 from hhbench.launch.shards import CALIBRATED, PEAK_BYTES_PER_S, PEAK_FLOPS, Costs, deal, estimated_seconds, setup_group
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import load_suite
@@ -48,17 +49,27 @@ def session_sizes(log: Path) -> list[int]:
 
 def plan(run: RunDir, rows: list) -> tuple[list, TimingPolicy, dict]:
     """The run's suite as points (a point's backends as its row names them where `auto` resolves otherwise
-    without a GPU), its timing policy, and each row's point by row key."""
-    suite = load_suite(run.env()["suite"], "cuda")
+    without a GPU), its timing policy, and each row's point by row key. UserError for a run of grid flags (no
+    suite to replay) and for a suite point without a row (a partial run: its workers' times are not all known)."""
+    name = run.env().get("suite")
+    if name in (None, "custom"):
+        raise UserError(f"{run.path}: a sweep of grid flags, not of a suite: there is no plan to replay")
+    suite = load_suite(name, "cuda")
     # A point's backends as resolved here may differ from the GPU's: match it to its row on the key without the FA
     # backend first (the suite names GDN backends where it lists both), then without either.
     without_fa = {row.key[:7] + row.key[8:]: row for row in rows}
     without_both = {row.key[:7] + row.key[9:]: row for row in rows}
-    points = []
+    points, missing = [], 0
     for point in suite.points:
         key = point.identity
-        row = without_fa.get(key[:7] + key[8:]) or without_both[key[:7] + key[9:]]
+        row = without_fa.get(key[:7] + key[8:]) or without_both.get(key[:7] + key[9:])
+        if row is None:
+            missing += 1
+            continue
         points.append(dataclasses.replace(point, fa_backend=row.fa_backend, gdn_backend=row.gdn_backend))
+    if missing:
+        raise UserError(f"{run.path}: {missing} of the {len(suite.points)} points of suite {name!r} have no row: "
+                        "the replay needs the whole suite measured")  # fmt: skip
     return points, suite.policy, {point.identity: point for point in points}
 
 
@@ -139,23 +150,36 @@ def dealing_before():
     return module
 
 
+def worker_count(text: str) -> int:
+    """A --workers value: a whole number >= 1 (argparse's one-line error otherwise)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a worker count is a whole number >= 1, not {text!r}")
+    return int(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?", default=str(ROOT / "results" / "floor-targets-h200"))
-    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--workers", type=worker_count, nargs="+", default=[2])
     args = parser.parse_args()
-    run = RunDir.open(args.run)
+    try:
+        replay_run(RunDir.open(args.run), args.workers)
+    except UserError as error:
+        print(f"replay_dealing.py: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def replay_run(run: RunDir, worker_counts: list[int]) -> None:
+    """The fit on `run` and its replay on each of `worker_counts` workers, printed. Raises UserError for rows
+    without point_s, a sweep.log whose sessions disagree with rows.jsonl, and a run that is not a whole suite's."""
     rows = list(run.rows())
     if any("point_s" not in row.extra for row in rows):
-        print(
-            f"{run.path}: rows without extra.point_s (a worker's seconds on the point): nothing to fit", file=sys.stderr
-        )
-        return 2
+        raise UserError(f"{run.path}: rows without extra.point_s (a worker's seconds on the point): nothing to fit")
     log = run.path / "sweep.log"
     sizes = session_sizes(log) if log.exists() else [len(rows)]  # without a log: one session
     if sum(sizes) != len(rows):
-        print(f"sweep.log's sessions add {sum(sizes)} rows, rows.jsonl has {len(rows)}", file=sys.stderr)
-        return 2
+        raise UserError(f"{run.path}: sweep.log's sessions add {sum(sizes)} rows, rows.jsonl has {len(rows)}")
     points, policy, point_of = plan(run, rows)
     firsts = cold_firsts(rows, sizes, point_of)
     fitted = fit(rows, firsts, point_of, policy)
@@ -167,7 +191,7 @@ def main() -> int:
     print("\nreplay of the measured point times (a group's setup once per worker it is dealt to):")
     print(f"  one worker: {sum(seconds.values()) + sum(setup.values()):.0f} s")
     before = dealing_before()
-    for workers in args.workers:
+    for workers in worker_counts:
         for name, shards in (("before", before.deal(points, workers, policy)),
                              ("calibrated", deal(points, workers, policy))):  # fmt: skip
             times = replay(shards, seconds, setup)
@@ -177,7 +201,6 @@ def main() -> int:
                 f"  {workers} workers, {name}: makespan {max(times):.0f} s; workers {', '.join(f'{t:.0f}' for t in times)}"
                 f" s; {split} setup groups split; estimated {', '.join(f'{s.seconds:.0f}' for s in shards)} s"
             )
-    return 0
 
 
 if __name__ == "__main__":

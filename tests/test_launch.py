@@ -106,6 +106,30 @@ def test_the_calibrated_costs_are_the_fit_of_the_committed_h200_sweep():
     assert replay["rounded"](replay["fit"](rows, firsts, point_of, policy)) == CALIBRATED
 
 
+def test_the_replay_of_a_run_it_cannot_replay_is_one_line(tmp_path, monkeypatch, capsys):
+    """scripts/replay_dealing.py on a partial run of a suite, a run of grid flags, no run, or no workers: one line on
+    stderr and exit 2 (it raised KeyError and UserError tracebacks)."""
+    replay = runpy.run_path(str(ROOT / "scripts" / "replay_dealing.py"))
+    measured = ROOT / "results" / "floor-targets-h200"
+    env = json.loads((measured / "env.json").read_text())
+    for name, suite in (("partial", env["suite"]), ("custom", "custom")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "env.json").write_text(json.dumps({**env, "suite": suite}))
+        rows = (measured / "rows.jsonl").read_text().splitlines(keepends=True)[:10]
+        (tmp_path / name / "rows.jsonl").write_text("".join(rows))
+    cases = {"partial": "of the 49 points of suite 'floor-h200' have no row", "custom": "a sweep of grid flags",
+             "none": "no run at"}  # fmt: skip
+    for name, message in cases.items():
+        monkeypatch.setattr(sys, "argv", ["replay_dealing.py", str(tmp_path / name)])
+        assert replay["main"]() == 2, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    monkeypatch.setattr(sys, "argv", ["replay_dealing.py", "--workers", "2", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        replay["main"]()
+    assert exit_.value.code == 2 and "a worker count is a whole number >= 1, not '0'" in capsys.readouterr().err
+
+
 def test_the_local_launcher_killed_midway_resumes_to_the_keys_of_an_inline_run(cli, tmp_path):
     """--launcher local --shards 2, killed as a whole (the sweep, submitit's jobs, their workers), then the same
     command again: every key of an inline run of the plan, each once, all measured."""
