@@ -4,11 +4,13 @@ key sets, and each point's median against the other run's spread.
     python scripts/compare_runs.py REFERENCE CANDIDATE [--wall SECONDS SECONDS]
 
 Wall time is each run's sessions' wall_s summed (recorded by `sweep --gpus/--launcher local`), or --wall. A point
-agrees when both medians lie inside the other run's p10-p90 range; points ok in only one run are listed."""
+agrees when both medians lie inside the other run's p10-p90 range; points ok in only one run are listed. Exit 0
+where both runs hold the same keys, 1 where they do not, 2 for a folder that holds no run."""
 
 import argparse
 import sys
 
+from hhbench.errors import UserError
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import OK
 
@@ -39,7 +41,13 @@ def main() -> int:
     parser.add_argument("candidate")
     parser.add_argument("--wall", nargs=2, type=float, metavar="SECONDS", help="wall times, reference and candidate")
     args = parser.parse_args()
-    runs = [RunDir.open(args.reference), RunDir.open(args.candidate)]
+    if args.wall and min(args.wall) <= 0:
+        parser.error(f"--wall takes two positive seconds, got {args.wall[0]:g} and {args.wall[1]:g}")
+    try:
+        runs = [RunDir.open(args.reference), RunDir.open(args.candidate)]
+    except UserError as error:
+        print(f"compare_runs.py: {error}", file=sys.stderr)
+        return 2
     rows = [{row.key: row for row in run.rows()} for run in runs]
     walls = args.wall or [wall_seconds(run) for run in runs]
     print("| run | rows | wall s |\n|---|---|---|")

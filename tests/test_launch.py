@@ -219,6 +219,19 @@ def test_each_session_records_its_command_and_workers(tmp_path, monkeypatch):
     assert lines[1].endswith(", ? s, workers 2, argv sweep --gpus 2"), lines
 
 
+def test_compare_runs_without_a_run_is_one_line(tmp_path, monkeypatch, capsys):
+    compare = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))
+    measured = str(ROOT / "results" / "floor-targets-h200")
+    monkeypatch.setattr(sys, "argv", ["compare_runs.py", measured, str(tmp_path / "none")])
+    assert compare["main"]() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no run at" in err, err
+    monkeypatch.setattr(sys, "argv", ["compare_runs.py", measured, measured, "--wall", "10", "0"])
+    with pytest.raises(SystemExit) as exit_:  # was a ZeroDivisionError traceback
+        compare["main"]()
+    assert exit_.value.code == 2 and "--wall takes two positive seconds" in capsys.readouterr().err
+
+
 def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):
     run = RunDir(tmp_path / "r").create()
     run.rows_path.touch()
