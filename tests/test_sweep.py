@@ -3,10 +3,13 @@
 import dataclasses
 import json
 import os
+import pickle
+import runpy
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +146,32 @@ def test_isolated_points(cli, tmp_path):
                  "--passes", "prefill,decode", "--isolate", "--out", str(tmp_path), "--run", "iso", "--target-ms", "2")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert [r["status"] for r in rows_of(tmp_path / "iso")] == ["ok", "ok"]
+
+
+def test_an_isolated_point_runs_with_the_sweeps_cpu_threads(tmp_path, monkeypatch, capsys):
+    """--isolate --threads 1: the fresh process measures with one thread too (it took torch's default, and on a
+    shared 2-core machine two threads made a 5 ms CPU layer read 184 ms)."""
+    [point] = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32"}, "cpu")
+    handed = []
+
+    def child(command, **kwargs):  # the worker run here, on what the sweep hands it
+        handed.append(pickle.loads(Path(command[-1]).read_bytes()))
+        monkeypatch.setattr(sys, "argv", ["worker", command[-1]])
+        runpy.run_module("hhbench.runner.worker", run_name="__main__")
+        return subprocess.CompletedProcess(command, 0, capsys.readouterr().out, "")
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(sweep_module.subprocess, "run", child)
+    try:
+        torch.set_num_threads(1)
+        row = sweep_module._measure_isolated(point, torch.device("cpu"), FAST, False)
+        assert handed[0][-1] == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)  # the worker sets what it is handed, whatever this process has
+        sweep_module._measure_isolated(point, torch.device("cpu"), FAST, False)
+        assert handed[1][-1] == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert row.status == "ok"
 
 
 def test_unavailable_backend_is_a_row_not_a_crash(tmp_path):

@@ -150,8 +150,10 @@ def device_usable(device: torch.device) -> bool:
 
 
 def _measure_isolated(point: Point, device: torch.device, policy: TimingPolicy, crosscheck: bool) -> Row:
+    """The point measured in a fresh process (hhbench.runner.worker) with this process's torch CPU threads
+    (`--threads`: a fresh process would take torch's default)."""
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as handle:
-        pickle.dump((point, device.type, policy, crosscheck), handle)
+        pickle.dump((point, device.type, policy, crosscheck, torch.get_num_threads()), handle)
     try:
         result = subprocess.run(
             [sys.executable, "-m", "hhbench.runner.worker", handle.name], capture_output=True, text=True
