@@ -27,7 +27,7 @@ def sessions(run: RunDir) -> list[str]:
     for number, session in enumerate(run.env().get("sessions", []), 1):
         wall, argv = session.get("wall_s"), session.get("argv")
         lines.append(f"  session {number}: {session.get('time')}, {'?' if wall is None else wall} s, workers "
-                     f"{session.get('workers', '?')}, argv {'?' if argv is None else ' '.join(argv)}")  # fmt: skip
+                     f"{session.get('worker_count', '?')}, argv {'?' if argv is None else ' '.join(argv)}")  # fmt: skip
     return lines
 
 

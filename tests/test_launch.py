@@ -200,7 +200,7 @@ def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypa
     assert {row.worker for row in rows} == {"gpu0", "gpu1"}
     env = json.loads((tmp_path / "g" / "env.json").read_text())
     assert {name: w["cuda_visible_devices"] for name, w in env["workers"].items()} == {"gpu0": "0", "gpu1": "1"}
-    assert [session["workers"] for session in env["sessions"]] == [2]
+    assert [session["worker_count"] for session in env["sessions"]] == [2]
 
 
 def test_each_session_records_its_command_and_workers(tmp_path, monkeypatch):
@@ -213,7 +213,10 @@ def test_each_session_records_its_command_and_workers(tmp_path, monkeypatch):
     prepare_env(run, "floor-h200", torch.device("cpu"), workers=2)
     env = run.env()
     assert env["argv"] == ["sweep", "--gpus", "1"] and env["sessions"][0] == first
-    assert {k: env["sessions"][1][k] for k in ("argv", "workers")} == {"argv": ["sweep", "--gpus", "2"], "workers": 2}
+    assert {k: env["sessions"][1][k] for k in ("argv", "worker_count")} == {
+        "argv": ["sweep", "--gpus", "2"],
+        "worker_count": 2,
+    }
     lines = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))["sessions"](run)
     assert lines[0] == "  session 1: 2026-11-30T02:07:10+00:00, 501.4 s, workers ?, argv ?"
     assert lines[1].endswith(", ? s, workers 2, argv sweep --gpus 2"), lines

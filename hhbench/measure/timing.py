@@ -73,7 +73,7 @@ class Timing:
         return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-class _L2Flusher:
+class L2Flusher:
     """Reads a buffer twice the L2's size, so every sample starts with a cold cache as a real workload would.
 
     Reading, not writing: zeroing the buffer (what triton's do_bench does) leaves the L2 full of dirty lines, and the
@@ -174,7 +174,7 @@ def _sample(run: Callable[[], object], device: torch.device, reps: int, flush: b
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for start, end in events:
             if flush:
-                _L2Flusher.flush(device)
+                L2Flusher.flush(device)
             start.record()
             run()
             end.record()

@@ -21,9 +21,9 @@ from hhbench.bench.floor import floor_layers, floor_parts
 from hhbench.kernels import registry
 from hhbench.measure.profile import kernel_kinds, profile_kernels
 from hhbench.measure.timing import (
+    L2Flusher,
     Timing,
     TimingPolicy,
-    _L2Flusher,
     peak_memory_bytes,
     time_callable,
     time_each,
@@ -367,9 +367,9 @@ def kernel_profile(trial: Trial) -> None:
     workload = trial.workload
     for _ in range(PROFILE_WARM_CALLS):
         workload.run()
-    flush = (lambda: _L2Flusher.flush(device)) if trial.policy.flush_l2 and device.type == "cuda" else None
+    flush = (lambda: L2Flusher.flush(device)) if trial.policy.flush_l2 and device.type == "cuda" else None
     found = profile_kernels(workload.run, device, PROFILE_STEPS, flush)
-    per_step = PROFILE_STEPS * workload.layers_per_run
+    per_step = found.steps * workload.layers_per_run
     graph = workload.graph
     trial.free()
     if not found.ms:
@@ -392,7 +392,7 @@ def kernel_profile(trial: Trial) -> None:
     others = ordered[PROFILE_TOP:]
     row.extra["kernels"] = {
         "activity": "cuda" if device.type == "cuda" else "cpu",
-        "steps": PROFILE_STEPS,
+        "steps": found.steps,
         "step_ms": found.step_ms / per_step,
         "kernel_ms": sum(ms.values()),
         "top": top,

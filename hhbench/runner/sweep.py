@@ -101,15 +101,20 @@ def _new_env(suite_name: str, device: torch.device, extra: dict) -> dict:
 
 def prepare_env(run: RunDir, suite_name: str, device: torch.device, workers: int = 1) -> None:
     """env.json of a run measured here: written at its first sweep (its `argv` is the first sweep's), a session
-    added at each with its time, commit, command line (`argv`) and number of worker processes (`workers`: 1 inline,
+    added at each with its time, commit, command line (`argv`) and number of worker processes (`worker_count`: 1 inline,
     the GPUs of --gpus, the shards of --launcher local); a run measured on another device is refused. Sessions of
-    env.json files written before argv and workers were recorded lack those two keys."""
+    env.json files written before argv and worker_count were recorded lack those two keys."""
     env = run.env()
     _check_device(env, run)
     if not env:
         env = _new_env(suite_name, device, {"argv": sys.argv[1:]})
     now = capture_env()
-    session = {"time": now["time"], "hhbench_commit": now["hhbench_commit"], "argv": sys.argv[1:], "workers": workers}
+    session = {
+        "time": now["time"],
+        "hhbench_commit": now["hhbench_commit"],
+        "argv": sys.argv[1:],
+        "worker_count": workers,
+    }
     env.setdefault("sessions", []).append(session)
     run.write_env(env)
 
