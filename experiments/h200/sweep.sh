@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One sweep on the device machine: sweep.sh SUITE RUN GPUS [sweep options...]. Rows go to /tmp/runs/RUN (kept while
 # the machine is warm: the same command resumes) and are copied to $OUT/RUN at the end. Each run compiles from cold
-# caches of its own (Triton, TileLang), so wall times of two runs compare. QLA=1 puts FlashQLA on the path;
+# caches of its own (Triton, TileLang), so wall times of two runs compare; CACHE=NAME shares /tmp/cache/NAME between
+# runs instead (warm caches: time two runs after a first one has compiled). QLA=1 puts FlashQLA on the path;
 # LIMIT seconds (default 540) interrupts it (SIGINT: the sweep merges what it measured and records its wall time).
 set -uo pipefail
 suite=$1 run=$2 gpus=$3; shift 3
 export PYTHONPATH=/tmp/site${QLA:+:/tmp/site-qla}:$PWD
-export TRITON_CACHE_DIR=/tmp/cache/$run/triton TILELANG_CACHE_DIR=/tmp/cache/$run/tilelang
+cache=/tmp/cache/${CACHE:-$run}
+export TRITON_CACHE_DIR=$cache/triton TILELANG_CACHE_DIR=$cache/tilelang
 mkdir -p /tmp/runs "$OUT"
 timeout -s INT "${LIMIT:-540}" python -m hhbench sweep --suite "$suite" --run "$run" --out /tmp/runs --gpus "$gpus" \
   "$@" > "/tmp/runs/$run.log" 2>&1
