@@ -2,6 +2,7 @@
 inline run, a killed launch resumed, a worker killed inside a point, the run lock, merge, the SLURM script and
 bad input."""
 
+import dataclasses
 import json
 import os
 import runpy
@@ -28,7 +29,7 @@ from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import grid_points
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, append_row, read_rows
-from hhbench.runner.measurements import check_group
+from hhbench.runner.measurements import PROFILE_STEPS, PROFILE_WARM_CALLS, check_group
 from hhbench.runner.point import base_row
 from hhbench.runner.sweep import prepare_env, run_sweep
 from tests.conftest import ROOT
@@ -47,6 +48,16 @@ def planned_keys() -> list[tuple]:
 
 def keys(run: Path) -> list[tuple]:
     return sorted(row.key for row in read_rows(run / "rows.jsonl"))
+
+
+def test_a_profiled_point_is_estimated_with_its_warm_and_profiled_calls():
+    point = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "64k",
+                         "scopes": ["layer"]}, "cpu")[0]  # fmt: skip
+    policy = TimingPolicy(warmup_ms=0, target_ms=0, min_reps=1, max_reps=1)  # one timed step per timing
+    plain, profiled = (estimated_seconds(dataclasses.replace(point, profile=flag), policy) for flag in (False, True))
+    one_timing = estimated_seconds(dataclasses.replace(point, floor=False), policy)
+    step_s = plain - one_timing  # the floor's timing: one step with this policy
+    assert profiled - plain == pytest.approx((PROFILE_WARM_CALLS + PROFILE_STEPS) * step_s)
 
 
 def test_points_are_dealt_by_setup_group_largest_first_to_the_least_loaded_shard():
