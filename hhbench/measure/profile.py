@@ -47,11 +47,17 @@ def _kernel_events(averages, device: torch.device):
 
 
 def profile_kernels(
-    fn: Callable[[], object], device: torch.device, steps: int, before: Callable[[], None] | None = None
+    fn: Callable[[], object],
+    device: torch.device,
+    steps: int,
+    before: Callable[[], None] | None = None,
+    warm: int = 0,
 ) -> KernelTimes:
     """`steps` calls of `fn` profiled (CUDA activity on a GPU, CPU activity on the CPU), each in its own profiler
-    cycle so that `before` (an L2 flush, say), run ahead of each call, is never recorded. `fn` should be warm (its
-    compiles and autotuning done): the profile is of the steady call."""
+    cycle so that `before` (an L2 flush, say), run ahead of each call, is never recorded; `warm` unprofiled calls
+    first, so that the profile is of the steady call (compiles and autotuning done)."""
+    for _ in range(warm):
+        fn()
     found = KernelTimes(steps, 0.0)
 
     def collect(profiler) -> None:

@@ -336,9 +336,7 @@ def floor_kernels(point: Point, device: torch.device) -> tuple[dict[str, float],
     launches: dict[str, float] = {}
     parts_of: dict[str, set[str]] = {}
     for part in floor_parts(point, device):
-        for _ in range(PROFILE_WARM_CALLS):
-            part.run()
-        for name, count in profile_kernels(part.run, device, 1).launches.items():
+        for name, count in profile_kernels(part.run, device, 1, warm=PROFILE_WARM_CALLS).launches.items():
             launches[name] = launches.get(name, 0.0) + count * part.count / floor_layers(point)
             parts_of.setdefault(name, set()).add(part.name)
     return launches, parts_of
@@ -365,10 +363,8 @@ def kernel_profile(trial: Trial) -> None:
     if not (point.profile and row.status == schema.OK):
         return
     workload = trial.workload
-    for _ in range(PROFILE_WARM_CALLS):
-        workload.run()
     flush = (lambda: L2Flusher.flush(device)) if trial.policy.flush_l2 and device.type == "cuda" else None
-    found = profile_kernels(workload.run, device, PROFILE_STEPS, flush)
+    found = profile_kernels(workload.run, device, PROFILE_STEPS, flush, warm=PROFILE_WARM_CALLS)
     per_step = found.steps * workload.layers_per_run
     graph = workload.graph
     trial.free()
