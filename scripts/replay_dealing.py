@@ -30,7 +30,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.launch.shards import CALIBRATED, PEAK_BYTES_PER_S, PEAK_FLOPS, Costs, deal, estimated_seconds, setup_group
+from hhbench.launch.shards import (
+    CALIBRATED,
+    PEAK_BYTES_PER_S,
+    PEAK_FLOPS,
+    Costs,
+    deal,
+    estimated_seconds,
+    setup_group,
+    setup_kind,
+)
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import load_suite
 from hhbench.rows.runs import RunDir
@@ -104,7 +113,7 @@ def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
     setups = defaultdict(list)
     for i in sorted(firsts):
         point = point_of[rows[i].key]
-        kind = "model" if point.scope is Scope.MODEL else point.pass_.value
+        kind = setup_kind(point)
         excess = rows[i].extra["point_s"] - estimated_seconds(point, policy, costs)
         setups[kind].append(excess)
         setups[f"{kind} {point.gdn_backend}"].append(excess)

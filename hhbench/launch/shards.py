@@ -74,10 +74,15 @@ def setup_group(point: Point) -> tuple:
     return check_group(dataclasses.replace(point, mode=SEQUENTIAL))
 
 
+def setup_kind(point: Point) -> str:
+    """The kind of setup costs.setup_s holds for `point`: "model" at model scope, else its pass."""
+    return "model" if point.scope is Scope.MODEL else point.pass_.value
+
+
 def setup_seconds(point: Point, costs: Costs = CALIBRATED) -> float:
     """Seconds the first point of `point`'s setup group costs a worker beyond its own: costs.setup_s of its kind
-    ("model" at model scope, else its pass) and GDN backend, else of its kind."""
-    kind = "model" if point.scope is Scope.MODEL else point.pass_.value
+    (setup_kind) and GDN backend, else of its kind."""
+    kind = setup_kind(point)
     return costs.setup_s.get(f"{kind} {point.gdn_backend}", costs.setup_s[kind])
 
 
