@@ -1,0 +1,54 @@
+"""Where a layer-scope prefill step's time goes beyond its kernels (issue 12): for head 7:1 and layer 3:1 on the
+Qwen3-1.7B shape, the event-timed latency, the summed CPU time of the step's calls with the GPU not waited for,
+every synchronizing CUDA call the step makes (torch.cuda.set_sync_debug_mode) and cProfile's top functions.
+Usage: python experiments/h200/layer_overhead.py [contexts...] (default 4k 16k); GDN_BACKEND env picks the GDN
+backend (default auto)."""
+
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+import warnings
+
+import torch
+
+from hhbench.bench.workloads import build
+from hhbench.measure.timing import TimingPolicy, time_callable
+from hhbench.plan.grid import grid_points
+
+contexts = ",".join(sys.argv[1:]) or "4k,16k"
+grid = {"models": "qwen3-1.7b", "layouts": "head,layer", "ratios": "7:1,3:1", "contexts": contexts,
+        "passes": "prefill", "scopes": "layer", "gdn_backend": os.environ.get("GDN_BACKEND", "auto")}
+device = torch.device("cuda")
+for point in grid_points(grid, "cuda"):
+    if point.spec.label not in ("head:7:1", "layer:3:1"):
+        continue
+    work = build(point, device)
+    timing = time_callable(work.run, device, TimingPolicy(warmup_ms=200, target_ms=300, min_reps=10, max_reps=50))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        work.run()
+    cpu_ms = (time.perf_counter() - start) / 20 * 1e3
+    torch.cuda.synchronize()
+    print(f"\n## {point.spec.label} prefill {point.context} ({point.gdn_backend}): latency {timing.median_ms:.3f} ms "
+          f"per run of {work.layers_per_run} layers; CPU {cpu_ms:.3f} ms per run enqueued without waiting")
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        work.run()
+    torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    for w in caught:
+        print("SYNC:", str(w.message)[:300])
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(10):
+        work.run()
+    profiler.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+    print(out.getvalue()[-6000:])
