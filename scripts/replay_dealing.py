@@ -40,7 +40,7 @@ from hhbench.launch.shards import (
     setup_group,
     setup_kind,
 )
-from hhbench.measure.timing import TimingPolicy
+from hhbench.measure.timing import HOST_CALLS, TimingPolicy
 from hhbench.plan.grid import load_suite
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import OK
@@ -97,6 +97,11 @@ def cold_firsts(rows: list, sizes: list[int], point_of: dict) -> set[int]:
     return firsts
 
 
+def estimated(row, point_of: dict, policy, costs: Costs) -> float:
+    """The row's point's estimated seconds, with the host-time calls only where the row measured them."""
+    return estimated_seconds(point_of[row.key], policy, costs, HOST_CALLS if "host_ms" in row.extra else 0)
+
+
 def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
     """The Costs of CALIBRATED's comment, fitted on `rows`."""
     steps = [max(r.flops_total / PEAK_FLOPS, r.bytes_moved / PEAK_BYTES_PER_S)
@@ -108,13 +113,13 @@ def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
             compiles[rows[i].gdn_backend].append(rows[i].compile_ms / 1e3)
     costs = Costs(0.0, statistics.median(steps), {},
                   {backend: statistics.median(found) for backend, found in sorted(compiles.items())})  # fmt: skip
-    overhead = [rows[i].extra["point_s"] - estimated_seconds(point_of[rows[i].key], policy, costs) for i in later]
+    overhead = [rows[i].extra["point_s"] - estimated(rows[i], point_of, policy, costs) for i in later]
     costs = dataclasses.replace(costs, point_s=statistics.median(overhead))
     setups = defaultdict(list)
     for i in sorted(firsts):
         point = point_of[rows[i].key]
         kind = setup_kind(point)
-        excess = rows[i].extra["point_s"] - estimated_seconds(point, policy, costs)
+        excess = rows[i].extra["point_s"] - estimated(rows[i], point_of, policy, costs)
         setups[kind].append(excess)
         setups[f"{kind} {point.gdn_backend}"].append(excess)
     return dataclasses.replace(costs, setup_s={kind: statistics.median(found) for kind, found in setups.items()})

@@ -169,8 +169,8 @@ def test_layer_points_run_with_their_floor_training_included(gdn_backend):
 @pytest.mark.parametrize("pass_", ["prefill", "decode"])
 def test_a_profiled_layer_lists_its_cuda_kernels_and_the_floors_share(pass_):
     """sweep --profile on the GPU: CUDA kernels (not CPU operators) per layer, their sum within the profiled step
-    and covering most of a 4K prefill's latency, the projections' GEMMs attributed to the floor parts, decode profiled
-    eagerly (its latency is a graph replay of the same kernels)."""
+    and, or else the host time to issue the step, covering most of a 4K prefill's latency, the projections' GEMMs
+    attributed to the floor parts, decode profiled eagerly (its latency is a graph replay of the same kernels)."""
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import grid_points
     from hhbench.runner.point import measure_point
@@ -186,8 +186,10 @@ def test_a_profiled_layer_lists_its_cuda_kernels_and_the_floors_share(pass_):
         assert kernels["activity"] == "cuda" and not any(k["name"].startswith("aten::") for k in kernels["top"])
         assert 0 < kernels["kernel_ms"] <= kernels["step_ms"], where
         assert ("note" in kernels) == (pass_ == "decode"), where
-        if pass_ == "prefill":
-            assert kernels["kernel_ms"] >= 0.5 * row.latency_ms, where
+        if pass_ == "prefill":  # the latency is its kernels', or the host's that issues them (head 7:1 at 4K on
+            # the H200: 0.59 ms of kernels, 2.68 ms latency, 2.4 ms to issue: host-bound)
+            explained = max(kernels["kernel_ms"], row.extra["host_ms"])
+            assert explained >= 0.5 * row.latency_ms, f"{where}: host {row.extra['host_ms']:.3g} ms"
         assert shares["floor"] > 0 and sum(shares.values()) == pytest.approx(1), where
         # the output projection's GEMM (GEMV in decode) found by name among the floor parts' kernels
         assert any("o_proj" in k["parts"] and k["kind"] != "rest" for k in kernels["top"]), where

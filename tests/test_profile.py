@@ -154,3 +154,17 @@ def test_a_suite_asks_for_the_profile_by_its_grid_key(tmp_path):
     path.write_text('name = "s"\n[[grid]]\nmodels = "tiny"\nprofile = "yes"\n')
     with pytest.raises(UserError, match="grid key profile takes true or false, got 'yes'"):
         load_suite(str(path), "cpu")
+
+
+def test_the_kernels_heading_gives_the_host_time_where_measured():
+    from types import SimpleNamespace
+
+    from hhbench.tables.kernels import row_heading
+
+    profile = {"kernel_ms": 0.59, "step_ms": 3.1, "activity": "cuda"}
+    row = SimpleNamespace(scope="layer", variant="head:7:1", pass_="prefill", context=4096, batch=1, latency_ms=2.68,
+                          floor_ms=0.5, fa_backend="sdpa-cudnn", gdn_impl="", gdn_backend="flash-qla",
+                          extra={"kernels": profile, "host_ms": 2.4})  # fmt: skip
+    assert "; host 2.4 ms to issue it" in row_heading(row)
+    del row.extra["host_ms"]
+    assert "host" not in row_heading(row)

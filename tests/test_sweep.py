@@ -336,8 +336,8 @@ def test_a_suite_asking_for_cuda_graphs_on_the_cpu_is_refused(tmp_path):
 def test_a_measurement_is_one_registered_unit(monkeypatch):
     from hhbench.runner.point import measure_point
 
-    assert list(measurements.MEASUREMENTS) == ["fit", "availability", "correctness", "timing", "memory", "throughput",
-                                               "parts", "crosscheck", "floor", "profile"]  # fmt: skip
+    assert list(measurements.MEASUREMENTS) == ["fit", "availability", "correctness", "timing", "host", "memory",
+                                               "throughput", "parts", "crosscheck", "floor", "profile"]  # fmt: skip
     fields = {spec.name for spec in dataclasses.fields(Row)}
     for unit in measurements.MEASUREMENTS.values():
         assert all(name.startswith("extra.") or name in fields for name in unit.fields), unit.name

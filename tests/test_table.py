@@ -199,3 +199,13 @@ def test_a_distillation_run_without_eval_rows_says_where_its_curves_are(tmp_path
     assert result.stdout.splitlines() == [
         f"{folder} holds only training rows (train.jsonl): see `hhbench report {folder}` for its curves"
     ]
+
+
+def test_rows_with_a_host_time_show_it_beside_their_latency(rows):
+    """host_ms (extra, eager CUDA rows) gets its own column right after the spread; rows without one leave it out."""
+    timed = RowSet(replace(row, extra={**row.extra, "host_ms": 0.25}) for row in rows)
+    text = compare_runs([Run("gpu", None, timed)]).to_markdown()
+    header = next(line for line in text.splitlines() if "| latency_ms |" in line)
+    assert "| latency_ms | p10-p90_ms | host_ms | speedup |" in header
+    assert "| 0.25 |" in text
+    assert "host_ms" not in compare_runs([Run("gpu", None, rows)]).to_markdown()

@@ -124,3 +124,30 @@ def test_samples_that_keep_falling_are_kept_with_a_note_after_the_bounded_retake
 def test_a_rise_late_in_the_samples_is_not_a_transient():
     assert transient([2.0] * 35 + [25.0] * 5) == 0
     assert transient([25.0] * 35 + [2.0] * 5) == 35
+
+
+def test_host_time_is_the_issue_time_of_one_call_per_layer_and_only_for_eager_cuda_steps(monkeypatch):
+    """host_ms stops the clock when the call returns (here a 3 ms host-side call on a stand-in CUDA device); the
+    host unit divides it per layer like the latency and leaves graph-timed steps and the CPU alone."""
+    import time as clock
+    from types import SimpleNamespace
+
+    from hhbench.measure.timing import host_ms
+    from hhbench.runner import measurements
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    cuda = torch.device("cuda")
+    assert 3.0 <= host_ms(lambda: clock.sleep(0.003), cuda, calls=3) < 30
+    assert len(synced) == 3 + 1  # idle GPU before each call, drained after the last
+    assert host_ms(lambda: None, torch.device("cpu")) is None
+
+    def trial(graph, device=cuda):
+        workload = SimpleNamespace(run=lambda: clock.sleep(0.002), graph=graph, layers_per_run=4)
+        return SimpleNamespace(workload=workload, device=device, row=SimpleNamespace(extra={}))
+
+    eager, graphed, cpu = trial(False), trial(True), trial(False, torch.device("cpu"))
+    for each in (eager, graphed, cpu):
+        measurements.MEASUREMENTS["host"].run(each)
+    assert 0.5 <= eager.row.extra["host_ms"] < 2.0  # 2 ms over the unit's 4 layers
+    assert graphed.row.extra == {} and cpu.row.extra == {}

@@ -19,8 +19,15 @@ from hhbench.measure.timing import TimingPolicy, time_callable
 from hhbench.plan.grid import grid_points
 
 contexts = ",".join(sys.argv[1:]) or "4k,16k"
-grid = {"models": "qwen3-1.7b", "layouts": "head,layer", "ratios": "7:1,3:1", "contexts": contexts,
-        "passes": "prefill", "scopes": "layer", "gdn_backend": os.environ.get("GDN_BACKEND", "auto")}
+grid = {
+    "models": "qwen3-1.7b",
+    "layouts": "head,layer",
+    "ratios": "7:1,3:1",
+    "contexts": contexts,
+    "passes": "prefill",
+    "scopes": "layer",
+    "gdn_backend": os.environ.get("GDN_BACKEND", "auto"),
+}
 device = torch.device("cuda")
 for point in grid_points(grid, "cuda"):
     if point.spec.label not in ("head:7:1", "layer:3:1"):
@@ -33,8 +40,10 @@ for point in grid_points(grid, "cuda"):
         work.run()
     cpu_ms = (time.perf_counter() - start) / 20 * 1e3
     torch.cuda.synchronize()
-    print(f"\n## {point.spec.label} prefill {point.context} ({point.gdn_backend}): latency {timing.median_ms:.3f} ms "
-          f"per run of {work.layers_per_run} layers; CPU {cpu_ms:.3f} ms per run enqueued without waiting")
+    print(
+        f"\n## {point.spec.label} prefill {point.context} ({point.gdn_backend}): latency {timing.median_ms:.3f} ms "
+        f"per run of {work.layers_per_run} layers; CPU {cpu_ms:.3f} ms per run enqueued without waiting"
+    )
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -16,11 +16,11 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
-from hhbench.measure.timing import TimingPolicy
+from hhbench.measure.timing import HOST_CALLS, TimingPolicy
 from hhbench.plan.grid import Point
 from hhbench.runner.measurements import PROFILE_STEPS, PROFILE_WARM_CALLS, check_group
 from hhbench.runner.point import base_row
-from hhbench.spec.axes import SEQUENTIAL, Scope
+from hhbench.spec.axes import SEQUENTIAL, Pass, Scope
 
 # A nominal machine balance (an H200's dense bf16 rate and HBM bandwidth, from its datasheet) turns FLOPs and
 # bytes into a roofline step time; dealing only compares points with one another, so one balance serves every device.
@@ -86,19 +86,23 @@ def setup_seconds(point: Point, costs: Costs = CALIBRATED) -> float:
     return costs.setup_s.get(f"{kind} {point.gdn_backend}", costs.setup_s[kind])
 
 
-def estimated_seconds(point: Point, policy: TimingPolicy, costs: Costs = CALIBRATED) -> float:
+def estimated_seconds(
+    point: Point, policy: TimingPolicy, costs: Costs = CALIBRATED, host_calls: int = HOST_CALLS
+) -> float:
     """Seconds a worker spends on `point` once its setup group is set up: costs.point_s, the backend's first-call
     compile at layer and model scope, and for each timing it runs (the point; its FA and GDN parts alone with
     parts; its floor) the warm-up and the timed samples the policy asks of one step, the roofline step
     max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S) over costs.roofline_fraction; with profile, its warm and
-    profiled calls (profiler overhead not modelled)."""
+    profiled calls (profiler overhead not modelled); eager points (not decode), the `host_calls` their host time takes
+    (a fit on rows measured before host_ms existed passes 0)."""
     row = base_row(point)
     step_s = max(row.flops_total / PEAK_FLOPS, row.bytes_moved / PEAK_BYTES_PER_S) / costs.roofline_fraction
     timed_s = min(max(policy.target_ms / 1e3, policy.min_reps * step_s), policy.max_reps * step_s)
     timings = 1 + 2 * point.parts + point.floor
     compile_s = costs.first_call_s.get(point.gdn_backend, 0.0) if point.scope is not Scope.KERNEL else 0.0
     profile_s = point.profile * (PROFILE_WARM_CALLS + PROFILE_STEPS) * step_s
-    return costs.point_s + compile_s + timings * (policy.warmup_ms / 1e3 + timed_s) + profile_s
+    host_s = (point.pass_ is not Pass.DECODE) * host_calls * step_s
+    return costs.point_s + compile_s + timings * (policy.warmup_ms / 1e3 + timed_s) + profile_s + host_s
 
 
 @dataclass(frozen=True)

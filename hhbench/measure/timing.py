@@ -235,6 +235,26 @@ def time_callable(
     return Timing(samples, timer, compile_ms, notes)
 
 
+HOST_CALLS = 5  # calls whose issue time host_ms takes the median of
+
+
+def host_ms(fn: Callable[[], object], device: torch.device, calls: int = HOST_CALLS) -> float | None:
+    """Median host time (ms) to issue one call of `fn` on an idle CUDA device: its Python and kernel-launch cost,
+    the clock stopped when `fn` returns, before its kernels finish. Where it reaches the step's latency the step is
+    host-bound (the GPU waits for launches): eager glue, not kernels, sets its time. A step that synchronizes
+    inside counts the wait too. None on the CPU (there host and device time are one)."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak allocated bytes above what was allocated before the call; None on the CPU (not measured there)."""
     if device.type != "cuda":

@@ -24,6 +24,7 @@ from hhbench.measure.timing import (
     L2Flusher,
     Timing,
     TimingPolicy,
+    host_ms,
     peak_memory_bytes,
     time_callable,
     time_each,
@@ -246,6 +247,18 @@ def timing(trial: Trial) -> None:
         row.extra["unit_layers"] = per_layer
     if found.notes:
         row.extra["timing_notes"] = found.notes
+
+
+@measurement("host", ("extra.host_ms",))
+def host(trial: Trial) -> None:
+    """On CUDA, for a workload timed eagerly (not as a CUDA graph): the host time to issue one run, per layer like
+    the latency (hhbench.measure.timing.host_ms). Near the latency, the point is host-bound."""
+    workload = trial.workload
+    if workload.graph:
+        return
+    found = host_ms(workload.run, trial.device)
+    if found is not None:
+        trial.row.extra["host_ms"] = found / workload.layers_per_run
 
 
 @measurement("memory", ("peak_mem_bytes", "extra.peak_mem"))

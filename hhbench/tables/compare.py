@@ -276,6 +276,9 @@ def _display(section: pd.DataFrame, measured: bool) -> pd.DataFrame:
             f"{lo:.4g}-{hi:.4g}" if pd.notna(lo) and pd.notna(hi) else ""
             for lo, hi in zip(section["latency_p10_ms"], section["latency_p90_ms"], strict=True)
         ]
+        host = section["extra"].map(lambda extra: extra.get("host_ms") if isinstance(extra, dict) else None)
+        if host.notna().any():  # eager CUDA points: near latency_ms, the GPU waits for the host's launches
+            view["host_ms"] = host
         view["speedup"] = section["speedup"].map(_fixed)
         if section["floor_ms"].notna().any():  # layer and model points timed with their floor
             view["floor_ms"] = section["floor_ms"]
