@@ -128,7 +128,8 @@ def test_a_rise_late_in_the_samples_is_not_a_transient():
 
 def test_host_time_is_the_issue_time_of_one_call_per_layer_and_only_for_eager_cuda_steps(monkeypatch):
     """host_ms stops the clock when the call returns (here a 3 ms host-side call on a stand-in CUDA device); the
-    host unit divides it per layer like the latency and leaves graph-timed steps and the CPU alone."""
+    host unit divides it per layer like the latency and leaves graph-timed steps (the workload's or the suite's
+    [timing] graph) and the CPU alone."""
     import time as clock
     from types import SimpleNamespace
 
@@ -142,12 +143,21 @@ def test_host_time_is_the_issue_time_of_one_call_per_layer_and_only_for_eager_cu
     assert len(synced) == 3 + 1  # idle GPU before each call, drained after the last
     assert host_ms(lambda: None, torch.device("cpu")) is None
 
-    def trial(graph, device=cuda):
-        workload = SimpleNamespace(run=lambda: clock.sleep(0.002), graph=graph, layers_per_run=4)
-        return SimpleNamespace(workload=workload, device=device, row=SimpleNamespace(extra={}))
+    from hhbench.plan.grid import grid_points
+    from hhbench.runner.point import base_row
 
-    eager, graphed, cpu = trial(False), trial(True), trial(False, torch.device("cpu"))
-    for each in (eager, graphed, cpu):
+    [point] = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32"}, "cpu")
+
+    def trial(graph=False, device=cuda, suite_graph=False):
+        workload = SimpleNamespace(run=lambda: clock.sleep(0.002), graph=graph, layers_per_run=4)
+        policy = TimingPolicy(graph=suite_graph)
+        return measurements.Trial(point, device, policy, base_row(point), {}, _workload=workload)
+
+    eager, graphed, cpu = trial(), trial(graph=True), trial(device=torch.device("cpu"))
+    suite_graphed = trial(suite_graph=True)  # [timing] graph = true: every step a graph
+    for each in (eager, graphed, cpu, suite_graphed):
         measurements.MEASUREMENTS["host"].run(each)
     assert 0.5 <= eager.row.extra["host_ms"] < 2.0  # 2 ms over the unit's 4 layers
-    assert graphed.row.extra == {} and cpu.row.extra == {}
+    assert graphed.row.extra == cpu.row.extra == suite_graphed.row.extra == {}
+    # the suite's graph setting holds for eager workloads too (it was once replaced by the workload's own)
+    assert suite_graphed.policy_of(False).graph and graphed.policy_of(True).graph and not eager.policy_of(False).graph

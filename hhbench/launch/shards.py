@@ -93,15 +93,15 @@ def estimated_seconds(
     compile at layer and model scope, and for each timing it runs (the point; its FA and GDN parts alone with
     parts; its floor) the warm-up and the timed samples the policy asks of one step, the roofline step
     max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S) over costs.roofline_fraction; with profile, its warm and
-    profiled calls (profiler overhead not modelled); eager points (not decode), the `host_calls` their host time takes
-    (a fit on rows measured before host_ms existed passes 0)."""
+    profiled calls (profiler overhead not modelled); eager points (not decode, no [timing] graph), the
+    `host_calls` their host time takes (a fit on rows measured before host_ms existed passes 0)."""
     row = base_row(point)
     step_s = max(row.flops_total / PEAK_FLOPS, row.bytes_moved / PEAK_BYTES_PER_S) / costs.roofline_fraction
     timed_s = min(max(policy.target_ms / 1e3, policy.min_reps * step_s), policy.max_reps * step_s)
     timings = 1 + 2 * point.parts + point.floor
     compile_s = costs.first_call_s.get(point.gdn_backend, 0.0) if point.scope is not Scope.KERNEL else 0.0
     profile_s = point.profile * (PROFILE_WARM_CALLS + PROFILE_STEPS) * step_s
-    host_s = (point.pass_ is not Pass.DECODE) * host_calls * step_s
+    host_s = (point.pass_ is not Pass.DECODE and not policy.graph) * host_calls * step_s
     return costs.point_s + compile_s + timings * (policy.warmup_ms / 1e3 + timed_s) + profile_s + host_s
 
 

@@ -70,8 +70,9 @@ class Trial:
         return self._workload
 
     def policy_of(self, graph: bool) -> TimingPolicy:
-        """The sweep's timing policy, with CUDA-graph capture as the workload asks."""
-        return dataclasses.replace(self.policy, graph=graph)
+        """The sweep's timing policy, capturing CUDA graphs where the workload asks (`graph`: decode on CUDA) or the
+        sweep does ([timing] graph = true: every step timed as graph replays, without the host's launch cost)."""
+        return dataclasses.replace(self.policy, graph=self.policy.graph or graph)
 
     def free(self) -> None:
         """Drop the workload and give its memory back (between units that need the device's memory whole)."""
@@ -254,7 +255,7 @@ def host(trial: Trial) -> None:
     """On CUDA, for a workload timed eagerly (not as a CUDA graph): the host time to issue one run, per layer like
     the latency (hhbench.measure.timing.host_ms). Near the latency, the point is host-bound."""
     workload = trial.workload
-    if workload.graph:
+    if trial.policy_of(workload.graph).graph:
         return
     found = host_ms(workload.run, trial.device)
     if found is not None:
@@ -379,7 +380,7 @@ def kernel_profile(trial: Trial) -> None:
     flush = (lambda: L2Flusher.flush(device)) if trial.policy.flush_l2 and device.type == "cuda" else None
     found = profile_kernels(workload.run, device, PROFILE_STEPS, flush, warm=PROFILE_WARM_CALLS)
     per_step = found.steps * workload.layers_per_run
-    graph = workload.graph
+    graph = trial.policy_of(workload.graph).graph
     trial.free()
     if not found.ms:
         raise RuntimeError("the profiler recorded no kernel")
