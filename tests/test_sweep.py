@@ -331,6 +331,16 @@ def test_a_suite_asking_for_cuda_graphs_on_the_cpu_is_refused(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "[timing] graph = true captures CUDA graphs, and this run is on cpu" in result.stderr
     assert not (tmp_path / "g-cpu").exists()
+    flag = run_main("sweep", "--models", "tiny", "--layouts", "head", "--device", "cpu", "--graph", "--out",
+                    str(tmp_path))  # fmt: skip
+    assert flag.returncode == 2 and flag.stderr.count("\n") == 1, flag.stderr
+    assert "--graph captures CUDA graphs, and this run is on cpu" in flag.stderr
+    # --no-graph overrides the suite's [timing] graph = true: the run then goes ahead on the CPU
+    small = tmp_path / "small.toml"
+    small.write_text('name = "s"\n[[grid]]\nmodels = ["tiny"]\nlayouts = ["fa"]\ncontexts = ["32"]\npasses = ["prefill"]\n'
+                     'scopes = ["kernel"]\n[timing]\ngraph = true\ntarget_ms = 1\nmin_reps = 1\n')  # fmt: skip
+    eager = run_main("sweep", "--suite", str(small), "--device", "cpu", "--no-graph", "--out", str(tmp_path))
+    assert eager.returncode == 0, eager.stderr
 
 
 def test_a_measurement_is_one_registered_unit(monkeypatch):

@@ -110,6 +110,10 @@ def sweep(
     target_ms: Annotated[float | None, Opt(help="Timed budget per point, ms (>= 0; sets the sample count).")] = None,
     min_reps: Annotated[int | None, Opt(help="Fewest timed samples (>= 1).")] = None,
     max_reps: Annotated[int | None, Opt(help="Most timed samples (>= --min-reps).")] = None,
+    graph: Annotated[
+        bool | None,
+        Opt(help="Time every step as CUDA-graph replays (decode always is): kernels without the host's launch cost."),
+    ] = None,
     threads: Annotated[
         int,
         Opt(help="CPU threads for torch (0: torch's default). One keeps small CPU kernels steady on shared machines."),
@@ -171,10 +175,12 @@ def sweep(
         points = [dataclasses.replace(point, floor=False) for point in points]
     if profile:  # on a suite's points too, as --no-floor: what to measure besides the latency
         points = [dataclasses.replace(point, profile=True) for point in points]
-    overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps}
+    overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps,
+                 "graph": graph}  # fmt: skip
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     if policy.graph and where.type != "cuda":  # refused, not silently timed eagerly (as --mode streams)
-        raise UserError(f"[timing] graph = true captures CUDA graphs, and this run is on {where.type}")
+        asked = "--graph" if graph else "[timing] graph = true"
+        raise UserError(f"{asked} captures CUDA graphs, and this run is on {where.type}")
     run_dir = RunDir(run_folder(out, run or default_run_name(name, where)))
     if not suite and not grid:  # the main job: nothing on its command line says what it runs, so say it here
         why = "a CUDA GPU is visible" if where.type == "cuda" else "no CUDA GPU is visible, and 'default' needs one"
