@@ -1,9 +1,8 @@
 """The floor of a layer- or model-scope point: its necessary kernels, each to be timed alone.
 
 Per distinct layer of the point (as often as the timed unit or the model holds it):
-- `in_proj`: one GEMM of every projection that reads the layer's input (the model's q/k/v: q of every head, k and
-  v of every KV head once; for GDN heads their decay, beta and output-gate projections), its rows padded to a
-  multiple of 64 (in_proj_rows: the fused layer's one input GEMM has these rows);
+- `in_proj`: one GEMM of every projection that reads the layer's input (fused q/k/v of all heads, and for GDN
+  heads their decay, beta and output-gate projections), its rows padded to a multiple of 64;
 - `conv`: the short causal depthwise conv over the GDN heads' q, k, v channels, SiLU fused (fla's Triton
   `causal_conv1d` on CUDA where fla imports, else one `F.conv1d`); in decode its one-token update;
 - `fa`: the FA backend on the FA heads (the kernel scope's part, same inputs); in decode against the cache;
@@ -27,9 +26,7 @@ from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore
 from hhbench.plan.grid import Point
 from hhbench.spec.axes import Pass, Scope, torch_dtype
-from hhbench.spec.hybrid import GDNConfig
 from hhbench.spec.layout import HeadSplit, build_plan
-from hhbench.spec.shapes import ModelShape
 
 
 @dataclass
@@ -56,18 +53,6 @@ def layer_counts(point: Point) -> list[tuple[HeadSplit, int]]:
     if point.scope is Scope.MODEL:
         return [(layer, round(weight)) for layer, weight in plan.distinct_layers()]
     return unit_of(plan.distinct_layers())
-
-
-def in_proj_rows(shape: ModelShape, gdn: GDNConfig, layer: HeadSplit) -> int:
-    """Rows of a layer's one input GEMM: (H + 2 KV) d for q of every head and k, v of every KV head, plus each GDN
-    head's decay and beta rows and dv output-gate rows, padded with zero rows to a multiple of 64. The fused layer's
-    projection (HydraAttention._fused_weights) has exactly these rows, so the floor times the GEMM the layer runs."""
-    n_la, dv = layer.n_la, gdn.dims(shape.head_dim)[1]
-    rows = (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim + n_la * (2 + (dv if gdn.output_gate else 0))
-    # Zero rows up to a multiple of 64, as the fused layer's projection has: cuBLAS runs an odd width far slower.
-    # Unpadded (Qwen3-1.7B head 7:1, 5916 rows) this GEMM took 5.8 ms at 64K on the H200, and the parts summed to
-    # 13.4 ms while the whole fused layer took 12.1: a floor above the layer.
-    return rows + -rows % 64
 
 
 def _conv_kernels(device: torch.device):
@@ -155,14 +140,19 @@ class _Parts:
 def floor_parts(point: Point, device: torch.device) -> list[FloorPart]:
     """Every part of the point's floor, with how often the point runs it (module docstring)."""
     shape, gdn = point.shape, point.spec.gdn
-    d, H = shape.head_dim, shape.n_heads
+    d, H, KV = shape.head_dim, shape.n_heads, shape.n_kv_heads
     dk, dv = gdn.dims(d)
     make = _Parts(point, device)
     parts = []
     for layer, count in layer_counts(point):
         label = layer_label(layer)
         n_la = layer.n_la
-        built = {"in_proj": make.gemm(shape.hidden, in_proj_rows(shape, gdn, layer))}
+        gates = n_la * (2 + (dv if gdn.output_gate else 0)) if n_la else 0  # decay, beta, output gate
+        rows = (H + 2 * KV) * d + gates
+        # Zero rows up to a multiple of 64, as the fused layer's projection has: cuBLAS runs an odd width far
+        # slower. Unpadded (Qwen3-1.7B head 7:1, 5916 rows) this GEMM took 5.8 ms at 64K on the H200, and the
+        # parts summed to 13.4 ms while the whole fused layer took 12.1: a floor above the layer.
+        built = {"in_proj": make.gemm(shape.hidden, rows + -rows % 64)}
         if n_la and gdn.conv_size:
             built["conv"] = make.conv(n_la * (2 * dk + dv), gdn.conv_size)
         built.update(make.cores(layer))

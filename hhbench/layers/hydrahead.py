@@ -61,19 +61,11 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
     return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * scale.to(dtype)).to(o.dtype)
 
 
-def take_slots(slots: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
-    """slots [B, T, S, d] at `positions` along S: a view where they are one ascending run, else one gather."""
-    start = positions[0]
-    if positions == tuple(range(start, start + len(positions))):
-        return slots[:, :, start : start + len(positions)]
-    return slots.index_select(2, head_index(positions, slots.device))
-
-
 class FusedWeights(NamedTuple):
     """The fused path's weights (HydraAttention._fused_weights): one input projection with its bias, o_proj with
     the head order and per-head norm scales folded in, and the GDN conv taps."""
 
-    projection: torch.Tensor  # [(H + 2 KV) d (+ n_la d) + 2 n_la + pad, hidden]: q/k/v, (gate,) a, b, zero rows
+    projection: torch.Tensor  # [S d (+ n_la d) + 2 n_la + pad, hidden]: q/k/v slots, (gate,) a, b rows, zero rows
     bias: torch.Tensor | None
     o_proj: torch.Tensor  # [hidden, H d], columns in kernel head order, scaled per head
     conv: torch.Tensor | None  # [3 n_la d, K]
@@ -162,18 +154,14 @@ class HydraAttention(nn.Module):
         self.head_order = (*self.split.fa_heads, *self.split.la_heads)  # the kernels' outputs, concatenated
         self.gathers_slots = self.slot_order != tuple(range(H + 2 * KV))  # False for a plain MHA or GDN layer
         self.reorders_heads = self.head_order != tuple(range(n_heads))
-        # The fused path's slots: GDN q, FA q, the KV groups' k (the FA heads' groups first, in the cache's ascending
-        # order), their v in the same order. Each group's k and v rows are there once, as in the model's own qkv, so
-        # the one input GEMM is as wide as the floor's (bench/floor.py); RoPE takes one run (FA q and k), Qwen3's q/k
-        # norms one run (every q and k). The GDN heads' k and v are copied out per head from their groups' slots
-        # (fused_la_slots) before the conv, whose taps differ per head.
-        fa_groups = self.split.fa_groups
-        kv_order = (*fa_groups, *(g for g in range(KV) if g not in fa_groups))
-        fused_slots = (*self.split.la_heads, *self.split.fa_heads, *(H + g for g in kv_order),
-                       *(H + KV + g for g in kv_order))  # fmt: skip
+        # The fused path's slots: FA q, FA groups' k, GDN q, k, v, FA groups' v. Its qkv weight has these rows
+        # (a GDN head's k and v rows repeated from its KV group), so RoPE takes one run (FA q and k), Qwen3's q/k
+        # norms one run (every q and k) and the GDN conv one run, with no gather on activations.
+        fused_slots = (*self.split.fa_heads, *(H + g for g in self.split.fa_groups), *self.split.la_heads,
+                       *(H + g for g in la_groups), *(H + KV + g for g in la_groups),
+                       *(H + KV + g for g in self.split.fa_groups))  # fmt: skip
         self.fused_rows = tuple(s * head_dim + i for s in fused_slots for i in range(head_dim))
-        la_k = tuple(H + kv_order.index(g) for g in la_groups)
-        self.fused_la_slots = (tuple(range(n_la)), la_k, tuple(s + KV for s in la_k))  # the GDN heads' q, k, v
+        self.fused_qk_kinds = tuple(int(s >= H) for s in fused_slots[: n_heads + len(self.split.fa_groups) + n_la])
         self.kernel_columns = tuple(h * head_dim + i for h in self.head_order for i in range(head_dim))
         self._fused_cache = None  # (parameter versions, fused weights) while they hold
 
@@ -203,11 +191,9 @@ class HydraAttention(nn.Module):
 
     def _fused_weights(self) -> "FusedWeights":
         """The weights of the fused path, with the head order folded in (indexing weights, not activations): one
-        input projection [(H + 2 KV) d + n_la d + 2 n_la + pad, hidden]: the qkv rows in the fused slots' order
-        (GDN q, FA q, each KV group's k once, then their v), the GDN heads' output-gate rows (n_la d, where the
-        layer has an output gate), a and b rows (n_la each), zero rows up to a multiple of 64; o_proj [hidden, H d]
-        with its columns in the kernels' head order, each scaled by its head's norm weight times gamma (the norms
-        then have no weight); the GDN conv taps of q, k, v together [3 n_la d, K]. Made once and kept while the
+        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a, b and output-gate
+        rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight times gamma (the
+        norms then have no weight); the GDN conv taps of q, k, v together. Made once and kept while the
         parameters hold (inference); made on every call from the parameters when autograd tracks them
         (training), so that their gradients flow."""
         params = tuple(self.parameters())
@@ -219,7 +205,7 @@ class HydraAttention(nn.Module):
         rows = head_index(self.fused_rows, device)
         # The output gate's rows first (whole heads), then a and b, then zero rows up to a multiple of 64: every
         # view of the projection then starts and strides on 16-byte bounds (cuDNN attention reads the FA heads'
-        # q, k, v in place and gives wrong results on unaligned strides; head 7:1 of Qwen3-1.7B has a 5916-wide row).
+        # v in place and gives wrong results on unaligned strides; head 7:1 of Qwen3-1.7B had a 7708-wide row).
         gate_projs = (*((gdn.g_proj,) if gdn.g_proj is not None else ()), gdn.a_proj, gdn.b_proj)
         sizes = (len(self.fused_rows), *(proj.out_features for proj in gate_projs))
         pad = -sum(sizes) % 64
@@ -356,25 +342,27 @@ class HydraAttention(nn.Module):
     # The fused path: the same math as the reference methods above, composed from glue.py's ops.
 
     def _fused_inputs(self, x, position_embeddings, weights: FusedWeights):
-        """The one input projection -> (FA q, k, v with RoPE, or None; the q/k/v slots [B, T, H + 2 KV, d] in the
-        fused order (GDN q, FA q, the KV groups' k, their v; a view of the projection, or with Qwen3's q/k norms a
-        copy); the GDN heads' a and b [B, T, n_la]; their output gate [B, T, n_la, d] or None)."""
+        """The one input projection -> (FA q, k, v with RoPE, or None; the GDN heads' q, k, v channels
+        [B, T, 3 n_la d], a view; their a and b [B, T, n_la]; their output gate [B, T, n_la, d] or None)."""
         B, T, _ = x.shape
-        H, KV, d, n_la, n_fa = self.n_heads, self.n_kv_heads, self.head_dim, self.gdn.n_heads, self.n_fa
-        width, n_groups = (H + 2 * KV) * d, len(self.split.fa_groups)
+        d, n_fa, n_groups, n_la = self.head_dim, self.n_fa, len(self.split.fa_groups), self.gdn.n_heads
+        n_slots = len(self.fused_rows) // d
         out = F.linear(x, weights.projection, weights.bias)
-        slots = out[..., :width].view(B, T, H + 2 * KV, d)
-        gate_end = width + (n_la * d if self.gdn.g_proj is not None else 0)
-        gate = out[..., width:gate_end].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
+        slots = out[..., : n_slots * d].view(B, T, n_slots, d)
+        gate_end = n_slots * d + (n_la * d if self.gdn.g_proj is not None else 0)
+        gate = out[..., n_slots * d : gate_end].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
         a, b = out[..., gate_end : gate_end + n_la], out[..., gate_end + n_la : gate_end + 2 * n_la]
         if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once
-            scale = torch.cat([self.q_norm.weight.expand(H, d), self.k_norm.weight.expand(KV, d)])
-            slots = torch.cat([head_rms_norm(slots[:, :, : H + KV], scale, self.q_norm.eps), slots[:, :, H + KV :]], 2)
+            n_qk = len(self.fused_qk_kinds)
+            scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
+            scale = scale.index_select(0, head_index(self.fused_qk_kinds, x.device))
+            slots = torch.cat([head_rms_norm(slots[:, :, :n_qk], scale, self.q_norm.eps), slots[:, :, n_qk:]], 2)
         fa = None
         if n_fa:
-            qk = apply_rope(slots[:, :, n_la : H + n_groups], *position_embeddings)
-            fa = (qk[:, :, :n_fa], qk[:, :, n_fa:], slots[:, :, H + KV : H + KV + n_groups])
-        return fa, slots, a, b, gate
+            qk = apply_rope(slots[:, :, : n_fa + n_groups], *position_embeddings)
+            fa = (qk[:, :, :n_fa], qk[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
+        la = slots[:, :, n_fa + n_groups : n_fa + n_groups + 3 * n_la]
+        return fa, la.flatten(2), a, b, gate
 
     def _gdn_gates(self, a, b, ops: glue.GlueOps):
         return ops.gate(a, self.gdn.A_log, self.gdn.dt_bias), torch.sigmoid(b)
@@ -382,14 +370,14 @@ class HydraAttention(nn.Module):
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
         B, T, _ = x.shape
         weights = self._fused_weights()
-        fa, slots, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
         if fa:
             q_fa, k_fa, v_fa = fa
             if cache is not None:
                 cache.k[:, :T], cache.v[:, :T] = k_fa, v_fa
             fa = (q_fa, *self._expand_for_kernel(k_fa, v_fa))
         gdn, conv_state = self.gdn, None
-        channels = [take_slots(slots, heads).flatten(2) for heads in self.fused_la_slots]  # q a view, k and v copies
+        channels = la.split(la.shape[-1] // 3, dim=-1)
         if gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
             convs = [
                 ops.conv(c, w, None, cache is not None)
@@ -410,13 +398,12 @@ class HydraAttention(nn.Module):
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         position, B = cache.length, x.shape[0]
         weights = self._fused_weights()
-        fa, slots, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
         if fa:
             q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
             fa = (q_fa, *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
         gdn = self.gdn
-        la = take_slots(slots, sum(self.fused_la_slots, ())).flatten(2)  # q, k, v channels as the conv state has them
         la = ops.conv_update(la, cache.conv, weights.conv) if gdn.conv_size else F.silu(la)  # state advances here
         q, k, v = la.view(B, 3 * gdn.n_heads, -1).split(gdn.n_heads, dim=1)
         g, beta = self._gdn_gates(a, b, ops)
