@@ -12,11 +12,12 @@ from hhbench.measure.profile import kernel_kinds, profile_kernels
 from hhbench.plan.grid import grid_points, load_suite
 from hhbench.report.page import build_report
 from hhbench.rows.runs import RunDir
-from hhbench.rows.schema import read_rows
+from hhbench.rows.schema import markdown_table, read_rows
 from hhbench.rows.sources import load_runs
 from hhbench.runner import measurements
 from hhbench.runner import sweep as sweep_module
 from hhbench.runner.point import measure_point
+from hhbench.tables.kernels import kernel_frame
 from tests.test_sweep import FAST
 
 CPU = torch.device("cpu")
@@ -128,7 +129,7 @@ def test_sweep_profile_flag_and_the_kernels_view(tmp_path):
     lines = view.stdout.splitlines()
     assert lines[0] == "## Kernels: prof" and lines[2].startswith("### head:3:1, decode, layer scope, 32, batch 1")
     assert f"latency {row.latency_ms:.4g} ms; floor {row.floor_ms:.4g} ms; kernels " in view.stdout
-    assert "| kernel | ms | share | launches | kind | floor parts |" in lines
+    assert "| kernel | ms | share | launches | kind | floor parts | launched from |" in lines
     assert any(line.startswith("| aten::mm |") and "in_proj, o_proj" in line for line in lines)
     assert any(line.startswith("| other (") for line in lines)
     empty = run_main("table", str(tmp_path / "bare"), "--kernels")
@@ -168,3 +169,37 @@ def test_the_kernels_heading_gives_the_host_time_where_measured():
     assert "; host 2.4 ms to issue it" in row_heading(row)
     del row.extra["host_ms"]
     assert "host" not in row_heading(row)
+
+
+def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
+    """On the CPU the operators' launch sites come from with_stack's Python frames; on CUDA a kernel is traced
+    through the operator its correlation links it to (fake events here: the CUDA branch needs no GPU)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Kernel
+
+    from hhbench.measure.profile import UNKNOWN_SITE, _sites, launch_site
+
+    [point] = grid_points({**TINY, "layouts": "head", "passes": "prefill", "profile": True}, "cpu")
+    row = measure_point(point, CPU, FAST, {})
+    sites = {line["name"]: dict(line["sites"]) for line in row.extra["kernels"]["top"]}
+    assert "hhbench/layers/glue.py:37 causal_conv" in sites["aten::mkldnn_convolution"]  # the GDN heads' conv
+    assert any(site.startswith("hhbench/layers/hydrahead.py") for site in sites["aten::mm"])  # a projection
+    view = markdown_table(kernel_frame(row))
+    assert "| launched from |" in view and "glue.py:37 causal_conv (100%)" in view
+
+    def frame(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_python_function=True,
+                               kernels=[])  # fmt: skip
+
+    layer = frame("/opt/x/site-packages/hhbench/layers/hydrahead.py(255): _finish", frame("run.py(3): <module>"))
+    op = SimpleNamespace(name="aten::cat", cpu_parent=layer, device_type=DeviceType.CPU, is_python_function=False,
+                         is_user_annotation=False, kernels=[Kernel("CatArrayBatchedCopy", 0, 250.0)])  # fmt: skip
+    stray = SimpleNamespace(name="aten::add", cpu_parent=frame("triton/jit.py(9): run"), device_type=DeviceType.CPU,
+                            is_python_function=False, kernels=[Kernel("add_kernel", 0, 10.0)])  # fmt: skip
+    assert launch_site(op) == "hhbench/layers/hydrahead.py:255 _finish" and launch_site(stray) == UNKNOWN_SITE
+    assert list(_sites([layer, op, stray], torch.device("cuda"))) == [
+        ("CatArrayBatchedCopy", "hhbench/layers/hydrahead.py:255 _finish", 0.25),
+        ("add_kernel", UNKNOWN_SITE, 0.01),
+    ]

@@ -5,8 +5,14 @@ On CUDA each kernel (and memcpy / memset) is a device event of its own: its devi
 On the CPU there are no kernels; the aten operators are, and each one's self time (its time less the operators it
 calls) stands for its kernel, so that nested operators (linear > matmul > mm) are not counted twice. Times are
 microseconds as torch.profiler gives them, turned into ms here.
+
+Each kernel's time is also split by where hhbench launched it: the innermost hhbench function (`with_stack`'s
+Python frames name a function by its file and first line) above the operator that launched it (on CUDA, the operator the kernel's correlation id links it
+to; a kernel launched outside any operator, a Triton kernel called from Python, say, has none and counts under
+`?`), so that glue kernels of generic names (a copy, an elementwise op) say which function of the layer they are.
 """
 
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -25,25 +31,76 @@ class KernelTimes:
     step_ms: float
     ms: dict[str, float] = field(default_factory=dict)
     launches: dict[str, int] = field(default_factory=dict)
+    sites: dict[str, dict[str, float]] = field(default_factory=dict)  # kernel -> launch site -> ms
 
     def add(self, name: str, ms: float, launches: int) -> None:
         """Add `launches` launches of kernel `name` taking `ms` in all."""
         self.ms[name] = self.ms.get(name, 0.0) + ms
         self.launches[name] = self.launches.get(name, 0) + launches
 
+    def add_site(self, name: str, site: str, ms: float) -> None:
+        """Add `ms` of kernel `name` launched from `site` (launch_site)."""
+        by_site = self.sites.setdefault(name, {})
+        by_site[site] = by_site.get(site, 0.0) + ms
 
-def _kernel_events(averages, device: torch.device):
-    """(name, total ms, launches) of each kernel in key_averages(): device events on CUDA, operators' self time on
-    the CPU (module docstring); names with no time of their own (wrappers, views) left out, and so are annotated
-    ranges (record_function's, the profiler's own ProfilerStep#), which on CUDA span kernels counted already."""
-    wanted = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
-    for event in averages:
-        if event.device_type != wanted or getattr(event, "is_user_annotation", False):
+
+# A Python frame's event name under with_stack: "<path>(<line>): <function>"
+_FRAME = re.compile(r"^(?P<path>.+)\((?P<line>\d+)\): (?P<function>.+)$")
+UNKNOWN_SITE = "?"
+
+
+def launch_site(event) -> str:
+    """The innermost hhbench function above a profiler event, "hhbench/<module>.py:<first line> <function>", walking
+    its CPU parents; UNKNOWN_SITE where none is (an event not under hhbench's code, or recorded without stacks)."""
+    while event is not None:
+        frame = _FRAME.match(event.name)
+        if frame and "hhbench/" in frame["path"]:
+            path = frame["path"][frame["path"].rindex("hhbench/") :]
+            return f"{path}:{frame['line']} {frame['function']}"
+        event = event.cpu_parent
+    return UNKNOWN_SITE
+
+
+def _operators(events):
+    """The CPU operators among a profile's events that stand for kernels on the CPU: aten operators with time of
+    their own; Python frames (with_stack's) and annotated ranges left out."""
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU or event.is_python_function:
             continue
-        # a kernel nests nothing: its device time is its own
-        us = event.device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        if us > 0:
-            yield event.key, us / 1e3, event.count
+        if not getattr(event, "is_user_annotation", False) and event.self_cpu_time_total > 0:
+            yield event
+
+
+def _kernel_events(profiler, device: torch.device):
+    """(name, total ms, launches) of each kernel of a profile: its device events from key_averages() on CUDA,
+    annotated ranges (record_function's, the profiler's own ProfilerStep#) left out, which span kernels counted
+    already; the operators' self time on the CPU (module docstring)."""
+    if device.type == "cuda":
+        for event in profiler.key_averages():
+            if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+                continue
+            if event.device_time_total > 0:  # a kernel nests nothing: its device time is its own
+                yield event.key, event.device_time_total / 1e3, event.count
+        return
+    totals: dict[str, list] = {}
+    for event in _operators(profiler.events()):
+        total = totals.setdefault(event.name, [0.0, 0])
+        total[0] += event.self_cpu_time_total / 1e3
+        total[1] += 1
+    for name, (ms, launches) in totals.items():
+        yield name, ms, launches
+
+
+def _sites(events, device: torch.device):
+    """(kernel name, launch site, ms) of each kernel launch among a profile's events (module docstring)."""
+    if device.type != "cuda":
+        for event in _operators(events):
+            yield event.name, launch_site(event.cpu_parent), event.self_cpu_time_total / 1e3
+        return
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU and not event.is_python_function:
+            for kernel in event.kernels:
+                yield kernel.name, launch_site(event), kernel.duration / 1e3
 
 
 def profile_kernels(
@@ -53,21 +110,25 @@ def profile_kernels(
     before: Callable[[], None] | None = None,
     warm: int = 0,
 ) -> KernelTimes:
-    """`steps` calls of `fn` profiled (CUDA activity on a GPU, CPU activity on the CPU), each in its own profiler
-    cycle so that `before` (an L2 flush, say), run ahead of each call, is never recorded; `warm` unprofiled calls
-    first, so that the profile is of the steady call (compiles and autotuning done)."""
+    """`steps` calls of `fn` profiled (CUDA activity on a GPU, CPU activity on the CPU; Python stacks for the launch
+    sites), each in its own profiler cycle so that `before` (an L2 flush, say), run ahead of each call, is never
+    recorded; `warm` unprofiled calls first, so that the profile is of the steady call (compiles and autotuning
+    done)."""
     for _ in range(warm):
         fn()
     found = KernelTimes(steps, 0.0)
 
     def collect(profiler) -> None:
-        for name, ms, launches in _kernel_events(profiler.key_averages(), device):
+        for name, ms, launches in _kernel_events(profiler, device):
             found.add(name, ms, launches)
+        for name, site, ms in _sites(profiler.events(), device):
+            found.add_site(name, site, ms)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     cycles = schedule(wait=0, warmup=1, active=1, repeat=steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    with warnings.catch_warnings(), profile(activities=activities, schedule=cycles, on_trace_ready=collect) as profiler:
+    profiler = profile(activities=activities, schedule=cycles, on_trace_ready=collect, with_stack=True)
+    with warnings.catch_warnings(), profiler:
         # each cycle's events are collected as it ends, which is what the warning is about
         warnings.filterwarnings("ignore", message=".*Profiler clears events at the end of each cycle")
         for _ in range(steps):

@@ -356,13 +356,25 @@ def floor_kernels(point: Point, device: torch.device) -> tuple[dict[str, float],
     return launches, parts_of
 
 
+PROFILE_SITES = 3  # launch sites kept per listed kernel, the longest first
+
+
+def _top_sites(found, name: str, per_step: float) -> list[list]:
+    """A kernel's PROFILE_SITES longest launch sites (hhbench.measure.profile.launch_site) as [site, ms] in the
+    latency's unit."""
+    by_site = found.sites.get(name, {})
+    ordered = sorted(by_site, key=by_site.__getitem__, reverse=True)[:PROFILE_SITES]
+    return [[site, by_site[site] / per_step] for site in ordered]
+
+
 @measurement("profile", ("extra.kernels", "extra.kernel_shares"), addition=True)
 def kernel_profile(trial: Trial) -> None:
     """On a point asked for its profile (`sweep --profile`) whose latency was measured: its step run PROFILE_STEPS
     times under torch.profiler (hhbench.measure.profile; L2 flushed before each call where the timing flushes it),
     after the timing and apart from it. `extra.kernels`: per kernel name (CUDA kernels; CPU operators' self time on
     the CPU) its device time (ms) and launches per step in the latency's unit (per layer at layer scope, per model
-    call at model scope), the PROFILE_TOP longest by name and the rest as `other`; `kernel_ms` their sum and
+    call at model scope) and its longest launch sites in hhbench's source (`sites`: [function, ms]), the PROFILE_TOP
+    longest by name and the rest as `other`; `kernel_ms` their sum and
     `step_ms` the profiled calls' own time (both in that unit). A step timed as a CUDA graph (decode) is profiled
     eagerly: the graph replays the very same kernel launches, without the CPU's launch gaps, so the kernels' times
     hold and `step_ms` is above the latency (`note` says so). With two CUDA streams (mode streams) kernels overlap
@@ -396,7 +408,7 @@ def kernel_profile(trial: Trial) -> None:
             for kind in ("floor", "shared", "rest")
         }
     ordered = sorted(ms, key=ms.__getitem__, reverse=True)
-    top = [{"name": name, "ms": ms[name], "launches": launches[name],
+    top = [{"name": name, "ms": ms[name], "launches": launches[name], "sites": _top_sites(found, name, per_step),
             **({"kind": kinds[name], "parts": sorted(parts_of.get(name, ()))} if kinds else {})}
            for name in ordered[:PROFILE_TOP]]  # fmt: skip
     others = ordered[PROFILE_TOP:]

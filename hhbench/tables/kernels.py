@@ -42,7 +42,8 @@ def row_heading(row: Row) -> str:
 
 def kernel_frame(row: Row) -> pd.DataFrame:
     """The row's listed kernels, then `other`: name, ms, share of kernel time, launches (per the latency's unit),
-    and where attributed its kind and the floor parts that launch it."""
+    where attributed its kind and the floor parts that launch it, and where kept the hhbench functions it was
+    launched from."""
     profile = row.extra["kernels"]
     total = profile["kernel_ms"]
     other = profile["other"]
@@ -60,7 +61,16 @@ def kernel_frame(row: Row) -> pd.DataFrame:
     if "kernel_shares" in row.extra:
         frame["kind"] = [line.get("kind", "") for line in lines]
         frame["floor parts"] = [", ".join(line.get("parts", [])) for line in lines]
+    if any(line.get("sites") for line in lines):  # profiles from before launch sites were kept have none
+        frame["launched from"] = [_sites_text(line) for line in lines]
     return frame
+
+
+def _sites_text(line: dict) -> str:
+    """A listed kernel's launch sites, each with its share of the kernel's time: "hydrahead.py:359 _fused_inputs
+    (80%); ..." (the module's path shortened to its file name)."""
+    total = line["ms"] or 1.0
+    return "; ".join(f"{site.split('/')[-1]} ({ms / total:.0%})" for site, ms in line.get("sites", []))
 
 
 def kernels_table(run: Run) -> str:
