@@ -193,6 +193,9 @@ def test_a_profiled_layer_lists_its_cuda_kernels_and_the_floors_share(pass_):
         assert shares["floor"] > 0 and sum(shares.values()) == pytest.approx(1), where
         # the output projection's GEMM (GEMV in decode) found by name among the floor parts' kernels
         assert any("o_proj" in k["parts"] and k["kind"] != "rest" for k in kernels["top"]), where
+        # kernels traced through their operators to the layer's functions (the projections' GEMMs at least)
+        sites = {site for k in kernels["top"] for site, _ in k["sites"]}
+        assert any(site.startswith("hhbench/layers/hydrahead.py") for site in sites), f"{where}: {sites}"
 
 
 @pytest.mark.parametrize("variant", ["head:3:1", "head:3:1:random:2", "layer:3:1", "head:1:0"])
