@@ -136,6 +136,58 @@ def test_fla_chunk_never_reaches_flash_qla(monkeypatch):
         chunk_gated_delta_rule(*inputs)
 
 
+def _fla_kernels() -> dict[str, tuple[frozenset, int]]:
+    """The Triton kernels of fla's imported modules that have compiled on this GPU: name -> (the tuning keys its
+    autotuner has tuned or loaded so far in this process, how many binaries it has compiled)."""
+    import sys
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    found = {}
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("fla.") and m is not None]
+    for value in [v for module in modules for v in vars(module).values()]:
+        tuner = None
+        for _ in range(4):  # triton.heuristics -> autotuner -> jit function
+            tuner = value if isinstance(value, Autotuner) else tuner
+            if isinstance(value, JITFunction):
+                compiled = sum(len(caches[0]) for caches in value.device_caches.values())
+                if compiled:
+                    found[f"{value.fn.__module__}.{value.fn.__name__}"] = (
+                        frozenset(tuner.cache if tuner else ()),
+                        compiled,
+                    )
+                break
+            value = getattr(value, "fn", None)
+    return found
+
+
+L2NORM = "fla.modules.norm.l2norm.l2norm_fwd_kernel"
+
+
+@torch.no_grad()
+def test_fla_chunk_compiles_anew_at_a_new_context_only_for_its_in_kernel_l2norm_bucket():
+    """fla's chunk kernels take T at run time (do_not_specialize) and tune on head counts and sizes: a new context
+    length compiles nothing. Only the q/k L2 norm of use_qk_l2norm_in_kernel (the fused layer's path) does, and
+    only for a new token bucket: fla's l2norm_fwd passes NB = cdiv(B*T*H, 65536) as a tl.constexpr in its tuning
+    key (fla/modules/norm/l2norm.py, lines 63-69 and 129-136). H=4: 40960 and 45000 tokens are one bucket (NB 3)."""
+    fla_chunk = registry.get("fla-chunk", registry.GDN)
+
+    def run(T, in_kernel_norm):
+        fla_chunk.prefill(*(t.detach() for t in _gdn_case(T)), use_qk_l2norm_in_kernel=in_kernel_norm)
+        torch.cuda.synchronize()
+        return _fla_kernels()
+
+    first = run(1024, True)  # every kernel of the path compiled and tuned (NB 1)
+    assert run(40960, False) == first  # a new context, q and k normalized outside (kernel scope): nothing new
+    bucket = run(40960, True)
+    changed = {name for name, kernel in bucket.items() if kernel != first.get(name)}
+    assert changed <= {L2NORM}, changed
+    new_keys = bucket[L2NORM][0] - first[L2NORM][0]
+    assert {key[:2] for key in new_keys} <= {(128, 3)}  # D, NB
+    assert run(45000, True) == bucket  # another context in the same bucket: nothing new
+
+
 def _layer_points(gdn_backend: str):
     from hhbench.plan.grid import grid_points
 

@@ -31,9 +31,10 @@ PEAK_BYTES_PER_S = 4.8e12
 @dataclass(frozen=True)
 class Costs:
     """Seconds a worker spends, as deal() models them. Per point: `point_s` (building its workload, its
-    peak-memory run, writing its row), `first_call_s[gdn_backend]` at layer and model scope (a backend that compiles
-    anew at each point's first call), and each timing's warm-up and samples of a step `roofline_fraction` of the
-    roofline's speed. Per setup group, once on each worker that measures one of its points: setup_seconds."""
+    peak-memory run, writing its row), `first_call_s[gdn_backend]` at layer and model scope (what a point's first
+    call compiles and tunes although its group is set up: FIRST_CALL below says why fla-chunk's is large), and each
+    timing's warm-up and samples of a step `roofline_fraction` of the roofline's speed. Per setup group, once on
+    each worker that measures one of its points: setup_seconds."""
 
     point_s: float
     roofline_fraction: float  # roofline step time / measured step time
@@ -41,6 +42,28 @@ class Costs:
     first_call_s: dict[str, float]  # by GDN backend, layer and model scope
 
 
+# FIRST_CALL: why fla-chunk pays first_call_s at nearly every new context length at layer and model scope (read in fla
+# 0.6.0 and Triton 3.6; results/floor-targets-h200: 14-18 s of compile_ms a point). Not fla's chunk kernels: they take T
+# at run time (@triton.jit(do_not_specialize=['T']), e.g. fla/ops/common/chunk_o.py:57) and tune on head counts and
+# sizes (key=['H', 'HV', 'K', 'V', 'BT', ...], line 56), so kernel-scope points, whose q and k arrive normalized,
+# compile nothing at a new T (results/gpu-default-h100, 8K-128K: compile_ms 0.0-0.5 s prefill, 0.0-1.5 s training). The
+# layer's fused path asks fla for the q/k L2 norm (use_qk_l2norm_in_kernel=True, hhbench/layers/hydrahead.py; fla's
+# ops/gated_delta_rule/chunk.py:282-284, backward 383-385), and fla's l2norm_fwd and l2norm_bwd put the B*T*H rows in
+# buckets of 65536, NB = cdiv(rows, 65536), a tl.constexpr in the tuning key (fla/modules/norm/l2norm.py:63-69, 87-93,
+# 129-136, 157-164): a new bucket compiles and benchmarks all 25 configs of the kernel (5 BT x 5 num_warps, line 64),
+# each a binary of its own. A suite's doubling contexts each land in a bucket of their own once B*T*H passes 65536; up
+# to there the bucket is 1, which the 256-token correctness check has tuned. A point whose bucket was tuned before on
+# its worker pays about nothing (layer 3:1 at 16K after head 7:1 at 16K, both bucket 4: 0.1 s). The layer's gated
+# RMSNorm and RMSNorm, on both GDN backends, bucket the same way with 6-9 configs each
+# (fla/modules/norm/fused_norm_gate.py:30-35 and 482-484, cdiv(rows, 65536); layernorm.py:38-47 and 423-424,
+# cdiv(rows, 2048)).
+# The cause is in fla: no argument of chunk_gated_delta_rule keeps its norm from bucketing. The dealing does not model
+# buckets (every layer- and model-scope point is charged first_call_s); keeping a setup group's contexts on one worker,
+# as deal does, saves none of it, each context being a bucket of its own. tests/test_gpu.py checks on a GPU that only
+# the norm compiles at a new context, and only for a new bucket. flash-qla's first_call_s is low because in that run
+# its points at new contexts started after the fla-chunk worker had tuned the same norm buckets into the shared
+# Triton cache; two that did not paid 3.1 and 4.3 s.
+#
 # Fitted by scripts/replay_dealing.py on results/floor-targets-h200 (49 points of suites/floor-h200.toml, two H200s,
 # cold Triton and TileLang caches; each row's extra.point_s, compile_ms and latency; the sessions' rows told apart
 # by sweep.log), medians: roofline_fraction of every row's roofline step over its measured step; first_call_s, by
