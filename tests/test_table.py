@@ -145,6 +145,28 @@ def test_runs_side_by_side_keep_their_identity(tmp_path, rows):
     assert "| latency_ms b/run/a/run |" in result.stdout.splitlines()[-len(rows) - 2]
 
 
+def test_runs_side_by_side_match_rows_whose_backends_differ_and_show_them(tmp_path, rows):
+    """A backend chosen per point in one run (fla for decode, reference for prefill) was kept in the match, so that
+    run's decode rows and another run's, on the reference backend, were left out of the table without a word."""
+    per_pass = RowSet(replace(row, gdn_backend="fla") if row.gdn_backend and row.pass_ == "decode" else row for row in rows)  # fmt: skip
+    slower = RowSet(replace(row, latency_ms=row.latency_ms * 2) for row in rows)
+    a = write_run(tmp_path / "a", per_pass)
+    b = write_run(tmp_path / "b", slower)
+    result = run_main("table", str(a), str(b), "--json", str(tmp_path / "t.json"))
+    assert result.returncode == 0, result.stderr
+    side = pd.DataFrame(json.loads((tmp_path / "t.json").read_text())["side_by_side"])
+    assert len(side) == len(rows) and side["latency_ms b/a"].to_numpy() == pytest.approx(2.0)
+    head = single(side, variant="head:3:1", context=1024, **{"pass": "decode"})
+    assert (head["gdn_backend@a"], head["gdn_backend@b"]) == ("fla", "reference")
+    fa = single(side, variant="fa", context=1024, **{"pass": "decode"})
+    assert (fa["gdn_backend@a"], fa["gdn_backend@b"]) == ("", "")  # runs no GDN kernel
+    assert "fa_backend@a" not in side and "dtype@a" not in side  # one value in each run: its identity
+    table = result.stdout.split("### Runs side by side")[1]
+    assert "| gdn_backend@a | latency_ms@a | speedup@a | gdn_backend@b |" in table
+    assert any(line.startswith("| decode ") and "| fla | " in line and "| reference | " in line
+               for line in table.splitlines())  # fmt: skip
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path, rows):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
