@@ -191,7 +191,10 @@ def test_a_quality_run_gets_the_quality_comparison_with_intervals(tmp_path):
     )
     result = run_main("table", str(folder))
     assert result.returncode == 0, result.stderr
-    assert "| passkey | acc | 1k | 0.980 ±0.039 (+0.020) | 0.960 ±0.039 | 0.940 ±0.039 (-0.020) |" in result.stdout
+    assert (
+        "| passkey | acc | 1k | 0.980 [0.930, 0.994] (+0.020) | 0.960 [0.902, 0.984] | 0.940 [0.875, 0.972] (-0.020) |"
+        in result.stdout
+    )  # Wilson's intervals of 98, 96 and 94 of 100 prompts
 
 
 def test_clashing_run_names_get_their_parents(tmp_path, rows):
@@ -207,7 +210,7 @@ def test_distilled_students_are_compared_with_the_baseline_distilled_in_their_ru
     result = run_main("table", str(folder))
     assert result.returncode == 0, result.stderr
     # head:7:1@d (0.920) against layer:3:1@d (0.940); head:7:1@e, whose run has no baseline, against layer:3:1
-    assert "| 0.940 ±0.039 | 0.920 ±0.039 (-0.020) | 0.900 ±0.039 (-0.060) |" in result.stdout
+    assert "| 0.940 [0.875, 0.972] | 0.920 [0.850, 0.959] (-0.020) | 0.900 [0.826, 0.945] (-0.060) |" in result.stdout
     assert "(delta) against layer:3:1, layer:3:1@d" in result.stdout
 
 
