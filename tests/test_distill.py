@@ -360,7 +360,8 @@ def test_cli_distills_two_variants_and_the_students_evaluate(cli, tmp_path, teac
     with pytest.raises(SystemExit) as exit_:
         main(["table", str(run)])
     table = capsys.readouterr().out
-    assert exit_.value.code == 0 and "layer:3:1@d" in table and "±" in table  # intervals from the samples
+    assert exit_.value.code == 0 and "layer:3:1@d" in table and "Wilson's" in table
+    assert re.search(r"\| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", table)  # the pass rates' intervals, from k of n
     from hhbench.report.page import build_report
     from hhbench.rows.sources import load_runs
 

@@ -1,12 +1,14 @@
 """Variant names -> layer plans, and the comparison table against layer:3:1."""
 
+import dataclasses
 import json
 
 import pandas as pd
 import pytest
+from scipy.stats import binomtest
 
 from hhbench.errors import UserError
-from hhbench.eval.quality import comparison_frame, comparison_table
+from hhbench.eval.quality import comparison_frame, comparison_table, interval
 from hhbench.models.variants import HEAD_CHOICES, parse_variant, parse_variants
 from hhbench.rows.schema import ERROR, EvalRow
 from hhbench.spec.shapes import PRESETS
@@ -92,13 +94,35 @@ def test_comparison_against_layer_3_1():
     assert "copy" not in set(frame["task"])
     table = comparison_table(rows)
     assert "against layer:3:1" in table
-    assert "| passkey | acc | 1k | 1.000 (+0.700) | 0.500 (+0.200) | 0.300 | error |" in table
+    assert (
+        "| passkey | acc | 1k | 1.000 [0.722, 1.000] (+0.700) | 0.500 [0.237, 0.763] (+0.200) | 0.300 [0.108, 0.603] | error |"
+        in table
+    )
     assert comparison_table([]) == "(no eval rows)"
     without = comparison_table([r for r in rows if r.variant != "layer:3:1"])
     assert "against" not in without and "(layer:3:1 not run: no deltas)" in without
-    assert "| passkey | acc | 1k | 1.000 | 0.500 | error |" in without
+    assert "| passkey | acc | 1k | 1.000 [0.722, 1.000] | 0.500 [0.237, 0.763] | error |" in without
     # a baseline run at one length only: named, with deltas only where it has a score
     assert "against layer:3:1" in comparison_table(rows[:5])
+
+
+def test_pass_rates_get_wilsons_interval_which_keeps_its_width_at_0_and_n():
+    """The normal interval (±1.96 stderr) of 0/20 and 20/20 is a point; Wilson's score interval is not. Values by
+    hand: center (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n), z = 1.96."""
+    assert interval("acc", 0.0, 0.0, 20) == pytest.approx((0.0, 0.16113), abs=5e-5)
+    assert interval("acc", 1.0, 0.0, 20) == pytest.approx((0.83887, 1.0), abs=5e-5)
+    assert interval("acc", 0.95, 0.05, 20) == pytest.approx((0.76387, 0.99112), abs=5e-5)
+    wilson = binomtest(19, 20).proportion_ci(confidence_level=0.95, method="wilson")  # a cross-check of the above
+    assert (wilson.low, wilson.high) == pytest.approx((0.76387, 0.99112), abs=5e-5)
+    assert interval("acc", 1.0, None, 1) == pytest.approx((0.20654, 1.0), abs=5e-5)  # n only: no stderr needed
+    assert interval("retrieval_gain", 1.5, 0.1, 20) == pytest.approx((1.304, 1.696))  # nats: the normal interval
+    assert interval("acc", 0.525, 0.1, 20) == pytest.approx((0.329, 0.721))  # partial credit: no k of n
+    assert interval("retrieval_gain", 1.5, None, 20) is None and interval("acc", None, None, 20) is None
+    rows = [row("layer:3:1", "passkey", 1024, 0.0), row("head:7:1", "passkey", 1024, 1.0)]
+    rows = [dataclasses.replace(r, samples=20, stderr=0.0) for r in rows]
+    table = comparison_table(rows)
+    assert "| passkey | acc | 1k | 0.000 [0.000, 0.161] | 1.000 [0.839, 1.000] (+1.000) |" in table
+    assert "Wilson's score interval for acc" in table
 
 
 def test_loglikelihood_tasks_compare_on_retrieval_gain():

@@ -17,6 +17,7 @@ import pytest
 import torch
 from inprocess import run_main
 
+from hhbench.errors import UserError
 from hhbench.launch import cluster, local
 from hhbench.launch import run as launch_run
 from hhbench.launch.cluster import parse_time
@@ -29,6 +30,7 @@ from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import grid_points
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, append_row, read_rows
+from hhbench.runner import measurements
 from hhbench.runner.measurements import PROFILE_STEPS, PROFILE_WARM_CALLS, check_group
 from hhbench.runner.point import base_row
 from hhbench.runner.sweep import prepare_env, run_sweep
@@ -477,3 +479,21 @@ def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "hhbench: interrupted; rerun the same command to resume"
     assert len(read_rows(tmp_path / "i" / "rows.jsonl")) >= 2, "what the workers measured is merged"
+
+
+def test_a_launch_profiles_again_a_failed_profile_before_its_workers_and_slurm_refuses(tmp_path, monkeypatch):
+    """--retry-errors with a launcher: the failed profile of a finished row is measured again on that row in the
+    launching process (workers only read rows.jsonl); SLURM's jobs cannot, so that launch says what to run."""
+    [point] = grid_points({**GRID, "layouts": "head", "passes": "decode", "scopes": "layer", "profile": True}, "cpu")
+    run = RunDir(tmp_path / "r")
+    monkeypatch.setattr(measurements, "profile_kernels", lambda *args, **kwargs: 1 / 0)
+    [failed] = run_sweep([point], run, torch.device("cpu"), FAST).rows
+    monkeypatch.undo()
+    slurm = launch_run.Launch(launcher="slurm", shards=1, slurm=cluster.Slurm("", 0, 60, ""))
+    with pytest.raises(UserError, match="need their profile or floor measured again"):
+        launch_run.launch([point], run, torch.device("cpu"), FAST, slurm, retry=True)
+    local = launch_run.Launch(launcher="local", shards=1)
+    launched = launch_run.launch([point], run, torch.device("cpu"), FAST, local, retry=True)
+    assert (launched.completed, launched.skipped, launched.plan) == (1, 0, [])
+    [row] = read_rows(run.rows_path)
+    assert "kernels" in row.extra and "profile_error" not in row.extra and row.samples_ms == failed.samples_ms

@@ -103,16 +103,41 @@ def test_a_failed_profile_costs_the_row_only_its_profile(monkeypatch):
     assert "kernels" not in row.extra and row.extra["profile_error"].startswith("ZeroDivisionError")
 
 
-def test_asking_for_the_profile_measures_a_finished_point_again(tmp_path):
+def test_asking_for_the_profile_profiles_a_finished_row(tmp_path):
     [point] = grid_points({**TINY, "layouts": "head", "passes": "decode", "floor": False}, "cpu")
     run = RunDir(tmp_path / "r")
     first = sweep_module.run_sweep([point], run, CPU, FAST)
     assert first.new == 1 and "kernels" not in first.rows[0].extra  # off by default
     profiled = dataclasses.replace(point, profile=True)
-    assert sweep_module.run_sweep([profiled], run, CPU, FAST).new == 1
+    second = sweep_module.run_sweep([profiled], run, CPU, FAST)
+    assert (second.new, second.completed, second.skipped) == (0, 1, 0)
     [row] = read_rows(run.rows_path)
-    assert "kernels" in row.extra
-    assert sweep_module.run_sweep([profiled], run, CPU, FAST).new == 0
+    assert "kernels" in row.extra and row.samples_ms == first.rows[0].samples_ms  # the row's timing kept
+    assert sweep_module.run_sweep([profiled], run, CPU, FAST).completed == 0
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_retry_errors_measures_a_failed_profile_and_floor_again_on_the_finished_row(tmp_path, monkeypatch, isolate):
+    """`sweep --retry-errors` takes a profile and a floor that failed again (they were never retried: a row holding
+    profile_error counted as profiled), on the finished row, which keeps its latency; without it they stay."""
+    [point] = grid_points({**TINY, "layouts": "head", "passes": "decode", "profile": True}, "cpu")
+    run = RunDir(tmp_path / "r")
+    for name in ("profile_kernels", "floor_parts"):
+        monkeypatch.setattr(measurements, name, lambda *args, **kwargs: 1 / 0)
+    [failed] = sweep_module.run_sweep([point], run, CPU, FAST).rows
+    assert failed.status == "ok" and {"profile_error", "floor_error"} <= failed.extra.keys()
+    monkeypatch.undo()
+    kept = sweep_module.run_sweep([point], run, CPU, FAST)
+    assert (kept.new, kept.completed, kept.skipped) == (0, 0, 1) and read_rows(run.rows_path) == [failed]
+    retried = sweep_module.run_sweep([point], run, CPU, FAST, isolate=isolate, retry=True)
+    assert (retried.new, retried.completed, retried.skipped) == (0, 1, 0)
+    [row] = read_rows(run.rows_path)
+    assert "kernels" in row.extra and row.floor_ms > 0 and row.vs_floor > 0
+    assert not {"profile_error", "floor_error"} & row.extra.keys()
+    assert (row.latency_ms, row.samples_ms, row.extra["point_s"]) == (
+        failed.latency_ms, failed.samples_ms, failed.extra["point_s"])  # fmt: skip
+    again = sweep_module.run_sweep([point], run, CPU, FAST, retry=True)
+    assert (again.new, again.completed, again.skipped) == (0, 0, 1)
 
 
 def test_sweep_profile_flag_and_the_kernels_view(tmp_path):

@@ -308,3 +308,27 @@ def test_a_loss_curve_of_one_logged_step_shows():
                          for variant in ("head:3:1", "layer:3:1")])  # fmt: skip
     figure = training_figure(rows).figure
     assert len(figure.data) == 2 and all("markers" in trace.mode for trace in figure.data)
+
+
+def test_bars_grow_from_zero_on_every_linear_axis(tmp_path):
+    """Bars of non-negative values start at 0: the kernel figure's decode panel started below it (plotly pads its
+    range for the latency and floor markers beside the bars, and decode floors are near 0)."""
+    rows = measured(analytic(contexts=[256, 4096], scopes=(Scope.LAYER,), ratios="3:1"))
+    for row in rows:  # a profile: its kernel time split by kind
+        row.extra["kernels"] = {"kernel_ms": 0.9 * row.latency_ms}
+        row.extra["kernel_shares"] = {"floor": 0.6, "shared": 0.1, "rest": 0.3}
+    figures = {
+        figure.slug: figure.figure for figure in build_report(load_runs([write_run(tmp_path / "p", rows)])).figures
+    }
+    kernels = figures["kernels"]
+    assert [note.text for note in kernels.layout.annotations] == ["pass=prefill", "pass=decode"]
+    assert kernels.layout.xaxis2.rangemode == "tozero"  # the decode panel
+    checked = 0
+    for slug, figure in figures.items():
+        for trace in figure.data:
+            if trace.type == "bar":
+                letter = "x" if trace.orientation == "h" else "y"
+                axis = figure.layout[f"{letter}axis{(trace[f'{letter}axis'] or letter)[1:]}"]
+                assert axis.type == "log" or axis.rangemode == "tozero", (slug, trace.name)
+                checked += 1
+    assert checked > 6 and {"kernels", "flops-tiny-prefill"} <= figures.keys()

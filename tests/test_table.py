@@ -145,6 +145,28 @@ def test_runs_side_by_side_keep_their_identity(tmp_path, rows):
     assert "| latency_ms b/run/a/run |" in result.stdout.splitlines()[-len(rows) - 2]
 
 
+def test_runs_side_by_side_match_rows_whose_backends_differ_and_show_them(tmp_path, rows):
+    """A backend chosen per point in one run (fla for decode, reference for prefill) was kept in the match, so that
+    run's decode rows and another run's, on the reference backend, were left out of the table without a word."""
+    per_pass = RowSet(replace(row, gdn_backend="fla") if row.gdn_backend and row.pass_ == "decode" else row for row in rows)  # fmt: skip
+    slower = RowSet(replace(row, latency_ms=row.latency_ms * 2) for row in rows)
+    a = write_run(tmp_path / "a", per_pass)
+    b = write_run(tmp_path / "b", slower)
+    result = run_main("table", str(a), str(b), "--json", str(tmp_path / "t.json"))
+    assert result.returncode == 0, result.stderr
+    side = pd.DataFrame(json.loads((tmp_path / "t.json").read_text())["side_by_side"])
+    assert len(side) == len(rows) and side["latency_ms b/a"].to_numpy() == pytest.approx(2.0)
+    head = single(side, variant="head:3:1", context=1024, **{"pass": "decode"})
+    assert (head["gdn_backend@a"], head["gdn_backend@b"]) == ("fla", "reference")
+    fa = single(side, variant="fa", context=1024, **{"pass": "decode"})
+    assert (fa["gdn_backend@a"], fa["gdn_backend@b"]) == ("", "")  # runs no GDN kernel
+    assert "fa_backend@a" not in side and "dtype@a" not in side  # one value in each run: its identity
+    table = result.stdout.split("### Runs side by side")[1]
+    assert "| gdn_backend@a | latency_ms@a | speedup@a | gdn_backend@b |" in table
+    assert any(line.startswith("| decode ") and "| fla | " in line and "| reference | " in line
+               for line in table.splitlines())  # fmt: skip
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path, rows):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -169,7 +191,10 @@ def test_a_quality_run_gets_the_quality_comparison_with_intervals(tmp_path):
     )
     result = run_main("table", str(folder))
     assert result.returncode == 0, result.stderr
-    assert "| passkey | acc | 1k | 0.980 ±0.039 (+0.020) | 0.960 ±0.039 | 0.940 ±0.039 (-0.020) |" in result.stdout
+    assert (
+        "| passkey | acc | 1k | 0.980 [0.930, 0.994] (+0.020) | 0.960 [0.902, 0.984] | 0.940 [0.875, 0.972] (-0.020) |"
+        in result.stdout
+    )  # Wilson's intervals of 98, 96 and 94 of 100 prompts
 
 
 def test_clashing_run_names_get_their_parents(tmp_path, rows):
@@ -185,7 +210,7 @@ def test_distilled_students_are_compared_with_the_baseline_distilled_in_their_ru
     result = run_main("table", str(folder))
     assert result.returncode == 0, result.stderr
     # head:7:1@d (0.920) against layer:3:1@d (0.940); head:7:1@e, whose run has no baseline, against layer:3:1
-    assert "| 0.940 ±0.039 | 0.920 ±0.039 (-0.020) | 0.900 ±0.039 (-0.060) |" in result.stdout
+    assert "| 0.940 [0.875, 0.972] | 0.920 [0.850, 0.959] (-0.020) | 0.900 [0.826, 0.945] (-0.060) |" in result.stdout
     assert "(delta) against layer:3:1, layer:3:1@d" in result.stdout
 
 

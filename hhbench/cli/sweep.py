@@ -105,7 +105,10 @@ def sweep(
     crosscheck: Annotated[
         int, Opt(help="Time this many kernel points again with triton's do_bench; fail beyond 5%.")
     ] = 0,
-    retry_errors: Annotated[bool, Opt(help="Measure again the points whose rows say error or oom.")] = False,
+    retry_errors: Annotated[
+        bool,
+        Opt(help="Measure again the points whose rows say error or oom, and the profiles and floors that failed."),
+    ] = False,
     warmup_ms: Annotated[float | None, Opt(help="Warm-up budget per point, ms (>= 0).")] = None,
     target_ms: Annotated[float | None, Opt(help="Timed budget per point, ms (>= 0; sets the sample count).")] = None,
     min_reps: Annotated[int | None, Opt(help="Fewest timed samples (>= 1).")] = None,
@@ -217,7 +220,8 @@ def sweep(
         if progress.live.is_started:
             progress.stop()
     typer.echo(summary(result.rows))
-    typer.echo(f"\n{result.new} new rows, {result.skipped} already in {run_dir.rows_path}; env in {run_dir.env_path}")
+    typer.echo(f"\n{result.new} new rows, {_completed(result.completed)}{result.skipped} already in {run_dir.rows_path}; "
+               f"env in {run_dir.env_path}")  # fmt: skip
     if result.crosschecked < crosscheck:
         print(
             f"hhbench: crosschecked {result.crosschecked} of the {crosscheck} points asked: only new kernel-scope "
@@ -228,6 +232,10 @@ def sweep(
         print(f"hhbench: crosscheck beyond 5%: {failure}", file=sys.stderr)
     if result.crosscheck_failures:
         raise SystemExit(1)
+
+
+def _completed(count: int) -> str:
+    return f"{count} completed (profile or floor measured again on the row), " if count else ""
 
 
 def _dry_run(points, run_dir: RunDir, where, policy, spread) -> None:
@@ -259,7 +267,8 @@ def _launch(points, run_dir: RunDir, where, policy, spread, name, isolate, retry
         return
     typer.echo(summary(launched.rows))
     typer.echo(
-        f"\n{launched.new} new rows, {launched.skipped} already in {run_dir.rows_path}; env in {run_dir.env_path}"
+        f"\n{launched.new} new rows, {_completed(launched.completed)}{launched.skipped} already in "
+        f"{run_dir.rows_path}; env in {run_dir.env_path}"
     )
     for failure in launched.failures:
         print(f"hhbench: {failure}", file=sys.stderr)

@@ -3,15 +3,39 @@ layer-wise 3:1 baseline. Pure functions over eval rows, shared by `hhbench eval`
 
 import math
 
-from hhbench.eval.generators import primary_metric
+from hhbench.eval.generators import PRIMARY_METRIC, primary_metric
 from hhbench.models.variants import BASELINE
 from hhbench.rows.schema import OK, EvalRow, markdown_table
 from hhbench.spec.units import format_count
 
+PASS_RATES = (PRIMARY_METRIC,)  # metrics that are a share of prompts answered (acc): k of n, Wilson's interval
+CONFIDENCE = 0.95
+NORMAL_Z = 1.96  # the normal interval's half-width in standard errors at CONFIDENCE, for the other scores
+
+
+def interval(metric: str, value: float | None, stderr: float | None, samples: int) -> tuple[float, float] | None:
+    """The CONFIDENCE interval (low, high) of a score over `samples` prompts. A pass rate (PASS_RATES, where value x
+    samples is a whole number k of prompts answered) gets Wilson's score interval (scipy.stats.binomtest's
+    proportion_ci; Wilson 1927): it stays inside [0, 1] and keeps a width at 0/n and n/n, where the normal interval
+    collapses to a point (0/20: [0, 0.161]). Other scores (nats, shares of a prompt's answers) get value ±
+    NORMAL_Z stderr. None without a value, or without prompts (a pass rate) or a stderr (another score)."""
+    if value is None or _nan(value):
+        return None
+    passed = value * samples
+    if metric in PASS_RATES and samples > 0 and abs(passed - round(passed)) < 1e-6:
+        from scipy.stats import binomtest
+
+        found = binomtest(round(passed), samples).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+        return found.low, found.high
+    if stderr is None or _nan(stderr):
+        return None
+    return value - NORMAL_Z * stderr, value + NORMAL_Z * stderr
+
 
 def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str | None = None):
-    """Long form, one line per (model, task, context, variant): value, stderr, samples, status and delta
-    (value minus the baseline variant's on the same model, task and context; None without a baseline score).
+    """Long form, one line per (model, task, context, variant): value, stderr, samples, status, the 95% interval
+    (low, high: `interval`; None where it has none) and delta (value minus the baseline variant's on the same
+    model, task and context; None without a baseline score).
     The metric is each task's primary one (acc; answer_nll for log-likelihood tasks) unless one is named.
     A later row of the same key replaces an earlier one (a rerun)."""
     import pandas as pd
@@ -35,6 +59,9 @@ def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
         }
         for r in latest.values()
     ]
+    for record in records:
+        found = interval(record["metric"], record["value"], record["stderr"], record["samples"])
+        record["low"], record["high"] = found or (None, None)
     columns = [
         "model",
         "task",
@@ -46,6 +73,8 @@ def comparison_frame(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
         "stderr",
         "samples",
         "status",
+        "low",
+        "high",
     ]
     frame = pd.DataFrame(records, columns=columns)
     scores = {(r["model"], r["task"], r["context"], r["variant"]): r["value"] for r in records}
@@ -103,8 +132,8 @@ def comparison_table(rows: list[EvalRow], baseline: str = BASELINE, metric: str 
     compared = set(frame.loc[frame["delta"].notna(), "baseline"])
     against = (f"; (delta) against {', '.join(sorted(compared))}" if compared
                else f" ({baseline} not run: no deltas)")  # fmt: skip
-    return (f"{which} per task and context; ± the 95% interval (1.96 stderr) where rows have a stderr{against}\n\n"
-            + markdown_table(table))  # fmt: skip
+    return (f"{which} per task and context; [the 95% interval]: Wilson's score interval for acc (k of n prompts "
+            f"answered), ±1.96 stderr for other scores{against}\n\n" + markdown_table(table))  # fmt: skip
 
 
 def _cell(record, is_baseline: bool) -> str:
@@ -113,8 +142,8 @@ def _cell(record, is_baseline: bool) -> str:
     if record.value is None or _nan(record.value):
         return record.status
     text = f"{record.value:.3f}"
-    if record.stderr is not None and not _nan(record.stderr):
-        text += f" ±{1.96 * record.stderr:.3f}"
+    if record.low is not None and not _nan(record.low):
+        text += f" [{record.low:.3f}, {record.high:.3f}]"
     if not is_baseline and record.delta is not None and not _nan(record.delta):
         text += f" ({record.delta:+.3f})"
     return text

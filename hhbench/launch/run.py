@@ -17,7 +17,7 @@ from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import Point
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, read_rows
-from hhbench.runner.sweep import asked_extras, finished_rows, prepare_env
+from hhbench.runner.sweep import asked_extras, complete_rows, finished_rows, measure_again, prepare_env
 
 LAUNCHERS = ("local", "slurm")
 
@@ -97,6 +97,7 @@ class Launched:
     rows: RowSet = field(default_factory=RowSet)
     new: int = 0
     skipped: int = 0
+    completed: int = 0  # finished rows whose profile or floor this process measured again (complete_rows)
     plan: list[tuple[str, Shard]] = field(default_factory=list)  # (worker or shard, its points)
     failures: list[str] = field(default_factory=list)
     submitted: list[str] = field(default_factory=list)  # SLURM job ids
@@ -126,7 +127,7 @@ def launch(
     this machine adds its wall time to its session in env.json (wall_s). The caller holds the run lock
     (hhbench.launch.lock.run_lock), except for a dry run, which writes nothing."""
     started = time.monotonic()
-    busy = []
+    busy, completed = [], 0
     if options.dry_run:
         done = _done_keys(run)
     else:
@@ -137,9 +138,18 @@ def launch(
             prepare_env(run, suite_name, where, len(options.gpus) or options.shards)
             if where.type == "cuda":
                 torch.cuda.empty_cache()  # the peaks' buffers: GPU 0's worker needs its memory
-        done = {row.key for row in finished_rows(run, retry, asked_extras(points))}
+        asked = asked_extras(points)
+        rows = finished_rows(run, retry, asked)
+        if options.launcher == "slurm" and any(measure_again(row, retry, asked) for row in rows):
+            raise UserError(
+                f"finished rows of {run.path} need their profile or floor measured again: run this sweep once "
+                "without --launcher on a machine with the run's device, then submit the rest"
+            )
+        # in this process, before the workers start: a completed row replaces its old one in rows.jsonl
+        completed = complete_rows(points, run, rows, where, policy, retry, isolate)
+        done = {row.key for row in rows}
     todo = [point for point in points if point.identity not in done]
-    outcome = Launched(skipped=len(points) - len(todo))
+    outcome = Launched(skipped=len(points) - len(todo) - completed, completed=completed)
     if options.gpus:
         shards = deal(todo, len(options.gpus), policy)
         outcome.plan = [(worker_name("", gpu), shard) for gpu, shard in zip(options.gpus, shards, strict=True)]

@@ -48,7 +48,8 @@ LEGEND_LINE_PX, LEGEND_PAD_PX, MARGIN_PX = 19, 20, {"t": 100, "b": 80}
 
 @dataclass
 class Figure:
-    """A drawn figure; on creation its log axes get readable ticks and its height room for its whole legend."""
+    """A drawn figure; on creation its log axes get readable ticks, its bars' linear axes 0, and its height room for
+    its whole legend."""
 
     slug: str  # the figure's HTML id and PNG file name
     title: str
@@ -57,6 +58,7 @@ class Figure:
 
     def __post_init__(self):
         label_log_axes(self.figure)
+        bars_from_zero(self.figure)
         fit_legend(self.figure)
 
 
@@ -93,6 +95,18 @@ def label_log_axes(figure: go.Figure) -> None:
         # within a factor of 5 plotly's own choice is right: evenly spaced ticks, written in full
         for member in members:
             figure.layout[f"{member[0]}axis{member[1:]}"].update(ticks)
+
+
+def bars_from_zero(figure: go.Figure) -> None:
+    """Each linear axis that bars grow along starts at 0 (rangemode tozero): a bar reads as its value only from 0,
+    and plotly's autorange, padding for markers drawn beside the bars (the kernel figure's latency and floor, near 0
+    in decode), starts below it. Log axes, which have no 0, are left as they are."""
+    for trace in figure.data:
+        if isinstance(trace, go.Bar):
+            letter = "x" if trace.orientation == "h" else "y"
+            axis = figure.layout[f"{letter}axis{(trace[f'{letter}axis'] or letter)[1:]}"]
+            if axis.type != "log":
+                axis.rangemode = "tozero"
 
 
 def _reach(trace, letter: str) -> np.ndarray:

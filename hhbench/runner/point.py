@@ -62,12 +62,28 @@ def measure_point(
         row.status, row.reason = _classify(exc)
     finally:
         trial.free()
-    for unit in MEASUREMENTS.values():
-        if unit.addition:
-            try:
-                unit.run(trial)
-            except Exception as exc:  # an addition's failure is kept, the row keeps its latency
-                row.extra[f"{unit.name}_error"] = _classify(exc)[1]
-            finally:
-                trial.free()
+    _run_additions(trial, [name for name, unit in MEASUREMENTS.items() if unit.addition])
+    return row
+
+
+def _run_additions(trial: Trial, names: list[str]) -> None:
+    for name in names:
+        try:
+            MEASUREMENTS[name].run(trial)
+        except Exception as exc:  # an addition's failure is kept, the row keeps its latency
+            trial.row.extra[f"{name}_error"] = _classify(exc)[1]
+        finally:
+            trial.free()
+
+
+def complete_row(point: Point, device: torch.device, policy: TimingPolicy, row: Row, names: tuple[str, ...]) -> Row:
+    """A copy of `row`, a finished ok row of `point`, with its additions `names` (profile, floor: units of
+    hhbench.runner.measurements) measured again on `device` under `policy`: their old error (extra["<name>_error"])
+    dropped and their fields rewritten, every other field kept (the latency stays the one measured with the row). A
+    failure is kept in extra["<name>_error"] again, as in measure_point."""
+    row = Row.from_dict(row.to_dict())
+    for name in names:
+        row.extra.pop(f"{name}_error", None)
+    trial = Trial(point, device, policy, row, {})
+    _run_additions(trial, list(names))
     return row

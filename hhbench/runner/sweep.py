@@ -31,56 +31,100 @@ from hhbench.plan.grid import Point
 from hhbench.rows import schema
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, RowSet, append_row, read_rows
-from hhbench.runner.point import base_row, measure_point
+from hhbench.runner.point import base_row, complete_row, measure_point
 
 RETRYABLE = (schema.ERROR, schema.OOM)
+POINT = "point"  # measure_again: the whole point, not some of its additions
 
 
 @dataclass
 class SweepResult:
-    """What a sweep did: the run, all its rows (old and new), how many points were measured and skipped, and the
-    do_bench crosschecks made and failed."""
+    """What a sweep did: the run, all its rows (old and new), how many points were measured, completed and skipped,
+    and the do_bench crosschecks made and failed."""
 
     run: RunDir
     rows: RowSet  # every row of the run, old and new
     new: int = 0
     skipped: int = 0
+    completed: int = 0  # finished rows whose profile or floor was measured again (complete_rows)
     crosscheck_failures: list[str] = field(default_factory=list)
     crosschecked: int = 0  # points timed again with do_bench (kernel scope, not decode, at least 2 ms)
     poisoned: str = ""  # a worker's CUDA context failed after this error: the rest of its points left to another
 
 
-def asked_extras(points: list[Point]) -> dict[tuple, list[set[str]]]:
-    """Per point identity, what its row's extra must hold to count as finished, one of each set: parts_ms where it
-    asks for its parts, kernels (or profile_error: a profile that failed) where it asks for its profile."""
-    asked: dict[tuple, list[set[str]]] = {}
+def asked_extras(points: list[Point]) -> dict[tuple, dict[str, str | None]]:
+    """Per point identity, the measurements its row must hold to count as finished, each by name with the extra key
+    that shows it: parts (parts_ms) where the point asks for its parts, the additions profile (kernels) where it asks
+    for its profile and floor where it asks for its floor. The floor's key is None: only a floor that failed is
+    measured again, a row without one (measured before the floor existed, or with --no-floor) is left as it is."""
+    asked: dict[tuple, dict[str, str | None]] = {}
     for point in points:
-        wants = ([{"parts_ms"}] if point.parts else []) + ([{"kernels", "profile_error"}] if point.profile else [])
+        wants = {name: key for name, key, asks in (("parts", "parts_ms", point.parts),
+                 ("profile", "kernels", point.profile), ("floor", None, point.floor)) if asks}  # fmt: skip
         if wants:
             asked[point.identity] = wants
     return asked
 
 
-def finished_rows(run: RunDir, retry: bool, asked: dict[tuple, list[set[str]]]) -> RowSet:
-    """The run's finished rows, less those to measure again: error and oom rows with retry, and ok rows measured
-    without the parts or the profile this sweep asks for (`asked`: asked_extras of its points; rewritten
-    atomically: a kill here leaves the old file or the new one)."""
+def measure_again(row: Row, retry: bool, asked: dict[tuple, dict[str, str | None]]) -> tuple[str, ...]:
+    """What of the row's point a sweep measures again (the one rule of resuming): (POINT,), all of it, for an error or
+    oom row with `retry` and an ok row without the parts it asks for; else the additions it asks for that the ok row
+    lacks (a profile), and with `retry` those that failed on it (extra["<name>_error"]: profile, floor), measured
+    again on the row, which keeps its latency (hhbench.runner.point.complete_row); () for nothing. `asked`:
+    asked_extras."""
+    if retry and row.status in RETRYABLE:
+        return (POINT,)
+    if row.status != schema.OK:
+        return ()
+    missing = tuple(name for name, key in asked.get(row.key, {}).items()
+                    if (retry if f"{name}_error" in row.extra else key is not None and key not in row.extra))  # fmt: skip
+    return (POINT,) if "parts" in missing else missing
+
+
+def _rewrite(run: RunDir, rows: RowSet) -> None:
+    """rows.jsonl replaced by `rows` atomically: a kill here leaves the old file or the new one."""
+    temporary = run.rows_path.with_suffix(".tmp")
+    rows.to_jsonl(temporary)
+    os.replace(temporary, run.rows_path)
+
+
+def finished_rows(run: RunDir, retry: bool, asked: dict[tuple, dict[str, str | None]]) -> RowSet:
+    """The run's rows, less those whose point is measured again whole (measure_again; rows.jsonl rewritten
+    atomically). Rows that only some additions are measured again on stay: complete_rows rewrites them."""
     if not run.rows_path.exists():
         return RowSet()
     rows = read_rows(run.rows_path, repair=True)
+    kept = RowSet(row for row in rows if measure_again(row, retry, asked) != (POINT,))
+    if len(kept) < len(rows):
+        _rewrite(run, kept)
+    return kept
 
-    def again(row) -> bool:
-        if retry and row.status in RETRYABLE:
-            return True
-        return row.status == schema.OK and any(not wants & row.extra.keys() for wants in asked.get(row.key, []))
 
-    if any(again(row) for row in rows):
-        kept = RowSet(row for row in rows if not again(row))
-        temporary = run.rows_path.with_suffix(".tmp")
-        kept.to_jsonl(temporary)
-        os.replace(temporary, run.rows_path)
-        rows = kept
-    return rows
+def complete_rows(
+    points: list[Point],
+    run: RunDir,
+    rows: RowSet,
+    device: torch.device,
+    policy: TimingPolicy,
+    retry: bool,
+    isolate: bool = False,
+    on_row: Callable[[Row, int, int], None] | None = None,
+) -> int:
+    """Measure again, on the finished rows (`rows`, those of finished_rows) of `points`, the additions that
+    measure_again names, each completed row replacing its old one in `rows` and in rows.jsonl as it finishes (the old
+    row stays until then: a run never loses a finished row). Returns how many rows were completed."""
+    asked = asked_extras(points)
+    by_key = {point.identity: point for point in points}
+    where = {row.key: index for index, row in enumerate(rows) if row.key in by_key}
+    todo = [(where[key], names) for key in where if (names := measure_again(rows[where[key]], retry, asked))]
+    for done, (index, names) in enumerate(todo, 1):
+        point, old = by_key[rows[index].key], rows[index]
+        rows[index] = _measure_isolated(point, device, policy, False, (old, names)) if isolate else (
+            complete_row(point, device, policy, old, names))  # fmt: skip
+        _rewrite(run, rows)
+        if on_row:
+            on_row(rows[index], done, len(todo))
+    return len(todo)
 
 
 def _check_device(env: dict, run: RunDir) -> None:
@@ -154,11 +198,20 @@ def device_usable(device: torch.device) -> bool:
     return True
 
 
-def _measure_isolated(point: Point, device: torch.device, policy: TimingPolicy, crosscheck: bool) -> Row:
+def _measure_isolated(
+    point: Point,
+    device: torch.device,
+    policy: TimingPolicy,
+    crosscheck: bool,
+    completing: tuple[Row, tuple[str, ...]] | None = None,
+) -> Row:
     """The point measured in a fresh process (hhbench.runner.worker) with this process's torch CPU threads
-    (`--threads`: a fresh process would take torch's default)."""
+    (`--threads`: a fresh process would take torch's default); with `completing` (a finished row and the additions
+    to measure again on it, complete_row) only those. A process that fails leaves an error row, or the finished row
+    with the failure as each addition's error."""
+    old = (completing[0].to_dict(), completing[1]) if completing else None
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as handle:
-        pickle.dump((point, device.type, policy, crosscheck, torch.get_num_threads()), handle)
+        pickle.dump((point, device.type, policy, crosscheck, old, torch.get_num_threads()), handle)
     try:
         result = subprocess.run(
             [sys.executable, "-m", "hhbench.runner.worker", handle.name], capture_output=True, text=True
@@ -168,9 +221,14 @@ def _measure_isolated(point: Point, device: torch.device, policy: TimingPolicy, 
     lines = result.stdout.strip().splitlines()
     if result.returncode == 0 and lines:
         return Row.from_dict(json.loads(lines[-1]))
-    row = base_row(point)
     tail = " | ".join(result.stderr.strip().splitlines()[-3:])
-    row.status, row.reason = schema.ERROR, f"isolated worker exited with {result.returncode}: {tail}"
+    why = f"isolated worker exited with {result.returncode}: {tail}"
+    if completing:
+        row = Row.from_dict(completing[0].to_dict())
+        row.extra.update({f"{name}_error": why for name in completing[1]})
+        return row
+    row = base_row(point)
+    row.status, row.reason = schema.ERROR, why
     row.device = device_name()
     return row
 
@@ -187,7 +245,8 @@ def run_sweep(
     on_row: Callable[[Row, int, int], None] | None = None,
     worker: str = "",
 ) -> SweepResult:
-    """Measure the points that `run` has no row for yet (`retry`: error and oom rows again), appending each row
+    """Measure the points that `run` has no row for yet (`retry`: error and oom rows again, and failed profiles and
+    floors: measure_again; complete_rows first measures what finished rows lack), appending each row
     durably as it finishes; `isolate` runs each point in a subprocess; `crosscheck` times up to that many kernel
     points again with triton's do_bench (a gap over 5% is a failure). Raises UserError when the run was measured
     on another device."""
@@ -200,9 +259,10 @@ def run_sweep(
         out = run.rows_path
         prepare_env(run, suite_name, device)
         rows = finished_rows(run, retry, asked_extras(points))
+    completed = 0 if worker else complete_rows(points, run, rows, device, policy, retry, isolate, on_row)
     done = {row.key for row in rows}
     todo = [p for p in points if p.identity not in done]
-    result = SweepResult(run, rows, skipped=len(points) - len(todo))
+    result = SweepResult(run, rows, skipped=len(points) - len(todo) - completed, completed=completed)
     checked: dict = {}
     crosschecks_left = crosscheck
     for index, point in enumerate(todo):

@@ -1,4 +1,5 @@
-"""Measure one pickled point in this fresh process and print its row as the last line (sweep --isolate)."""
+"""Measure one pickled point (or only the additions named on its finished row) in this fresh process and print its
+row as the last line (sweep --isolate)."""
 
 import json
 import pickle
@@ -6,12 +7,16 @@ import sys
 
 import torch
 
-from hhbench.runner.point import measure_point
+from hhbench.rows.schema import Row
+from hhbench.runner.point import complete_row, measure_point
 
 if __name__ == "__main__":
     with open(sys.argv[1], "rb") as handle:
-        point, device, policy, crosscheck, threads = pickle.load(handle)
+        point, device, policy, crosscheck, completing, threads = pickle.load(handle)
     if device == "cpu":  # the sweep's threads (--threads), not torch's default
         torch.set_num_threads(threads)
-    row = measure_point(point, torch.device(device), policy, {}, crosscheck)
+    if completing:
+        row = complete_row(point, torch.device(device), policy, Row.from_dict(completing[0]), completing[1])
+    else:
+        row = measure_point(point, torch.device(device), policy, {}, crosscheck)
     print(json.dumps(row.to_dict()))

@@ -232,24 +232,26 @@ def _from_text(start, compared: int) -> str:
 
 def runs_side_by_side(rows: pd.DataFrame, labels: list[str], measured: bool) -> pd.DataFrame:
     """Configurations found in several runs, one column set per run; the first run is the reference of the
-    ratio columns. A key field with one value inside each run (the device's dtype or backends, empty where a
-    layout runs no such kernel) is the run's identity rather than part of the configuration, and is left out
-    of the match unless dropping it would make two rows of one run collide."""
-    key = list(KEY)
+    ratio columns. The dtype and the backends are left out of the match unless dropping one would make two rows
+    of one run collide: with one value inside each run (the device's dtype or backends, empty where a layout runs
+    no such kernel) they are the run's identity; where one varies inside a run (a backend chosen per point), each
+    run's value is shown in a column of its own (`gdn_backend@RUN`), so rows that differ only there stand side by
+    side, and say so."""
+    key, shown = list(KEY), []
     for name in ("dtype", *BACKENDS):
         fewer = [field for field in key if field != name]
-        if (rows[rows[name] != ""].groupby("run")[name].nunique() <= 1).all() and not rows.duplicated(
-            ["run", *fewer]
-        ).any():
+        if not rows.duplicated(["run", *fewer]).any():
             key = fewer
+            if (rows[rows[name] != ""].groupby("run")[name].nunique() > 1).any():
+                shown.append(name)
     # Analytic rows have no latency: beside measured runs they add nothing here (their ratios are above).
     value_columns = ["latency_ms", "speedup"] if measured else ["flops_ratio", "kv_ratio"]
-    wide = rows.pivot_table(index=key, columns="run", values=value_columns, aggfunc="first", dropna=False)
+    wide = rows.pivot_table(index=key, columns="run", values=[*shown, *value_columns], aggfunc="first", dropna=False)
     wide = wide[wide[value_columns[0]].notna().sum(axis=1) > 1]
     out = pd.DataFrame(index=wide.index)
     first = labels[0]
     for label in labels:
-        for column in value_columns:
+        for column in [*shown, *value_columns]:
             if (column, label) in wide:
                 out[f"{column}@{label}"] = wide[(column, label)]
         if label != first and (value_columns[0], label) in wide and (value_columns[0], first) in wide:
@@ -299,7 +301,7 @@ def _display_side_by_side(frame: pd.DataFrame) -> pd.DataFrame:
     for column in view.columns:
         if column.startswith("latency_ms@"):
             view[column] = view[column].map(lambda v: f"{v:.4g}" if pd.notna(v) else "")
-        elif column not in KEY:
+        elif column not in KEY and column.split("@")[0] not in KEY:  # the ratios, not a run's backend
             view[column] = view[column].map(_fixed)
     return view
 
