@@ -2,11 +2,13 @@
 kept out of the timing, and `hhbench table --kernels`."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from inprocess import run_main
 
+import hhbench
 from hhbench.errors import UserError
 from hhbench.measure.profile import kernel_kinds, profile_kernels
 from hhbench.plan.grid import grid_points, load_suite
@@ -193,12 +195,19 @@ def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
         return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_python_function=True,
                                kernels=[])  # fmt: skip
 
-    layer = frame("/opt/x/site-packages/hhbench/layers/hydrahead.py(255): _finish", frame("run.py(3): <module>"))
+    package = Path(hhbench.__file__).parent  # hhbench's own files, wherever it was imported from
+    layer = frame(f"{package}/layers/hydrahead.py(255): _finish", frame("run.py(3): <module>"))
     op = SimpleNamespace(name="aten::cat", cpu_parent=layer, device_type=DeviceType.CPU, is_python_function=False,
                          is_user_annotation=False, kernels=[Kernel("CatArrayBatchedCopy", 0, 250.0)])  # fmt: skip
     stray = SimpleNamespace(name="aten::add", cpu_parent=frame("triton/jit.py(9): run"), device_type=DeviceType.CPU,
                             is_python_function=False, kernels=[Kernel("add_kernel", 0, 10.0)])  # fmt: skip
     assert launch_site(op) == "hhbench/layers/hydrahead.py:255 _finish" and launch_site(stray) == UNKNOWN_SITE
+    # a checkout named hhbench holding its .venv (scripts/setup.sh's layout): torch's frames are not hhbench's
+    torch_frame = frame("/home/u/hhbench/.venv/lib/python3.12/site-packages/torch/nn/modules/linear.py(125): forward",
+                        layer)  # fmt: skip
+    linear = SimpleNamespace(name="aten::mm", cpu_parent=torch_frame)
+    assert launch_site(linear) == "hhbench/layers/hydrahead.py:255 _finish"
+    assert launch_site(frame("/home/u/hhbench/experiments/h200/layer_overhead.py(40): <module>")) == UNKNOWN_SITE
     assert list(_sites([layer, op, stray], torch.device("cuda"))) == [
         ("CatArrayBatchedCopy", "hhbench/layers/hydrahead.py:255 _finish", 0.25),
         ("add_kernel", UNKNOWN_SITE, 0.01),

@@ -12,11 +12,13 @@ to; a kernel launched outside any operator, a Triton kernel called from Python, 
 `?`), so that glue kernels of generic names (a copy, an elementwise op) say which function of the layer they are.
 """
 
+import functools
 import re
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
@@ -47,6 +49,18 @@ class KernelTimes:
 # A Python frame's event name under with_stack: "<path>(<line>): <function>"
 _FRAME = re.compile(r"^(?P<path>.+)\((?P<line>\d+)\): (?P<function>.+)$")
 UNKNOWN_SITE = "?"
+# The hhbench package's folder: a frame is hhbench's when its file is in it, not when its path merely holds
+# "hhbench/" (a checkout named hhbench holds its .venv, torch's files among them: scripts/setup.sh's layout)
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(maxsize=4096)
+def _package_module(path: str) -> str | None:
+    """`path`'s "hhbench/<module>.py" where it is a file of the hhbench package, else None."""
+    try:
+        return "hhbench/" + Path(path).resolve().relative_to(_PACKAGE).as_posix()
+    except ValueError:
+        return None
 
 
 def launch_site(event) -> str:
@@ -54,9 +68,9 @@ def launch_site(event) -> str:
     its CPU parents; UNKNOWN_SITE where none is (an event not under hhbench's code, or recorded without stacks)."""
     while event is not None:
         frame = _FRAME.match(event.name)
-        if frame and "hhbench/" in frame["path"]:
-            path = frame["path"][frame["path"].rindex("hhbench/") :]
-            return f"{path}:{frame['line']} {frame['function']}"
+        module = frame and _package_module(frame["path"])
+        if module:
+            return f"{module}:{frame['line']} {frame['function']}"
         event = event.cpu_parent
     return UNKNOWN_SITE
 
