@@ -212,3 +212,14 @@ def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
         ("CatArrayBatchedCopy", "hhbench/layers/hydrahead.py:255 _finish", 0.25),
         ("add_kernel", UNKNOWN_SITE, 0.01),
     ]
+
+
+def test_kernel_names_keep_what_tells_them_apart():
+    from hhbench.tables.kernels import short_name
+
+    # PyTorch's cat kernels: "(anonymous namespace)" is no argument list (it showed as "at::native::")
+    cat = ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>,"
+           " unsigned int, 4, 64, 64>(at::native::(anonymous namespace)::OpaqueType<2u>*, unsigned int)")  # fmt: skip
+    assert short_name(cat) == "at::native::CatArrayBatchedCopy<at::native::OpaqueType<2u>, unsigned int, 4, 64, 64>"
+    assert short_name("void add_kernel<float>(float*, int)") == "add_kernel<float>"
+    assert short_name("aten::mm") == "aten::mm"

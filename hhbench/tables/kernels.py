@@ -11,11 +11,19 @@ from hhbench.spec.units import format_count
 NAME_CHARS = 90  # a kernel name's shown length: CUDA template names run to hundreds of characters
 
 
+ANONYMOUS = "(anonymous namespace)::"  # in PyTorch's kernel names (cat's): no argument list, and nothing to read
+
+
 def short_name(name: str) -> str:
-    """A kernel name for reading: without a leading `void ` and its argument list, at most NAME_CHARS long."""
-    name = name.removeprefix("void ")
-    if "(" in name and not name.startswith("("):
-        name = name[: name.index("(")]
+    """A kernel name for reading: without a leading `void `, `(anonymous namespace)::` and its argument list (the
+    first `(` outside template brackets), at most NAME_CHARS long."""
+    name = name.removeprefix("void ").replace(ANONYMOUS, "")
+    depth = 0
+    for i, char in enumerate(name):
+        depth += (char == "<") - (char == ">")
+        if char == "(" and depth <= 0 and i:
+            name = name[:i]
+            break
     return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…"
 
 
