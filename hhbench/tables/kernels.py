@@ -15,15 +15,11 @@ ANONYMOUS = "(anonymous namespace)::"  # in PyTorch's kernel names (cat's): no a
 
 
 def short_name(name: str) -> str:
-    """A kernel name for reading: without a leading `void `, `(anonymous namespace)::` and its argument list (the
-    first `(` outside template brackets), at most NAME_CHARS long."""
+    """A kernel name for reading: without a leading `void `, `(anonymous namespace)::` and what follows its first
+    `(` (its argument list, or a template argument's: a functor's name then ends it), at most NAME_CHARS long."""
     name = name.removeprefix("void ").replace(ANONYMOUS, "")
-    depth = 0
-    for i, char in enumerate(name):
-        depth += (char == "<") - (char == ">")
-        if char == "(" and depth <= 0 and i:
-            name = name[:i]
-            break
+    if "(" in name and not name.startswith("("):
+        name = name[: name.index("(")]
     return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…"
 
 
