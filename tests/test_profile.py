@@ -223,3 +223,21 @@ def test_kernel_names_keep_what_tells_them_apart():
     assert short_name(cat) == "at::native::CatArrayBatchedCopy<at::native::OpaqueType<2u>, unsigned int, 4, 64, 64>"
     assert short_name("void add_kernel<float>(float*, int)") == "add_kernel<float>"
     assert short_name("aten::mm") == "aten::mm"
+
+
+def test_kernel_time_no_hhbench_function_launched_counts_under_unknown(monkeypatch):
+    """A kernel that no profiled operator holds (on CUDA one launched from Python, a Triton kernel: its launch has
+    no operator to link it to) and one whose walk up leaves the step for the profiler's own frame count under `?`,
+    so that a kernel's sites add up to its time."""
+    from types import SimpleNamespace
+
+    from hhbench.measure import profile as profile_module
+
+    x = torch.randn(32, 32)
+    monkeypatch.setattr(profile_module, "_sites", lambda events, device: iter(()))  # no operator holds a kernel
+    found = profile_kernels(lambda: x @ x, CPU, 2)
+    assert found.sites and all(found.sites[name] == {"?": found.ms[name]} for name in found.ms)
+    package = Path(hhbench.__file__).parent
+    profiler_frame = SimpleNamespace(name=f"{package}/measure/profile.py(120): profile_kernels", cpu_parent=None)
+    step_range = SimpleNamespace(name="ProfilerStep#3", cpu_parent=profiler_frame)  # spans the call, not in it
+    assert profile_module.launch_site(step_range) == "?"
