@@ -191,26 +191,32 @@ def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
     view = markdown_table(kernel_frame(row))
     assert "| launched from |" in view and "glue.py:37 causal_conv (100%)" in view
 
-    def frame(name, parent=None):
-        return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_python_function=True,
-                               kernels=[])  # fmt: skip
+    def event(name, parent=None, kernels=(), sequence_nr=-1, fwd_thread=0):
+        return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_user_annotation=False,
+                               is_python_function="): " in name, kernels=list(kernels),
+                               sequence_nr=sequence_nr, fwd_thread=fwd_thread)  # fmt: skip
 
     package = Path(hhbench.__file__).parent  # hhbench's own files, wherever it was imported from
-    layer = frame(f"{package}/layers/hydrahead.py(255): _finish", frame("run.py(3): <module>"))
-    op = SimpleNamespace(name="aten::cat", cpu_parent=layer, device_type=DeviceType.CPU, is_python_function=False,
-                         is_user_annotation=False, kernels=[Kernel("CatArrayBatchedCopy", 0, 250.0)])  # fmt: skip
-    stray = SimpleNamespace(name="aten::add", cpu_parent=frame("triton/jit.py(9): run"), device_type=DeviceType.CPU,
-                            is_python_function=False, kernels=[Kernel("add_kernel", 0, 10.0)])  # fmt: skip
+    layer = event(f"{package}/layers/hydrahead.py(255): _finish", event("run.py(3): <module>"))
+    op = event("aten::cat", layer, [Kernel("CatArrayBatchedCopy", 0, 250.0)])
+    stray = event("aten::add", event("triton/jit.py(9): run"), [Kernel("add_kernel", 0, 10.0)])
     assert launch_site(op) == "hhbench/layers/hydrahead.py:255 _finish" and launch_site(stray) == UNKNOWN_SITE
     # a checkout named hhbench holding its .venv (scripts/setup.sh's layout): torch's frames are not hhbench's
-    torch_frame = frame("/home/u/hhbench/.venv/lib/python3.12/site-packages/torch/nn/modules/linear.py(125): forward",
+    torch_frame = event("/home/u/hhbench/.venv/lib/python3.12/site-packages/torch/nn/modules/linear.py(125): forward",
                         layer)  # fmt: skip
-    linear = SimpleNamespace(name="aten::mm", cpu_parent=torch_frame)
-    assert launch_site(linear) == "hhbench/layers/hydrahead.py:255 _finish"
-    assert launch_site(frame("/home/u/hhbench/experiments/h200/layer_overhead.py(40): <module>")) == UNKNOWN_SITE
-    assert list(_sites([layer, op, stray], torch.device("cuda"))) == [
+    assert launch_site(event("aten::mm", torch_frame)) == "hhbench/layers/hydrahead.py:255 _finish"
+    assert launch_site(event("/home/u/hhbench/experiments/h200/layer_overhead.py(40): <module>")) == UNKNOWN_SITE
+    # training: a backward kernel, launched on autograd's thread (no Python frames above it), is traced through its
+    # backward node (the forward's sequence number and thread) to the forward operator's site
+    product = event("aten::mul", layer, sequence_nr=7)
+    node = event(
+        "MulBackward0", event("autograd::engine::evaluate_function: MulBackward0"), sequence_nr=7, fwd_thread=1
+    )
+    gradient = event("aten::mul", node, [Kernel("mul_kernel", 0, 40.0)])
+    assert list(_sites([layer, op, stray, product, node, gradient], torch.device("cuda"))) == [
         ("CatArrayBatchedCopy", "hhbench/layers/hydrahead.py:255 _finish", 0.25),
         ("add_kernel", UNKNOWN_SITE, 0.01),
+        ("mul_kernel", "hhbench/layers/hydrahead.py:255 _finish backward", 0.04),
     ]
 
 
@@ -241,3 +247,18 @@ def test_kernel_time_no_hhbench_function_launched_counts_under_unknown(monkeypat
     profiler_frame = SimpleNamespace(name=f"{package}/measure/profile.py(120): profile_kernels", cpu_parent=None)
     step_range = SimpleNamespace(name="ProfilerStep#3", cpu_parent=profiler_frame)  # spans the call, not in it
     assert profile_module.launch_site(step_range) == "?"
+
+
+def test_a_backward_kernel_is_traced_to_the_forward_function_it_differentiates():
+    from hhbench.layers.glue import causal_conv
+
+    x, weight = torch.randn(1, 16, 8, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+
+    def step():
+        y, _ = causal_conv(x, weight)
+        return torch.autograd.grad(y.sum(), [x, weight])
+
+    found = profile_kernels(step, CPU, 1)
+    convolution = found.sites["aten::convolution_backward"]  # on the CPU it ran under the test's own frame
+    assert set(convolution) == {"hhbench/layers/glue.py:37 causal_conv backward"}, convolution
+    assert "hhbench/layers/glue.py:37 causal_conv" in found.sites["aten::cat"]  # the forward's own

@@ -63,11 +63,17 @@ def _package_module(path: str) -> str | None:
         return None
 
 
-def launch_site(event) -> str:
+def launch_site(event, forward: dict | None = None) -> str:
     """The innermost hhbench function above a profiler event, "hhbench/<module>.py:<first line> <function>", walking
     its CPU parents; UNKNOWN_SITE where none is (an event not under hhbench's code, or recorded without stacks), or
-    where the walk leaves the profiled call for profile_kernels' own frame (the profiler's ProfilerStep# range)."""
+    where the walk leaves the profiled call for profile_kernels' own frame (the profiler's ProfilerStep# range).
+    Under an autograd backward node found in `forward` (_forward_ops: sequence number -> forward operator), the
+    site of the forward operator it differentiates, with " backward"."""
     while event is not None:
+        op = forward.get(event.sequence_nr) if forward and getattr(event, "fwd_thread", 0) else None
+        if op is not None:  # a backward node (it records the forward's thread): its forward operator's site
+            site = launch_site(op)
+            return site if site == UNKNOWN_SITE else f"{site} backward"
         frame = _FRAME.match(event.name)
         module = frame and _package_module(frame["path"])
         if module == _package_module(__file__):
@@ -108,16 +114,27 @@ def _kernel_events(profiler, device: torch.device):
         yield name, ms, launches
 
 
+def _forward_ops(events) -> dict:
+    """Autograd's sequence number -> the forward operator that recorded it (a backward node records the same number
+    and its forward's thread: a backward kernel is traced through it to the forward function it differentiates)."""
+    forward = {}
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU and event.sequence_nr >= 0 and not event.fwd_thread:
+            forward.setdefault(event.sequence_nr, event)
+    return forward
+
+
 def _sites(events, device: torch.device):
     """(kernel name, launch site, ms) of each kernel launch among a profile's events (module docstring)."""
+    forward = _forward_ops(events)
     if device.type != "cuda":
         for event in _operators(events):
-            yield event.name, launch_site(event.cpu_parent), event.self_cpu_time_total / 1e3
+            yield event.name, launch_site(event, forward), event.self_cpu_time_total / 1e3
         return
     for event in events:
         if event.device_type == torch.autograd.DeviceType.CPU and not event.is_python_function:
             for kernel in event.kernels:
-                yield kernel.name, launch_site(event), kernel.duration / 1e3
+                yield kernel.name, launch_site(event, forward), kernel.duration / 1e3
 
 
 def profile_kernels(
