@@ -218,6 +218,44 @@ def test_layer_points_run_with_their_floor_training_included(gdn_backend):
             assert row.gdn_impl.startswith("flash_qla"), where
 
 
+def test_graph_timing_captures_prefill_and_training_steps_with_either_mode():
+    """[timing] graph = true (sweep --graph) on steps only decode was captured in before: prefill and training
+    (autograd's backward inside the capture), sequential and on two streams, at layer and kernel scope; timed as
+    replays (timer cuda-graph), no host time, the floor one graph of its parts back to back."""
+    from hhbench.measure.timing import TimingPolicy
+    from hhbench.plan.grid import grid_points
+    from hhbench.runner.point import measure_point
+
+    grid = {"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "1k", "passes": "prefill,train",
+            "scopes": ["kernel", "layer"], "modes": ["sequential", "streams"]}  # fmt: skip
+    policy = TimingPolicy(warmup_ms=5, target_ms=20, min_reps=3, max_reps=5, graph=True)
+    for point in grid_points(grid, "cuda"):
+        row = measure_point(point, torch.device("cuda"), policy, {})
+        where = f"{row.variant} {row.pass_} {row.scope} {row.mode}"
+        assert row.status == "ok", f"{where}: {row.reason}"
+        assert row.timer == "cuda-graph" and "host_ms" not in row.extra, where
+        if row.scope == "layer":
+            assert row.extra["floor_method"].endswith("one CUDA graph"), where
+
+
+def test_a_profiled_training_layer_traces_its_backward_kernels_to_the_layers_functions():
+    """On CUDA autograd runs the backward on a thread of its own, without Python frames: its kernels are traced
+    through their autograd nodes to the forward's hhbench functions ("... backward")."""
+    from hhbench.measure.timing import TimingPolicy
+    from hhbench.plan.grid import grid_points
+    from hhbench.runner.point import measure_point
+
+    grid = {"models": "qwen3-1.7b", "layouts": "head", "ratios": "7:1", "contexts": "4k", "passes": "train",
+            "scopes": "layer", "gdn_backend": "fla-chunk", "profile": True}  # fmt: skip
+    [point] = grid_points(grid, "cuda")
+    row = measure_point(
+        point, torch.device("cuda"), TimingPolicy(warmup_ms=5, target_ms=20, min_reps=3, max_reps=5), {}
+    )
+    assert row.status == "ok" and "profile_error" not in row.extra, row.extra.get("profile_error")
+    sites = {site: ms for k in row.extra["kernels"]["top"] for site, ms in k["sites"]}
+    assert any(site.startswith("hhbench/layers/") and site.endswith(" backward") for site in sites), sites
+
+
 @pytest.mark.parametrize("pass_", ["prefill", "decode"])
 def test_a_profiled_layer_lists_its_cuda_kernels_and_the_floors_share(pass_):
     """sweep --profile on the GPU: CUDA kernels (not CPU operators) per layer, their sum within the profiled step

@@ -2,11 +2,13 @@
 kept out of the timing, and `hhbench table --kernels`."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from inprocess import run_main
 
+import hhbench
 from hhbench.errors import UserError
 from hhbench.measure.profile import kernel_kinds, profile_kernels
 from hhbench.plan.grid import grid_points, load_suite
@@ -214,17 +216,74 @@ def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
     view = markdown_table(kernel_frame(row))
     assert "| launched from |" in view and "glue.py:37 causal_conv (100%)" in view
 
-    def frame(name, parent=None):
-        return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_python_function=True,
-                               kernels=[])  # fmt: skip
+    def event(name, parent=None, kernels=(), sequence_nr=-1, fwd_thread=0):
+        return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_user_annotation=False,
+                               is_python_function="): " in name, kernels=list(kernels),
+                               sequence_nr=sequence_nr, fwd_thread=fwd_thread)  # fmt: skip
 
-    layer = frame("/opt/x/site-packages/hhbench/layers/hydrahead.py(255): _finish", frame("run.py(3): <module>"))
-    op = SimpleNamespace(name="aten::cat", cpu_parent=layer, device_type=DeviceType.CPU, is_python_function=False,
-                         is_user_annotation=False, kernels=[Kernel("CatArrayBatchedCopy", 0, 250.0)])  # fmt: skip
-    stray = SimpleNamespace(name="aten::add", cpu_parent=frame("triton/jit.py(9): run"), device_type=DeviceType.CPU,
-                            is_python_function=False, kernels=[Kernel("add_kernel", 0, 10.0)])  # fmt: skip
+    package = Path(hhbench.__file__).parent  # hhbench's own files, wherever it was imported from
+    layer = event(f"{package}/layers/hydrahead.py(255): _finish", event("run.py(3): <module>"))
+    op = event("aten::cat", layer, [Kernel("CatArrayBatchedCopy", 0, 250.0)])
+    stray = event("aten::add", event("triton/jit.py(9): run"), [Kernel("add_kernel", 0, 10.0)])
     assert launch_site(op) == "hhbench/layers/hydrahead.py:255 _finish" and launch_site(stray) == UNKNOWN_SITE
-    assert list(_sites([layer, op, stray], torch.device("cuda"))) == [
+    # a checkout named hhbench holding its .venv (scripts/setup.sh's layout): torch's frames are not hhbench's
+    torch_frame = event("/home/u/hhbench/.venv/lib/python3.12/site-packages/torch/nn/modules/linear.py(125): forward",
+                        layer)  # fmt: skip
+    assert launch_site(event("aten::mm", torch_frame)) == "hhbench/layers/hydrahead.py:255 _finish"
+    assert launch_site(event("/home/u/hhbench/experiments/h200/layer_overhead.py(40): <module>")) == UNKNOWN_SITE
+    # training: a backward kernel, launched on autograd's thread (no Python frames above it), is traced through its
+    # backward node (the forward's sequence number and thread) to the forward operator's site
+    product = event("aten::mul", layer, sequence_nr=7)
+    node = event(
+        "MulBackward0", event("autograd::engine::evaluate_function: MulBackward0"), sequence_nr=7, fwd_thread=1
+    )
+    gradient = event("aten::mul", node, [Kernel("mul_kernel", 0, 40.0)])
+    assert list(_sites([layer, op, stray, product, node, gradient], torch.device("cuda"))) == [
         ("CatArrayBatchedCopy", "hhbench/layers/hydrahead.py:255 _finish", 0.25),
         ("add_kernel", UNKNOWN_SITE, 0.01),
+        ("mul_kernel", "hhbench/layers/hydrahead.py:255 _finish backward", 0.04),
     ]
+
+
+def test_kernel_names_keep_what_tells_them_apart():
+    from hhbench.tables.kernels import short_name
+
+    # PyTorch's cat kernels: "(anonymous namespace)" is no argument list (it showed as "at::native::")
+    cat = ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>,"
+           " unsigned int, 4, 64, 64>(at::native::(anonymous namespace)::OpaqueType<2u>*, unsigned int)")  # fmt: skip
+    assert short_name(cat) == "at::native::CatArrayBatchedCopy<at::native::OpaqueType<2u>, unsigned int, 4, 64, 64>"
+    assert short_name("void add_kernel<float>(float*, int)") == "add_kernel<float>"
+    assert short_name("aten::mm") == "aten::mm"
+
+
+def test_kernel_time_no_hhbench_function_launched_counts_under_unknown(monkeypatch):
+    """A kernel that no profiled operator holds (on CUDA one launched from Python, a Triton kernel: its launch has
+    no operator to link it to) and one whose walk up leaves the step for the profiler's own frame count under `?`,
+    so that a kernel's sites add up to its time."""
+    from types import SimpleNamespace
+
+    from hhbench.measure import profile as profile_module
+
+    x = torch.randn(32, 32)
+    monkeypatch.setattr(profile_module, "_sites", lambda events, device: iter(()))  # no operator holds a kernel
+    found = profile_kernels(lambda: x @ x, CPU, 2)
+    assert found.sites and all(found.sites[name] == {"?": found.ms[name]} for name in found.ms)
+    package = Path(hhbench.__file__).parent
+    profiler_frame = SimpleNamespace(name=f"{package}/measure/profile.py(120): profile_kernels", cpu_parent=None)
+    step_range = SimpleNamespace(name="ProfilerStep#3", cpu_parent=profiler_frame)  # spans the call, not in it
+    assert profile_module.launch_site(step_range) == "?"
+
+
+def test_a_backward_kernel_is_traced_to_the_forward_function_it_differentiates():
+    from hhbench.layers.glue import causal_conv
+
+    x, weight = torch.randn(1, 16, 8, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+
+    def step():
+        y, _ = causal_conv(x, weight)
+        return torch.autograd.grad(y.sum(), [x, weight])
+
+    found = profile_kernels(step, CPU, 1)
+    convolution = found.sites["aten::convolution_backward"]  # on the CPU it ran under the test's own frame
+    assert set(convolution) == {"hhbench/layers/glue.py:37 causal_conv backward"}, convolution
+    assert "hhbench/layers/glue.py:37 causal_conv" in found.sites["aten::cat"]  # the forward's own

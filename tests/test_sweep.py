@@ -16,6 +16,7 @@ import torch
 from inprocess import run_main
 
 from hhbench.bench.floor import floor_layers, floor_parts
+from hhbench.errors import UserError
 from hhbench.measure.timing import TimingPolicy, time_callable
 from hhbench.plan.grid import grid_points, load_suite
 from hhbench.rows.runs import RunDir
@@ -341,6 +342,30 @@ def test_a_suite_asking_for_cuda_graphs_on_the_cpu_is_refused(tmp_path):
                      'scopes = ["kernel"]\n[timing]\ngraph = true\ntarget_ms = 1\nmin_reps = 1\n')  # fmt: skip
     eager = run_main("sweep", "--suite", str(small), "--device", "cpu", "--no-graph", "--out", str(tmp_path))
     assert eager.returncode == 0, eager.stderr
+
+
+def test_eager_and_graph_timed_rows_never_share_a_run(tmp_path):
+    from hhbench.cli.sweep import default_run_name
+    from hhbench.rows.schema import append_row
+    from hhbench.runner.point import base_row
+
+    # the row key does not hold the timer: a --graph sweep resuming the eager run would skip its points as measured
+    assert default_run_name("s", torch.device("cpu"), graph=True) == "s-graph-cpu"
+    assert default_run_name("s", torch.device("cpu")) == "s-cpu"
+    run = RunDir(tmp_path / "r").create()
+    grid = {"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32", "passes": "prefill,decode"}
+    prefill, decode = grid_points({**grid, "scopes": "layer"}, "cuda")
+    append_row(run.rows_path, dataclasses.replace(base_row(decode), timer="cuda-graph"))  # decode: always a graph
+    sweep_module.check_timer(run, TimingPolicy(graph=False))
+    append_row(run.rows_path, dataclasses.replace(base_row(prefill), timer="cuda-events"))
+    sweep_module.check_timer(run, TimingPolicy(graph=False))
+    with pytest.raises(UserError, match="timed its prefill and training steps eagerly, this sweep times them as CUDA"):
+        sweep_module.check_timer(run, TimingPolicy(graph=True))
+    graphs = RunDir(tmp_path / "g").create()
+    append_row(graphs.rows_path, dataclasses.replace(base_row(prefill), timer="cuda-graph"))
+    sweep_module.check_timer(graphs, TimingPolicy(graph=True))
+    with pytest.raises(UserError, match="as CUDA graphs, this sweep times them eagerly"):
+        sweep_module.check_timer(graphs, TimingPolicy(graph=False))
 
 
 def test_a_measurement_is_one_registered_unit(monkeypatch):

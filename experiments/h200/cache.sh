@@ -7,6 +7,8 @@
 # Triton and TileLang key their caches by source, options and GPU target, not by path: a cache made on one H200
 # machine serves another with the same versions (env.json records them).
 set -euo pipefail
+usage() { echo "usage: cache.sh export|import NAME" >&2; exit 2; }
+[ $# -eq 2 ] || usage
 name=$2
 case "$1" in
 export) tar cJf - -C /tmp/cache "$name" | split -b 15000000 -d - "$OUT/cache-$name.tar.xz.part"
@@ -14,5 +16,5 @@ export) tar cJf - -C /tmp/cache "$name" | split -b 15000000 -d - "$OUT/cache-$na
 import) mkdir -p /tmp/cache
         cat .gpu/cache-"$name"/cache-"$name".tar.xz.part* | tar xJf - -C /tmp/cache
         du -sh "/tmp/cache/$name" ;;
-*) echo "usage: cache.sh export|import NAME" >&2; exit 2 ;;
+*) usage ;;
 esac

@@ -32,8 +32,9 @@ def set_cpu_threads(threads: int, where) -> None:
         torch.set_num_threads(threads)
 
 
-def default_run_name(suite: str, device) -> str:
-    """The run folder's default name: '<suite>-<device>' with the GPU's name (or 'cpu') in lower-case and dashes.
+def default_run_name(suite: str, device, graph: bool = False) -> str:
+    """The run folder's default name: '<suite>-<device>' with the GPU's name (or 'cpu') in lower-case and dashes,
+    '<suite>-graph-<device>' where every step is timed as CUDA graphs (`graph`), apart from the eager run's rows.
     UserError where the points run on a GPU this machine does not have (a SLURM array submitted from a login node):
     there is no GPU to name the run after."""
     import torch
@@ -43,7 +44,7 @@ def default_run_name(suite: str, device) -> str:
             "this machine has no GPU to name the run after (--launcher slurm runs on the nodes'): give --run"
         )
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    return f"{suite}-{re.sub(r'[^a-z0-9]+', '-', where.lower()).strip('-')}"
+    return f"{suite}-{'graph-' * graph}{re.sub(r'[^a-z0-9]+', '-', where.lower()).strip('-')}"
 
 
 def summary(rows: RowSet) -> str:
@@ -147,7 +148,7 @@ def sweep(
     from hhbench.measure.timing import TimingPolicy
     from hhbench.plan.grid import dedupe, grid_points, load_suite
     from hhbench.runner.measurements import CROSSCHECK_MIN_MS
-    from hhbench.runner.sweep import run_sweep
+    from hhbench.runner.sweep import check_timer, run_sweep
 
     slurm = {"partition": slurm_partition, "gpus_per_node": slurm_gpus_per_node, "time": slurm_time,
              "account": slurm_account}  # fmt: skip
@@ -184,7 +185,8 @@ def sweep(
     if policy.graph and where.type != "cuda":  # refused, not silently timed eagerly (as --mode streams)
         asked = "--graph" if graph else "[timing] graph = true"
         raise UserError(f"{asked} captures CUDA graphs, and this run is on {where.type}")
-    run_dir = RunDir(run_folder(out, run or default_run_name(name, where)))
+    run_dir = RunDir(run_folder(out, run or default_run_name(name, where, policy.graph)))
+    check_timer(run_dir, policy)
     if not suite and not grid:  # the main job: nothing on its command line says what it runs, so say it here
         why = "a CUDA GPU is visible" if where.type == "cuda" else "no CUDA GPU is visible, and 'default' needs one"
         print(f"hhbench: no --suite given: suite {name!r} ({why}), rows to {run_dir.rows_path}", file=sys.stderr)

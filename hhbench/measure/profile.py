@@ -12,11 +12,13 @@ to; a kernel launched outside any operator, a Triton kernel called from Python, 
 `?`), so that glue kernels of generic names (a copy, an elementwise op) say which function of the layer they are.
 """
 
+import functools
 import re
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
@@ -47,16 +49,37 @@ class KernelTimes:
 # A Python frame's event name under with_stack: "<path>(<line>): <function>"
 _FRAME = re.compile(r"^(?P<path>.+)\((?P<line>\d+)\): (?P<function>.+)$")
 UNKNOWN_SITE = "?"
+# The hhbench package's folder: a frame is hhbench's when its file is in it, not when its path merely holds
+# "hhbench/" (a checkout named hhbench holds its .venv, torch's files among them: scripts/setup.sh's layout)
+_PACKAGE = Path(__file__).resolve().parent.parent
 
 
-def launch_site(event) -> str:
+@functools.lru_cache(maxsize=4096)
+def _package_module(path: str) -> str | None:
+    """`path`'s "hhbench/<module>.py" where it is a file of the hhbench package, else None."""
+    try:
+        return "hhbench/" + Path(path).resolve().relative_to(_PACKAGE).as_posix()
+    except ValueError:
+        return None
+
+
+def launch_site(event, forward: dict | None = None) -> str:
     """The innermost hhbench function above a profiler event, "hhbench/<module>.py:<first line> <function>", walking
-    its CPU parents; UNKNOWN_SITE where none is (an event not under hhbench's code, or recorded without stacks)."""
+    its CPU parents; UNKNOWN_SITE where none is (an event not under hhbench's code, or recorded without stacks), or
+    where the walk leaves the profiled call for profile_kernels' own frame (the profiler's ProfilerStep# range).
+    Under an autograd backward node found in `forward` (_forward_ops: sequence number -> forward operator), the
+    site of the forward operator it differentiates, with " backward"."""
     while event is not None:
+        op = forward.get(event.sequence_nr) if forward and getattr(event, "fwd_thread", 0) else None
+        if op is not None:  # a backward node (it records the forward's thread): its forward operator's site
+            site = launch_site(op)
+            return site if site == UNKNOWN_SITE else f"{site} backward"
         frame = _FRAME.match(event.name)
-        if frame and "hhbench/" in frame["path"]:
-            path = frame["path"][frame["path"].rindex("hhbench/") :]
-            return f"{path}:{frame['line']} {frame['function']}"
+        module = frame and _package_module(frame["path"])
+        if module == _package_module(__file__):
+            break
+        if module:
+            return f"{module}:{frame['line']} {frame['function']}"
         event = event.cpu_parent
     return UNKNOWN_SITE
 
@@ -91,16 +114,27 @@ def _kernel_events(profiler, device: torch.device):
         yield name, ms, launches
 
 
+def _forward_ops(events) -> dict:
+    """Autograd's sequence number -> the forward operator that recorded it (a backward node records the same number
+    and its forward's thread: a backward kernel is traced through it to the forward function it differentiates)."""
+    forward = {}
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU and event.sequence_nr >= 0 and not event.fwd_thread:
+            forward.setdefault(event.sequence_nr, event)
+    return forward
+
+
 def _sites(events, device: torch.device):
     """(kernel name, launch site, ms) of each kernel launch among a profile's events (module docstring)."""
+    forward = _forward_ops(events)
     if device.type != "cuda":
         for event in _operators(events):
-            yield event.name, launch_site(event.cpu_parent), event.self_cpu_time_total / 1e3
+            yield event.name, launch_site(event, forward), event.self_cpu_time_total / 1e3
         return
     for event in events:
         if event.device_type == torch.autograd.DeviceType.CPU and not event.is_python_function:
             for kernel in event.kernels:
-                yield kernel.name, launch_site(event), kernel.duration / 1e3
+                yield kernel.name, launch_site(event, forward), kernel.duration / 1e3
 
 
 def profile_kernels(
@@ -141,6 +175,10 @@ def profile_kernels(
             sync()
             found.step_ms += (time.perf_counter() - start) * 1e3
             profiler.step()  # recording -> this cycle's trace collected
+    for name, total in found.ms.items():  # kernels no operator holds (on CUDA, one launched from Python) count as ?
+        left = total - sum(found.sites.get(name, {}).values())
+        if left > 1e-3 * total:
+            found.add_site(name, UNKNOWN_SITE, left)
     return found
 
 

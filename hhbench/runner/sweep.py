@@ -143,6 +143,18 @@ def _new_env(suite_name: str, device: torch.device, extra: dict) -> dict:
     return env
 
 
+def check_timer(run: RunDir, policy: TimingPolicy) -> None:
+    """Refuses (UserError) a sweep into a run whose prefill or training rows were timed on CUDA the other way: as
+    CUDA-graph replays where `policy` times them eagerly, or the reverse. The row key does not hold the timer, so
+    resuming the one run with the other policy would skip its points as measured, or mix the two in one table."""
+    asked = "cuda-graph" if policy.graph else "cuda-events"
+    other = {row.timer for row in run.rows() if row.pass_ != "decode" and row.timer in ("cuda-graph", "cuda-events")}
+    if other - {asked}:
+        held, wanted = ("eagerly", "as CUDA graphs") if policy.graph else ("as CUDA graphs", "eagerly")
+        raise UserError(f"run {run.path} timed its prefill and training steps {held}, this sweep times them {wanted}: "
+                        "use another --run")  # fmt: skip
+
+
 def prepare_env(run: RunDir, suite_name: str, device: torch.device, workers: int = 1) -> None:
     """env.json of a run measured here: written at its first sweep (its `argv` is the first sweep's), a session
     added at each with its time, commit, command line (`argv`) and number of worker processes (`worker_count`: 1 inline,

@@ -11,9 +11,13 @@ from hhbench.spec.units import format_count
 NAME_CHARS = 90  # a kernel name's shown length: CUDA template names run to hundreds of characters
 
 
+ANONYMOUS = "(anonymous namespace)::"  # in PyTorch's kernel names (cat's): no argument list, and nothing to read
+
+
 def short_name(name: str) -> str:
-    """A kernel name for reading: without a leading `void ` and its argument list, at most NAME_CHARS long."""
-    name = name.removeprefix("void ")
+    """A kernel name for reading: without a leading `void `, `(anonymous namespace)::` and what follows its first
+    `(` (its argument list, or a template argument's: a functor's name then ends it), at most NAME_CHARS long."""
+    name = name.removeprefix("void ").replace(ANONYMOUS, "")
     if "(" in name and not name.startswith("("):
         name = name[: name.index("(")]
     return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…"
