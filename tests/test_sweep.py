@@ -424,3 +424,26 @@ def test_a_point_above_the_available_memory_is_an_oom_row_not_a_run(tmp_path, mo
         "oom", "not run: needs at least 0.0327 GiB (analytic lower bound), cpu has 0.000977 GiB available"
     )  # fmt: skip
     assert status[64][0] == "ok"
+
+
+@pytest.mark.parametrize("one_graph_ms", [0.5, 1e6])
+def test_a_graph_timed_floor_is_the_lower_of_its_two_timings(monkeypatch, one_graph_ms):
+    """Timed as CUDA graphs, the floor's parts are timed each alone and all back to back as one graph; the floor
+    is the lower (a prefill's one graph read 8% above its parts summed on an H200). The one graph's time is set
+    here (the CPU captures no graphs); the parts are measured."""
+    from hhbench.measure.timing import Timing, TimingPolicy
+    from hhbench.runner.point import base_row
+
+    [point] = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32", "scopes": "layer",
+                           "passes": "prefill"}, "cpu")  # fmt: skip
+    row = base_row(point)
+    row.status, row.latency_ms = "ok", 10.0
+    parts = measurements.time_each
+    monkeypatch.setattr(measurements, "time_each", lambda *args: {k: v + 1.0 for k, v in parts(*args).items()})
+    monkeypatch.setattr(measurements, "time_callable", lambda *args: Timing([one_graph_ms], "cuda-graph", 0.0, []))
+    trial = measurements.Trial(point, torch.device("cpu"), TimingPolicy(target_ms=2, min_reps=2, graph=True), row, {})
+    measurements.MEASUREMENTS["floor"].run(trial)
+    ways = row.extra["floor_ways_ms"]
+    assert ways["every part back to back, one CUDA graph"] == one_graph_ms and ways["the parts' medians summed"] > 5
+    assert row.floor_ms == min(ways.values()) and row.vs_floor == pytest.approx(10.0 / row.floor_ms)
+    assert row.extra["floor_method"] == min(ways, key=ways.get)
