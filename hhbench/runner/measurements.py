@@ -336,7 +336,7 @@ def floor(trial: Trial) -> None:
         entry = by_layer.setdefault(part.layer, {"count": part.count, "parts_ms": {}})
         entry["parts_ms"][part.name] = times[str(i)]
     summed = sum(times[str(i)] * part.count for i, part in enumerate(made))
-    total, method = summed, SUMMED
+    total, method, layers = summed, SUMMED, floor_layers(point)
     if same.graph:
 
         def every_part():
@@ -345,10 +345,10 @@ def floor(trial: Trial) -> None:
                     part.run()
 
         one_graph = time_callable(every_part, device, same).median_ms
-        row.extra["floor_ways_ms"] = {ONE_GRAPH: one_graph / floor_layers(point), SUMMED: summed / floor_layers(point)}
+        row.extra["floor_ways_ms"] = {ONE_GRAPH: one_graph / layers, SUMMED: summed / layers}
         if one_graph < summed:
             total, method = one_graph, ONE_GRAPH
-    row.floor_ms = total / floor_layers(point)
+    row.floor_ms = total / layers
     row.vs_floor = row.latency_ms / row.floor_ms
     row.extra["floor_parts_ms"] = by_layer
     row.extra["floor_method"] = method
