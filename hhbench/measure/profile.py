@@ -7,9 +7,10 @@ calls) stands for its kernel, so that nested operators (linear > matmul > mm) ar
 microseconds as torch.profiler gives them, turned into ms here.
 
 Each kernel's time is also split by where hhbench launched it: the innermost hhbench function (`with_stack`'s
-Python frames name a function by its file and first line) above the operator that launched it (on CUDA, the operator the kernel's correlation id links it
-to; a kernel launched outside any operator, a Triton kernel called from Python, say, has none and counts under
-`?`), so that glue kernels of generic names (a copy, an elementwise op) say which function of the layer they are.
+Python frames name a function by its file and first line) above the operator that launched it (on CUDA, the
+operator the kernel's correlation id links it to; a kernel launched outside any operator, a Triton kernel called
+from Python, say, has none and counts under `?`), so that glue kernels of generic names (a copy, an elementwise
+op) say which function of the layer they are.
 """
 
 import functools
