@@ -1,5 +1,5 @@
 """Two runs of one plan side by side, as the multi-GPU evidence asks (docs/sweeps-multi-gpu.md): wall times,
-key sets, and each point's median against the other run's spread.
+key sets, each point's median against the other run's spread, and the medians' differences by pair of workers.
 
     python scripts/compare_runs.py REFERENCE CANDIDATE [--wall SECONDS SECONDS]
 
@@ -9,6 +9,9 @@ where both runs hold the same keys, 1 where they do not, 2 for a folder that hol
 
 import argparse
 import sys
+from collections import defaultdict
+
+from scipy.stats import scoreatpercentile
 
 from hhbench.errors import UserError
 from hhbench.rows.runs import RunDir
@@ -33,6 +36,22 @@ def sessions(run: RunDir) -> list[str]:
 
 def inside(value: float, row) -> bool:
     return row.latency_p10_ms <= value <= row.latency_p90_ms
+
+
+def by_worker(reference: dict, candidate: dict, keys: list, apart: list) -> list[str]:
+    """Markdown rows, one per pair of workers that measured the same points (reference worker, candidate worker):
+    how many points, the median of candidate / reference latency - 1 with its p10-p90 (scipy's percentiles), and
+    how many are apart. A device slower than another shows as a shift of its pairs alone."""
+    pairs = defaultdict(list)
+    for key in keys:
+        pairs[(reference[key].worker or "-", candidate[key].worker or "-")].append(key)
+    lines = []
+    for (ours, theirs), found in sorted(pairs.items()):
+        ratios = [candidate[key].latency_ms / reference[key].latency_ms - 1 for key in found]
+        p10, median, p90 = scoreatpercentile(ratios, [10, 50, 90])
+        lines.append(f"| {ours} | {theirs} | {len(found)} | {median:+.1%} ({p10:+.1%} to {p90:+.1%}) | "
+                     f"{sum(key in apart for key in found)} |")  # fmt: skip
+    return lines
 
 
 def main() -> int:
@@ -71,6 +90,8 @@ def main() -> int:
     apart = [key for key in measured if not (inside(rows[0][key].latency_ms, rows[1][key])
                                              and inside(rows[1][key].latency_ms, rows[0][key]))]  # fmt: skip
     print(f"medians within each other's p10-p90: {len(measured) - len(apart)} of {len(measured)} points ok in both")
+    print("\n| reference worker | candidate worker | points | candidate / reference - 1: median (p10 to p90) | apart |")
+    print("|---|---|---|---|---|", *by_worker(rows[0], rows[1], measured, set(apart)), sep="\n")
     for key in apart:
         a, b = rows[0][key], rows[1][key]
         print(f"  apart: {' '.join(map(str, key[1:6]))}: {a.latency_ms:.4g} ms [{a.latency_p10_ms:.4g}, "

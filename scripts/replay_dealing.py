@@ -3,13 +3,14 @@ through the dealing before the calibration and through the calibrated one (docs/
 
     python scripts/replay_dealing.py [RUN] [--workers 2 3 4]
 
-RUN (default results/floor-targets-h200) holds rows with `worker` and `extra.point_s`, env.json naming its suite,
+RUN (default results/floor-targets-h200; results/default-h200x2-cold is the kernel-scope one) holds rows with `worker` and `extra.point_s`, env.json naming its suite,
 and sweep.log (without it, one session), whose progress lines give each session's row count: merge appends a session's rows worker by
 worker, each worker's in the order it measured them, so a row's worker process is (session, worker). A row is its
 setup group's cold first where its process had not measured the group and no earlier session had (the compile
 caches were cold for it).
 
-Fit (printed as the Costs literal of hhbench/launch/shards.py): medians, see CALIBRATED's comment there.
+Fit (printed as the Costs literal of hhbench/launch/shards.py), one for each cost class of the run's rows (kernel
+scope; layer and model scope): medians, see CALIBRATED's comment there.
 
 Replay, not a measurement: a point takes its measured point_s, except a cold first, which takes the median
 point_s of its group's other points (where it has none, its own, and its group no setup); a setup group's setup
@@ -29,14 +30,17 @@ import types
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+from scipy.optimize import nnls
+
 from hhbench.errors import UserError
 from hhbench.launch.shards import (
     CALIBRATED,
-    PEAK_BYTES_PER_S,
-    PEAK_FLOPS,
     Costs,
+    cost_class,
     deal,
     estimated_seconds,
+    roofline_shares,
     setup_group,
     setup_kind,
 )
@@ -102,16 +106,27 @@ def estimated(row, point_of: dict, policy, costs: Costs) -> float:
     return estimated_seconds(point_of[row.key], policy, costs, HOST_CALLS if "host_ms" in row.extra else 0)
 
 
+def roofline_fractions(rows: list) -> tuple[float, float]:
+    """(fa_roofline_fraction, roofline_fraction) fitted on `rows`: each row's measured step of one layer as its
+    roofline's FA share over the one and the rest over the other (hhbench.launch.shards.roofline_shares),
+    nonnegative least squares of the relative error. Without FA (or without other) work in any row, both fractions
+    are the one fitted."""
+    shares = np.array([roofline_shares(r) for r in rows]) / np.array([[r.latency_ms / 1e3] for r in rows])
+    used = shares.any(axis=0)
+    inverse, _ = nnls(shares[:, used], np.ones(len(rows)))
+    fractions = 1 / inverse
+    return (fractions[0], fractions[-1]) if used.all() else (fractions[0], fractions[0])
+
+
 def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
-    """The Costs of CALIBRATED's comment, fitted on `rows`."""
-    steps = [max(r.flops_total / PEAK_FLOPS, r.bytes_moved / PEAK_BYTES_PER_S)
-             / (r.latency_ms * r.extra.get("unit_layers", 1) / 1e3) for r in rows if r.status == OK]  # fmt: skip
+    """The Costs of CALIBRATED's comment, fitted on `rows` (of one cost class; `firsts` indexes them)."""
+    fa_fraction, rest_fraction = roofline_fractions([r for r in rows if r.status == OK])
     later = [i for i in range(len(rows)) if i not in firsts]
     compiles = defaultdict(list)
     for i in later:
         if rows[i].scope != Scope.KERNEL.value and rows[i].status == OK:
             compiles[rows[i].gdn_backend].append(rows[i].compile_ms / 1e3)
-    costs = Costs(0.0, statistics.median(steps), {},
+    costs = Costs(0.0, rest_fraction, fa_fraction, {},
                   {backend: statistics.median(found) for backend, found in sorted(compiles.items())})  # fmt: skip
     overhead = [rows[i].extra["point_s"] - estimated(rows[i], point_of, policy, costs) for i in later]
     costs = dataclasses.replace(costs, point_s=statistics.median(overhead))
@@ -125,9 +140,19 @@ def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
     return dataclasses.replace(costs, setup_s={kind: statistics.median(found) for kind, found in setups.items()})
 
 
+def fits(rows: list, firsts: set[int], point_of: dict, policy) -> dict[str, Costs]:
+    """fit on each cost class of `rows` (hhbench.launch.shards.cost_class of their scope), by class."""
+    classes = defaultdict(list)
+    for i, row in enumerate(rows):
+        classes[cost_class(Scope(row.scope))].append(i)
+    return {name: fit([rows[i] for i in indices], {j for j, i in enumerate(indices) if i in firsts}, point_of, policy)
+            for name, indices in sorted(classes.items())}  # fmt: skip
+
+
 def rounded(costs: Costs) -> Costs:
     """The fit as CALIBRATED holds it: seconds to 0.1 (setups to 1 s), the roofline fraction to 0.01."""
-    return Costs(round(costs.point_s, 1), round(costs.roofline_fraction, 2),
+    return Costs(round(float(costs.point_s), 1), round(float(costs.roofline_fraction), 2),
+                 round(float(costs.fa_roofline_fraction), 2),
                  {kind: round(s) for kind, s in costs.setup_s.items()},
                  {backend: round(s, 1) for backend, s in costs.first_call_s.items()})  # fmt: skip
 
@@ -196,11 +221,10 @@ def replay_run(run: RunDir, worker_counts: list[int]) -> None:
         raise UserError(f"{run.path}: sweep.log's sessions add {sum(sizes)} rows, rows.jsonl has {len(rows)}")
     points, policy, point_of = plan(run, rows)
     firsts = cold_firsts(rows, sizes, point_of)
-    fitted = fit(rows, firsts, point_of, policy)
     print(f"fitted on {run.path} ({len(rows)} rows, sessions of {sizes} rows, {len(firsts)} cold firsts):")
-    print(
-        f"  {rounded(fitted)}\n  CALIBRATED {'matches' if rounded(fitted) == CALIBRATED else f'differs: {CALIBRATED}'}"
-    )
+    for name, fitted in fits(rows, firsts, point_of, policy).items():
+        verdict = "matches" if rounded(fitted) == CALIBRATED[name] else f"differs: {CALIBRATED[name]}"
+        print(f"  {name}: {rounded(fitted)}\n  CALIBRATED[{name!r}] {verdict}")
     seconds, setup = measured_costs(rows, firsts, point_of)
     print("\nreplay of the measured point times (a group's setup once per worker it is dealt to):")
     print(f"  one worker: {sum(seconds.values()) + sum(setup.values()):.0f} s")

@@ -23,7 +23,16 @@ from hhbench.launch import run as launch_run
 from hhbench.launch.cluster import parse_time
 from hhbench.launch.lock import run_lock, try_lock
 from hhbench.launch.merge import merge
-from hhbench.launch.shards import CALIBRATED, Costs, deal, estimated_seconds, setup_group, shard_seconds, unfinished
+from hhbench.launch.shards import (
+    CALIBRATED,
+    FITTED_ON,
+    Costs,
+    deal,
+    estimated_seconds,
+    setup_group,
+    shard_seconds,
+    unfinished,
+)
 from hhbench.launch.worker import Task
 from hhbench.measure.env import device_name
 from hhbench.measure.timing import TimingPolicy
@@ -95,7 +104,7 @@ def test_a_setup_group_is_split_only_where_that_ends_the_shards_sooner(setup, si
     1000 s setup they stay whole (1600 s; split, the second worker would take 2300)."""
     six = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "1k,2k,4k,8k,16k,32k"}, "cpu")
     two = grid_points({"models": "tiny", "layouts": "layer", "ratios": "3:1", "contexts": "1k,2k"}, "cpu")
-    costs = Costs(100.0, 1.0, dict.fromkeys(("prefill", "train", "decode", "model"), setup), {})
+    costs = Costs(100.0, 1.0, 1.0, dict.fromkeys(("prefill", "train", "decode", "model"), setup), {})
     policy = TimingPolicy(warmup_ms=0, target_ms=0, min_reps=1, max_reps=1)
     shards = deal(six + two, 2, policy, costs)
     assert [len(s.points) for s in shards] == sizes
@@ -109,14 +118,33 @@ def test_two_streams_share_their_sequential_twins_setup_group():
     assert check_group(sequential) != check_group(streams), "each mode is still checked"
 
 
-def test_the_calibrated_costs_are_the_fit_of_the_committed_h200_sweep():
-    """CALIBRATED is what scripts/replay_dealing.py fits on results/floor-targets-h200, rounded as it prints it."""
+def replayed(name: str) -> tuple[dict, RunDir, list, tuple]:
+    """scripts/replay_dealing.py's functions, the committed run `name`, its rows, and (points, policy, point_of,
+    cold firsts) as the script derives them."""
     replay = runpy.run_path(str(ROOT / "scripts" / "replay_dealing.py"))
-    run = RunDir.open(str(ROOT / "results" / "floor-targets-h200"))
+    run = RunDir.open(str(ROOT / "results" / name))
     rows = list(run.rows())
     points, policy, point_of = replay["plan"](run, rows)
     firsts = replay["cold_firsts"](rows, replay["session_sizes"](run.path / "sweep.log"), point_of)
-    assert replay["rounded"](replay["fit"](rows, firsts, point_of, policy)) == CALIBRATED
+    return replay, run, rows, (points, policy, point_of, firsts)
+
+
+@pytest.mark.parametrize("cost_class", sorted(FITTED_ON))
+def test_the_calibrated_costs_are_the_fit_of_the_committed_h200_sweep(cost_class):
+    """CALIBRATED[class] is what scripts/replay_dealing.py fits on FITTED_ON[class], rounded as it prints it."""
+    replay, _, rows, (_, policy, point_of, firsts) = replayed(FITTED_ON[cost_class])
+    assert replay["rounded"](replay["fits"](rows, firsts, point_of, policy)[cost_class]) == CALIBRATED[cost_class]
+
+
+def test_the_default_suite_dealt_to_two_gpus_replays_within_4_percent_of_an_even_split():
+    """The measured single-GPU run of suites/default.toml (warm caches, results/default-h200x1), its point times
+    replayed through deal() on two workers: the longer worker within 4% of half the total (240 and 236 s of 476).
+    The dealing at 1da787e (a layer-wise unit estimated as one layer; one roofline fraction for cuDNN and fla alike)
+    replays 250 and 226 s, and the measured two-GPU run it dealt (results/default-h200x2) took 260 and 206 s."""
+    replay, _, rows, (points, policy, point_of, firsts) = replayed("default-h200x1")
+    seconds, setup = replay["measured_costs"](rows, firsts, point_of)
+    times = replay["replay"](deal(points, 2, policy), seconds, setup)
+    assert max(times) <= 1.04 * sum(times) / 2
 
 
 def test_the_replay_of_a_run_it_cannot_replay_is_one_line(tmp_path, monkeypatch, capsys):
@@ -246,6 +274,21 @@ def test_compare_runs_without_a_run_is_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:  # was a ZeroDivisionError traceback
         compare["main"]()
     assert exit_.value.code == 2 and "--wall takes two positive seconds" in capsys.readouterr().err
+
+
+def test_compare_runs_tells_the_two_gpus_apart(monkeypatch, capsys):
+    """The committed default suite on one H200 and on two: identical keys (exit 0), the 1.78x, and by pair of
+    workers the same GPU agreeing (median within 0.5%) where the second GPU reads slower."""
+    compare = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))
+    runs = [str(ROOT / "results" / name) for name in ("default-h200x1", "default-h200x2")]
+    monkeypatch.setattr(sys, "argv", ["compare_runs.py", *runs])
+    assert compare["main"]() == 0
+    out = capsys.readouterr().out
+    assert "speed-up: 1.78x" in out and "key sets identical: True" in out
+    pairs = {tuple(cells[1:3]): float(cells[4].split("%")[0]) for line in out.splitlines()
+             if (cells := [c.strip() for c in line.split("|")])[1:2] in (["gpu0"], ["gpu1"])}  # fmt: skip
+    assert set(pairs) == {("gpu0", "gpu0"), ("gpu0", "gpu1")}
+    assert abs(pairs["gpu0", "gpu0"]) < 0.5 < pairs["gpu0", "gpu1"]
 
 
 def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):

@@ -57,6 +57,14 @@ def unit_of(layers: list[tuple[HeadSplit, float]]) -> list[tuple[HeadSplit, int]
     return [(layer, count) for (layer, _), count in zip(layers, counts, strict=True)]
 
 
+def timed_layers(point: Point) -> int:
+    """Layers one timed run of `point` holds (its latency is per layer: run time / this): the unit of its plan's
+    distinct layers (unit_of) at kernel and layer scope, 1 for the whole model."""
+    if point.scope is Scope.MODEL:
+        return 1
+    return sum(count for _, count in unit_of(build_plan(point.shape, point.spec).distinct_layers()))
+
+
 def gdn_decay(shape, device, dtype=torch.float32):
     """Log decays as GDN produces them: -exp(A) * softplus(a), most near zero (slow forgetting), some large."""
     return -torch.rand(shape, device=device, dtype=dtype).mul(4).exp().mul(0.05) * F.softplus(
@@ -179,7 +187,7 @@ def kernel_workload(
         if gdn:
             parts["gdn"] = core_step(core, None, gdn, point.pass_, round_to)
     graph = point.pass_ is Pass.DECODE and device.type == "cuda"
-    return Workload(run, outputs, sum(item[3] for item in items), graph, parts)
+    return Workload(run, outputs, timed_layers(point), graph, parts)
 
 
 def _module_inputs(point: Point, device, dtype, context: int, batch: int):
@@ -229,14 +237,12 @@ def module_workload(
     shape, gdn = point.shape, point.spec.gdn
     if point.scope is Scope.MODEL:
         modules = [(HybridLM(plan, fa_backend, gdn_backend, point.mode), 1)]
-        per_run = 1
     else:
         modules = [
             (HydraAttention(shape.hidden, shape.n_heads, shape.n_kv_heads, shape.head_dim, layer.fa_heads,
                             gdn.conv_size, gdn.output_gate, gdn.chunk_size, fa_backend, gdn_backend, point.mode), count)
             for layer, count in unit_of(plan.distinct_layers())
         ]  # fmt: skip
-        per_run = sum(count for _, count in modules)
     for module, _ in modules:
         if round_to is not None:  # the reference sees exactly the weights the tested dtype holds
             module.to(round_to)
@@ -281,7 +287,7 @@ def module_workload(
     def outputs():
         return [t for step, _ in steps for t in _checked(step)]
 
-    return Workload(run, outputs, per_run, point.pass_ is Pass.DECODE and device.type == "cuda")
+    return Workload(run, outputs, timed_layers(point), point.pass_ is Pass.DECODE and device.type == "cuda")
 
 
 def _attentions(module) -> list[HydraAttention]:

@@ -16,6 +16,7 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
+from hhbench.bench.workloads import timed_layers
 from hhbench.measure.timing import HOST_CALLS, TimingPolicy
 from hhbench.plan.grid import Point
 from hhbench.runner.measurements import PROFILE_STEPS, PROFILE_WARM_CALLS, check_group
@@ -33,11 +34,13 @@ class Costs:
     """Seconds a worker spends, as deal() models them. Per point: `point_s` (building its workload, its
     peak-memory run, writing its row), `first_call_s[gdn_backend]` at layer and model scope (what a point's first
     call compiles and tunes although its group is set up: FIRST_CALL below says why fla-chunk's is large), and each
-    timing's warm-up and samples of a step `roofline_fraction` of the roofline's speed. Per setup group, once on
-    each worker that measures one of its points: setup_seconds."""
+    timing's warm-up and samples of a step (step_seconds: the FA cores' share of the roofline at
+    `fa_roofline_fraction` of its speed, the rest at `roofline_fraction`). Per setup group, once on each worker
+    that measures one of its points: setup_seconds."""
 
     point_s: float
-    roofline_fraction: float  # roofline step time / measured step time
+    roofline_fraction: float  # roofline step time / measured step time, but for the FA cores' share
+    fa_roofline_fraction: float  # the same of the FA cores' share (cuDNN runs near its roofline, fla's GDN far off)
     setup_s: dict[str, float]  # by kind ("prefill", "train", "decode"; "model" at model scope), and kind and backend
     first_call_s: dict[str, float]  # by GDN backend, layer and model scope
 
@@ -64,30 +67,63 @@ class Costs:
 # its points at new contexts started after the fla-chunk worker had tuned the same norm buckets into the shared
 # Triton cache; two that did not paid 3.1 and 4.3 s.
 #
-# Fitted by scripts/replay_dealing.py on results/floor-targets-h200 (49 points of suites/floor-h200.toml, two H200s,
-# cold Triton and TileLang caches; each row's extra.point_s, compile_ms and latency; the sessions' rows told apart
-# by sweep.log), medians: roofline_fraction of every row's roofline step over its measured step; first_call_s, by
-# GDN backend, of the compile_ms of the points that were not their setup group's first from cold caches; point_s of
-# those points' time beyond that and their timed samples; setup_s, by kind and by kind and backend, of the first
-# points' time beyond their per-point estimate. Kernel scope (results/gpu-default-h100 has no point_s) takes the
-# layer-scope values of its pass and backend.
-CALIBRATED = Costs(
-    point_s=1.6,
-    roofline_fraction=0.26,
-    setup_s={
-        "prefill": 91,
-        "prefill fla-chunk": 60,
-        "prefill flash-qla": 101,
-        "train": 105,
-        "train fla-chunk": 90,
-        "train flash-qla": 174,
-        "decode": 9,
-        "decode fla-recurrent": 9,
-        "model": 41,
-        "model flash-qla": 41,
-    },
-    first_call_s={"fla-chunk": 14.2, "fla-recurrent": 0.0, "flash-qla": 0.2},
-)
+# Fitted by scripts/replay_dealing.py, medians, one Costs for each cost class (cost_class: kernel scope apart from
+# layer and model scope, whose steps carry a layer's projections and glue and whose setups its floor's parts too):
+# the two roofline fractions, least squares (scipy's nnls) of every row's measured step as its FA cores' share of the
+# roofline step over fa_roofline_fraction and the rest over roofline_fraction, relative errors; first_call_s, by GDN backend, of the
+# compile_ms of the layer- and model-scope points that were not their setup group's first from cold caches;
+# point_s of those points' time beyond that and their timed samples; setup_s, by kind and by kind and backend, of
+# the first points' time beyond their per-point estimate.
+# "layer": results/floor-targets-h200 (49 layer- and model-scope points of suites/floor-h200.toml, two H200s, cold
+# Triton and TileLang caches; each row's extra.point_s, compile_ms and latency; the sessions' rows told apart by
+# sweep.log). "kernel": results/default-h200x2-cold (the 196 points of suites/default.toml, two H200s, cold caches):
+# a kernel-scope setup is what fla's Triton autotuning and the fp32 check cost, about 1 s for prefill and decode and
+# 38 s for training (its backward kernels' tuning), against 60-174 s at layer scope.
+CALIBRATED = {
+    "layer": Costs(
+        point_s=1.6,
+        roofline_fraction=0.24,
+        fa_roofline_fraction=0.64,
+        setup_s={
+            "prefill": 91,
+            "prefill fla-chunk": 60,
+            "prefill flash-qla": 101,
+            "train": 105,
+            "train fla-chunk": 90,
+            "train flash-qla": 174,
+            "decode": 9,
+            "decode fla-recurrent": 9,
+            "model": 45,
+            "model flash-qla": 45,
+        },
+        first_call_s={"fla-chunk": 14.2, "fla-recurrent": 0.0, "flash-qla": 0.2},
+    ),
+    "kernel": Costs(
+        point_s=1.1,
+        roofline_fraction=0.08,
+        fa_roofline_fraction=0.64,
+        setup_s={
+            "decode": 1,
+            "decode fla-recurrent": 1,
+            "train": 38,
+            "train fla-chunk": 38,
+            "prefill": 1,
+            "prefill fla-chunk": 1,
+        },
+        first_call_s={},
+    ),
+}
+FITTED_ON = {"layer": "floor-targets-h200", "kernel": "default-h200x2-cold"}  # runs under results/
+
+
+def cost_class(scope: Scope) -> str:
+    """The key of CALIBRATED whose costs a point of `scope` takes: "kernel", or "layer" (layer and model scope)."""
+    return "kernel" if scope is Scope.KERNEL else "layer"
+
+
+def costs_of(point: Point, costs: Costs | None) -> Costs:
+    """`costs` where given, else the calibrated costs of `point`'s cost class."""
+    return costs if costs is not None else CALIBRATED[cost_class(point.scope)]
 
 
 def setup_group(point: Point) -> tuple:
@@ -102,24 +138,41 @@ def setup_kind(point: Point) -> str:
     return "model" if point.scope is Scope.MODEL else point.pass_.value
 
 
-def setup_seconds(point: Point, costs: Costs = CALIBRATED) -> float:
-    """Seconds the first point of `point`'s setup group costs a worker beyond its own: costs.setup_s of its kind
-    (setup_kind) and GDN backend, else of its kind."""
-    kind = setup_kind(point)
+def setup_seconds(point: Point, costs: Costs | None = None) -> float:
+    """Seconds the first point of `point`'s setup group costs a worker beyond its own: costs.setup_s (default: its
+    cost class's calibration) of its kind (setup_kind) and GDN backend, else of its kind."""
+    kind, costs = setup_kind(point), costs_of(point, costs)
     return costs.setup_s.get(f"{kind} {point.gdn_backend}", costs.setup_s[kind])
 
 
+def roofline_shares(row) -> tuple[float, float]:
+    """A row's roofline step of one layer, max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S), split by FLOPs into
+    its FA cores' share and the rest: (seconds, seconds)."""
+    roofline_s = max(row.flops_total / PEAK_FLOPS, row.bytes_moved / PEAK_BYTES_PER_S)
+    fa_share = row.flops_fa_core / row.flops_total if row.flops_total else 0.0
+    return roofline_s * fa_share, roofline_s * (1 - fa_share)
+
+
+def step_seconds(point: Point, costs: Costs | None = None) -> float:
+    """Seconds one timed run of `point` takes, as modelled: its layers (timed_layers) each at the FA cores' share
+    of the roofline over costs.fa_roofline_fraction and the rest over costs.roofline_fraction (costs default: its
+    cost class's calibration)."""
+    costs = costs_of(point, costs)
+    fa_s, rest_s = roofline_shares(base_row(point))
+    return timed_layers(point) * (fa_s / costs.fa_roofline_fraction + rest_s / costs.roofline_fraction)
+
+
 def estimated_seconds(
-    point: Point, policy: TimingPolicy, costs: Costs = CALIBRATED, host_calls: int = HOST_CALLS
+    point: Point, policy: TimingPolicy, costs: Costs | None = None, host_calls: int = HOST_CALLS
 ) -> float:
-    """Seconds a worker spends on `point` once its setup group is set up: costs.point_s, the backend's first-call
-    compile at layer and model scope, and for each timing it runs (the point; its FA and GDN parts alone with
-    parts; its floor) the warm-up and the timed samples the policy asks of one step, the roofline step
-    max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES_PER_S) over costs.roofline_fraction; with profile, its warm and
-    profiled calls (profiler overhead not modelled); eager points (not decode, no [timing] graph), the
-    `host_calls` their host time takes (a fit on rows measured before host_ms existed passes 0)."""
-    row = base_row(point)
-    step_s = max(row.flops_total / PEAK_FLOPS, row.bytes_moved / PEAK_BYTES_PER_S) / costs.roofline_fraction
+    """Seconds a worker spends on `point` once its setup group is set up (costs default: its cost class's
+    calibration): costs.point_s, the backend's first-call compile at layer and model scope, and for each timing it
+    runs (the point; its FA and GDN parts alone with parts; its floor) the warm-up and the timed samples the policy
+    asks of one step (step_seconds); with profile, its warm and profiled calls (profiler overhead not modelled);
+    eager points (not decode, no [timing] graph), the `host_calls` their host time takes (a fit on rows measured
+    before host_ms existed passes 0)."""
+    costs = costs_of(point, costs)
+    step_s = step_seconds(point, costs)
     timed_s = min(max(policy.target_ms / 1e3, policy.min_reps * step_s), policy.max_reps * step_s)
     timings = 1 + 2 * point.parts + point.floor
     compile_s = costs.first_call_s.get(point.gdn_backend, 0.0) if point.scope is not Scope.KERNEL else 0.0
@@ -143,13 +196,13 @@ class Shard:
         return f"shard-{self.index}-of-{self.count}"
 
 
-def shard_seconds(points: tuple[Point, ...], policy: TimingPolicy, costs: Costs = CALIBRATED) -> float:
+def shard_seconds(points: tuple[Point, ...], policy: TimingPolicy, costs: Costs | None = None) -> float:
     """A worker's estimated seconds on `points`: each point's estimated_seconds, and each setup group's setup once."""
     firsts = {setup_group(p): p for p in points}.values()
     return sum(estimated_seconds(p, policy, costs) for p in points) + sum(setup_seconds(p, costs) for p in firsts)
 
 
-def deal(points: list[Point], count: int, policy: TimingPolicy, costs: Costs = CALIBRATED) -> list[Shard]:
+def deal(points: list[Point], count: int, policy: TimingPolicy, costs: Costs | None = None) -> list[Shard]:
     """`points` dealt into `count` shards: whole setup groups (their setup and their points' estimated seconds),
     largest first, each to the shard that ends soonest; then, while it ends the last shard sooner, one point moved
     from the last shard to the first to end (paying its group's setup there where the group is new to it). So a
