@@ -173,10 +173,10 @@ def test_fused_views_start_and_stride_on_16_bytes(fa_heads):
     seen = []
     original = layer._fused_inputs
 
-    def spy(*args):
-        outputs = original(*args)
+    def spy(*args, **kwargs):
+        outputs = original(*args, **kwargs)
         fa, la, _, _, gate = outputs  # a and b [B, T, n_la] go through torch and fla's copying input guard
-        seen.extend(t for t in (*(fa or ()), la, gate) if t is not None)
+        seen.extend(t for t in (*(fa or ()), *(la if isinstance(la, tuple) else (la,)), gate) if t is not None)
         return outputs
 
     layer._fused_inputs = spy

@@ -39,6 +39,25 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) ->
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table(length: int, head_dim: int, theta: float, device: torch.device, dtype) -> tuple[torch.Tensor, ...]:
+    """RoPE's half tables (cos, sin) [L, head_dim / 2] for positions 0..L-1, L >= `length`: row t is the first half
+    of rope_cos_sin's row for position t (its second half repeats it). Made once per head_dim, theta, device and
+    dtype and shared by every layer, grown (to a power of two) when a longer one is asked, so that a step slices
+    them instead of computing positions, angles, cos and sin. Kept as normal tensors (not inference tensors), so
+    that training may save them for its backward after an inference call made them."""
+    key = (head_dim, theta, torch.device(device), dtype)
+    tables = _ROPE_TABLES.get(key)
+    if tables is None or tables[0].shape[0] < length:
+        with torch.inference_mode(False), torch.no_grad():
+            positions = torch.arange(1 << max(length - 1, 1).bit_length(), device=device, dtype=torch.float32)
+            angles = positions[:, None] * _inv_freq(head_dim, theta, positions.device)[None, :]
+            tables = _ROPE_TABLES[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+    return tables
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, n, d]; cos, sin [T, d] or [B, T, d]."""
     if cos.dim() == 2:
@@ -63,12 +82,15 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
 
 class FusedWeights(NamedTuple):
     """The fused path's weights (HydraAttention._fused_weights): one input projection with its bias, o_proj with
-    the head order and per-head norm scales folded in, and the GDN conv taps."""
+    the head order and per-head norm scales folded in (GDN and FA heads' columns apart), the GDN conv taps and the
+    q/k norm weight of each q and k slot."""
 
     projection: torch.Tensor  # [S d (+ n_la d) + 2 n_la + pad, hidden]: q/k/v slots, (gate,) a, b rows, zero rows
     bias: torch.Tensor | None
-    o_proj: torch.Tensor  # [hidden, H d], columns in kernel head order, scaled per head
+    o_gdn: torch.Tensor  # [hidden, n_la d]: o_proj's GDN head columns in kernel head order, scaled per head
+    o_fa: torch.Tensor | None  # [hidden, n_fa d]: its FA head columns, the same way; None without FA heads
     conv: torch.Tensor | None  # [3 n_la d, K]
+    qk_scale: torch.Tensor | None  # [q and k slots, d]: Qwen3's q or k norm weight of each slot; None without
 
 
 @dataclass
@@ -193,7 +215,8 @@ class HydraAttention(nn.Module):
         """The weights of the fused path, with the head order folded in (indexing weights, not activations): one
         input projection, the qkv rows in the fused slots' order followed by the GDN heads' a, b and output-gate
         rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight times gamma (the
-        norms then have no weight); the GDN conv taps of q, k, v together. Made once and kept while the
+        norms then have no weight), the GDN heads' and the FA heads' apart; the GDN conv taps of q, k, v together;
+        Qwen3's q/k norm weights, one row per q and k slot. Made once and kept while the
         parameters hold (inference); made on every call from the parameters when autograd tracks them
         (training), so that their gradients flow."""
         params = tuple(self.parameters())
@@ -220,7 +243,14 @@ class HydraAttention(nn.Module):
             )
         scale = (self.head_norm_weight * self.head_gamma[:, None]).index_select(0, head_index(self.head_order, device))
         o_weight = self.o_proj.weight.index_select(1, head_index(self.kernel_columns, device)) * scale.flatten()
-        weights = FusedWeights(weight, bias, o_weight, gdn.conv_weight() if gdn.conv_size else None)
+        qk_scale = None
+        if self.q_norm is not None:
+            qk_scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
+            qk_scale = qk_scale.index_select(0, head_index(self.fused_qk_kinds, device))
+        columns = self.n_fa * self.head_dim
+        o_fa = o_weight[:, :columns].contiguous() if columns else None
+        conv = gdn.conv_weight() if gdn.conv_size else None
+        weights = FusedWeights(weight, bias, o_weight[:, columns:].contiguous(), o_fa, conv, qk_scale)
         self._fused_cache = None if tracked else (key, weights)
         return weights
 
@@ -282,13 +312,13 @@ class HydraAttention(nn.Module):
         if cache is not None and cache.length > 0:
             return self._decode(x, position_embeddings, cache)
         core = self._core("train" if torch.is_grad_enabled() else "prefill", x.device, _kernel_dtype(x))
+        ops = self._glue_ops(core, x.device)
+        if ops is not None:
+            return self._prefill_fused(x, position_embeddings, cache, core, ops)
         if position_embeddings is None and self.n_fa:
             position_embeddings = rope_cos_sin(
                 torch.arange(x.shape[1], device=x.device), self.head_dim, self.rope_theta, x.dtype
             )
-        ops = self._glue_ops(core, x.device)
-        if ops is not None:
-            return self._prefill_fused(x, position_embeddings, cache, core, ops)
         fa, la = self._split_inputs(self._project(x), position_embeddings)
         gdn = conv_states = None
         if fa:
@@ -317,13 +347,13 @@ class HydraAttention(nn.Module):
     def _decode(self, x, position_embeddings, cache: LayerCache):
         core = self._core("decode", x.device, _kernel_dtype(x))
         position = cache.length
+        ops = self._glue_ops(core, x.device)
+        if ops is not None:
+            return self._decode_fused(x, position_embeddings, cache, core, ops)
         if position_embeddings is None and self.n_fa:
             position_embeddings = rope_cos_sin(
                 torch.arange(position, position + 1, device=x.device), self.head_dim, self.rope_theta, x.dtype
             )
-        ops = self._glue_ops(core, x.device)
-        if ops is not None:
-            return self._decode_fused(x, position_embeddings, cache, core, ops)
         fa, la = self._split_inputs(self._project(x), position_embeddings)
         gdn = new_conv = None
         if fa:
@@ -341,28 +371,45 @@ class HydraAttention(nn.Module):
 
     # The fused path: the same math as the reference methods above, composed from glue.py's ops.
 
-    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights):
-        """The one input projection -> (FA q, k, v with RoPE, or None; the GDN heads' q, k, v channels
-        [B, T, 3 n_la d], a view; their a and b [B, T, n_la]; their output gate [B, T, n_la, d] or None)."""
+    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool):
+        """The one input projection -> (FA q, k, v with RoPE at positions start.., or None; the GDN heads' q, k, v
+        channels: three [B, T, n_la d], or with `joined` one [B, T, 3 n_la d] (a view without q/k norms); their a and
+        b [B, T, n_la]; their output gate [B, T, n_la, d] or None). Only the q and k slots are rewritten (norms,
+        RoPE); the rest are views of the projection."""
         B, T, _ = x.shape
         d, n_fa, n_groups, n_la = self.head_dim, self.n_fa, len(self.split.fa_groups), self.gdn.n_heads
-        n_slots = len(self.fused_rows) // d
+        n_slots, n_qk = len(self.fused_rows) // d, len(self.fused_qk_kinds)
         out = F.linear(x, weights.projection, weights.bias)
         slots = out[..., : n_slots * d].view(B, T, n_slots, d)
         gate_end = n_slots * d + (n_la * d if self.gdn.g_proj is not None else 0)
         gate = out[..., n_slots * d : gate_end].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
         a, b = out[..., gate_end : gate_end + n_la], out[..., gate_end + n_la : gate_end + 2 * n_la]
+        qk = slots[:, :, :n_qk]
         if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once
-            n_qk = len(self.fused_qk_kinds)
-            scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
-            scale = scale.index_select(0, head_index(self.fused_qk_kinds, x.device))
-            slots = torch.cat([head_rms_norm(slots[:, :, :n_qk], scale, self.q_norm.eps), slots[:, :, n_qk:]], 2)
+            qk = head_rms_norm(qk, weights.qk_scale, self.q_norm.eps)
         fa = None
         if n_fa:
-            qk = apply_rope(slots[:, :, : n_fa + n_groups], *position_embeddings)
-            fa = (qk[:, :, :n_fa], qk[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
-        la = slots[:, :, n_fa + n_groups : n_fa + n_groups + 3 * n_la]
-        return fa, la.flatten(2), a, b, gate
+            rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, start, ops)
+            fa = (rotated[:, :, :n_fa], rotated[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
+        first = n_fa + n_groups  # the GDN heads' q, then k, then v slots
+        if joined and self.q_norm is None:
+            return fa, slots[:, :, first : first + 3 * n_la].flatten(2), a, b, gate
+        la = (qk[:, :, first : first + n_la], qk[:, :, first + n_la :], slots[:, :, n_qk : n_qk + n_la])
+        la = tuple(c.flatten(2) for c in la)
+        return fa, torch.cat(la, -1) if joined else la, a, b, gate
+
+    def _rope(self, qk, position_embeddings, start: int, ops: glue.GlueOps):
+        """RoPE on q and k slots [B, T, n, d] at positions start..start+T-1: rows of the shared rope_table, or the
+        (cos, sin) Hugging Face passed ([T, d] or [1, T, d]; rotate-half tables hold each half twice, so the first
+        half is fla's table) through the glue's op; per-sequence tables [B, T, d] through apply_rope."""
+        T, half = qk.shape[1], self.head_dim // 2
+        if position_embeddings is None:
+            cos, sin = rope_table(start + T, self.head_dim, self.rope_theta, qk.device, qk.dtype)
+            return ops.rope(qk, cos[start : start + T], sin[start : start + T])
+        cos, sin = position_embeddings
+        if cos.dim() == 3 and cos.shape[0] > 1:
+            return apply_rope(qk, cos, sin)
+        return ops.rope(qk, *(t.reshape(T, -1)[:, :half].to(qk.dtype) for t in (cos, sin)))
 
     def _gdn_gates(self, a, b, ops: glue.GlueOps):
         return ops.gate(a, self.gdn.A_log, self.gdn.dt_bias), torch.sigmoid(b)
@@ -370,14 +417,13 @@ class HydraAttention(nn.Module):
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
         B, T, _ = x.shape
         weights = self._fused_weights()
-        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
+        fa, channels, a, b, gate = self._fused_inputs(x, position_embeddings, weights, 0, ops, joined=False)
         if fa:
             q_fa, k_fa, v_fa = fa
             if cache is not None:
                 cache.k[:, :T], cache.v[:, :T] = k_fa, v_fa
             fa = (q_fa, *self._expand_for_kernel(k_fa, v_fa))
         gdn, conv_state = self.gdn, None
-        channels = la.split(la.shape[-1] // 3, dim=-1)
         if gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
             convs = [
                 ops.conv(c, w, None, cache is not None)
@@ -393,12 +439,12 @@ class HydraAttention(nn.Module):
         )
         if cache is not None:
             cache.state, cache.conv, cache.length = state, conv_state, T
-        return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
+        return self._finish_fused(fa_out, la_out, gate, weights, ops)
 
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         position, B = cache.length, x.shape[0]
         weights = self._fused_weights()
-        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights, position, ops, joined=True)
         if fa:
             q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
@@ -409,13 +455,16 @@ class HydraAttention(nn.Module):
         g, beta = self._gdn_gates(a, b, ops)
         fa_out, (la_out, state) = core.decode_parts(fa, (q, k, v, g[:, 0], beta[:, 0], cache.state), qk_l2norm=True)
         cache.length, cache.state = position + 1, state
-        return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
+        return self._finish_fused(fa_out, la_out, gate, weights, ops)
 
-    def _finish_fused(self, fa_out, la_out, gate, o_weight, ops: glue.GlueOps):
-        """Weightless per-head norms (the scales are in o_weight), the GDN heads' output gate, the output
-        projection with its columns in kernel order."""
-        la_out = la_out.to(o_weight.dtype)
+    def _finish_fused(self, fa_out, la_out, gate, weights: FusedWeights, ops: glue.GlueOps):
+        """Weightless per-head norms (the scales are in the weights), the GDN heads' output gate, the output
+        projection over the GDN heads' columns, then over the FA heads' added in place (addmm_: the GEMM's own
+        accumulate), so that the heads' outputs are never copied into one tensor."""
+        la_out = la_out.to(weights.o_gdn.dtype)
         o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
-        if fa_out is not None:
-            o = torch.cat([ops.norm(fa_out, self.norm_eps), o], dim=2)
-        return F.linear(o.flatten(2), o_weight, self.o_proj.bias)
+        out = F.linear(o.flatten(2), weights.o_gdn, self.o_proj.bias)
+        if fa_out is not None:  # under autocast `out` is in its dtype and the weight is not
+            fa = ops.norm(fa_out, self.norm_eps).flatten(2).flatten(0, 1).to(out.dtype)
+            out.view(-1, out.shape[-1]).addmm_(fa, weights.o_fa.t().to(out.dtype))
+        return out
