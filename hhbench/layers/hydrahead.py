@@ -385,8 +385,8 @@ class HydraAttention(nn.Module):
         gate = out[..., n_slots * d : gate_end].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
         a, b = out[..., gate_end : gate_end + n_la], out[..., gate_end + n_la : gate_end + 2 * n_la]
         qk = slots[:, :, :n_qk]
-        if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once
-            qk = head_rms_norm(qk, weights.qk_scale, self.q_norm.eps)
+        if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once, then their weights
+            qk = ops.norm(qk, self.q_norm.eps) * weights.qk_scale.to(qk.dtype)
         fa = None
         if n_fa:
             rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, start, ops)
