@@ -176,29 +176,6 @@ def test_fused_glue_trains_like_the_reference(fa_heads):
         assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (got - expected).abs().max()
 
 
-def test_fused_glue_gathers_no_activation_once_its_weights_are_made():
-    """After the first call the fused path indexes nothing (its qkv rows and o_proj columns are already in the
-    kernels' order), where the reference glue gathers q/k/v slots and heads on every call."""
-    from torch.overrides import TorchFunctionMode
-
-    class Count(TorchFunctionMode):
-        calls = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            Count.calls += func in (torch.index_select, torch.Tensor.index_select, torch.Tensor.index_copy_)
-            return func(*args, **(kwargs or {}))
-
-    x = torch.randn(1, 9, 32, dtype=torch.float64)
-    for glue_name, expected in (("fused", 0), ("reference", 3)):
-        layer = make_layer((0, 1, 4, 5), glue=glue_name)  # GQA, each FA group whole: no K/V expansion
-        with torch.no_grad():
-            layer(x)
-            Count.calls = 0
-            with Count():
-                layer(x)
-        assert Count.calls == expected, glue_name
-
-
 class StepOps(TorchDispatchMode):
     """Counts the aten ops that compute or copy (views left out) which a layer step runs, and the bytes they write.
     A call of a glue op or of the core's backends (unit) counts as one op, as it is one fused kernel on the GPU (or
@@ -267,20 +244,27 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
 # A fused step's ops with fla's kernels in the glue ops: the projection GEMM; RoPE on the FA heads' q and k; the
 # GDN heads' conv (three in prefill, one update of all three in decode), decay gate and beta (sigmoid); the FA and
 # GDN kernels (core); the gated norm of the GDN heads and the norm of the FA heads; o_proj as two GEMMs (no cat of
-# the heads). Decode writes the new token's K and V into the cache (copy_). Qwen3's q/k norms add their weights'
-# multiply (mul), and in decode the join of the GDN heads' normed q, k with v for the one conv update (cat).
+# the heads). Decode writes the new token's K and V into the cache (copy_). GDN heads that share a KV group take
+# its k and v by one gather (index_select; decode's takes their q too, the conv update's one input). Qwen3's q/k
+# norms add their weights' multiply (mul), a second gather (k from the normed slots, v from the projection) and in
+# decode the join of the GDN heads' q, k and v (cat).
 FUSED_PREFILL = {"gemm": 3, "rope": 1, "conv": 3, "gate": 1, "sigmoid": 1, "core": 1, "norm_gated": 1, "norm": 1}
 FUSED_DECODE = {**FUSED_PREFILL, "conv": 0, "conv_update": 1, "copy_": 2}
 
 
-@pytest.mark.parametrize("fa_heads, qk_norm", [((1, 6), False), ((0, 1, 4, 5), False), ((1, 6), True), ((), False)])
-def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, qk_norm, monkeypatch):
+@pytest.mark.parametrize("fa_heads, n_kv, qk_norm, gathers", [
+    ((1, 6), 4, False, 1), ((0, 1, 4, 5), 4, False, 1), ((1, 6), 4, True, 2), ((), 4, False, 1),
+    ((1, 6), 8, False, 0),  # MHA: a KV group per GDN head, their q, k, v adjacent views of the projection
+])  # fmt: skip
+def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, gathers, monkeypatch):
     """Pins every op of a fused prefill and decode step (on the GPU a kernel each): no per-call RoPE table, no copy
-    of the projection or of the heads' outputs (a layer with FA and GDN heads ran 24 ops a step with them)."""
-    layer = make_layer(fa_heads, qk_norm=qk_norm, glue="fused")
+    of the projection or of the heads' outputs (a layer with FA and GDN heads ran 24 ops a step with them), no
+    gather beyond the GDN heads' shared k and v."""
+    layer = make_layer(fa_heads, n_kv=n_kv, qk_norm=qk_norm, glue="fused")
     prefill, decode = step_ops(layer, torch.randn(1, 9, 32, dtype=torch.float64), monkeypatch)
     expected = [Counter(FUSED_PREFILL), Counter(FUSED_DECODE)]
     for counter in expected:
+        counter.update(index_select=gathers)
         if qk_norm:
             counter.update(norm=1, mul=1)
         if not fa_heads:  # one GEMM for o_proj, no RoPE, no FA norm, no cache write
