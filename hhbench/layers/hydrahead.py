@@ -92,7 +92,7 @@ class FusedWeights(NamedTuple):
     the head order and per-head norm scales folded in (GDN and FA heads' columns apart), the GDN conv taps and the
     q/k norm weight of each q and k slot."""
 
-    projection: torch.Tensor  # [S d (+ n_la d) + 2 n_la + pad, hidden]: q/k/v slots, (gate,) a, b rows, zero rows
+    projection: torch.Tensor  # [S d + 2 n_la + pad (+ n_la d), hidden]: q/k/v slots, a, b rows, zero rows, (gate)
     bias: torch.Tensor | None
     o_gdn: torch.Tensor  # [hidden, n_la d]: o_proj's GDN head columns in kernel head order, scaled per head
     o_fa: torch.Tensor | None  # [hidden, n_fa d]: its FA head columns, the same way; None without FA heads
@@ -226,7 +226,7 @@ class HydraAttention(nn.Module):
 
     def _fused_weights(self) -> "FusedWeights":
         """The weights of the fused path, with the head order folded in (indexing weights, not activations): one
-        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a, b and output-gate
+        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a, b, zero and output-gate
         rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight times gamma (the
         norms then have no weight), the GDN heads' and the FA heads' apart; the GDN conv taps of q, k, v together;
         Qwen3's q/k norm weights, one row per q and k slot. Made once and kept while the
@@ -239,21 +239,21 @@ class HydraAttention(nn.Module):
             return self._fused_cache[1]
         gdn, device = self.gdn, self.qkv.weight.device
         rows = head_index(self.fused_rows, device)
-        # The output gate's rows first (whole heads), then a and b, then zero rows up to a multiple of 64: every
-        # view of the projection then starts and strides on 16-byte bounds (cuDNN attention reads the FA heads'
-        # v in place and gives wrong results on unaligned strides; head 7:1 of Qwen3-1.7B had a 7708-wide row).
-        gate_projs = (*((gdn.g_proj,) if gdn.g_proj is not None else ()), gdn.a_proj, gdn.b_proj)
-        sizes = (len(self.fused_rows), *(proj.out_features for proj in gate_projs))
+        # a and b, then zero rows up to a multiple of 64, then the output gate's rows (whole heads, last: a GEMM of
+        # their own where the gate's view would be strided, _fused_inputs): every view of the projection then starts
+        # and strides on 16-byte bounds (cuDNN attention reads the FA heads' v in place and gives wrong results on
+        # unaligned strides; head 7:1 of Qwen3-1.7B had a 7708-wide row).
+        sizes = (len(self.fused_rows), gdn.a_proj.out_features, gdn.b_proj.out_features)
         pad = -sum(sizes) % 64
-        weight = torch.cat([self.qkv.weight.index_select(0, rows), *(proj.weight for proj in gate_projs),
-                            self.qkv.weight.new_zeros(pad, self.hidden)])  # fmt: skip
+        projs = (gdn.a_proj, gdn.b_proj, None, *((gdn.g_proj,) if gdn.g_proj is not None else ()))
+        sizes = (*sizes, pad, *((gdn.g_proj.out_features,) if gdn.g_proj is not None else ()))
+        zeros = self.qkv.weight.new_zeros(pad, self.hidden)
+        weight = torch.cat([self.qkv.weight.index_select(0, rows), *(zeros if p is None else p.weight for p in projs)])
         bias = None
-        if self.qkv.bias is not None or any(proj.bias is not None for proj in gate_projs):
+        if self.qkv.bias is not None or any(p is not None and p.bias is not None for p in projs):
             parts = [self.qkv.bias.index_select(0, rows) if self.qkv.bias is not None else None]
-            parts += [proj.bias for proj in gate_projs] + [None]
-            bias = torch.cat(
-                [weight.new_zeros(n) if b is None else b for b, n in zip(parts, (*sizes, pad), strict=True)]
-            )
+            parts += [None if p is None else p.bias for p in projs]
+            bias = torch.cat([weight.new_zeros(n) if b is None else b for b, n in zip(parts, sizes, strict=True)])
         scale = (self.head_norm_weight * self.head_gamma[:, None]).index_select(0, head_index(self.head_order, device))
         o_weight = self.o_proj.weight.index_select(1, head_index(self.kernel_columns, device)) * scale.flatten()
         qk_scale = None
@@ -392,11 +392,17 @@ class HydraAttention(nn.Module):
         B, T, _ = x.shape
         d, n_fa, n_groups, n_la = self.head_dim, self.n_fa, len(self.split.fa_groups), self.gdn.n_heads
         n_slots, n_qk = len(self.fused_rows) // d, len(self.fused_qk_kinds)
-        out = F.linear(x, weights.projection, weights.bias)
+        gated = self.gdn.g_proj is not None
+        n_main = weights.projection.shape[0] - (n_la * d if gated else 0)  # the rows before the output gate's
+        if gated and B * T > 1:  # the gate by a GEMM of its own: fla's gated norm would copy its strided view
+            out, gate = (F.linear(x, weights.projection[rows], None if weights.bias is None else weights.bias[rows])
+                         for rows in (slice(n_main), slice(n_main, None)))  # fmt: skip
+        else:
+            out = F.linear(x, weights.projection, weights.bias)
+            gate = out[..., n_main:] if gated else None
+        gate = gate.view(B, T, n_la, d) if gated else None
         slots = out[..., : n_slots * d].view(B, T, n_slots, d)
-        gate_end = n_slots * d + (n_la * d if self.gdn.g_proj is not None else 0)
-        gate = out[..., n_slots * d : gate_end].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
-        a, b = out[..., gate_end : gate_end + n_la], out[..., gate_end + n_la : gate_end + 2 * n_la]
+        a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
         qk = slots[:, :, :n_qk]
         if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once, then their weights
             qk = ops.norm(qk, self.q_norm.eps) * weights.qk_scale.to(qk.dtype)
