@@ -471,16 +471,17 @@ def test_fused_layer_prefill_and_train_match_the_fp32_reference(options):
     assert all(error < BF16_LAYER for error in errors.values()), errors
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("options", LAYERS, ids=lambda o: str(o["fa_heads"]))
 @torch.no_grad()
-def test_fused_layer_decode_follows_the_full_forward(options):
+def test_fused_layer_decode_follows_the_full_forward(options, batch):
     """Prefill 200 tokens into the cache (fla's conv with its final states, fla chunk with its final state), then 8
     steps one token at a time (fla's conv update, fused recurrent step): each step matches the fp32 reference's
-    full forward."""
+    full forward. One sequence's step takes its output gate from the one projection GEMM (a contiguous view)."""
     fast, reference = _layer_pair(options)
-    x = torch.randn(2, 208, 256, device="cuda").to(torch.bfloat16)
+    x = torch.randn(batch, 208, 256, device="cuda").to(torch.bfloat16)
     full = reference(x.float())
-    cache = fast.new_cache(2, 208, "cuda", torch.bfloat16)
+    cache = fast.new_cache(batch, 208, "cuda", torch.bfloat16)
     first = fast(x[:, :200], cache=cache)
     steps = torch.cat([fast(x[:, t : t + 1], cache=cache) for t in range(200, 208)], dim=1)
     assert cache.length == 208

@@ -145,15 +145,18 @@ def test_fused_glue_takes_hugging_faces_tables(batch_tables):
 @pytest.mark.parametrize("fa_heads, qk_norm", [((1, 6), False), ((1, 6), True), ((0, 1, 4, 5), False),
                                                ((0, 1, 2), False), ((), False), ((), True)])  # fmt: skip
 def test_decode_with_cache_continues_the_prefill(fa_heads, qk_norm, glue_name):
+    """A cached prefill, then token by token: each output is the full forward's (one sequence too: the fused path
+    then takes the output gate from its one projection GEMM)."""
     layer = make_layer(fa_heads, glue=glue_name, qk_norm=qk_norm)
-    x = torch.randn(2, 21, 32, dtype=torch.float64)
-    with torch.no_grad():
-        full = layer(x)
-        cache = layer.new_cache(2, 21, "cpu", torch.float64)
-        first = layer(x[:, :18], cache=cache)
-        steps = [layer(x[:, t : t + 1], cache=cache) for t in range(18, 21)]
-    assert torch.allclose(first, full[:, :18], atol=1e-10)
-    assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
+    for batch in (2, 1):
+        x = torch.randn(batch, 21, 32, dtype=torch.float64)
+        with torch.no_grad():
+            full = layer(x)
+            cache = layer.new_cache(batch, 21, "cpu", torch.float64)
+            first = layer(x[:, :18], cache=cache)
+            steps = [layer(x[:, t : t + 1], cache=cache) for t in range(18, 21)]
+        assert torch.allclose(first, full[:, :18], atol=1e-10)
+        assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
 
 
 @pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 2), ()])
