@@ -42,7 +42,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) ->
 _ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def rope_table(length: int, head_dim: int, theta: float, device: torch.device, dtype) -> tuple[torch.Tensor, ...]:
+def rope_table(length: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's half tables (cos, sin) [L, head_dim / 2] for positions 0..L-1, L >= `length`: row t is the first half
     of rope_cos_sin's row for position t (its second half repeats it). Made once per head_dim, theta, device and
     dtype and shared by every layer, grown (to a power of two) when a longer one is asked, so that a step slices
@@ -226,12 +226,12 @@ class HydraAttention(nn.Module):
 
     def _fused_weights(self) -> "FusedWeights":
         """The weights of the fused path, with the head order folded in (indexing weights, not activations): one
-        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a, b, zero and output-gate
-        rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight times gamma (the
-        norms then have no weight), the GDN heads' and the FA heads' apart; the GDN conv taps of q, k, v together;
-        Qwen3's q/k norm weights, one row per q and k slot. Made once and kept while the
-        parameters hold (inference); made on every call from the parameters when autograd tracks them
-        (training), so that their gradients flow."""
+        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a and b rows, zero rows
+        and output-gate rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight
+        times gamma (the norms then have no weight), the GDN heads' and the FA heads' apart; the GDN conv taps of q,
+        k, v together; Qwen3's q/k norm weights, one row per q and k slot. Made once and kept while the parameters
+        hold (inference); made on every call from the parameters when autograd tracks them (training), so that
+        their gradients flow."""
         params = tuple(self.parameters())
         tracked = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
@@ -243,10 +243,9 @@ class HydraAttention(nn.Module):
         # their own where the gate's view would be strided, _fused_inputs): every view of the projection then starts
         # and strides on 16-byte bounds (cuDNN attention reads the FA heads' v in place and gives wrong results on
         # unaligned strides; head 7:1 of Qwen3-1.7B had a 7708-wide row).
-        sizes = (len(self.fused_rows), gdn.a_proj.out_features, gdn.b_proj.out_features)
-        pad = -sum(sizes) % 64
-        projs = (gdn.a_proj, gdn.b_proj, None, *((gdn.g_proj,) if gdn.g_proj is not None else ()))
-        sizes = (*sizes, pad, *((gdn.g_proj.out_features,) if gdn.g_proj is not None else ()))
+        pad = -(len(self.fused_rows) + 2 * gdn.n_heads) % 64
+        projs = (gdn.a_proj, gdn.b_proj, None, *((gdn.g_proj,) if gdn.g_proj is not None else ()))  # None: zero rows
+        sizes = (len(self.fused_rows), *(pad if p is None else p.out_features for p in projs))
         zeros = self.qkv.weight.new_zeros(pad, self.hidden)
         weight = torch.cat([self.qkv.weight.index_select(0, rows), *(zeros if p is None else p.weight for p in projs)])
         bias = None
