@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore
@@ -180,14 +180,13 @@ def test_fused_glue_trains_like_the_reference(fa_heads):
 
 
 class StepOps(TorchDispatchMode):
-    """Counts the aten ops that compute or copy (views left out) which a layer step runs, and the bytes they write.
-    A call of a glue op or of the core's backends (unit) counts as one op, as it is one fused kernel on the GPU (or
+    """Counts the aten ops that compute or copy (views left out) which a layer step runs. A call of a glue op or of the core's backends (unit) counts as one op, as it is one fused kernel on the GPU (or
     the FA and GDN kernels the floor times), whatever its torch twin runs inside; the core's outputs come back dense,
     as cuDNN's and fla's do. GEMMs (mm, bmm, addmm and its in-place accumulate) count as "gemm"."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.bytes, self.active, self.inside = Counter(), 0, False, False
+        self.ops, self.active, self.inside = Counter(), False, False
 
     def __enter__(self):
         self.active = True
@@ -197,16 +196,15 @@ class StepOps(TorchDispatchMode):
         self.active = False
         return super().__exit__(*exc)
 
-    def _record(self, name: str, out):
+    def _record(self, name: str):
         self.ops["gemm" if name in ("mm", "bmm", "addmm", "addmm_") else name] += 1
-        self.bytes += sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         writes = any(r.alias_info is None or r.alias_info.is_write for r in func._schema.returns)
         name = func.overloadpacket.__name__
         if not self.inside and writes and name != "_unsafe_view" and isinstance(out, torch.Tensor | tuple | list):
-            self._record(name, out)
+            self._record(name)
         return out
 
     def unit(self, name: str, fn):
@@ -220,7 +218,7 @@ class StepOps(TorchDispatchMode):
                     out = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, out)
             finally:
                 self.inside = False
-            self._record(name, out)
+            self._record(name)
             return out
 
         return call
@@ -246,10 +244,9 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
 
 # A fused step's ops with fla's kernels in the glue ops: the projection GEMM (the GDN heads' output gate by a GEMM
 # of its own where more than one token makes its view strided: fla's gated norm would copy it); RoPE on the FA
-# heads' q and k; the
-# GDN heads' conv (three in prefill, one update of all three in decode), decay gate and beta (sigmoid); the FA and
-# GDN kernels (core); the gated norm of the GDN heads and the norm of the FA heads; o_proj as two GEMMs (no cat of
-# the heads). Decode writes the new token's K and V into the cache (copy_). GDN heads that share a KV group take
+# heads' q and k; the GDN heads' conv (three in prefill, one update of all three in decode), decay gate and beta
+# (sigmoid); the FA and GDN kernels (core); the gated norm of the GDN heads and the norm of the FA heads; o_proj as
+# two GEMMs (no cat of the heads). Decode writes the new token's K and V into the cache (copy_). GDN heads that share a KV group take
 # its k and v by one gather (index_select; decode's takes their q too, the conv update's one input). Qwen3's q/k
 # norms add their weights' multiply (mul), a second gather (k from the normed slots, v from the projection) and in
 # decode the join of the GDN heads' q, k and v (cat).
