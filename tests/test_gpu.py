@@ -390,6 +390,31 @@ def test_split_kv_decode_on_the_flash_kernel_matches_math_sdpa(segments):
     assert rel(split_kv_decode(q, k, v, segments), expected) < 1e-2
 
 
+@pytest.mark.parametrize("tokens, start", [(300, 0), (1, 4097)])
+def test_fla_rope_matches_its_torch_twin(tokens, start):
+    """The fused path's RoPE on CUDA (fla's rotary_embedding) against glue.TORCH's rotate-half twin, on rows of the
+    shared half tables: a prefill on a strided view of a projection (as the layer passes its q/k slots) and a decode
+    position. fp32 outputs and input gradients agree to rounding; bf16 (fla rotates in fp32 and rounds once) is
+    within bf16's rounding of the fp32 result."""
+    from hhbench.layers import glue
+    from hhbench.layers.hydrahead import rope_table
+
+    projection = torch.randn(2, tokens, 11 * 128 + 64, device="cuda")
+    grad = torch.randn(2, tokens, 6, 128, device="cuda")
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", dtype))
+        for ops in (glue.fla_ops(), glue.TORCH):
+            leaf = projection.to(dtype).detach().requires_grad_()
+            out = ops.rope(leaf[..., : 6 * 128].view(2, tokens, 6, 128), cos, sin)
+            out.backward(grad.to(dtype))
+            results[ops.name, dtype] = out, leaf.grad[..., : 6 * 128].view(2, tokens, 6, 128)
+    for fp32, torch_fp32 in zip(results["fla", torch.float32], results["torch", torch.float32], strict=True):
+        assert rel(fp32, torch_fp32) < 1e-6
+    for bf16, torch_fp32 in zip(results["fla", torch.bfloat16], results["torch", torch.float32], strict=True):
+        assert bf16.dtype == torch.bfloat16 and rel(bf16, torch_fp32) < 1e-2
+
+
 BF16_LAYER = 5e-2  # one bf16 layer against its fp32 reference
 
 
@@ -446,16 +471,17 @@ def test_fused_layer_prefill_and_train_match_the_fp32_reference(options):
     assert all(error < BF16_LAYER for error in errors.values()), errors
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("options", LAYERS, ids=lambda o: str(o["fa_heads"]))
 @torch.no_grad()
-def test_fused_layer_decode_follows_the_full_forward(options):
+def test_fused_layer_decode_follows_the_full_forward(options, batch):
     """Prefill 200 tokens into the cache (fla's conv with its final states, fla chunk with its final state), then 8
     steps one token at a time (fla's conv update, fused recurrent step): each step matches the fp32 reference's
-    full forward."""
+    full forward. One sequence's step takes its output gate from the one projection GEMM (a contiguous view)."""
     fast, reference = _layer_pair(options)
-    x = torch.randn(2, 208, 256, device="cuda").to(torch.bfloat16)
+    x = torch.randn(batch, 208, 256, device="cuda").to(torch.bfloat16)
     full = reference(x.float())
-    cache = fast.new_cache(2, 208, "cuda", torch.bfloat16)
+    cache = fast.new_cache(batch, 208, "cuda", torch.bfloat16)
     first = fast(x[:, :200], cache=cache)
     steps = torch.cat([fast(x[:, t : t + 1], cache=cache) for t in range(200, 208)], dim=1)
     assert cache.length == 208

@@ -1,16 +1,21 @@
 """The HydraHead layer equals the composition of its parts, written out by hand here."""
 
+import dataclasses
 import math
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore
 from hhbench.kernels.reference import gdn_recurrent
 from hhbench.layers import glue
-from hhbench.layers.hydrahead import HydraAttention, _kernel_dtype, apply_rope, rope_cos_sin
+from hhbench.layers.glue import GlueOps
+from hhbench.layers.hydrahead import HydraAttention, _kernel_dtype, apply_rope, rope_cos_sin, rope_table
 from hhbench.spec.layout import HeadSplit
 
 
@@ -100,26 +105,58 @@ def test_gamma_scales_its_own_head_only(glue_name):
 
 
 def test_rope_matches_hugging_face():
+    """apply_rope on full tables and the fused path's glue op on half tables (rows of the shared rope_table, at an
+    offset as decode slices them) both rotate as Hugging Face's apply_rotary_pos_emb does."""
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 4, 10, 16)  # HF layout [B, H, T, d]
-    cos, sin = rope_cos_sin(torch.arange(10), 16, 10000.0, torch.float32)
+    cos, sin = rope_cos_sin(torch.arange(3, 13), 16, 10000.0, torch.float32)
     q_hf, k_hf = llama.apply_rotary_pos_emb(q, k, cos[None], sin[None])
-    assert torch.allclose(apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2), q_hf, atol=1e-6)
-    assert torch.allclose(apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2), k_hf, atol=1e-6)
+    half_cos, half_sin = (t[3:13] for t in rope_table(13, 16, 10000.0, "cpu", torch.float32))
+    assert torch.equal(half_cos, cos[:, :8]) and torch.equal(half_sin, sin[:, 8:])  # the tables repeat each half
+    for x, expected in ((q, q_hf), (k, k_hf)):
+        assert torch.allclose(apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2), expected, atol=1e-6)
+        got = glue.TORCH.rope(x.transpose(1, 2), half_cos, half_sin).transpose(1, 2)
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_rope_tables_grow_and_serve_training_after_inference():
+    """The shared tables grow to a power of two when a longer one is asked, and are made outside inference mode:
+    a training step after an inference_mode call (the first to ask for them) saves them for its backward."""
+    with torch.inference_mode():
+        assert rope_table(5, 8, 777.0, "cpu", torch.float64)[0].shape == (8, 4)  # theta 777: tables of this test
+    layer = make_layer((1, 6), glue="fused")
+    layer.rope_theta = 777.0
+    layer(torch.randn(1, 7, 32, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert rope_table(9, 8, 777.0, "cpu", torch.float64)[0].shape == (16, 4)
+
+
+@pytest.mark.parametrize("batch_tables", [1, 2])
+def test_fused_glue_takes_hugging_faces_tables(batch_tables):
+    """(cos, sin) as Hugging Face passes them, [1, T, d] (its half is the glue op's table) or one per sequence
+    [B, T, d] (apply_rope): the same output as the layer's own tables."""
+    layer = make_layer((0, 1, 2), glue="fused")
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    cos, sin = (t[None].expand(batch_tables, -1, -1) for t in rope_cos_sin(torch.arange(11), 8, 500.0, x.dtype))
+    with torch.no_grad():
+        assert torch.allclose(layer(x, (cos, sin)), layer(x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("glue_name", ["reference", "fused"])
-@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 4, 5), (0, 1, 2), ()])
-def test_decode_with_cache_continues_the_prefill(fa_heads, glue_name):
-    layer = make_layer(fa_heads, glue=glue_name)
-    x = torch.randn(2, 21, 32, dtype=torch.float64)
-    with torch.no_grad():
-        full = layer(x)
-        cache = layer.new_cache(2, 21, "cpu", torch.float64)
-        first = layer(x[:, :18], cache=cache)
-        steps = [layer(x[:, t : t + 1], cache=cache) for t in range(18, 21)]
-    assert torch.allclose(first, full[:, :18], atol=1e-10)
-    assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
+@pytest.mark.parametrize("fa_heads, qk_norm", [((1, 6), False), ((1, 6), True), ((0, 1, 4, 5), False),
+                                               ((0, 1, 2), False), ((), False), ((), True)])  # fmt: skip
+def test_decode_with_cache_continues_the_prefill(fa_heads, qk_norm, glue_name):
+    """A cached prefill, then token by token: each output is the full forward's (one sequence too: the fused path
+    then takes the output gate from its one projection GEMM)."""
+    layer = make_layer(fa_heads, glue=glue_name, qk_norm=qk_norm)
+    for batch in (2, 1):
+        x = torch.randn(batch, 21, 32, dtype=torch.float64)
+        with torch.no_grad():
+            full = layer(x)
+            cache = layer.new_cache(batch, 21, "cpu", torch.float64)
+            first = layer(x[:, :18], cache=cache)
+            steps = [layer(x[:, t : t + 1], cache=cache) for t in range(18, 21)]
+        assert torch.allclose(first, full[:, :18], atol=1e-10)
+        assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
 
 
 @pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 2), ()])
@@ -142,27 +179,102 @@ def test_fused_glue_trains_like_the_reference(fa_heads):
         assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (got - expected).abs().max()
 
 
-def test_fused_glue_gathers_no_activation_once_its_weights_are_made():
-    """After the first call the fused path indexes nothing (its qkv rows and o_proj columns are already in the
-    kernels' order), where the reference glue gathers q/k/v slots and heads on every call."""
-    from torch.overrides import TorchFunctionMode
+class StepOps(TorchDispatchMode):
+    """Counts the aten ops that compute or copy (views left out) which a layer step runs. A call of a glue op or of the core's backends (unit) counts as one op, as it is one fused kernel on the GPU (or
+    the FA and GDN kernels the floor times), whatever its torch twin runs inside; the core's outputs come back dense,
+    as cuDNN's and fla's do. GEMMs (mm, bmm, addmm and its in-place accumulate) count as "gemm"."""
 
-    class Count(TorchFunctionMode):
-        calls = 0
+    def __init__(self):
+        super().__init__()
+        self.ops, self.active, self.inside = Counter(), False, False
 
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            Count.calls += func in (torch.index_select, torch.Tensor.index_select, torch.Tensor.index_copy_)
-            return func(*args, **(kwargs or {}))
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
 
-    x = torch.randn(1, 9, 32, dtype=torch.float64)
-    for glue_name, expected in (("fused", 0), ("reference", 3)):
-        layer = make_layer((0, 1, 4, 5), glue=glue_name)  # GQA, each FA group whole: no K/V expansion
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def _record(self, name: str):
+        self.ops["gemm" if name in ("mm", "bmm", "addmm", "addmm_") else name] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        writes = any(r.alias_info is None or r.alias_info.is_write for r in func._schema.returns)
+        name = func.overloadpacket.__name__
+        if not self.inside and writes and name != "_unsafe_view" and isinstance(out, torch.Tensor | tuple | list):
+            self._record(name)
+        return out
+
+    def unit(self, name: str, fn):
+        def call(*args, **kwargs):
+            if self.inside or not self.active:
+                return fn(*args, **kwargs)
+            self.inside = True
+            try:
+                out = fn(*args, **kwargs)
+                if name == "core":
+                    out = tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, out)
+            finally:
+                self.inside = False
+            self._record(name)
+            return out
+
+        return call
+
+
+def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepOps, StepOps]:
+    """The ops of one fused prefill of x and of one decode step after it (StepOps), weights already made."""
+    counts = StepOps(), StepOps()
+    for count in counts:
+        ops = glue.TORCH
+        units = GlueOps(ops.name, *(count.unit(f.name, getattr(ops, f.name)) for f in dataclasses.fields(ops)[1:]))
+        monkeypatch.setattr(layer, "_glue_ops", lambda core, device, units=units: units)
+        for method in ("prefill_parts", "decode_parts"):
+            monkeypatch.setattr(HybridCore, method, count.unit("core", getattr(HybridCore, method)))
         with torch.no_grad():
-            layer(x)
-            Count.calls = 0
-            with Count():
-                layer(x)
-        assert Count.calls == expected, glue_name
+            cache = layer.new_cache(x.shape[0], x.shape[1] + 2, "cpu", x.dtype)
+            layer(x, cache=cache)  # the weights made, the cache filled
+            with count:
+                layer(x) if count is counts[0] else layer(x[:, :1], cache=cache)
+        monkeypatch.undo()
+    return counts
+
+
+# A fused step's ops with fla's kernels in the glue ops: the projection GEMM (the GDN heads' output gate by a GEMM
+# of its own where more than one token makes its view strided: fla's gated norm would copy it); RoPE on the FA
+# heads' q and k; the GDN heads' conv (three in prefill, one update of all three in decode), decay gate and beta
+# (sigmoid); the FA and GDN kernels (core); the gated norm of the GDN heads and the norm of the FA heads; o_proj as
+# two GEMMs (no cat of the heads). Decode writes the new token's K and V into the cache (copy_). GDN heads that share a KV group take
+# its k and v by one gather (index_select; decode's takes their q too, the conv update's one input). Qwen3's q/k
+# norms add their weights' multiply (mul), a second gather (k from the normed slots, v from the projection) and in
+# decode the join of the GDN heads' q, k and v (cat).
+FUSED_PREFILL = {"gemm": 4, "rope": 1, "conv": 3, "gate": 1, "sigmoid": 1, "core": 1, "norm_gated": 1, "norm": 1}
+FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "conv": 0, "conv_update": 1, "copy_": 2}
+
+
+@pytest.mark.parametrize("fa_heads, n_kv, qk_norm, gathers", [
+    ((1, 6), 4, False, 1), ((0, 1, 4, 5), 4, False, 1), ((1, 6), 4, True, 2), ((), 4, False, 1),
+    ((1, 6), 8, False, 0),  # MHA: a KV group per GDN head, their q, k, v adjacent views of the projection
+])  # fmt: skip
+def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, gathers, monkeypatch):
+    """Pins every op of a fused prefill and decode step (on the GPU a kernel each): no per-call RoPE table, no copy
+    of the projection or of the heads' outputs (a layer with FA and GDN heads ran 24 ops a step with them), no
+    gather beyond the GDN heads' shared k and v."""
+    layer = make_layer(fa_heads, n_kv=n_kv, qk_norm=qk_norm, glue="fused")
+    prefill, decode = step_ops(layer, torch.randn(1, 9, 32, dtype=torch.float64), monkeypatch)
+    expected = [Counter(FUSED_PREFILL), Counter(FUSED_DECODE)]
+    for counter in expected:
+        counter.update(index_select=gathers)
+        if qk_norm:
+            counter.update(norm=1, mul=1)
+        if not fa_heads:  # one GEMM for o_proj, no RoPE, no FA norm, no cache write
+            counter.subtract(gemm=1, rope=1, norm=1, copy_=counter["copy_"])
+    if qk_norm:
+        expected[1].update(cat=1)
+    assert +prefill.ops == +expected[0]
+    assert +decode.ops == +expected[1]
 
 
 @pytest.mark.parametrize("fa_heads", [(0, 8), (0,), (0, 4, 8, 12), (1, 2, 3), ()])
@@ -173,10 +285,10 @@ def test_fused_views_start_and_stride_on_16_bytes(fa_heads):
     seen = []
     original = layer._fused_inputs
 
-    def spy(*args):
-        outputs = original(*args)
+    def spy(*args, **kwargs):
+        outputs = original(*args, **kwargs)
         fa, la, _, _, gate = outputs  # a and b [B, T, n_la] go through torch and fla's copying input guard
-        seen.extend(t for t in (*(fa or ()), la, gate) if t is not None)
+        seen.extend(t for t in (*(fa or ()), *(la if isinstance(la, tuple) else (la,)), gate) if t is not None)
         return outputs
 
     layer._fused_inputs = spy

@@ -10,6 +10,7 @@ from inprocess import run_main
 
 import hhbench
 from hhbench.errors import UserError
+from hhbench.layers.glue import causal_conv
 from hhbench.measure.profile import kernel_kinds, profile_kernels
 from hhbench.plan.grid import grid_points, load_suite
 from hhbench.report.page import build_report
@@ -23,6 +24,7 @@ from hhbench.tables.kernels import kernel_frame
 from tests.test_sweep import FAST
 
 CPU = torch.device("cpu")
+CONV_SITE = f"hhbench/layers/glue.py:{causal_conv.__code__.co_firstlineno} causal_conv"  # where the GDN conv runs
 TINY = {"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64", "scopes": "layer"}
 
 
@@ -211,10 +213,10 @@ def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
     [point] = grid_points({**TINY, "layouts": "head", "passes": "prefill", "profile": True}, "cpu")
     row = measure_point(point, CPU, FAST, {})
     sites = {line["name"]: dict(line["sites"]) for line in row.extra["kernels"]["top"]}
-    assert "hhbench/layers/glue.py:37 causal_conv" in sites["aten::mkldnn_convolution"]  # the GDN heads' conv
+    assert CONV_SITE in sites["aten::mkldnn_convolution"]  # the GDN heads' conv
     assert any(site.startswith("hhbench/layers/hydrahead.py") for site in sites["aten::mm"])  # a projection
     view = markdown_table(kernel_frame(row))
-    assert "| launched from |" in view and "glue.py:37 causal_conv (100%)" in view
+    assert "| launched from |" in view and f"{CONV_SITE.removeprefix('hhbench/layers/')} (100%)" in view
 
     def event(name, parent=None, kernels=(), sequence_nr=-1, fwd_thread=0):
         return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_user_annotation=False,
@@ -275,8 +277,6 @@ def test_kernel_time_no_hhbench_function_launched_counts_under_unknown(monkeypat
 
 
 def test_a_backward_kernel_is_traced_to_the_forward_function_it_differentiates():
-    from hhbench.layers.glue import causal_conv
-
     x, weight = torch.randn(1, 16, 8, requires_grad=True), torch.randn(8, 4, requires_grad=True)
 
     def step():
@@ -285,5 +285,5 @@ def test_a_backward_kernel_is_traced_to_the_forward_function_it_differentiates()
 
     found = profile_kernels(step, CPU, 1)
     convolution = found.sites["aten::convolution_backward"]  # on the CPU it ran under the test's own frame
-    assert set(convolution) == {"hhbench/layers/glue.py:37 causal_conv backward"}, convolution
-    assert "hhbench/layers/glue.py:37 causal_conv" in found.sites["aten::cat"]  # the forward's own
+    assert set(convolution) == {f"{CONV_SITE} backward"}, convolution
+    assert CONV_SITE in found.sites["aten::cat"]  # the forward's own

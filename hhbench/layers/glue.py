@@ -1,11 +1,13 @@
 """The glue ops of a HydraHead layer's fused path, one op per function (fla's way): the GDN heads' short causal
-conv, its one-token update, the decay gate, and the per-head RMS norms (GDN heads' gated by silu). On CUDA they
-are fla's Triton kernels; TORCH holds torch ops of the same signatures and math, so that the fused composition
-(head order and norm scales folded into the weights, conv states, shapes) is tested on the CPU, where fla's
-autotuned kernels cannot run (Triton's interpreter has no benchmarker).
+conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu) and the FA heads'
+RoPE. On CUDA they are fla's Triton kernels; TORCH holds torch ops of the same signatures and math, so that the
+fused composition (head order and norm scales folded into the weights, conv states, shapes) is tested on the CPU,
+where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarker).
 
 Shapes: conv x [B, T, C] (any strides), weight [C, K], states [B, C, K] in fla's layout (the last K inputs; the
 oldest is never read again). gate a [B, T, n] -> log decay, fp32. Norms take o [..., d] and return its dtype.
+RoPE takes x [B, T, n, d] and half tables cos, sin [T, d / 2] in x's dtype (fla's layout: Hugging Face's tables hold
+each half twice) and returns x's dtype.
 """
 
 import functools
@@ -32,6 +34,8 @@ class GlueOps:
     norm: Callable
     # (o, gate, eps) -> o / rms(o) * silu(gate)
     norm_gated: Callable
+    # (x, cos, sin) -> x rotated by RoPE, rotate-half convention
+    rope: Callable
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
@@ -58,6 +62,14 @@ def rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:
     return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)
 
 
+def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half convention (GPT-NeoX, Llama; Hugging Face's apply_rotary_pos_emb) from half tables:
+    x [B, T, n, d] with halves x1, x2 -> [x1 cos - x2 sin, x2 cos + x1 sin]; cos, sin [T, d / 2]."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def _torch_conv(x, weight, initial_state=None, output_final_state=False):
     y, state = causal_conv(x, weight, initial_state)
     return y, state if output_final_state else None
@@ -73,7 +85,7 @@ def _torch_norm_gated(o, gate, eps):
     return rms_norm(o, eps) * F.silu(gate)
 
 
-TORCH = GlueOps("torch", _torch_conv, _torch_conv_update, gdn_decay, rms_norm, _torch_norm_gated)
+TORCH = GlueOps("torch", _torch_conv, _torch_conv_update, gdn_decay, rms_norm, _torch_norm_gated, rope_half)
 
 
 @functools.cache
@@ -82,6 +94,7 @@ def fla_ops() -> GlueOps:
     from fla.modules.causal_conv1d import causal_conv1d, causal_conv1d_update
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
     from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
+    from fla.modules.rotary import rotary_embedding
     from fla.ops.gated_delta_rule.gate import fused_gdn_gate
 
     def conv(x, weight, initial_state=None, output_final_state=False):
@@ -98,4 +111,5 @@ def fla_ops() -> GlueOps:
     def norm_gated(o, gate, eps):
         return rms_norm_gated(o, gate, None, None, activation="swish", eps=eps)
 
-    return GlueOps("fla", conv, conv_update, fused_gdn_gate, norm, norm_gated)
+    # rotary_embedding: one kernel, in fp32 (a strided x is made contiguous first, by fla's input guard)
+    return GlueOps("fla", conv, conv_update, fused_gdn_gate, norm, norm_gated, rotary_embedding)

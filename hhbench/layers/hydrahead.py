@@ -39,6 +39,25 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) ->
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table(length: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's half tables (cos, sin) [L, head_dim / 2] for positions 0..L-1, L >= `length`: row t is the first half
+    of rope_cos_sin's row for position t (its second half repeats it). Made once per head_dim, theta, device and
+    dtype and shared by every layer, grown (to a power of two) when a longer one is asked, so that a step slices
+    them instead of computing positions, angles, cos and sin. Kept as normal tensors (not inference tensors), so
+    that training may save them for its backward after an inference call made them."""
+    key = (head_dim, theta, torch.device(device), dtype)
+    tables = _ROPE_TABLES.get(key)
+    if tables is None or tables[0].shape[0] < length:
+        with torch.inference_mode(False), torch.no_grad():
+            positions = torch.arange(1 << max(length - 1, 1).bit_length(), device=device, dtype=torch.float32)
+            angles = positions[:, None] * _inv_freq(head_dim, theta, positions.device)[None, :]
+            tables = _ROPE_TABLES[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+    return tables
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, n, d]; cos, sin [T, d] or [B, T, d]."""
     if cos.dim() == 2:
@@ -61,14 +80,24 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
     return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * scale.to(dtype)).to(o.dtype)
 
 
+def _take(t: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
+    """t[:, :, slots] of head slots t [B, T, S, d]: a view where the slots are one ascending run, else one gather."""
+    if slots == tuple(range(slots[0], slots[0] + len(slots))):
+        return t[:, :, slots[0] : slots[0] + len(slots)]
+    return t.index_select(2, head_index(slots, t.device))
+
+
 class FusedWeights(NamedTuple):
     """The fused path's weights (HydraAttention._fused_weights): one input projection with its bias, o_proj with
-    the head order and per-head norm scales folded in, and the GDN conv taps."""
+    the head order and per-head norm scales folded in (GDN and FA heads' columns apart), the GDN conv taps and the
+    q/k norm weight of each q and k slot."""
 
-    projection: torch.Tensor  # [S d (+ n_la d) + 2 n_la + pad, hidden]: q/k/v slots, (gate,) a, b rows, zero rows
+    projection: torch.Tensor  # [S d + 2 n_la + pad (+ n_la d), hidden]: q/k/v slots, a, b rows, zero rows, (gate)
     bias: torch.Tensor | None
-    o_proj: torch.Tensor  # [hidden, H d], columns in kernel head order, scaled per head
+    o_gdn: torch.Tensor  # [hidden, n_la d]: o_proj's GDN head columns in kernel head order, scaled per head
+    o_fa: torch.Tensor | None  # [hidden, n_fa d]: its FA head columns, the same way; None without FA heads
     conv: torch.Tensor | None  # [3 n_la d, K]
+    qk_scale: torch.Tensor | None  # [q and k slots, d]: Qwen3's q or k norm weight of each slot; None without
 
 
 @dataclass
@@ -154,14 +183,20 @@ class HydraAttention(nn.Module):
         self.head_order = (*self.split.fa_heads, *self.split.la_heads)  # the kernels' outputs, concatenated
         self.gathers_slots = self.slot_order != tuple(range(H + 2 * KV))  # False for a plain MHA or GDN layer
         self.reorders_heads = self.head_order != tuple(range(n_heads))
-        # The fused path's slots: FA q, FA groups' k, GDN q, k, v, FA groups' v. Its qkv weight has these rows
-        # (a GDN head's k and v rows repeated from its KV group), so RoPE takes one run (FA q and k), Qwen3's q/k
-        # norms one run (every q and k) and the GDN conv one run, with no gather on activations.
-        fused_slots = (*self.split.fa_heads, *(H + g for g in self.split.fa_groups), *self.split.la_heads,
-                       *(H + g for g in la_groups), *(H + KV + g for g in la_groups),
-                       *(H + KV + g for g in self.split.fa_groups))  # fmt: skip
+        # The fused path's slots: FA q, FA groups' k, GDN q, the other groups' k and v, FA groups' v: the qkv
+        # rows once each (the floor's GEMM), so that RoPE takes one run (FA q and k), Qwen3's q/k norms one run
+        # (every q and k) and the GDN heads' q, k, v are adjacent where each has a KV group of its own. GDN heads
+        # that share a group (GQA) take its k and v by one gather of [T, 2 n_la d]: repeating the group's rows per
+        # head made the GEMM a third wider (Qwen3-1.7B head 7:1: 8000 rows against 5952, 2.70 ms at 64K on an H200).
+        fa_groups = self.split.fa_groups
+        other = tuple(g for g in range(KV) if g not in fa_groups)  # groups of GDN heads only
+        fused_slots = (*self.split.fa_heads, *(H + g for g in fa_groups), *self.split.la_heads, *(H + g for g in other),
+                       *(H + KV + g for g in other), *(H + KV + g for g in fa_groups))  # fmt: skip
         self.fused_rows = tuple(s * head_dim + i for s in fused_slots for i in range(head_dim))
-        self.fused_qk_kinds = tuple(int(s >= H) for s in fused_slots[: n_heads + len(self.split.fa_groups) + n_la])
+        self.fused_qk_kinds = tuple(int(s >= H) for s in fused_slots[: n_heads + KV])
+        # per GDN head, the positions of its q, k and v among the fused slots
+        bases = ((0, self.split.la_heads), (H, la_groups), (H + KV, la_groups))
+        self.gdn_slots = tuple(tuple(fused_slots.index(base + g) for g in groups) for base, groups in bases)
         self.kernel_columns = tuple(h * head_dim + i for h in self.head_order for i in range(head_dim))
         self._fused_cache = None  # (parameter versions, fused weights) while they hold
 
@@ -191,11 +226,12 @@ class HydraAttention(nn.Module):
 
     def _fused_weights(self) -> "FusedWeights":
         """The weights of the fused path, with the head order folded in (indexing weights, not activations): one
-        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a, b and output-gate
-        rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight times gamma (the
-        norms then have no weight); the GDN conv taps of q, k, v together. Made once and kept while the
-        parameters hold (inference); made on every call from the parameters when autograd tracks them
-        (training), so that their gradients flow."""
+        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a and b rows, zero rows
+        and output-gate rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight
+        times gamma (the norms then have no weight), the GDN heads' and the FA heads' apart; the GDN conv taps of q,
+        k, v together; Qwen3's q/k norm weights, one row per q and k slot. Made once and kept while the parameters
+        hold (inference); made on every call from the parameters when autograd tracks them (training), so that
+        their gradients flow."""
         params = tuple(self.parameters())
         tracked = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
@@ -203,24 +239,30 @@ class HydraAttention(nn.Module):
             return self._fused_cache[1]
         gdn, device = self.gdn, self.qkv.weight.device
         rows = head_index(self.fused_rows, device)
-        # The output gate's rows first (whole heads), then a and b, then zero rows up to a multiple of 64: every
-        # view of the projection then starts and strides on 16-byte bounds (cuDNN attention reads the FA heads'
-        # v in place and gives wrong results on unaligned strides; head 7:1 of Qwen3-1.7B had a 7708-wide row).
-        gate_projs = (*((gdn.g_proj,) if gdn.g_proj is not None else ()), gdn.a_proj, gdn.b_proj)
-        sizes = (len(self.fused_rows), *(proj.out_features for proj in gate_projs))
-        pad = -sum(sizes) % 64
-        weight = torch.cat([self.qkv.weight.index_select(0, rows), *(proj.weight for proj in gate_projs),
-                            self.qkv.weight.new_zeros(pad, self.hidden)])  # fmt: skip
+        # a and b, then zero rows up to a multiple of 64, then the output gate's rows (whole heads, last: a GEMM of
+        # their own where the gate's view would be strided, _fused_inputs): every view of the projection then starts
+        # and strides on 16-byte bounds (cuDNN attention reads the FA heads' v in place and gives wrong results on
+        # unaligned strides; head 7:1 of Qwen3-1.7B had a 7708-wide row).
+        pad = -(len(self.fused_rows) + 2 * gdn.n_heads) % 64
+        projs = (gdn.a_proj, gdn.b_proj, None, *((gdn.g_proj,) if gdn.g_proj is not None else ()))  # None: zero rows
+        sizes = (len(self.fused_rows), *(pad if p is None else p.out_features for p in projs))
+        zeros = self.qkv.weight.new_zeros(pad, self.hidden)
+        weight = torch.cat([self.qkv.weight.index_select(0, rows), *(zeros if p is None else p.weight for p in projs)])
         bias = None
-        if self.qkv.bias is not None or any(proj.bias is not None for proj in gate_projs):
+        if self.qkv.bias is not None or any(p is not None and p.bias is not None for p in projs):
             parts = [self.qkv.bias.index_select(0, rows) if self.qkv.bias is not None else None]
-            parts += [proj.bias for proj in gate_projs] + [None]
-            bias = torch.cat(
-                [weight.new_zeros(n) if b is None else b for b, n in zip(parts, (*sizes, pad), strict=True)]
-            )
+            parts += [None if p is None else p.bias for p in projs]
+            bias = torch.cat([weight.new_zeros(n) if b is None else b for b, n in zip(parts, sizes, strict=True)])
         scale = (self.head_norm_weight * self.head_gamma[:, None]).index_select(0, head_index(self.head_order, device))
         o_weight = self.o_proj.weight.index_select(1, head_index(self.kernel_columns, device)) * scale.flatten()
-        weights = FusedWeights(weight, bias, o_weight, gdn.conv_weight() if gdn.conv_size else None)
+        qk_scale = None
+        if self.q_norm is not None:
+            qk_scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
+            qk_scale = qk_scale.index_select(0, head_index(self.fused_qk_kinds, device))
+        columns = self.n_fa * self.head_dim
+        o_fa = o_weight[:, :columns].contiguous() if columns else None
+        conv = gdn.conv_weight() if gdn.conv_size else None
+        weights = FusedWeights(weight, bias, o_weight[:, columns:].contiguous(), o_fa, conv, qk_scale)
         self._fused_cache = None if tracked else (key, weights)
         return weights
 
@@ -282,13 +324,13 @@ class HydraAttention(nn.Module):
         if cache is not None and cache.length > 0:
             return self._decode(x, position_embeddings, cache)
         core = self._core("train" if torch.is_grad_enabled() else "prefill", x.device, _kernel_dtype(x))
+        ops = self._glue_ops(core, x.device)
+        if ops is not None:
+            return self._prefill_fused(x, position_embeddings, cache, core, ops)
         if position_embeddings is None and self.n_fa:
             position_embeddings = rope_cos_sin(
                 torch.arange(x.shape[1], device=x.device), self.head_dim, self.rope_theta, x.dtype
             )
-        ops = self._glue_ops(core, x.device)
-        if ops is not None:
-            return self._prefill_fused(x, position_embeddings, cache, core, ops)
         fa, la = self._split_inputs(self._project(x), position_embeddings)
         gdn = conv_states = None
         if fa:
@@ -317,13 +359,13 @@ class HydraAttention(nn.Module):
     def _decode(self, x, position_embeddings, cache: LayerCache):
         core = self._core("decode", x.device, _kernel_dtype(x))
         position = cache.length
+        ops = self._glue_ops(core, x.device)
+        if ops is not None:
+            return self._decode_fused(x, position_embeddings, cache, core, ops)
         if position_embeddings is None and self.n_fa:
             position_embeddings = rope_cos_sin(
                 torch.arange(position, position + 1, device=x.device), self.head_dim, self.rope_theta, x.dtype
             )
-        ops = self._glue_ops(core, x.device)
-        if ops is not None:
-            return self._decode_fused(x, position_embeddings, cache, core, ops)
         fa, la = self._split_inputs(self._project(x), position_embeddings)
         gdn = new_conv = None
         if fa:
@@ -341,28 +383,54 @@ class HydraAttention(nn.Module):
 
     # The fused path: the same math as the reference methods above, composed from glue.py's ops.
 
-    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights):
-        """The one input projection -> (FA q, k, v with RoPE, or None; the GDN heads' q, k, v channels
-        [B, T, 3 n_la d], a view; their a and b [B, T, n_la]; their output gate [B, T, n_la, d] or None)."""
+    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool):
+        """The one input projection -> (FA q, k, v with RoPE at positions start.., or None; the GDN heads' q, k, v
+        channels: three [B, T, n_la d], or with `joined` one [B, T, 3 n_la d]; their a and b [B, T, n_la]; their
+        output gate [B, T, n_la, d] or None). Only the q and k slots are rewritten (norms, RoPE) and the GDN heads'
+        shared k and v gathered (_take); the rest are views of the projection."""
         B, T, _ = x.shape
         d, n_fa, n_groups, n_la = self.head_dim, self.n_fa, len(self.split.fa_groups), self.gdn.n_heads
-        n_slots = len(self.fused_rows) // d
-        out = F.linear(x, weights.projection, weights.bias)
+        n_slots, n_qk = len(self.fused_rows) // d, len(self.fused_qk_kinds)
+        gated = self.gdn.g_proj is not None
+        n_main = weights.projection.shape[0] - (n_la * d if gated else 0)  # the rows before the output gate's
+        if gated and B * T > 1:  # the gate by a GEMM of its own: fla's gated norm would copy its strided view
+            out, gate = (F.linear(x, weights.projection[rows], None if weights.bias is None else weights.bias[rows])
+                         for rows in (slice(n_main), slice(n_main, None)))  # fmt: skip
+        else:
+            out = F.linear(x, weights.projection, weights.bias)
+            gate = out[..., n_main:] if gated else None
+        gate = gate.view(B, T, n_la, d) if gated else None
         slots = out[..., : n_slots * d].view(B, T, n_slots, d)
-        gate_end = n_slots * d + (n_la * d if self.gdn.g_proj is not None else 0)
-        gate = out[..., n_slots * d : gate_end].view(B, T, n_la, d) if self.gdn.g_proj is not None else None
-        a, b = out[..., gate_end : gate_end + n_la], out[..., gate_end + n_la : gate_end + 2 * n_la]
-        if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once
-            n_qk = len(self.fused_qk_kinds)
-            scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
-            scale = scale.index_select(0, head_index(self.fused_qk_kinds, x.device))
-            slots = torch.cat([head_rms_norm(slots[:, :, :n_qk], scale, self.q_norm.eps), slots[:, :, n_qk:]], 2)
+        a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
+        qk = slots[:, :, :n_qk]
+        if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once, then their weights
+            qk = ops.norm(qk, self.q_norm.eps) * weights.qk_scale.to(qk.dtype)
         fa = None
         if n_fa:
-            qk = apply_rope(slots[:, :, : n_fa + n_groups], *position_embeddings)
-            fa = (qk[:, :, :n_fa], qk[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
-        la = slots[:, :, n_fa + n_groups : n_fa + n_groups + 3 * n_la]
-        return fa, la.flatten(2), a, b, gate
+            rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, start, ops)
+            fa = (rotated[:, :, :n_fa], rotated[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
+        q_slots, k_slots, v_slots = self.gdn_slots
+        if joined and self.q_norm is None:
+            return fa, _take(slots, q_slots + k_slots + v_slots).flatten(2), a, b, gate
+        if self.q_norm is None:  # k and v both in the projection: one take
+            k, v = _take(slots, k_slots + v_slots).chunk(2, dim=2)
+        else:
+            k, v = _take(qk, k_slots), _take(slots, v_slots)
+        la = tuple(c.flatten(2) for c in (_take(qk, q_slots), k, v))
+        return fa, torch.cat(la, -1) if joined else la, a, b, gate
+
+    def _rope(self, qk, position_embeddings, start: int, ops: glue.GlueOps):
+        """RoPE on q and k slots [B, T, n, d] at positions start..start+T-1: rows of the shared rope_table, or the
+        (cos, sin) Hugging Face passed ([T, d] or [1, T, d]; rotate-half tables hold each half twice, so the first
+        half is fla's table) through the glue's op; per-sequence tables [B, T, d] through apply_rope."""
+        T, half = qk.shape[1], self.head_dim // 2
+        if position_embeddings is None:
+            cos, sin = rope_table(start + T, self.head_dim, self.rope_theta, qk.device, qk.dtype)
+            return ops.rope(qk, cos[start : start + T], sin[start : start + T])
+        cos, sin = position_embeddings
+        if cos.dim() == 3 and cos.shape[0] > 1:
+            return apply_rope(qk, cos, sin)
+        return ops.rope(qk, *(t.reshape(T, -1)[:, :half].to(qk.dtype) for t in (cos, sin)))
 
     def _gdn_gates(self, a, b, ops: glue.GlueOps):
         return ops.gate(a, self.gdn.A_log, self.gdn.dt_bias), torch.sigmoid(b)
@@ -370,14 +438,13 @@ class HydraAttention(nn.Module):
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
         B, T, _ = x.shape
         weights = self._fused_weights()
-        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
+        fa, channels, a, b, gate = self._fused_inputs(x, position_embeddings, weights, 0, ops, joined=False)
         if fa:
             q_fa, k_fa, v_fa = fa
             if cache is not None:
                 cache.k[:, :T], cache.v[:, :T] = k_fa, v_fa
             fa = (q_fa, *self._expand_for_kernel(k_fa, v_fa))
         gdn, conv_state = self.gdn, None
-        channels = la.split(la.shape[-1] // 3, dim=-1)
         if gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
             convs = [
                 ops.conv(c, w, None, cache is not None)
@@ -393,12 +460,12 @@ class HydraAttention(nn.Module):
         )
         if cache is not None:
             cache.state, cache.conv, cache.length = state, conv_state, T
-        return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
+        return self._finish_fused(fa_out, la_out, gate, weights, ops)
 
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         position, B = cache.length, x.shape[0]
         weights = self._fused_weights()
-        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights)
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights, position, ops, joined=True)
         if fa:
             q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
@@ -409,13 +476,16 @@ class HydraAttention(nn.Module):
         g, beta = self._gdn_gates(a, b, ops)
         fa_out, (la_out, state) = core.decode_parts(fa, (q, k, v, g[:, 0], beta[:, 0], cache.state), qk_l2norm=True)
         cache.length, cache.state = position + 1, state
-        return self._finish_fused(fa_out, la_out, gate, weights.o_proj, ops)
+        return self._finish_fused(fa_out, la_out, gate, weights, ops)
 
-    def _finish_fused(self, fa_out, la_out, gate, o_weight, ops: glue.GlueOps):
-        """Weightless per-head norms (the scales are in o_weight), the GDN heads' output gate, the output
-        projection with its columns in kernel order."""
-        la_out = la_out.to(o_weight.dtype)
+    def _finish_fused(self, fa_out, la_out, gate, weights: FusedWeights, ops: glue.GlueOps):
+        """Weightless per-head norms (the scales are in the weights), the GDN heads' output gate, the output
+        projection over the GDN heads' columns, then over the FA heads' added in place (addmm_: the GEMM's own
+        accumulate), so that the heads' outputs are never copied into one tensor."""
+        la_out = la_out.to(weights.o_gdn.dtype)
         o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
-        if fa_out is not None:
-            o = torch.cat([ops.norm(fa_out, self.norm_eps), o], dim=2)
-        return F.linear(o.flatten(2), o_weight, self.o_proj.bias)
+        out = F.linear(o.flatten(2), weights.o_gdn, self.o_proj.bias)
+        if fa_out is not None:  # under autocast `out` is in its dtype and the weight is not
+            fa = ops.norm(fa_out, self.norm_eps).flatten(2).flatten(0, 1).to(out.dtype)
+            out.view(-1, out.shape[-1]).addmm_(fa, weights.o_fa.t().to(out.dtype))
+        return out
