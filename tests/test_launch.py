@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,10 @@ def replayed(name: str) -> tuple[dict, RunDir, list, tuple]:
 def test_the_calibrated_costs_are_the_fit_of_the_committed_h200_sweep(cost_class):
     """CALIBRATED[class] is what scripts/replay_dealing.py fits on FITTED_ON[class], rounded as it prints it."""
     replay, _, rows, (_, policy, point_of, firsts) = replayed(FITTED_ON[cost_class])
-    assert replay["rounded"](replay["fits"](rows, firsts, point_of, policy)[cost_class]) == CALIBRATED[cost_class]
+    assert (
+        replay["rounded"](replay["fit"](*replay["cost_classes"](rows, firsts)[cost_class], point_of, policy))
+        == CALIBRATED[cost_class]
+    )
 
 
 def test_the_default_suite_dealt_to_two_gpus_replays_within_4_percent_of_an_even_split():
@@ -145,6 +149,41 @@ def test_the_default_suite_dealt_to_two_gpus_replays_within_4_percent_of_an_even
     seconds, setup = replay["measured_costs"](rows, firsts, point_of)
     times = replay["replay"](deal(points, 2, policy), seconds, setup)
     assert max(times) <= 1.04 * sum(times) / 2
+
+
+def test_a_cost_class_whose_points_were_all_cold_firsts_is_not_fitted_and_the_replay_goes_on(
+    tmp_path, monkeypatch, capsys
+):
+    """A run where every point was its setup group's first on its worker (the cpu suite at layer and model scope:
+    one context per group) leaves no point time to tell from a setup: the class says so in one line and the replay
+    is printed (it raised StatisticsError: no median for empty data)."""
+    replay = runpy.run_path(str(ROOT / "scripts" / "replay_dealing.py"))
+    measured = ROOT / "results" / "floor-targets-h200"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "env.json").write_text((measured / "env.json").read_text())
+    rows = [json.loads(line) for line in (measured / "rows.jsonl").read_text().splitlines()]
+    lines = [json.dumps({**row, "worker": f"w{i}"}) for i, row in enumerate(rows)]  # each point its own worker
+    (tmp_path / "run" / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(sys, "argv", ["replay_dealing.py", str(tmp_path / "run")])
+    assert replay["main"]() == 0
+    out = capsys.readouterr().out
+    assert "layer: not fitted: every point was its setup group's cold first" in out
+    assert "2 workers, calibrated: makespan" in out
+
+
+def test_the_fit_has_no_infinite_zero_or_negative_cost():
+    """A fit that gives the FA share no time keeps one finite fraction for both (nnls put its inverse at 0: an
+    infinite fraction); a CPU run's fractions (about 1e-5) print as themselves, not 0.0; medians below zero (warm
+    caches) fit as no cost, not a negative setup that deal() would split groups to gain."""
+    replay, _, rows, (_, policy, point_of, firsts) = replayed("floor-targets-h200")
+    second = types.SimpleNamespace(flops_total=1e15, flops_fa_core=0.0, bytes_moved=0.0, latency_ms=2000.0)
+    first = types.SimpleNamespace(flops_total=2e15, flops_fa_core=1e15, bytes_moved=0.0, latency_ms=1000.0)
+    fa, rest = replay["roofline_fractions"]([first, second])
+    assert 0 < fa == rest < float("inf")
+    assert replay["rounded"](Costs(1.0, 1.14e-5, 3.2e-4, {}, {})).roofline_fraction == 1e-5
+    idle = [dataclasses.replace(row, extra={**row.extra, "point_s": 0.0}) for row in rows]
+    costs = replay["fit"](idle, firsts, point_of, policy)
+    assert costs.point_s == 0 and set(costs.setup_s.values()) == {0}
 
 
 def test_the_replay_of_a_run_it_cannot_replay_is_one_line(tmp_path, monkeypatch, capsys):
