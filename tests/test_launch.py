@@ -297,7 +297,7 @@ def test_each_session_records_its_command_and_workers(tmp_path, monkeypatch):
         "argv": ["sweep", "--gpus", "2"],
         "worker_count": 2,
     }
-    lines = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))["sessions"](run)
+    lines = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))["sessions"](run.env())
     assert lines[0] == "  session 1: 2026-11-30T02:07:10+00:00, 501.4 s, workers ?, argv ?"
     assert lines[1].endswith(", ? s, workers 2, argv sweep --gpus 2"), lines
 
@@ -313,6 +313,32 @@ def test_compare_runs_without_a_run_is_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:  # was a ZeroDivisionError traceback
         compare["main"]()
     assert exit_.value.code == 2 and "--wall takes two positive seconds" in capsys.readouterr().err
+
+
+def test_compare_runs_on_files_that_do_not_read_is_one_line_and_a_zero_wall_no_ratio(tmp_path, monkeypatch, capsys):
+    """A rows.jsonl or env.json that does not read: one line, exit 2 (UserError tracebacks); a run whose sessions'
+    wall_s sum to 0.0 (rounded to 0.1 s) prints no speed-up (ZeroDivisionError)."""
+    compare = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))
+    measured = ROOT / "results" / "floor-targets-h200"
+    for name, broken in (("rows", "rows.jsonl"), ("env", "env.json"), ("zero", None)):
+        (tmp_path / name).mkdir()
+        for file in ("rows.jsonl", "env.json"):
+            (tmp_path / name / file).write_text((measured / file).read_text())
+        if broken:
+            (tmp_path / name / broken).write_text("{not json\n")
+    env = json.loads((measured / "env.json").read_text())
+    (tmp_path / "zero" / "env.json").write_text(json.dumps({**env, "sessions": [{"wall_s": 0.0}]}))
+    for name, message in (("rows", "rows.jsonl:1: "), ("env", "cannot read ")):
+        monkeypatch.setattr(sys, "argv", ["compare_runs.py", str(measured), str(tmp_path / name)])
+        assert compare["main"]() == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    monkeypatch.setattr(sys, "argv", ["compare_runs.py", str(measured), str(tmp_path / "zero"), "--wall", "1", "1"])
+    assert compare["main"]() == 0 and "speed-up: 1.00x" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["compare_runs.py", str(measured), str(tmp_path / "zero")])
+    assert compare["main"]() == 0
+    out = capsys.readouterr().out
+    assert "| 1369.0 |" in out and "| 0.0 |" in out and "speed-up" not in out
 
 
 def test_compare_runs_tells_the_two_gpus_apart(monkeypatch, capsys):
