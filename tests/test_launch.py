@@ -417,6 +417,9 @@ def test_the_gpus_dry_run_shows_each_workers_points(tmp_path, monkeypatch):
     counts = [line.split(":")[1].split()[0] for line in result.stdout.splitlines() if line.startswith("gpu")]
     assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("gpu")] == ["gpu2", "gpu5"]
     assert sum(map(int, counts)) == len(planned_keys()) and not (tmp_path / "d").exists()
+    assert all(line.endswith(" s on an H200 from cold caches") for line in result.stdout.splitlines()[:2]), (
+        "the estimate says whose seconds it counts (a CPU run of the cpu suite read about 875 s a worker for 40 s)"
+    )
 
 
 def test_a_rerun_leaves_shards_slurm_still_holds(tmp_path, monkeypatch):
