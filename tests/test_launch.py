@@ -31,6 +31,7 @@ from hhbench.launch.shards import (
     deal,
     estimated_seconds,
     setup_group,
+    setup_seconds,
     shard_seconds,
     unfinished,
 )
@@ -44,6 +45,7 @@ from hhbench.runner import measurements
 from hhbench.runner.measurements import PROFILE_STEPS, PROFILE_WARM_CALLS, check_group
 from hhbench.runner.point import base_row
 from hhbench.runner.sweep import prepare_env, run_sweep
+from hhbench.spec.axes import Pass, Scope
 from tests.conftest import ROOT
 
 GRID = {"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64", "passes": "prefill,decode",
@@ -110,6 +112,17 @@ def test_a_setup_group_is_split_only_where_that_ends_the_shards_sooner(setup, si
     shards = deal(six + two, 2, policy, costs)
     assert [len(s.points) for s in shards] == sizes
     assert max(s.seconds for s in shards) == pytest.approx(makespan, rel=1e-3)
+
+
+def test_a_backend_one_cost_class_was_not_fitted_on_takes_the_other_classes_setup():
+    """A kernel-scope FlashQLA group (default-h200x2-cold, the kernel class's fit, ran without FlashQLA) takes the
+    layer scope's FlashQLA setup, not fla-chunk's 1 s of Triton tuning; fla-chunk and a backend no class was
+    fitted on (the CPU's) keep their own class's."""
+    point = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "1k"}, "cpu")[0]
+    assert point.scope is Scope.KERNEL and point.pass_ is Pass.PREFILL
+    flash_qla = dataclasses.replace(point, gdn_backend="flash-qla")
+    assert setup_seconds(flash_qla) == CALIBRATED["layer"].setup_s["prefill flash-qla"]
+    assert setup_seconds(dataclasses.replace(point, gdn_backend="fla-chunk")) == setup_seconds(point) == 1
 
 
 def test_two_streams_share_their_sequential_twins_setup_group():
