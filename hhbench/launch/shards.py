@@ -73,7 +73,7 @@ class Costs:
 # roofline step over fa_roofline_fraction and the rest over roofline_fraction, relative errors; first_call_s, by GDN backend, of the
 # compile_ms of the layer- and model-scope points that were not their setup group's first from cold caches;
 # point_s of those points' time beyond that and their timed samples; setup_s, by kind and by kind and backend, of
-# the first points' time beyond their per-point estimate.
+# the first points' time beyond their per-point estimate (a median below zero, noise on warm caches, as 0).
 # "layer": results/floor-targets-h200 (49 layer- and model-scope points of suites/floor-h200.toml, two H200s, cold
 # Triton and TileLang caches; each row's extra.point_s, compile_ms and latency; the sessions' rows told apart by
 # sweep.log). "kernel": results/default-h200x2-cold (the 196 points of suites/default.toml, two H200s, cold caches):
