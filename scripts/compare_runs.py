@@ -25,8 +25,8 @@ def wall_seconds(env: dict) -> float | None:
 
 
 def sessions(env: dict) -> list[str]:
-    """One line per session of a run's `env` (env.json): when, its wall time, its workers and command line ("?" where env.json
-    predates their record)."""
+    """One line per session of a run's `env` (env.json): when, its wall time, its workers and command line ("?"
+    where env.json predates their record)."""
     lines = []
     for number, session in enumerate(env.get("sessions", []), 1):
         wall, argv = session.get("wall_s"), session.get("argv")
