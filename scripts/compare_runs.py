@@ -5,7 +5,7 @@ key sets, each point's median against the other run's spread, and the medians' d
 
 Wall time is each run's sessions' wall_s summed (recorded by `sweep --gpus/--launcher local`), or --wall. A point
 agrees when both medians lie inside the other run's p10-p90 range; points ok in only one run are listed. Exit 0
-where both runs hold the same keys, 1 where they do not, 2 for a folder that holds no run."""
+where both runs hold the same keys, 1 where they do not, 2 for a folder that holds no run or files that do not read."""
 
 import argparse
 import sys
@@ -18,16 +18,17 @@ from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import OK
 
 
-def wall_seconds(run: RunDir) -> float | None:
-    walls = [session.get("wall_s") for session in run.env().get("sessions", [])]
+def wall_seconds(env: dict) -> float | None:
+    """The wall_s of the sessions of a run's `env` (env.json) summed; None where one lacks it."""
+    walls = [session.get("wall_s") for session in env.get("sessions", [])]
     return sum(walls) if walls and None not in walls else None
 
 
-def sessions(run: RunDir) -> list[str]:
-    """One line per session of the run: when, its wall time, its workers and command line ("?" where env.json
-    predates their record)."""
+def sessions(env: dict) -> list[str]:
+    """One line per session of a run's `env` (env.json): when, its wall time, its workers and command line ("?"
+    where env.json predates their record)."""
     lines = []
-    for number, session in enumerate(run.env().get("sessions", []), 1):
+    for number, session in enumerate(env.get("sessions", []), 1):
         wall, argv = session.get("wall_s"), session.get("argv")
         lines.append(f"  session {number}: {session.get('time')}, {'?' if wall is None else wall} s, workers "
                      f"{session.get('worker_count', '?')}, argv {'?' if argv is None else ' '.join(argv)}")  # fmt: skip
@@ -64,20 +65,21 @@ def main() -> int:
         parser.error(f"--wall takes two positive seconds, got {args.wall[0]:g} and {args.wall[1]:g}")
     try:
         runs = [RunDir.open(args.reference), RunDir.open(args.candidate)]
-    except UserError as error:
+        rows = [{row.key: row for row in run.rows()} for run in runs]
+        envs = [run.env() for run in runs]
+    except UserError as error:  # no run, or a rows.jsonl or env.json that does not read
         print(f"compare_runs.py: {error}", file=sys.stderr)
         return 2
-    rows = [{row.key: row for row in run.rows()} for run in runs]
-    walls = args.wall or [wall_seconds(run) for run in runs]
+    walls = args.wall or [wall_seconds(env) for env in envs]
     print("| run | rows | wall s |\n|---|---|---|")
     for run, keyed, wall in zip(runs, rows, walls, strict=True):
         print(f"| {run.path} | {len(keyed)} | {'' if wall is None else f'{wall:.1f}'} |")
-    if None not in walls:
+    if None not in walls and 0 not in walls:  # sessions of under 0.05 s sum to 0.0: no ratio
         print(f"\nspeed-up: {walls[0] / walls[1]:.2f}x (reference wall / candidate wall)")
-    for run in runs:
-        print(f"\n{run.path} sessions:", *sessions(run), sep="\n")
-    for run in runs:  # workers of a balanced launch finish together
-        workers = run.env().get("workers", {})
+    for run, env in zip(runs, envs, strict=True):
+        print(f"\n{run.path} sessions:", *sessions(env), sep="\n")
+    for run, env in zip(runs, envs, strict=True):  # workers of a balanced launch finish together
+        workers = env.get("workers", {})
         ends = ", ".join(f"{name} {w.get('time')} -> {w.get('finished')}" for name, w in sorted(workers.items()))
         print(f"\n{run.path} workers (last start -> finish): {ends or 'none recorded'}")
     only = [set(rows[0]) - set(rows[1]), set(rows[1]) - set(rows[0])]

@@ -10,7 +10,8 @@ setup group's cold first where its process had not measured the group and no ear
 caches were cold for it).
 
 Fit (printed as the Costs literal of hhbench/launch/shards.py), one for each cost class of the run's rows (kernel
-scope; layer and model scope): medians, see CALIBRATED's comment there.
+scope; layer and model scope): medians, see CALIBRATED's comment there, a median below zero as 0. A class whose
+every row was its group's cold first prints `not fitted` and why (its point_s cannot be told from its setups).
 
 Replay, not a measurement: a point takes its measured point_s, except a cold first, which takes the median
 point_s of its group's other points (where it has none, its own, and its group no setup); a setup group's setup
@@ -22,6 +23,7 @@ fully), and the machine time between points.
 
 import argparse
 import dataclasses
+import math
 import re
 import statistics
 import subprocess
@@ -109,19 +111,27 @@ def estimated(row, point_of: dict, policy, costs: Costs) -> float:
 def roofline_fractions(rows: list) -> tuple[float, float]:
     """(fa_roofline_fraction, roofline_fraction) fitted on `rows`: each row's measured step of one layer as its
     roofline's FA share over the one and the rest over the other (hhbench.launch.shards.roofline_shares),
-    nonnegative least squares of the relative error. Without FA (or without other) work in any row, both fractions
-    are the one fitted."""
+    nonnegative least squares of the relative error. Where the rows leave a share no time (no FA, or no other,
+    work in any of them; or a fit that puts one share at zero, which made its fraction infinite), both fractions
+    are the one fitted on the whole roofline step. UserError without rows."""
+    if not rows:
+        raise UserError("no ok row: no measured step to fit the roofline fractions on")
     shares = np.array([roofline_shares(r) for r in rows]) / np.array([[r.latency_ms / 1e3] for r in rows])
-    used = shares.any(axis=0)
-    inverse, _ = nnls(shares[:, used], np.ones(len(rows)))
-    fractions = 1 / inverse
-    return (fractions[0], fractions[-1]) if used.all() else (fractions[0], fractions[0])
+    inverse, _ = nnls(shares, np.ones(len(rows)))
+    if inverse.all():
+        return 1 / inverse[0], 1 / inverse[1]
+    (whole,), _ = nnls(shares.sum(axis=1, keepdims=True), np.ones(len(rows)))
+    return 1 / whole, 1 / whole
 
 
 def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
-    """The Costs of CALIBRATED's comment, fitted on `rows` (of one cost class; `firsts` indexes them)."""
-    fa_fraction, rest_fraction = roofline_fractions([r for r in rows if r.status == OK])
+    """The Costs of CALIBRATED's comment, fitted on `rows` (of one cost class; `firsts` indexes them). UserError
+    where no row is ok, or every row was its setup group's cold first (its point_s holds its setup: no point_s
+    to fit apart from it, as where each group has one point)."""
     later = [i for i in range(len(rows)) if i not in firsts]
+    if not later:
+        raise UserError("every point was its setup group's cold first: no point time to tell from a setup")
+    fa_fraction, rest_fraction = roofline_fractions([r for r in rows if r.status == OK])
     compiles = defaultdict(list)
     for i in later:
         if rows[i].scope != Scope.KERNEL.value and rows[i].status == OK:
@@ -129,7 +139,9 @@ def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
     costs = Costs(0.0, rest_fraction, fa_fraction, {},
                   {backend: statistics.median(found) for backend, found in sorted(compiles.items())})  # fmt: skip
     overhead = [rows[i].extra["point_s"] - estimated(rows[i], point_of, policy, costs) for i in later]
-    costs = dataclasses.replace(costs, point_s=statistics.median(overhead))
+    # A median below zero is noise around no cost (warm caches: a group's first point no slower than its
+    # others), and a negative setup would make deal() split groups to gain it.
+    costs = dataclasses.replace(costs, point_s=max(0.0, statistics.median(overhead)))
     setups = defaultdict(list)
     for i in sorted(firsts):
         point = point_of[rows[i].key]
@@ -137,24 +149,33 @@ def fit(rows: list, firsts: set[int], point_of: dict, policy) -> Costs:
         excess = rows[i].extra["point_s"] - estimated(rows[i], point_of, policy, costs)
         setups[kind].append(excess)
         setups[f"{kind} {point.gdn_backend}"].append(excess)
-    return dataclasses.replace(costs, setup_s={kind: statistics.median(found) for kind, found in setups.items()})
+    return dataclasses.replace(
+        costs, setup_s={kind: max(0.0, statistics.median(found)) for kind, found in setups.items()}
+    )
 
 
-def fits(rows: list, firsts: set[int], point_of: dict, policy) -> dict[str, Costs]:
-    """fit on each cost class of `rows` (hhbench.launch.shards.cost_class of their scope), by class."""
+def cost_classes(rows: list, firsts: set[int]) -> dict[str, tuple[list, set[int]]]:
+    """`rows` by cost class (hhbench.launch.shards.cost_class of their scope): each class's rows and the indices
+    among them of `firsts`, fit's arguments."""
     classes = defaultdict(list)
     for i, row in enumerate(rows):
         classes[cost_class(Scope(row.scope))].append(i)
-    return {name: fit([rows[i] for i in indices], {j for j, i in enumerate(indices) if i in firsts}, point_of, policy)
+    return {name: ([rows[i] for i in indices], {j for j, i in enumerate(indices) if i in firsts})
             for name, indices in sorted(classes.items())}  # fmt: skip
 
 
 def rounded(costs: Costs) -> Costs:
-    """The fit as CALIBRATED holds it: seconds to 0.1 (setups to 1 s), the roofline fraction to 0.01."""
-    return Costs(round(float(costs.point_s), 1), round(float(costs.roofline_fraction), 2),
-                 round(float(costs.fa_roofline_fraction), 2),
+    """The fit as CALIBRATED holds it: seconds to 0.1 (setups to 1 s), the roofline fractions to 0.01 or, below
+    that, to their first significant digit (a CPU run's, about 1e-5, is not 0)."""
+    return Costs(round(float(costs.point_s), 1), significant(costs.roofline_fraction),
+                 significant(costs.fa_roofline_fraction),
                  {kind: round(s) for kind, s in costs.setup_s.items()},
                  {backend: round(s, 1) for backend, s in costs.first_call_s.items()})  # fmt: skip
+
+
+def significant(fraction: float) -> float:
+    """`fraction` (> 0) to 0.01, or to its first significant digit where that is below 0.01."""
+    return round(float(fraction), max(2, -math.floor(math.log10(fraction))))
 
 
 def measured_costs(rows: list, firsts: set[int], point_of: dict) -> tuple[dict, dict]:
@@ -222,9 +243,14 @@ def replay_run(run: RunDir, worker_counts: list[int]) -> None:
     points, policy, point_of = plan(run, rows)
     firsts = cold_firsts(rows, sizes, point_of)
     print(f"fitted on {run.path} ({len(rows)} rows, sessions of {sizes} rows, {len(firsts)} cold firsts):")
-    for name, fitted in fits(rows, firsts, point_of, policy).items():
-        verdict = "matches" if rounded(fitted) == CALIBRATED[name] else f"differs: {CALIBRATED[name]}"
-        print(f"  {name}: {rounded(fitted)}\n  CALIBRATED[{name!r}] {verdict}")
+    for name, (part, part_firsts) in cost_classes(rows, firsts).items():
+        try:
+            fitted = rounded(fit(part, part_firsts, point_of, policy))
+        except UserError as error:  # the other class, and the replay, need no fit of this one
+            print(f"  {name}: not fitted: {error}")
+            continue
+        verdict = "matches" if fitted == CALIBRATED[name] else f"differs: {CALIBRATED[name]}"
+        print(f"  {name}: {fitted}\n  CALIBRATED[{name!r}] {verdict}")
     seconds, setup = measured_costs(rows, firsts, point_of)
     print("\nreplay of the measured point times (a group's setup once per worker it is dealt to):")
     print(f"  one worker: {sum(seconds.values()) + sum(setup.values()):.0f} s")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from hhbench.launch.shards import (
     deal,
     estimated_seconds,
     setup_group,
+    setup_seconds,
     shard_seconds,
     unfinished,
 )
@@ -43,6 +45,7 @@ from hhbench.runner import measurements
 from hhbench.runner.measurements import PROFILE_STEPS, PROFILE_WARM_CALLS, check_group
 from hhbench.runner.point import base_row
 from hhbench.runner.sweep import prepare_env, run_sweep
+from hhbench.spec.axes import Pass, Scope
 from tests.conftest import ROOT
 
 GRID = {"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "64", "passes": "prefill,decode",
@@ -111,6 +114,17 @@ def test_a_setup_group_is_split_only_where_that_ends_the_shards_sooner(setup, si
     assert max(s.seconds for s in shards) == pytest.approx(makespan, rel=1e-3)
 
 
+def test_a_backend_one_cost_class_was_not_fitted_on_takes_the_other_classes_setup():
+    """A kernel-scope FlashQLA group (default-h200x2-cold, the kernel class's fit, ran without FlashQLA) takes the
+    layer scope's FlashQLA setup, not fla-chunk's 1 s of Triton tuning; fla-chunk and a backend no class was
+    fitted on (the CPU's) keep their own class's."""
+    point = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "1k"}, "cpu")[0]
+    assert point.scope is Scope.KERNEL and point.pass_ is Pass.PREFILL
+    flash_qla = dataclasses.replace(point, gdn_backend="flash-qla")
+    assert setup_seconds(flash_qla) == CALIBRATED["layer"].setup_s["prefill flash-qla"]
+    assert setup_seconds(dataclasses.replace(point, gdn_backend="fla-chunk")) == setup_seconds(point) == 1
+
+
 def test_two_streams_share_their_sequential_twins_setup_group():
     sequential, streams = grid_points({"models": "tiny", "layouts": "head", "ratios": "1:1", "contexts": "1k",
                                        "modes": ["sequential", "streams"]}, "cuda")  # fmt: skip
@@ -133,7 +147,10 @@ def replayed(name: str) -> tuple[dict, RunDir, list, tuple]:
 def test_the_calibrated_costs_are_the_fit_of_the_committed_h200_sweep(cost_class):
     """CALIBRATED[class] is what scripts/replay_dealing.py fits on FITTED_ON[class], rounded as it prints it."""
     replay, _, rows, (_, policy, point_of, firsts) = replayed(FITTED_ON[cost_class])
-    assert replay["rounded"](replay["fits"](rows, firsts, point_of, policy)[cost_class]) == CALIBRATED[cost_class]
+    assert (
+        replay["rounded"](replay["fit"](*replay["cost_classes"](rows, firsts)[cost_class], point_of, policy))
+        == CALIBRATED[cost_class]
+    )
 
 
 def test_the_default_suite_dealt_to_two_gpus_replays_within_4_percent_of_an_even_split():
@@ -145,6 +162,41 @@ def test_the_default_suite_dealt_to_two_gpus_replays_within_4_percent_of_an_even
     seconds, setup = replay["measured_costs"](rows, firsts, point_of)
     times = replay["replay"](deal(points, 2, policy), seconds, setup)
     assert max(times) <= 1.04 * sum(times) / 2
+
+
+def test_a_cost_class_whose_points_were_all_cold_firsts_is_not_fitted_and_the_replay_goes_on(
+    tmp_path, monkeypatch, capsys
+):
+    """A run where every point was its setup group's first on its worker (the cpu suite at layer and model scope:
+    one context per group) leaves no point time to tell from a setup: the class says so in one line and the replay
+    is printed (it raised StatisticsError: no median for empty data)."""
+    replay = runpy.run_path(str(ROOT / "scripts" / "replay_dealing.py"))
+    measured = ROOT / "results" / "floor-targets-h200"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "env.json").write_text((measured / "env.json").read_text())
+    rows = [json.loads(line) for line in (measured / "rows.jsonl").read_text().splitlines()]
+    lines = [json.dumps({**row, "worker": f"w{i}"}) for i, row in enumerate(rows)]  # each point its own worker
+    (tmp_path / "run" / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(sys, "argv", ["replay_dealing.py", str(tmp_path / "run")])
+    assert replay["main"]() == 0
+    out = capsys.readouterr().out
+    assert "layer: not fitted: every point was its setup group's cold first" in out
+    assert "2 workers, calibrated: makespan" in out
+
+
+def test_the_fit_has_no_infinite_zero_or_negative_cost():
+    """A fit that gives the FA share no time keeps one finite fraction for both (nnls put its inverse at 0: an
+    infinite fraction); a CPU run's fractions (about 1e-5) print as themselves, not 0.0; medians below zero (warm
+    caches) fit as no cost, not a negative setup that deal() would split groups to gain."""
+    replay, _, rows, (_, policy, point_of, firsts) = replayed("floor-targets-h200")
+    second = types.SimpleNamespace(flops_total=1e15, flops_fa_core=0.0, bytes_moved=0.0, latency_ms=2000.0)
+    first = types.SimpleNamespace(flops_total=2e15, flops_fa_core=1e15, bytes_moved=0.0, latency_ms=1000.0)
+    fa, rest = replay["roofline_fractions"]([first, second])
+    assert 0 < fa == rest < float("inf")
+    assert replay["rounded"](Costs(1.0, 1.14e-5, 3.2e-4, {}, {})).roofline_fraction == 1e-5
+    idle = [dataclasses.replace(row, extra={**row.extra, "point_s": 0.0}) for row in rows]
+    costs = replay["fit"](idle, firsts, point_of, policy)
+    assert costs.point_s == 0 and set(costs.setup_s.values()) == {0}
 
 
 def test_the_replay_of_a_run_it_cannot_replay_is_one_line(tmp_path, monkeypatch, capsys):
@@ -258,7 +310,7 @@ def test_each_session_records_its_command_and_workers(tmp_path, monkeypatch):
         "argv": ["sweep", "--gpus", "2"],
         "worker_count": 2,
     }
-    lines = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))["sessions"](run)
+    lines = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))["sessions"](run.env())
     assert lines[0] == "  session 1: 2026-11-30T02:07:10+00:00, 501.4 s, workers ?, argv ?"
     assert lines[1].endswith(", ? s, workers 2, argv sweep --gpus 2"), lines
 
@@ -274,6 +326,32 @@ def test_compare_runs_without_a_run_is_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:  # was a ZeroDivisionError traceback
         compare["main"]()
     assert exit_.value.code == 2 and "--wall takes two positive seconds" in capsys.readouterr().err
+
+
+def test_compare_runs_on_files_that_do_not_read_is_one_line_and_a_zero_wall_no_ratio(tmp_path, monkeypatch, capsys):
+    """A rows.jsonl or env.json that does not read: one line, exit 2 (UserError tracebacks); a run whose sessions'
+    wall_s sum to 0.0 (rounded to 0.1 s) prints no speed-up (ZeroDivisionError)."""
+    compare = runpy.run_path(str(ROOT / "scripts" / "compare_runs.py"))
+    measured = ROOT / "results" / "floor-targets-h200"
+    for name, broken in (("rows", "rows.jsonl"), ("env", "env.json"), ("zero", None)):
+        (tmp_path / name).mkdir()
+        for file in ("rows.jsonl", "env.json"):
+            (tmp_path / name / file).write_text((measured / file).read_text())
+        if broken:
+            (tmp_path / name / broken).write_text("{not json\n")
+    env = json.loads((measured / "env.json").read_text())
+    (tmp_path / "zero" / "env.json").write_text(json.dumps({**env, "sessions": [{"wall_s": 0.0}]}))
+    for name, message in (("rows", "rows.jsonl:1: "), ("env", "cannot read ")):
+        monkeypatch.setattr(sys, "argv", ["compare_runs.py", str(measured), str(tmp_path / name)])
+        assert compare["main"]() == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    monkeypatch.setattr(sys, "argv", ["compare_runs.py", str(measured), str(tmp_path / "zero"), "--wall", "1", "1"])
+    assert compare["main"]() == 0 and "speed-up: 1.00x" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["compare_runs.py", str(measured), str(tmp_path / "zero")])
+    assert compare["main"]() == 0
+    out = capsys.readouterr().out
+    assert "| 1369.0 |" in out and "| 0.0 |" in out and "speed-up" not in out
 
 
 def test_compare_runs_tells_the_two_gpus_apart(monkeypatch, capsys):
@@ -352,6 +430,9 @@ def test_the_gpus_dry_run_shows_each_workers_points(tmp_path, monkeypatch):
     counts = [line.split(":")[1].split()[0] for line in result.stdout.splitlines() if line.startswith("gpu")]
     assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("gpu")] == ["gpu2", "gpu5"]
     assert sum(map(int, counts)) == len(planned_keys()) and not (tmp_path / "d").exists()
+    assert all(line.endswith(" s on an H200 from cold caches") for line in result.stdout.splitlines()[:2]), (
+        "the estimate says whose seconds it counts (a CPU run of the cpu suite read about 875 s a worker for 40 s)"
+    )
 
 
 def test_a_rerun_leaves_shards_slurm_still_holds(tmp_path, monkeypatch):

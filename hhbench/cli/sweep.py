@@ -245,7 +245,7 @@ def _dry_run(points, run_dir: RunDir, where, policy, spread) -> None:
 
     planned = launch(points, run_dir, where, policy, spread)
     for name, shard in planned.plan:
-        typer.echo(f"{name}: {len(shard.points)} points, about {shard.seconds:.0f} s")
+        typer.echo(f"{name}: {len(shard.points)} points, about {shard.seconds:.0f} s on an H200 from cold caches")
     typer.echo(f"{planned.skipped} points already in {run_dir.path}")
     for shard in planned.busy:
         typer.echo(f"{shard} is still queued or running: not submitted again")
