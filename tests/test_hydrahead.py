@@ -1,5 +1,6 @@
 """The HydraHead layer equals the composition of its parts, written out by hand here."""
 
+import copy
 import dataclasses
 import math
 from collections import Counter
@@ -16,7 +17,10 @@ from hhbench.kernels.reference import gdn_recurrent
 from hhbench.layers import glue
 from hhbench.layers.glue import GlueOps
 from hhbench.layers.hydrahead import HydraAttention, _kernel_dtype, apply_rope, rope_cos_sin, rope_table
-from hhbench.spec.layout import HeadSplit
+from hhbench.layers.network import HybridLM
+from hhbench.spec.hybrid import HybridSpec, Layout, Ratio
+from hhbench.spec.layout import HeadSplit, build_plan
+from hhbench.spec.shapes import PRESETS
 
 ALL_FA = tuple(range(8))  # a layer without GDN heads: a layer-wise hybrid's FA layer
 
@@ -180,6 +184,28 @@ def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
             out.pow(2).sum().backward()
         grads.append([out, xi.grad, *(p.grad for p in layer.parameters())])
     for got, expected in zip(grads[1], grads[0], strict=True):
+        assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (got - expected).abs().max()
+
+
+def test_a_layer_wise_model_through_the_fused_glue_equals_the_reference():
+    """Layer 3:1 end to end (tiny: three full GDN layers and one FA layer, MLPs, embedding, LM head): with every
+    layer's glue fused, the logits, every gradient, and decode after a cached prefill are the reference glue's."""
+    plan = build_plan(PRESETS["tiny"], HybridSpec(Layout.LAYER, Ratio.parse("3:1")))
+    reference = HybridLM(plan).double()
+    fused = copy.deepcopy(reference)
+    for block in fused.blocks:
+        block.attention.glue = "fused"
+    assert [block.attention.gdn is None for block in fused.blocks].count(True) == 1
+    ids = torch.randint(0, 256, (2, 13))
+    results = []
+    for model in (reference, fused):
+        logits = model(ids)
+        logits.pow(2).mean().backward()
+        with torch.no_grad():
+            caches = model.new_caches(2, 13, "cpu", torch.float64)
+            steps = [model(ids[:, :10], caches), *(model(ids[:, t : t + 1], caches) for t in range(10, 13))]
+        results.append([logits, *steps, *(p.grad for p in model.parameters())])
+    for got, expected in zip(results[1], results[0], strict=True):
         assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (got - expected).abs().max()
 
 
