@@ -316,7 +316,7 @@ def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, g
     assert +decode.ops == +expected[1]
 
 
-@pytest.mark.parametrize("fa_heads", [(0, 8), (0,), (0, 4, 8, 12), (1, 2, 3), ()])
+@pytest.mark.parametrize("fa_heads", [(0, 8), (0,), (0, 4, 8, 12), (1, 2, 3), (), tuple(range(16))])
 def test_fused_views_start_and_stride_on_16_bytes(fa_heads):
     """Kernels that read the projection in place (cuDNN attention through TMA) need 16-byte strides and offsets:
     head 7:1 of Qwen3-1.7B (14 GDN heads) gave a 7964-wide bf16 row and wrong attention on an H200."""
