@@ -441,10 +441,16 @@ LAYERS = [
     {"fa_heads": (1, 6), "qk_norm": True, "qkv_bias": True, "o_bias": True, "gdn_gate_bias": True},  # Qwen2/3
     {"fa_heads": (0,)},  # 7:1
     {"fa_heads": ()},  # a full GDN layer
+    {"fa_heads": tuple(range(8))},  # a layer-wise hybrid's FA layer: no GDN heads, the fused glue all the same
+    {"fa_heads": tuple(range(8)), "qk_norm": True, "qkv_bias": True, "o_bias": True},  # the same, Qwen2/3's
 ]
 
 
-@pytest.mark.parametrize("options", LAYERS, ids=lambda o: str(o["fa_heads"]))
+def _layer_id(options: dict) -> str:
+    return f"{options['fa_heads']}{'-qwen' if options.get('qk_norm') else ''}"
+
+
+@pytest.mark.parametrize("options", LAYERS, ids=_layer_id)
 def test_fused_layer_prefill_and_train_match_the_fp32_reference(options):
     """300 tokens, 2 sequences: outputs, the input's gradient and every parameter's gradient."""
     from hhbench.layers import glue
@@ -472,7 +478,7 @@ def test_fused_layer_prefill_and_train_match_the_fp32_reference(options):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("options", LAYERS, ids=lambda o: str(o["fa_heads"]))
+@pytest.mark.parametrize("options", LAYERS, ids=_layer_id)
 @torch.no_grad()
 def test_fused_layer_decode_follows_the_full_forward(options, batch):
     """Prefill 200 tokens into the cache (fla's conv with its final states, fla chunk with its final state), then 8

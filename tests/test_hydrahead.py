@@ -1,5 +1,6 @@
 """The HydraHead layer equals the composition of its parts, written out by hand here."""
 
+import copy
 import dataclasses
 import math
 from collections import Counter
@@ -16,7 +17,12 @@ from hhbench.kernels.reference import gdn_recurrent
 from hhbench.layers import glue
 from hhbench.layers.glue import GlueOps
 from hhbench.layers.hydrahead import HydraAttention, _kernel_dtype, apply_rope, rope_cos_sin, rope_table
-from hhbench.spec.layout import HeadSplit
+from hhbench.layers.network import HybridLM
+from hhbench.spec.hybrid import HybridSpec, Layout, Ratio
+from hhbench.spec.layout import HeadSplit, build_plan
+from hhbench.spec.shapes import PRESETS
+
+ALL_FA = tuple(range(8))  # a layer without GDN heads: a layer-wise hybrid's FA layer
 
 
 def make_layer(fa_heads, n_heads=8, n_kv=4, d=8, hidden=32, **kw):
@@ -72,7 +78,7 @@ def by_hand(layer: HydraAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("glue_name", ["reference", "fused"])
-@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 2), (5,), tuple(range(8)), ()])
+@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 2), (5,), ALL_FA, ()])
 def test_layer_equals_its_parts(fa_heads, glue_name):
     layer = make_layer(fa_heads, glue=glue_name)
     x = torch.randn(2, 37, 32, dtype=torch.float64)
@@ -83,7 +89,7 @@ def test_layer_equals_its_parts(fa_heads, glue_name):
 
 
 def test_all_fa_layer_is_plain_attention_without_head_norms():
-    layer = make_layer(tuple(range(8)))
+    layer = make_layer(ALL_FA)
     assert layer.gdn is None and not hasattr(layer, "head_gamma")
 
 
@@ -142,12 +148,13 @@ def test_fused_glue_takes_hugging_faces_tables(batch_tables):
 
 
 @pytest.mark.parametrize("glue_name", ["reference", "fused"])
-@pytest.mark.parametrize("fa_heads, qk_norm", [((1, 6), False), ((1, 6), True), ((0, 1, 4, 5), False),
-                                               ((0, 1, 2), False), ((), False), ((), True)])  # fmt: skip
-def test_decode_with_cache_continues_the_prefill(fa_heads, qk_norm, glue_name):
+@pytest.mark.parametrize("fa_heads, qk_norm, n_kv", [((1, 6), False, 4), ((1, 6), True, 4), ((0, 1, 4, 5), False, 4),
+                                                     ((0, 1, 2), False, 4), ((), False, 4), ((), True, 4),
+                                                     (ALL_FA, False, 8), (ALL_FA, True, 4)])  # fmt: skip
+def test_decode_with_cache_continues_the_prefill(fa_heads, qk_norm, n_kv, glue_name):
     """A cached prefill, then token by token: each output is the full forward's (one sequence too: the fused path
     then takes the output gate from its one projection GEMM)."""
-    layer = make_layer(fa_heads, glue=glue_name, qk_norm=qk_norm)
+    layer = make_layer(fa_heads, n_kv=n_kv, glue=glue_name, qk_norm=qk_norm)
     for batch in (2, 1):
         x = torch.randn(batch, 21, 32, dtype=torch.float64)
         with torch.no_grad():
@@ -159,12 +166,13 @@ def test_decode_with_cache_continues_the_prefill(fa_heads, qk_norm, glue_name):
         assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
 
 
-@pytest.mark.parametrize("fa_heads", [(1, 6), (0, 1, 2), ()])
-def test_fused_glue_trains_like_the_reference(fa_heads):
+@pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4), (ALL_FA, 8)])
+def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
     """Qwen2/3 options on (biases, q/k norms): outputs and every gradient of the fused composition (torch twins of
-    fla's ops) equal the reference glue's; its weights are made from the parameters on each call under autograd."""
-    reference = make_layer(fa_heads, qk_norm=True, qkv_bias=True, o_bias=True, gdn_gate_bias=True)
-    fused = make_layer(fa_heads, qk_norm=True, qkv_bias=True, o_bias=True, gdn_gate_bias=True, glue="fused")
+    fla's ops) equal the reference glue's; its weights are made from the parameters on each call under autograd (a
+    layer without GDN heads, GQA or MHA, takes its qkv and o_proj parameters as they are)."""
+    options = {"n_kv": n_kv, "qk_norm": True, "qkv_bias": True, "o_bias": True, "gdn_gate_bias": True}
+    reference, fused = make_layer(fa_heads, **options), make_layer(fa_heads, glue="fused", **options)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(2, 29, 32, dtype=torch.float64)
     grads = []
@@ -176,6 +184,28 @@ def test_fused_glue_trains_like_the_reference(fa_heads):
             out.pow(2).sum().backward()
         grads.append([out, xi.grad, *(p.grad for p in layer.parameters())])
     for got, expected in zip(grads[1], grads[0], strict=True):
+        assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (got - expected).abs().max()
+
+
+def test_a_layer_wise_model_through_the_fused_glue_equals_the_reference():
+    """Layer 3:1 end to end (tiny: three full GDN layers and one FA layer, MLPs, embedding, LM head): with every
+    layer's glue fused, the logits, every gradient, and decode after a cached prefill are the reference glue's."""
+    plan = build_plan(PRESETS["tiny"], HybridSpec(Layout.LAYER, Ratio.parse("3:1")))
+    reference = HybridLM(plan).double()
+    fused = copy.deepcopy(reference)
+    for block in fused.blocks:
+        block.attention.glue = "fused"
+    assert [block.attention.gdn is None for block in fused.blocks].count(True) == 1
+    ids = torch.randint(0, 256, (2, 13))
+    results = []
+    for model in (reference, fused):
+        logits = model(ids)
+        logits.pow(2).mean().backward()
+        with torch.no_grad():
+            caches = model.new_caches(2, 13, "cpu", torch.float64)
+            steps = [model(ids[:, :10], caches), *(model(ids[:, t : t + 1], caches) for t in range(10, 13))]
+        results.append([logits, *steps, *(p.grad for p in model.parameters())])
+    for got, expected in zip(results[1], results[0], strict=True):
         assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (got - expected).abs().max()
 
 
@@ -252,11 +282,17 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
 # decode the join of the GDN heads' q, k and v (cat).
 FUSED_PREFILL = {"gemm": 4, "rope": 1, "conv": 3, "gate": 1, "sigmoid": 1, "core": 1, "norm_gated": 1, "norm": 1}
 FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "conv": 0, "conv_update": 1, "copy_": 2}
+# A layer without GDN heads (a layer-wise hybrid's FA layer): the projection GEMM, RoPE, the FA kernel and o_proj;
+# decode's cache writes. The reference glue ran 16 ops a prefill and 18 a decode step there (RoPE's tables made per
+# call: arange, casts, cos, sin, cat; rotate-half: neg, cat, mul, add), 29 and 31 with Qwen3's q/k norms.
+PLAIN_PREFILL = {"gemm": 2, "rope": 1, "core": 1}
+PLAIN_DECODE = {**PLAIN_PREFILL, "copy_": 2}
 
 
 @pytest.mark.parametrize("fa_heads, n_kv, qk_norm, gathers", [
     ((1, 6), 4, False, 1), ((0, 1, 4, 5), 4, False, 1), ((1, 6), 4, True, 2), ((), 4, False, 1),
     ((1, 6), 8, False, 0),  # MHA: a KV group per GDN head, their q, k, v adjacent views of the projection
+    (ALL_FA, 8, False, 0), (ALL_FA, 4, True, 0),
 ])  # fmt: skip
 def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, gathers, monkeypatch):
     """Pins every op of a fused prefill and decode step (on the GPU a kernel each): no per-call RoPE table, no copy
@@ -264,20 +300,23 @@ def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, g
     gather beyond the GDN heads' shared k and v."""
     layer = make_layer(fa_heads, n_kv=n_kv, qk_norm=qk_norm, glue="fused")
     prefill, decode = step_ops(layer, torch.randn(1, 9, 32, dtype=torch.float64), monkeypatch)
-    expected = [Counter(FUSED_PREFILL), Counter(FUSED_DECODE)]
+    plain = layer.gdn is None
+    expected = (
+        [Counter(PLAIN_PREFILL), Counter(PLAIN_DECODE)] if plain else [Counter(FUSED_PREFILL), Counter(FUSED_DECODE)]
+    )
     for counter in expected:
         counter.update(index_select=gathers)
         if qk_norm:
             counter.update(norm=1, mul=1)
         if not fa_heads:  # one GEMM for o_proj, no RoPE, no FA norm, no cache write
             counter.subtract(gemm=1, rope=1, norm=1, copy_=counter["copy_"])
-    if qk_norm:
+    if qk_norm and not plain:
         expected[1].update(cat=1)
     assert +prefill.ops == +expected[0]
     assert +decode.ops == +expected[1]
 
 
-@pytest.mark.parametrize("fa_heads", [(0, 8), (0,), (0, 4, 8, 12), (1, 2, 3), ()])
+@pytest.mark.parametrize("fa_heads", [(0, 8), (0,), (0, 4, 8, 12), (1, 2, 3), (), tuple(range(16))])
 def test_fused_views_start_and_stride_on_16_bytes(fa_heads):
     """Kernels that read the projection in place (cuDNN attention through TMA) need 16-byte strides and offsets:
     head 7:1 of Qwen3-1.7B (14 GDN heads) gave a 7964-wide bf16 row and wrong attention on an H200."""
@@ -302,15 +341,30 @@ def test_fused_views_start_and_stride_on_16_bytes(fa_heads):
         assert all(s % 16 == 0 for s in strides), (view.shape, view.stride())
 
 
-def test_glue_choice():
-    """auto is the reference on the CPU; fused uses the torch twins there; a layer without GDN heads has no glue."""
+def test_glue_choice(monkeypatch):
+    """auto is the reference on the CPU; fused uses the torch twins there. On CUDA auto fuses where fla imports and
+    the GDN heads, if any, run on fla's backends: a layer without GDN heads (its core has no GDN backend) fuses
+    whatever backend the model's GDN layers use, and holds no copy of its weights."""
     from hhbench.layers.hydrahead import HybridCore
 
-    core = HybridCore(None, registry.get("torch-chunk", registry.GDN))
-    cpu = torch.device("cpu")
+    torch_chunk, fla_chunk = (registry.get(name, registry.GDN) for name in ("torch-chunk", "fla-chunk"))
+    core, plain_core = HybridCore(None, torch_chunk), HybridCore(None, None)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert make_layer((1,))._glue_ops(core, cpu) is None
     assert make_layer((1,), glue="fused")._glue_ops(core, cpu) is glue.TORCH
-    assert make_layer(tuple(range(8)), glue="fused")._glue_ops(core, cpu) is None
+    assert make_layer(ALL_FA)._glue_ops(plain_core, cpu) is None
+    plain = make_layer(ALL_FA, glue="fused")
+    assert plain._glue_ops(plain_core, cpu) is glue.TORCH
+    with torch.no_grad():
+        weights = plain._fused_weights()
+    assert weights.projection is plain.qkv.weight and weights.o_fa is plain.o_proj.weight
+    fla = GlueOps("fla", *dataclasses.astuple(glue.TORCH)[1:])  # stands for fla's ops: no CUDA here
+    monkeypatch.setattr(glue, "fla_ops", lambda: fla)
+    for available in (True, False):
+        monkeypatch.setattr(glue, "fla_available", lambda available=available: available)
+        assert make_layer(ALL_FA)._glue_ops(plain_core, cuda) is (fla if available else None)
+        assert make_layer((1,))._glue_ops(HybridCore(None, fla_chunk), cuda) is (fla if available else None)
+        assert make_layer((1,))._glue_ops(core, cuda) is None  # torch-chunk: the reference glue
     with pytest.raises(ValueError, match="glue"):
         make_layer((1,), glue="fast")
 

@@ -279,6 +279,25 @@ def test_the_floors_parts_are_the_points_parts():
     assert steps[("0 FA + 8 GDN heads", "conv")][1] == {"tokens": 2, "channels": 8 * 24, "size": 4}
 
 
+def test_the_correctness_reference_runs_the_reference_glue_in_every_layer(monkeypatch):
+    """check_correctness's fp32 reference takes the reference glue in every layer: on CUDA `auto` fuses a layer
+    without GDN heads whatever the GDN backend, which would check a layer-wise point's FA layers against the fused
+    path itself. Here `auto` stands for a glue that fuses every layer (on the CPU it fuses none)."""
+    from hhbench.bench import workloads
+    from hhbench.layers import glue
+    from hhbench.layers.hydrahead import HydraAttention
+
+    fused = []
+    monkeypatch.setattr(HydraAttention, "_glue_ops",
+                        lambda self, core, device: None if self.glue == "reference" else fused.append(self) or glue.TORCH)  # fmt: skip
+    [point] = grid_points({"models": "tiny", "layouts": "layer", "ratios": "3:1", "contexts": "32",
+                           "passes": "prefill", "scopes": "layer"}, "cpu")  # fmt: skip
+    for reference, layers in ((False, 2), (True, 0)):  # the unit's distinct layers: a GDN layer and an FA layer
+        fused.clear()
+        workloads.build(point, torch.device("cpu"), reference=reference).outputs()
+        assert len({id(layer) for layer in fused}) == layers
+
+
 def test_layer_and_model_rows_carry_their_floor(tmp_path, monkeypatch):
     points = grid_points({"models": "tiny", "layouts": "head,layer", "ratios": "3:1", "contexts": "32",
                           "passes": "prefill,train,decode", "scopes": ["kernel", "layer", "model"]}, "cpu")  # fmt: skip

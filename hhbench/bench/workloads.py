@@ -246,6 +246,8 @@ def module_workload(
     for module, _ in modules:
         if round_to is not None:  # the reference sees exactly the weights the tested dtype holds
             module.to(round_to)
+            for attention in _attentions(module):  # and every layer's reference glue (auto may fuse FA-only layers)
+                attention.glue = "reference"
         module.to(device=device, dtype=dtype)
     x = _module_inputs(point, device, round_to or dtype, context, batch)
     if x.is_floating_point():

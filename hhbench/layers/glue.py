@@ -113,3 +113,13 @@ def fla_ops() -> GlueOps:
 
     # rotary_embedding: one kernel, in fp32 (a strided x is made contiguous first, by fla's input guard)
     return GlueOps("fla", conv, conv_update, fused_gdn_gate, norm, norm_gated, rotary_embedding)
+
+
+@functools.cache
+def fla_available() -> bool:
+    """Whether fla's glue kernels import here (fla is hhbench's `gpu` extra)."""
+    try:
+        fla_ops()
+    except ImportError:
+        return False
+    return True

@@ -20,9 +20,11 @@ from hhbench.layers.gdn_heads import GatedDeltaNetHeads
 from hhbench.spec.axes import SEQUENTIAL, dtype_name
 from hhbench.spec.layout import HeadSplit
 
-# The GDN glue: "reference" (torch ops, gathers on activations), "fused" (glue.py's ops with the head order folded
-# into the weights; fla's kernels on CUDA, their torch twins on the CPU), or "auto": fused where the GDN backend
-# is one of fla's on CUDA, reference elsewhere.
+# The layer's glue: "reference" (torch ops, gathers on activations), "fused" (glue.py's ops with the head order
+# folded into the weights; fla's kernels on CUDA, their torch twins on the CPU), or "auto": fused on CUDA where fla
+# imports and the GDN heads, if any, run on one of fla's backends (a layer without GDN heads, as layer-wise
+# hybrids' FA layers, needs no GDN backend for it: so the layer-wise baseline's RoPE and projection are as fused as
+# HydraHead's), reference elsewhere.
 GLUES = ("auto", "reference", "fused")
 FUSED_GDN_BACKENDS = ("fla-chunk", "flash-qla", "fla-recurrent")
 
@@ -90,11 +92,12 @@ def _take(t: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
 class FusedWeights(NamedTuple):
     """The fused path's weights (HydraAttention._fused_weights): one input projection with its bias, o_proj with
     the head order and per-head norm scales folded in (GDN and FA heads' columns apart), the GDN conv taps and the
-    q/k norm weight of each q and k slot."""
+    q/k norm weight of each q and k slot. A layer without GDN heads holds its own qkv and o_proj parameters (its
+    slots are their rows in order, its heads have no norms) and no GDN fields."""
 
     projection: torch.Tensor  # [S d + 2 n_la + pad (+ n_la d), hidden]: q/k/v slots, a, b rows, zero rows, (gate)
     bias: torch.Tensor | None
-    o_gdn: torch.Tensor  # [hidden, n_la d]: o_proj's GDN head columns in kernel head order, scaled per head
+    o_gdn: torch.Tensor | None  # [hidden, n_la d]: o_proj's GDN head columns in kernel head order, scaled per head
     o_fa: torch.Tensor | None  # [hidden, n_fa d]: its FA head columns, the same way; None without FA heads
     conv: torch.Tensor | None  # [3 n_la d, K]
     qk_scale: torch.Tensor | None  # [q and k slots, d]: Qwen3's q or k norm weight of each slot; None without
@@ -126,7 +129,7 @@ class HydraAttention(nn.Module):
     """HydraHead attention layer: the heads `fa_heads` (indices into n_heads) run full attention through
     `fa_backend`, the others Gated DeltaNet through `gdn_backend`, in one layer (module docstring). Backends are
     Backend objects or registry names ("auto"); `mode` runs them one after the other or on two CUDA streams; `glue`
-    picks the GDN glue (GLUES). x [B, T, hidden] -> [B, T, hidden]. Raises ValueError for an unknown glue."""
+    picks the glue around them (GLUES). x [B, T, hidden] -> [B, T, hidden]. Raises ValueError for an unknown glue."""
 
     def __init__(
         self,
@@ -217,27 +220,47 @@ class HydraAttention(nn.Module):
         return self._cores[key]
 
     def _glue_ops(self, core: HybridCore, device: torch.device) -> glue.GlueOps | None:
-        """The fused path's ops, or None for the reference glue (and for a layer without GDN heads)."""
-        if self.gdn is None or self.glue == "reference":
+        """The fused path's ops, or None for the reference glue (GLUES says which)."""
+        if self.glue == "reference":
             return None
-        if self.glue == "auto" and not (device.type == "cuda" and core.gdn_backend.name in FUSED_GDN_BACKENDS):
+        if self.glue == "auto" and not (
+            device.type == "cuda"
+            and glue.fla_available()
+            and (core.gdn_backend is None or core.gdn_backend.name in FUSED_GDN_BACKENDS)
+        ):
             return None
         return glue.fla_ops() if device.type == "cuda" else glue.TORCH
 
     def _fused_weights(self) -> "FusedWeights":
-        """The weights of the fused path, with the head order folded in (indexing weights, not activations): one
-        input projection, the qkv rows in the fused slots' order followed by the GDN heads' a and b rows, zero rows
-        and output-gate rows; o_proj's columns in the kernels' head order, each scaled by its head's norm weight
-        times gamma (the norms then have no weight), the GDN heads' and the FA heads' apart; the GDN conv taps of q,
-        k, v together; Qwen3's q/k norm weights, one row per q and k slot. Made once and kept while the parameters
-        hold (inference); made on every call from the parameters when autograd tracks them (training), so that
-        their gradients flow."""
+        """The weights of the fused path (_folded_weights; a layer without GDN heads uses its parameters as they
+        are) and Qwen3's q/k norm weights, one row per q and k slot. Made once and kept while the parameters hold
+        (inference); made on every call from the parameters when autograd tracks them (training), so that their
+        gradients flow."""
         params = tuple(self.parameters())
         tracked = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if not tracked and self._fused_cache is not None and self._fused_cache[0] == key:
             return self._fused_cache[1]
-        gdn, device = self.gdn, self.qkv.weight.device
+        device = self.qkv.weight.device
+        qk_scale = None
+        if self.q_norm is not None:
+            qk_scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
+            qk_scale = qk_scale.index_select(0, head_index(self.fused_qk_kinds, device))
+        if self.gdn is None:  # a plain attention layer: its slots are the qkv rows in order, its heads have no norms
+            parts = (self.qkv.weight, self.qkv.bias, None, self.o_proj.weight, None)
+        else:
+            parts = self._folded_weights(device)
+        weights = FusedWeights(*parts, qk_scale)
+        self._fused_cache = None if tracked else (key, weights)
+        return weights
+
+    def _folded_weights(self, device):
+        """A layer with GDN heads: its weights with the head order folded in (indexing weights, not activations):
+        one input projection, the qkv rows in the fused slots' order followed by the GDN heads' a and b rows, zero
+        rows and output-gate rows, with its bias; o_proj's columns in the kernels' head order, each scaled by its
+        head's norm weight times gamma (the norms then have no weight), the GDN heads' and the FA heads' apart; the
+        GDN conv taps of q, k, v together: FusedWeights' fields but the last."""
+        gdn = self.gdn
         rows = head_index(self.fused_rows, device)
         # a and b, then zero rows up to a multiple of 64, then the output gate's rows (whole heads, last: a GEMM of
         # their own where the gate's view would be strided, _fused_inputs): every view of the projection then starts
@@ -255,16 +278,10 @@ class HydraAttention(nn.Module):
             bias = torch.cat([weight.new_zeros(n) if b is None else b for b, n in zip(parts, sizes, strict=True)])
         scale = (self.head_norm_weight * self.head_gamma[:, None]).index_select(0, head_index(self.head_order, device))
         o_weight = self.o_proj.weight.index_select(1, head_index(self.kernel_columns, device)) * scale.flatten()
-        qk_scale = None
-        if self.q_norm is not None:
-            qk_scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
-            qk_scale = qk_scale.index_select(0, head_index(self.fused_qk_kinds, device))
         columns = self.n_fa * self.head_dim
         o_fa = o_weight[:, :columns].contiguous() if columns else None
         conv = gdn.conv_weight() if gdn.conv_size else None
-        weights = FusedWeights(weight, bias, o_weight[:, columns:].contiguous(), o_fa, conv, qk_scale)
-        self._fused_cache = None if tracked else (key, weights)
-        return weights
+        return weight, bias, o_weight[:, columns:].contiguous(), o_fa, conv
 
     def _project(self, x) -> torch.Tensor:
         """The fused projection as head slots [B, T, H + 2 KV, d]: query heads, key groups, value groups."""
@@ -386,12 +403,14 @@ class HydraAttention(nn.Module):
     def _fused_inputs(self, x, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool):
         """The one input projection -> (FA q, k, v with RoPE at positions start.., or None; the GDN heads' q, k, v
         channels: three [B, T, n_la d], or with `joined` one [B, T, 3 n_la d]; their a and b [B, T, n_la]; their
-        output gate [B, T, n_la, d] or None). Only the q and k slots are rewritten (norms, RoPE) and the GDN heads'
-        shared k and v gathered (_take); the rest are views of the projection."""
+        output gate [B, T, n_la, d] or None; the last four None without GDN heads). Only the q and k slots are
+        rewritten (norms, RoPE) and the GDN heads' shared k and v gathered (_take); the rest are views of the
+        projection."""
         B, T, _ = x.shape
-        d, n_fa, n_groups, n_la = self.head_dim, self.n_fa, len(self.split.fa_groups), self.gdn.n_heads
+        d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
+        n_la = self.gdn.n_heads if self.gdn is not None else 0
         n_slots, n_qk = len(self.fused_rows) // d, len(self.fused_qk_kinds)
-        gated = self.gdn.g_proj is not None
+        gated = self.gdn is not None and self.gdn.g_proj is not None
         n_main = weights.projection.shape[0] - (n_la * d if gated else 0)  # the rows before the output gate's
         if gated and B * T > 1:  # the gate by a GEMM of its own: fla's gated norm would copy its strided view
             out, gate = (F.linear(x, weights.projection[rows], None if weights.bias is None else weights.bias[rows])
@@ -401,7 +420,6 @@ class HydraAttention(nn.Module):
             gate = out[..., n_main:] if gated else None
         gate = gate.view(B, T, n_la, d) if gated else None
         slots = out[..., : n_slots * d].view(B, T, n_slots, d)
-        a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
         qk = slots[:, :, :n_qk]
         if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once, then their weights
             qk = ops.norm(qk, self.q_norm.eps) * weights.qk_scale.to(qk.dtype)
@@ -409,6 +427,9 @@ class HydraAttention(nn.Module):
         if n_fa:
             rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, start, ops)
             fa = (rotated[:, :, :n_fa], rotated[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
+        if not n_la:
+            return fa, None, None, None, None
+        a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
         q_slots, k_slots, v_slots = self.gdn_slots
         if joined and self.q_norm is None:
             return fa, _take(slots, q_slots + k_slots + v_slots).flatten(2), a, b, gate
@@ -436,7 +457,7 @@ class HydraAttention(nn.Module):
         return ops.gate(a, self.gdn.A_log, self.gdn.dt_bias), torch.sigmoid(b)
 
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
-        B, T, _ = x.shape
+        T = x.shape[1]
         weights = self._fused_weights()
         fa, channels, a, b, gate = self._fused_inputs(x, position_embeddings, weights, 0, ops, joined=False)
         if fa:
@@ -444,23 +465,30 @@ class HydraAttention(nn.Module):
             if cache is not None:
                 cache.k[:, :T], cache.v[:, :T] = k_fa, v_fa
             fa = (q_fa, *self._expand_for_kernel(k_fa, v_fa))
-        gdn, conv_state = self.gdn, None
-        if gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
-            convs = [
-                ops.conv(c, w, None, cache is not None)
-                for c, w in zip(channels, (gdn.conv_q, gdn.conv_k, gdn.conv_v), strict=True)
-            ]
-            channels = [y for y, _ in convs]
-            conv_state = torch.cat([state for _, state in convs], 1) if cache is not None else None
-        else:
-            channels = [F.silu(c) for c in channels]
-        q, k, v = (c.view(B, T, gdn.n_heads, -1) for c in channels)
-        fa_out, (la_out, state) = core.prefill_parts(
-            fa, (q, k, v, *self._gdn_gates(a, b, ops)), output_final_state=cache is not None, qk_l2norm=True
-        )
+        gdn = conv_state = None
+        if channels is not None:
+            gdn, conv_state = self._gdn_prefill_inputs(channels, a, b, cache is not None, ops)
+        fa_out, gdn_result = core.prefill_parts(fa, gdn, output_final_state=cache is not None, qk_l2norm=True)
+        la_out, state = gdn_result if gdn_result is not None else (None, None)
         if cache is not None:
             cache.state, cache.conv, cache.length = state, conv_state, T
         return self._finish_fused(fa_out, la_out, gate, weights, ops)
+
+    def _gdn_prefill_inputs(self, channels, a, b, final_state: bool, ops):
+        """The GDN heads' q, k, v channels (three [B, T, n_la d]), a and b -> the GDN kernel's (q, k, v, g, beta) and
+        the conv state [B, 3 n_la d, K] with `final_state` (else None)."""
+        gdn, conv_state = self.gdn, None
+        if gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
+            convs = [
+                ops.conv(c, w, None, final_state)
+                for c, w in zip(channels, (gdn.conv_q, gdn.conv_k, gdn.conv_v), strict=True)
+            ]
+            channels = [y for y, _ in convs]
+            conv_state = torch.cat([state for _, state in convs], 1) if final_state else None
+        else:
+            channels = [F.silu(c) for c in channels]
+        q, k, v = (c.unflatten(2, (gdn.n_heads, -1)) for c in channels)
+        return (q, k, v, *self._gdn_gates(a, b, ops)), conv_state
 
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         position, B = cache.length, x.shape[0]
@@ -470,18 +498,24 @@ class HydraAttention(nn.Module):
             q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
             fa = (q_fa, *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
-        gdn = self.gdn
-        la = ops.conv_update(la, cache.conv, weights.conv) if gdn.conv_size else F.silu(la)  # state advances here
-        q, k, v = la.view(B, 3 * gdn.n_heads, -1).split(gdn.n_heads, dim=1)
-        g, beta = self._gdn_gates(a, b, ops)
-        fa_out, (la_out, state) = core.decode_parts(fa, (q, k, v, g[:, 0], beta[:, 0], cache.state), qk_l2norm=True)
+        gdn = None
+        if la is not None:
+            n_la = self.gdn.n_heads
+            la = ops.conv_update(la, cache.conv, weights.conv) if self.gdn.conv_size else F.silu(la)  # advances conv
+            q, k, v = la.view(B, 3 * n_la, -1).split(n_la, dim=1)
+            g, beta = self._gdn_gates(a, b, ops)
+            gdn = (q, k, v, g[:, 0], beta[:, 0], cache.state)
+        fa_out, gdn_result = core.decode_parts(fa, gdn, qk_l2norm=True)
+        la_out, state = gdn_result if gdn_result is not None else (None, None)
         cache.length, cache.state = position + 1, state
         return self._finish_fused(fa_out, la_out, gate, weights, ops)
 
     def _finish_fused(self, fa_out, la_out, gate, weights: FusedWeights, ops: glue.GlueOps):
-        """Weightless per-head norms (the scales are in the weights), the GDN heads' output gate, the output
-        projection over the GDN heads' columns, then over the FA heads' added in place (addmm_: the GEMM's own
-        accumulate), so that the heads' outputs are never copied into one tensor."""
+        """Weightless per-head norms (the scales are in the weights; a layer without GDN heads has none), the GDN
+        heads' output gate, the output projection over the GDN heads' columns, then over the FA heads' added in
+        place (addmm_: the GEMM's own accumulate), so that the heads' outputs are never copied into one tensor."""
+        if la_out is None:  # a plain attention layer
+            return F.linear(fa_out.flatten(2), weights.o_fa, self.o_proj.bias)
         la_out = la_out.to(weights.o_gdn.dtype)
         o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
         out = F.linear(o.flatten(2), weights.o_gdn, self.o_proj.bias)
