@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import HybridCore
+from hhbench.kernels.hybrid import HybridCore, head_index
 from hhbench.kernels.reference import gdn_recurrent
 from hhbench.layers import glue
 from hhbench.layers.glue import GlueOps
@@ -134,6 +134,27 @@ def test_rope_tables_grow_and_serve_training_after_inference():
     layer.rope_theta = 777.0
     layer(torch.randn(1, 7, 32, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert rope_table(9, 8, 777.0, "cpu", torch.float64)[0].shape == (16, 4)
+
+
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(0, 1, 2), ALL_FA])
+def test_training_after_an_inference_mode_call(fa_heads, glue_name):
+    """A layer's first call under inference_mode (evaluation) makes the index tensors kept per device (head_index)
+    and the fused weights kept while the parameters hold; a training step after it saves them for its backward,
+    which inference tensors refuse. Also a frozen layer whose input takes gradients (its kept weights are used)."""
+    head_index.cache_clear()  # made by this test's inference call, not by an earlier test's
+    layer = make_layer(fa_heads, qk_norm=True, glue=glue_name)
+    x = torch.randn(1, 9, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = layer(x)
+    layer(x.clone().requires_grad_()).sum().backward()
+    layer.requires_grad_(False)
+    with torch.inference_mode():
+        layer(x)
+    xi = x.clone().requires_grad_()
+    out = layer(xi)
+    out.sum().backward()
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12) and xi.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("batch_tables", [1, 2])
