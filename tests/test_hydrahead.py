@@ -157,6 +157,19 @@ def test_training_after_an_inference_mode_call(fa_heads, glue_name):
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12) and xi.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("fa_heads", [(1, 6), ALL_FA])
+def test_a_layer_made_in_inference_mode_runs_the_fused_glue(fa_heads):
+    """Parameters made under inference_mode (a model built or loaded for evaluation there) are inference tensors,
+    which have no version counter: the fused weights are kept by their storage and dtype alone (fused raised)."""
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        reference = make_layer(fa_heads, qk_norm=True)
+        fused = make_layer(fa_heads, qk_norm=True, glue="fused")
+        fused.load_state_dict(reference.state_dict())
+        for _ in range(2):  # made, then kept
+            assert torch.allclose(fused(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("batch_tables", [1, 2])
 def test_fused_glue_takes_hugging_faces_tables(batch_tables):
     """(cos, sin) as Hugging Face passes them, [1, T, d] (its half is the glue op's table) or one per sequence

@@ -235,13 +235,13 @@ class HydraAttention(nn.Module):
         """The weights of the fused path (_make_fused_weights). Made once and kept while the parameters hold
         (inference), made outside inference mode so that a later call under autograd (a frozen layer whose input
         takes gradients) may save them for its backward; made on every call from the parameters when autograd tracks
-        them (training), so that their gradients flow. Changes that bypass the parameters' version counter (writes
-        through `.data`) are not seen."""
+        them (training), so that their gradients flow. In-place changes that no version counter records are not seen:
+        writes through `.data`, and to parameters made in inference mode (inference tensors have no version counter)."""
         params = tuple(self.parameters())
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             self._fused_cache = None
             return self._make_fused_weights()
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        key = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype) for p in params)
         if self._fused_cache is None or self._fused_cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
                 self._fused_cache = (key, self._make_fused_weights())
