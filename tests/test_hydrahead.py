@@ -200,6 +200,20 @@ def test_decode_with_cache_continues_the_prefill(fa_heads, qk_norm, n_kv, glue_n
         assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
 
 
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(1, 6), ALL_FA, ()])
+def test_a_cached_continuation_of_several_tokens_is_refused(fa_heads, glue_name):
+    """Decode takes one token a call: more failed deep inside the step with a shape error (the fused GDN-only layer
+    without conv reached the GDN step with heads three tokens wide, where a GPU kernel need not check)."""
+    layer = make_layer(fa_heads, conv_size=0, glue=glue_name)
+    x = torch.randn(1, 8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        cache = layer.new_cache(1, 8, "cpu", torch.float64)
+        layer(x[:, :5], cache=cache)
+        with pytest.raises(ValueError, match="one token"):
+            layer(x[:, 5:8], cache=cache)
+
+
 @pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4), (ALL_FA, 8)])
 def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
     """Qwen2/3 options on (biases, q/k norms): outputs and every gradient of the fused composition (torch twins of

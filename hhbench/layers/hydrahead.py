@@ -343,9 +343,12 @@ class HydraAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x [B, T, hidden]. With a cache holding tokens, x continues them (decode); a cache with none is filled
-        by this prefill. `position_embeddings` = (cos, sin) as Hugging Face passes them; else made here."""
+        """x [B, T, hidden]. With a cache holding tokens, x continues them (decode: one token, T = 1); a cache with
+        none is filled by this prefill. `position_embeddings` = (cos, sin) as Hugging Face passes them; else made
+        here. Raises ValueError for a continuation of more than one token."""
         if cache is not None and cache.length > 0:
+            if x.shape[1] != 1:  # the decode step's shapes hold one token (more failed deep inside, or not at all)
+                raise ValueError(f"a cached layer decodes one token a call, got {x.shape[1]}")
             return self._decode(x, position_embeddings, cache)
         core = self._core("train" if torch.is_grad_enabled() else "prefill", x.device, _kernel_dtype(x))
         ops = self._glue_ops(core, x.device)
