@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import HybridCore
+from hhbench.kernels.hybrid import HybridCore, head_index
 from hhbench.kernels.reference import gdn_recurrent
 from hhbench.layers import glue
 from hhbench.layers.glue import GlueOps
@@ -136,6 +136,40 @@ def test_rope_tables_grow_and_serve_training_after_inference():
     assert rope_table(9, 8, 777.0, "cpu", torch.float64)[0].shape == (16, 4)
 
 
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(0, 1, 2), ALL_FA])
+def test_training_after_an_inference_mode_call(fa_heads, glue_name):
+    """A layer's first call under inference_mode (evaluation) makes the index tensors kept per device (head_index)
+    and the fused weights kept while the parameters hold; a training step after it saves them for its backward,
+    which inference tensors refuse. Also a frozen layer whose input takes gradients (its kept weights are used)."""
+    head_index.cache_clear()  # made by this test's inference call, not by an earlier test's
+    layer = make_layer(fa_heads, qk_norm=True, glue=glue_name)
+    x = torch.randn(1, 9, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = layer(x)
+    layer(x.clone().requires_grad_()).sum().backward()
+    layer.requires_grad_(False)
+    with torch.inference_mode():
+        layer(x)
+    xi = x.clone().requires_grad_()
+    out = layer(xi)
+    out.sum().backward()
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12) and xi.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fa_heads", [(1, 6), ALL_FA])
+def test_a_layer_made_in_inference_mode_runs_the_fused_glue(fa_heads):
+    """Parameters made under inference_mode (a model built or loaded for evaluation there) are inference tensors,
+    which have no version counter: the fused weights are kept by their storage and dtype alone (fused raised)."""
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        reference = make_layer(fa_heads, qk_norm=True)
+        fused = make_layer(fa_heads, qk_norm=True, glue="fused")
+        fused.load_state_dict(reference.state_dict())
+        for _ in range(2):  # made, then kept
+            assert torch.allclose(fused(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("batch_tables", [1, 2])
 def test_fused_glue_takes_hugging_faces_tables(batch_tables):
     """(cos, sin) as Hugging Face passes them, [1, T, d] (its half is the glue op's table) or one per sequence
@@ -164,6 +198,20 @@ def test_decode_with_cache_continues_the_prefill(fa_heads, qk_norm, n_kv, glue_n
             steps = [layer(x[:, t : t + 1], cache=cache) for t in range(18, 21)]
         assert torch.allclose(first, full[:, :18], atol=1e-10)
         assert torch.allclose(torch.cat(steps, 1), full[:, 18:], atol=1e-10)
+
+
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(1, 6), ALL_FA, ()])
+def test_a_cached_continuation_of_several_tokens_is_refused(fa_heads, glue_name):
+    """Decode takes one token a call: more failed deep inside the step with a shape error (the fused GDN-only layer
+    without conv reached the GDN step with heads three tokens wide, where a GPU kernel need not check)."""
+    layer = make_layer(fa_heads, conv_size=0, glue=glue_name)
+    x = torch.randn(1, 8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        cache = layer.new_cache(1, 8, "cpu", torch.float64)
+        layer(x[:, :5], cache=cache)
+        with pytest.raises(ValueError, match="one token"):
+            layer(x[:, 5:8], cache=cache)
 
 
 @pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4), (ALL_FA, 8)])

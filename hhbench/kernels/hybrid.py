@@ -40,8 +40,11 @@ def run_both(fa_fn, gdn_fn, mode: str, device: torch.device):
 
 @functools.cache
 def head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Index tensors made once per device: a host-to-device copy inside a CUDA graph capture would be invalid."""
-    return torch.tensor(heads, dtype=torch.long, device=device)
+    """Index tensors made once per device: a host-to-device copy inside a CUDA graph capture would be invalid. Made
+    outside inference mode, so that training may save them for its backward (index_select's) after an inference call
+    made them."""
+    with torch.inference_mode(False):
+        return torch.tensor(heads, dtype=torch.long, device=device)
 
 
 @dataclass

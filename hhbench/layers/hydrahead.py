@@ -232,15 +232,24 @@ class HydraAttention(nn.Module):
         return glue.fla_ops() if device.type == "cuda" else glue.TORCH
 
     def _fused_weights(self) -> "FusedWeights":
-        """The weights of the fused path (_folded_weights; a layer without GDN heads uses its parameters as they
-        are) and Qwen3's q/k norm weights, one row per q and k slot. Made once and kept while the parameters hold
-        (inference); made on every call from the parameters when autograd tracks them (training), so that their
-        gradients flow."""
+        """The weights of the fused path (_make_fused_weights). Made once and kept while the parameters hold
+        (inference), made outside inference mode so that a later call under autograd (a frozen layer whose input
+        takes gradients) may save them for its backward; made on every call from the parameters when autograd tracks
+        them (training), so that their gradients flow. In-place changes that no version counter records are not seen:
+        writes through `.data`, and to parameters made in inference mode (inference tensors have no version counter)."""
         params = tuple(self.parameters())
-        tracked = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if not tracked and self._fused_cache is not None and self._fused_cache[0] == key:
-            return self._fused_cache[1]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._fused_cache = None
+            return self._make_fused_weights()
+        key = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype) for p in params)
+        if self._fused_cache is None or self._fused_cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._fused_cache = (key, self._make_fused_weights())
+        return self._fused_cache[1]
+
+    def _make_fused_weights(self) -> "FusedWeights":
+        """_folded_weights (a layer without GDN heads uses its parameters as they are) and Qwen3's q/k norm weights,
+        one row per q and k slot."""
         device = self.qkv.weight.device
         qk_scale = None
         if self.q_norm is not None:
@@ -250,9 +259,7 @@ class HydraAttention(nn.Module):
             parts = (self.qkv.weight, self.qkv.bias, None, self.o_proj.weight, None)
         else:
             parts = self._folded_weights(device)
-        weights = FusedWeights(*parts, qk_scale)
-        self._fused_cache = None if tracked else (key, weights)
-        return weights
+        return FusedWeights(*parts, qk_scale)
 
     def _folded_weights(self, device):
         """A layer with GDN heads: its weights with the head order folded in (indexing weights, not activations):
@@ -336,9 +343,12 @@ class HydraAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x [B, T, hidden]. With a cache holding tokens, x continues them (decode); a cache with none is filled
-        by this prefill. `position_embeddings` = (cos, sin) as Hugging Face passes them; else made here."""
+        """x [B, T, hidden]. With a cache holding tokens, x continues them (decode: one token, T = 1); a cache with
+        none is filled by this prefill. `position_embeddings` = (cos, sin) as Hugging Face passes them; else made
+        here. Raises ValueError for a continuation of more than one token."""
         if cache is not None and cache.length > 0:
+            if x.shape[1] != 1:  # the decode step's shapes hold one token (more failed deep inside, or not at all)
+                raise ValueError(f"a cached layer decodes one token a call, got {x.shape[1]}")
             return self._decode(x, position_embeddings, cache)
         core = self._core("train" if torch.is_grad_enabled() else "prefill", x.device, _kernel_dtype(x))
         ops = self._glue_ops(core, x.device)
