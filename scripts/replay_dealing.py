@@ -202,9 +202,13 @@ def replay(shards, seconds: dict, setup: dict) -> list[float]:
 
 
 def dealing_before():
-    """hhbench/launch/shards.py as it was at BEFORE, read from git, as a module."""
-    source = subprocess.run(["git", "show", f"{BEFORE}:hhbench/launch/shards.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout  # fmt: skip
+    """hhbench/launch/shards.py as it was at BEFORE, read from git, as a module; None where git or the history
+    holding BEFORE is missing (a shallow clone, an installed copy)."""
+    try:
+        source = subprocess.run(["git", "show", f"{BEFORE}:hhbench/launch/shards.py"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
     module = types.ModuleType("shards_before")
     exec(compile(source, f"{BEFORE}:hhbench/launch/shards.py", "exec"), module.__dict__)
     return module
@@ -255,9 +259,13 @@ def replay_run(run: RunDir, worker_counts: list[int]) -> None:
     print("\nreplay of the measured point times (a group's setup once per worker it is dealt to):")
     print(f"  one worker: {sum(seconds.values()) + sum(setup.values()):.0f} s")
     before = dealing_before()
+    if before is None:
+        print(f"  (the dealing before, {BEFORE}, not replayed: git or that commit is not here)")
     for workers in worker_counts:
-        for name, shards in (("before", before.deal(points, workers, policy)),
-                             ("calibrated", deal(points, workers, policy))):  # fmt: skip
+        dealings = [("calibrated", deal(points, workers, policy))]
+        if before is not None:
+            dealings.insert(0, ("before", before.deal(points, workers, policy)))
+        for name, shards in dealings:
             times = replay(shards, seconds, setup)
             split = sum(1 for g in {setup_group(p) for p in points}
                         if sum(any(setup_group(p) == g for p in s.points) for s in shards) > 1)  # fmt: skip

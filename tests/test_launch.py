@@ -223,6 +223,22 @@ def test_the_replay_of_a_run_it_cannot_replay_is_one_line(tmp_path, monkeypatch,
     assert exit_.value.code == 2 and "a worker count is a whole number >= 1, not '0'" in capsys.readouterr().err
 
 
+def test_the_replay_without_git_history_replays_the_calibrated_dealing_alone(monkeypatch, capsys):
+    """In a shallow clone or an installed copy (git show of the old commit fails) the replay says the old dealing
+    is not replayed and replays the calibrated one (it raised CalledProcessError)."""
+    replay = runpy.run_path(str(ROOT / "scripts" / "replay_dealing.py"))
+
+    def no_history(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0])
+
+    monkeypatch.setattr(replay["subprocess"], "run", no_history)
+    monkeypatch.setattr(sys, "argv", ["replay_dealing.py", str(ROOT / "results" / "default-h200x1")])
+    assert replay["main"]() == 0
+    out = capsys.readouterr().out
+    assert "not replayed: git or that commit is not here" in out
+    assert "2 workers, calibrated: makespan" in out and "2 workers, before" not in out
+
+
 def test_the_local_launcher_killed_midway_resumes_to_the_keys_of_an_inline_run(cli, tmp_path):
     """--launcher local --shards 2, killed as a whole (the sweep, submitit's jobs, their workers), then the same
     command again: every key of an inline run of the plan, each once, all measured."""
