@@ -39,7 +39,7 @@ def inside(value: float, row) -> bool:
     return row.latency_p10_ms <= value <= row.latency_p90_ms
 
 
-def by_worker(reference: dict, candidate: dict, keys: list, apart: list) -> list[str]:
+def by_worker(reference: dict, candidate: dict, keys: list, apart: set) -> list[str]:
     """Markdown rows, one per pair of workers that measured the same points (reference worker, candidate worker):
     how many points, the median of candidate / reference latency - 1 with its p10-p90 (scipy's percentiles), and
     how many are apart. A device slower than another shows as a shift of its pairs alone."""

@@ -3,9 +3,10 @@ through the dealing before the calibration and through the calibrated one (docs/
 
     python scripts/replay_dealing.py [RUN] [--workers 2 3 4]
 
-RUN (default results/floor-targets-h200; results/default-h200x2-cold is the kernel-scope one) holds rows with `worker` and `extra.point_s`, env.json naming its suite,
-and sweep.log (without it, one session), whose progress lines give each session's row count: merge appends a session's rows worker by
-worker, each worker's in the order it measured them, so a row's worker process is (session, worker). A row is its
+RUN (default results/floor-targets-h200; results/default-h200x2-cold is the kernel-scope one) holds rows with
+`worker` and `extra.point_s`, env.json naming its suite, and sweep.log (without it, one session), whose progress
+lines give each session's row count: merge appends a session's rows worker by worker, each worker's in the order
+it measured them, so a row's worker process is (session, worker). A row is its
 setup group's cold first where its process had not measured the group and no earlier session had (the compile
 caches were cold for it).
 
