@@ -6,6 +6,7 @@
 # compile-heavy ones (FlashQLA against fla: 225 s for its first case; the layer points: over 200 s) in a second
 # pytest run after them. Each test may take TIMEOUT seconds (default 300, where pytest-timeout imports: past it the
 # test fails with its stack and the run goes on); both runs together LIMIT seconds (default 540, then SIGINT).
+# K=<pytest -k expression> runs that selection alone instead (one pytest run).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:/tmp/site-qla:$PWD HHBENCH_INSTAFAIL=1
 export CUDA_VISIBLE_DEVICES=${GPU:-0}
@@ -17,7 +18,9 @@ json.dump(capture_env({'argv': sys.argv[1:]}), open('$dest/env.json', 'w'), inde
 slow="flash_qla or layer_points"
 per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${TIMEOUT:-300}")
 end=$((SECONDS + ${LIMIT:-540}))
-for selection in "not ($slow)" "$slow"; do
+selections=("not ($slow)" "$slow")
+[ -n "${K:-}" ] && selections=("$K")
+for selection in "${selections[@]}"; do
   left=$((end - SECONDS))
   if ((left < 10)); then echo "not run (LIMIT reached): -k '$selection'"; continue; fi
   timeout -s INT "$left" python -m pytest tests/test_gpu.py -k "$selection" -v -rfE --tb=short --durations=0 \
