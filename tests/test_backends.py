@@ -37,6 +37,22 @@ def test_sdpa_math_prefill_and_decode_with_gqa(kv_heads):
     assert rel(step, expected[:, -1:]) < 1e-6
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_one_token_prefill_is_attention_over_its_own_key(kv_heads):
+    """cuDNN refuses a one-token causal call; SDPA's backends answer it without a kernel, exactly as attention does,
+    gradients included, and never hand back the value tensor itself."""
+    backend = registry.get("sdpa-math", registry.FA)
+    q = torch.randn(2, 1, 4, 16, requires_grad=True)
+    k, v = torch.randn(2, 1, kv_heads, 16, requires_grad=True), torch.randn(2, 1, kv_heads, 16, requires_grad=True)
+    out = backend.prefill(q, k, v)
+    expected = softmax_attention(q, expand_kv(k, 4), expand_kv(v, 4), causal=True)
+    assert rel(out, expected) < 1e-6
+    assert out.data_ptr() != v.data_ptr()
+    (grad,) = torch.autograd.grad(out.sum(), v)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), v)
+    assert rel(grad, expected_grad.float()) < 1e-6
+
+
 def test_backends_without_native_gqa_expand_kv():
     class Expanding(Sdpa):
         kernel = torch.nn.attention.SDPBackend.MATH

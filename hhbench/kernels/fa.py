@@ -33,7 +33,11 @@ class Sdpa(Backend):
         return o.transpose(1, 2)
 
     def prefill(self, q, k, v):
-        """Causal attention: q [B, T, Hq, d], k, v [B, T, Hkv, d] -> o [B, T, Hq, d]."""
+        """Causal attention: q [B, T, Hq, d], k, v [B, T, Hkv, d] -> o [B, T, Hq, d]. A one-token prefill (generation
+        from a one-token prompt) attends to its own key alone, so its output is its value, taken without a kernel:
+        cuDNN's refuses that call ("No available kernel", torch 2.11 on an H200)."""
+        if q.shape[1] == 1:
+            return v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)  # a new tensor, as the kernels return
         return self._call(q, k, v, causal=True)
 
     def decode(self, q, k_cache, v_cache):
