@@ -5,6 +5,7 @@ bad input."""
 import dataclasses
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -18,10 +19,12 @@ import pytest
 import torch
 from inprocess import run_main
 
+import hhbench
 from hhbench.errors import UserError
 from hhbench.launch import cluster, local
 from hhbench.launch import run as launch_run
 from hhbench.launch.cluster import parse_time
+from hhbench.launch.local import crash_site
 from hhbench.launch.lock import run_lock, try_lock
 from hhbench.launch.merge import merge
 from hhbench.launch.shards import (
@@ -269,9 +272,10 @@ def test_the_local_launcher_killed_midway_resumes_to_the_keys_of_an_inline_run(c
     assert not list(shards.glob("*.jsonl")), "all merged"
 
 
-def _kill_inside_a_point(shards: Path, worker: str, killed: list) -> None:
-    """SIGKILL worker `worker` (found by its task file on its command line) once it has a row and is inside a
-    later point (its noted point has no row yet), as the kernel's OOM killer would."""
+def _kill_inside_a_point(shards: Path, worker: str, killed: list, how: signal.Signals = signal.SIGKILL) -> None:
+    """Signal worker `worker` (found by its task file on its command line) once it has a row and is inside a
+    later point (its noted point has no row yet): SIGKILL as the kernel's OOM killer would, SIGSEGV as a crashing
+    kernel library would."""
     task, current, rows = (str(shards / f"{worker}.task.pkl"), shards / f"{worker}.current.json",
                            shards / f"{worker}.jsonl")  # fmt: skip
     deadline = time.time() + 120
@@ -284,18 +288,43 @@ def _kill_inside_a_point(shards: Path, worker: str, killed: list) -> None:
         for proc in Path("/proc").iterdir() if inside else ():
             try:
                 if proc.name.isdigit() and task in (proc / "cmdline").read_bytes().decode():
-                    os.kill(int(proc.name), signal.SIGKILL)
+                    os.kill(int(proc.name), how)
                     killed.append(int(proc.name))
             except OSError:
                 pass
         time.sleep(0.01)
 
 
-def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypatch):
-    """--gpus on the CPU: two fake GPUs give two real worker processes (CUDA_VISIBLE_DEVICES 0 and 1)."""
+def test_a_crash_site_is_the_dumps_innermost_frame_and_hhbenchs_own():
+    own = str(Path(hhbench.__file__).resolve().parent / "measure" / "profile.py")
+    dump = f"""earlier output
+Fatal Python error: Segmentation fault
+
+Thread 0x00007f01 (most recent call first):
+  File "/x/threading.py", line 1 in wait
+
+Current thread 0x00007f02 (most recent call first):
+  Garbage-collecting
+  File "/v/lib/python3.12/site-packages/torch/profiler/profiler.py", line 812 in step
+  File "{own}", line 170 in profile_kernels
+  File "/x/worker.py", line 9 in <module>
+
+Extension modules: torch._C (total: 1)
+"""
+    site = crash_site(dump)
+    assert site == "torch/profiler/profiler.py:812 (step), from hhbench/measure/profile.py:170 (profile_kernels)"
+    torch_frame = '  File "/v/lib/python3.12/site-packages/torch/profiler/profiler.py", line 812 in step\n'
+    assert crash_site(dump.replace(torch_frame, "")) == "hhbench/measure/profile.py:170 (profile_kernels)"
+    assert crash_site("exit status 1: no dump here") is None
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypatch, how):
+    """--gpus on the CPU: two fake GPUs give two real worker processes (CUDA_VISIBLE_DEVICES 0 and 1). A crash
+    (SIGSEGV) names where the worker was, from the stack faulthandler left in its log; SIGKILL leaves none."""
     monkeypatch.setattr(launch_run, "visible_gpus", lambda: ["0", "1"])
     killed = []
-    killer = threading.Thread(target=_kill_inside_a_point, args=(tmp_path / "g" / "shards", "gpu1", killed))
+    killer = threading.Thread(target=_kill_inside_a_point, args=(tmp_path / "g" / "shards", "gpu1", killed, how))
     killer.start()
     result = run_main("sweep", *FLAGS, "--gpus", "2", "--out", str(tmp_path), "--run", "g",
                       env={"PYTHONPATH": str(ROOT)})  # fmt: skip
@@ -305,7 +334,12 @@ def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypa
     assert keys(tmp_path / "g") == planned_keys()
     errors = [row for row in rows if row.status != "ok"]
     assert len(errors) == 1 and errors[0].worker == "gpu1", [(r.status, r.reason) for r in rows]
-    assert "worker gpu1 stopped while measuring this point (killed by SIGKILL)" in errors[0].reason, errors[0].reason
+    if how == signal.SIGKILL:
+        assert "worker gpu1 stopped while measuring this point (killed by SIGKILL)" in errors[0].reason, errors[
+            0
+        ].reason
+    else:
+        assert re.search(r"\(killed by SIGSEGV in \S+\.py:\d+ \(\S+\)", errors[0].reason), errors[0].reason
     assert {row.worker for row in rows} == {"gpu0", "gpu1"}
     env = json.loads((tmp_path / "g" / "env.json").read_text())
     assert {name: w["cuda_visible_devices"] for name, w in env["workers"].items()} == {"gpu0": "0", "gpu1": "1"}

@@ -4,6 +4,7 @@
 # caches of its own (Triton, TileLang), so wall times of two runs compare; CACHE=NAME shares /tmp/cache/NAME between
 # runs instead (warm caches: time two runs after a first one has compiled). QLA=1 puts FlashQLA on the path;
 # LIMIT seconds (default 540) interrupts it (SIGINT: the sweep merges what it measured and records its wall time).
+# The workers' logs come back in RUN/shards/ (a worker that crashed left its Python stack there).
 set -uo pipefail
 suite=$1 run=$2 gpus=$3; shift 3
 export PYTHONPATH=/tmp/site${QLA:+:/tmp/site-qla}:$PWD
@@ -14,5 +15,6 @@ timeout -s INT "${LIMIT:-540}" python -m hhbench sweep --suite "$suite" --run "$
   "$@" > "/tmp/runs/$run.log" 2>&1
 echo "exit $?" >> "/tmp/runs/$run.log"
 cat "/tmp/runs/$run.log" >> "/tmp/runs/$run/sweep.log"
-rm -rf "${OUT:?}/$run" && cp -r "/tmp/runs/$run" "$OUT/" && rm -rf "$OUT/$run"/{shards,submitit,.lock}
+rm -rf "${OUT:?}/$run" && cp -r "/tmp/runs/$run" "$OUT/" && rm -rf "$OUT/$run"/{submitit,.lock}
+find "$OUT/$run/shards" -type f ! -name "*.log" -delete 2>/dev/null  # the workers' logs stay: a crash's stack
 grep -v "it/s\]$" "/tmp/runs/$run.log" | tail -15

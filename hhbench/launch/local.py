@@ -5,6 +5,7 @@ adds a row; one that dies before its first row (its set-up) is reported and not 
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
 
 POLL_S = 0.2
+# one frame of the Python stack faulthandler writes as a process dies of a signal (the worker enables it)
+_DUMP_FRAME = re.compile(r'^\s+File "(?P<path>[^"]+)", line (?P<line>\d+) in (?P<function>\S+)')
 
 
 def visible_gpus() -> list[str]:
@@ -61,12 +64,45 @@ class Handle(Protocol):
         """End the worker now (the launch is interrupted): its point in progress gets no row, to be measured later."""
 
 
+def crash_site(log: str) -> str | None:
+    """Where a process that died of a signal was, from the stack faulthandler wrote to `log` as it died ('Current
+    thread ... (most recent call first):'): its innermost frame, and the innermost of hhbench's own files where that
+    is another ('fla/modules/x.py:12 (f), from hhbench/kernels/y.py:34 (g)'). None without a dump (SIGKILL, an OOM
+    kill, leaves none)."""
+    _, found, stack = log.rpartition("Current thread ")
+    frames = []
+    for line in stack.splitlines()[1:] if found else ():
+        if not line.strip():  # the stack ends at a blank line
+            break
+        match = _DUMP_FRAME.match(line)  # other lines ('  Garbage-collecting') say what the frame below was doing
+        if match:
+            frames.append((match["path"], f"{match['line']} ({match['function']})"))
+    if not frames:
+        return None
+    own = next((frame for frame in frames if _own_file(frame[0])), None)
+    innermost = f"{_short(frames[0][0])}:{frames[0][1]}"
+    return innermost + (f", from {_short(own[0])}:{own[1]}" if own is not None and own != frames[0] else "")
+
+
+def _own_file(path: str) -> bool:
+    return Path(path).resolve().is_relative_to(Path(hhbench.__file__).resolve().parent)
+
+
+def _short(path: str) -> str:
+    """A file as a reader finds it: hhbench/..., a library's path below site-packages, else as written."""
+    if _own_file(path):
+        return str(Path(path).resolve().relative_to(Path(hhbench.__file__).resolve().parents[1]))
+    parts = Path(path).parts
+    return str(Path(*parts[parts.index("site-packages") + 1 :])) if "site-packages" in parts else path
+
+
 @dataclass
 class WorkerProcess:
-    """A worker as a child process, its stdout and stderr in its shard log."""
+    """A worker as a child process, its stdout and stderr in its shard log (appended to from `log_start` on)."""
 
     process: subprocess.Popen
     log: Path
+    log_start: int = 0
 
     @classmethod
     def start(cls, run: RunDir, task: Task, gpu: str | None) -> "WorkerProcess":
@@ -77,9 +113,10 @@ class WorkerProcess:
         files.task.write_bytes(pickle.dumps(task))
         extra = {"HHBENCH_SUPERVISOR": str(os.getpid()), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
         with open(files.log, "a") as log:
+            start = log.tell()
             process = subprocess.Popen([sys.executable, "-m", "hhbench.launch.worker", str(files.task)], env=child_env(extra),
                                        stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-        return cls(process, files.log)
+        return cls(process, files.log, start)
 
     def done(self) -> bool:
         """Whether the process has exited."""
@@ -91,13 +128,18 @@ class WorkerProcess:
         self.process.wait()
 
     def failure(self) -> str | None:
-        """None after exit status 0, else one line: the signal that killed it, or the status and its log's last line."""
+        """None after exit status 0, else one line: the signal that killed it and where (crash_site), or the status
+        and its log's last line."""
         code = self.process.returncode
         if code == 0:
             return None
+        with open(self.log, "rb") as stream:
+            stream.seek(self.log_start)
+            text = stream.read().decode(errors="replace")
         if code < 0:
-            return f"killed by {signal.Signals(-code).name}"
-        lines = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+            site = crash_site(text)
+            return f"killed by {signal.Signals(-code).name}" + (f" in {site}" if site else "")
+        lines = [line for line in text.splitlines() if line.strip()]
         return f"exit status {code}: {lines[-1].strip()[:200]}" if lines else f"exit status {code}"
 
 

@@ -3,6 +3,7 @@ shard file. `python -m hhbench.launch.worker TASK.pkl` is the worker process of 
 run_task in its job processes."""
 
 import datetime
+import faulthandler
 import json
 import pickle
 import sys
@@ -71,6 +72,7 @@ def die_with_supervisor() -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash in a kernel library (SIGSEGV, SIGABRT) leaves its Python stack in the shard log
     die_with_supervisor()
     with open(sys.argv[1], "rb") as stream:
         loaded = pickle.load(stream)
