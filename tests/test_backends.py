@@ -99,6 +99,32 @@ def test_torch_gdn_backends_against_the_recurrence_and_step(name):
     assert rel(o_step, o_next[:, 0]) < 1e-6
 
 
+def raw_gate_case(B=2, H=3, d=16, dtype=torch.float64):
+    """One step's q, k, v, state and raw gate inputs a, b [B, H] with the gate's A_log, dt_bias [H] (as GDN's init
+    draws them: A in [1, 16), dt_bias = softplus^-1(dt)), and the log decay and beta written out from them."""
+    q, k, v, _, _ = (t[:, 0] for t in gdn_inputs(B, 1, H, d, d, dtype))
+    state = torch.randn(B, H, d, d, dtype=dtype) * 0.1
+    a, b = torch.randn(B, H, dtype=dtype) * 2, torch.randn(B, H, dtype=dtype) * 2
+    A_log, dt_bias = torch.rand(H).mul(15).add(1).log(), torch.rand(H).mul(-5).exp().expm1().log()
+    g = -A_log.double().exp() * torch.log1p((a.double() + dt_bias.double()).exp())
+    return (q, k, v, a, b, state, A_log, dt_bias), (g, torch.sigmoid(b.double()))
+
+
+@pytest.mark.parametrize("gate, sigmoid", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("name", ["torch-chunk", "torch-recurrent"])
+def test_a_torch_gdn_step_takes_raw_gates_as_flas_kernel_does(name, gate, sigmoid):
+    """fla's options (Backend.step): the decay gate from the raw a with A_log and dt_bias, beta's sigmoid from the
+    raw b, each alone or both: the step equals the step with the gates precomputed (written out here)."""
+    backend = registry.get(name, registry.GDN)
+    (q, k, v, a, b, state, A_log, dt_bias), (g, beta) = raw_gate_case()
+    o_raw, state_raw = backend.step(
+        q, k, v, a if gate else g, b if sigmoid else beta, state, use_gate_in_kernel=gate,
+        A_log=A_log if gate else None, dt_bias=dt_bias if gate else None, use_beta_sigmoid_in_kernel=sigmoid,
+    )  # fmt: skip
+    o, expected_state = backend.step(q, k, v, g, beta, state)
+    assert rel(o_raw, o) < 1e-12 and rel(state_raw, expected_state) < 1e-12
+
+
 def test_registry_contract():
     fa_names, gdn_names = registry.names(registry.FA), registry.names(registry.GDN)
     assert {"sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn", "flex"} <= set(fa_names)

@@ -323,13 +323,14 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
 # A fused step's ops with fla's kernels in the glue ops: the projection GEMM (the GDN heads' output gate by a GEMM
 # of its own where more than one token makes its view strided: fla's gated norm would copy it); RoPE on the FA
 # heads' q and k; the GDN heads' conv (three in prefill, one update of all three in decode), decay gate and beta
-# (sigmoid); the FA and GDN kernels (core); the gated norm of the GDN heads and the norm of the FA heads; o_proj as
-# two GEMMs (no cat of the heads). Decode writes the new token's K and V into the cache (copy_). GDN heads that share a KV group take
-# its k and v by one gather (index_select; decode's takes their q too, the conv update's one input). Qwen3's q/k
+# (sigmoid), in decode inside the GDN step (fla's recurrent kernel takes a and b raw); the FA and GDN kernels (core);
+# the gated norm of the GDN heads and the norm of the FA heads; o_proj as two GEMMs (no cat of the heads). Decode
+# writes the new token's K and V into the cache (copy_). GDN heads that share a KV group take its k and v by one
+# gather (index_select; decode's takes their q too, the conv update's one input). Qwen3's q/k
 # norms add their weights' multiply (mul), a second gather (k from the normed slots, v from the projection) and in
 # decode the join of the GDN heads' q, k and v (cat).
 FUSED_PREFILL = {"gemm": 4, "rope": 1, "conv": 3, "gate": 1, "sigmoid": 1, "core": 1, "norm_gated": 1, "norm": 1}
-FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "conv": 0, "conv_update": 1, "copy_": 2}
+FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "conv": 0, "conv_update": 1, "gate": 0, "sigmoid": 0, "copy_": 2}
 # A layer without GDN heads (a layer-wise hybrid's FA layer): the projection GEMM, RoPE, the FA kernel and o_proj;
 # decode's cache writes. The reference glue ran 16 ops a prefill and 18 a decode step there (RoPE's tables made per
 # call: arange, casts, cos, sin, cat; rotate-half: neg, cat, mul, add), 29 and 31 with Qwen3's q/k norms.

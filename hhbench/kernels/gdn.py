@@ -2,13 +2,16 @@
 
 `prefill(q, k, v, g, beta, initial_state, output_final_state, chunk_size)` runs a whole sequence; `step(q, k, v, g, beta,
 state)` one decode token with [B, H, *] inputs. q and k arrive L2-normalized, unless `use_qk_l2norm_in_kernel` (fla's
-flag; the layer's fused path sets it) asks the backend to normalize them; g as log decay, beta in (0, 1).
+flag; the layer's fused path sets it) asks the backend to normalize them; g as log decay, beta in (0, 1), unless a
+step's `use_gate_in_kernel` and `use_beta_sigmoid_in_kernel` (fla's flags; the fused decode sets them) give them raw
+(Backend.step).
 """
 
 import contextlib
 import importlib.metadata
 import os
 
+import torch
 import torch.nn.functional as F
 
 from hhbench.errors import Unsupported
@@ -157,13 +160,14 @@ class FlaRecurrent(Backend):
             use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         )  # fmt: skip
 
-    def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel=False):
-        """One decode token: [B, H, *] inputs and state [B, H, dk, dv] -> (o [B, H, dv], new state), as a
-        recurrent prefill of length 1."""
-        o, state = self.prefill(
-            *(t.unsqueeze(1) for t in (q, k, v, g, beta)), initial_state=state, output_final_state=True,
-            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-        )  # fmt: skip
+    def step(self, q, k, v, g, beta, state, **options):
+        """One decode token: [B, H, *] inputs and state [B, H, dk, dv] -> (o [B, H, dv], new state), as a sequence
+        of one token; `options` (Backend.step) go to fla's kernel, which applies the gates inside."""
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+        o, state = fused_recurrent_gated_delta_rule(
+            *(t.unsqueeze(1) for t in (q, k, v, g, beta)), initial_state=state, output_final_state=True, **options
+        )
         return o.squeeze(1), state
 
 
@@ -174,9 +178,17 @@ def _l2norm(q, k, normalize: bool):
 class _TorchGDN(Backend):
     """The torch backends' shared decode: one recurrent step of the reference (reference.gdn_step)."""
 
-    def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel=False):
+    def step(
+        self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, A_log=None,
+        dt_bias=None, use_beta_sigmoid_in_kernel=False,
+    ):  # fmt: skip
         """One decode token: q, k [B, H, dk], v [B, H, dv], g and beta [B, H], state [B, H, dk, dv] fp32 ->
-        (o [B, H, dv] in v's dtype, new state)."""
+        (o [B, H, dv] in v's dtype, new state). Raw gates (Backend.step) are applied first, in fp32 at least as
+        fla's kernel does: the decay by reference.gdn_decay (the glue's torch twin of fused_gdn_gate), then sigmoid."""
+        if use_gate_in_kernel:
+            g = reference.gdn_decay(g, A_log, dt_bias)
+        if use_beta_sigmoid_in_kernel:
+            beta = torch.sigmoid(beta.to(reference.compute_dtype(beta)))
         o, state = reference.gdn_step(*_l2norm(q, k, use_qk_l2norm_in_kernel), v, g, beta, state)
         return o.to(v.dtype), state
 

@@ -80,11 +80,16 @@ class HybridCore:
         )
         return run_both(fa_fn, gdn_fn, self.mode, self._device(fa, gdn))
 
-    def decode_parts(self, fa: tuple | None, gdn: tuple | None, qk_l2norm: bool = False):
-        """fa = (q [B, 1, n_fa, d], k_cache, v_cache); gdn = (q, k, v, g, beta, state) with [B, n_la, *] inputs.
-        Returns (fa_out [B, 1, n_fa, d] or None, (gdn_out [B, 1, n_la, d], new state) or None)."""
+    def decode_parts(self, fa: tuple | None, gdn: tuple | None, qk_l2norm: bool = False, gates: tuple | None = None):
+        """fa = (q [B, 1, n_fa, d], k_cache, v_cache); gdn = (q, k, v, g, beta, state) with [B, n_la, *] inputs;
+        `gates` = (A_log, dt_bias) [n_la]: g and beta come raw (the gate inputs a and b) and the GDN backend's step
+        applies the decay gate and beta's sigmoid (Backend.step). Returns (fa_out [B, 1, n_fa, d] or None,
+        (gdn_out [B, 1, n_la, d], new state) or None)."""
+        options = {"use_qk_l2norm_in_kernel": qk_l2norm}
+        if gates is not None:
+            options.update(use_gate_in_kernel=True, A_log=gates[0], dt_bias=gates[1], use_beta_sigmoid_in_kernel=True)
         fa_fn = (lambda: self.fa_backend.decode(*fa)) if fa else (lambda: None)
-        gdn_fn = (lambda: self.gdn_backend.step(*gdn, use_qk_l2norm_in_kernel=qk_l2norm)) if gdn else (lambda: None)
+        gdn_fn = (lambda: self.gdn_backend.step(*gdn, **options)) if gdn else (lambda: None)
         fa_out, gdn_result = run_both(fa_fn, gdn_fn, self.mode, self._device(fa, gdn))
         if gdn_result is not None:
             gdn_result = (gdn_result[0].unsqueeze(1), gdn_result[1])

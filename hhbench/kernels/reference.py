@@ -93,6 +93,13 @@ def gdn_chunk(
     return o.transpose(1, 2).to(out_dtype), (state if output_final_state else None)
 
 
+def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Log decay g = -exp(A_log) * softplus(a + dt_bias) of the gate input a [..., H] with A_log, dt_bias [H], in
+    fp32 at least (Gated DeltaNet, Mamba2; fla's fused_gdn_gate and its recurrent kernel's in-kernel gate)."""
+    dtype = compute_dtype(a)
+    return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+
+
 def gdn_step(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -72,9 +72,15 @@ class Backend:
         """FA, one new token: q [B, 1, Hq, d] against whole caches [B, S, Hkv, d] -> o [B, 1, Hq, d]."""
         raise NotImplementedError(f"{self.name} does not implement decode")
 
-    def step(self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel: bool = False):
+    def step(
+        self, q, k, v, g, beta, state, use_qk_l2norm_in_kernel: bool = False, use_gate_in_kernel: bool = False,
+        A_log=None, dt_bias=None, use_beta_sigmoid_in_kernel: bool = False,
+    ):  # fmt: skip
         """GDN, one recurrent step: q, k [B, H, dk], v [B, H, dv], g and beta [B, H], state [B, H, dk, dv] fp32
-        -> (o [B, H, dv], new state)."""
+        -> (o [B, H, dv], new state). fla's fused_recurrent_gated_delta_rule options, named as there:
+        use_qk_l2norm_in_kernel L2-normalizes q and k; use_gate_in_kernel takes g raw (the decay gate's input a)
+        and applies g = -exp(A_log) * softplus(a + dt_bias) with A_log, dt_bias [H]; use_beta_sigmoid_in_kernel
+        takes beta raw (b) and applies sigmoid. So a decode step needs no gate kernels of its own."""
         raise NotImplementedError(f"{self.name} does not implement step")
 
 

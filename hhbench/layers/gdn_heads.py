@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hhbench.layers.glue import causal_conv, gdn_decay
+from hhbench.kernels.reference import gdn_decay
+from hhbench.layers.glue import causal_conv
 
 
 class GatedDeltaNetHeads(nn.Module):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hhbench.kernels.reference import gdn_decay
+
 
 @dataclass(frozen=True)
 class GlueOps:
@@ -48,12 +50,6 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | Non
     y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), groups=x.shape[2])
     # contiguous, as fla's conv update wants the state it advances in place
     return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - kernel :].contiguous()
-
-
-def gdn_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """Log decay g = -exp(A_log) * softplus(a + dt_bias), in fp32 at least (Gated DeltaNet, Mamba2)."""
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    return -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
 
 
 def rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:

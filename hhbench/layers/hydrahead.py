@@ -463,9 +463,6 @@ class HydraAttention(nn.Module):
             return apply_rope(qk, cos, sin)
         return ops.rope(qk, *(t.reshape(T, -1)[:, :half].to(qk.dtype) for t in (cos, sin)))
 
-    def _gdn_gates(self, a, b, ops: glue.GlueOps):
-        return ops.gate(a, self.gdn.A_log, self.gdn.dt_bias), torch.sigmoid(b)
-
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
         T = x.shape[1]
         weights = self._fused_weights()
@@ -498,7 +495,7 @@ class HydraAttention(nn.Module):
         else:
             channels = [F.silu(c) for c in channels]
         q, k, v = (c.unflatten(2, (gdn.n_heads, -1)) for c in channels)
-        return (q, k, v, *self._gdn_gates(a, b, ops)), conv_state
+        return (q, k, v, ops.gate(a, gdn.A_log, gdn.dt_bias), torch.sigmoid(b)), conv_state
 
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         position, B = cache.length, x.shape[0]
@@ -508,14 +505,15 @@ class HydraAttention(nn.Module):
             q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
             fa = (q_fa, *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
-        gdn = None
+        gdn = gates = None
         if la is not None:
             n_la = self.gdn.n_heads
             la = ops.conv_update(la, cache.conv, weights.conv) if self.gdn.conv_size else F.silu(la)  # advances conv
             q, k, v = la.view(B, 3 * n_la, -1).split(n_la, dim=1)
-            g, beta = self._gdn_gates(a, b, ops)
-            gdn = (q, k, v, g[:, 0], beta[:, 0], cache.state)
-        fa_out, gdn_result = core.decode_parts(fa, gdn, qk_l2norm=True)
+            # a and b raw: the GDN step applies the decay gate and beta's sigmoid in its kernel (fla's recurrent
+            # step; the torch backends in torch), two kernels fewer than gate and sigmoid of their own
+            gdn, gates = (q, k, v, a[:, 0], b[:, 0], cache.state), (self.gdn.A_log, self.gdn.dt_bias)
+        fa_out, gdn_result = core.decode_parts(fa, gdn, qk_l2norm=True, gates=gates)
         la_out, state = gdn_result if gdn_result is not None else (None, None)
         cache.length, cache.state = position + 1, state
         return self._finish_fused(fa_out, la_out, gate, weights, ops)
