@@ -100,14 +100,19 @@ def test_torch_gdn_backends_against_the_recurrence_and_step(name):
 
 
 def raw_gate_case(B=2, H=3, d=16, dtype=torch.float64):
-    """One step's q, k, v, state and raw gate inputs a, b [B, H] with the gate's A_log, dt_bias [H] (as GDN's init
-    draws them: A in [1, 16), dt_bias = softplus^-1(dt)), and the log decay and beta written out from them."""
+    """One step's q, k, v [B, H, d], raw gate inputs a, b [B, H], state [B, H, d, d] and the gate's A_log, dt_bias
+    [H] (as GDN's init draws them: A in [1, 16), dt_bias = softplus^-1(dt) for dt in (e^-5, 1])."""
     q, k, v, _, _ = (t[:, 0] for t in gdn_inputs(B, 1, H, d, d, dtype))
-    state = torch.randn(B, H, d, d, dtype=dtype) * 0.1
     a, b = torch.randn(B, H, dtype=dtype) * 2, torch.randn(B, H, dtype=dtype) * 2
+    state = torch.randn(B, H, d, d, dtype=dtype) * 0.1
     A_log, dt_bias = torch.rand(H).mul(15).add(1).log(), torch.rand(H).mul(-5).exp().expm1().log()
-    g = -A_log.double().exp() * torch.log1p((a.double() + dt_bias.double()).exp())
-    return (q, k, v, a, b, state, A_log, dt_bias), (g, torch.sigmoid(b.double()))
+    return q, k, v, a, b, state, A_log.to(dtype), dt_bias.to(dtype)
+
+
+def gates_written_out(a, b, A_log, dt_bias):
+    """Log decay -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b), in fp64."""
+    a, b, A_log, dt_bias = (t.double() for t in (a, b, A_log, dt_bias))
+    return -A_log.exp() * torch.log1p((a + dt_bias).exp()), torch.sigmoid(b)
 
 
 @pytest.mark.parametrize("gate, sigmoid", [(True, True), (True, False), (False, True)])
@@ -116,7 +121,8 @@ def test_a_torch_gdn_step_takes_raw_gates_as_flas_kernel_does(name, gate, sigmoi
     """fla's options (Backend.step): the decay gate from the raw a with A_log and dt_bias, beta's sigmoid from the
     raw b, each alone or both: the step equals the step with the gates precomputed (written out here)."""
     backend = registry.get(name, registry.GDN)
-    (q, k, v, a, b, state, A_log, dt_bias), (g, beta) = raw_gate_case()
+    q, k, v, a, b, state, A_log, dt_bias = raw_gate_case()
+    g, beta = gates_written_out(a, b, A_log, dt_bias)
     o_raw, state_raw = backend.step(
         q, k, v, a if gate else g, b if sigmoid else beta, state, use_gate_in_kernel=gate,
         A_log=A_log if gate else None, dt_bias=dt_bias if gate else None, use_beta_sigmoid_in_kernel=sigmoid,

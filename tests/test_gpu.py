@@ -390,6 +390,32 @@ def test_split_kv_decode_on_the_flash_kernel_matches_math_sdpa(segments):
     assert rel(split_kv_decode(q, k, v, segments), expected) < 1e-2
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fla_recurrent_step_takes_raw_gates_as_the_torch_reference(dtype, batch):
+    """fla's fused recurrent step with the decay gate and beta's sigmoid in its kernel (a and b raw: views of one
+    projection row, strided for two sequences, as the fused decode passes them; A_log and dt_bias in the layer's
+    dtype), and with the gates precomputed, against the torch reference's step in fp32 on the same rounded inputs
+    with the gates written out: the outputs (bf16: within its rounding) and the new state."""
+    from tests.test_backends import gates_written_out, raw_gate_case
+
+    q, k, v, a, b, state, A_log, dt_bias = (t.cuda() for t in raw_gate_case(batch, 4, 128, torch.float32))
+    q, k, v, A_log, dt_bias = (t.to(dtype) for t in (q, k, v, A_log, dt_bias))
+    projection = torch.cat([a, b, torch.zeros_like(a)], 1).to(dtype)
+    a, b = projection[:, :4], projection[:, 4:8]
+    g, beta = (t.float() for t in gates_written_out(a, b, A_log, dt_bias))
+    o, expected_state = registry.get("torch-recurrent", registry.GDN).step(
+        *(t.float() for t in (q, k, v)), g, beta, state
+    )
+    fla = registry.get("fla-recurrent", registry.GDN)
+    raw = fla.step(
+        q, k, v, a, b, state, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True
+    )
+    for o_fla, state_fla in (raw, fla.step(q, k, v, g, beta, state)):
+        assert o_fla.dtype == dtype and rel(o_fla, o) < (1e-4 if dtype == torch.float32 else 1e-2)
+        assert rel(state_fla, expected_state) < 1e-4
+
+
 @pytest.mark.parametrize("tokens, start", [(300, 0), (1, 4097)])
 def test_fla_rope_matches_its_torch_twin(tokens, start):
     """The fused path's RoPE on CUDA (fla's rotary_embedding) against glue.TORCH's rotate-half twin, on rows of the
