@@ -362,6 +362,26 @@ def test_crash_sites_as_each_python_prints_them_and_from_folders_on_the_path(tmp
     assert crash_site(earlier + "restarted\n" + NATIVE_THREAD_DUMP.format(own=own)).startswith("a thread without")
 
 
+def test_a_submitit_job_whose_own_process_crashed_says_where(tmp_path):
+    """A job's process (the one supervising its workers) killed by a signal: submitit says only that it 'has not
+    produced any output'; shard_job leaves the crash's stack in the job's stderr log, and the failure line names it."""
+    crash = "import ctypes; from hhbench.launch import cluster; cluster.run_on_gpus = lambda *a: ctypes.string_at(0)"
+    log = tmp_path / "1_0_log.err"
+    with open(log, "w") as stderr:
+        died = subprocess.run([sys.executable, "-c", f"{crash}; cluster.shard_job(None)"], cwd=ROOT, stderr=stderr)
+    assert died.returncode == -signal.SIGSEGV
+    said = "Job 1 (task: 0) with path /r/1_0_result.pkl\nhas not produced any output (state: FINISHED)"
+    job = types.SimpleNamespace(exception=lambda: RuntimeError(said), paths=types.SimpleNamespace(stderr=log))
+    assert re.fullmatch(
+        r"its process died of a signal in ctypes/__init__\.py:\d+ \(string_at\), from "
+        r"hhbench/launch/cluster\.py:\d+ \(shard_job\)",
+        cluster.job_failure(job),
+    ), cluster.job_failure(job)
+    log.write_text("")  # no dump: submitit's own last line
+    assert cluster.job_failure(job) == "has not produced any output (state: FINISHED)"
+    assert cluster.job_failure(types.SimpleNamespace(exception=lambda: None)) is None
+
+
 @pytest.mark.parametrize("how", [signal.SIGSEGV, signal.SIGABRT], ids=lambda how: how.name)
 def test_a_worker_that_crashes_as_it_starts_names_where(tmp_path, monkeypatch, how):
     """A worker killed by a signal while it imports (here in sitecustomize, as `import torch` may crash on a broken
