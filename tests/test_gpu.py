@@ -416,6 +416,21 @@ def test_fla_recurrent_step_takes_raw_gates_as_the_torch_reference(dtype, batch)
         assert rel(state_fla, expected_state) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flash-attn", "flex"])
+def test_every_fa_backend_answers_a_one_token_prefill_with_its_gradients(name):
+    """A one-token prompt or a context-1 training point: each FA backend's prefill returns the value (GQA: 4 query
+    heads on 2 KV heads) and gives q, k and v their gradients (q's and k's zero), as the CPU tests check for SDPA's."""
+    backend = registry.get(name, registry.FA)
+    if backend.unavailable("cuda"):
+        pytest.skip(backend.unavailable("cuda"))
+    q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 1, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out = backend.prefill(q, k, v)
+    assert out.shape == q.shape and rel(out, v.repeat_interleave(2, dim=2)) < 1e-2
+    grad_q, grad_k, grad_v = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert grad_q.abs().max() < 1e-2 and grad_k.abs().max() < 1e-2 and rel(grad_v, torch.full_like(v, 2.0)) < 1e-2
+
+
 @pytest.mark.parametrize("tokens, start", [(300, 0), (1, 4097)])
 def test_fla_rope_matches_its_torch_twin(tokens, start):
     """The fused path's RoPE on CUDA (fla's rotary_embedding) against glue.TORCH's rotate-half twin, on rows of the

@@ -318,6 +318,88 @@ Extension modules: torch._C (total: 1)
     assert crash_site("exit status 1: no dump here") is None
 
 
+# What Python 3.11 printed for a process whose own thread (no Python state: a library's) crashed while the main thread
+# ran hhbench's code, and what 3.14 prints: thread names, and the crashed thread's C stack after the Python stacks.
+NATIVE_THREAD_DUMP = """Fatal Python error: Segmentation fault
+
+Thread 0x00007f60e9004b80 (most recent call first):
+  File "{own}", line 126 in __call__
+  File "/v/lib/python3.11/site-packages/torch/autograd/__init__.py", line 200 in backward
+"""
+DUMP_314 = """Fatal Python error: Aborted
+
+Thread 0x00007f01 [pt_autograd_0] (most recent call first):
+  <no Python frame>
+
+Current thread 0x00007f02 [python] (most recent call first):
+  File "{site}/fla/ops/utils.py", line ??? in wrapper
+  File "<frozen importlib._bootstrap>", line 241 in _call_with_frames_removed
+  File "{own}", line 170 in profile_kernels
+plus 140 frames
+
+Current thread's C stack trace (most recent call first):
+  Binary file "/usr/bin/python3.14", at _Py_DumpStack+0x4c [0x55d1]
+  <truncated rest of calls>
+
+Extension modules: torch._C (total: 1)
+"""
+
+
+def test_crash_sites_as_each_python_prints_them_and_from_folders_on_the_path(tmp_path, monkeypatch):
+    """Python 3.14's dump (thread names, a C stack after the Python ones, an unknown line, 'plus N frames'), a
+    crash in a thread without Python frames, importlib's frozen frames passed over, and a library on PYTHONPATH
+    (/tmp/site on the H200s) named as its import names it."""
+    own = Path(hhbench.__file__).resolve().parent / "bench" / "workloads.py"
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    dump = DUMP_314.format(site=tmp_path / "site", own=own)
+    assert crash_site(dump) == "fla/ops/utils.py:??? (wrapper), from hhbench/bench/workloads.py:170 (profile_kernels)"
+    frozen = dump.replace(f'  File "{tmp_path}/site/fla/ops/utils.py", line ??? in wrapper\n', "")
+    assert crash_site(frozen) == "hhbench/bench/workloads.py:170 (profile_kernels)"
+    assert crash_site(NATIVE_THREAD_DUMP.format(own=own)) == (
+        "a thread without Python frames, while another was in hhbench/bench/workloads.py:126 (__call__)"
+    )
+    earlier = DUMP_314.format(site=tmp_path / "site", own=own)  # a crash before a restart, then this one
+    assert crash_site(earlier + "restarted\n" + NATIVE_THREAD_DUMP.format(own=own)).startswith("a thread without")
+
+
+def test_a_submitit_job_whose_own_process_crashed_says_where(tmp_path):
+    """A job's process (the one supervising its workers) killed by a signal: submitit says only that it 'has not
+    produced any output'; shard_job leaves the crash's stack in the job's stderr log, and the failure line names it."""
+    crash = "import ctypes; from hhbench.launch import cluster; cluster.run_on_gpus = lambda *a: ctypes.string_at(0)"
+    log = tmp_path / "1_0_log.err"
+    with open(log, "w") as stderr:
+        died = subprocess.run([sys.executable, "-c", f"{crash}; cluster.shard_job(None)"], cwd=ROOT, stderr=stderr)
+    assert died.returncode == -signal.SIGSEGV
+    said = "Job 1 (task: 0) with path /r/1_0_result.pkl\nhas not produced any output (state: FINISHED)"
+    job = types.SimpleNamespace(exception=lambda: RuntimeError(said), paths=types.SimpleNamespace(stderr=log))
+    assert re.fullmatch(
+        r"its process died of a signal in ctypes/__init__\.py:\d+ \(string_at\), from "
+        r"hhbench/launch/cluster\.py:\d+ \(shard_job\)",
+        cluster.job_failure(job),
+    ), cluster.job_failure(job)
+    log.write_text("")  # no dump: submitit's own last line
+    assert cluster.job_failure(job) == "has not produced any output (state: FINISHED)"
+    assert cluster.job_failure(types.SimpleNamespace(exception=lambda: None)) is None
+
+
+@pytest.mark.parametrize("how", [signal.SIGSEGV, signal.SIGABRT], ids=lambda how: how.name)
+def test_a_worker_that_crashes_as_it_starts_names_where(tmp_path, monkeypatch, how):
+    """A worker killed by a signal while it imports (here in sitecustomize, as `import torch` may crash on a broken
+    install) leaves its stack: faulthandler is on from the interpreter's start, not from the worker's first line.
+    An earlier process's crash in the same log is not this one's."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import os\nos.kill(os.getpid(), {int(how)})\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.syspath_prepend(str(site))  # as in this process where PYTHONPATH named it at its start
+    run = RunDir(tmp_path / "r")
+    run.shard("cpu").log.parent.mkdir(parents=True)
+    run.shard("cpu").log.write_text(NATIVE_THREAD_DUMP.format(own=hhbench.__file__))
+    worker = local.WorkerProcess.start(run, Task(str(run.path), "cpu", (), FAST, "", "cpu"), None)
+    worker.process.wait()
+    assert worker.failure() == f"killed by {how.name} in sitecustomize.py:2 (<module>)", worker.failure()
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSEGV])
 def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypatch, how):
     """--gpus on the CPU: two fake GPUs give two real worker processes (CUDA_VISIBLE_DEVICES 0 and 1). A crash

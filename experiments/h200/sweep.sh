@@ -4,7 +4,8 @@
 # caches of its own (Triton, TileLang), so wall times of two runs compare; CACHE=NAME shares /tmp/cache/NAME between
 # runs instead (warm caches: time two runs after a first one has compiled). QLA=1 puts FlashQLA on the path;
 # LIMIT seconds (default 540) interrupts it (SIGINT: the sweep merges what it measured and records its wall time).
-# The workers' logs come back in RUN/shards/ (a worker that crashed left its Python stack there).
+# The workers' logs come back in RUN/logs/ (a worker that crashed left its Python stack there; not in RUN/shards/,
+# which git ignores as a launch's working files).
 set -uo pipefail
 suite=$1 run=$2 gpus=$3; shift 3
 export PYTHONPATH=/tmp/site${QLA:+:/tmp/site-qla}:$PWD
@@ -15,6 +16,8 @@ timeout -s INT "${LIMIT:-540}" python -m hhbench sweep --suite "$suite" --run "$
   "$@" > "/tmp/runs/$run.log" 2>&1
 echo "exit $?" >> "/tmp/runs/$run.log"
 cat "/tmp/runs/$run.log" >> "/tmp/runs/$run/sweep.log"
-rm -rf "${OUT:?}/$run" && cp -r "/tmp/runs/$run" "$OUT/" && rm -rf "$OUT/$run"/{submitit,.lock}
-find "$OUT/$run/shards" -type f ! -name "*.log" -delete 2>/dev/null  # the workers' logs stay: a crash's stack
+rm -rf "${OUT:?}/$run" && cp -r "/tmp/runs/$run" "$OUT/" && rm -rf "$OUT/$run"/{shards,submitit,.lock}
+if compgen -G "/tmp/runs/$run/shards/*.log" > /dev/null; then
+  mkdir -p "$OUT/$run/logs" && cp "/tmp/runs/$run/shards/"*.log "$OUT/$run/logs/"
+fi
 grep -v "it/s\]$" "/tmp/runs/$run.log" | tail -15

@@ -21,12 +21,12 @@ class Sdpa(Backend):
     kernel: SDPBackend
     native_gqa = True  # SDPA's enable_gqa; kernels that lack it get expanded K and V
 
-    def _call(self, q, k, v, causal: bool):
+    def _call(self, q, k, v, causal: bool, kernel: SDPBackend | None = None):
         gqa = k.shape[2] != q.shape[2]
         if gqa and not self.native_gqa:
             k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
             gqa = False
-        with sdpa_kernel([self.kernel]):
+        with sdpa_kernel([kernel or self.kernel]):
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=gqa
             )
@@ -34,11 +34,10 @@ class Sdpa(Backend):
 
     def prefill(self, q, k, v):
         """Causal attention: q [B, T, Hq, d], k, v [B, T, Hkv, d] -> o [B, T, Hq, d]. A one-token prefill (generation
-        from a one-token prompt) attends to its own key alone, so its output is its value, taken without a kernel:
-        cuDNN's refuses that call ("No available kernel", torch 2.11 on an H200)."""
-        if q.shape[1] == 1:
-            return v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)  # a new tensor, as the kernels return
-        return self._call(q, k, v, causal=True)
+        from a one-token prompt, a context-1 point) runs SDPA's math kernel: cuDNN's refuses that call ("No available
+        kernel", torch 2.11 on an H200). Its output is its value, but taking the value alone would leave q and k out
+        of the autograd graph: their gradients (zero) would be missing, and autograd.grad over them raises."""
+        return self._call(q, k, v, causal=True, kernel=SDPBackend.MATH if q.shape[1] == 1 else None)
 
     def decode(self, q, k_cache, v_cache):
         """One new token: q [B, 1, Hq, d] against whole caches [B, S, Hkv, d] (no mask) -> o [B, 1, Hq, d]."""

@@ -3,6 +3,7 @@ jobs of its local executor on a machine without SLURM. Each job measures its sha
 one worker process per GPU (hhbench.launch.local), so that a point that kills its worker costs that point only."""
 
 import contextlib
+import faulthandler
 import json
 import os
 import re
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hhbench.errors import UserError, require_extra
-from hhbench.launch.local import POLL_S, rows_written, run_on_gpus, visible_gpus
+from hhbench.launch.local import POLL_S, crash_site, rows_written, run_on_gpus, visible_gpus
 from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
 
@@ -81,7 +82,9 @@ class Slurm:
 def shard_job(task: Task) -> int:
     """One job (an array task, a local job): its shard over the GPUs the job was given, one worker each, or one
     worker on the CPU. Raises RuntimeError, so that the job reads as failed, when a worker stopped between
-    points; returns the number of points."""
+    points; returns the number of points. A crash of the job's own process (a driver's, as CUDA starts) leaves its
+    stack in submitit's log of the job (job_failure)."""
+    faulthandler.enable()
     failures = run_on_gpus(task, visible_gpus() or [None])
     if failures:
         raise RuntimeError("; ".join(failures))
@@ -203,10 +206,19 @@ def run_local(
         deadline = time.monotonic() + CANCEL_WAIT_S  # so that the merge after this finds their shards released
         while not all(job.done() for _, job in jobs) and time.monotonic() < deadline:
             time.sleep(POLL_S)
-    failures = []
-    for task, job in jobs:
-        error = job.exception()
-        if error is not None:
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            failures.append(f"job {task.name}: {lines[-1].strip()[:300] if lines else type(error).__name__}")
-    return failures
+    return [f"job {task.name}: {why}" for task, job in jobs if (why := job_failure(job)) is not None]
+
+
+def job_failure(job) -> str | None:
+    """Why a submitit job failed, one line (None when it did not): where its process crashed (crash_site of its
+    stderr log: submitit says only that a job killed by a signal 'has not produced any output'), else the last line
+    of submitit's error (the job's exception)."""
+    error = job.exception()
+    if error is None:
+        return None
+    log = Path(job.paths.stderr)
+    site = crash_site(log.read_bytes().decode(errors="replace")) if log.exists() else None
+    if site is not None:
+        return f"its process died of a signal in {site}"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip()[:300] if lines else type(error).__name__

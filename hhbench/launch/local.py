@@ -22,8 +22,13 @@ from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
 
 POLL_S = 0.2
-# one frame of the Python stack faulthandler writes as a process dies of a signal (the worker enables it)
-_DUMP_FRAME = re.compile(r'^\s+File "(?P<path>[^"]+)", line (?P<line>\d+) in (?P<function>\S+)')
+# The stacks faulthandler writes as a process dies of a signal (workers start with it on: PYTHONFAULTHANDLER), as
+# CPython's Python/traceback.c writes them: 'Fatal Python error: Segmentation fault', then per thread a header (the
+# thread that crashed 'Current thread 0x...', others 'Thread 0x...'; 3.14 adds ' [thread name]') and its frames,
+# innermost first, to a blank line. 3.14 adds "Current thread's C stack trace" after them, which these skip.
+_DUMP_START = "Fatal Python error: "
+_DUMP_THREAD = re.compile(r"^(?P<thread>Current thread|Thread) 0x[0-9a-fA-F]+( \[.*\])? \(most recent call first\):$")
+_DUMP_FRAME = re.compile(r'^\s+File "(?P<path>[^"]+)", line (?P<line>\d+|\?\?\?) in (?P<function>\S+)')
 
 
 def visible_gpus() -> list[str]:
@@ -65,23 +70,36 @@ class Handle(Protocol):
 
 
 def crash_site(log: str) -> str | None:
-    """Where a process that died of a signal was, from the stack faulthandler wrote to `log` as it died ('Current
-    thread ... (most recent call first):'): its innermost frame, and the innermost of hhbench's own files where that
-    is another ('fla/modules/x.py:12 (f), from hhbench/kernels/y.py:34 (g)'). None without a dump (SIGKILL, an OOM
-    kill, leaves none)."""
-    _, found, stack = log.rpartition("Current thread ")
-    frames = []
-    for line in stack.splitlines()[1:] if found else ():
-        if not line.strip():  # the stack ends at a blank line
-            break
-        match = _DUMP_FRAME.match(line)  # other lines ('  Garbage-collecting') say what the frame below was doing
-        if match:
-            frames.append((match["path"], f"{match['line']} ({match['function']})"))
-    if not frames:
-        return None
+    """Where a process that died of a signal was, from the last stack dump faulthandler wrote to `log` (_DUMP_THREAD):
+    the crashed thread's innermost frame (importlib's frozen frames passed over: a crash while importing names the
+    import), and the innermost of hhbench's own files where that is another ('fla/modules/x.py:12 (f), from
+    hhbench/kernels/y.py:34 (g)'). A crash in a thread without Python frames (a library's own thread) names the
+    thread that ran hhbench's code instead. None without a dump (SIGKILL, an OOM kill, leaves none)."""
+    threads: list[tuple[bool, list[tuple[str, str]]]] = []  # (crashed, frames: (path, 'line (function)'))
+    dump = log[log.rfind(_DUMP_START) :] if _DUMP_START in log else log
+    in_stack = False
+    for line in dump.splitlines():
+        header = _DUMP_THREAD.match(line)
+        if header:
+            threads.append((header["thread"] == "Current thread", []))
+            in_stack = True
+        elif not line.strip():
+            in_stack = False
+        elif in_stack and (frame := _DUMP_FRAME.match(line)):  # others ('  Garbage-collecting') are no frame
+            threads[-1][1].append((frame["path"], f"{frame['line']} ({frame['function']})"))
+    crashed = next((frames for current, frames in threads if current and frames), None)
+    if crashed is not None:
+        return _site(crashed)
+    running = next((frames for _, frames in threads if any(_own_file(path) for path, _ in frames)), None)
+    return None if running is None else f"a thread without Python frames, while another was in {_site(running)}"
+
+
+def _site(frames: list[tuple[str, str]]) -> str:
+    """A thread's innermost frame that is not importlib's, and hhbench's innermost where that is another."""
+    inner = next((frame for frame in frames if not frame[0].startswith("<frozen ")), frames[0])
     own = next((frame for frame in frames if _own_file(frame[0])), None)
-    innermost = f"{_short(frames[0][0])}:{frames[0][1]}"
-    return innermost + (f", from {_short(own[0])}:{own[1]}" if own is not None and own != frames[0] else "")
+    site = f"{_short(inner[0])}:{inner[1]}"
+    return site + (f", from {_short(own[0])}:{own[1]}" if own is not None and own != inner else "")
 
 
 def _own_file(path: str) -> bool:
@@ -89,9 +107,16 @@ def _own_file(path: str) -> bool:
 
 
 def _short(path: str) -> str:
-    """A file as a reader finds it: hhbench/..., a library's path below site-packages, else as written."""
+    """A file as its import names it: hhbench/..., else relative to the longest entry of sys.path holding it (the
+    workers inherit this process's: site-packages, the standard library, PYTHONPATH's folders such as /tmp/site),
+    else its path below a site-packages folder, else as written."""
+    file = Path(path).resolve()
     if _own_file(path):
-        return str(Path(path).resolve().relative_to(Path(hhbench.__file__).resolve().parents[1]))
+        return str(file.relative_to(Path(hhbench.__file__).resolve().parents[1]))
+    folders = [Path(entry or ".").resolve() for entry in sys.path]
+    holding = [folder for folder in folders if len(folder.parts) > 1 and file.is_relative_to(folder)]
+    if holding:
+        return str(file.relative_to(max(holding, key=lambda folder: len(folder.parts))))
     parts = Path(path).parts
     return str(Path(*parts[parts.index("site-packages") + 1 :])) if "site-packages" in parts else path
 
@@ -111,7 +136,8 @@ class WorkerProcess:
         files = run.shard(task.name)
         files.folder.mkdir(parents=True, exist_ok=True)
         files.task.write_bytes(pickle.dumps(task))
-        extra = {"HHBENCH_SUPERVISOR": str(os.getpid()), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+        extra = {"HHBENCH_SUPERVISOR": str(os.getpid()), "PYTHONFAULTHANDLER": "1",  # crash_site reads its dumps
+                 **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}  # fmt: skip
         with open(files.log, "a") as log:
             start = log.tell()
             process = subprocess.Popen([sys.executable, "-m", "hhbench.launch.worker", str(files.task)], env=child_env(extra),

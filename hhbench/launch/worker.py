@@ -1,9 +1,8 @@
 """One worker: a shard of the plan measured in this process by the single-process sweep, its rows in its own
-shard file. `python -m hhbench.launch.worker TASK.pkl` is the worker process of `sweep --gpus`; submitit calls
-run_task in its job processes."""
+shard file. `python -m hhbench.launch.worker TASK.pkl` is the worker process of `sweep --gpus` and of each submitit job
+(cluster.shard_job), started by local.WorkerProcess with faulthandler on."""
 
 import datetime
-import faulthandler
 import json
 import pickle
 import sys
@@ -72,7 +71,6 @@ def die_with_supervisor() -> None:
 
 
 if __name__ == "__main__":
-    faulthandler.enable()  # a crash in a kernel library (SIGSEGV, SIGABRT) leaves its Python stack in the shard log
     die_with_supervisor()
     with open(sys.argv[1], "rb") as stream:
         loaded = pickle.load(stream)
