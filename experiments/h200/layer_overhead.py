@@ -1,6 +1,7 @@
 """Where a layer-scope prefill step's time goes beyond its kernels (issue 12): for head 7:1 and layer 3:1 on the
 Qwen3-1.7B shape, the event-timed latency, the summed CPU time of the step's calls with the GPU not waited for,
-every synchronizing CUDA call the step makes (torch.cuda.set_sync_debug_mode) and cProfile's top functions.
+every synchronizing CUDA call the step makes (torch.cuda.set_sync_debug_mode), cProfile's top functions, and one step
+under torch.profiler without Python stacks: its CUDA runtime calls by host time, its kernels by GPU time.
 Usage: python experiments/h200/layer_overhead.py [contexts...] (default 4k 16k); GDN_BACKEND env picks the GDN
 backend (default auto)."""
 
@@ -13,6 +14,7 @@ import time
 import warnings
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from hhbench.bench.workloads import build
 from hhbench.measure.timing import TimingPolicy, time_callable
@@ -61,3 +63,13 @@ for point in grid_points(grid, "cuda"):
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
     print(out.getvalue()[-6000:])
+    # One step under torch.profiler without Python stacks (`sweep --profile` asks for them and its workers died of
+    # SIGSEGV on the H200): the host's CUDA runtime calls, where one that waits for the GPU (a synchronize, a copy
+    # from pageable memory) is a long cuda* event whichever library made it, the closing synchronize aside; and the
+    # step's kernels by GPU time.
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as traced:
+        work.run()
+        torch.cuda.synchronize()
+    events = traced.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
