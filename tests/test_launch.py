@@ -20,13 +20,14 @@ import torch
 from inprocess import run_main
 
 import hhbench
+from hhbench.bench.floor import floor_parts
 from hhbench.errors import UserError
 from hhbench.launch import cluster, local
 from hhbench.launch import run as launch_run
 from hhbench.launch.cluster import parse_time
 from hhbench.launch.local import crash_site
 from hhbench.launch.lock import run_lock, try_lock
-from hhbench.launch.merge import merge
+from hhbench.launch.merge import merge, reap
 from hhbench.launch.shards import (
     CALIBRATED,
     FITTED_ON,
@@ -47,7 +48,7 @@ from hhbench.rows.schema import Row, append_row, read_rows
 from hhbench.runner import measurements
 from hhbench.runner.measurements import PROFILE_STEPS, PROFILE_WARM_CALLS, check_group
 from hhbench.runner.point import base_row
-from hhbench.runner.sweep import prepare_env, run_sweep
+from hhbench.runner.sweep import ADDITION_RUNNING, asked_extras, measure_again, prepare_env, run_sweep
 from hhbench.spec.axes import Pass, Scope
 from tests.conftest import ROOT
 
@@ -513,6 +514,33 @@ def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):
     assert not run.rows_path.read_text()
     with run_lock(run):  # released at the end of the first
         pass
+
+
+def test_a_worker_dying_inside_an_addition_keeps_the_points_latency(tmp_path, monkeypatch):
+    """A crash inside an addition (the floor here, the profile on the H200) ends the worker after the point was
+    timed: its supervisor's reap appends the measured row, latency kept, the addition failed and measured again by
+    --retry-errors; dying before the timing still leaves an error row."""
+
+    class Died(BaseException):  # escapes every `except Exception`, as a process's death ends it
+        pass
+
+    def dies(point, device):
+        raise Died
+
+    [point] = grid_points({**GRID, "layouts": "head", "passes": "prefill", "scopes": "layer", "floor": True}, "cpu")
+    run = RunDir(tmp_path / "r").create()
+    monkeypatch.setattr(measurements, "floor_parts", dies)
+    with pytest.raises(Died):
+        run_sweep([point], run, torch.device("cpu"), FAST, worker="w")
+    reap(run, "w", "killed by SIGSEGV in x.py:1 (f)")
+    [row] = read_rows(run.shard("w").rows)
+    assert row.status == "ok" and row.latency_ms > 0 and row.worker == "w", (row.status, row.reason)
+    assert row.extra["floor_error"] == "worker w stopped while measuring it (killed by SIGSEGV in x.py:1 (f))"
+    assert ADDITION_RUNNING not in row.extra and row.floor_ms is None
+    assert measure_again(row, True, asked_extras([point])) == ("floor",)
+    monkeypatch.setattr(measurements, "floor_parts", floor_parts)
+    run_sweep([point], RunDir(tmp_path / "s").create(), torch.device("cpu"), FAST, worker="w")  # the floor is kept
+    assert read_rows(RunDir(tmp_path / "s").shard("w").rows)[0].floor_ms > 0
 
 
 def test_merge_keeps_one_row_a_key_and_leaves_live_shards(tmp_path):

@@ -16,6 +16,7 @@ from hhbench.files import read_json
 from hhbench.launch.lock import try_lock
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, RowSet, append_row, read_rows
+from hhbench.runner.sweep import ADDITION_RUNNING
 
 # What env.json's "workers" keeps of each worker's own env; the rest is the run's (the same machine and versions).
 WORKER_FIELDS = ("host", "device", "cuda_visible_devices", "slurm_job_id", "time", "finished", "hhbench_commit",
@@ -40,13 +41,19 @@ def _keys(run: RunDir, name: str) -> set[tuple]:
 
 def reap(run: RunDir, name: str, why: str) -> None:
     """The point worker `name` was measuring when it stopped, appended to its rows as an error row that says
-    `why`; nothing where it stopped between points (its last noted point has a row, or none was noted)."""
+    `why`, or, where it stopped inside an addition of a measured point (the floor, the profile), as that measured
+    row with the addition failed (extra["<addition>_error"]: --retry-errors measures it again); nothing where it
+    stopped between points (its last noted point has a row, or none was noted)."""
     files = run.shard(name)
     if not files.current.exists():
         return
     row = Row.from_dict(read_json(files.current, "the point in progress of worker"))
     if row.key not in _keys(run, name):
-        row.reason = f"worker {name} stopped while measuring this point ({why}); the other points went on"
+        addition = row.extra.pop(ADDITION_RUNNING, None)
+        if addition:
+            row.extra[f"{addition}_error"] = f"worker {name} stopped while measuring it ({why})"
+        else:
+            row.reason = f"worker {name} stopped while measuring this point ({why}); the other points went on"
         append_row(files.rows, row)
     files.current.unlink()
 

@@ -4,6 +4,7 @@ that cannot run."""
 
 import dataclasses
 import traceback
+from collections.abc import Callable
 
 import torch
 
@@ -40,13 +41,19 @@ def _classify(exc: BaseException) -> tuple[str, str]:
 
 
 def measure_point(
-    point: Point, device: torch.device, policy: TimingPolicy, checked: dict, crosscheck: bool = False
+    point: Point,
+    device: torch.device,
+    policy: TimingPolicy,
+    checked: dict,
+    crosscheck: bool = False,
+    on_addition: Callable[[Row, str], None] | None = None,
 ) -> Row:
     """The point's row (Row) measured on `device` under `policy`: the registered measurements in order until one
     decides the status (unavailable, unsupported, incorrect) or all ran (ok); an exception is the row's status and
     reason (oom, unsupported, error). Then, after the workload is freed, the additions (the floor) on what was
-    measured, each failure kept in extra["<name>_error"]. `checked` caches correctness across the sweep's points;
-    `crosscheck` asks for a do_bench timing too."""
+    measured, each failure kept in extra["<name>_error"]; `on_addition(row, name)` is told before each addition of
+    an ok row (a worker notes the row, so that a crash inside an addition costs only that addition). `checked`
+    caches correctness across the sweep's points; `crosscheck` asks for a do_bench timing too."""
     row = base_row(point)
     row.device = device_name()
     trial = Trial(point, device, policy, row, checked, crosscheck)
@@ -62,12 +69,14 @@ def measure_point(
         row.status, row.reason = _classify(exc)
     finally:
         trial.free()
-    _run_additions(trial, [name for name, unit in MEASUREMENTS.items() if unit.addition])
+    _run_additions(trial, [name for name, unit in MEASUREMENTS.items() if unit.addition], on_addition)
     return row
 
 
-def _run_additions(trial: Trial, names: list[str]) -> None:
+def _run_additions(trial: Trial, names: list[str], on_addition: Callable[[Row, str], None] | None = None) -> None:
     for name in names:
+        if on_addition is not None and trial.row.status == schema.OK:
+            on_addition(trial.row, name)
         try:
             MEASUREMENTS[name].run(trial)
         except Exception as exc:  # an addition's failure is kept, the row keeps its latency

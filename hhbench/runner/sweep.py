@@ -187,10 +187,26 @@ def _prepare_worker_env(run: RunDir, worker: str, suite_name: str, device: torch
         json.dump(mine, out, indent=2, sort_keys=True)
 
 
+# extra's key of a noted row whose point was measured and whose addition of that name was running (merge.reap)
+ADDITION_RUNNING = "addition_running"
+
+
 def _note_current(run: RunDir, worker: str, point: Point) -> None:
     """The point's row as it stays if this worker dies measuring it (merge.reap fills in why); replaced whole."""
     row = base_row(point)
     row.status, row.device, row.worker = schema.ERROR, device_name(), worker
+    _write_current(run, worker, row)
+
+
+def _note_addition(run: RunDir, worker: str, row: Row, name: str) -> None:
+    """The measured row as it stays if this worker dies inside its addition `name` (the floor, the profile): its
+    latency kept, the addition failed (merge.reap), so that --retry-errors measures it again on the row."""
+    noted = Row.from_dict(row.to_dict())
+    noted.worker, noted.extra[ADDITION_RUNNING] = worker, name
+    _write_current(run, worker, noted)
+
+
+def _write_current(run: RunDir, worker: str, row: Row) -> None:
     path = run.shard(worker).current
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(row.to_dict()))
@@ -285,7 +301,8 @@ def run_sweep(
         if isolate:
             row = _measure_isolated(point, device, policy, wants_crosscheck)
         else:
-            row = measure_point(point, device, policy, checked, wants_crosscheck)
+            noting = (lambda measured, name: _note_addition(run, worker, measured, name)) if worker else None
+            row = measure_point(point, device, policy, checked, wants_crosscheck, noting)
         # the point's wall time, compiles, autotuning, the correctness check and the floor included: what a
         # suite costs to run, point by point
         row.extra["point_s"] = round(time.perf_counter() - began, 2)
