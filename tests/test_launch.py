@@ -767,8 +767,9 @@ def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
 
 
 def test_a_launch_profiles_again_a_failed_profile_before_its_workers_and_slurm_refuses(tmp_path, monkeypatch):
-    """--retry-errors with a launcher: the failed profile of a finished row is measured again on that row in the
-    launching process (workers only read rows.jsonl); SLURM's jobs cannot, so that launch says what to run."""
+    """--retry-errors with a launcher: the failed profile of a finished row is measured again on that row by the
+    launching process (workers only read rows.jsonl), in a fresh process, so that a profile that crashes again fails
+    again on its row and the launch goes on; SLURM's jobs cannot, so that launch says what to run."""
     [point] = grid_points({**GRID, "layouts": "head", "passes": "decode", "scopes": "layer", "profile": True}, "cpu")
     run = RunDir(tmp_path / "r")
     monkeypatch.setattr(measurements, "profile_kernels", lambda *args, **kwargs: 1 / 0)
@@ -778,6 +779,23 @@ def test_a_launch_profiles_again_a_failed_profile_before_its_workers_and_slurm_r
     with pytest.raises(UserError, match="need their profile or floor measured again"):
         launch_run.launch([point], run, torch.device("cpu"), FAST, slurm, retry=True)
     local = launch_run.Launch(launcher="local", shards=1)
+
+    class Died(BaseException):  # the launching process's death, had it profiled the row itself
+        pass
+
+    def dies(*args, **kwargs):
+        raise Died
+
+    def crashes(command, **kwargs):  # the profile that killed a worker kills the process completing its row
+        return subprocess.CompletedProcess(command, -11, "", "Fatal Python error: Segmentation fault")
+
+    monkeypatch.setattr(measurements, "profile_kernels", dies)
+    monkeypatch.setattr(subprocess, "run", crashes)
+    launched = launch_run.launch([point], run, torch.device("cpu"), FAST, local, retry=True)
+    [row] = read_rows(run.rows_path)
+    assert launched.completed == 1 and row.samples_ms == failed.samples_ms, "the launch goes on, the latency kept"
+    assert row.extra["profile_error"] == "isolated worker exited with -11: Fatal Python error: Segmentation fault"
+    monkeypatch.undo()
     launched = launch_run.launch([point], run, torch.device("cpu"), FAST, local, retry=True)
     assert (launched.completed, launched.skipped, launched.plan) == (1, 0, [])
     [row] = read_rows(run.rows_path)

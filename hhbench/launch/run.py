@@ -97,7 +97,7 @@ class Launched:
     rows: RowSet = field(default_factory=RowSet)
     new: int = 0
     skipped: int = 0
-    completed: int = 0  # finished rows whose profile or floor this process measured again (complete_rows)
+    completed: int = 0  # finished rows whose profile or floor was measured again before the workers (complete_rows)
     plan: list[tuple[str, Shard]] = field(default_factory=list)  # (worker or shard, its points)
     failures: list[str] = field(default_factory=list)
     submitted: list[str] = field(default_factory=list)  # SLURM job ids
@@ -145,8 +145,10 @@ def launch(
                 f"finished rows of {run.path} need their profile or floor measured again: run this sweep once "
                 "without --launcher on a machine with the run's device, then submit the rest"
             )
-        # in this process, before the workers start: a completed row replaces its old one in rows.jsonl
-        completed = complete_rows(points, run, rows, where, policy, retry, isolate)
+        # before the workers start, each row in a fresh process (isolate): an addition that killed a worker (a
+        # SIGSEGV in the profile) fails again on its row instead of ending the launch; a completed row replaces its
+        # old one in rows.jsonl
+        completed = complete_rows(points, run, rows, where, policy, retry, isolate=True)
         done = {row.key for row in rows}
     todo = [point for point in points if point.identity not in done]
     outcome = Launched(skipped=len(points) - len(todo) - completed, completed=completed)
