@@ -787,14 +787,14 @@ def test_a_launch_profiles_again_a_failed_profile_before_its_workers_and_slurm_r
         raise Died
 
     def crashes(command, **kwargs):  # the profile that killed a worker kills the process completing its row
-        return subprocess.CompletedProcess(command, -11, "", "Fatal Python error: Segmentation fault")
+        return subprocess.CompletedProcess(command, -11, "", "")
 
     monkeypatch.setattr(measurements, "profile_kernels", dies)
     monkeypatch.setattr(subprocess, "run", crashes)
     launched = launch_run.launch([point], run, torch.device("cpu"), FAST, local, retry=True)
     [row] = read_rows(run.rows_path)
     assert launched.completed == 1 and row.samples_ms == failed.samples_ms, "the launch goes on, the latency kept"
-    assert row.extra["profile_error"] == "isolated worker exited with -11: Fatal Python error: Segmentation fault"
+    assert row.extra["profile_error"] == "isolated worker killed by SIGSEGV"
     monkeypatch.undo()
     launched = launch_run.launch([point], run, torch.device("cpu"), FAST, local, retry=True)
     assert (launched.completed, launched.skipped, launched.plan) == (1, 0, [])

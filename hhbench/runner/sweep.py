@@ -13,6 +13,7 @@ the point starts, so that a worker that dies on it leaves that row (hhbench.laun
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -249,8 +250,10 @@ def _measure_isolated(
     lines = result.stdout.strip().splitlines()
     if result.returncode == 0 and lines:
         return Row.from_dict(json.loads(lines[-1]))
-    tail = " | ".join(result.stderr.strip().splitlines()[-3:])
-    why = f"isolated worker exited with {result.returncode}: {tail}"
+    code, tail = result.returncode, " | ".join(result.stderr.strip().splitlines()[-3:])
+    # a crash is named by its signal (-11 says SIGSEGV to few), and often leaves no stderr to quote
+    ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+    why = f"isolated worker {ended}" + (f": {tail}" if tail else "")
     if completing:
         row = Row.from_dict(completing[0].to_dict())
         row.extra.update({f"{name}_error": why for name in completing[1]})
