@@ -175,6 +175,32 @@ def test_an_isolated_point_runs_with_the_sweeps_cpu_threads(tmp_path, monkeypatc
     assert row.status == "ok"
 
 
+def test_an_isolated_point_dying_inside_its_floor_keeps_its_latency(monkeypatch, capsys):
+    """--isolate: a fresh process that dies inside an addition of the point it timed (the floor here, the profile's
+    SIGSEGV on the H200) leaves the point's row, latency kept and the addition failed, as a launch's worker does."""
+    [point] = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32", "scopes": "layer",
+                           "floor": True}, "cpu")  # fmt: skip
+
+    class Died(BaseException):  # escapes every `except Exception`, as a process's death ends it
+        pass
+
+    def dies(point, device):
+        raise Died
+
+    def child(command, **kwargs):  # the worker run here, dying where a SIGSEGV would end it
+        monkeypatch.setattr(sys, "argv", ["worker", command[-1]])
+        with pytest.raises(Died):
+            runpy.run_module("hhbench.runner.worker", run_name="__main__")
+        return subprocess.CompletedProcess(command, -11, capsys.readouterr().out, "")
+
+    monkeypatch.setattr(measurements, "floor_parts", dies)
+    monkeypatch.setattr(sweep_module.subprocess, "run", child)
+    row = sweep_module._measure_isolated(point, torch.device("cpu"), FAST, False)
+    assert row.status == "ok" and row.latency_ms > 0 and row.floor_ms is None, (row.status, row.reason)
+    assert row.extra["floor_error"] == "isolated worker killed by SIGSEGV"
+    assert sweep_module.ADDITION_RUNNING not in row.extra
+
+
 def test_unavailable_backend_is_a_row_not_a_crash(tmp_path):
     points = grid_points({"models": "tiny", "layouts": "head", "ratios": "3:1", "contexts": "32"}, "cpu")
     gpu_point = points[0].__class__(**{**points[0].__dict__, "fa_backend": "sdpa-cudnn"})

@@ -16,7 +16,7 @@ from hhbench.files import read_json
 from hhbench.launch.lock import try_lock
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, RowSet, append_row, read_rows
-from hhbench.runner.sweep import ADDITION_RUNNING
+from hhbench.runner.sweep import addition_failed
 
 # What env.json's "workers" keeps of each worker's own env; the rest is the run's (the same machine and versions).
 WORKER_FIELDS = ("host", "device", "cuda_visible_devices", "slurm_job_id", "time", "finished", "hhbench_commit",
@@ -49,10 +49,7 @@ def reap(run: RunDir, name: str, why: str) -> None:
         return
     row = Row.from_dict(read_json(files.current, "the point in progress of worker"))
     if row.key not in _keys(run, name):
-        addition = row.extra.pop(ADDITION_RUNNING, None)
-        if addition:
-            row.extra[f"{addition}_error"] = f"worker {name} stopped while measuring it ({why})"
-        else:
+        if not addition_failed(row, f"worker {name} stopped while measuring it ({why})"):
             row.reason = f"worker {name} stopped while measuring this point ({why}); the other points went on"
         append_row(files.rows, row)
     files.current.unlink()

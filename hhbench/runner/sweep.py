@@ -199,11 +199,27 @@ def _note_current(run: RunDir, worker: str, point: Point) -> None:
     _write_current(run, worker, row)
 
 
-def _note_addition(run: RunDir, worker: str, row: Row, name: str) -> None:
-    """The measured row as it stays if this worker dies inside its addition `name` (the floor, the profile): its
-    latency kept, the addition failed (merge.reap), so that --retry-errors measures it again on the row."""
+def noted_addition(row: Row, name: str) -> Row:
+    """A copy of the measured `row` as it stays if its process dies inside its addition `name` (the floor, the
+    profile): its latency kept, the addition failed (addition_failed), so that --retry-errors measures it again."""
     noted = Row.from_dict(row.to_dict())
-    noted.worker, noted.extra[ADDITION_RUNNING] = worker, name
+    noted.extra[ADDITION_RUNNING] = name
+    return noted
+
+
+def addition_failed(row: Row, why: str) -> bool:
+    """Whether `row`, as noted before its process died, was noted inside an addition (noted_addition): then that
+    addition failed with `why` (extra["<name>_error"]); else the row was noted before its point was measured."""
+    name = row.extra.pop(ADDITION_RUNNING, None)
+    if name:
+        row.extra[f"{name}_error"] = why
+    return bool(name)
+
+
+def _note_addition(run: RunDir, worker: str, row: Row, name: str) -> None:
+    """The measured row as it stays if this worker dies inside its addition `name` (merge.reap)."""
+    noted = noted_addition(row, name)
+    noted.worker = worker
     _write_current(run, worker, noted)
 
 
@@ -237,7 +253,8 @@ def _measure_isolated(
     """The point measured in a fresh process (hhbench.runner.worker) with this process's torch CPU threads
     (`--threads`: a fresh process would take torch's default); with `completing` (a finished row and the additions
     to measure again on it, complete_row) only those. A process that fails leaves an error row, or the finished row
-    with the failure as each addition's error."""
+    with the failure as each addition's error; one that dies inside an addition of the point (it prints the row
+    before each: noted_addition) leaves that row, the addition failed."""
     old = (completing[0].to_dict(), completing[1]) if completing else None
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as handle:
         pickle.dump((point, device.type, policy, crosscheck, old, torch.get_num_threads()), handle)
@@ -258,6 +275,11 @@ def _measure_isolated(
         row = Row.from_dict(completing[0].to_dict())
         row.extra.update({f"{name}_error": why for name in completing[1]})
         return row
+    noted = [line for line in lines if line.startswith("{")]  # the rows it printed before each addition
+    if noted:  # it died inside an addition of the point it had measured
+        row = Row.from_dict(json.loads(noted[-1]))
+        if addition_failed(row, why):
+            return row
     row = base_row(point)
     row.status, row.reason = schema.ERROR, why
     row.device = device_name()

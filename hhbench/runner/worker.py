@@ -1,5 +1,6 @@
 """Measure one pickled point (or only the additions named on its finished row) in this fresh process and print its
-row as the last line (sweep --isolate)."""
+row as the last line (sweep --isolate); before each addition of a measured point, the row so far as a line of its
+own (sweep.noted_addition), which the sweep keeps if this process dies inside the addition."""
 
 import json
 import pickle
@@ -9,6 +10,7 @@ import torch
 
 from hhbench.rows.schema import Row
 from hhbench.runner.point import complete_row, measure_point
+from hhbench.runner.sweep import noted_addition
 
 if __name__ == "__main__":
     with open(sys.argv[1], "rb") as handle:
@@ -18,5 +20,7 @@ if __name__ == "__main__":
     if completing:
         row = complete_row(point, torch.device(device), policy, Row.from_dict(completing[0]), completing[1])
     else:
-        row = measure_point(point, torch.device(device), policy, {}, crosscheck)
+        # the measured row before each addition: the sweep keeps it if this process dies inside one
+        row = measure_point(point, torch.device(device), policy, {}, crosscheck,
+                            lambda measured, name: print(json.dumps(noted_addition(measured, name).to_dict()), flush=True))  # fmt: skip
     print(json.dumps(row.to_dict()))
