@@ -45,7 +45,7 @@ from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import grid_points
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, append_row, read_rows
-from hhbench.runner import measurements
+from hhbench.runner import measurements, sweep
 from hhbench.runner.measurements import PROFILE_STEPS, PROFILE_WARM_CALLS, check_group
 from hhbench.runner.point import base_row
 from hhbench.runner.sweep import ADDITION_RUNNING, asked_extras, measure_again, prepare_env, run_sweep
@@ -541,6 +541,16 @@ def test_a_worker_dying_inside_an_addition_keeps_the_points_latency(tmp_path, mo
     monkeypatch.setattr(measurements, "floor_parts", floor_parts)
     run_sweep([point], RunDir(tmp_path / "s").create(), torch.device("cpu"), FAST, worker="w")  # the floor is kept
     assert read_rows(RunDir(tmp_path / "s").shard("w").rows)[0].floor_ms > 0
+
+
+def test_a_worker_notes_only_the_additions_its_point_asks_for(tmp_path, monkeypatch):
+    """A point that asks for its floor and not its profile is noted before the floor alone: a death in the profile's
+    slot (which does nothing for it) must not fail a profile it never asked for."""
+    [point] = grid_points({**GRID, "layouts": "head", "passes": "prefill", "scopes": "layer", "floor": True}, "cpu")
+    noted = []
+    monkeypatch.setattr(sweep, "_write_current", lambda run, worker, row: noted.append(row.extra.get(ADDITION_RUNNING)))
+    run_sweep([point], RunDir(tmp_path / "r").create(), torch.device("cpu"), FAST, worker="w")
+    assert noted == [None, "floor"], noted
 
 
 def test_merge_keeps_one_row_a_key_and_leaves_live_shards(tmp_path):

@@ -216,6 +216,13 @@ def addition_failed(row: Row, why: str) -> bool:
     return bool(name)
 
 
+def noting_asked(point: Point, note: Callable[[Row, str], None]) -> Callable[[Row, str], None]:
+    """measure_point's on_addition: `note(row, name)` before each addition `point` asks for (asked_extras), none
+    before those it skips (a death there would fail an addition the point never asked for)."""
+    wants = asked_extras([point]).get(point.identity, {})
+    return lambda row, name: note(row, name) if name in wants else None
+
+
 def _note_addition(run: RunDir, worker: str, row: Row, name: str) -> None:
     """The measured row as it stays if this worker dies inside its addition `name` (merge.reap)."""
     noted = noted_addition(row, name)
@@ -326,8 +333,8 @@ def run_sweep(
         if isolate:
             row = _measure_isolated(point, device, policy, wants_crosscheck)
         else:
-            noting = (lambda measured, name: _note_addition(run, worker, measured, name)) if worker else None
-            row = measure_point(point, device, policy, checked, wants_crosscheck, noting)
+            noting = noting_asked(point, lambda measured, name: _note_addition(run, worker, measured, name))
+            row = measure_point(point, device, policy, checked, wants_crosscheck, noting if worker else None)
         # the point's wall time, compiles, autotuning, the correctness check and the floor included: what a
         # suite costs to run, point by point
         row.extra["point_s"] = round(time.perf_counter() - began, 2)

@@ -10,7 +10,7 @@ import torch
 
 from hhbench.rows.schema import Row
 from hhbench.runner.point import complete_row, measure_point
-from hhbench.runner.sweep import noted_addition
+from hhbench.runner.sweep import noted_addition, noting_asked
 
 if __name__ == "__main__":
     with open(sys.argv[1], "rb") as handle:
@@ -20,7 +20,9 @@ if __name__ == "__main__":
     if completing:
         row = complete_row(point, torch.device(device), policy, Row.from_dict(completing[0]), completing[1])
     else:
-        # the measured row before each addition: the sweep keeps it if this process dies inside one
-        row = measure_point(point, torch.device(device), policy, {}, crosscheck,
-                            lambda measured, name: print(json.dumps(noted_addition(measured, name).to_dict()), flush=True))  # fmt: skip
+
+        def note(measured: Row, name: str) -> None:  # the sweep keeps this row if the process dies inside `name`
+            print(json.dumps(noted_addition(measured, name).to_dict()), flush=True)
+
+        row = measure_point(point, torch.device(device), policy, {}, crosscheck, noting_asked(point, note))
     print(json.dumps(row.to_dict()))
