@@ -165,8 +165,10 @@ class FlaRecurrent(Backend):
         of one token; `options` (Backend.step) go to fla's kernel, which applies the gates inside."""
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
+        q, k, v, g, beta = (t.unsqueeze(1) for t in (q, k, v, g, beta))
+        # g and beta by name: fla 0.6 put gk and gv between them, so a positional beta would be taken for gk
         o, state = fused_recurrent_gated_delta_rule(
-            *(t.unsqueeze(1) for t in (q, k, v, g, beta)), initial_state=state, output_final_state=True, **options
+            q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True, **options
         )
         return o.squeeze(1), state
 
