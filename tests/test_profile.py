@@ -201,8 +201,9 @@ def test_the_kernels_heading_gives_the_host_time_where_measured():
 
 
 def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
-    """On the CPU the operators' launch sites come from with_stack's Python frames; on CUDA a kernel is traced
-    through the operator its correlation links it to (fake events here: the CUDA branch needs no GPU)."""
+    """On the CPU the operators' launch sites come from the ranges hhbench's functions open while profiled; on CUDA a
+    kernel is traced through the operator its correlation links it to (fake events here: the CUDA branch needs no
+    GPU)."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
@@ -219,8 +220,8 @@ def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
     assert "| launched from |" in view and f"{CONV_SITE.removeprefix('hhbench/layers/')} (100%)" in view
 
     def event(name, parent=None, kernels=(), sequence_nr=-1, fwd_thread=0):
-        return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU, is_user_annotation=False,
-                               is_python_function="): " in name, kernels=list(kernels),
+        return SimpleNamespace(name=name, cpu_parent=parent, device_type=DeviceType.CPU,
+                               is_user_annotation="): " in name, kernels=list(kernels),
                                sequence_nr=sequence_nr, fwd_thread=fwd_thread)  # fmt: skip
 
     package = Path(hhbench.__file__).parent  # hhbench's own files, wherever it was imported from
@@ -287,3 +288,36 @@ def test_a_backward_kernel_is_traced_to_the_forward_function_it_differentiates()
     convolution = found.sites["aten::convolution_backward"]  # on the CPU it ran under the test's own frame
     assert set(convolution) == {f"{CONV_SITE} backward"}, convolution
     assert CONV_SITE in found.sites["aten::cat"]  # the forward's own
+
+
+def test_profiling_marks_hhbench_functions_without_torchs_python_tracer(monkeypatch):
+    """with_stack killed profiled processes on the H200 (SIGSEGV, results/gpu-tests-h200/call-6): the profiler runs
+    without it, and hhbench's functions open ranges of their own. A call of an hhbench function that raises leaves
+    the ranges paired: the operators after it are still traced to the function that launched them; and the profile
+    hook in place before (a coverage tool's, say) is back afterwards."""
+    import sys
+
+    from hhbench.measure import profile as profile_module
+
+    asked = []
+    real_profile = profile_module.profile
+    monkeypatch.setattr(profile_module, "profile", lambda **kwargs: asked.append(kwargs) or real_profile(**kwargs))
+    x, weight = torch.randn(1, 16, 8), torch.randn(8, 4)
+
+    def step():
+        with pytest.raises(AttributeError):
+            causal_conv(None, weight)  # raises inside an hhbench function
+        list(profile_module.KernelTimes(1, 0.0).ms.items())  # an hhbench dataclass's generated code: not a range
+        return causal_conv(x, weight)
+
+    def hook(frame, event, arg):
+        return None
+
+    sys.setprofile(hook)
+    try:
+        found = profile_kernels(step, CPU, 2)
+        assert sys.getprofile() is hook
+    finally:
+        sys.setprofile(None)
+    assert asked and not any(kwargs.get("with_stack") for kwargs in asked)
+    assert set(found.sites["aten::mkldnn_convolution"]) == {CONV_SITE}

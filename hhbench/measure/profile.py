@@ -6,15 +6,20 @@ On the CPU there are no kernels; the aten operators are, and each one's self tim
 calls) stands for its kernel, so that nested operators (linear > matmul > mm) are not counted twice. Times are
 microseconds as torch.profiler gives them, turned into ms here.
 
-Each kernel's time is also split by where hhbench launched it: the innermost hhbench function (`with_stack`'s
-Python frames name a function by its file and first line) above the operator that launched it (on CUDA, the
-operator the kernel's correlation id links it to; a kernel launched outside any operator, a Triton kernel called
-from Python, say, has none and counts under `?`), so that glue kernels of generic names (a copy, an elementwise
-op) say which function of the layer they are.
+Each kernel's time is also split by where hhbench launched it: the innermost hhbench function above the operator
+that launched it (on CUDA, the operator or range the kernel's correlation id links it to; a kernel launched outside
+any, has none and counts under `?`), so that glue kernels of generic names (a copy, an elementwise op) say which
+function of the layer they are. hhbench's functions are marked by ranges of their own while the call is profiled
+(_hhbench_ranges), named as torch.profiler's `with_stack` names a Python frame (its file and first line), instead of
+with_stack: profiles with it died of SIGSEGV on an H200 (torch 2.11: every point of a --profile sweep, a training
+step in results/gpu-tests-h200/call-6) where profiles without it on the same machine did not
+(results/layer-overhead-h200), as with_stack has crashed elsewhere (pytorch/pytorch#56008, #155146).
 """
 
+import contextlib
 import functools
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -47,7 +52,7 @@ class KernelTimes:
         by_site[site] = by_site.get(site, 0.0) + ms
 
 
-# A Python frame's event name under with_stack: "<path>(<line>): <function>"
+# A range's name (_range_name: as with_stack names a Python frame): "<path>(<first line>): <function>"
 _FRAME = re.compile(r"^(?P<path>.+)\((?P<line>\d+)\): (?P<function>.+)$")
 UNKNOWN_SITE = "?"
 # The hhbench package's folder: a frame is hhbench's when its file is in it, not when its path merely holds
@@ -62,6 +67,42 @@ def _package_module(path: str) -> str | None:
         return "hhbench/" + Path(path).resolve().relative_to(_PACKAGE).as_posix()
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _range_name(code) -> str | None:
+    """A Python function's range name as with_stack names its frame, "<path>(<first line>): <function>", where it is
+    hhbench's; None for any other code."""
+    return f"{code.co_filename}({code.co_firstlineno}): {code.co_name}" if _package_module(code.co_filename) else None
+
+
+@contextlib.contextmanager
+def _hhbench_ranges():
+    """While inside: each call of an hhbench function on this thread opens a record_function range of _range_name's
+    name, closed when the call returns (raising or not), so that launch_site finds it above the operators the call
+    launched. sys.setprofile sees every Python call, so the calls it profiles run slower on the host; their kernels
+    do not. Autograd's backward threads run no Python: their kernels are traced through their backward nodes."""
+    enter, leave = torch.ops.profiler._record_function_enter_new, torch.ops.profiler._record_function_exit
+    handles = []  # one per call seen, None for a function not hhbench's: calls and returns pair off
+
+    def trace(frame, event, arg):
+        if event == "call":
+            name = _range_name(frame.f_code)
+            handles.append(enter(name, None) if name else None)
+        elif event == "return" and handles:  # the returns of the frames open when tracing began are no calls' pair
+            handle = handles.pop()
+            if handle is not None:
+                leave(handle)
+
+    previous = sys.getprofile()
+    sys.setprofile(trace)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+        for handle in reversed(handles):  # calls still open (this generator's own resumption): closed, inner first
+            if handle is not None:
+                leave(handle)
 
 
 def launch_site(event, forward: dict | None = None) -> str:
@@ -87,9 +128,9 @@ def launch_site(event, forward: dict | None = None) -> str:
 
 def _operators(events):
     """The CPU operators among a profile's events that stand for kernels on the CPU: aten operators with time of
-    their own; Python frames (with_stack's) and annotated ranges left out."""
+    their own; annotated ranges (hhbench's functions', _hhbench_ranges) left out."""
     for event in events:
-        if event.device_type != torch.autograd.DeviceType.CPU or event.is_python_function:
+        if event.device_type != torch.autograd.DeviceType.CPU:
             continue
         if not getattr(event, "is_user_annotation", False) and event.self_cpu_time_total > 0:
             yield event
@@ -133,7 +174,7 @@ def _sites(events, device: torch.device):
             yield event.name, launch_site(event, forward), event.self_cpu_time_total / 1e3
         return
     for event in events:
-        if event.device_type == torch.autograd.DeviceType.CPU and not event.is_python_function:
+        if event.device_type == torch.autograd.DeviceType.CPU:  # an operator, or a range a Triton launch ran in
             for kernel in event.kernels:
                 yield kernel.name, launch_site(event, forward), kernel.duration / 1e3
 
@@ -145,8 +186,8 @@ def profile_kernels(
     before: Callable[[], None] | None = None,
     warm: int = 0,
 ) -> KernelTimes:
-    """`steps` calls of `fn` profiled (CUDA activity on a GPU, CPU activity on the CPU; Python stacks for the launch
-    sites), each in its own profiler cycle so that `before` (an L2 flush, say), run ahead of each call, is never
+    """`steps` calls of `fn` profiled (CUDA activity on a GPU, CPU activity on the CPU; hhbench's functions as ranges
+    for the launch sites), each in its own profiler cycle so that `before` (an L2 flush, say), run ahead of each call, is never
     recorded; `warm` unprofiled calls first, so that the profile is of the steady call (compiles and autotuning
     done)."""
     for _ in range(warm):
@@ -162,7 +203,7 @@ def profile_kernels(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     cycles = schedule(wait=0, warmup=1, active=1, repeat=steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    profiler = profile(activities=activities, schedule=cycles, on_trace_ready=collect, with_stack=True)
+    profiler = profile(activities=activities, schedule=cycles, on_trace_ready=collect)
     with warnings.catch_warnings(), profiler:
         # each cycle's events are collected as it ends, which is what the warning is about
         warnings.filterwarnings("ignore", message=".*Profiler clears events at the end of each cycle")
@@ -172,7 +213,8 @@ def profile_kernels(
             sync()
             profiler.step()  # warming up (before() not kept) -> recording
             start = time.perf_counter()
-            fn()
+            with _hhbench_ranges():
+                fn()
             sync()
             found.step_ms += (time.perf_counter() - start) * 1e3
             profiler.step()  # recording -> this cycle's trace collected
