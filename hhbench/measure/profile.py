@@ -174,7 +174,7 @@ def _sites(events, device: torch.device):
             yield event.name, launch_site(event, forward), event.self_cpu_time_total / 1e3
         return
     for event in events:
-        if event.device_type == torch.autograd.DeviceType.CPU:  # an operator, or a range a Triton launch ran in
+        if event.device_type == torch.autograd.DeviceType.CPU:  # an operator, or a range if one holds kernels
             for kernel in event.kernels:
                 yield kernel.name, launch_site(event, forward), kernel.duration / 1e3
 
