@@ -622,6 +622,26 @@ def test_a_rerun_while_an_earlier_launchs_jobs_still_write_leaves_them_be(tmp_pa
     assert not run.rows_path.exists() and run.shard_names() == ["shard-0-of-1"]
 
 
+def test_an_inline_sweep_merges_a_launchs_shards_first_and_waits_for_live_ones(tmp_path):
+    """An inline sweep into a launched run: a finished worker's shard is merged first and its points not measured
+    again; a shard a live worker still writes (a job of a killed --launcher local sweep) is refused in one line."""
+    run = RunDir(tmp_path / "r").create()
+    rows = [base_row(point) for point in grid_points(GRID, "cpu")]
+    for row in rows[:7]:
+        append_row(run.shard("shard-0-of-1").rows, row)
+    holder = try_lock(run.shard("shard-0-of-2").rows)
+    try:
+        refused = run_main("sweep", *FLAGS, "--out", str(tmp_path), "--run", "r")
+    finally:
+        holder.close()
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "workers of an earlier sweep still write" in refused.stderr and "shard-0-of-2" in refused.stderr
+    run.shard("shard-0-of-2").rows.unlink()
+    resumed = run_main("sweep", *FLAGS, "--out", str(tmp_path), "--run", "r")
+    assert resumed.returncode == 0 and "1 new rows, 7 already in" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert keys(run.path) == planned_keys() and not run.shard_names()
+
+
 def test_the_dry_run_of_retry_errors_deals_the_error_rows(tmp_path):
     run = RunDir(tmp_path / "r").create()
     rows = [base_row(point) for point in grid_points(GRID, "cpu")]

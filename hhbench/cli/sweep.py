@@ -145,6 +145,7 @@ def sweep(
 ):
     """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
 
+    from hhbench.launch.merge import settled
     from hhbench.launch.run import Launch
     from hhbench.measure.env import pick_device
     from hhbench.measure.timing import TimingPolicy
@@ -221,6 +222,8 @@ def sweep(
                 return _launch(
                     points, run_dir, where, policy, spread, name, isolate, retry_errors, threads, on_progress, progress
                 )
+            if run_dir.shard_names():  # a launched sweep's shards: merged first, their points not measured again
+                settled(run_dir)
             result = run_sweep(points, run_dir, where, policy, name, isolate, crosscheck, retry_errors, on_row)
     finally:
         if progress.live.is_started:

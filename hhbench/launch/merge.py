@@ -74,6 +74,15 @@ def _fold_env(env: dict, name: str, worker_env: dict) -> dict:
     return env
 
 
+def settled(run: RunDir) -> Merged:
+    """merge(run) for a sweep that measures any point without a row itself (inline, or --gpus): refused (UserError)
+    while a live worker of an earlier sweep still writes a shard, whose points it would measure beside it."""
+    merged = merge(run)
+    if merged.busy:
+        raise UserError(f"workers of an earlier sweep still write {run.path}: {', '.join(merged.busy)}; wait for them")
+    return merged
+
+
 def merge(run: RunDir) -> Merged:
     """Move every finished worker's rows into rows.jsonl and its host and device into env.json["workers"], one row
     a key (the first: a key rows.jsonl holds twice keeps its first row too). Raises UserError for a worker that

@@ -10,7 +10,7 @@ from hhbench.errors import UserError
 from hhbench.launch import cluster
 from hhbench.launch.cluster import Slurm
 from hhbench.launch.local import run_workers, visible_gpus, worker_name
-from hhbench.launch.merge import merge
+from hhbench.launch.merge import merge, settled
 from hhbench.launch.shards import Shard, deal, unfinished
 from hhbench.launch.worker import Task
 from hhbench.measure.timing import TimingPolicy
@@ -133,9 +133,7 @@ def launch(
     if options.dry_run:
         done = _done_keys(run, retry, asked_extras(points))
     else:
-        busy = merge(run).busy
-        if options.gpus and busy:  # an earlier sweep's orphaned workers: their points would be measured twice
-            raise UserError(f"workers of an earlier sweep still write {run.path}: {', '.join(busy)}; wait for them")
+        busy = (settled if options.gpus else merge)(run).busy  # --launcher leaves a live worker's shard be
         if options.launcher != "slurm":
             prepare_env(run, suite_name, where, len(options.gpus) or options.shards)
             if where.type == "cuda":
