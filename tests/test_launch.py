@@ -505,6 +505,9 @@ def test_compare_runs_tells_the_two_gpus_apart(monkeypatch, capsys):
              if (cells := [c.strip() for c in line.split("|")])[1:2] in (["gpu0"], ["gpu1"])}  # fmt: skip
     assert set(pairs) == {("gpu0", "gpu0"), ("gpu0", "gpu1")}
     assert abs(pairs["gpu0", "gpu0"]) < 0.5 < pairs["gpu0", "gpu1"]
+    named = [line.split(" ms [")[0].rsplit(": ", 1)[0] for line in out.splitlines() if line.startswith("  apart: ")]
+    assert len(set(named)) == len(named) == 96, "each point apart named once (sequential and streams told apart)"
+    assert "  apart: head:7:1 32768 1 prefill kernel streams" in named
 
 
 def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):
