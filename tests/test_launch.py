@@ -645,6 +645,22 @@ def test_an_inline_sweep_merges_a_launchs_shards_first_and_waits_for_live_ones(t
     assert keys(run.path) == planned_keys() and not run.shard_names()
 
 
+def test_a_cpu_launch_on_a_gpu_machine_gives_its_jobs_and_workers_no_gpu(tmp_path, monkeypatch):
+    """--device cpu --launcher local where GPUs are visible: no job gets a GPU and each shard runs one worker on the
+    CPU, named after its shard (not SHARD-gpuK, which would say a GPU measured rows the CPU did)."""
+    given, dealt = [], []
+    monkeypatch.setattr(launch_run, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(cluster, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(cluster, "run_local", lambda run, tasks, gpus, on_progress: given.append(gpus) or [])
+    monkeypatch.setattr(cluster, "run_on_gpus", lambda task, gpus: dealt.append(gpus) or [])
+    result = run_main("sweep", *FLAGS, "--device", "cpu", "--launcher", "local", "--out", str(tmp_path), "--run", "c")
+    assert result.returncode == 0 and given == [[]], (result.stderr, given)
+    [point] = grid_points({**GRID, "layouts": "head", "passes": "prefill", "scopes": "kernel"}, "cpu")
+    for device in ("cpu", "cuda"):
+        cluster.shard_job(Task(str(tmp_path / "c"), "shard-0-of-1", (point,), FAST, "", device))
+    assert dealt == [[None], ["0", "1"]]
+
+
 def test_the_dry_run_of_retry_errors_deals_the_error_rows(tmp_path):
     run = RunDir(tmp_path / "r").create()
     rows = [base_row(point) for point in grid_points(GRID, "cpu")]

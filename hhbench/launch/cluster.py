@@ -83,9 +83,10 @@ def shard_job(task: Task) -> int:
     """One job (an array task, a local job): its shard over the GPUs the job was given, one worker each, or one
     worker on the CPU. Raises RuntimeError, so that the job reads as failed, when a worker stopped between
     points; returns the number of points. A crash of the job's own process (a driver's, as CUDA starts) leaves its
-    stack in submitit's log of the job (job_failure)."""
+    stack in submitit's log of the job (job_failure). A task on the CPU (--device cpu on a GPU machine, a node
+    without GPUs) runs one worker on the CPU, named after its shard alone."""
     faulthandler.enable()
-    failures = run_on_gpus(task, visible_gpus() or [None])
+    failures = run_on_gpus(task, (visible_gpus() if task.device == "cuda" else []) or [None])
     if failures:
         raise RuntimeError("; ".join(failures))
     return len(task.points)

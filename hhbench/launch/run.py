@@ -181,7 +181,8 @@ def launch(
         if options.gpus:
             outcome.failures = run_workers(run, tasks, options.gpus, on_progress)
         else:
-            outcome.failures = cluster.run_local(run, tasks, visible_gpus(), on_progress)
+            gpus = visible_gpus() if where.type == "cuda" else []  # --device cpu: the jobs on the CPU alone
+            outcome.failures = cluster.run_local(run, tasks, gpus, on_progress)
     finally:  # interrupted too (the workers are stopped by then): what they measured is merged, the time kept
         _merged(run, outcome, started)
     return outcome
