@@ -369,7 +369,8 @@ def test_a_submitit_job_whose_own_process_crashed_says_where(tmp_path):
     crash = "import ctypes; from hhbench.launch import cluster; cluster.run_on_gpus = lambda *a: ctypes.string_at(0)"
     log = tmp_path / "1_0_log.err"
     with open(log, "w") as stderr:
-        died = subprocess.run([sys.executable, "-c", f"{crash}; cluster.shard_job(None)"], cwd=ROOT, stderr=stderr)
+        task = "__import__('types').SimpleNamespace(device='cpu')"
+        died = subprocess.run([sys.executable, "-c", f"{crash}; cluster.shard_job({task})"], cwd=ROOT, stderr=stderr)
     assert died.returncode == -signal.SIGSEGV
     said = (
         "Job 1 (task: 0) with path /r/1_0_result.pkl\nhas not produced any output (state: FINISHED)\nNo error "
