@@ -15,7 +15,10 @@ from scipy.stats import scoreatpercentile
 
 from hhbench.errors import UserError
 from hhbench.rows.runs import RunDir
-from hhbench.rows.schema import OK
+from hhbench.rows.schema import KEY_FIELDS, OK
+
+# what names a point in the lines below: the default suite's points differ in these alone (mode: sequential, streams)
+NAMED = ("variant", "context", "batch", "pass_", "scope", "mode")
 
 
 def wall_seconds(env: dict) -> float | None:
@@ -33,6 +36,11 @@ def sessions(env: dict) -> list[str]:
         lines.append(f"  session {number}: {session.get('time')}, {'?' if wall is None else wall} s, workers "
                      f"{session.get('worker_count', '?')}, argv {'?' if argv is None else ' '.join(argv)}")  # fmt: skip
     return lines
+
+
+def point(key: tuple) -> str:
+    """A row key as the lines name its point (NAMED's fields)."""
+    return " ".join(str(key[KEY_FIELDS.index(name)]) for name in NAMED)
 
 
 def inside(value: float, row) -> bool:
@@ -96,10 +104,10 @@ def main() -> int:
     print("|---|---|---|---|---|", *by_worker(rows[0], rows[1], measured, set(apart)), sep="\n")
     for key in apart:
         a, b = rows[0][key], rows[1][key]
-        print(f"  apart: {' '.join(map(str, key[1:6]))}: {a.latency_ms:.4g} ms [{a.latency_p10_ms:.4g}, "
+        print(f"  apart: {point(key)}: {a.latency_ms:.4g} ms [{a.latency_p10_ms:.4g}, "
               f"{a.latency_p90_ms:.4g}] vs {b.latency_ms:.4g} ms [{b.latency_p10_ms:.4g}, {b.latency_p90_ms:.4g}]")  # fmt: skip
     for key in status_differs:
-        print(f"  status: {' '.join(map(str, key[1:6]))}: {rows[0][key].status} vs {rows[1][key].status}")
+        print(f"  status: {point(key)}: {rows[0][key].status} vs {rows[1][key].status}")
     return 0 if not any(only) else 1
 
 

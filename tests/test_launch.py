@@ -369,17 +369,23 @@ def test_a_submitit_job_whose_own_process_crashed_says_where(tmp_path):
     crash = "import ctypes; from hhbench.launch import cluster; cluster.run_on_gpus = lambda *a: ctypes.string_at(0)"
     log = tmp_path / "1_0_log.err"
     with open(log, "w") as stderr:
-        died = subprocess.run([sys.executable, "-c", f"{crash}; cluster.shard_job(None)"], cwd=ROOT, stderr=stderr)
+        task = "__import__('types').SimpleNamespace(device='cpu')"
+        died = subprocess.run([sys.executable, "-c", f"{crash}; cluster.shard_job({task})"], cwd=ROOT, stderr=stderr)
     assert died.returncode == -signal.SIGSEGV
-    said = "Job 1 (task: 0) with path /r/1_0_result.pkl\nhas not produced any output (state: FINISHED)"
+    said = (
+        "Job 1 (task: 0) with path /r/1_0_result.pkl\nhas not produced any output (state: FINISHED)\nNo error "
+        "stream produced. Look at stdout: /r/1_0_log.out\n----\nsubmitit INFO (x) - Loading pickle: /r/1.pkl\n"
+    )
     job = types.SimpleNamespace(exception=lambda: RuntimeError(said), paths=types.SimpleNamespace(stderr=log))
     assert re.fullmatch(
         r"its process died of a signal in ctypes/__init__\.py:\d+ \(string_at\), from "
         r"hhbench/launch/cluster\.py:\d+ \(shard_job\)",
         cluster.job_failure(job),
     ), cluster.job_failure(job)
-    log.write_text("")  # no dump: submitit's own last line
+    log.write_text("")  # no dump (a SIGKILL): submitit's line, not the job's log lines it quotes after it
     assert cluster.job_failure(job) == "has not produced any output (state: FINISHED)"
+    raised = types.SimpleNamespace(exception=lambda: RuntimeError("trace\nValueError: bad"), paths=job.paths)
+    assert cluster.job_failure(raised) == "ValueError: bad"
     assert cluster.job_failure(types.SimpleNamespace(exception=lambda: None)) is None
 
 
@@ -500,6 +506,9 @@ def test_compare_runs_tells_the_two_gpus_apart(monkeypatch, capsys):
              if (cells := [c.strip() for c in line.split("|")])[1:2] in (["gpu0"], ["gpu1"])}  # fmt: skip
     assert set(pairs) == {("gpu0", "gpu0"), ("gpu0", "gpu1")}
     assert abs(pairs["gpu0", "gpu0"]) < 0.5 < pairs["gpu0", "gpu1"]
+    named = [line.split(" ms [")[0].rsplit(": ", 1)[0] for line in out.splitlines() if line.startswith("  apart: ")]
+    assert len(set(named)) == len(named) == 96, "each point apart named once (sequential and streams told apart)"
+    assert "  apart: head:7:1 32768 1 prefill kernel streams" in named
 
 
 def test_a_second_sweep_into_a_locked_run_is_refused(tmp_path):
@@ -579,6 +588,93 @@ def test_merge_keeps_one_row_a_key_and_leaves_live_shards(tmp_path):
     assert result.returncode == 0 and "0 rows merged" in result.stdout and "1 duplicates" in result.stdout
 
 
+def test_merge_keeps_one_row_a_key_of_a_run_two_sweeps_wrote(tmp_path):
+    """A run that two sweeps wrote at once (before the run lock) holds keys twice: merge keeps each key's first row
+    and cuts a half-written last line."""
+    run = RunDir(tmp_path / "r").create()
+    rows = [base_row(point) for point in grid_points(GRID, "cpu")]
+    for row in [*rows, *rows[:3]]:
+        append_row(run.rows_path, row)
+    with open(run.rows_path, "a") as out:
+        out.write('{"model": "ti')
+    result = run_main("merge", str(run.path))
+    assert result.returncode == 0 and "3 duplicates dropped" in result.stdout, result.stdout
+    assert keys(run.path) == planned_keys() and run.rows_path.read_text().endswith("}\n")
+
+
+def test_a_rerun_while_an_earlier_launchs_jobs_still_write_leaves_them_be(tmp_path):
+    """A --launcher local sweep killed whole by SIGKILL leaves submitit's jobs running (their workers follow their
+    job, not the sweep). The same command again leaves their shards be, in lines, with no rows to show yet; with
+    another --shards it is refused: its shards would measure the same points beside them."""
+    run = RunDir(tmp_path / "r").create()
+    args = ["sweep", *FLAGS, "--launcher", "local", "--out", str(tmp_path), "--run", "r"]
+    holder = try_lock(run.shard("shard-0-of-1").rows)  # the orphaned job's worker
+    try:
+        same = run_main(*args, "--shards", "1")
+        other = run_main(*args, "--shards", "2")
+    finally:
+        holder.close()
+    assert same.returncode == 0, same.stderr
+    assert (
+        "shard-0-of-1 is still queued or running: not submitted again" in same.stderr and "no rows yet" in same.stdout
+    )
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert (
+        "workers of an earlier sweep with another --shards still write" in other.stderr
+        and "shard-0-of-1" in other.stderr
+    )
+    assert not run.rows_path.exists() and run.shard_names() == ["shard-0-of-1"]
+
+
+def test_an_inline_sweep_merges_a_launchs_shards_first_and_waits_for_live_ones(tmp_path):
+    """An inline sweep into a launched run: a finished worker's shard is merged first and its points not measured
+    again; a shard a live worker still writes (a job of a killed --launcher local sweep) is refused in one line."""
+    run = RunDir(tmp_path / "r").create()
+    rows = [base_row(point) for point in grid_points(GRID, "cpu")]
+    for row in rows[:7]:
+        append_row(run.shard("shard-0-of-1").rows, row)
+    holder = try_lock(run.shard("shard-0-of-2").rows)
+    try:
+        refused = run_main("sweep", *FLAGS, "--out", str(tmp_path), "--run", "r")
+    finally:
+        holder.close()
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "workers of an earlier sweep still write" in refused.stderr and "shard-0-of-2" in refused.stderr
+    run.shard("shard-0-of-2").rows.unlink()
+    resumed = run_main("sweep", *FLAGS, "--out", str(tmp_path), "--run", "r")
+    assert resumed.returncode == 0 and "1 new rows, 7 already in" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert keys(run.path) == planned_keys() and not run.shard_names()
+
+
+def test_a_cpu_launch_on_a_gpu_machine_gives_its_jobs_and_workers_no_gpu(tmp_path, monkeypatch):
+    """--device cpu --launcher local where GPUs are visible: no job gets a GPU and each shard runs one worker on the
+    CPU, named after its shard (not SHARD-gpuK, which would say a GPU measured rows the CPU did)."""
+    given, dealt = [], []
+    monkeypatch.setattr(launch_run, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(cluster, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(cluster, "run_local", lambda run, tasks, gpus, on_progress: given.append(gpus) or [])
+    monkeypatch.setattr(cluster, "run_on_gpus", lambda task, gpus: dealt.append(gpus) or [])
+    result = run_main("sweep", *FLAGS, "--device", "cpu", "--launcher", "local", "--out", str(tmp_path), "--run", "c")
+    assert result.returncode == 0 and given == [[]], (result.stderr, given)
+    [point] = grid_points({**GRID, "layouts": "head", "passes": "prefill", "scopes": "kernel"}, "cpu")
+    for device in ("cpu", "cuda"):
+        cluster.shard_job(Task(str(tmp_path / "c"), "shard-0-of-1", (point,), FAST, "", device))
+    assert dealt == [[None], ["0", "1"]]
+
+
+def test_the_dry_run_of_retry_errors_deals_the_error_rows(tmp_path):
+    run = RunDir(tmp_path / "r").create()
+    rows = [base_row(point) for point in grid_points(GRID, "cpu")]
+    rows[0].status = "error"
+    for row in rows:
+        append_row(run.rows_path, row)
+    args = ["sweep", *FLAGS, "--launcher", "local", "--out", str(tmp_path), "--run", "r", "--dry-run"]
+    assert "8 points already in" in run_main(*args).stdout
+    retried = run_main(*args, "--retry-errors")
+    assert retried.returncode == 0 and "shard-0-of-1: 1 points" in retried.stdout, retried.stdout
+    assert "7 points already in" in retried.stdout
+
+
 def test_the_dry_run_prints_submitits_sbatch_array(tmp_path):
     result = run_main("sweep", *FLAGS, "--launcher", "slurm", "--shards", "3", "--slurm-partition", "gpu",
                       "--slurm-gpus-per-node", "2", "--slurm-time", "1:30:00", "--slurm-account", "lab",
@@ -628,6 +724,8 @@ def test_slurm_time_formats(text, minutes):
         (["--launcher", "local", "--shards", "0"], "--shards must be >= 1, got 0"),
         (["--gpus", "3"], "--gpus 3: this machine has 2 GPU(s) visible to torch"),
         (["--gpus", "two"], "--gpus 'two': give a number of GPUs (>= 1) or all"),
+        (["--gpus", "²"], "--gpus '²': give a number of GPUs (>= 1) or all"),
+        (["--launcher", "local", "--shards", "99", "--dry-run"], "--shards 99: the plan has 8 points"),
         (["--launcher", "slurm", "--slurm-time", "1h"], "--slurm-time '1h': use SLURM's formats"),
         (["--launcher", "slurm", "--slurm-partition", "gpu;rm"], "--slurm-partition 'gpu;rm': a SLURM name is"),
         (["--launcher", "pbs"], "unknown --launcher 'pbs'"),

@@ -51,6 +51,8 @@ def summary(rows: RowSet) -> str:
     """The run's rows for reading; flops_ratio against the run's layer:3:1 row where it has one (tables.compare)."""
     from hhbench.tables.compare import against_layer31
 
+    if not rows:  # a launch whose every shard a live worker still writes has merged nothing yet
+        return "no rows yet"
     frame = against_layer31(rows.frame())
     columns = [c for c in SUMMARY if c in frame and frame[c].notna().any() and (frame[c] != "").any()]
     view = frame[columns].rename(columns={"tflops": "TFLOP/s"})
@@ -143,6 +145,7 @@ def sweep(
 ):
     """Measure latency and memory of hybrid attention over a grid; rows go to OUT/RUN/rows.jsonl as they finish."""
 
+    from hhbench.launch.merge import settled
     from hhbench.launch.run import Launch
     from hhbench.measure.env import pick_device
     from hhbench.measure.timing import TimingPolicy
@@ -182,6 +185,8 @@ def sweep(
     overrides = {"warmup_ms": warmup_ms, "target_ms": target_ms, "min_reps": min_reps, "max_reps": max_reps,
                  "graph": graph}  # fmt: skip
     policy = TimingPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    if spread.shards > len(points):  # empty shards submit nothing, and a count far past the plan exhausts memory
+        raise UserError(f"--shards {spread.shards}: the plan has {len(points)} points, give at most that many shards")
     if policy.graph and where.type != "cuda":  # refused, not silently timed eagerly (as --mode streams)
         asked = "--graph" if graph else "[timing] graph = true"
         raise UserError(f"{asked} captures CUDA graphs, and this run is on {where.type}")
@@ -191,7 +196,7 @@ def sweep(
         why = "a CUDA GPU is visible" if where.type == "cuda" else "no CUDA GPU is visible, and 'default' needs one"
         print(f"hhbench: no --suite given: suite {name!r} ({why}), rows to {run_dir.rows_path}", file=sys.stderr)
     if spread.dry_run:
-        return _dry_run(points, run_dir, where, policy, spread)
+        return _dry_run(points, run_dir, where, policy, spread, retry_errors)
     run_dir.create()
     # Started at the first finished point, so that set-up errors stay one line on stderr.
     progress = Progress(
@@ -217,6 +222,8 @@ def sweep(
                 return _launch(
                     points, run_dir, where, policy, spread, name, isolate, retry_errors, threads, on_progress, progress
                 )
+            if run_dir.shard_names():  # a launched sweep's shards: merged first, their points not measured again
+                settled(run_dir)
             result = run_sweep(points, run_dir, where, policy, name, isolate, crosscheck, retry_errors, on_row)
     finally:
         if progress.live.is_started:
@@ -240,10 +247,10 @@ def _completed(count: int) -> str:
     return f"{count} completed (profile or floor measured again on the row), " if count else ""
 
 
-def _dry_run(points, run_dir: RunDir, where, policy, spread) -> None:
+def _dry_run(points, run_dir: RunDir, where, policy, spread, retry) -> None:
     from hhbench.launch.run import launch
 
-    planned = launch(points, run_dir, where, policy, spread)
+    planned = launch(points, run_dir, where, policy, spread, retry=retry)
     for name, shard in planned.plan:
         typer.echo(f"{name}: {len(shard.points)} points, about {shard.seconds:.0f} s on an H200 from cold caches")
     typer.echo(f"{planned.skipped} points already in {run_dir.path}")

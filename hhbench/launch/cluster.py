@@ -83,9 +83,10 @@ def shard_job(task: Task) -> int:
     """One job (an array task, a local job): its shard over the GPUs the job was given, one worker each, or one
     worker on the CPU. Raises RuntimeError, so that the job reads as failed, when a worker stopped between
     points; returns the number of points. A crash of the job's own process (a driver's, as CUDA starts) leaves its
-    stack in submitit's log of the job (job_failure)."""
+    stack in submitit's log of the job (job_failure). A task on the CPU (--device cpu on a GPU machine, a node
+    without GPUs) runs one worker on the CPU, named after its shard alone."""
     faulthandler.enable()
-    failures = run_on_gpus(task, visible_gpus() or [None])
+    failures = run_on_gpus(task, (visible_gpus() if task.device == "cuda" else []) or [None])
     if failures:
         raise RuntimeError("; ".join(failures))
     return len(task.points)
@@ -211,8 +212,9 @@ def run_local(
 
 def job_failure(job) -> str | None:
     """Why a submitit job failed, one line (None when it did not): where its process crashed (crash_site of its
-    stderr log: submitit says only that a job killed by a signal 'has not produced any output'), else the last line
-    of submitit's error (the job's exception)."""
+    stderr log: submitit says only that a job killed by a signal 'has not produced any output'), else submitit's line
+    saying so for a job that ended without a result (a SIGKILL leaves no dump; the job's log lines follow it in
+    submitit's error), else the last line of submitit's error (the job's exception)."""
     error = job.exception()
     if error is None:
         return None
@@ -220,5 +222,6 @@ def job_failure(job) -> str | None:
     site = crash_site(log.read_bytes().decode(errors="replace")) if log.exists() else None
     if site is not None:
         return f"its process died of a signal in {site}"
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].strip()[:300] if lines else type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    unfinished = next((line for line in lines if line.startswith("has not produced any output")), None)
+    return (unfinished or lines[-1])[:300] if lines else type(error).__name__

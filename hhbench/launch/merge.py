@@ -29,7 +29,7 @@ class Merged:
 
     rows: RowSet  # every row of the run
     added: int = 0  # rows moved from shard files into rows.jsonl
-    duplicates: int = 0  # rows already in rows.jsonl, dropped
+    duplicates: int = 0  # rows whose key the run already holds (in rows.jsonl, or earlier in it), dropped
     busy: list[str] = field(default_factory=list)  # shards a live worker still writes, left as they are
 
 
@@ -74,9 +74,19 @@ def _fold_env(env: dict, name: str, worker_env: dict) -> dict:
     return env
 
 
+def settled(run: RunDir) -> Merged:
+    """merge(run) for a sweep that measures any point without a row itself (inline, or --gpus): refused (UserError)
+    while a live worker of an earlier sweep still writes a shard, whose points it would measure beside it."""
+    merged = merge(run)
+    if merged.busy:
+        raise UserError(f"workers of an earlier sweep still write {run.path}: {', '.join(merged.busy)}; wait for them")
+    return merged
+
+
 def merge(run: RunDir) -> Merged:
-    """Move every finished worker's rows into rows.jsonl (one row a key) and its host and device into
-    env.json["workers"]. Raises UserError for a worker that measured on another device than the run."""
+    """Move every finished worker's rows into rows.jsonl and its host and device into env.json["workers"], one row
+    a key (the first: a key rows.jsonl holds twice keeps its first row too). Raises UserError for a worker that
+    measured on another device than the run."""
     result = Merged(RowSet())
     held = []
     try:
@@ -86,8 +96,14 @@ def merge(run: RunDir) -> Merged:
                 result.busy.append(name)
             else:
                 held.append((name, handle))
-        rows = read_rows(run.rows_path, repair=True) if run.rows_path.exists() else RowSet()
-        seen = {row.key for row in rows}
+        rows, seen = RowSet(), set()
+        for row in read_rows(run.rows_path, repair=True) if run.rows_path.exists() else []:
+            if row.key in seen:  # two sweeps that wrote the run at once, before the run lock
+                result.duplicates += 1
+                continue
+            seen.add(row.key)
+            rows.append(row)
+        rewrite = bool(result.duplicates)
         env = run.env()
         for name, _ in held:
             files = run.shard(name)
@@ -100,7 +116,7 @@ def merge(run: RunDir) -> Merged:
                 result.added += 1
             if files.env.exists():
                 env = _fold_env(env, name, read_json(files.env, "the env of worker"))
-        if result.added:
+        if result.added or rewrite:
             temporary = run.rows_path.with_suffix(".tmp")
             rows.to_jsonl(temporary)
             os.replace(temporary, run.rows_path)

@@ -10,14 +10,14 @@ from hhbench.errors import UserError
 from hhbench.launch import cluster
 from hhbench.launch.cluster import Slurm
 from hhbench.launch.local import run_workers, visible_gpus, worker_name
-from hhbench.launch.merge import merge
+from hhbench.launch.merge import merge, settled
 from hhbench.launch.shards import Shard, deal, unfinished
 from hhbench.launch.worker import Task
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import Point
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import RowSet, read_rows
-from hhbench.runner.sweep import asked_extras, complete_rows, finished_rows, measure_again, prepare_env
+from hhbench.runner.sweep import POINT, asked_extras, complete_rows, finished_rows, measure_again, prepare_env
 
 LAUNCHERS = ("local", "slurm")
 
@@ -70,7 +70,7 @@ class Launch:
         found = visible_gpus()
         if gpus == "all":
             count = len(found)
-        elif gpus.isdigit() and int(gpus) >= 1:
+        elif gpus.isascii() and gpus.isdigit() and int(gpus) >= 1:  # str.isdigit takes '²', which int() refuses
             count = int(gpus)
         else:
             raise UserError(f"--gpus {gpus!r}: give a number of GPUs (>= 1) or all")
@@ -105,10 +105,12 @@ class Launched:
     script: str = ""  # --dry-run with SLURM: the sbatch script
 
 
-def _done_keys(run: RunDir) -> set[tuple]:
-    """Keys of every row of the run, merged or not (read only: --dry-run)."""
+def _done_keys(run: RunDir, retry: bool, asked: dict) -> set[tuple]:
+    """Keys of the run's rows, merged or not, but those whose point is measured again whole (measure_again: with
+    `retry`, error and oom rows); read only, for --dry-run."""
     paths = [run.rows_path, *(run.shard(name).rows for name in run.shard_names())]
-    return {row.key for path in paths if path.exists() for row in read_rows(path)}
+    rows = [row for path in paths if path.exists() for row in read_rows(path)]
+    return {row.key for row in rows if measure_again(row, retry, asked) != (POINT,)}
 
 
 def launch(
@@ -129,11 +131,9 @@ def launch(
     started = time.monotonic()
     busy, completed = [], 0
     if options.dry_run:
-        done = _done_keys(run)
+        done = _done_keys(run, retry, asked_extras(points))
     else:
-        busy = merge(run).busy
-        if options.gpus and busy:  # an earlier sweep's orphaned workers: their points would be measured twice
-            raise UserError(f"workers of an earlier sweep still write {run.path}: {', '.join(busy)}; wait for them")
+        busy = (settled if options.gpus else merge)(run).busy  # --launcher leaves a live worker's shard be
         if options.launcher != "slurm":
             prepare_env(run, suite_name, where, len(options.gpus) or options.shards)
             if where.type == "cuda":
@@ -156,9 +156,15 @@ def launch(
         shards = deal(todo, len(options.gpus), policy)
         outcome.plan = [(worker_name("", gpu), shard) for gpu, shard in zip(options.gpus, shards, strict=True)]
     else:
-        shards = unfinished(deal(points, options.shards, policy), done, policy)
+        dealt = deal(points, options.shards, policy)
+        shards = unfinished(dealt, done, policy)
         if options.launcher == "slurm":
             busy = [*busy, *cluster.queued_shards(run)]
+        ours = [s.name for s in dealt]
+        other = [b for b in busy if not any(b == name or b.startswith(f"{name}-gpu") for name in ours)]
+        if other:  # another dealing of the plan: its points would be measured twice, side by side
+            raise UserError(f"workers of an earlier sweep with another --shards still write {run.path}: "
+                            f"{', '.join(other)}; wait for them or rerun with their --shards")  # fmt: skip
         outcome.busy = [s.name for s in shards if any(b == s.name or b.startswith(f"{s.name}-gpu") for b in busy)]
         outcome.plan = [(s.name, s) for s in shards if s.name not in outcome.busy]
     if options.dry_run:
@@ -175,7 +181,8 @@ def launch(
         if options.gpus:
             outcome.failures = run_workers(run, tasks, options.gpus, on_progress)
         else:
-            outcome.failures = cluster.run_local(run, tasks, visible_gpus(), on_progress)
+            gpus = visible_gpus() if where.type == "cuda" else []  # --device cpu: the jobs on the CPU alone
+            outcome.failures = cluster.run_local(run, tasks, gpus, on_progress)
     finally:  # interrupted too (the workers are stopped by then): what they measured is merged, the time kept
         _merged(run, outcome, started)
     return outcome
