@@ -171,11 +171,11 @@ def test_fla_recurrent_step_hands_g_and_beta_to_fla_by_name(monkeypatch, raw):
     assert rel(o, o_ref) < 1e-12 and rel(new_state, state_ref) < 1e-12
 
 
-def spy_on_fla(monkeypatch, module_name: str, function_name: str):
+def spy_on_fla(monkeypatch, module_name: str, function_name: str, reads: tuple[str, ...] = ()):
     """Replace fla's `function_name` (an attribute of `module_name`, where hhbench imports it from) by a spy that binds
     each call to the installed fla's own signature and keeps its arguments by parameter name, returning a dummy (o, None).
     A positional argument in the wrong slot then shows under the slot's name, and a keyword fla does not take, which
-    fla's **kwargs would swallow, fails here."""
+    fla's **kwargs would swallow, fails here; `reads` names the keywords fla's body takes out of its **kwargs."""
     module = importlib.import_module(module_name)
     signature = inspect.signature(getattr(module, function_name))
     swallowing = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
@@ -183,7 +183,10 @@ def spy_on_fla(monkeypatch, module_name: str, function_name: str):
 
     def spy(*args, **kwargs):
         bound = signature.bind(*args, **kwargs).arguments
-        assert not any(bound.get(name) for name in swallowing), f"{function_name} swallowed {bound[swallowing[0]]}"
+        for name in swallowing:
+            bound.update(bound.pop(name, {}))
+        swallowed = set(bound) - set(signature.parameters) - set(reads)
+        assert not swallowed, f"{function_name} would swallow {swallowed}"
         calls.append({**bound, "FLA_FLASH_QLA": os.environ.get(gdn.FLASH_QLA_SWITCH)})
         return torch.zeros(1, 1), None
 
@@ -219,11 +222,12 @@ def test_every_call_into_fla_fits_the_installed_flas_signature(monkeypatch):
     assert "gk" not in prefill and "gv" not in prefill
     assert prefill["initial_state"] is state and prefill["output_final_state"] and prefill["use_qk_l2norm_in_kernel"]
 
-    chunk = spy_on_fla(monkeypatch, fla_gdn, "chunk_gated_delta_rule")
-    registry.get("fla-chunk", registry.GDN).prefill(*sequence, state, True, use_qk_l2norm_in_kernel=True)
+    # fla 0.6 takes its chunk size (16, 32 or 64) out of **kwargs, which fla-chunk hands on
+    chunk = spy_on_fla(monkeypatch, fla_gdn, "chunk_gated_delta_rule", reads=("chunk_size",))
+    registry.get("fla-chunk", registry.GDN).prefill(*sequence, state, True, 32, use_qk_l2norm_in_kernel=True)
     (call,) = chunk
     assert all(call[name] is t for name, t in zip(("q", "k", "v", "g", "beta"), sequence, strict=True))
-    assert "scale" not in call
+    assert "scale" not in call and call["chunk_size"] == 32
     assert call["initial_state"] is state and call["output_final_state"] and call["use_qk_l2norm_in_kernel"]
     assert call["FLA_FLASH_QLA"] == "0" and "state_v_first" not in call
 
@@ -350,8 +354,8 @@ def test_fla_chunk_pins_fla_s_own_triton_path(monkeypatch):
     monkeypatch.setenv(gdn.FLASH_QLA_SWITCH, "1")
     backend.prefill(*gdn_inputs(1, 8, 1, 4, 4))
     assert seen == ["0", "0"] and os.environ[gdn.FLASH_QLA_SWITCH] == "1"
-    with pytest.raises(Unsupported, match="chunks of 64"):
-        backend.prefill(*gdn_inputs(1, 8, 1, 4, 4), chunk_size=32)
+    with pytest.raises(Unsupported, match="chunks of 16, 32, 64 tokens"):
+        backend.prefill(*gdn_inputs(1, 8, 1, 4, 4), chunk_size=128)
 
 
 def test_rows_name_the_gdn_implementation(monkeypatch):
