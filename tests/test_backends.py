@@ -288,6 +288,14 @@ def test_a_name_is_registered_once():
         registry.register(registry.GDN, "fla-chunk", ("cuda",), "again")(registry.Backend)
 
 
+def test_fla_recurrent_refuses_training():
+    """fla 0.6's fused recurrent kernel has no backward (FusedRecurrentFunction.backward raises NotImplementedError):
+    a training point on fla-recurrent is unsupported before it runs, not an error after."""
+    backend = registry.get("fla-recurrent", registry.GDN)
+    assert backend.unsupported("train") == "fla-recurrent does not implement the train pass"
+    assert backend.unsupported("prefill") is None and backend.unsupported("decode") is None
+
+
 def test_flash_qla_refuses_what_it_cannot_run():
     backend = registry.get("flash-qla", registry.GDN)
     assert backend.unsupported("decode") == "flash-qla does not implement the decode pass"

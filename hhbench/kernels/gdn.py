@@ -144,10 +144,11 @@ class FlashQla(Backend):
     ("cuda",),
     "fla fused_recurrent_gated_delta_rule (Triton, token by token)",
     probe_fn=_probe_fla,
+    passes=("prefill", "decode"),
 )
 class FlaRecurrent(Backend):
     """fla's fused_recurrent_gated_delta_rule: the recurrence token by token in one Triton kernel; its step is a
-    sequence of one token."""
+    sequence of one token. Forward only: fla 0.6's backward of it raises NotImplementedError."""
 
     def prefill(
         self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,
