@@ -82,9 +82,9 @@ def _hhbench_ranges():
     (torch's _RecordFunctionFast: a fraction of a microsecond, where the record_function operator takes tens, which a
     decode step's 70 hhbench calls would add to the profiled step), closed when the call returns (raising or not), so
     that launch_site finds it above the operators the call launched. sys.setprofile sees every Python call, so the
-    calls it profiles run slower on the host; their kernels do not. Autograd's backward threads run no hhbench code:
-    their kernels are traced through their backward nodes. Where a profiler written in C holds the hook already
-    (cProfile's, torch's with_stack tracer), which Python can neither call nor put back, nothing is marked."""
+    calls it profiles run slower on the host; their kernels do not. Autograd's backward threads (on CUDA) are not
+    traced: their kernels are traced through their backward nodes. Where a profiler written in C holds the hook
+    already (cProfile's), which Python can neither call nor put back, nothing is marked."""
     previous = sys.getprofile()
     if previous is not None and not callable(previous):
         yield
