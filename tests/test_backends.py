@@ -1,6 +1,8 @@
 """Every backend that runs on the CPU against an independent reference; the registry's contract."""
 
+import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -169,6 +171,92 @@ def test_fla_recurrent_step_hands_g_and_beta_to_fla_by_name(monkeypatch, raw):
     assert rel(o, o_ref) < 1e-12 and rel(new_state, state_ref) < 1e-12
 
 
+def spy_on_fla(monkeypatch, module_name: str, function_name: str, reads: tuple[str, ...] = ()):
+    """Replace fla's `function_name` (an attribute of `module_name`, where hhbench imports it from) by a spy that binds
+    each call to the installed fla's own signature and keeps its arguments by parameter name, returning a dummy (o, None).
+    A positional argument in the wrong slot then shows under the slot's name, and a keyword fla does not take, which
+    fla's **kwargs would swallow, fails here; `reads` names the keywords fla's body takes out of its **kwargs."""
+    module = importlib.import_module(module_name)
+    signature = inspect.signature(getattr(module, function_name))
+    swallowing = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+    calls = []
+
+    def spy(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        for name in swallowing:
+            bound.update(bound.pop(name, {}))
+        swallowed = set(bound) - set(signature.parameters) - set(reads)
+        assert not swallowed, f"{function_name} would swallow {swallowed}"
+        calls.append({**bound, "FLA_FLASH_QLA": os.environ.get(gdn.FLASH_QLA_SWITCH)})
+        return torch.zeros(1, 1), None
+
+    monkeypatch.setattr(module, function_name, spy)
+    return calls
+
+
+def test_every_call_into_fla_fits_the_installed_flas_signature(monkeypatch):
+    """Each call hhbench makes into fla (the GDN backends' and the fused layer's glue), bound to the installed fla's
+    signatures: each argument in the slot meant for it (fla 0.6 put gk and gv between g and beta, which a positional
+    beta fell into), none swallowed by fla's **kwargs, fla-chunk pinned to fla's own path."""
+    pytest.importorskip("fla.ops.gated_delta_rule", exc_type=ImportError)
+    from hhbench.layers import glue
+
+    fla_gdn = "fla.ops.gated_delta_rule"
+    q, k, v, a, b, state, A_log, dt_bias = raw_gate_case()
+    g, beta = gates_written_out(a, b, A_log, dt_bias)
+    sequence = [t.unsqueeze(1) for t in (q, k, v, g, beta)]  # [B, T=1, H, *]
+    same = torch.equal
+
+    recurrent = spy_on_fla(monkeypatch, fla_gdn, "fused_recurrent_gated_delta_rule")
+    fla_recurrent = registry.get("fla-recurrent", registry.GDN)
+    fla_recurrent.step(q, k, v, a, b, state, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
+                       dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)  # fmt: skip
+    fla_recurrent.prefill(*sequence, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    step, prefill = recurrent
+    assert "gk" not in step and "gv" not in step and same(step["g"][:, 0], a) and same(step["beta"][:, 0], b)
+    assert all(same(step[name][:, 0], t) for name, t in zip("qkv", (q, k, v), strict=True))
+    assert step["initial_state"] is state and step["output_final_state"] and step["use_qk_l2norm_in_kernel"]
+    assert step["use_gate_in_kernel"] and step["A_log"] is A_log and step["dt_bias"] is dt_bias
+    assert step["use_beta_sigmoid_in_kernel"] and "scale" not in step and "state_v_first" not in step
+    assert all(prefill[name] is t for name, t in zip(("q", "k", "v", "g", "beta"), sequence, strict=True))
+    assert "gk" not in prefill and "gv" not in prefill
+    assert prefill["initial_state"] is state and prefill["output_final_state"] and prefill["use_qk_l2norm_in_kernel"]
+
+    # fla 0.6 takes its chunk size (16, 32 or 64) out of **kwargs, which fla-chunk hands on
+    chunk = spy_on_fla(monkeypatch, fla_gdn, "chunk_gated_delta_rule", reads=("chunk_size",))
+    registry.get("fla-chunk", registry.GDN).prefill(*sequence, state, True, 32, use_qk_l2norm_in_kernel=True)
+    (call,) = chunk
+    assert all(call[name] is t for name, t in zip(("q", "k", "v", "g", "beta"), sequence, strict=True))
+    assert "scale" not in call and call["chunk_size"] == 32
+    assert call["initial_state"] is state and call["output_final_state"] and call["use_qk_l2norm_in_kernel"]
+    assert call["FLA_FLASH_QLA"] == "0" and "state_v_first" not in call
+
+    conv = spy_on_fla(monkeypatch, "fla.modules.causal_conv1d", "causal_conv1d")
+    update = spy_on_fla(monkeypatch, "fla.modules.causal_conv1d", "causal_conv1d_update")
+    gate = spy_on_fla(monkeypatch, f"{fla_gdn}.gate", "fused_gdn_gate")
+    norm = spy_on_fla(monkeypatch, "fla.modules.norm.layernorm", "rms_norm")
+    norm_gated = spy_on_fla(monkeypatch, "fla.modules.norm.fused_norm_gate", "rms_norm_gated")
+    rope = spy_on_fla(monkeypatch, "fla.modules.rotary", "rotary_embedding")
+    glue.fla_ops.cache_clear()  # it holds the functions fla had when first asked
+    try:
+        ops = glue.fla_ops()
+        x, weight, cos, sin = torch.randn(2, 5, 6), torch.randn(6, 4), torch.randn(5, 8), torch.randn(5, 8)
+        # as the fused layer calls them (hydrahead.py): positions and names of the GlueOps fields' signatures
+        ops.conv(x, weight, state, True), ops.conv_update(x[:, :1], state, weight), ops.gate(a, A_log, dt_bias)
+        ops.norm(x, 1e-6), ops.norm_gated(x, v, 1e-6), ops.rope(q, cos, sin)
+    finally:
+        glue.fla_ops.cache_clear()
+    ((conv,), (update,), (gate,), (norm,), (norm_gated,), (rope,)) = conv, update, gate, norm, norm_gated, rope
+    assert conv["x"] is x and conv["weight"] is weight and conv["initial_state"] is state
+    assert conv["output_final_state"] and conv["activation"] == "silu" and "bias" not in conv
+    assert update["cache"] is state and update["weight"] is weight and update["activation"] == "silu"
+    assert gate["g"] is a and gate["A_log"] is A_log and gate["dt_bias"] is dt_bias
+    assert norm["x"] is x and norm["weight"] is norm["bias"] is None and norm["eps"] == 1e-6
+    assert norm_gated["x"] is x and norm_gated["g"] is v and norm_gated["weight"] is norm_gated["bias"] is None
+    assert norm_gated["activation"] == "swish" and norm_gated["eps"] == 1e-6
+    assert rope["x"] is q and rope["cos"] is cos and rope["sin"] is sin and "interleaved" not in rope
+
+
 def test_registry_contract():
     fa_names, gdn_names = registry.names(registry.FA), registry.names(registry.GDN)
     assert {"sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flash-attn", "flex"} <= set(fa_names)
@@ -198,6 +286,14 @@ def test_gpu_only_backends_say_why_on_a_cpu_machine():
 def test_a_name_is_registered_once():
     with pytest.raises(ValueError, match="'fla-chunk' is registered twice"):
         registry.register(registry.GDN, "fla-chunk", ("cuda",), "again")(registry.Backend)
+
+
+def test_fla_recurrent_refuses_training():
+    """fla 0.6's fused recurrent kernel has no backward (FusedRecurrentFunction.backward raises NotImplementedError):
+    a training point on fla-recurrent is unsupported before it runs, not an error after."""
+    backend = registry.get("fla-recurrent", registry.GDN)
+    assert backend.unsupported("train") == "fla-recurrent does not implement the train pass"
+    assert backend.unsupported("prefill") is None and backend.unsupported("decode") is None
 
 
 def test_flash_qla_refuses_what_it_cannot_run():
@@ -266,8 +362,8 @@ def test_fla_chunk_pins_fla_s_own_triton_path(monkeypatch):
     monkeypatch.setenv(gdn.FLASH_QLA_SWITCH, "1")
     backend.prefill(*gdn_inputs(1, 8, 1, 4, 4))
     assert seen == ["0", "0"] and os.environ[gdn.FLASH_QLA_SWITCH] == "1"
-    with pytest.raises(Unsupported, match="chunks of 64"):
-        backend.prefill(*gdn_inputs(1, 8, 1, 4, 4), chunk_size=32)
+    with pytest.raises(Unsupported, match="chunks of 16, 32, 64 tokens"):
+        backend.prefill(*gdn_inputs(1, 8, 1, 4, 4), chunk_size=128)
 
 
 def test_rows_name_the_gdn_implementation(monkeypatch):

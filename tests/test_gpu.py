@@ -119,6 +119,25 @@ def test_flash_qla_matches_fla_chunk_outputs_and_gradients(batch):
     assert rel(flat(g_q), flat(grads_ref)) < 5e-2 and rel(flat(g_f), flat(grads_ref)) < 5e-2
 
 
+@pytest.mark.parametrize("chunk_size", [16, 32])
+def test_fla_chunk_at_flas_smaller_chunks_matches_the_reference(chunk_size):
+    """fla 0.6 takes chunks of 16 and 32 too (fla-chunk hands chunk_size on): outputs, final state and the gradients
+    of q, k, v, g and beta against the fp64 torch chunked reference at the same chunk size, as at 64 above."""
+    from hhbench.kernels.reference import gdn_chunk
+
+    inputs = _gdn_case()
+    grad_out = torch.randn_like(inputs[2])
+    fla_chunk = registry.get("fla-chunk", registry.GDN)
+    o, state = fla_chunk.prefill(*inputs, output_final_state=True, chunk_size=chunk_size)
+    grads = torch.autograd.grad(o, inputs, grad_out)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    o_ref, state_ref = gdn_chunk(*wide, chunk_size, output_final_state=True)
+    grads_ref = torch.autograd.grad(o_ref, wide, grad_out.double())
+    assert rel(o, o_ref) < 2e-2 and rel(state, state_ref) < 2e-2
+    flat = [torch.cat([t.double().flatten() for t in g]) for g in (grads, grads_ref)]
+    assert rel(*flat) < 5e-2
+
+
 @needs_flash_qla
 def test_fla_chunk_never_reaches_flash_qla(monkeypatch):
     """With flash_qla installed fla 0.6 dispatches chunk_gated_delta_rule to it; fla-chunk's pin keeps it out."""

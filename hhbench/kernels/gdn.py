@@ -21,6 +21,8 @@ from hhbench.kernels.registry import GDN, Backend, register
 # fla >= 0.6 sends chunk_gated_delta_rule to FlashQLA whenever flash_qla imports, unless this variable is "0". fla's
 # dispatch reads it on every call (fla.backends.BaseBackend.is_enabled), so setting it around a call pins that call.
 FLASH_QLA_SWITCH = "FLA_FLASH_QLA"
+# The chunk sizes fla 0.6's chunk_gated_delta_rule takes, through its **kwargs (fla/ops/gated_delta_rule/chunk.py)
+FLA_CHUNK_SIZES = (16, 32, 64)
 
 
 @contextlib.contextmanager
@@ -77,15 +79,15 @@ class FlaChunk(Backend):
         use_qk_l2norm_in_kernel=False,
     ):  # fmt: skip
         """fla chunk_gated_delta_rule over [B, T, H, *] inputs (Backend.prefill gives the shapes) -> (o, final state
-        or None). Raises Unsupported for a chunk size other than 64 (fla's kernels fix it)."""
+        or None). Raises Unsupported for a chunk size fla's kernels do not take (FLA_CHUNK_SIZES)."""
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        if chunk_size != 64:
-            raise Unsupported("fla's chunk kernels use chunks of 64")
+        if chunk_size not in FLA_CHUNK_SIZES:
+            raise Unsupported(f"fla's chunk kernels take chunks of {', '.join(map(str, FLA_CHUNK_SIZES))} tokens")
         with fla_triton_only():
             return chunk_gated_delta_rule(
                 q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size,
             )  # fmt: skip
 
     def implementation(self, pass_: str) -> str:
@@ -142,10 +144,11 @@ class FlashQla(Backend):
     ("cuda",),
     "fla fused_recurrent_gated_delta_rule (Triton, token by token)",
     probe_fn=_probe_fla,
+    passes=("prefill", "decode"),
 )
 class FlaRecurrent(Backend):
     """fla's fused_recurrent_gated_delta_rule: the recurrence token by token in one Triton kernel; its step is a
-    sequence of one token."""
+    sequence of one token. Forward only: fla 0.6's backward of it raises NotImplementedError."""
 
     def prefill(
         self, q, k, v, g, beta, initial_state=None, output_final_state=False, chunk_size=64,

@@ -78,36 +78,45 @@ def _range_name(code) -> str | None:
 
 @contextlib.contextmanager
 def _hhbench_ranges():
-    """While inside: each call of an hhbench function on this thread opens a record_function range of _range_name's
-    name, closed when the call returns (raising or not), so that launch_site finds it above the operators the call
-    launched. sys.setprofile sees every Python call, so the calls it profiles run slower on the host; their kernels
-    do not. Autograd's backward threads run no Python: their kernels are traced through their backward nodes."""
-    enter, leave = torch.ops.profiler._record_function_enter_new, torch.ops.profiler._record_function_exit
-    handles = []  # one per call seen, None for a function not hhbench's: calls and returns pair off
+    """While inside: each call of an hhbench function on this thread opens a profiler range of _range_name's name
+    (torch's _RecordFunctionFast: a fraction of a microsecond, where the record_function operator takes tens, which a
+    decode step's 70 hhbench calls would add to the profiled step), closed when the call returns (raising or not), so
+    that launch_site finds it above the operators the call launched. sys.setprofile sees every Python call, so the
+    calls it profiles run slower on the host; their kernels do not. Autograd's backward threads (on CUDA) are not
+    traced: their kernels are traced through their backward nodes. Where a profiler written in C holds the hook
+    already (cProfile's), which Python can neither call nor put back, nothing is marked."""
+    previous = sys.getprofile()
+    if previous is not None and not callable(previous):
+        yield
+        return
+    open_range = torch._C._profiler._RecordFunctionFast
+    ranges = []  # one per call seen, None for a function not hhbench's: calls and returns pair off
 
     def trace(frame, event, arg):
         if event == "call":
             name = _range_name(frame.f_code)
-            handles.append(enter(name, None) if name else None)
-        elif event == "return" and handles:  # the returns of the frames open when tracing began are no calls' pair
-            handle = handles.pop()
-            if handle is not None:
-                leave(handle)
+            marked = open_range(name) if name else None
+            if marked is not None:
+                marked.__enter__()
+            ranges.append(marked)
+        elif event == "return" and ranges:  # the returns of the frames open when tracing began are no calls' pair
+            marked = ranges.pop()
+            if marked is not None:
+                marked.__exit__(None, None, None)
 
-    previous = sys.getprofile()
     sys.setprofile(trace)
     try:
         yield
     finally:
         sys.setprofile(previous)
-        for handle in reversed(handles):  # calls still open (this generator's own resumption): closed, inner first
-            if handle is not None:
-                leave(handle)
+        for marked in reversed(ranges):  # calls still open (this generator's own resumption): closed, inner first
+            if marked is not None:
+                marked.__exit__(None, None, None)
 
 
 def launch_site(event, forward: dict | None = None) -> str:
     """The innermost hhbench function above a profiler event, "hhbench/<module>.py:<first line> <function>", walking
-    its CPU parents; UNKNOWN_SITE where none is (an event not under hhbench's code, or recorded without stacks), or
+    its CPU parents; UNKNOWN_SITE where none is (an event under no hhbench function's range), or
     where the walk leaves the profiled call for profile_kernels' own frame (the profiler's ProfilerStep# range).
     Under an autograd backward node found in `forward` (_forward_ops: sequence number -> forward operator), the
     site of the forward operator it differentiates, with " backward"."""
@@ -128,9 +137,10 @@ def launch_site(event, forward: dict | None = None) -> str:
 
 def _operators(events):
     """The CPU operators among a profile's events that stand for kernels on the CPU: aten operators with time of
-    their own; annotated ranges (hhbench's functions', _hhbench_ranges) left out."""
+    their own; annotated ranges (record_function's) and hhbench's functions' ranges (_hhbench_ranges: named as
+    _FRAME reads, which no operator is) left out, whose self time is Python's."""
     for event in events:
-        if event.device_type != torch.autograd.DeviceType.CPU:
+        if event.device_type != torch.autograd.DeviceType.CPU or _FRAME.match(event.name):
             continue
         if not getattr(event, "is_user_annotation", False) and event.self_cpu_time_total > 0:
             yield event
