@@ -113,6 +113,12 @@ def _done_keys(run: RunDir, retry: bool, asked: dict) -> set[tuple]:
     return {row.key for row in rows if measure_again(row, retry, asked) != (POINT,)}
 
 
+def _writes(worker: str, shard: str) -> bool:
+    """Whether the busy `worker` (a shard file's name, or a queued SLURM task's shard) writes shard `shard`: the
+    shard itself, or one of its GPU workers (SHARD-gpuK)."""
+    return worker == shard or worker.startswith(f"{shard}-gpu")
+
+
 def launch(
     points: list[Point],
     run: RunDir,
@@ -160,12 +166,11 @@ def launch(
         shards = unfinished(dealt, done, policy)
         if options.launcher == "slurm":
             busy = [*busy, *cluster.queued_shards(run)]
-        ours = [s.name for s in dealt]
-        other = [b for b in busy if not any(b == name or b.startswith(f"{name}-gpu") for name in ours)]
+        other = [b for b in busy if not any(_writes(b, shard.name) for shard in dealt)]
         if other:  # another dealing of the plan: its points would be measured twice, side by side
             raise UserError(f"workers of an earlier sweep with another --shards still write {run.path}: "
                             f"{', '.join(other)}; wait for them or rerun with their --shards")  # fmt: skip
-        outcome.busy = [s.name for s in shards if any(b == s.name or b.startswith(f"{s.name}-gpu") for b in busy)]
+        outcome.busy = [s.name for s in shards if any(_writes(b, s.name) for b in busy)]
         outcome.plan = [(s.name, s) for s in shards if s.name not in outcome.busy]
     if options.dry_run:
         if options.launcher == "slurm":
