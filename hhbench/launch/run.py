@@ -115,8 +115,8 @@ def _done_keys(run: RunDir, retry: bool, asked: dict) -> set[tuple]:
 
 def _writes(worker: str, shard: str) -> bool:
     """Whether the busy `worker` (a shard file's name, or a queued SLURM task's shard) writes shard `shard`: the
-    shard itself, or one of its GPU workers (SHARD-gpuK)."""
-    return worker == shard or worker.startswith(f"{shard}-gpu")
+    shard itself, or one of its GPU workers (worker_name's SHARD-gpuK)."""
+    return worker == shard or worker.startswith(worker_name(shard, ""))
 
 
 def launch(
