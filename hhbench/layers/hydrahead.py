@@ -436,8 +436,8 @@ class HydraAttention(nn.Module):
         # fewer a step. Where autograd records, the norm's backward needs its input as it was.
         in_place = joined and not torch.is_grad_enabled()
         if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once, then their weights
-            normed = ops.norm(qk, self.q_norm.eps)
-            qk = torch.mul(normed, weights.qk_scale.to(qk.dtype), **({"out": qk} if in_place else {}))
+            normed, scale = ops.norm(qk, self.q_norm.eps), weights.qk_scale.to(qk.dtype)
+            qk = torch.mul(normed, scale, out=qk) if in_place else normed * scale
         fa = None
         if n_fa:
             rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, start, ops)
