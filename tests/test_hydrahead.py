@@ -14,9 +14,16 @@ from torch.utils._pytree import tree_map
 from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore, head_index
 from hhbench.kernels.reference import gdn_recurrent
-from hhbench.layers import glue
+from hhbench.layers import glue, hydrahead
 from hhbench.layers.glue import GlueOps
-from hhbench.layers.hydrahead import HydraAttention, _kernel_dtype, apply_rope, rope_cos_sin, rope_table
+from hhbench.layers.hydrahead import (
+    HydraAttention,
+    _kernel_dtype,
+    apply_rope,
+    rope_cos_sin,
+    rope_table,
+    select_slots,
+)
 from hhbench.layers.network import HybridLM
 from hhbench.spec.hybrid import HybridSpec, Layout, Ratio
 from hhbench.spec.layout import HeadSplit, build_plan
@@ -362,6 +369,54 @@ def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, g
             counter.subtract(gemm=1, rope=1, norm=1, copy_=counter["copy_"])
     assert +prefill.ops == +expected[0]
     assert +decode.ops == +expected[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["projection", "odd offset", "odd row stride", "strided last dim"])
+def test_select_slots_is_index_select(dtype, layout):
+    """Values and gradients equal index_select's, slots taken twice included, whether the slots go as 8-byte words
+    (a view of the projection: rows of 64-multiple width) or, where the layout does not allow it, as elements."""
+    width = {"projection": 64 * 7, "odd offset": 64 * 7, "odd row stride": 64 * 7 + 1, "strided last dim": 64 * 12}
+    base = torch.randn(2, 5, width[layout], dtype=dtype, requires_grad=True)
+    start = 1 if layout == "odd offset" else 0
+    t = base[..., start : start + 48 * 8].unflatten(-1, (48, 8))
+    if layout == "strided last dim":
+        t = base[..., : 48 * 8 * 2 : 2].unflatten(-1, (48, 8))
+    index = torch.tensor([5, 5, 2, 40, 47, 5, 0])
+    expected_base = base.detach().clone().requires_grad_()
+    expected_t = expected_base[..., start : start + 48 * 8].unflatten(-1, (48, 8))
+    if layout == "strided last dim":
+        expected_t = expected_base[..., : 48 * 8 * 2 : 2].unflatten(-1, (48, 8))
+    got, expected = select_slots(t, index), expected_t.index_select(2, index)
+    assert torch.equal(got, expected)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(base.grad, expected_base.grad)
+    by_words = hydrahead._as_words(t) is not None
+    assert by_words == (layout == "projection" and dtype != torch.float64)
+    with torch.no_grad():
+        assert torch.equal(select_slots(t, index), expected)
+    with pytest.raises(IndexError):
+        select_slots(t, torch.tensor([48]))
+
+
+def test_a_bf16_fused_layer_gathers_its_gdn_heads_k_and_v_by_words(monkeypatch):
+    """Head 7:1 of Qwen3-1.7B's heads (GDN heads sharing KV groups), bf16: every gather of the fused prefill and
+    decode goes by 8-byte words, with and without autograd, and the layer's output is unchanged by it."""
+    layer = HydraAttention(256, 16, 8, 128, (3, 10), glue="fused").to(torch.bfloat16)
+    x = torch.randn(1, 6, 256, dtype=torch.bfloat16)
+    viewed, as_words = [], hydrahead._as_words
+    monkeypatch.setattr(hydrahead, "_as_words", lambda t: viewed.append(as_words(t) is not None) or as_words(t))
+    out = layer(x)
+    out.sum().backward()
+    with torch.no_grad():
+        cache = layer.new_cache(1, 8, "cpu", torch.bfloat16)
+        layer(x, cache=cache)
+        layer(x[:, :1], cache=cache)
+    assert viewed and all(viewed), viewed
+    monkeypatch.setattr(hydrahead, "_as_words", lambda t: None)  # every gather by elements
+    assert torch.equal(layer(x), out)
 
 
 @pytest.mark.parametrize("fa_heads", [(0, 8), (0,), (0, 4, 8, 12), (1, 2, 3), (), tuple(range(16))])

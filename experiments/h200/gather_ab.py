@@ -2,7 +2,8 @@
 heads are GDN heads, each head taking its group's k and v), timed against other ways of making the same tensor
 (issue 12: one `aten::gather` kernel took 0.78 ms of head 7:1's 9.3 ms prefill step at 64K on an H200, where moving
 its bytes once at the H200's bandwidth would take about 0.2 ms; results/layer-overhead-h200). Each way is checked
-equal to the current one before it is timed (CUDA events, hhbench's timing).
+equal to index_select's before it is timed (CUDA events, hhbench's timing). hhbench now gathers by 8-byte words
+(select_slots).
 Usage: python experiments/h200/gather_ab.py [contexts...] (default 16k 64k); GDN_BACKEND env as layer_overhead.py;
 DEVICE=cpu runs it on the CPU (a check of the script, not a measurement)."""
 
@@ -28,8 +29,28 @@ def runs(slots: tuple[int, ...]) -> list[tuple[int, int]]:
     return [tuple(r) for r in found]
 
 
+def by_words(dtype: torch.dtype):
+    """index_select of the slots viewed as words of `dtype` (the same bytes), or None where they cannot be viewed."""
+
+    def way(t, idx, slots):
+        ratio = dtype.itemsize // t.element_size()
+        if (
+            t.stride(-1) != 1
+            or t.shape[-1] % ratio
+            or t.storage_offset() % ratio
+            or any(s % ratio for s in t.stride()[:-1])
+        ):
+            return None
+        return t.view(dtype).index_select(2, idx).view(t.dtype)
+
+    return way
+
+
 WAYS = {
-    "index_select (now)": lambda t, idx, slots: t.index_select(2, idx),
+    "index_select by elements (before)": lambda t, idx, slots: t.index_select(2, idx),
+    "select_slots, 8-byte words (now)": lambda t, idx, slots: hydrahead.select_slots(t, idx),
+    "16-byte words (complex128 view)": by_words(torch.complex128),
+    "4-byte words (int32 view)": by_words(torch.int32),
     "advanced indexing": lambda t, idx, slots: t[:, :, idx],
     "cat of runs": lambda t, idx, slots: torch.cat([t[:, :, a:b] for a, b in runs(slots)], dim=2),
     "contiguous, then index_select": lambda t, idx, slots: t.contiguous().index_select(2, idx),
@@ -55,12 +76,15 @@ def takes_of_one_step(work) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
 def compare_ways(t: torch.Tensor, slots: tuple[int, ...], device: torch.device, policy: TimingPolicy) -> None:
     """Each way checked equal to index_select, then timed; one line each."""
     idx = torch.tensor(slots, device=t.device)
-    expected = WAYS["index_select (now)"](t, idx, slots)
+    expected = WAYS["index_select by elements (before)"](t, idx, slots)
     moved = 2 * expected.numel() * expected.element_size()  # read once, written once
     print(f"\n## t {tuple(t.shape)} strides {t.stride()} -> {len(slots)} slots in {len(runs(slots))} runs, "
           f"{moved / 1e6:.0f} MB moved")  # fmt: skip
     for name, way in WAYS.items():
         out = way(t, idx, slots)
+        if out is None:
+            print(f"{name}: the layout cannot be viewed so, not timed")
+            continue
         if not torch.equal(out, expected):
             print(f"{name}: differs, not timed")
             continue
