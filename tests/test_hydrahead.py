@@ -525,3 +525,28 @@ def test_a_layer_on_the_gpu_picks_its_auto_backends_by_dtype(monkeypatch):
         assert (core.fa_backend.name, core.gdn_backend.name) == (fa, "fla-chunk"), dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the projections cast: the kernels see autocast's dtype
         assert _kernel_dtype(torch.randn(1, 4, 32)) == torch.bfloat16
+
+
+@pytest.mark.parametrize("extras", [{"qk_norm": True}, {"qkv_bias": True}, {"qkv_bias": True, "o_bias": True}])
+@pytest.mark.parametrize("layout, ratio", [(Layout.HEAD, "3:1"), (Layout.LAYER, "3:1")])
+def test_measured_layers_hold_the_shapes_norms_and_biases(extras, layout, ratio):
+    """A point of a Qwen3 shape times Qwen3's q/k norms, of a Qwen2 shape its q/k/v biases: the layer- and
+    model-scope modules (shape_attention, HybridLM) hold exactly the parameters the analytic model counts."""
+    from hhbench.analytic.costs import analytic_costs
+    from hhbench.analytic.memory import layer_weight_params
+    from hhbench.layers.network import shape_attention
+    from hhbench.spec.axes import Pass
+
+    shape = dataclasses.replace(PRESETS["tiny"], name="tiny-extras", **extras)
+    plan = build_plan(shape, HybridSpec(layout, Ratio.parse(ratio)))
+    for layer in plan.layers:
+        attention = shape_attention(plan, layer.fa_heads)
+        assert (attention.q_norm is not None) == shape.qk_norm
+        assert (attention.qkv.bias is not None) == shape.qkv_bias and (
+            attention.o_proj.bias is not None
+        ) == shape.o_bias
+        params = sum(p.numel() for p in attention.parameters())
+        assert params == layer_weight_params(shape, layer, plan.spec.gdn)
+    model = HybridLM(plan)
+    analytic = analytic_costs(plan, Pass.PREFILL, 1, dtype="fp32").weight_bytes / 4
+    assert sum(p.numel() for p in model.parameters()) == analytic

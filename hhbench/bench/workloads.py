@@ -24,7 +24,7 @@ from hhbench.kernels import registry
 from hhbench.kernels.hybrid import HybridCore
 from hhbench.kernels.registry import Backend
 from hhbench.layers.hydrahead import HydraAttention
-from hhbench.layers.network import HybridLM
+from hhbench.layers.network import HybridLM, shape_attention
 from hhbench.plan.grid import Point
 from hhbench.spec.axes import Pass, Scope, torch_dtype
 from hhbench.spec.layout import HeadSplit, build_plan
@@ -239,10 +239,9 @@ def module_workload(
         modules = [(HybridLM(plan, fa_backend, gdn_backend, point.mode), 1)]
     else:
         modules = [
-            (HydraAttention(shape.hidden, shape.n_heads, shape.n_kv_heads, shape.head_dim, layer.fa_heads,
-                            gdn.conv_size, gdn.output_gate, gdn.chunk_size, fa_backend, gdn_backend, point.mode), count)
+            (shape_attention(plan, layer.fa_heads, fa_backend, gdn_backend, point.mode), count)
             for layer, count in unit_of(plan.distinct_layers())
-        ]  # fmt: skip
+        ]
     for module, _ in modules:
         if round_to is not None:  # the reference sees exactly the weights the tested dtype holds
             module.to(round_to)

@@ -10,6 +10,16 @@ from hhbench.layers.hydrahead import HydraAttention, LayerCache
 from hhbench.spec.layout import LayerPlan
 
 
+def shape_attention(plan: LayerPlan, fa_heads, fa_backend="auto", gdn_backend="auto", mode="sequential"):
+    """The HydraAttention of one layer of plan.shape with full attention on heads `fa_heads` and GDN heads as
+    plan.spec.gdn sets them, with the shape's own q/k norms (Qwen3) and projection biases (Qwen2), so that a point
+    measures the named model's attention glue, not a plainer one. Backends and mode as HydraAttention takes them."""
+    shape, gdn = plan.shape, plan.spec.gdn
+    return HydraAttention(shape.hidden, shape.n_heads, shape.n_kv_heads, shape.head_dim, fa_heads, gdn.conv_size,
+                          gdn.output_gate, gdn.chunk_size, fa_backend, gdn_backend, mode, qk_norm=shape.qk_norm,
+                          qkv_bias=shape.qkv_bias, o_bias=shape.o_bias)  # fmt: skip
+
+
 class GatedMLP(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x)), x [B, T, hidden] -> [B, T, hidden]; gate and up are one GEMM."""
 
@@ -62,23 +72,11 @@ class HybridLM(nn.Module):
         self.shape = shape
         self.blocks = nn.ModuleList(
             Block(
-                HydraAttention(
-                    shape.hidden,
-                    shape.n_heads,
-                    shape.n_kv_heads,
-                    shape.head_dim,
-                    layer.fa_heads,
-                    gdn.conv_size,
-                    gdn.output_gate,
-                    gdn.chunk_size,
-                    fa_backend,
-                    gdn_backend,
-                    mode,
-                ),
+                shape_attention(plan, layer.fa_heads, fa_backend, gdn_backend, mode),
                 shape.hidden,
                 shape.mlp_hidden,
                 eps,
-            )  # fmt: skip
+            )
             for layer in plan.layers
         )
         self.embed = nn.Embedding(shape.vocab, shape.hidden) if shape.vocab else None
