@@ -4,6 +4,7 @@ references. CI has no GPU, so these skip there; they run on the device machine (
 import copy
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -657,7 +658,9 @@ def test_workers_each_measure_on_their_own_gpu(tmp_path, spread):
         pytest.importorskip("submitit")
     args = ["sweep", "--models", "tiny", "--layouts", "head,layer", "--ratios", "3:1", "--contexts", "256,1k",
             "--passes", "prefill,decode", "--target-ms", "2", "--min-reps", "2", "--out", str(tmp_path), "--run", "w"]  # fmt: skip
-    result = run_main(*args, *spread, env={"PYTHONPATH": str(ROOT)})
+    # the workers import hhbench from here and the kernels (fla) from where this process found them
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    result = run_main(*args, *spread, env={"PYTHONPATH": path})
     assert result.returncode == 0, result.stderr
     rows = read_rows(tmp_path / "w" / "rows.jsonl")
     assert len(rows) == len({row.key for row in rows}) == 8 and {row.status for row in rows} == {"ok"}
