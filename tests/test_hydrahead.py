@@ -550,3 +550,45 @@ def test_measured_layers_hold_the_shapes_norms_and_biases(extras, layout, ratio)
     model = HybridLM(plan)
     analytic = analytic_costs(plan, Pass.PREFILL, 1, dtype="fp32").weight_bytes / 4
     assert sum(p.numel() for p in model.parameters()) == analytic
+
+
+class OutputShapes(TorchDispatchMode):
+    """The shapes of the tensors that ops which compute or copy (views left out) make."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and all(r.alias_info is None for r in func._schema.returns):
+            self.made[func.overloadpacket.__name__, tuple(out.shape)] += 1
+        return out
+
+
+@pytest.mark.parametrize("fa_heads, n_kv, qk_norm", [
+    ((1, 6), 4, False), ((1, 6), 4, True), ((0, 1, 4, 5), 4, False), ((), 4, False), ((1, 6), 8, False),
+])  # fmt: skip
+def test_a_fused_training_step_makes_the_projections_gradient_once(fa_heads, n_kv, qk_norm):
+    """The parts a fused prefill takes from the projection's output (q and k slots, FA v, a, b, the GDN heads' k and
+    v) hand back their gradients into one buffer: one zero tensor of the output's size, no per-view zero tensor and
+    no adds of them (which cost a layer with FA and GDN heads five such tensors and four adds a step), and the
+    gradients those parts give are still the reference glue's."""
+    layer = make_layer(fa_heads, n_kv=n_kv, qk_norm=qk_norm, glue="fused")
+    n_la = layer.gdn.n_heads
+    width = len(layer.fused_rows) + 2 * n_la
+    width += -width % 64
+    x = torch.randn(1, 9, 32, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    shapes = OutputShapes()
+    with shapes:
+        out.pow(2).sum().backward()
+    projection_sized = {key: n for key, n in shapes.made.items() if key[1] in ((1, 9, width), (9, width))}
+    assert projection_sized == {("new_zeros", (1, 9, width)): 1}, projection_sized
+    reference = copy.deepcopy(layer)
+    reference.glue = "reference"
+    xr = x.detach().clone().requires_grad_()
+    reference(xr).pow(2).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, rtol=1e-9, atol=1e-11)
+    for (name, p), q in zip(layer.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-11), name

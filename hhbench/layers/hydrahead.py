@@ -85,9 +85,14 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
 def _take(t: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
     """t[:, :, slots] of head slots t [B, T, S, d]: a view where the slots are one ascending run, else one gather
     (select_slots). Raises IndexError for a slot outside S."""
-    if slots == tuple(range(slots[0], slots[0] + len(slots))):
+    if _is_run(slots):
         return t[:, :, slots[0] : slots[0] + len(slots)]
     return select_slots(t, head_index(slots, t.device))
+
+
+def _is_run(slots: tuple[int, ...]) -> bool:
+    """Whether the slots are one ascending run (consecutive): taken as a view, no gather."""
+    return slots == tuple(range(slots[0], slots[0] + len(slots)))
 
 
 # The gather's word: torch's index_select (a gather kernel on CUDA) copies one element per thread, so 2-byte bf16
@@ -126,6 +131,58 @@ class _SelectSlots(torch.autograd.Function):
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
         return grad.new_zeros(ctx.shape).index_add_(2, index, grad), None
+
+
+def slot_run(t: torch.Tensor, start: int, stop: int, head_dim: int) -> torch.Tensor:
+    """Head slots start..stop-1 of a projection's output t [B, T, W] (slot s: columns s d .. (s + 1) d - 1) as a view
+    [B, T, stop - start, head_dim]."""
+    return t[..., start * head_dim : stop * head_dim].unflatten(-1, (stop - start, head_dim))
+
+
+def _take_of(slots: tuple[int, ...], n_slots: int, head_dim: int, device) -> tuple:
+    """take_parts' (view, index) of head slots `slots` of a projection output with n_slots slots: a view where they are
+    one ascending run (_take)."""
+    if _is_run(slots):
+        return functools.partial(slot_run, start=slots[0], stop=slots[0] + len(slots), head_dim=head_dim), None
+    return functools.partial(slot_run, start=0, stop=n_slots, head_dim=head_dim), head_index(slots, device)
+
+
+class _Parts(torch.autograd.Function):
+    """take_parts under autograd: the parts are the same views and gathers, and the gradient of the tensor they
+    come from is assembled in one buffer, each part's gradient added into its region in place. Left to autograd, every
+    view's backward would make a zero tensor of the whole projection output and the engine would add them up: for a
+    layer with FA and GDN heads five such tensors and four adds a training step, the size of the output each."""
+
+    @staticmethod
+    def forward(ctx, base, takes):
+        ctx.takes, ctx.base_shape = takes, base.shape
+        return tuple(_take_part(base, view, index) for view, index in takes)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = None
+        for (view, index), part_grad in zip(ctx.takes, grads, strict=True):
+            if part_grad is None:
+                continue
+            if grad is None:
+                grad = part_grad.new_zeros(ctx.base_shape)
+            region = view(grad)
+            region.add_(part_grad) if index is None else region.index_add_(2, index, part_grad)
+        return grad, None
+
+
+def _take_part(base: torch.Tensor, view, index: torch.Tensor | None) -> torch.Tensor:
+    return view(base) if index is None else _select_words(view(base), index)
+
+
+def take_parts(base: torch.Tensor, takes) -> tuple[torch.Tensor, ...]:
+    """The parts of `base` that `takes` names, each (view, index): view(base), a view (a function of one tensor that
+    returns a view of it), or with an index [n] (long, on base's device) view(base).index_select(2, index) (head slots
+    [B, T, S, d] by select_slots' words). Under autograd one node takes them all, so that base's gradient is one
+    buffer (_Parts)."""
+    if torch.is_grad_enabled() and base.requires_grad:
+        return _Parts.apply(base, takes)
+    return tuple(_take_part(base, view, index) for view, index in takes)
 
 
 def select_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -477,12 +534,14 @@ class HydraAttention(nn.Module):
             out = F.linear(x, weights.projection, weights.bias)
             gate = out[..., n_main:] if gated else None
         gate = gate.view(B, T, n_la, d) if gated else None
-        slots = out[..., : n_slots * d].view(B, T, n_slots, d)
+        if not joined:
+            return (*self._prefill_inputs(out, position_embeddings, weights, ops), gate)
+        slots = slot_run(out, 0, n_slots, d)
         qk = slots[:, :, :n_qk]
-        # Decode (`joined`, no autograd) writes the normed q and k back over their slots of the projection, so that the
-        # GDN heads' q, k and v come from one tensor by one gather, not a gather from each and a cat: two kernels
-        # fewer a step. Where autograd records, the norm's backward needs its input as it was.
-        in_place = joined and not torch.is_grad_enabled()
+        # Decode (no autograd) writes the normed q and k back over their slots of the projection, so that the GDN
+        # heads' q, k and v come from one tensor by one gather, not a gather from each and a cat: two kernels fewer a
+        # step. Where autograd records, the norm's backward needs its input as it was.
+        in_place = not torch.is_grad_enabled()
         if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once, then their weights
             normed, scale = ops.norm(qk, self.q_norm.eps), weights.qk_scale.to(qk.dtype)
             qk = torch.mul(normed, scale, out=qk) if in_place else normed * scale
@@ -494,14 +553,45 @@ class HydraAttention(nn.Module):
             return fa, None, None, None, None
         a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
         q_slots, k_slots, v_slots = self.gdn_slots
-        if joined and (self.q_norm is None or in_place):
+        if self.q_norm is None or in_place:
             return fa, _take(slots, q_slots + k_slots + v_slots).flatten(2), a, b, gate
-        if self.q_norm is None:  # k and v both in the projection: one take
-            k, v = _take(slots, k_slots + v_slots).chunk(2, dim=2)
-        else:
-            k, v = _take(qk, k_slots), _take(slots, v_slots)
-        la = tuple(c.flatten(2) for c in (_take(qk, q_slots), k, v))
-        return fa, torch.cat(la, -1) if joined else la, a, b, gate
+        la = (_take(qk, q_slots), _take(qk, k_slots), _take(slots, v_slots))
+        return fa, torch.cat([c.flatten(2) for c in la], -1), a, b, gate
+
+    def _prefill_inputs(self, out, position_embeddings, weights: FusedWeights, ops):
+        """_fused_inputs' outputs but the gate for prefill and training (positions from 0), from the projection's
+        output `out` [B, T, W]: its parts taken by one take_parts (one gradient buffer under autograd)."""
+        d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
+        n_la = self.gdn.n_heads if self.gdn is not None else 0
+        n_slots, n_qk = len(self.fused_rows) // d, len(self.fused_qk_kinds)
+        q_slots, k_slots, v_slots = self.gdn_slots if n_la else ((), (), ())
+        # from the projection as it is: the q and k slots, the FA groups' v, the GDN heads' a and b, and the GDN heads'
+        # k and v (only v with q/k norms: their k comes from the normed slots)
+        gathered = k_slots + v_slots if self.q_norm is None else v_slots
+        takes = [(functools.partial(slot_run, start=0, stop=n_qk, head_dim=d), None)]
+        if n_fa:
+            takes.append((functools.partial(slot_run, start=n_slots - n_groups, stop=n_slots, head_dim=d), None))
+        if n_la:
+            column = n_slots * d
+            takes += [
+                (lambda t: t[..., column : column + n_la], None),
+                (lambda t: t[..., column + n_la : column + 2 * n_la], None),
+            ]
+            takes.append(_take_of(gathered, n_slots, d, out.device))
+        parts = list(take_parts(out, takes))
+        qk = parts.pop(0)
+        fa_v = parts.pop(0) if n_fa else None
+        if self.q_norm is not None:
+            qk = ops.norm(qk, self.q_norm.eps) * weights.qk_scale.to(qk.dtype)
+        fa = None
+        if n_fa:
+            rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, 0, ops)
+            fa = (rotated[:, :, :n_fa], rotated[:, :, n_fa:], fa_v)
+        if not n_la:
+            return fa, None, None, None
+        a, b, taken = parts
+        k, v = taken.chunk(2, dim=2) if self.q_norm is None else (_take(qk, k_slots), taken)
+        return fa, tuple(c.flatten(2) for c in (_take(qk, q_slots), k, v)), a, b
 
     def _rope(self, qk, position_embeddings, start: int, ops: glue.GlueOps):
         """RoPE on q and k slots [B, T, n, d] at positions start..start+T-1: rows of the shared rope_table, or the
