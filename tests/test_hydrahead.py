@@ -5,6 +5,7 @@ import dataclasses
 import math
 from collections import Counter
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -399,6 +400,20 @@ def test_select_slots_is_index_select(dtype, layout):
         assert torch.equal(select_slots(t, index), expected)
     with pytest.raises(IndexError):
         select_slots(t, torch.tensor([48]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_select_slots_takes_memory_off_an_8_byte_bound_by_elements(dtype):
+    """Memory that starts off an 8-byte bound at storage offset 0 (DLPack's, a buffer's at a byte offset) is not
+    viewed as words: CUDA faults on misaligned 8-byte loads (the CPU does not, so the values alone cannot tell)."""
+    raw = torch.randn(2, 3, 4, 8, dtype=dtype).view(torch.uint8).flatten().numpy()
+    shifted = numpy.empty(raw.size + 2, dtype=numpy.uint8)[2:]  # numpy's buffers start on 16 bytes
+    shifted[:] = raw
+    t = torch.from_numpy(shifted).view(dtype).view(2, 3, 4, 8)
+    assert t.storage_offset() == 0 and t.data_ptr() % 8
+    assert hydrahead._as_words(t) is None
+    index = torch.tensor([3, 0, 3])
+    assert torch.equal(select_slots(t, index), t.index_select(2, index))
 
 
 def test_a_bf16_fused_layer_gathers_its_gdn_heads_k_and_v_by_words(monkeypatch):
