@@ -542,11 +542,14 @@ def test_a_layer_on_the_gpu_picks_its_auto_backends_by_dtype(monkeypatch):
         assert _kernel_dtype(torch.randn(1, 4, 32)) == torch.bfloat16
 
 
-@pytest.mark.parametrize("extras", [{"qk_norm": True}, {"qkv_bias": True}, {"qkv_bias": True, "o_bias": True}])
+@pytest.mark.parametrize(
+    "extras", [{"qk_norm": True}, {"qkv_bias": True}, {"qkv_bias": True, "o_bias": True}, {"mlp_bias": True}]
+)
 @pytest.mark.parametrize("layout, ratio", [(Layout.HEAD, "3:1"), (Layout.LAYER, "3:1")])
 def test_measured_layers_hold_the_shapes_norms_and_biases(extras, layout, ratio):
-    """A point of a Qwen3 shape times Qwen3's q/k norms, of a Qwen2 shape its q/k/v biases: the layer- and
-    model-scope modules (shape_attention, HybridLM) hold exactly the parameters the analytic model counts."""
+    """A point of a Qwen3 shape times Qwen3's q/k norms, of a Qwen2 shape its q/k/v biases, of a Llama shape with
+    mlp_bias its MLP biases: the layer- and model-scope modules (shape_attention, HybridLM) hold exactly the
+    parameters the analytic model counts."""
     from hhbench.analytic.costs import analytic_costs
     from hhbench.analytic.memory import layer_weight_params
     from hhbench.layers.network import shape_attention
