@@ -451,6 +451,44 @@ def test_every_fa_backend_answers_a_one_token_prefill_with_its_gradients(name):
     assert grad_q.abs().max() < 1e-2 and grad_k.abs().max() < 1e-2 and rel(grad_v, torch.full_like(v, 2.0)) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_select_slots_on_cuda_is_index_select_and_replays_in_a_graph(dtype):
+    """The gather by 8-byte words on CUDA: values and gradients (slots taken twice: two addends sum the same in
+    either order) bit-equal index_select's, on a projection's slots, an odd offset (by elements) and memory that
+    starts off an 8-byte bound (DLPack's; by words it would fault); captured in a CUDA graph and replayed on new
+    values, the same (the index is made before capture, nothing syncs)."""
+    from hhbench.layers.hydrahead import _as_words, select_slots
+
+    index = torch.tensor([5, 5, 2, 40, 47, 0], device="cuda")
+    projection = torch.randn(2, 33, 64 * 7 + 4, device="cuda").to(dtype)
+    raw = torch.empty(projection.numel() * projection.element_size() + 2, dtype=torch.uint8, device="cuda")[2:]
+    unaligned = torch.from_dlpack(raw).view(dtype).view(projection.shape)
+    unaligned.copy_(projection)
+    views = {"projection": lambda p: p[..., : 48 * 8].unflatten(-1, (48, 8)),
+             "odd offset": lambda p: p[..., 1 : 1 + 48 * 8].unflatten(-1, (48, 8))}  # fmt: skip
+    for base in (projection, unaligned):
+        for name, view in views.items():
+            assert (_as_words(view(base)) is not None) == (base is projection and name == "projection"), name
+            leaf, expected_leaf = base.detach().clone().requires_grad_(), base.detach().clone().requires_grad_()
+            got, expected = select_slots(view(leaf), index), view(expected_leaf).index_select(2, index)
+            assert torch.equal(got, expected), name
+            grad = torch.randn_like(got)
+            got.backward(grad)
+            expected.backward(grad)
+            assert torch.equal(leaf.grad, expected_leaf.grad), name
+            assert torch.equal(select_slots(view(base), index), expected), name
+    static = projection.clone()
+    select_slots(views["projection"](static), index)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = select_slots(views["projection"](static), index)
+    static.copy_(torch.randn_like(static))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, views["projection"](static).index_select(2, index))
+
+
 @pytest.mark.parametrize("tokens, start", [(300, 0), (1, 4097)])
 def test_fla_rope_matches_its_torch_twin(tokens, start):
     """The fused path's RoPE on CUDA (fla's rotary_embedding) against glue.TORCH's rotate-half twin, on rows of the

@@ -5,6 +5,7 @@ import dataclasses
 import math
 from collections import Counter
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -401,6 +402,20 @@ def test_select_slots_is_index_select(dtype, layout):
         select_slots(t, torch.tensor([48]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_select_slots_takes_memory_off_an_8_byte_bound_by_elements(dtype):
+    """Memory that starts off an 8-byte bound at storage offset 0 (DLPack's, a buffer's at a byte offset) is not
+    viewed as words: CUDA faults on misaligned 8-byte loads (the CPU does not, so the values alone cannot tell)."""
+    raw = torch.randn(2, 3, 4, 8, dtype=dtype).view(torch.uint8).flatten().numpy()
+    shifted = numpy.empty(raw.size + 2, dtype=numpy.uint8)[2:]  # numpy's buffers start on 16 bytes
+    shifted[:] = raw
+    t = torch.from_numpy(shifted).view(dtype).view(2, 3, 4, 8)
+    assert t.storage_offset() == 0 and t.data_ptr() % 8
+    assert hydrahead._as_words(t) is None
+    index = torch.tensor([3, 0, 3])
+    assert torch.equal(select_slots(t, index), t.index_select(2, index))
+
+
 def test_a_bf16_fused_layer_gathers_its_gdn_heads_k_and_v_by_words(monkeypatch):
     """Head 7:1 of Qwen3-1.7B's heads (GDN heads sharing KV groups), bf16: every gather of the fused prefill and
     decode goes by 8-byte words, with and without autograd, and the layer's output is unchanged by it."""
@@ -527,11 +542,14 @@ def test_a_layer_on_the_gpu_picks_its_auto_backends_by_dtype(monkeypatch):
         assert _kernel_dtype(torch.randn(1, 4, 32)) == torch.bfloat16
 
 
-@pytest.mark.parametrize("extras", [{"qk_norm": True}, {"qkv_bias": True}, {"qkv_bias": True, "o_bias": True}])
+@pytest.mark.parametrize(
+    "extras", [{"qk_norm": True}, {"qkv_bias": True}, {"qkv_bias": True, "o_bias": True}, {"mlp_bias": True}]
+)
 @pytest.mark.parametrize("layout, ratio", [(Layout.HEAD, "3:1"), (Layout.LAYER, "3:1")])
 def test_measured_layers_hold_the_shapes_norms_and_biases(extras, layout, ratio):
-    """A point of a Qwen3 shape times Qwen3's q/k norms, of a Qwen2 shape its q/k/v biases: the layer- and
-    model-scope modules (shape_attention, HybridLM) hold exactly the parameters the analytic model counts."""
+    """A point of a Qwen3 shape times Qwen3's q/k norms, of a Qwen2 shape its q/k/v biases, of a Llama shape with
+    mlp_bias its MLP biases: the layer- and model-scope modules (shape_attention, HybridLM) hold exactly the
+    parameters the analytic model counts."""
     from hhbench.analytic.costs import analytic_costs
     from hhbench.analytic.memory import layer_weight_params
     from hhbench.layers.network import shape_attention

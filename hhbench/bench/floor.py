@@ -11,7 +11,8 @@ Per distinct layer of the point (as often as the timed unit or the model holds i
 - model scope also `mlp` (its two GEMMs) per layer and `lm_head` once, over the positions HybridLM computes
   (all of them: the timed model computes every position's logits).
 Norms, gates, RoPE, gathers, merges and copies are what the floor leaves out: they are the implementation's
-glue. Training times each part forward and backward; decode times GEMVs (T = 1). Shapes: x [B, T, hidden];
+glue; so are the shape's projection and MLP biases (its GEMMs have none: a layer's F.linear adds its bias in the
+same addmm). Training times each part forward and backward; decode times GEMVs (T = 1). Shapes: x [B, T, hidden];
 the cores take [B, T, heads, head_dim] as at kernel scope.
 """
 

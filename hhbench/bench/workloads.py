@@ -72,6 +72,16 @@ def gdn_decay(shape, device, dtype=torch.float32):
     )
 
 
+def rounded_randn(shape, device, dtype, round_to=None, normalize: bool = False) -> torch.Tensor:
+    """Standard normal values of `shape` drawn in fp32 (L2-normalized over the last dim with `normalize`), rounded
+    through `round_to` (a reference run's tested dtype), then cast to `dtype`: a point and its fp32 reference draw
+    the same values. Drawn in fp16 or bf16, torch's CPU normal_ gives other values than in fp32 for some sizes
+    (520 elements did), and a reference then ran on other inputs."""
+    t = torch.randn(shape, device=device, dtype=torch.float32)
+    t = F.normalize(t, dim=-1) if normalize else t
+    return t.to(round_to or dtype).to(dtype)
+
+
 def core_inputs(point: Point, split: HeadSplit, device, dtype, context: int, batch: int, grad: bool, round_to=None):
     """Random inputs of a head-level core for one layer's `split`, rounded through `round_to` then cast to `dtype`:
     FA q [B, T, n_fa, d], k, v [B, T, kv heads, d] (decode: q [B, 1, n_fa, d] against caches of T); GDN q, k
@@ -83,9 +93,7 @@ def core_inputs(point: Point, split: HeadSplit, device, dtype, context: int, bat
     kv_heads = len(split.fa_groups) if split.fa_gqa_uniform else n_fa
 
     def rand(*shape, normalize=False):
-        t = torch.randn(*shape, device=device, dtype=torch.float32)
-        t = F.normalize(t, dim=-1) if normalize else t
-        return t.to(round_to or dtype).to(dtype).requires_grad_(grad)
+        return rounded_randn(shape, device, dtype, round_to, normalize).requires_grad_(grad)
 
     fa = gdn = None
     if point.pass_ is Pass.DECODE:
@@ -200,12 +208,12 @@ def _module_inputs(point: Point, device, dtype, context: int, batch: int):
     return x.requires_grad_(point.pass_ is Pass.TRAIN)
 
 
-def _random_caches(caches, context: int, device):
-    """Caches as if `context` tokens were processed: random K/V, states and conv states."""
+def _random_caches(caches, context: int, device, round_to=None):
+    """Caches as if `context` tokens were processed: random K/V (rounded_randn), states and conv states."""
     for cache in caches:
         if cache.k is not None:
-            cache.k.normal_()
-            cache.v.normal_()
+            cache.k.copy_(rounded_randn(cache.k.shape, device, cache.k.dtype, round_to))
+            cache.v.copy_(rounded_randn(cache.v.shape, device, cache.v.dtype, round_to))
         cache.length = context
     return caches
 
@@ -262,9 +270,9 @@ def module_workload(
                 if attention.gdn is not None:
                     n_la, d = attention.gdn.n_heads, shape.head_dim
                     cache.state = torch.randn(batch, n_la, d, d, device=device) * 0.1
-                    cache.conv = (torch.randn(batch, 3 * n_la * d, gdn.conv_size, device=device, dtype=dtype)
+                    cache.conv = (rounded_randn((batch, 3 * n_la * d, gdn.conv_size), device, dtype, round_to)
                                   if gdn.conv_size else None)  # fmt: skip
-            caches[i] = _random_caches(made, context, device)
+            caches[i] = _random_caches(made, context, device, round_to)
 
     steps = []
     for i, (module, count) in enumerate(modules):

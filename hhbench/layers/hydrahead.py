@@ -103,11 +103,13 @@ _WORD = torch.int64
 
 def _as_words(t: torch.Tensor) -> torch.Tensor | None:
     """t [..., d] viewed as 8-byte words [..., d * itemsize / 8] (the same memory), or None where it cannot be: a
-    last dim that is strided or not a whole number of words, an offset or stride that is not."""
+    last dim that is strided or not a whole number of words, an offset or stride that is not, or a start off an
+    8-byte bound (memory from elsewhere, DLPack's or a buffer's at a byte offset, may start off one at offset 0; CUDA
+    faults on misaligned 8-byte loads)."""
     ratio = _WORD.itemsize // t.element_size()
     if ratio <= 1 or t.stride(-1) != 1 or t.shape[-1] % ratio or t.storage_offset() % ratio:
         return None
-    if any(stride % ratio for stride in t.stride()[:-1]):
+    if t.data_ptr() % _WORD.itemsize or any(stride % ratio for stride in t.stride()[:-1]):
         return None
     return t.view(_WORD)
 

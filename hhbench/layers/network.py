@@ -21,12 +21,13 @@ def shape_attention(plan: LayerPlan, fa_heads, fa_backend="auto", gdn_backend="a
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)), x [B, T, hidden] -> [B, T, hidden]; gate and up are one GEMM."""
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)), x [B, T, hidden] -> [B, T, hidden]; gate and up are one GEMM;
+    `bias`: biases on all three (Llama's mlp_bias)."""
 
-    def __init__(self, hidden: int, width: int):
+    def __init__(self, hidden: int, width: int, bias: bool = False):
         super().__init__()
-        self.gate_up = nn.Linear(hidden, 2 * width, bias=False)
-        self.down = nn.Linear(width, hidden, bias=False)
+        self.gate_up = nn.Linear(hidden, 2 * width, bias=bias)
+        self.down = nn.Linear(width, hidden, bias=bias)
 
     def forward(self, x):
         """x [B, T, hidden] -> [B, T, hidden]."""
@@ -35,14 +36,15 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)) where the shape has an MLP."""
+    """A pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)) where the shape has an MLP (GatedMLP, with
+    biases where `mlp_bias`)."""
 
-    def __init__(self, attention: HydraAttention, hidden: int, mlp_hidden: int, eps: float):
+    def __init__(self, attention: HydraAttention, hidden: int, mlp_hidden: int, eps: float, mlp_bias: bool = False):
         super().__init__()
         self.attn_norm = nn.RMSNorm(hidden, eps=eps)
         self.attention = attention
         self.mlp_norm = nn.RMSNorm(hidden, eps=eps) if mlp_hidden else None
-        self.mlp = GatedMLP(hidden, mlp_hidden) if mlp_hidden else None
+        self.mlp = GatedMLP(hidden, mlp_hidden, mlp_bias) if mlp_hidden else None
 
     def forward(self, x, cache: LayerCache | None = None):
         """x [B, T, hidden] -> [B, T, hidden]; `cache` as HydraAttention.forward takes it (decode)."""
@@ -76,6 +78,7 @@ class HybridLM(nn.Module):
                 shape.hidden,
                 shape.mlp_hidden,
                 eps,
+                shape.mlp_bias,
             )
             for layer in plan.layers
         )
