@@ -543,7 +543,14 @@ def test_a_layer_on_the_gpu_picks_its_auto_backends_by_dtype(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "extras", [{"qk_norm": True}, {"qkv_bias": True}, {"qkv_bias": True, "o_bias": True}, {"mlp_bias": True}]
+    "extras",
+    [
+        {"qk_norm": True},
+        {"qkv_bias": True},
+        {"qkv_bias": True, "o_bias": True},
+        {"mlp_bias": True},
+        {"mlp_hidden": 0, "vocab": 0},
+    ],  # the last: an attention-only shape, as h32d128 (its blocks' pre-norms)
 )
 @pytest.mark.parametrize("layout, ratio", [(Layout.HEAD, "3:1"), (Layout.LAYER, "3:1")])
 def test_measured_layers_hold_the_shapes_norms_and_biases(extras, layout, ratio):

@@ -95,7 +95,8 @@ def analytic_costs(
         mlp = shape.n_layers * F.linear(pass_, B, T, shape.hidden, 3 * shape.mlp_hidden)
         # Generation needs the next-token logits only: prefill and decode compute one position, training all.
         lm_head = F.linear(pass_, B, T if pass_ is Pass.TRAIN else 1, shape.hidden, shape.vocab)
-        norms = (2 * shape.n_layers + 1) * shape.hidden if shape.mlp_hidden else 0
+        # the blocks' pre-norms and, with a vocabulary, the final norm (embedding_params counts its weight)
+        norms = (M.block_norms(shape) * shape.n_layers + bool(shape.vocab)) * shape.hidden
         elementwise += F.elementwise_norm(pass_, B, T, norms)
         elementwise += shape.n_layers * F.elementwise_swiglu(pass_, B, T, shape.mlp_hidden)
         weights += (shape.n_layers * M.block_weight_params(shape) + M.embedding_params(shape)) * nbytes

@@ -58,12 +58,16 @@ def layer_weight_params(shape: ModelShape, layer: HeadSplit, gdn: GDNConfig) -> 
     return params
 
 
+def block_norms(shape: ModelShape) -> int:
+    """Pre-norms a block holds: the attention's, and the MLP's where the shape has an MLP (layers.network.Block)."""
+    return 2 if shape.mlp_hidden else 1
+
+
 def block_weight_params(shape: ModelShape) -> int:
-    """The parts of a block every layout shares: gated MLP (with its biases, if any) and the two pre-norms."""
-    if not shape.mlp_hidden:
-        return 0
-    biases = (2 * shape.mlp_hidden + shape.hidden) * shape.mlp_bias
-    return 3 * shape.hidden * shape.mlp_hidden + biases + 2 * shape.hidden
+    """The parts of a block every layout shares: gated MLP (with its biases, if any) and the pre-norms (block_norms;
+    an attention-only shape's block still normalizes the attention's input)."""
+    biases = (2 * shape.mlp_hidden + shape.hidden) * shape.mlp_bias if shape.mlp_hidden else 0
+    return 3 * shape.hidden * shape.mlp_hidden + biases + block_norms(shape) * shape.hidden
 
 
 def embedding_params(shape: ModelShape) -> int:
