@@ -597,7 +597,7 @@ class OutputShapes(TorchDispatchMode):
 def test_a_fused_training_step_makes_the_projections_gradient_once(fa_heads, n_kv, qk_norm):
     """The parts a fused prefill takes from the projection's output (q and k slots, FA v, a, b, the GDN heads' k and
     v) hand back their gradients into one buffer: one zero tensor of the output's size, no per-view zero tensor and
-    no adds of them (which cost a layer with FA and GDN heads five such tensors and four adds a step), and the
+    no adds of them (which cost a layer with FA and GDN heads six such tensors and four adds a step), and the
     gradients those parts give are still the reference glue's."""
     layer = make_layer(fa_heads, n_kv=n_kv, qk_norm=qk_norm, glue="fused")
     n_la = layer.gdn.n_heads

@@ -153,7 +153,8 @@ class _Parts(torch.autograd.Function):
     """take_parts under autograd: the parts are the same views and gathers, and the gradient of the tensor they
     come from is assembled in one buffer, each part's gradient added into its region in place. Left to autograd, every
     view's backward would make a zero tensor of the whole projection output and the engine would add them up: for a
-    layer with FA and GDN heads five such tensors and four adds a training step, the size of the output each."""
+    layer with FA and GDN heads six such tensors (the gather's own zeros among them) and four adds a training step,
+    each the size of the output or of its slot part."""
 
     @staticmethod
     def forward(ctx, base, takes):
