@@ -30,18 +30,12 @@ def runs(slots: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 def by_words(dtype: torch.dtype):
-    """index_select of the slots viewed as words of `dtype` (the same bytes), or None where they cannot be viewed."""
+    """index_select of the slots viewed as words of `dtype` (the same bytes; hhbench's _as_words), or None where they
+    cannot be viewed."""
 
     def way(t, idx, slots):
-        ratio = dtype.itemsize // t.element_size()
-        if (
-            t.stride(-1) != 1
-            or t.shape[-1] % ratio
-            or t.storage_offset() % ratio
-            or any(s % ratio for s in t.stride()[:-1])
-        ):
-            return None
-        return t.view(dtype).index_select(2, idx).view(t.dtype)
+        words = hydrahead._as_words(t, dtype)
+        return None if words is None else words.index_select(2, idx).view(t.dtype)
 
     return way
 

@@ -101,38 +101,22 @@ def _is_run(slots: tuple[int, ...]) -> bool:
 _WORD = torch.int64
 
 
-def _as_words(t: torch.Tensor) -> torch.Tensor | None:
-    """t [..., d] viewed as 8-byte words [..., d * itemsize / 8] (the same memory), or None where it cannot be: a
-    last dim that is strided or not a whole number of words, an offset or stride that is not, or a start off an
-    8-byte bound (memory from elsewhere, DLPack's or a buffer's at a byte offset, may start off one at offset 0; CUDA
-    faults on misaligned 8-byte loads)."""
-    ratio = _WORD.itemsize // t.element_size()
+def _as_words(t: torch.Tensor, word: torch.dtype = _WORD) -> torch.Tensor | None:
+    """t [..., d] viewed as words of dtype `word` (8 bytes: [..., d * itemsize / 8]; the same memory), or None where it
+    cannot be: a last dim that is strided or not a whole number of words, an offset or stride that is not, or a start
+    off a word's bound (memory from elsewhere, DLPack's or a buffer's at a byte offset, may start off one at offset 0;
+    CUDA faults on misaligned 8-byte loads)."""
+    ratio = word.itemsize // t.element_size()
     if ratio <= 1 or t.stride(-1) != 1 or t.shape[-1] % ratio or t.storage_offset() % ratio:
         return None
-    if t.data_ptr() % _WORD.itemsize or any(stride % ratio for stride in t.stride()[:-1]):
+    if t.data_ptr() % word.itemsize or any(stride % ratio for stride in t.stride()[:-1]):
         return None
-    return t.view(_WORD)
+    return t.view(word)
 
 
 def _select_words(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     words = _as_words(t)
     return t.index_select(2, index) if words is None else words.index_select(2, index).view(t.dtype)
-
-
-class _SelectSlots(torch.autograd.Function):
-    """index_select of dim 2 by words forward; backward as index_select's own (zeros, then index_add of the
-    gradient: slots taken twice sum)."""
-
-    @staticmethod
-    def forward(ctx, t, index):
-        ctx.save_for_backward(index)
-        ctx.shape = t.shape
-        return _select_words(t, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.shape).index_add_(2, index, grad), None
 
 
 def slot_run(t: torch.Tensor, start: int, stop: int, head_dim: int) -> torch.Tensor:
@@ -192,9 +176,11 @@ def select_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t.index_select(2, index) for head slots t [B, T, S, d] (index [n] long, on t's device) -> [B, T, n, d], the
     same values and gradients, gathered as 8-byte words where t's layout allows (_as_words). Raises IndexError for an
     index outside S."""
-    if torch.is_grad_enabled() and t.requires_grad:
-        return _SelectSlots.apply(t, index)
-    return _select_words(t, index)
+    return take_parts(t, ((_whole, index),))[0]
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class FusedWeights(NamedTuple):
