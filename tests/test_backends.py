@@ -366,6 +366,36 @@ def test_fla_chunk_pins_fla_s_own_triton_path(monkeypatch):
         backend.prefill(*gdn_inputs(1, 8, 1, 4, 4), chunk_size=128)
 
 
+@pytest.mark.parametrize("tilelang", [True, False])
+def test_fla_chunk_refuses_to_train_at_16_token_chunks_where_fla_sends_the_backward_to_tilelang(monkeypatch, tilelang):
+    """TileLang does not build fla's chunk_bwd_dqkwg for 16-token chunks (the H200's TVM error, no warp partition):
+    where fla would send the backward there, fla-chunk refuses a chunk-16 call that gradients flow through, before fla
+    runs, and the row gets the whole reason as `unsupported`; without gradients, at 32, or without TileLang it runs."""
+    from hhbench.rows import schema
+    from hhbench.runner.point import _classify
+
+    calls = []
+    fake = types.ModuleType("fla.ops.gated_delta_rule")
+    fake.chunk_gated_delta_rule = lambda *args, **kwargs: calls.append(kwargs["chunk_size"])
+    monkeypatch.setitem(sys.modules, "fla.ops.gated_delta_rule", fake)
+    monkeypatch.setattr(gdn, "fla_tilelang_backward", lambda: tilelang)
+    backend = registry.get("fla-chunk", registry.GDN)
+    leaves = [t.requires_grad_() for t in gdn_inputs(1, 8, 1, 4, 4)]
+    with torch.no_grad():
+        backend.prefill(*leaves, chunk_size=16)
+    backend.prefill(*(t.detach() for t in leaves), chunk_size=16)
+    backend.prefill(*leaves, chunk_size=32)
+    assert calls == [16, 16, 32]
+    if not tilelang:
+        backend.prefill(*leaves, chunk_size=16)
+        assert calls == [16, 16, 32, 16]
+        return
+    with pytest.raises(Unsupported, match="16-token chunks") as refused:
+        backend.prefill(*leaves, chunk_size=16)
+    assert "fla issue #640" in str(refused.value) and calls == [16, 16, 32]
+    assert _classify(refused.value) == (schema.UNSUPPORTED, gdn.TILELANG_BACKWARD_REFUSAL)
+
+
 def test_rows_name_the_gdn_implementation(monkeypatch):
     chunk, qla = registry.get("fla-chunk", registry.GDN), registry.get("flash-qla", registry.GDN)
     monkeypatch.setattr(gdn, "fla_tilelang_backward", lambda: True)

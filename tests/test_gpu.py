@@ -122,19 +122,28 @@ def test_flash_qla_matches_fla_chunk_outputs_and_gradients(batch):
 
 @pytest.mark.parametrize("chunk_size", [16, 32])
 def test_fla_chunk_at_flas_smaller_chunks_matches_the_reference(chunk_size):
-    """fla 0.6 takes chunks of 16 and 32 too (fla-chunk hands chunk_size on): outputs, final state and the gradients
-    of q, k, v, g and beta against the fp64 torch chunked reference at the same chunk size, as at 64 above."""
+    """fla 0.6 takes chunks of 16 and 32 too (fla-chunk hands chunk_size on): outputs and final state against the fp64
+    torch chunked reference at the same chunk size, as at 64 above; the gradients of q, k, v, g and beta too, except
+    where fla sends the backward to TileLang at chunks of 16, which TileLang does not build: fla-chunk refuses that."""
+    from hhbench.errors import Unsupported
+    from hhbench.kernels.gdn import fla_tilelang_backward
     from hhbench.kernels.reference import gdn_chunk
 
     inputs = _gdn_case()
     grad_out = torch.randn_like(inputs[2])
     fla_chunk = registry.get("fla-chunk", registry.GDN)
-    o, state = fla_chunk.prefill(*inputs, output_final_state=True, chunk_size=chunk_size)
-    grads = torch.autograd.grad(o, inputs, grad_out)
+    with torch.no_grad():
+        o, state = fla_chunk.prefill(*inputs, output_final_state=True, chunk_size=chunk_size)
     wide = [t.detach().double().requires_grad_() for t in inputs]
     o_ref, state_ref = gdn_chunk(*wide, chunk_size, output_final_state=True)
-    grads_ref = torch.autograd.grad(o_ref, wide, grad_out.double())
     assert rel(o, o_ref) < 2e-2 and rel(state, state_ref) < 2e-2
+    if chunk_size == 16 and fla_tilelang_backward():
+        with pytest.raises(Unsupported, match="TileLang does not build it for 16-token chunks"):
+            fla_chunk.prefill(*inputs, chunk_size=chunk_size)
+        return
+    o, _ = fla_chunk.prefill(*inputs, chunk_size=chunk_size)
+    grads = torch.autograd.grad(o, inputs, grad_out)
+    grads_ref = torch.autograd.grad(o_ref, wide, grad_out.double())
     flat = [torch.cat([t.double().flatten() for t in g]) for g in (grads, grads_ref)]
     assert rel(*flat) < 5e-2
 
@@ -701,7 +710,8 @@ def test_workers_each_measure_on_their_own_gpu(tmp_path, spread):
     result = run_main(*args, *spread, env={"PYTHONPATH": path})
     assert result.returncode == 0, result.stderr
     rows = read_rows(tmp_path / "w" / "rows.jsonl")
-    assert len(rows) == len({row.key for row in rows}) == 8 and {row.status for row in rows} == {"ok"}
+    failed = [(row.key, row.worker, row.status, row.reason) for row in rows if row.status != "ok"]  # the cause shown
+    assert len(rows) == len({row.key for row in rows}) == 8 and not failed, failed
     workers = json.loads((tmp_path / "w" / "env.json").read_text())["workers"]
     assert {row.worker for row in rows} == set(workers)
     gpus = visible_gpus()

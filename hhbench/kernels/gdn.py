@@ -23,6 +23,14 @@ from hhbench.kernels.registry import GDN, Backend, register
 FLASH_QLA_SWITCH = "FLA_FLASH_QLA"
 # The chunk sizes fla 0.6's chunk_gated_delta_rule takes, through its **kwargs (fla/ops/gated_delta_rule/chunk.py)
 FLA_CHUNK_SIZES = (16, 32, 64)
+# Where fla sends chunk_bwd_dqkwg to TileLang (fla_tilelang_backward), TileLang fails to build it for 16-token chunks:
+# "No valid warp partition for T.gemm: M=16, N=16 cannot be evenly covered by 4 warps" (fla 0.6.0, TileLang 0.1.15,
+# H200); fla's verifier (fla/ops/common/backends/tilelang) does not look at the chunk size.
+TILELANG_BACKWARD_REFUSAL = (
+    "fla sends the GDN backward's chunk_bwd_dqkwg to TileLang here (Hopper, Triton >= 3.4; fla refuses its Triton "
+    "kernel below Triton 3.7.1 for wrong gradients, fla issue #640), and TileLang does not build it for 16-token "
+    "chunks (no warp partition of a 16x16 gemm over 4 warps): train at chunks of 32 or 64"
+)
 
 
 @contextlib.contextmanager
@@ -79,11 +87,17 @@ class FlaChunk(Backend):
         use_qk_l2norm_in_kernel=False,
     ):  # fmt: skip
         """fla chunk_gated_delta_rule over [B, T, H, *] inputs (Backend.prefill gives the shapes) -> (o, final state
-        or None). Raises Unsupported for a chunk size fla's kernels do not take (FLA_CHUNK_SIZES)."""
+        or None). Raises Unsupported, before any kernel runs, for a chunk size fla's kernels do not take
+        (FLA_CHUNK_SIZES), and for chunks of 16 where gradients will flow and fla would send the backward to TileLang
+        (TILELANG_BACKWARD_REFUSAL)."""
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         if chunk_size not in FLA_CHUNK_SIZES:
             raise Unsupported(f"fla's chunk kernels take chunks of {', '.join(map(str, FLA_CHUNK_SIZES))} tokens")
+        inputs = (q, k, v, g, beta, initial_state)
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        if chunk_size == 16 and grad and fla_tilelang_backward():
+            raise Unsupported(TILELANG_BACKWARD_REFUSAL)
         with fla_triton_only():
             return chunk_gated_delta_rule(
                 q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
