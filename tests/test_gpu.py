@@ -523,6 +523,43 @@ def test_fla_rope_matches_its_torch_twin(tokens, start):
         assert bf16.dtype == torch.bfloat16 and rel(bf16, torch_fp32) < 1e-2
 
 
+@pytest.mark.parametrize("tokens, start", [(4099, 0), (1, 70000)])
+def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens, start):
+    """hhbench's slot_norm_rope kernel (slot_prep.py) against glue.TORCH's twin on the plan of a Qwen3-1.7B head 7:1
+    layer (GQA, q/k norms), from strided slots of a projection: fp32 to rounding, bf16 within bf16's rounding of the
+    fp32 twin; then captured in a CUDA graph and replayed on new inputs (decode runs it so)."""
+    from hhbench.layers import glue, slot_prep
+    from hhbench.layers.hydrahead import HydraAttention, rope_table
+
+    layer = HydraAttention(2048, 16, 8, 128, (0, 9), qk_norm=True, glue="fused")
+    n_slots = len(layer.fused_rows) // 128
+    torch.manual_seed(0)
+    projection = torch.randn(2, tokens, n_slots * 128 + 64, device="cuda")
+    weight = 1 + 0.3 * torch.randn(2, 128, device="cuda")
+    for plan in layer.slot_plans.values():
+        results = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            slots = projection.to(dtype)[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
+            cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", dtype))
+            for name, op in (("kernel", slot_prep.slot_norm_rope), ("twin", glue.slot_norm_rope)):
+                results[name, dtype] = op(slots, plan, weight.to(dtype), 1e-6, cos, sin)
+        for kernel, twin in zip(results["kernel", torch.float32], results["twin", torch.float32], strict=True):
+            assert rel(kernel, twin) < 1e-6
+        for kernel, twin in zip(results["kernel", torch.bfloat16], results["twin", torch.float32], strict=True):
+            assert kernel.dtype == torch.bfloat16 and rel(kernel, twin) < 1e-2
+    slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
+    cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", torch.float32))
+    plan = layer.slot_plans[True]
+    slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)  # compiled and its plan on the GPU before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
+    projection.normal_()
+    graph.replay()
+    for got, want in zip(captured, glue.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin), strict=True):
+        assert rel(got, want) < 1e-6
+
+
 BF16_LAYER = 5e-2  # one bf16 layer against its fp32 reference
 
 

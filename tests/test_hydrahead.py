@@ -195,8 +195,8 @@ def test_fused_glue_takes_hugging_faces_tables(batch_tables):
                                                      (ALL_FA, False, 8), (ALL_FA, True, 4)])  # fmt: skip
 def test_decode_with_cache_continues_the_prefill(fa_heads, qk_norm, n_kv, glue_name):
     """A cached prefill, then token by token: each output is the full forward's (one sequence too: the fused path
-    then takes the output gate from its one projection GEMM); with gradients recorded too (the fused decode then
-    keeps the projection's q and k as they were, for the norm's backward)."""
+    then takes the output gate from its one projection GEMM); with gradients recorded too (the fused path then
+    composes its inputs under autograd instead of slot_norm_rope)."""
     layer = make_layer(fa_heads, n_kv=n_kv, glue=glue_name, qk_norm=qk_norm)
     for batch, recording in ((2, False), (1, False), (1, True)):
         x = torch.randn(batch, 21, 32, dtype=torch.float64)
@@ -226,7 +226,7 @@ def test_a_cached_continuation_of_several_tokens_is_refused(fa_heads, glue_name)
 @pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4), (ALL_FA, 8)])
 def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
     """Qwen2/3 options on (biases, q/k norms): outputs and every gradient of the fused composition (torch twins of
-    fla's ops) equal the reference glue's; its weights are made from the parameters on each call under autograd (a
+    fla's ops) equal the reference glue's, and so do its outputs without autograd; its weights are made from the parameters on each call under autograd (a
     layer without GDN heads, GQA or MHA, takes its qkv and o_proj parameters as they are)."""
     options = {"n_kv": n_kv, "qk_norm": True, "qkv_bias": True, "o_bias": True, "gdn_gate_bias": True}
     reference, fused = make_layer(fa_heads, **options), make_layer(fa_heads, glue="fused", **options)
@@ -242,6 +242,8 @@ def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
         grads.append([out, xi.grad, *(p.grad for p in layer.parameters())])
     for got, expected in zip(grads[1], grads[0], strict=True):
         assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10), (got - expected).abs().max()
+    with torch.no_grad():  # without autograd the fused path takes its inputs by slot_norm_rope
+        assert torch.allclose(fused(x), reference(x), rtol=1e-8, atol=1e-10)
 
 
 def test_a_layer_wise_model_through_the_fused_glue_equals_the_reference():
@@ -329,45 +331,51 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
     return counts
 
 
-# A fused step's ops with fla's kernels in the glue ops: the projection GEMM (the GDN heads' output gate by a GEMM
-# of its own where more than one token makes its view strided: fla's gated norm would copy it); RoPE on the FA
-# heads' q and k; the GDN heads' conv (three in prefill, one update of all three in decode), decay gate and beta
-# (sigmoid), in decode inside the GDN step (fla's recurrent kernel takes a and b raw); the FA and GDN kernels (core);
-# the gated norm of the GDN heads and the norm of the FA heads; o_proj as two GEMMs (no cat of the heads). Decode
-# writes the new token's K and V into the cache (copy_). GDN heads that share a KV group take its k and v by one
-# gather (index_select; decode's takes their q too, the conv update's one input). Qwen3's q/k
-# norms add their weights' multiply (mul) and in prefill a second gather (k from the normed slots, v from the
-# projection); decode writes the normed q and k back into the projection, and its one gather takes all three.
-FUSED_PREFILL = {"gemm": 4, "rope": 1, "conv": 3, "gate": 1, "sigmoid": 1, "core": 1, "norm_gated": 1, "norm": 1}
+# A fused step's ops with fla's kernels in the glue ops, and without autograd: the projection GEMM (the GDN heads'
+# output gate by a GEMM of its own where more than one token makes its view strided: fla's gated norm would copy it);
+# slot_norm_rope, one kernel that gathers every head's q, k and v the kernels take, normalizes Qwen3's q and k slots and
+# rotates the FA heads' (before it, RoPE, the q/k norm and its multiply, and a gather or two: 1-5 ops); the GDN heads'
+# conv (three in prefill, one update of all three in decode), decay gate and beta (sigmoid), in decode inside the GDN
+# step (fla's recurrent kernel takes a and b raw); the FA and GDN kernels (core); the gated norm of the GDN heads and
+# the norm of the FA heads; o_proj as two GEMMs (no cat of the heads). Decode writes the new token's K and V into the
+# cache (copy_).
+FUSED_PREFILL = {
+    "gemm": 4,
+    "slot_norm_rope": 1,
+    "conv": 3,
+    "gate": 1,
+    "sigmoid": 1,
+    "core": 1,
+    "norm_gated": 1,
+    "norm": 1,
+}
 FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "conv": 0, "conv_update": 1, "gate": 0, "sigmoid": 0, "copy_": 2}
-# A layer without GDN heads (a layer-wise hybrid's FA layer): the projection GEMM, RoPE, the FA kernel and o_proj;
-# decode's cache writes. The reference glue ran 16 ops a prefill and 18 a decode step there (RoPE's tables made per
-# call: arange, casts, cos, sin, cat; rotate-half: neg, cat, mul, add), 29 and 31 with Qwen3's q/k norms.
-PLAIN_PREFILL = {"gemm": 2, "rope": 1, "core": 1}
+# A layer without GDN heads (a layer-wise hybrid's FA layer): the projection GEMM, slot_norm_rope (RoPE, and the q/k
+# norms where the shape has them), the FA kernel and o_proj; decode's cache writes. The reference glue ran 16 ops a
+# prefill and 18 a decode step there (RoPE's tables made per call: arange, casts, cos, sin, cat; rotate-half: neg,
+# cat, mul, add), 29 and 31 with Qwen3's q/k norms.
+PLAIN_PREFILL = {"gemm": 2, "slot_norm_rope": 1, "core": 1}
 PLAIN_DECODE = {**PLAIN_PREFILL, "copy_": 2}
 
 
-@pytest.mark.parametrize("fa_heads, n_kv, qk_norm, gathers", [
-    ((1, 6), 4, False, (1, 1)), ((0, 1, 4, 5), 4, False, (1, 1)), ((1, 6), 4, True, (2, 1)), ((), 4, False, (1, 1)),
-    ((1, 6), 8, False, (0, 0)),  # MHA: a KV group per GDN head, their q, k, v adjacent views of the projection
-    ((1, 6), 8, True, (0, 0)), (ALL_FA, 8, False, (0, 0)), (ALL_FA, 4, True, (0, 0)),
+@pytest.mark.parametrize("fa_heads, n_kv, qk_norm", [
+    ((1, 6), 4, False), ((0, 1, 4, 5), 4, False), ((1, 6), 4, True), ((), 4, False), ((), 4, True),
+    ((1, 6), 8, False), ((1, 6), 8, True), (ALL_FA, 8, False), (ALL_FA, 4, True),
 ])  # fmt: skip
-def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, gathers, monkeypatch):
-    """Pins every op of a fused prefill and decode step (on the GPU a kernel each): no per-call RoPE table, no copy
-    of the projection or of the heads' outputs (a layer with FA and GDN heads ran 24 ops a step with them), no
-    gather beyond the GDN heads' shared k and v."""
+def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, monkeypatch):
+    """Pins every op of a fused prefill and decode step without autograd (on the GPU a kernel each): no per-call
+    RoPE table, no copy of the projection or of the heads' outputs (a layer with FA and GDN heads ran 24 ops a step
+    with them), no gather, norm or RoPE of the q, k and v slots outside slot_norm_rope, with or without GQA and q/k
+    norms."""
     layer = make_layer(fa_heads, n_kv=n_kv, qk_norm=qk_norm, glue="fused")
     prefill, decode = step_ops(layer, torch.randn(1, 9, 32, dtype=torch.float64), monkeypatch)
     plain = layer.gdn is None
     expected = (
         [Counter(PLAIN_PREFILL), Counter(PLAIN_DECODE)] if plain else [Counter(FUSED_PREFILL), Counter(FUSED_DECODE)]
     )
-    for counter, gathered in zip(expected, gathers, strict=True):  # index_selects in prefill, in decode
-        counter.update(index_select=gathered)
-        if qk_norm:
-            counter.update(norm=1, mul=1)
-        if not fa_heads:  # one GEMM for o_proj, no RoPE, no FA norm, no cache write
-            counter.subtract(gemm=1, rope=1, norm=1, copy_=counter["copy_"])
+    for counter in expected:
+        if not fa_heads:  # one GEMM for o_proj, no FA norm, no cache write
+            counter.subtract(gemm=1, norm=1, copy_=counter["copy_"])
     assert +prefill.ops == +expected[0]
     assert +decode.ops == +expected[1]
 

@@ -7,7 +7,8 @@ where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarke
 Shapes: conv x [B, T, C] (any strides), weight [C, K], states [B, C, K] in fla's layout (the last K inputs; the
 oldest is never read again). gate a [B, T, n] -> log decay, fp32. Norms take o [..., d] and return its dtype.
 RoPE takes x [B, T, n, d] and half tables cos, sin [T, d / 2] in x's dtype (fla's layout: Hugging Face's tables hold
-each half twice) and returns x's dtype.
+each half twice) and returns x's dtype. slot_norm_rope, the inputs' preparation without autograd (gather, Qwen3's q/k
+norms, RoPE at once), is hhbench's own Triton kernel on CUDA (slot_prep.py).
 """
 
 import functools
@@ -38,6 +39,52 @@ class GlueOps:
     norm_gated: Callable
     # (x, cos, sin) -> x rotated by RoPE, rotate-half convention
     rope: Callable
+    # (slots, plan, weight, eps, cos, sin) -> the plan's parts: slots gathered, q/k-normed, RoPE'd (slot_norm_rope)
+    slot_norm_rope: Callable
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Where slot_norm_rope takes each destination slot from and what it does to it. Destination slot j comes from
+    source slot sources[j]; kinds[j] is 0 (a q slot: RMSNorm times the weight's row 0), 1 (a k slot: row 1) or 2 (taken
+    as it is); the first n_rope destinations are rotated by RoPE after their norm. The destinations form parts of
+    `sizes` slots each, in order, each part one [B, T, n, d] tensor."""
+
+    sources: tuple[int, ...]
+    kinds: tuple[int, ...]
+    sizes: tuple[int, ...]
+    n_rope: int
+
+    @functools.cached_property
+    def table(self) -> tuple[int, ...]:
+        """The plan as the kernel reads it, [4, J] flattened: sources, kinds, and each destination's part as its first
+        slot and its number of slots."""
+        firsts = [sum(self.sizes[:i]) for i, n in enumerate(self.sizes) for _ in range(n)]
+        counts = [n for n in self.sizes for _ in range(n)]
+        return (*self.sources, *self.kinds, *firsts, *counts)
+
+    def split(self, flat: torch.Tensor, B: int, T: int, d: int) -> tuple[torch.Tensor, ...]:
+        """The parts of a buffer of B T J d elements, part after part, each [B, T, n, d]."""
+        parts = flat.split([B * T * n * d for n in self.sizes])
+        return tuple(part.view(B, T, n, d) for part, n in zip(parts, self.sizes, strict=True))
+
+
+def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin):
+    """The fused path's input preparation in torch ops: slots [B, T, S, d] (head slots of the projection's output) ->
+    the plan's parts, each [B, T, n, d] contiguous in slots' dtype: destination j is source slot plan.sources[j],
+    for a q or k slot (plan.kinds) normalized by its RMS over d (in fp32, eps inside the root) times weight [2, d]'s
+    row (Qwen3's q_norm and k_norm weights; weight None: no norm), the first plan.n_rope then rotated by RoPE
+    (rotate-half) with half tables cos, sin [T, d / 2] or [B, T, d / 2]. Raises IndexError for a source outside S."""
+    x = slots.index_select(2, torch.tensor(plan.sources, device=slots.device))
+    dtype = torch.promote_types(slots.dtype, torch.float32)
+    x = x.to(dtype)
+    if weight is not None:
+        kinds = torch.tensor(plan.kinds, device=slots.device)
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(dtype)[kinds.clamp(max=1)]
+        x = torch.where((kinds < 2)[:, None], normed, x)
+    if plan.n_rope:
+        x = torch.cat([rope_half(x[:, :, : plan.n_rope], cos.to(dtype), sin.to(dtype)), x[:, :, plan.n_rope :]], 2)
+    return tuple(part.contiguous() for part in x.to(slots.dtype).split(plan.sizes, 2))
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
@@ -60,8 +107,8 @@ def rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE in the rotate-half convention (GPT-NeoX, Llama; Hugging Face's apply_rotary_pos_emb) from half tables:
-    x [B, T, n, d] with halves x1, x2 -> [x1 cos - x2 sin, x2 cos + x1 sin]; cos, sin [T, d / 2]."""
-    cos, sin = cos[:, None], sin[:, None]
+    x [B, T, n, d] with halves x1, x2 -> [x1 cos - x2 sin, x2 cos + x1 sin]; cos, sin [T, d / 2] or [B, T, d / 2]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -81,7 +128,9 @@ def _torch_norm_gated(o, gate, eps):
     return rms_norm(o, eps) * F.silu(gate)
 
 
-TORCH = GlueOps("torch", _torch_conv, _torch_conv_update, gdn_decay, rms_norm, _torch_norm_gated, rope_half)
+TORCH = GlueOps(
+    "torch", _torch_conv, _torch_conv_update, gdn_decay, rms_norm, _torch_norm_gated, rope_half, slot_norm_rope
+)
 
 
 @functools.cache
@@ -107,8 +156,13 @@ def fla_ops() -> GlueOps:
     def norm_gated(o, gate, eps):
         return rms_norm_gated(o, gate, None, None, activation="swish", eps=eps)
 
-    # rotary_embedding: one kernel, in fp32 (a strided x is made contiguous first, by fla's input guard)
-    return GlueOps("fla", conv, conv_update, fused_gdn_gate, norm, norm_gated, rotary_embedding)
+    from hhbench.layers import slot_prep
+
+    # rotary_embedding: one kernel, in fp32 (a strided x is made contiguous first, by fla's input guard);
+    # slot_norm_rope: hhbench's own kernel (fla has no RMSNorm with a weight per row or a gather)
+    return GlueOps(
+        "fla", conv, conv_update, fused_gdn_gate, norm, norm_gated, rotary_embedding, slot_prep.slot_norm_rope
+    )
 
 
 @functools.cache

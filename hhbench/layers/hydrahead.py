@@ -186,7 +186,7 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 class FusedWeights(NamedTuple):
     """The fused path's weights (HydraAttention._fused_weights): one input projection with its bias, o_proj with
     the head order and per-head norm scales folded in (GDN and FA heads' columns apart), the GDN conv taps and the
-    q/k norm weight of each q and k slot. A layer without GDN heads holds its own qkv and o_proj parameters (its
+    q and k norms' weights. A layer without GDN heads holds its own qkv and o_proj parameters (its
     slots are their rows in order, its heads have no norms) and no GDN fields."""
 
     projection: torch.Tensor  # [S d + 2 n_la + pad (+ n_la d), hidden]: q/k/v slots, a, b rows, zero rows, (gate)
@@ -194,7 +194,7 @@ class FusedWeights(NamedTuple):
     o_gdn: torch.Tensor | None  # [hidden, n_la d]: o_proj's GDN head columns in kernel head order, scaled per head
     o_fa: torch.Tensor | None  # [hidden, n_fa d]: its FA head columns, the same way; None without FA heads
     conv: torch.Tensor | None  # [3 n_la d, K]
-    qk_scale: torch.Tensor | None  # [q and k slots, d]: Qwen3's q or k norm weight of each slot; None without
+    qk_norm: torch.Tensor | None  # [2, d]: Qwen3's q_norm and k_norm weights; None without
 
 
 @dataclass
@@ -294,8 +294,22 @@ class HydraAttention(nn.Module):
         # per GDN head, the positions of its q, k and v among the fused slots
         bases = ((0, self.split.la_heads), (H, la_groups), (H + KV, la_groups))
         self.gdn_slots = tuple(tuple(fused_slots.index(base + g) for g in groups) for base, groups in bases)
+        self.slot_plans = {joined: self._slot_plan(joined) for joined in (False, True)}
         self.kernel_columns = tuple(h * head_dim + i for h in self.head_order for i in range(head_dim))
         self._fused_cache = None  # (parameter versions, fused weights) while they hold
+
+    def _slot_plan(self, joined: bool) -> glue.SlotPlan:
+        """Where the fused path's inputs come from without autograd (glue.slot_norm_rope): the FA heads' q and k
+        slots, normed and rotated, then the GDN heads' q, k and v, each head's from its own slot or its group's
+        (q and k normed), as three parts (prefill: each the dense tensor its conv takes) or, `joined`, one (decode:
+        one conv update over q, k and v)."""
+        n_rope = self.n_fa + len(self.split.fa_groups) if self.n_fa else 0
+        sources, kinds, sizes = list(range(n_rope)), list(self.fused_qk_kinds[:n_rope]), [n_rope] if n_rope else []
+        if self.gdn is not None:
+            for kind, slots in enumerate(self.gdn_slots):  # q: 0, k: 1, v: 2 (not normed)
+                sources, kinds = sources + list(slots), kinds + [kind] * len(slots)
+            sizes += [3 * self.gdn.n_heads] if joined else [self.gdn.n_heads] * 3
+        return glue.SlotPlan(tuple(sources), tuple(kinds), tuple(sizes), n_rope)
 
     @property
     def n_fa(self) -> int:
@@ -342,18 +356,15 @@ class HydraAttention(nn.Module):
         return self._fused_cache[1]
 
     def _make_fused_weights(self) -> "FusedWeights":
-        """_folded_weights (a layer without GDN heads uses its parameters as they are) and Qwen3's q/k norm weights,
-        one row per q and k slot."""
+        """_folded_weights (a layer without GDN heads uses its parameters as they are) and Qwen3's q and k norm
+        weights."""
         device = self.qkv.weight.device
-        qk_scale = None
-        if self.q_norm is not None:
-            qk_scale = torch.stack([self.q_norm.weight, self.k_norm.weight])
-            qk_scale = qk_scale.index_select(0, head_index(self.fused_qk_kinds, device))
+        qk_norm = torch.stack([self.q_norm.weight, self.k_norm.weight]) if self.q_norm is not None else None
         if self.gdn is None:  # a plain attention layer: its slots are the qkv rows in order, its heads have no norms
             parts = (self.qkv.weight, self.qkv.bias, None, self.o_proj.weight, None)
         else:
             parts = self._folded_weights(device)
-        return FusedWeights(*parts, qk_scale)
+        return FusedWeights(*parts, qk_norm)
 
     def _folded_weights(self, device):
         """A layer with GDN heads: its weights with the head order folded in (indexing weights, not activations):
@@ -507,49 +518,52 @@ class HydraAttention(nn.Module):
     def _fused_inputs(self, x, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool):
         """The one input projection -> (FA q, k, v with RoPE at positions start.., or None; the GDN heads' q, k, v
         channels: three [B, T, n_la d], or with `joined` one [B, T, 3 n_la d]; their a and b [B, T, n_la]; their
-        output gate [B, T, n_la, d] or None; the last four None without GDN heads). Only the q and k slots are
-        rewritten (norms, RoPE) and the GDN heads' shared k and v gathered (_take); the rest are views of the
-        projection."""
+        output gate [B, T, n_la, d] or None; the last four None without GDN heads). The q and k slots are rewritten
+        (norms, RoPE) and the GDN heads' q, k and v gathered; the rest are views of the projection."""
         B, T, _ = x.shape
-        d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
         n_la = self.gdn.n_heads if self.gdn is not None else 0
-        n_slots, n_qk = len(self.fused_rows) // d, len(self.fused_qk_kinds)
         gated = self.gdn is not None and self.gdn.g_proj is not None
-        n_main = weights.projection.shape[0] - (n_la * d if gated else 0)  # the rows before the output gate's
+        n_main = weights.projection.shape[0] - (n_la * self.head_dim if gated else 0)  # the rows before the gate's
         if gated and B * T > 1:  # the gate by a GEMM of its own: fla's gated norm would copy its strided view
             out, gate = (F.linear(x, weights.projection[rows], None if weights.bias is None else weights.bias[rows])
                          for rows in (slice(n_main), slice(n_main, None)))  # fmt: skip
         else:
             out = F.linear(x, weights.projection, weights.bias)
             gate = out[..., n_main:] if gated else None
-        gate = gate.view(B, T, n_la, d) if gated else None
-        if not joined:
-            return (*self._prefill_inputs(out, position_embeddings, weights, ops), gate)
+        gate = gate.view(B, T, n_la, self.head_dim) if gated else None
+        tracked = (out,) if weights.qk_norm is None else (out, weights.qk_norm)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+            fa, channels, a, b = self._autograd_inputs(out, position_embeddings, weights, start, ops)
+            return fa, (torch.cat(channels, -1) if joined and channels else channels), a, b, gate
+        return (*self._prepared_inputs(out, position_embeddings, weights, start, ops, joined), gate)
+
+    def _prepared_inputs(self, out, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool):
+        """_fused_inputs' outputs but the gate without autograd, from the projection's output `out` [B, T, W]: the
+        rewritten and gathered slots by one op (glue.slot_norm_rope: one kernel on CUDA, where fla's ops took an
+        RMSNorm, a multiply, a RoPE and gathers, each pass but the gathers after a copy of its strided input)."""
+        d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
+        n_la = self.gdn.n_heads if self.gdn is not None else 0
+        n_slots = len(self.fused_rows) // d
         slots = slot_run(out, 0, n_slots, d)
-        qk = slots[:, :, :n_qk]
-        # Decode (no autograd) writes the normed q and k back over their slots of the projection, so that the GDN
-        # heads' q, k and v come from one tensor by one gather, not a gather from each and a cat: two kernels fewer a
-        # step. Where autograd records, the norm's backward needs its input as it was.
-        in_place = not torch.is_grad_enabled()
-        if self.q_norm is not None:  # Qwen3's per-head q and k norms, on every q and k slot at once, then their weights
-            normed, scale = ops.norm(qk, self.q_norm.eps), weights.qk_scale.to(qk.dtype)
-            qk = torch.mul(normed, scale, out=qk) if in_place else normed * scale
+        plan = self.slot_plans[joined]
+        cos = sin = None
+        if plan.n_rope:
+            cos, sin = self._rope_tables(position_embeddings, start, out.shape[1], out.dtype, out.device)
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        parts = list(ops.slot_norm_rope(slots, plan, weights.qk_norm, eps, cos, sin))
         fa = None
         if n_fa:
-            rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, start, ops)
+            rotated = parts.pop(0)
             fa = (rotated[:, :, :n_fa], rotated[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
         if not n_la:
-            return fa, None, None, None, None
+            return fa, None, None, None
         a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
-        q_slots, k_slots, v_slots = self.gdn_slots
-        if self.q_norm is None or in_place:
-            return fa, _take(slots, q_slots + k_slots + v_slots).flatten(2), a, b, gate
-        la = (_take(qk, q_slots), _take(qk, k_slots), _take(slots, v_slots))
-        return fa, torch.cat([c.flatten(2) for c in la], -1), a, b, gate
+        return fa, (parts[0].flatten(2) if joined else tuple(part.flatten(2) for part in parts)), a, b
 
-    def _prefill_inputs(self, out, position_embeddings, weights: FusedWeights, ops):
-        """_fused_inputs' outputs but the gate for prefill and training (positions from 0), from the projection's
-        output `out` [B, T, W]: its parts taken by one take_parts (one gradient buffer under autograd)."""
+    def _autograd_inputs(self, out, position_embeddings, weights: FusedWeights, start: int, ops):
+        """_fused_inputs' outputs but the gate under autograd (training), the GDN heads' channels as three, from the
+        projection's output `out` [B, T, W]: its parts taken by one take_parts (one gradient buffer), the q and k
+        slots normed and rotated by fla's ops."""
         d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
         n_la = self.gdn.n_heads if self.gdn is not None else 0
         n_slots, n_qk = len(self.fused_rows) // d, len(self.fused_qk_kinds)
@@ -571,10 +585,11 @@ class HydraAttention(nn.Module):
         qk = parts.pop(0)
         fa_v = parts.pop(0) if n_fa else None
         if self.q_norm is not None:
-            qk = ops.norm(qk, self.q_norm.eps) * weights.qk_scale.to(qk.dtype)
+            weight = weights.qk_norm.index_select(0, head_index(self.fused_qk_kinds, out.device))
+            qk = ops.norm(qk, self.q_norm.eps) * weight.to(qk.dtype)
         fa = None
         if n_fa:
-            rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, 0, ops)
+            rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, start, ops)
             fa = (rotated[:, :, :n_fa], rotated[:, :, n_fa:], fa_v)
         if not n_la:
             return fa, None, None, None
@@ -582,18 +597,24 @@ class HydraAttention(nn.Module):
         k, v = taken.chunk(2, dim=2) if self.q_norm is None else (_take(qk, k_slots), taken)
         return fa, tuple(c.flatten(2) for c in (_take(qk, q_slots), k, v)), a, b
 
-    def _rope(self, qk, position_embeddings, start: int, ops: glue.GlueOps):
-        """RoPE on q and k slots [B, T, n, d] at positions start..start+T-1: rows of the shared rope_table, or the
-        (cos, sin) Hugging Face passed ([T, d] or [1, T, d]; rotate-half tables hold each half twice, so the first
-        half is fla's table) through the glue's op; per-sequence tables [B, T, d] through apply_rope."""
-        T, half = qk.shape[1], self.head_dim // 2
+    def _rope_tables(self, position_embeddings, start: int, T: int, dtype, device):
+        """RoPE's half tables (cos, sin) for positions start..start+T-1 in `dtype`: [T, d / 2] rows of the shared
+        rope_table, or of the (cos, sin) Hugging Face passed ([T, d] or [1, T, d]; rotate-half tables hold each half
+        twice, so the first half is the half table); per-sequence tables [B, T, d] give [B, T, d / 2]."""
+        half = self.head_dim // 2
         if position_embeddings is None:
-            cos, sin = rope_table(start + T, self.head_dim, self.rope_theta, qk.device, qk.dtype)
-            return ops.rope(qk, cos[start : start + T], sin[start : start + T])
+            cos, sin = rope_table(start + T, self.head_dim, self.rope_theta, device, dtype)
+            return cos[start : start + T], sin[start : start + T]
         cos, sin = position_embeddings
         if cos.dim() == 3 and cos.shape[0] > 1:
-            return apply_rope(qk, cos, sin)
-        return ops.rope(qk, *(t.reshape(T, -1)[:, :half].to(qk.dtype) for t in (cos, sin)))
+            return cos[..., :half].to(dtype), sin[..., :half].to(dtype)
+        return tuple(t.reshape(T, -1)[:, :half].to(dtype) for t in (cos, sin))
+
+    def _rope(self, qk, position_embeddings, start: int, ops: glue.GlueOps):
+        """RoPE on q and k slots [B, T, n, d] at positions start..start+T-1 (_rope_tables) through the glue's op;
+        per-sequence tables by glue.rope_half (fla's rotary takes one table for the batch)."""
+        cos, sin = self._rope_tables(position_embeddings, start, qk.shape[1], qk.dtype, qk.device)
+        return (glue.rope_half if cos.dim() == 3 else ops.rope)(qk, cos, sin)
 
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
         T = x.shape[1]

@@ -1,0 +1,90 @@
+"""slot_norm_rope, the fused path's input preparation: glue's torch twin against a slot-by-slot composition of torch's
+RMSNorm and Hugging Face-style RoPE, and the Triton kernel (slot_prep.py; Triton's interpreter on CPU tensors,
+conftest sets TRITON_INTERPRET=1) against the twin."""
+
+import numpy
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hhbench.layers import glue
+from hhbench.layers.glue import SlotPlan
+from hhbench.layers.hydrahead import apply_rope
+
+triton = pytest.importorskip("triton")
+_version = lambda text: tuple(int(part) for part in text.split(".")[:2])  # noqa: E731
+needs_interpreter = pytest.mark.skipif(
+    _version(triton.__version__) < (3, 8) and _version(numpy.__version__) >= (2, 4),
+    reason="Triton's interpreter before 3.8 fails on numpy >= 2.4 (scalar arguments)",
+)
+
+# FA q, FA k (RoPE'd), then GDN q, k (two heads share a k slot: GQA) and v: the parts of a prefill step
+PLAN = SlotPlan(sources=(0, 1, 2, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 1, 0, 0, 1, 1, 2, 2), sizes=(3, 2, 2, 2), n_rope=3)
+JOINED = SlotPlan(sources=(0, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 0, 1, 1, 2, 2), sizes=(1, 6), n_rope=1)  # decode's
+
+
+def _inputs(B, T, d, per_sequence, dtype):
+    """Head slots as views of a projection output [B, T, W] with columns beyond the slots (so strided), weights and
+    RoPE half tables."""
+    torch.manual_seed(0)
+    out = torch.randn(B, T, 7 * d + 5, dtype=dtype)
+    slots = out[..., : 7 * d].unflatten(-1, (7, d))
+    weight = (1 + 0.3 * torch.randn(2, d)).to(dtype)
+    angles = torch.rand(B if per_sequence else 1, T, d // 2) * 6
+    cos, sin = (f(angles).to(dtype) for f in (torch.cos, torch.sin))
+    return slots, weight, (cos if per_sequence else cos[0]), (sin if per_sequence else sin[0])
+
+
+def _by_slot(slots, plan, weight, eps, cos, sin):
+    """Each destination alone, in fp64: F.rms_norm with its row of the weight, then RoPE with full tables."""
+    full = [torch.cat([t, t], -1).double() for t in (cos, sin)]
+    rows = []
+    for j, (source, kind) in enumerate(zip(plan.sources, plan.kinds, strict=True)):
+        x = slots[:, :, source : source + 1].double()
+        if weight is not None and kind < 2:
+            x = F.rms_norm(x, (x.shape[-1],), weight[kind].double(), eps)
+        rows.append(apply_rope(x, *full) if j < plan.n_rope else x)
+    return torch.cat(rows, 2).split(plan.sizes, 2)
+
+
+@pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
+@pytest.mark.parametrize(("B", "T", "d", "per_sequence", "norm"), [(2, 37, 16, False, True), (3, 1, 12, True, False)])
+def test_the_torch_twin_is_the_slot_by_slot_composition(plan, B, T, d, per_sequence, norm):
+    slots, weight, cos, sin = _inputs(B, T, d, per_sequence, torch.float32)
+    weight = weight if norm else None
+    got = glue.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
+    want = _by_slot(slots, plan, weight, 1e-6, cos, sin)
+    assert [t.shape for t in got] == [(B, T, n, d) for n in plan.sizes] and all(t.is_contiguous() for t in got)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
+@pytest.mark.parametrize(
+    ("B", "T", "d", "per_sequence", "norm", "dtype"),
+    [
+        (2, 70, 16, False, True, torch.float32),  # five blocks of 32 tokens, the last partial
+        (3, 1, 12, True, False, torch.float32),  # decode; a half of 6 (masked to 8 lanes); per-sequence tables
+        (1, 9, 16, False, True, torch.float16),
+    ],
+)
+def test_the_triton_kernel_is_the_torch_twin(plan, B, T, d, per_sequence, norm, dtype):
+    from hhbench.layers import slot_prep
+
+    slots, weight, cos, sin = _inputs(B, T, d, per_sequence, dtype)
+    weight = weight if norm else None
+    got = slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
+    want = glue.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == dtype
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
+def test_the_kernel_refuses_a_strided_head_dim():
+    from hhbench.layers import slot_prep
+
+    slots = torch.randn(1, 4, 7, 32)[..., ::2]
+    with pytest.raises(ValueError, match="contiguous, even last dim"):
+        slot_prep.slot_norm_rope(slots, PLAN, None, 1e-6, None, None)
