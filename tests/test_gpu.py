@@ -527,7 +527,8 @@ def test_fla_rope_matches_its_torch_twin(tokens, start):
 def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens, start):
     """hhbench's slot_norm_rope kernel (slot_prep.py) against glue.TORCH's twin on the plan of a Qwen3-1.7B head 7:1
     layer (GQA, q/k norms), from strided slots of a projection: fp32 to rounding, bf16 within bf16's rounding of the
-    fp32 twin; then captured in a CUDA graph and replayed on new inputs (decode runs it so)."""
+    fp32 twin, fp64 in fp64 (it computed in fp32); then captured in a CUDA graph and replayed on new inputs (decode
+    runs it so)."""
     from hhbench.layers import glue, slot_prep
     from hhbench.layers.hydrahead import HydraAttention, rope_table
 
@@ -538,7 +539,7 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
     weight = 1 + 0.3 * torch.randn(2, 128, device="cuda")
     for plan in layer.slot_plans.values():
         results = {}
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
             slots = projection.to(dtype)[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
             cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", dtype))
             for name, op in (("kernel", slot_prep.slot_norm_rope), ("twin", glue.slot_norm_rope)):
@@ -547,6 +548,8 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
             assert rel(kernel, twin) < 1e-6
         for kernel, twin in zip(results["kernel", torch.bfloat16], results["twin", torch.float32], strict=True):
             assert kernel.dtype == torch.bfloat16 and rel(kernel, twin) < 1e-2
+        for kernel, twin in zip(results["kernel", torch.float64], results["twin", torch.float64], strict=True):
+            assert rel(kernel, twin) < 1e-12
     slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
     cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", torch.float32))
     plan = layer.slot_plans[True]
