@@ -563,6 +563,28 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
         assert rel(got, want) < 1e-6
 
 
+def test_slot_norm_rope_kernel_offsets_beyond_int32():
+    """The kernel's offsets past 2^31 elements: a 600K-token bf16 prefill of the Qwen3-1.7B head 7:1 plan reads slots
+    2.5e9 elements into the projection and writes parts 3.5e9 elements into its buffer; its first and last tokens
+    against the twin's of the same tokens (int32 offsets would wrap and fault or read other memory)."""
+    from hhbench.layers import glue, slot_prep
+    from hhbench.layers.hydrahead import HydraAttention, rope_table
+
+    layer = HydraAttention(2048, 16, 8, 128, (0, 9), qk_norm=True, glue="fused")
+    n_slots, tokens, plan = len(layer.fused_rows) // 128, 600_000, layer.slot_plans[False]
+    assert tokens * (n_slots * 128 + 64) > 2**31 and tokens * len(plan.sources) * 128 > 2**31
+    torch.manual_seed(0)
+    projection = torch.randn(1, tokens, n_slots * 128 + 64, device="cuda", dtype=torch.bfloat16)
+    slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
+    weight = (1 + 0.3 * torch.randn(2, 128, device="cuda")).to(torch.bfloat16)
+    cos, sin = (t[:tokens] for t in rope_table(tokens, 128, 1e6, "cuda", torch.bfloat16))
+    parts = slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
+    for ends in (slice(0, 3), slice(tokens - 3, tokens)):
+        twin = glue.slot_norm_rope(slots[:, ends], plan, weight, 1e-6, cos[ends], sin[ends])
+        for part, expected in zip(parts, twin, strict=True):
+            assert rel(part[:, ends], expected) < 1e-2
+
+
 BF16_LAYER = 5e-2  # one bf16 layer against its fp32 reference
 
 
