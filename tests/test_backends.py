@@ -296,6 +296,25 @@ def test_fla_recurrent_refuses_training():
     assert backend.unsupported("prefill") is None and backend.unsupported("decode") is None
 
 
+def test_a_command_refuses_a_named_backend_that_cannot_run_its_pass(monkeypatch):
+    """check_name given a pass (distill trains): a backend that does not implement it, takes another dtype or head dim,
+    or is unavailable here is one line (UserError), as an unknown name is; auto and a backend that runs pass."""
+    refusals = {
+        ("sdpa-split", registry.FA, "cpu", 128): "sdpa-split does not implement the train pass",
+        ("flash-qla", registry.GDN, "cuda", 64): "flash-qla takes head dims 128, not 64",
+    }
+    monkeypatch.setattr(registry.Backend, "unavailable", lambda self, device: None)
+    for (name, kind, device, head_dim), reason in refusals.items():
+        registry.check_name(name, kind, device)  # the name alone passes
+        with pytest.raises(UserError, match=f"backend {name} cannot run the train pass here: {reason}"):
+            registry.check_name(name, kind, device, "train", "bf16", head_dim)
+    registry.check_name("flash-qla", registry.GDN, "cuda", "train", "bf16", 128)
+    registry.check_name("auto", registry.GDN, "cuda", "train", "fp32", 64)
+    monkeypatch.setattr(registry.Backend, "unavailable", lambda self, device: "no flash_qla")
+    with pytest.raises(UserError, match="no flash_qla"):
+        registry.check_name("flash-qla", registry.GDN, "cuda", "train", "bf16", 128)
+
+
 def test_flash_qla_refuses_what_it_cannot_run():
     backend = registry.get("flash-qla", registry.GDN)
     assert backend.unsupported("decode") == "flash-qla does not implement the decode pass"

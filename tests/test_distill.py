@@ -255,6 +255,9 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line(capsys, [*base, "--variants", "head:3:1", "--stage1-tokens", "0", "--stage2-tokens", "0"], "zero tokens")
     for nothing in ("teacher", "layer:3:1,head:0:1"):  # no linear-attention head: nothing to train
         one_line(capsys, [*base, "--variants", nothing, "--run", "t"], "converts no attention head")
+    # a decode-only backend: training raised NotImplementedError with a traceback after making the run folder
+    one_line(capsys, [*base, "--variants", "head:3:1", "--fa-backend", "sdpa-split", "--run", "t"],
+             "backend sdpa-split cannot run the train pass here: sdpa-split does not implement the train pass")  # fmt: skip
     assert not (tmp_path / "t").exists()
     for flag in ("--run", "--run-name"):  # a run stays inside --out
         one_line(capsys, [*base, "--variants", "head:3:1", flag, "../esc"], "bad run name")

@@ -527,7 +527,8 @@ def test_fla_rope_matches_its_torch_twin(tokens, start):
 def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens, start):
     """hhbench's slot_norm_rope kernel (slot_prep.py) against glue.TORCH's twin on the plan of a Qwen3-1.7B head 7:1
     layer (GQA, q/k norms), from strided slots of a projection: fp32 to rounding, bf16 within bf16's rounding of the
-    fp32 twin; then captured in a CUDA graph and replayed on new inputs (decode runs it so)."""
+    fp32 twin, fp64 in fp64 (it computed in fp32); then captured in a CUDA graph and replayed on new inputs (decode
+    runs it so)."""
     from hhbench.layers import glue, slot_prep
     from hhbench.layers.hydrahead import HydraAttention, rope_table
 
@@ -538,7 +539,7 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
     weight = 1 + 0.3 * torch.randn(2, 128, device="cuda")
     for plan in layer.slot_plans.values():
         results = {}
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
             slots = projection.to(dtype)[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
             cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", dtype))
             for name, op in (("kernel", slot_prep.slot_norm_rope), ("twin", glue.slot_norm_rope)):
@@ -547,6 +548,8 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
             assert rel(kernel, twin) < 1e-6
         for kernel, twin in zip(results["kernel", torch.bfloat16], results["twin", torch.float32], strict=True):
             assert kernel.dtype == torch.bfloat16 and rel(kernel, twin) < 1e-2
+        for kernel, twin in zip(results["kernel", torch.float64], results["twin", torch.float64], strict=True):
+            assert rel(kernel, twin) < 1e-12
     slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
     cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", torch.float32))
     plan = layer.slot_plans[True]
@@ -558,6 +561,28 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
     graph.replay()
     for got, want in zip(captured, glue.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin), strict=True):
         assert rel(got, want) < 1e-6
+
+
+def test_slot_norm_rope_kernel_offsets_beyond_int32():
+    """The kernel's offsets past 2^31 elements: a 600K-token bf16 prefill of the Qwen3-1.7B head 7:1 plan reads slots
+    2.5e9 elements into the projection and writes parts 3.5e9 elements into its buffer; its first and last tokens
+    against the twin's of the same tokens (int32 offsets would wrap and fault or read other memory)."""
+    from hhbench.layers import glue, slot_prep
+    from hhbench.layers.hydrahead import HydraAttention, rope_table
+
+    layer = HydraAttention(2048, 16, 8, 128, (0, 9), qk_norm=True, glue="fused")
+    n_slots, tokens, plan = len(layer.fused_rows) // 128, 600_000, layer.slot_plans[False]
+    assert tokens * (n_slots * 128 + 64) > 2**31 and tokens * len(plan.sources) * 128 > 2**31
+    torch.manual_seed(0)
+    projection = torch.randn(1, tokens, n_slots * 128 + 64, device="cuda", dtype=torch.bfloat16)
+    slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
+    weight = (1 + 0.3 * torch.randn(2, 128, device="cuda")).to(torch.bfloat16)
+    cos, sin = (t[:tokens] for t in rope_table(tokens, 128, 1e6, "cuda", torch.bfloat16))
+    parts = slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
+    for ends in (slice(0, 3), slice(tokens - 3, tokens)):
+        twin = glue.slot_norm_rope(slots[:, ends], plan, weight, 1e-6, cos[ends], sin[ends])
+        for part, expected in zip(parts, twin, strict=True):
+            assert rel(part[:, ends], expected) < 1e-2
 
 
 BF16_LAYER = 5e-2  # one bf16 layer against its fp32 reference

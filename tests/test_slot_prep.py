@@ -1,6 +1,8 @@
 """slot_norm_rope, the fused path's input preparation: glue's torch twin against a slot-by-slot composition of torch's
 RMSNorm and Hugging Face-style RoPE, and the Triton kernel (slot_prep.py; Triton's interpreter on CPU tensors,
-conftest sets TRITON_INTERPRET=1) against the twin."""
+conftest sets TRITON_INTERPRET=1) against the twin, and in a layer's fused path against the reference glue."""
+
+import dataclasses
 
 import numpy
 import pytest
@@ -67,6 +69,7 @@ def test_the_torch_twin_is_the_slot_by_slot_composition(plan, B, T, d, per_seque
         (2, 70, 16, False, True, torch.float32),  # five blocks of 32 tokens, the last partial
         (3, 1, 12, True, False, torch.float32),  # decode; a half of 6 (masked to 8 lanes); per-sequence tables
         (1, 9, 16, False, True, torch.float16),
+        (2, 40, 12, True, True, torch.float64),  # in fp64 (it computed in fp32); the norm over a masked half
     ],
 )
 def test_the_triton_kernel_is_the_torch_twin(plan, B, T, d, per_sequence, norm, dtype):
@@ -76,7 +79,7 @@ def test_the_triton_kernel_is_the_torch_twin(plan, B, T, d, per_sequence, norm, 
     weight = weight if norm else None
     got = slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
     want = glue.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-3)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == dtype
         torch.testing.assert_close(g, w, atol=tol, rtol=tol)
@@ -88,3 +91,28 @@ def test_the_kernel_refuses_a_strided_head_dim():
     slots = torch.randn(1, 4, 7, 32)[..., ::2]
     with pytest.raises(ValueError, match="contiguous, even last dim"):
         slot_prep.slot_norm_rope(slots, PLAN, None, 1e-6, None, None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fa_heads, n_kv", [((0, 3, 5), 4), ((0, 1, 2, 3, 4, 5, 6, 7), 4), ((), 2)])
+def test_a_layer_through_the_kernel_equals_the_reference_glue(fa_heads, n_kv, monkeypatch):
+    """The kernel where the GPU runs it, in the fused path of a layer (its own plans, tables and weights): with Qwen3's
+    q/k norms, GDN heads sharing KV groups with FA heads and not, per-sequence Hugging Face tables, a cached prefill
+    and decode steps, the outputs of the reference glue in fp64."""
+    from hhbench.layers import slot_prep
+    from hhbench.layers.hydrahead import rope_cos_sin
+    from tests.test_hydrahead import make_layer
+
+    monkeypatch.setattr(glue, "TORCH", dataclasses.replace(glue.TORCH, slot_norm_rope=slot_prep.slot_norm_rope))
+    reference = make_layer(fa_heads, n_kv=n_kv, qk_norm=True)
+    fused = make_layer(fa_heads, n_kv=n_kv, qk_norm=True, glue="fused")
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    positions = torch.stack([torch.arange(12), torch.randperm(12)])  # a table per sequence, not a shift of one
+    cos, sin = (torch.stack(t) for t in zip(*(rope_cos_sin(p, 8, 500.0, x.dtype) for p in positions), strict=True))
+    with torch.no_grad():
+        expected = reference(x, (cos, sin))
+        cache = fused.new_cache(2, 12, "cpu", x.dtype)
+        got = [fused(x[:, :9], (cos[:, :9], sin[:, :9]), cache=cache)]
+        got += [fused(x[:, t : t + 1], (cos[:, t : t + 1], sin[:, t : t + 1]), cache=cache) for t in range(9, 12)]
+    torch.testing.assert_close(torch.cat(got, 1), expected, rtol=1e-10, atol=1e-10)

@@ -139,9 +139,12 @@ def distill(
     set_cpu_threads(threads, target)  # small CPU models' ops are too small to share: 2 threads ran 6x slower
     if gdn_backend == "auto" and target.type == "cpu":
         gdn_backend = "torch-recurrent"  # trains ~2x faster than torch-chunk at small head dims (the same values)
-    for name, kind in ((fa_backend, FA), (gdn_backend, GDN)):  # an unknown name fails before the run folder
-        check_name(name, kind, target.type)
     loaded = load_model(model, str(target), dtype)
+    # an unknown name, or a backend that cannot train this model here, fails before the run folder (in training it
+    # raised deep inside the first step); the kernels see bf16 on CUDA, where the steps run under autocast (train.Job)
+    kernel_dtype = "bf16" if target.type == "cuda" else dtype
+    for name, kind in ((fa_backend, FA), (gdn_backend, GDN)):
+        check_name(name, kind, target.type, "train", kernel_dtype, loaded.shape.head_dim)
     check_positions(loaded, seq + 1, f"--seq {seq} and its next-token target")
     for variant in variant_list:  # bad head maps and refused conversions fail before the run folder is made
         plan = variant.plan(loaded.shape, head_map or None)

@@ -128,14 +128,22 @@ def get(name: str, kind: str) -> Backend:
     return backend
 
 
-def check_name(name: str, kind: str, device: str) -> None:
-    """A backend name as a user gives it: "auto", or a known backend that runs on `device` ("cpu", "cuda").
-    Raises UserError (one line) for an unknown name or a GPU-only backend on a machine without a GPU."""
+def check_name(
+    name: str, kind: str, device: str, pass_: str | None = None, dtype: str | None = None, head_dim: int | None = None
+) -> None:
+    """A backend name as a user gives it: "auto", or a known backend that runs on `device` ("cpu", "cuda"), and,
+    given a pass, one that runs that pass here (in `dtype`, at `head_dim`, where given: resolve's names). Raises
+    UserError (one line) for an unknown name, a GPU-only backend on a machine without a GPU, or a backend that cannot
+    run the pass here (Backend.unavailable, Backend.unsupported): a command that is no sweep has no row to hold it."""
     if name == "auto":
         return
     backend = get(name, kind)
     if device not in backend.devices:
         raise UserError(f"backend {name} needs {' or '.join(backend.devices)}, and this run is on {device}")
+    if pass_ is not None:
+        reason = backend.unavailable(device) or backend.unsupported(pass_, dtype, head_dim)
+        if reason is not None:
+            raise UserError(f"backend {name} cannot run the {pass_} pass here: {reason}")
 
 
 def names(kind: str) -> list[str]:

@@ -11,6 +11,7 @@ One program per (block of tokens, destination slot). With TRITON_INTERPRET=1 set
 interpreter runs it on CPU tensors: how the tests check it without a GPU.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -23,7 +24,7 @@ BLOCK_TOKENS = 32
 @triton.jit
 def _slot_norm_rope(X, Plan, W, Cos, Sin, Out, n_tokens, T, n_dest, n_rope, stride_xb, stride_xt, stride_xs,
                     stride_cb, stride_ct, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                    BLOCK_T: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+                    BLOCK_T: tl.constexpr, NORM: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
     j = tl.program_id(1)
     source = tl.load(Plan + j)
     kind = tl.load(Plan + n_dest + j)
@@ -35,19 +36,20 @@ def _slot_norm_rope(X, Plan, W, Cos, Sin, Out, n_tokens, T, n_dest, n_rope, stri
     b = (tok // T).to(tl.int64)  # offsets of long sequences overflow int32
     t = (tok % T).to(tl.int64)
     x_row = X + b * stride_xb + t * stride_xt + source * stride_xs
-    x1 = tl.load(x_row[:, None] + h[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row[:, None] + HALF + h[None, :], mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x_row[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
+    x2 = tl.load(x_row[:, None] + HALF + h[None, :], mask=mask, other=0.0).to(COMPUTE)
     if NORM:
         if kind < 2:  # 0: a q slot, 1: a k slot (the weight's row); 2: taken as it is
-            rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
-            w1 = tl.load(W + kind * 2 * HALF + h, mask=h < HALF, other=0.0).to(tl.float32)
-            w2 = tl.load(W + kind * 2 * HALF + HALF + h, mask=h < HALF, other=0.0).to(tl.float32)
+            # a root and a division a token: tl.rsqrt may lower to an approximate root in fp64 too
+            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+            w1 = tl.load(W + kind * 2 * HALF + h, mask=h < HALF, other=0.0).to(COMPUTE)
+            w2 = tl.load(W + kind * 2 * HALF + HALF + h, mask=h < HALF, other=0.0).to(COMPUTE)
             x1 = x1 * rstd[:, None] * w1[None, :]
             x2 = x2 * rstd[:, None] * w2[None, :]
     if j < n_rope:
         table = b * stride_cb + t * stride_ct
-        cos = tl.load(Cos + table[:, None] + h[None, :], mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(Sin + table[:, None] + h[None, :], mask=mask, other=0.0).to(tl.float32)
+        cos = tl.load(Cos + table[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
+        sin = tl.load(Sin + table[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     part = Out + first.to(tl.int64) * n_tokens * (2 * HALF)
     o_row = part + tok.to(tl.int64) * size * (2 * HALF) + (j - first) * (2 * HALF)
@@ -59,7 +61,8 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin):
     """glue.slot_norm_rope's op as one kernel launch: slots [B, T, S, d] (any strides but a contiguous last dim),
     `plan` (glue.SlotPlan), weight [2, d] or None, half tables
     cos, sin [T, d / 2] or [B, T, d / 2] (None without RoPE slots) -> the plan's parts, each [B, T, n, d] contiguous,
-    views of one buffer. Raises ValueError for a strided last dim or an odd d."""
+    views of one buffer; computed in fp32, in fp64 for fp64 slots (the twin's promote_types). Raises ValueError for a
+    strided last dim or an odd d."""
     B, T, _, d = slots.shape
     if slots.stride(-1) != 1 or d % 2:
         raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(slots.stride())}")
@@ -77,6 +80,7 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin):
     _slot_norm_rope[grid](
         slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin, out, n_tokens, T, n_dest, plan.n_rope,
         slots.stride(0), slots.stride(1), slots.stride(2), stride_cb, stride_ct, float(eps), HALF=d // 2,
-        BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, NORM=weight is not None, num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, NORM=weight is not None,
+        COMPUTE=tl.float64 if slots.dtype == torch.float64 else tl.float32, num_warps=4,
     )  # fmt: skip
     return plan.split(out, B, T, d)
