@@ -7,8 +7,9 @@ where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarke
 Shapes: conv x [B, T, C] (any strides), weight [C, K], states [B, C, K] in fla's layout (the last K inputs; the
 oldest is never read again). gate a [B, T, n] -> log decay, fp32. Norms take o [..., d] and return its dtype.
 RoPE takes x [B, T, n, d] and half tables cos, sin [T, d / 2] in x's dtype (fla's layout: Hugging Face's tables hold
-each half twice) and returns x's dtype. slot_norm_rope, the inputs' preparation without autograd (gather, Qwen3's q/k
-norms, RoPE at once), is hhbench's own Triton kernel on CUDA (slot_prep.py).
+each half twice) and returns x's dtype. slot_norm_rope, the inputs' preparation (gather, Qwen3's q/k norms, RoPE at
+once), and its backward are hhbench's own Triton kernels on CUDA (slot_prep.py); TORCH's backward differentiates the
+twin.
 """
 
 import functools
@@ -41,6 +42,9 @@ class GlueOps:
     rope: Callable
     # (slots, plan, weight, eps, cos, sin) -> the plan's parts: slots gathered, q/k-normed, RoPE'd (slot_norm_rope)
     slot_norm_rope: Callable
+    # (grads, slots, plan, weight, eps, cos, sin, grad_slots) -> weight's gradient or None; writes slots' gradient
+    # at the slots the plan reads into grad_slots (slot_norm_rope_backward)
+    slot_norm_rope_backward: Callable
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,28 @@ class SlotPlan:
     kinds: tuple[int, ...]
     sizes: tuple[int, ...]
     n_rope: int
+
+    def __post_init__(self):
+        for source in set(self.sources):
+            kinds = {k for s, k in zip(self.sources, self.kinds, strict=True) if s == source}
+            if len(kinds) > 1:  # the backward normalizes a source once and gives its gradient to one weight row
+                raise ValueError(f"source slot {source} is read as kinds {sorted(kinds)}: a slot is a q, k or v slot")
+
+    @functools.cached_property
+    def read(self) -> tuple[int, ...]:
+        """The source slots the plan reads, ascending, once each."""
+        return tuple(sorted(set(self.sources)))
+
+    @functools.cached_property
+    def inverse(self) -> tuple[int, tuple[int, ...]]:
+        """The plan from the sources' side, as the backward kernel reads it: (fan-out F, the largest number of
+        destinations of one source; [2 + F, R] flattened for the R read sources: each one's kind, the source, then its
+        destinations padded with -1)."""
+        readers = [[j for j, s in enumerate(self.sources) if s == source] for source in self.read]
+        fan_out = max(len(r) for r in readers)
+        kinds = [self.kinds[r[0]] for r in readers]
+        padded = [r[f] if f < len(r) else -1 for f in range(fan_out) for r in readers]
+        return fan_out, (*kinds, *self.read, *padded)
 
     @functools.cached_property
     def table(self) -> tuple[int, ...]:
@@ -85,6 +111,20 @@ def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin):
     if plan.n_rope:
         x = torch.cat([rope_half(x[:, :, : plan.n_rope], cos.to(dtype), sin.to(dtype)), x[:, :, plan.n_rope :]], 2)
     return tuple(part.contiguous() for part in x.to(slots.dtype).split(plan.sizes, 2))
+
+
+def slot_norm_rope_backward(grads, slots, plan: SlotPlan, weight, eps, cos, sin, grad_slots):
+    """slot_norm_rope's backward in torch ops (the twin recomputed and differentiated): grads, the gradients of its
+    parts (each [B, T, n, d]) -> writes the gradient of slots [B, T, S, d] at the slots the plan reads (plan.read)
+    into grad_slots (slots' shape, any strides; its other slots are left as they are) and returns weight's gradient
+    [2, d] in weight's dtype (None without weight)."""
+    with torch.enable_grad():
+        leaves = [slots.detach().requires_grad_()] + ([] if weight is None else [weight.detach().requires_grad_()])
+        parts = slot_norm_rope(leaves[0], plan, leaves[-1] if weight is not None else None, eps, cos, sin)
+        grad = torch.autograd.grad(parts, leaves, grads, allow_unused=True, materialize_grads=True)
+    read = torch.tensor(plan.read, device=slots.device)
+    grad_slots.index_copy_(2, read, grad[0].index_select(2, read))
+    return grad[1] if weight is not None else None
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
@@ -129,7 +169,15 @@ def _torch_norm_gated(o, gate, eps):
 
 
 TORCH = GlueOps(
-    "torch", _torch_conv, _torch_conv_update, gdn_decay, rms_norm, _torch_norm_gated, rope_half, slot_norm_rope
+    "torch",
+    _torch_conv,
+    _torch_conv_update,
+    gdn_decay,
+    rms_norm,
+    _torch_norm_gated,
+    rope_half,
+    slot_norm_rope,
+    slot_norm_rope_backward,
 )
 
 
@@ -159,9 +207,17 @@ def fla_ops() -> GlueOps:
     from hhbench.layers import slot_prep
 
     # rotary_embedding: one kernel, in fp32 (a strided x is made contiguous first, by fla's input guard);
-    # slot_norm_rope: hhbench's own kernel (fla has no RMSNorm with a weight per row or a gather)
+    # slot_norm_rope and its backward: hhbench's own kernels (fla has no RMSNorm with a weight per row or a gather)
     return GlueOps(
-        "fla", conv, conv_update, fused_gdn_gate, norm, norm_gated, rotary_embedding, slot_prep.slot_norm_rope
+        "fla",
+        conv,
+        conv_update,
+        fused_gdn_gate,
+        norm,
+        norm_gated,
+        rotary_embedding,
+        slot_prep.slot_norm_rope,
+        slot_prep.slot_norm_rope_backward,
     )
 
 

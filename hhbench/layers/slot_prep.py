@@ -7,10 +7,14 @@ the norm weights, a RoPE (another copy of its strided slots) and gathers of the 
 over the slots, 1.4-1.5 ms a Qwen3-1.7B layer at 64K on an H200 (results/floor-h200-v4). This kernel reads each
 source slot once per destination and writes the destination once.
 
-One program per (block of tokens, destination slot). With TRITON_INTERPRET=1 set before triton is imported, Triton's
-interpreter runs it on CPU tensors: how the tests check it without a GPU.
+One program per (block of tokens, destination slot). The backward kernel (training) runs one program per (block of
+tokens, source slot the plan reads): it sums the gradients of the source's destinations (each un-rotated where RoPE'd),
+takes them back through the norm recomputed from the source, and writes the source's gradient once, without atomics;
+the norm weight's gradient comes as fp32 sums per program, added up by torch. With TRITON_INTERPRET=1 set before
+triton is imported, Triton's interpreter runs both on CPU tensors: how the tests check them without a GPU.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -65,14 +69,7 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin):
         raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(slots.stride())}")
     n_tokens, n_dest = B * T, len(plan.sources)
     out = slots.new_empty(n_tokens * n_dest * d)
-    if plan.n_rope:
-        cos, sin = (c if c.dim() == 3 else c[None] for c in (cos, sin))
-        if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-            cos, sin = cos.contiguous(), sin.contiguous()
-        stride_cb, stride_ct = (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
-    else:
-        cos = sin = slots  # not read
-        stride_cb = stride_ct = 0
+    cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
     grid = (triton.cdiv(n_tokens, BLOCK_TOKENS), n_dest)
     _slot_norm_rope[grid](
         slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin, out, n_tokens, T, n_dest, plan.n_rope,
@@ -80,3 +77,101 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin):
         BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, NORM=weight is not None, num_warps=4,
     )  # fmt: skip
     return plan.split(out, B, T, d)
+
+
+@triton.jit
+def _slot_norm_rope_backward(X, Inverse, W, Cos, Sin, Grads, DX, DW, n_tokens, T, n_read, n_dest, n_rope, stride_xb,
+                             stride_xt, stride_xs, stride_cb, stride_ct, stride_db, stride_dt, stride_ds, eps,
+                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+                             FAN_OUT: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+    i = tl.program_id(1)
+    kind = tl.load(Inverse + i)
+    source = tl.load(Inverse + n_read + i)
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.arange(0, BLOCK_HALF)
+    mask = (tok < n_tokens)[:, None] & (h < HALF)[None, :]
+    b = (tok // T).to(tl.int64)
+    t = (tok % T).to(tl.int64)
+    # the gradient reaching the source: its destinations' gradients, each rotated back where RoPE'd (RoPE's transpose)
+    g1 = tl.zeros([BLOCK_T, BLOCK_HALF], dtype=tl.float32)
+    g2 = tl.zeros([BLOCK_T, BLOCK_HALF], dtype=tl.float32)
+    for f in tl.static_range(FAN_OUT):
+        j = tl.load(Inverse + (2 + f) * n_read + i)
+        if j >= 0:  # Grads [3, J]: the address of destination j's gradient at token 0, its strides over b and t
+            row = tl.load(Grads + j).to(X.dtype) + b * tl.load(Grads + n_dest + j) + t * tl.load(Grads + 2 * n_dest + j)
+            d1 = tl.load(row[:, None] + h[None, :], mask=mask, other=0.0).to(tl.float32)
+            d2 = tl.load(row[:, None] + HALF + h[None, :], mask=mask, other=0.0).to(tl.float32)
+            if j < n_rope:
+                table = b * stride_cb + t * stride_ct
+                cos = tl.load(Cos + table[:, None] + h[None, :], mask=mask, other=0.0).to(tl.float32)
+                sin = tl.load(Sin + table[:, None] + h[None, :], mask=mask, other=0.0).to(tl.float32)
+                d1, d2 = d1 * cos + d2 * sin, d2 * cos - d1 * sin
+            g1 += d1
+            g2 += d2
+    if NORM:
+        dw1 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+        dw2 = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+        if kind < 2:  # y = xhat w with xhat = x rstd: dw = sum gy xhat, dx = rstd (dxhat - xhat mean(dxhat xhat))
+            x_row = X + b * stride_xb + t * stride_xt + source * stride_xs
+            x1 = tl.load(x_row[:, None] + h[None, :], mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_row[:, None] + HALF + h[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
+            x1 = x1 * rstd[:, None]
+            x2 = x2 * rstd[:, None]
+            w1 = tl.load(W + kind * 2 * HALF + h, mask=h < HALF, other=0.0).to(tl.float32)
+            w2 = tl.load(W + kind * 2 * HALF + HALF + h, mask=h < HALF, other=0.0).to(tl.float32)
+            dw1 = tl.sum(g1 * x1, 0)
+            dw2 = tl.sum(g2 * x2, 0)
+            g1 = g1 * w1[None, :]
+            g2 = g2 * w2[None, :]
+            mean = (tl.sum(g1 * x1, 1) + tl.sum(g2 * x2, 1)) / (2 * HALF)
+            g1 = (g1 - x1 * mean[:, None]) * rstd[:, None]
+            g2 = (g2 - x2 * mean[:, None]) * rstd[:, None]
+        dw_row = DW + (tl.program_id(0) * n_read + i).to(tl.int64) * (2 * HALF)
+        tl.store(dw_row + h, dw1, mask=h < HALF)
+        tl.store(dw_row + HALF + h, dw2, mask=h < HALF)
+    dx_row = DX + b * stride_db + t * stride_dt + source * stride_ds
+    tl.store(dx_row[:, None] + h[None, :], g1.to(DX.dtype.element_ty), mask=mask)
+    tl.store(dx_row[:, None] + HALF + h[None, :], g2.to(DX.dtype.element_ty), mask=mask)
+
+
+def _rope_strides(cos, sin, fallback):
+    """(cos, sin, stride over sequences, stride over tokens) of half tables [T, d / 2] or [B, T, d / 2] as the kernels
+    read them (a table of one sequence has stride 0 over sequences); without tables `fallback` stands in, unread."""
+    if cos is None:
+        return fallback, fallback, 0, 0
+    cos, sin = (c if c.dim() == 3 else c[None] for c in (cos, sin))
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
+
+
+def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slots):
+    """glue.slot_norm_rope_backward's op as one kernel launch and a sum: grads, the gradients of slot_norm_rope's parts
+    (each [B, T, n, d], any strides) -> writes the gradient of slots [B, T, S, d] at the slots the plan reads
+    (plan.read) into grad_slots (slots' shape and dtype, any strides but a contiguous last dim; its other slots are
+    left as they are) and returns weight's gradient [2, d] in weight's dtype (None without weight). Deterministic: no
+    atomics. Raises ValueError for a strided last dim or an odd d."""
+    B, T, _, d = slots.shape
+    if slots.stride(-1) != 1 or grad_slots.stride(-1) != 1 or d % 2:
+        raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(slots.stride())}")
+    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in grads]  # held until the kernel has read them
+    rows = [(g.data_ptr() + n * g.stride(2) * g.element_size(), g.stride(0), g.stride(1)) for g in grads
+            for n in range(g.shape[2])]  # fmt: skip
+    table = torch.tensor([*zip(*rows, strict=True)], dtype=torch.int64).flatten().to(slots.device)
+    n_tokens, fan_out, inverse = B * T, *plan.inverse
+    n_read, n_blocks = len(plan.read), triton.cdiv(B * T, BLOCK_TOKENS)
+    partial = None if weight is None else slots.new_empty(n_blocks, n_read, d, dtype=torch.float32)
+    cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
+    _slot_norm_rope_backward[(n_blocks, n_read)](
+        slots, head_index(inverse, slots.device), slots if weight is None else weight, cos, sin, table, grad_slots,
+        partial, n_tokens, T, n_read, len(plan.sources), plan.n_rope, slots.stride(0), slots.stride(1), slots.stride(2),
+        stride_cb, stride_ct, grad_slots.stride(0), grad_slots.stride(1), grad_slots.stride(2), float(eps),
+        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, FAN_OUT=fan_out,
+        NORM=weight is not None, num_warps=4,
+    )  # fmt: skip
+    if weight is None:
+        return None
+    sums = partial.sum(0)
+    kinds = head_index(inverse[:n_read], slots.device)  # each read source's weight row; v slots (2) add zeros
+    return sums.new_zeros(3, d).index_add_(0, kinds, sums)[:2].to(weight.dtype)
