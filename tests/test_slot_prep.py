@@ -25,6 +25,19 @@ PLAN = SlotPlan(sources=(0, 1, 2, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 1, 0, 0, 1, 1,
 JOINED = SlotPlan(sources=(0, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 0, 1, 1, 2, 2), sizes=(1, 6), n_rope=1)  # decode's
 
 
+# The kernels' cases in Triton's interpreter, forward and backward
+KERNEL_PLANS = pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
+KERNEL_CASES = pytest.mark.parametrize(
+    ("B", "T", "d", "per_sequence", "norm", "dtype"),
+    [
+        (2, 35, 16, False, True, torch.float32),  # three blocks of 32 tokens across two sequences, the last partial
+        (3, 1, 12, True, True, torch.float32),  # decode; a half of 6 (masked to 8 lanes); per-sequence tables
+        (1, 9, 16, True, False, torch.float32),  # without q/k norms
+        (1, 9, 16, False, True, torch.float16),
+    ],
+)
+
+
 def _inputs(B, T, d, per_sequence, dtype):
     """Head slots as views of a projection output [B, T, W] with columns beyond the slots (so strided), weights and
     RoPE half tables."""
@@ -62,15 +75,8 @@ def test_the_torch_twin_is_the_slot_by_slot_composition(plan, B, T, d, per_seque
 
 
 @needs_interpreter
-@pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
-@pytest.mark.parametrize(
-    ("B", "T", "d", "per_sequence", "norm", "dtype"),
-    [
-        (2, 70, 16, False, True, torch.float32),  # five blocks of 32 tokens, the last partial
-        (3, 1, 12, True, False, torch.float32),  # decode; a half of 6 (masked to 8 lanes); per-sequence tables
-        (1, 9, 16, False, True, torch.float16),
-    ],
-)
+@KERNEL_PLANS
+@KERNEL_CASES
 def test_the_triton_kernel_is_the_torch_twin(plan, B, T, d, per_sequence, norm, dtype):
     from hhbench.layers import slot_prep
 
@@ -130,16 +136,8 @@ def test_the_twins_backward_is_autograd_through_the_slot_by_slot_composition(pla
 
 
 @needs_interpreter
-@pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
-@pytest.mark.parametrize(
-    ("B", "T", "d", "per_sequence", "norm", "dtype"),
-    [
-        (2, 35, 16, False, True, torch.float32),  # three blocks of 32 tokens, the last partial
-        (3, 1, 12, True, True, torch.float32),  # decode; a half of 6 (masked to 8 lanes); per-sequence tables
-        (1, 9, 16, True, False, torch.float32),
-        (1, 9, 16, False, True, torch.float16),
-    ],
-)
+@KERNEL_PLANS
+@KERNEL_CASES
 def test_the_triton_backward_kernel_is_autograd_through_the_twin(plan, B, T, d, per_sequence, norm, dtype):
     """slot_prep.slot_norm_rope_backward against glue.slot_norm_rope_backward (torch autograd through the twin): the
     same gradient buffer, read slots written and the rest left alone, and the same weight gradient."""
