@@ -1,15 +1,14 @@
 """The glue ops of a HydraHead layer's fused path, one op per function (fla's way): the GDN heads' short causal
-conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu) and the FA heads'
-RoPE. On CUDA they are fla's Triton kernels; TORCH holds torch ops of the same signatures and math, so that the
+conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu), and the q, k and v
+slots' preparation (gather, Qwen3's q/k norms, the FA heads' RoPE) with its backward. On CUDA they are Triton kernels
+(fla's; the preparation hhbench's own, slot_prep.py); TORCH holds torch ops of the same signatures and math, so that the
 fused composition (head order and norm scales folded into the weights, conv states, shapes) is tested on the CPU,
 where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarker).
 
 Shapes: conv x [B, T, C] (any strides), weight [C, K], states [B, C, K] in fla's layout (the last K inputs; the
 oldest is never read again). gate a [B, T, n] -> log decay, fp32. Norms take o [..., d] and return its dtype.
-RoPE takes x [B, T, n, d] and half tables cos, sin [T, d / 2] in x's dtype (fla's layout: Hugging Face's tables hold
-each half twice) and returns x's dtype. slot_norm_rope, the inputs' preparation (gather, Qwen3's q/k norms, RoPE at
-once), and its backward are hhbench's own Triton kernels on CUDA (slot_prep.py); TORCH's backward differentiates the
-twin.
+RoPE (rope_half) takes half tables cos, sin [T, d / 2] (Hugging Face's tables hold each half twice). TORCH's
+slot_norm_rope backward differentiates its twin.
 """
 
 import functools
@@ -38,8 +37,6 @@ class GlueOps:
     norm: Callable
     # (o, gate, eps) -> o / rms(o) * silu(gate)
     norm_gated: Callable
-    # (x, cos, sin) -> x rotated by RoPE, rotate-half convention
-    rope: Callable
     # (slots, plan, weight, eps, cos, sin) -> the plan's parts: slots gathered, q/k-normed, RoPE'd (slot_norm_rope)
     slot_norm_rope: Callable
     # (grads, slots, plan, weight, eps, cos, sin, grad_slots) -> weight's gradient or None; writes slots' gradient
@@ -119,9 +116,12 @@ def slot_norm_rope_backward(grads, slots, plan: SlotPlan, weight, eps, cos, sin,
     into grad_slots (slots' shape, any strides; its other slots are left as they are) and returns weight's gradient
     [2, d] in weight's dtype (None without weight)."""
     with torch.enable_grad():
-        leaves = [slots.detach().requires_grad_()] + ([] if weight is None else [weight.detach().requires_grad_()])
-        parts = slot_norm_rope(leaves[0], plan, leaves[-1] if weight is not None else None, eps, cos, sin)
-        grad = torch.autograd.grad(parts, leaves, grads, allow_unused=True, materialize_grads=True)
+        x = slots.detach().requires_grad_()
+        w = None if weight is None else weight.detach().requires_grad_()
+        parts = slot_norm_rope(x, plan, w, eps, cos, sin)
+        grad = torch.autograd.grad(
+            parts, [x] if w is None else [x, w], grads, allow_unused=True, materialize_grads=True
+        )
     read = torch.tensor(plan.read, device=slots.device)
     grad_slots.index_copy_(2, read, grad[0].index_select(2, read))
     return grad[1] if weight is not None else None
@@ -175,7 +175,6 @@ TORCH = GlueOps(
     gdn_decay,
     rms_norm,
     _torch_norm_gated,
-    rope_half,
     slot_norm_rope,
     slot_norm_rope_backward,
 )
@@ -187,7 +186,6 @@ def fla_ops() -> GlueOps:
     from fla.modules.causal_conv1d import causal_conv1d, causal_conv1d_update
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
     from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
-    from fla.modules.rotary import rotary_embedding
     from fla.ops.gated_delta_rule.gate import fused_gdn_gate
 
     def conv(x, weight, initial_state=None, output_final_state=False):
@@ -206,7 +204,6 @@ def fla_ops() -> GlueOps:
 
     from hhbench.layers import slot_prep
 
-    # rotary_embedding: one kernel, in fp32 (a strided x is made contiguous first, by fla's input guard);
     # slot_norm_rope and its backward: hhbench's own kernels (fla has no RMSNorm with a weight per row or a gather)
     return GlueOps(
         "fla",
@@ -215,7 +212,6 @@ def fla_ops() -> GlueOps:
         fused_gdn_gate,
         norm,
         norm_gated,
-        rotary_embedding,
         slot_prep.slot_norm_rope,
         slot_prep.slot_norm_rope_backward,
     )
