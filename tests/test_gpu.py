@@ -540,7 +540,8 @@ def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_s
     """hhbench's slot_norm_rope backward kernel (slot_prep.py) against glue.TORCH's (autograd through the twin, fp32)
     on the plans of a Qwen3-1.7B head 7:1 layer (GQA: a group's k slot read by two destinations; q/k norms), from
     strided slots of a projection into its gradient buffer: the slots' gradient and the norm weight's, fp32 to
-    rounding, bf16 within bf16's rounding of the fp32 twin; the same bits on a second run (no atomics)."""
+    rounding, bf16 within bf16's rounding of the fp32 twin; the same bits on a second run (no atomics); then captured
+    in a CUDA graph and replayed on new gradients."""
     from hhbench.layers import glue, slot_prep
     from hhbench.layers.hydrahead import HydraAttention, rope_table
 
@@ -571,6 +572,18 @@ def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_s
             assert torch.equal(grad, again) and torch.equal(grad_weight, again_weight)
             assert grad.dtype == grad_weight.dtype == dtype
             assert rel(grad, want) < tol and rel(grad_weight, want_weight) < tol, (dtype, plan.sizes)
+    # captured in a CUDA graph (training steps are) and replayed on new gradients: no copy to the GPU per call
+    grad, slots = torch.zeros_like(projection), slot_view(projection)
+    slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(grad))  # compiled first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grad_weight = slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(grad))
+    for g in grads:
+        g.normal_()
+    graph.replay()
+    want = torch.zeros_like(projection)
+    want_weight = glue.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(want))
+    assert rel(grad, want) < 1e-5 and rel(grad_weight, want_weight) < 1e-5
 
 
 BF16_LAYER = 5e-2  # one bf16 layer against its fp32 reference

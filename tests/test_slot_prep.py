@@ -96,6 +96,17 @@ def test_the_kernel_refuses_a_strided_head_dim():
     slots = torch.randn(1, 4, 7, 32)[..., ::2]
     with pytest.raises(ValueError, match="contiguous, even last dim"):
         slot_prep.slot_norm_rope(slots, PLAN, None, 1e-6, None, None)
+    with pytest.raises(ValueError, match="contiguous, even last dim"):
+        slot_prep.slot_norm_rope_backward([], slots, PLAN, None, 1e-6, None, None, slots)
+
+
+def test_the_backward_kernel_refuses_a_plan_of_more_parts_than_its_pointer_arguments():
+    from hhbench.layers import slot_prep
+
+    plan = SlotPlan(sources=tuple(range(6)), kinds=(2,) * 6, sizes=(1,) * 6, n_rope=0)
+    slots = torch.randn(1, 4, 6, 8)
+    with pytest.raises(ValueError, match="up to 5 parts, not 6"):
+        slot_prep.slot_norm_rope_backward([slots[:, :, :1]] * 6, slots, plan, None, 1e-6, None, None, slots)
 
 
 def _backward_inputs(B, T, d, per_sequence, dtype, plan):

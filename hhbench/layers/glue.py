@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hhbench.kernels.hybrid import head_index
 from hhbench.kernels.reference import gdn_decay
 
 
@@ -80,11 +81,12 @@ class SlotPlan:
 
     @functools.cached_property
     def table(self) -> tuple[int, ...]:
-        """The plan as the kernel reads it, [4, J] flattened: sources, kinds, and each destination's part as its first
-        slot and its number of slots."""
+        """The plan as the kernels read it, [5, J] flattened: sources, kinds, and each destination's part as its first
+        slot, its number of slots and its index."""
         firsts = [sum(self.sizes[:i]) for i, n in enumerate(self.sizes) for _ in range(n)]
         counts = [n for n in self.sizes for _ in range(n)]
-        return (*self.sources, *self.kinds, *firsts, *counts)
+        parts = [i for i, n in enumerate(self.sizes) for _ in range(n)]
+        return (*self.sources, *self.kinds, *firsts, *counts, *parts)
 
     def split(self, flat: torch.Tensor, B: int, T: int, d: int) -> tuple[torch.Tensor, ...]:
         """The parts of a buffer of B T J d elements, part after part, each [B, T, n, d]."""
@@ -122,7 +124,7 @@ def slot_norm_rope_backward(grads, slots, plan: SlotPlan, weight, eps, cos, sin,
         grad = torch.autograd.grad(
             parts, [x] if w is None else [x, w], grads, allow_unused=True, materialize_grads=True
         )
-    read = torch.tensor(plan.read, device=slots.device)
+    read = head_index(plan.read, slots.device)
     grad_slots.index_copy_(2, read, grad[0].index_select(2, read))
     return grad[1] if weight is not None else None
 

@@ -80,9 +80,25 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin):
 
 
 @triton.jit
-def _slot_norm_rope_backward(X, Inverse, W, Cos, Sin, Grads, DX, DW, n_tokens, T, n_read, n_dest, n_rope, stride_xb,
-                             stride_xt, stride_xs, stride_cb, stride_ct, stride_db, stride_dt, stride_ds, eps,
-                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+def _part_grad(p, G0, G1, G2, G3, G4):
+    """The gradient of part p: one pointer argument a part, as a table of pointers made per call would be a copy to
+    the GPU inside a CUDA graph's capture (training steps are captured)."""
+    part = G0
+    if p == 1:
+        part = G1
+    if p == 2:
+        part = G2
+    if p == 3:
+        part = G3
+    if p == 4:
+        part = G4
+    return part
+
+
+@triton.jit
+def _slot_norm_rope_backward(X, Plan, Inverse, W, Cos, Sin, G0, G1, G2, G3, G4, DX, DW, n_tokens, T, n_read, n_dest,
+                             n_rope, stride_xb, stride_xt, stride_xs, stride_cb, stride_ct, stride_db, stride_dt,
+                             stride_ds, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
                              FAN_OUT: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
     i = tl.program_id(1)
     kind = tl.load(Inverse + i)
@@ -97,8 +113,11 @@ def _slot_norm_rope_backward(X, Inverse, W, Cos, Sin, Grads, DX, DW, n_tokens, T
     g2 = tl.zeros([BLOCK_T, BLOCK_HALF], dtype=tl.float32)
     for f in tl.static_range(FAN_OUT):
         j = tl.load(Inverse + (2 + f) * n_read + i)
-        if j >= 0:  # Grads [3, J]: the address of destination j's gradient at token 0, its strides over b and t
-            row = tl.load(Grads + j).to(X.dtype) + b * tl.load(Grads + n_dest + j) + t * tl.load(Grads + 2 * n_dest + j)
+        if j >= 0:  # destination j's gradient: its part's [B, T, n, d] (contiguous), at j's slot in it
+            first = tl.load(Plan + 2 * n_dest + j)
+            size = tl.load(Plan + 3 * n_dest + j)
+            part = _part_grad(tl.load(Plan + 4 * n_dest + j), G0, G1, G2, G3, G4)
+            row = part + tok.to(tl.int64) * size * (2 * HALF) + (j - first) * (2 * HALF)
             d1 = tl.load(row[:, None] + h[None, :], mask=mask, other=0.0).to(tl.float32)
             d2 = tl.load(row[:, None] + HALF + h[None, :], mask=mask, other=0.0).to(tl.float32)
             if j < n_rope:
@@ -146,25 +165,30 @@ def _rope_strides(cos, sin, fallback):
     return cos, sin, (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
 
 
+# the backward kernel's pointer arguments for the parts' gradients (a layer's plan: FA q, FA k, GDN q, k, v)
+MAX_PARTS = 5
+
+
 def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slots):
     """glue.slot_norm_rope_backward's op as one kernel launch and a sum: grads, the gradients of slot_norm_rope's parts
-    (each [B, T, n, d], any strides) -> writes the gradient of slots [B, T, S, d] at the slots the plan reads
-    (plan.read) into grad_slots (slots' shape and dtype, any strides but a contiguous last dim; its other slots are
-    left as they are) and returns weight's gradient [2, d] in weight's dtype (None without weight). Deterministic: no
-    atomics. Raises ValueError for a strided last dim or an odd d."""
+    (each [B, T, n, d], made contiguous where they are not) -> writes the gradient of slots [B, T, S, d] at the slots
+    the plan reads (plan.read) into grad_slots (slots' shape and dtype, any strides but a contiguous last dim; its
+    other slots are left as they are) and returns weight's gradient [2, d] in weight's dtype (None without weight).
+    Deterministic (no atomics), and without copies to the GPU (CUDA graphs capture it). Raises ValueError for a
+    strided last dim, an odd d or a plan of more than MAX_PARTS parts."""
     B, T, _, d = slots.shape
     if slots.stride(-1) != 1 or grad_slots.stride(-1) != 1 or d % 2:
         raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(slots.stride())}")
-    grads = [g if g.stride(-1) == 1 else g.contiguous() for g in grads]  # held until the kernel has read them
-    rows = [(g.data_ptr() + n * g.stride(2) * g.element_size(), g.stride(0), g.stride(1)) for g in grads
-            for n in range(g.shape[2])]  # fmt: skip
-    table = torch.tensor([*zip(*rows, strict=True)], dtype=torch.int64).flatten().to(slots.device)
+    if len(plan.sizes) > MAX_PARTS:
+        raise ValueError(f"slot_norm_rope's backward takes plans of up to {MAX_PARTS} parts, not {len(plan.sizes)}")
+    grads = [g.contiguous() for g in grads]
     n_tokens, fan_out, inverse = B * T, *plan.inverse
     n_read, n_blocks = len(plan.read), triton.cdiv(B * T, BLOCK_TOKENS)
     partial = None if weight is None else slots.new_empty(n_blocks, n_read, d, dtype=torch.float32)
     cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
     _slot_norm_rope_backward[(n_blocks, n_read)](
-        slots, head_index(inverse, slots.device), slots if weight is None else weight, cos, sin, table, grad_slots,
+        slots, head_index(plan.table, slots.device), head_index(inverse, slots.device),
+        slots if weight is None else weight, cos, sin, *grads, *[grads[0]] * (MAX_PARTS - len(grads)), grad_slots,
         partial, n_tokens, T, n_read, len(plan.sources), plan.n_rope, slots.stride(0), slots.stride(1), slots.stride(2),
         stride_cb, stride_ct, grad_slots.stride(0), grad_slots.stride(1), grad_slots.stride(2), float(eps),
         HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, FAN_OUT=fan_out,
