@@ -1,6 +1,6 @@
-"""The fused path's input preparation as one Triton kernel: the head slots of the projection's output gathered into
-the tensors the attention kernels take, Qwen3's per-head q/k RMSNorm with its weight and the FA heads' RoPE applied
-on the way (glue.slot_norm_rope is the torch twin and defines the math).
+"""The fused path's input preparation as one Triton kernel, and its backward as another: the head slots of the
+projection's output gathered into the tensors the attention kernels take, Qwen3's per-head q/k RMSNorm with its weight
+and the FA heads' RoPE applied on the way (glue.slot_norm_rope is the torch twin and defines the math).
 
 Composed from fla's ops the same work is an RMSNorm (whose input guard first copies the strided slots), a multiply by
 the norm weights, a RoPE (another copy of its strided slots) and gathers of the GDN heads' q, k and v: 4-6 passes
