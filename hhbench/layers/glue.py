@@ -71,13 +71,15 @@ class SlotPlan:
     @functools.cached_property
     def inverse(self) -> tuple[int, tuple[int, ...]]:
         """The plan from the sources' side, as the backward kernel reads it: (fan-out F, the largest number of
-        destinations of one source; [2 + F, R] flattened for the R read sources: each one's kind, the source, then its
-        destinations padded with -1)."""
-        readers = [[j for j, s in enumerate(self.sources) if s == source] for source in self.read]
+        destinations of one source; [2 + F, R] flattened for the R read sources, ordered by kind (q slots, k slots,
+        v slots: their weight gradients are then runs): each one's kind, the source, then its destinations padded
+        with -1)."""
+        kind_of = dict(zip(self.sources, self.kinds, strict=True))
+        read = sorted(self.read, key=lambda source: (kind_of[source], source))
+        readers = [[j for j, s in enumerate(self.sources) if s == source] for source in read]
         fan_out = max(len(r) for r in readers)
-        kinds = [self.kinds[r[0]] for r in readers]
         padded = [r[f] if f < len(r) else -1 for f in range(fan_out) for r in readers]
-        return fan_out, (*kinds, *self.read, *padded)
+        return fan_out, (*(kind_of[source] for source in read), *read, *padded)
 
     @functools.cached_property
     def table(self) -> tuple[int, ...]:

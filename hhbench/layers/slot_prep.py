@@ -189,13 +189,13 @@ def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slot
     _slot_norm_rope_backward[(n_blocks, n_read)](
         slots, head_index(plan.table, slots.device), head_index(inverse, slots.device),
         slots if weight is None else weight, cos, sin, *grads, *[grads[0]] * (MAX_PARTS - len(grads)), grad_slots,
-        partial, n_tokens, T, n_read, len(plan.sources), plan.n_rope, slots.stride(0), slots.stride(1), slots.stride(2),
+        grad_slots if partial is None else partial, n_tokens, T, n_read, len(plan.sources), plan.n_rope, slots.stride(0), slots.stride(1), slots.stride(2),
         stride_cb, stride_ct, grad_slots.stride(0), grad_slots.stride(1), grad_slots.stride(2), float(eps),
         HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, FAN_OUT=fan_out,
         NORM=weight is not None, num_warps=4,
     )  # fmt: skip
     if weight is None:
         return None
-    sums = partial.sum(0)
-    kinds = head_index(inverse[:n_read], slots.device)  # each read source's weight row; v slots (2) add zeros
-    return sums.new_zeros(3, d).index_add_(0, kinds, sums)[:2].to(weight.dtype)
+    n_q, n_k = (inverse[:n_read].count(kind) for kind in (0, 1))  # the read sources are q, k, then v slots
+    rows = (partial[:, :n_q], partial[:, n_q : n_q + n_k])  # index_add_ would add by atomics on CUDA
+    return torch.stack([row.sum((0, 1)) for row in rows]).to(weight.dtype)
