@@ -236,17 +236,16 @@ def test_every_call_into_fla_fits_the_installed_flas_signature(monkeypatch):
     gate = spy_on_fla(monkeypatch, f"{fla_gdn}.gate", "fused_gdn_gate")
     norm = spy_on_fla(monkeypatch, "fla.modules.norm.layernorm", "rms_norm")
     norm_gated = spy_on_fla(monkeypatch, "fla.modules.norm.fused_norm_gate", "rms_norm_gated")
-    rope = spy_on_fla(monkeypatch, "fla.modules.rotary", "rotary_embedding")
     glue.fla_ops.cache_clear()  # it holds the functions fla had when first asked
     try:
         ops = glue.fla_ops()
-        x, weight, cos, sin = torch.randn(2, 5, 6), torch.randn(6, 4), torch.randn(5, 8), torch.randn(5, 8)
+        x, weight = torch.randn(2, 5, 6), torch.randn(6, 4)
         # as the fused layer calls them (hydrahead.py): positions and names of the GlueOps fields' signatures
         ops.conv(x, weight, state, True), ops.conv_update(x[:, :1], state, weight), ops.gate(a, A_log, dt_bias)
-        ops.norm(x, 1e-6), ops.norm_gated(x, v, 1e-6), ops.rope(q, cos, sin)
+        ops.norm(x, 1e-6), ops.norm_gated(x, v, 1e-6)
     finally:
         glue.fla_ops.cache_clear()
-    ((conv,), (update,), (gate,), (norm,), (norm_gated,), (rope,)) = conv, update, gate, norm, norm_gated, rope
+    ((conv,), (update,), (gate,), (norm,), (norm_gated,)) = conv, update, gate, norm, norm_gated
     assert conv["x"] is x and conv["weight"] is weight and conv["initial_state"] is state
     assert conv["output_final_state"] and conv["activation"] == "silu" and "bias" not in conv
     assert update["cache"] is state and update["weight"] is weight and update["activation"] == "silu"
@@ -254,7 +253,6 @@ def test_every_call_into_fla_fits_the_installed_flas_signature(monkeypatch):
     assert norm["x"] is x and norm["weight"] is norm["bias"] is None and norm["eps"] == 1e-6
     assert norm_gated["x"] is x and norm_gated["g"] is v and norm_gated["weight"] is norm_gated["bias"] is None
     assert norm_gated["activation"] == "swish" and norm_gated["eps"] == 1e-6
-    assert rope["x"] is q and rope["cos"] is cos and rope["sin"] is sin and "interleaved" not in rope
 
 
 def test_registry_contract():

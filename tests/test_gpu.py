@@ -498,31 +498,6 @@ def test_select_slots_on_cuda_is_index_select_and_replays_in_a_graph(dtype):
     assert torch.equal(out, views["projection"](static).index_select(2, index))
 
 
-@pytest.mark.parametrize("tokens, start", [(300, 0), (1, 4097)])
-def test_fla_rope_matches_its_torch_twin(tokens, start):
-    """The fused path's RoPE on CUDA (fla's rotary_embedding) against glue.TORCH's rotate-half twin, on rows of the
-    shared half tables: a prefill on a strided view of a projection (as the layer passes its q/k slots) and a decode
-    position. fp32 outputs and input gradients agree to rounding; bf16 (fla rotates in fp32 and rounds once) is
-    within bf16's rounding of the fp32 result."""
-    from hhbench.layers import glue
-    from hhbench.layers.hydrahead import rope_table
-
-    projection = torch.randn(2, tokens, 11 * 128 + 64, device="cuda")
-    grad = torch.randn(2, tokens, 6, 128, device="cuda")
-    results = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", dtype))
-        for ops in (glue.fla_ops(), glue.TORCH):
-            leaf = projection.to(dtype).detach().requires_grad_()
-            out = ops.rope(leaf[..., : 6 * 128].view(2, tokens, 6, 128), cos, sin)
-            out.backward(grad.to(dtype))
-            results[ops.name, dtype] = out, leaf.grad[..., : 6 * 128].view(2, tokens, 6, 128)
-    for fp32, torch_fp32 in zip(results["fla", torch.float32], results["torch", torch.float32], strict=True):
-        assert rel(fp32, torch_fp32) < 1e-6
-    for bf16, torch_fp32 in zip(results["fla", torch.bfloat16], results["torch", torch.float32], strict=True):
-        assert bf16.dtype == torch.bfloat16 and rel(bf16, torch_fp32) < 1e-2
-
-
 @pytest.mark.parametrize("tokens, start", [(4099, 0), (1, 70000)])
 def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens, start):
     """hhbench's slot_norm_rope kernel (slot_prep.py) against glue.TORCH's twin on the plan of a Qwen3-1.7B head 7:1
@@ -583,6 +558,57 @@ def test_slot_norm_rope_kernel_offsets_beyond_int32():
         twin = glue.slot_norm_rope(slots[:, ends], plan, weight, 1e-6, cos[ends], sin[ends])
         for part, expected in zip(parts, twin, strict=True):
             assert rel(part[:, ends], expected) < 1e-2
+
+
+@pytest.mark.parametrize("tokens, per_sequence", [(4099, False), (1, False), (300, True)])
+def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_sequence):
+    """hhbench's slot_norm_rope backward kernel (slot_prep.py) against glue.TORCH's (autograd through the twin, fp32)
+    on the plans of a Qwen3-1.7B head 7:1 layer (GQA: a group's k slot read by two destinations; q/k norms), from
+    strided slots of a projection into its gradient buffer: the slots' gradient and the norm weight's, fp32 to
+    rounding, bf16 within bf16's rounding of the fp32 twin; the same bits on a second run (no atomics); then captured
+    in a CUDA graph and replayed on new gradients."""
+    from hhbench.layers import glue, slot_prep
+    from hhbench.layers.hydrahead import HydraAttention, rope_table
+
+    layer = HydraAttention(2048, 16, 8, 128, (0, 9), qk_norm=True, glue="fused")
+    n_slots = len(layer.fused_rows) // 128
+    torch.manual_seed(0)
+    projection = torch.randn(2, tokens, n_slots * 128 + 64, device="cuda")
+    weight = 1 + 0.3 * torch.randn(2, 128, device="cuda")
+    cos, sin = (t[:tokens] for t in rope_table(tokens, 128, 1e6, "cuda", torch.float32))
+    if per_sequence:  # positions of each sequence of their own, as Hugging Face's tables for packed batches
+        cos, sin = (torch.stack([t, t.roll(7, 0)]) for t in (cos, sin))
+    slot_view = lambda t: t[..., : n_slots * 128].unflatten(-1, (n_slots, 128))  # noqa: E731
+    for plan in layer.slot_plans.values():
+        grads = [torch.randn(2, tokens, n, 128, device="cuda") for n in plan.sizes]
+        want = torch.zeros_like(projection)
+        want_weight = glue.slot_norm_rope_backward(grads, slot_view(projection), plan, weight, 1e-6, cos, sin,
+                                                   slot_view(want))  # fmt: skip
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            runs = []
+            for _ in range(2):
+                grad = torch.zeros_like(projection, dtype=dtype)
+                grad_weight = slot_prep.slot_norm_rope_backward(
+                    [g.to(dtype) for g in grads], slot_view(projection.to(dtype)), plan, weight.to(dtype), 1e-6,
+                    cos.to(dtype), sin.to(dtype), slot_view(grad),
+                )  # fmt: skip
+                runs.append((grad, grad_weight))
+            (grad, grad_weight), (again, again_weight) = runs
+            assert torch.equal(grad, again) and torch.equal(grad_weight, again_weight)
+            assert grad.dtype == grad_weight.dtype == dtype
+            assert rel(grad, want) < tol and rel(grad_weight, want_weight) < tol, (dtype, plan.sizes)
+    # captured in a CUDA graph (training steps are) and replayed on new gradients: no copy to the GPU per call
+    grad, slots = torch.zeros_like(projection), slot_view(projection)
+    slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(grad))  # compiled first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grad_weight = slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(grad))
+    for g in grads:
+        g.normal_()
+    graph.replay()
+    want = torch.zeros_like(projection)
+    want_weight = glue.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(want))
+    assert rel(grad, want) < 1e-5 and rel(grad_weight, want_weight) < 1e-5
 
 
 BF16_LAYER = 5e-2  # one bf16 layer against its fp32 reference

@@ -129,7 +129,7 @@ def test_rope_matches_hugging_face():
     assert torch.equal(half_cos, cos[:, :8]) and torch.equal(half_sin, sin[:, 8:])  # the tables repeat each half
     for x, expected in ((q, q_hf), (k, k_hf)):
         assert torch.allclose(apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2), expected, atol=1e-6)
-        got = glue.TORCH.rope(x.transpose(1, 2), half_cos, half_sin).transpose(1, 2)
+        got = glue.rope_half(x.transpose(1, 2), half_cos, half_sin).transpose(1, 2)
         assert torch.allclose(got, expected, atol=1e-6)
 
 
@@ -312,13 +312,17 @@ class StepOps(TorchDispatchMode):
 
         return call
 
+    def glue_ops(self) -> GlueOps:
+        """glue.TORCH's ops, each a unit."""
+        ops = glue.TORCH
+        return GlueOps(ops.name, *(self.unit(f.name, getattr(ops, f.name)) for f in dataclasses.fields(ops)[1:]))
+
 
 def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepOps, StepOps]:
     """The ops of one fused prefill of x and of one decode step after it (StepOps), weights already made."""
     counts = StepOps(), StepOps()
     for count in counts:
-        ops = glue.TORCH
-        units = GlueOps(ops.name, *(count.unit(f.name, getattr(ops, f.name)) for f in dataclasses.fields(ops)[1:]))
+        units = count.glue_ops()
         monkeypatch.setattr(layer, "_glue_ops", lambda core, device, units=units: units)
         for method in ("prefill_parts", "decode_parts"):
             monkeypatch.setattr(HybridCore, method, count.unit("core", getattr(HybridCore, method)))
@@ -424,22 +428,36 @@ def test_select_slots_takes_memory_off_an_8_byte_bound_by_elements(dtype):
     assert torch.equal(select_slots(t, index), t.index_select(2, index))
 
 
-def test_a_bf16_fused_layer_gathers_its_gdn_heads_k_and_v_by_words(monkeypatch):
-    """Head 7:1 of Qwen3-1.7B's heads (GDN heads sharing KV groups), bf16: every gather of the fused prefill and
-    decode goes by 8-byte words, with and without autograd, and the layer's output is unchanged by it."""
-    layer = HydraAttention(256, 16, 8, 128, (3, 10), glue="fused").to(torch.bfloat16)
-    x = torch.randn(1, 6, 256, dtype=torch.bfloat16)
-    viewed, as_words = [], hydrahead._as_words
-    monkeypatch.setattr(hydrahead, "_as_words", lambda t: viewed.append(as_words(t) is not None) or as_words(t))
-    out = layer(x)
-    out.sum().backward()
-    with torch.no_grad():
-        cache = layer.new_cache(1, 8, "cpu", torch.bfloat16)
-        layer(x, cache=cache)
-        layer(x[:, :1], cache=cache)
-    assert viewed and all(viewed), viewed
-    monkeypatch.setattr(hydrahead, "_as_words", lambda t: None)  # every gather by elements
-    assert torch.equal(layer(x), out)
+class GatherShapes(StepOps):
+    """StepOps, and the shapes of the tensors that gathers and index adds outside the glue ops read."""
+
+    GATHERS = ("index_select", "index_add", "index_add_", "index_copy", "index_copy_", "gather", "index")
+
+    def __init__(self):
+        super().__init__()
+        self.gathered = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.inside and func.overloadpacket.__name__ in self.GATHERS:
+            self.gathered.append(tuple(args[0].shape))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("fa_heads, qk_norm", [((3, 10), True), ((3, 10), False), ((), True), (tuple(range(16)), True)])
+def test_a_fused_training_step_prepares_its_inputs_by_one_op_and_its_backward(fa_heads, qk_norm, monkeypatch):
+    """Head 7:1 of Qwen3-1.7B's heads (GDN heads sharing KV groups), a GDN layer and a plain attention layer: a
+    training step takes its q, k and v by one slot_norm_rope and gives their gradient back by one
+    slot_norm_rope_backward (on the GPU a kernel each), with no gather, index add, norm or RoPE of the slots outside
+    them (before: fla's norm and rotary, a multiply and gathers, each with its backward)."""
+    layer = HydraAttention(64, 16, 8, 8, fa_heads, qk_norm=qk_norm, glue="fused")
+    count = GatherShapes()
+    units = count.glue_ops()
+    monkeypatch.setattr(layer, "_glue_ops", lambda core, device: units)
+    with count:
+        layer(torch.randn(2, 6, 64)).pow(2).sum().backward()
+    assert count.ops["slot_norm_rope"] == count.ops["slot_norm_rope_backward"] == 1, count.ops
+    assert not [shape for shape in count.gathered if shape[:2] == (2, 6)], count.gathered  # activations, not weights
+    assert count.ops["norm"] == (0 < len(fa_heads) < 16), count.ops  # the FA heads' outputs' only
 
 
 @pytest.mark.parametrize("fa_heads", [(0, 8), (0,), (0, 4, 8, 12), (1, 2, 3), (), tuple(range(16))])

@@ -25,6 +25,20 @@ PLAN = SlotPlan(sources=(0, 1, 2, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 1, 0, 0, 1, 1,
 JOINED = SlotPlan(sources=(0, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 0, 1, 1, 2, 2), sizes=(1, 6), n_rope=1)  # decode's
 
 
+# The kernels' cases in Triton's interpreter, forward and backward
+KERNEL_PLANS = pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
+KERNEL_CASES = pytest.mark.parametrize(
+    ("B", "T", "d", "per_sequence", "norm", "dtype"),
+    [
+        (2, 35, 16, False, True, torch.float32),  # three blocks of 32 tokens across two sequences, the last partial
+        (3, 1, 12, True, True, torch.float32),  # decode; a half of 6 (masked to 8 lanes); per-sequence tables
+        (1, 9, 16, True, False, torch.float32),  # without q/k norms
+        (1, 9, 16, False, True, torch.float16),
+        (2, 40, 12, True, True, torch.float64),  # in fp64, as the twin (fp32 was off by 5e-7); a masked half
+    ],
+)
+
+
 def _inputs(B, T, d, per_sequence, dtype):
     """Head slots as views of a projection output [B, T, W] with columns beyond the slots (so strided), weights and
     RoPE half tables."""
@@ -62,16 +76,8 @@ def test_the_torch_twin_is_the_slot_by_slot_composition(plan, B, T, d, per_seque
 
 
 @needs_interpreter
-@pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
-@pytest.mark.parametrize(
-    ("B", "T", "d", "per_sequence", "norm", "dtype"),
-    [
-        (2, 70, 16, False, True, torch.float32),  # five blocks of 32 tokens, the last partial
-        (3, 1, 12, True, False, torch.float32),  # decode; a half of 6 (masked to 8 lanes); per-sequence tables
-        (1, 9, 16, False, True, torch.float16),
-        (2, 40, 12, True, True, torch.float64),  # in fp64 (it computed in fp32); the norm over a masked half
-    ],
-)
+@KERNEL_PLANS
+@KERNEL_CASES
 def test_the_triton_kernel_is_the_torch_twin(plan, B, T, d, per_sequence, norm, dtype):
     from hhbench.layers import slot_prep
 
@@ -91,6 +97,113 @@ def test_the_kernel_refuses_a_strided_head_dim():
     slots = torch.randn(1, 4, 7, 32)[..., ::2]
     with pytest.raises(ValueError, match="contiguous, even last dim"):
         slot_prep.slot_norm_rope(slots, PLAN, None, 1e-6, None, None)
+    with pytest.raises(ValueError, match="contiguous, even last dim"):
+        slot_prep.slot_norm_rope_backward([], slots, PLAN, None, 1e-6, None, None, slots)
+
+
+def test_the_backward_kernel_refuses_a_plan_of_more_parts_than_its_pointer_arguments():
+    from hhbench.layers import slot_prep
+
+    plan = SlotPlan(sources=tuple(range(6)), kinds=(2,) * 6, sizes=(1,) * 6, n_rope=0)
+    slots = torch.randn(1, 4, 6, 8)
+    with pytest.raises(ValueError, match="up to 5 parts, not 6"):
+        slot_prep.slot_norm_rope_backward([slots[:, :, :1]] * 6, slots, plan, None, 1e-6, None, None, slots)
+
+
+def _backward_inputs(B, T, d, per_sequence, dtype, plan):
+    """_inputs, the parts' gradients (one part's strided over its slots, one broadcast along sequences and tokens: the
+    kernel reads each destination's rows by its own strides) and a gradient buffer like the projection output's, filled
+    with 7 where nothing is written."""
+    slots, weight, cos, sin = _inputs(B, T, d, per_sequence, dtype)
+    grads = [torch.randn(B, n, T, d, dtype=dtype).transpose(1, 2) for n in plan.sizes]
+    grads[-1] = torch.randn(1, 1, plan.sizes[-1], d, dtype=dtype).expand(B, T, -1, -1)
+    grad = torch.full((B, T, 7 * d + 5), 7.0, dtype=dtype)
+    return slots, weight, cos, sin, grads, grad
+
+
+def _slot_grads(grad, S, d):
+    """The head slots [B, T, S, d] of a gradient buffer like the projection's output."""
+    return grad[..., : S * d].unflatten(-1, (S, d))
+
+
+@pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_the_twins_backward_is_autograd_through_the_slot_by_slot_composition(plan, norm):
+    """glue.slot_norm_rope_backward writes the gradient of every slot the plan reads (slots read by several
+    destinations, GQA, summed over them) and leaves the rest of the buffer alone (the joined plan reads 5 of the 7
+    slots); the weight's gradient sums each row over its destinations."""
+    slots, weight, cos, sin, grads, grad = _backward_inputs(2, 5, 8, False, torch.float64, plan)
+    weight = weight.requires_grad_() if norm else None
+    leaf = slots.detach().requires_grad_()
+    torch.autograd.backward(_by_slot(leaf, plan, weight, 1e-6, cos, sin), grads)
+    got_weight = glue.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, _slot_grads(grad, 7, 8))
+    read, unread = list(plan.read), [s for s in range(7) if s not in plan.read]
+    torch.testing.assert_close(_slot_grads(grad, 7, 8)[:, :, read], leaf.grad[:, :, read])
+    assert (_slot_grads(grad, 7, 8)[:, :, unread] == 7).all() and (grad[..., 7 * 8 :] == 7).all()
+    assert len(unread) == (2 if plan is JOINED else 0)
+    if norm:
+        torch.testing.assert_close(got_weight, weight.grad)
+    else:
+        assert got_weight is None
+
+
+@needs_interpreter
+@KERNEL_PLANS
+@KERNEL_CASES
+def test_the_triton_backward_kernel_is_autograd_through_the_twin(plan, B, T, d, per_sequence, norm, dtype):
+    """slot_prep.slot_norm_rope_backward against glue.slot_norm_rope_backward (torch autograd through the twin): the
+    same gradient buffer, read slots written and the rest left alone, and the same weight gradient."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, cos, sin, grads, grad = _backward_inputs(B, T, d, per_sequence, dtype, plan)
+    weight = weight if norm else None
+    want = grad.clone()
+    want_weight = glue.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, _slot_grads(want, 7, d))
+    got_weight = slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, _slot_grads(grad, 7, d))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-3)
+    torch.testing.assert_close(grad, want, atol=tol, rtol=tol)
+    if norm:
+        assert got_weight.dtype == dtype
+        torch.testing.assert_close(got_weight, want_weight, atol=tol * 10, rtol=tol)
+    else:
+        assert got_weight is None
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fa_heads", [(1, 6), tuple(range(8))], ids=["hybrid", "plain"])
+def test_a_fused_layer_trains_alike_on_the_kernels_and_on_the_twins(fa_heads, monkeypatch):
+    """A training step of a fused layer (Qwen3's q/k norms, GQA) through take_parts' node with the Triton kernels
+    (interpreter) and with the torch twins: the same output and gradients, the parts' gradients as the layer's
+    consumers hand them back (the FA kernel's, the convs')."""
+    from hhbench.layers import slot_prep
+    from hhbench.layers.hydrahead import HydraAttention
+
+    layer = HydraAttention(32, 8, 4, 8, fa_heads, chunk_size=16, qk_norm=True, glue="fused")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    kernels = dataclasses.replace(
+        glue.TORCH, slot_norm_rope=slot_prep.slot_norm_rope, slot_norm_rope_backward=slot_prep.slot_norm_rope_backward
+    )
+    x = torch.randn(2, 35, 32)
+    results = []
+    for ops in (glue.TORCH, kernels):
+        monkeypatch.setattr(layer, "_glue_ops", lambda core, device, ops=ops: ops)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.pow(2).sum().backward()
+        results.append([out, xi.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*results, strict=True):  # relative to each tensor's norm: fp32 sums in another order
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, ((got - want).norm() / want.norm()).item()
+
+
+def test_a_plan_reads_each_slot_as_one_kind():
+    """The backward normalizes a source slot once and gives its gradient to one weight row: a slot read as a q and a k
+    slot (or normed and as it is) is refused."""
+    with pytest.raises(ValueError, match="source slot 3 is read as kinds"):
+        SlotPlan(sources=(0, 3, 3), kinds=(0, 1, 2), sizes=(3,), n_rope=0)
+    assert PLAN.read == tuple(range(7)) and JOINED.read == (0, 3, 4, 5, 6)
 
 
 @needs_interpreter

@@ -1,14 +1,14 @@
 """The glue ops of a HydraHead layer's fused path, one op per function (fla's way): the GDN heads' short causal
-conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu) and the FA heads'
-RoPE. On CUDA they are fla's Triton kernels; TORCH holds torch ops of the same signatures and math, so that the
+conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu), and the q, k and v
+slots' preparation (gather, Qwen3's q/k norms, the FA heads' RoPE) with its backward. On CUDA they are Triton kernels
+(fla's; the preparation hhbench's own, slot_prep.py); TORCH holds torch ops of the same signatures and math, so that the
 fused composition (head order and norm scales folded into the weights, conv states, shapes) is tested on the CPU,
 where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarker).
 
 Shapes: conv x [B, T, C] (any strides), weight [C, K], states [B, C, K] in fla's layout (the last K inputs; the
 oldest is never read again). gate a [B, T, n] -> log decay, fp32. Norms take o [..., d] and return its dtype.
-RoPE takes x [B, T, n, d] and half tables cos, sin [T, d / 2] in x's dtype (fla's layout: Hugging Face's tables hold
-each half twice) and returns x's dtype. slot_norm_rope, the inputs' preparation without autograd (gather, Qwen3's q/k
-norms, RoPE at once), is hhbench's own Triton kernel on CUDA (slot_prep.py).
+RoPE (rope_half) takes half tables cos, sin [T, d / 2] (Hugging Face's tables hold each half twice). TORCH's
+slot_norm_rope backward differentiates its twin.
 """
 
 import functools
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hhbench.kernels.hybrid import head_index
 from hhbench.kernels.reference import gdn_decay
 
 
@@ -37,10 +38,11 @@ class GlueOps:
     norm: Callable
     # (o, gate, eps) -> o / rms(o) * silu(gate)
     norm_gated: Callable
-    # (x, cos, sin) -> x rotated by RoPE, rotate-half convention
-    rope: Callable
     # (slots, plan, weight, eps, cos, sin) -> the plan's parts: slots gathered, q/k-normed, RoPE'd (slot_norm_rope)
     slot_norm_rope: Callable
+    # (grads, slots, plan, weight, eps, cos, sin, grad_slots) -> weight's gradient or None; writes slots' gradient
+    # at the slots the plan reads into grad_slots (slot_norm_rope_backward)
+    slot_norm_rope_backward: Callable
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,38 @@ class SlotPlan:
     sizes: tuple[int, ...]
     n_rope: int
 
+    def __post_init__(self):
+        for source in set(self.sources):
+            kinds = {k for s, k in zip(self.sources, self.kinds, strict=True) if s == source}
+            if len(kinds) > 1:  # the backward normalizes a source once and gives its gradient to one weight row
+                raise ValueError(f"source slot {source} is read as kinds {sorted(kinds)}: a slot is a q, k or v slot")
+
+    @functools.cached_property
+    def read(self) -> tuple[int, ...]:
+        """The source slots the plan reads, ascending, once each."""
+        return tuple(sorted(set(self.sources)))
+
+    @functools.cached_property
+    def inverse(self) -> tuple[int, tuple[int, ...]]:
+        """The plan from the sources' side, as the backward kernel reads it: (fan-out F, the largest number of
+        destinations of one source; [2 + F, R] flattened for the R read sources, ordered by kind (q slots, k slots,
+        v slots: their weight gradients are then runs): each one's kind, the source, then its destinations padded
+        with -1)."""
+        kind_of = dict(zip(self.sources, self.kinds, strict=True))
+        read = sorted(self.read, key=lambda source: (kind_of[source], source))
+        readers = [[j for j, s in enumerate(self.sources) if s == source] for source in read]
+        fan_out = max(len(r) for r in readers)
+        padded = [r[f] if f < len(r) else -1 for f in range(fan_out) for r in readers]
+        return fan_out, (*(kind_of[source] for source in read), *read, *padded)
+
     @functools.cached_property
     def table(self) -> tuple[int, ...]:
-        """The plan as the kernel reads it, [4, J] flattened: sources, kinds, and each destination's part as its first
-        slot and its number of slots."""
+        """The plan as the kernels read it, [5, J] flattened: sources, kinds, and each destination's part as its first
+        slot, its number of slots and its index."""
         firsts = [sum(self.sizes[:i]) for i, n in enumerate(self.sizes) for _ in range(n)]
         counts = [n for n in self.sizes for _ in range(n)]
-        return (*self.sources, *self.kinds, *firsts, *counts)
+        parts = [i for i, n in enumerate(self.sizes) for _ in range(n)]
+        return (*self.sources, *self.kinds, *firsts, *counts, *parts)
 
     def split(self, flat: torch.Tensor, B: int, T: int, d: int) -> tuple[torch.Tensor, ...]:
         """The parts of a buffer of B T J d elements, part after part, each [B, T, n, d]."""
@@ -85,6 +112,23 @@ def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin):
     if plan.n_rope:
         x = torch.cat([rope_half(x[:, :, : plan.n_rope], cos.to(dtype), sin.to(dtype)), x[:, :, plan.n_rope :]], 2)
     return tuple(part.contiguous() for part in x.to(slots.dtype).split(plan.sizes, 2))
+
+
+def slot_norm_rope_backward(grads, slots, plan: SlotPlan, weight, eps, cos, sin, grad_slots):
+    """slot_norm_rope's backward in torch ops (the twin recomputed and differentiated): grads, the gradients of its
+    parts (each [B, T, n, d]) -> writes the gradient of slots [B, T, S, d] at the slots the plan reads (plan.read)
+    into grad_slots (slots' shape, any strides; its other slots are left as they are) and returns weight's gradient
+    [2, d] in weight's dtype (None without weight)."""
+    with torch.enable_grad():
+        x = slots.detach().requires_grad_()
+        w = None if weight is None else weight.detach().requires_grad_()
+        parts = slot_norm_rope(x, plan, w, eps, cos, sin)
+        grad = torch.autograd.grad(
+            parts, [x] if w is None else [x, w], grads, allow_unused=True, materialize_grads=True
+        )
+    read = head_index(plan.read, slots.device)
+    grad_slots.index_copy_(2, read, grad[0].index_select(2, read))
+    return grad[1] if weight is not None else None
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None):
@@ -129,7 +173,14 @@ def _torch_norm_gated(o, gate, eps):
 
 
 TORCH = GlueOps(
-    "torch", _torch_conv, _torch_conv_update, gdn_decay, rms_norm, _torch_norm_gated, rope_half, slot_norm_rope
+    "torch",
+    _torch_conv,
+    _torch_conv_update,
+    gdn_decay,
+    rms_norm,
+    _torch_norm_gated,
+    slot_norm_rope,
+    slot_norm_rope_backward,
 )
 
 
@@ -139,7 +190,6 @@ def fla_ops() -> GlueOps:
     from fla.modules.causal_conv1d import causal_conv1d, causal_conv1d_update
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
     from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
-    from fla.modules.rotary import rotary_embedding
     from fla.ops.gated_delta_rule.gate import fused_gdn_gate
 
     def conv(x, weight, initial_state=None, output_final_state=False):
@@ -158,10 +208,16 @@ def fla_ops() -> GlueOps:
 
     from hhbench.layers import slot_prep
 
-    # rotary_embedding: one kernel, in fp32 (a strided x is made contiguous first, by fla's input guard);
-    # slot_norm_rope: hhbench's own kernel (fla has no RMSNorm with a weight per row or a gather)
+    # slot_norm_rope and its backward: hhbench's own kernels (fla has no RMSNorm with a weight per row or a gather)
     return GlueOps(
-        "fla", conv, conv_update, fused_gdn_gate, norm, norm_gated, rotary_embedding, slot_prep.slot_norm_rope
+        "fla",
+        conv,
+        conv_update,
+        fused_gdn_gate,
+        norm,
+        norm_gated,
+        slot_prep.slot_norm_rope,
+        slot_prep.slot_norm_rope_backward,
     )
 
 

@@ -82,19 +82,6 @@ def head_rms_norm(o: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Ten
     return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * scale.to(dtype)).to(o.dtype)
 
 
-def _take(t: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
-    """t[:, :, slots] of head slots t [B, T, S, d]: a view where the slots are one ascending run, else one gather
-    (select_slots). Raises IndexError for a slot outside S."""
-    if _is_run(slots):
-        return t[:, :, slots[0] : slots[0] + len(slots)]
-    return select_slots(t, head_index(slots, t.device))
-
-
-def _is_run(slots: tuple[int, ...]) -> bool:
-    """Whether the slots are one ascending run (consecutive): taken as a view, no gather."""
-    return slots == tuple(range(slots[0], slots[0] + len(slots)))
-
-
 # The gather's word: torch's index_select (a gather kernel on CUDA) copies one element per thread, so 2-byte bf16
 # slots ran at about a quarter of the H200's bandwidth (0.78 ms for head 7:1's k and v at 64K, results/layer-overhead-
 # h200). The same bytes taken as 8-byte words are a quarter of the elements.
@@ -125,51 +112,75 @@ def slot_run(t: torch.Tensor, start: int, stop: int, head_dim: int) -> torch.Ten
     return t[..., start * head_dim : stop * head_dim].unflatten(-1, (stop - start, head_dim))
 
 
-def _take_of(slots: tuple[int, ...], n_slots: int, head_dim: int, device) -> tuple:
-    """take_parts' (view, index) of head slots `slots` of a projection output with n_slots slots: a view where they are
-    one ascending run (_take)."""
-    if _is_run(slots):
-        return functools.partial(slot_run, start=slots[0], stop=slots[0] + len(slots), head_dim=head_dim), None
-    return functools.partial(slot_run, start=0, stop=n_slots, head_dim=head_dim), head_index(slots, device)
+class SlotPrep(NamedTuple):
+    """A slot_norm_rope call of the fused path on a projection's output [B, T, W] (its first n_slots head slots of
+    head_dim): the glue's ops (GlueOps: its slot_norm_rope and backward), the plan, the norm's eps, RoPE's half tables
+    (None without RoPE slots)."""
+
+    ops: glue.GlueOps
+    plan: glue.SlotPlan
+    n_slots: int
+    head_dim: int
+    eps: float
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
+    def forward(self, base: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The plan's parts of `base` (q/k norm weight [2, d] or None)."""
+        slots = slot_run(base, 0, self.n_slots, self.head_dim)
+        return self.ops.slot_norm_rope(slots, self.plan, weight, self.eps, self.cos, self.sin)
+
+    def backward(self, grads, base, weight, grad: torch.Tensor) -> torch.Tensor | None:
+        """Writes the gradient of base's slots the plan reads, from its parts' gradients `grads`, into `grad` (base's
+        shape); returns weight's gradient (None without weight)."""
+        slots, grad_slots = (slot_run(t, 0, self.n_slots, self.head_dim) for t in (base, grad))
+        return self.ops.slot_norm_rope_backward(
+            grads, slots, self.plan, weight, self.eps, self.cos, self.sin, grad_slots
+        )
 
 
 class _Parts(torch.autograd.Function):
-    """take_parts under autograd: the parts are the same views and gathers, and the gradient of the tensor they
-    come from is assembled in one buffer, each part's gradient added into its region in place. Left to autograd, every
-    view's backward would make a zero tensor of the whole projection output and the engine would add them up: for a
-    layer with FA and GDN heads six such tensors (the gather's own zeros among them) and four adds a training step,
-    each the size of the output or of its slot part."""
+    """take_parts under autograd: the parts are the same slot_norm_rope parts, views and gathers, and the gradient of
+    the tensor they come from is assembled in one buffer, slot_norm_rope's backward writing the slots it reads and each
+    other part's gradient added into its region in place. Left to autograd, every view's backward would make a zero
+    tensor of the whole projection output and the engine would add them up: for a layer with FA and GDN heads six such
+    tensors (a gather's own zeros among them) and four adds a training step, each the size of the output or of its
+    slot part."""
 
     @staticmethod
-    def forward(ctx, base, takes):
-        ctx.takes, ctx.base_shape = takes, base.shape
-        return tuple(_take_part(base, view, index) for view, index in takes)
+    def forward(ctx, base, weight, takes, prep):
+        ctx.takes, ctx.prep, ctx.base_shape = takes, prep, base.shape
+        ctx.save_for_backward(base if prep is not None else None, weight)
+        prepared = () if prep is None else prep.forward(base, weight)
+        return (*prepared, *(_take_part(base, view, index) for view, index in takes))
 
     @staticmethod
     def backward(ctx, *grads):
-        grad = None
+        grad, grad_weight = grads[0].new_zeros(ctx.base_shape), None
+        if ctx.prep is not None:  # first, as it writes its slots where the views' gradients are added
+            n_parts = len(ctx.prep.plan.sizes)
+            grad_weight = ctx.prep.backward(grads[:n_parts], *ctx.saved_tensors, grad)
+            grads = grads[n_parts:]
         for (view, index), part_grad in zip(ctx.takes, grads, strict=True):
-            if part_grad is None:
-                continue
-            if grad is None:
-                grad = part_grad.new_zeros(ctx.base_shape)
             region = view(grad)
             region.add_(part_grad) if index is None else region.index_add_(2, index, part_grad)
-        return grad, None
+        return grad, grad_weight, None, None
 
 
 def _take_part(base: torch.Tensor, view, index: torch.Tensor | None) -> torch.Tensor:
     return view(base) if index is None else _select_words(view(base), index)
 
 
-def take_parts(base: torch.Tensor, takes) -> tuple[torch.Tensor, ...]:
+def take_parts(base: torch.Tensor, takes, prep: SlotPrep | None = None, weight=None) -> tuple[torch.Tensor, ...]:
     """The parts of `base` that `takes` names, each (view, index): view(base), a view (a function of one tensor that
     returns a view of it), or with an index [n] (long, on base's device) view(base).index_select(2, index) (head slots
-    [B, T, S, d] by select_slots' words). Under autograd one node takes them all, so that base's gradient is one
-    buffer (_Parts)."""
-    if torch.is_grad_enabled() and base.requires_grad:
-        return _Parts.apply(base, takes)
-    return tuple(_take_part(base, view, index) for view, index in takes)
+    [B, T, S, d] by select_slots' words); before them, with `prep`, the parts of its slot_norm_rope with q/k norm
+    weight `weight` ([2, d] or None). Under autograd one node takes them all, so that base's gradient is one buffer
+    (_Parts) and slot_norm_rope's backward one kernel."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, weight)):
+        return _Parts.apply(base, weight, takes, prep)
+    prepared = () if prep is None else prep.forward(base, weight)
+    return (*prepared, *(_take_part(base, view, index) for view, index in takes))
 
 
 def select_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -299,12 +310,15 @@ class HydraAttention(nn.Module):
         self._fused_cache = None  # (parameter versions, fused weights) while they hold
 
     def _slot_plan(self, joined: bool) -> glue.SlotPlan:
-        """Where the fused path's inputs come from without autograd (glue.slot_norm_rope): the FA heads' q and k
-        slots, normed and rotated, then the GDN heads' q, k and v, each head's from its own slot or its group's
-        (q and k normed), as three parts (prefill: each the dense tensor its conv takes) or, `joined`, one (decode:
-        one conv update over q, k and v)."""
-        n_rope = self.n_fa + len(self.split.fa_groups) if self.n_fa else 0
-        sources, kinds, sizes = list(range(n_rope)), list(self.fused_qk_kinds[:n_rope]), [n_rope] if n_rope else []
+        """Where the fused path's q, k and v come from (glue.slot_norm_rope): the FA heads' q and their groups' k
+        slots, normed and rotated, as two parts (under autograd each its own output, whose gradient then comes back
+        alone), then the GDN heads' q, k and v, each head's from its own slot or its group's (q and k normed), as three
+        parts (prefill: each the dense tensor its conv takes) or, `joined`, one (decode: one conv update over q, k and
+        v)."""
+        n_groups = len(self.split.fa_groups) if self.n_fa else 0
+        n_rope = self.n_fa + n_groups
+        sources, kinds = list(range(n_rope)), list(self.fused_qk_kinds[:n_rope])
+        sizes = [self.n_fa, n_groups] if n_rope else []
         if self.gdn is not None:
             for kind, slots in enumerate(self.gdn_slots):  # q: 0, k: 1, v: 2 (not normed)
                 sources, kinds = sources + list(slots), kinds + [kind] * len(slots)
@@ -531,71 +545,36 @@ class HydraAttention(nn.Module):
             out = F.linear(x, weights.projection, weights.bias)
             gate = out[..., n_main:] if gated else None
         gate = gate.view(B, T, n_la, self.head_dim) if gated else None
-        tracked = (out,) if weights.qk_norm is None else (out, weights.qk_norm)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            fa, channels, a, b = self._autograd_inputs(out, position_embeddings, weights, start, ops)
-            return fa, (torch.cat(channels, -1) if joined and channels else channels), a, b, gate
         return (*self._prepared_inputs(out, position_embeddings, weights, start, ops, joined), gate)
 
     def _prepared_inputs(self, out, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool):
-        """_fused_inputs' outputs but the gate without autograd, from the projection's output `out` [B, T, W]: the
-        rewritten and gathered slots by one op (glue.slot_norm_rope: one kernel on CUDA, where fla's ops took an
-        RMSNorm, a multiply, a RoPE and gathers, each pass but the gathers after a copy of its strided input)."""
+        """_fused_inputs' outputs but the gate, from the projection's output `out` [B, T, W]: the rewritten and
+        gathered slots by one op (glue.slot_norm_rope: one kernel on CUDA, and one for its backward, where fla's ops
+        took an RMSNorm, a multiply, a RoPE and gathers, each pass but the gathers after a copy of its strided input),
+        the FA groups' v and the GDN heads' a and b views, all by one take_parts (under autograd one node, whose
+        backward makes out's gradient in one buffer)."""
         d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
         n_la = self.gdn.n_heads if self.gdn is not None else 0
         n_slots = len(self.fused_rows) // d
-        slots = slot_run(out, 0, n_slots, d)
         plan = self.slot_plans[joined]
         cos = sin = None
         if plan.n_rope:
             cos, sin = self._rope_tables(position_embeddings, start, out.shape[1], out.dtype, out.device)
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
-        parts = list(ops.slot_norm_rope(slots, plan, weights.qk_norm, eps, cos, sin))
-        fa = None
-        if n_fa:
-            rotated = parts.pop(0)
-            fa = (rotated[:, :, :n_fa], rotated[:, :, n_fa:], slots[:, :, n_slots - n_groups :])
-        if not n_la:
-            return fa, None, None, None
-        a, b = out[..., n_slots * d : n_slots * d + n_la], out[..., n_slots * d + n_la : n_slots * d + 2 * n_la]
-        return fa, (parts[0].flatten(2) if joined else tuple(part.flatten(2) for part in parts)), a, b
-
-    def _autograd_inputs(self, out, position_embeddings, weights: FusedWeights, start: int, ops):
-        """_fused_inputs' outputs but the gate under autograd (training), the GDN heads' channels as three, from the
-        projection's output `out` [B, T, W]: its parts taken by one take_parts (one gradient buffer), the q and k
-        slots normed and rotated by fla's ops."""
-        d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
-        n_la = self.gdn.n_heads if self.gdn is not None else 0
-        n_slots, n_qk = len(self.fused_rows) // d, len(self.fused_qk_kinds)
-        q_slots, k_slots, v_slots = self.gdn_slots if n_la else ((), (), ())
-        # from the projection as it is: the q and k slots, the FA groups' v, the GDN heads' a and b, and the GDN heads'
-        # k and v (only v with q/k norms: their k comes from the normed slots)
-        gathered = k_slots + v_slots if self.q_norm is None else v_slots
-        takes = [(functools.partial(slot_run, start=0, stop=n_qk, head_dim=d), None)]
+        takes = []
         if n_fa:
             takes.append((functools.partial(slot_run, start=n_slots - n_groups, stop=n_slots, head_dim=d), None))
         if n_la:
             column = n_slots * d
-            takes += [
-                (lambda t: t[..., column : column + n_la], None),
-                (lambda t: t[..., column + n_la : column + 2 * n_la], None),
-            ]
-            takes.append(_take_of(gathered, n_slots, d, out.device))
-        parts = list(take_parts(out, takes))
-        qk = parts.pop(0)
-        fa_v = parts.pop(0) if n_fa else None
-        if self.q_norm is not None:
-            weight = weights.qk_norm.index_select(0, head_index(self.fused_qk_kinds, out.device))
-            qk = ops.norm(qk, self.q_norm.eps) * weight.to(qk.dtype)
-        fa = None
-        if n_fa:
-            rotated = self._rope(qk[:, :, : n_fa + n_groups], position_embeddings, start, ops)
-            fa = (rotated[:, :, :n_fa], rotated[:, :, n_fa:], fa_v)
+            takes += [(lambda t: t[..., column : column + n_la], None),
+                      (lambda t: t[..., column + n_la : column + 2 * n_la], None)]  # fmt: skip
+        prep = SlotPrep(ops, plan, n_slots, d, eps, cos, sin)
+        parts = list(take_parts(out, takes, prep, weights.qk_norm))  # slot_norm_rope's parts, then the views
+        fa = (parts.pop(0), parts.pop(0), parts.pop(len(plan.sizes) - 2)) if n_fa else None  # q, k, v
         if not n_la:
             return fa, None, None, None
-        a, b, taken = parts
-        k, v = taken.chunk(2, dim=2) if self.q_norm is None else (_take(qk, k_slots), taken)
-        return fa, tuple(c.flatten(2) for c in (_take(qk, q_slots), k, v)), a, b
+        *channels, a, b = parts
+        return fa, (channels[0].flatten(2) if joined else tuple(c.flatten(2) for c in channels)), a, b
 
     def _rope_tables(self, position_embeddings, start: int, T: int, dtype, device):
         """RoPE's half tables (cos, sin) for positions start..start+T-1 in `dtype`: [T, d / 2] rows of the shared
@@ -609,12 +588,6 @@ class HydraAttention(nn.Module):
         if cos.dim() == 3 and cos.shape[0] > 1:
             return cos[..., :half].to(dtype), sin[..., :half].to(dtype)
         return tuple(t.reshape(T, -1)[:, :half].to(dtype) for t in (cos, sin))
-
-    def _rope(self, qk, position_embeddings, start: int, ops: glue.GlueOps):
-        """RoPE on q and k slots [B, T, n, d] at positions start..start+T-1 (_rope_tables) through the glue's op;
-        per-sequence tables by glue.rope_half (fla's rotary takes one table for the batch)."""
-        cos, sin = self._rope_tables(position_embeddings, start, qk.shape[1], qk.dtype, qk.device)
-        return (glue.rope_half if cos.dim() == 3 else ops.rope)(qk, cos, sin)
 
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
         T = x.shape[1]

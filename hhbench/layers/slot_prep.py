@@ -1,14 +1,18 @@
-"""The fused path's input preparation as one Triton kernel: the head slots of the projection's output gathered into
-the tensors the attention kernels take, Qwen3's per-head q/k RMSNorm with its weight and the FA heads' RoPE applied
-on the way (glue.slot_norm_rope is the torch twin and defines the math).
+"""The fused path's input preparation as one Triton kernel, and its backward as another: the head slots of the
+projection's output gathered into the tensors the attention kernels take, Qwen3's per-head q/k RMSNorm with its weight
+and the FA heads' RoPE applied on the way (glue.slot_norm_rope is the torch twin and defines the math).
 
 Composed from fla's ops the same work is an RMSNorm (whose input guard first copies the strided slots), a multiply by
 the norm weights, a RoPE (another copy of its strided slots) and gathers of the GDN heads' q, k and v: 4-6 passes
 over the slots, 1.4-1.5 ms a Qwen3-1.7B layer at 64K on an H200 (results/floor-h200-v4). This kernel reads each
 source slot once per destination and writes the destination once.
 
-One program per (block of tokens, destination slot). With TRITON_INTERPRET=1 set before triton is imported, Triton's
-interpreter runs it on CPU tensors: how the tests check it without a GPU.
+One program per (block of tokens, destination slot). The backward kernel (training) runs one program per (block of
+tokens, source slot the plan reads): it sums the gradients of the source's destinations (each un-rotated where RoPE'd),
+takes them back through the norm recomputed from the source, and writes the source's gradient once, without atomics;
+the norm weight's gradient comes as sums per program (fp32; fp64 for fp64 slots), added up by torch.
+With TRITON_INTERPRET=1 set before triton is imported, Triton's interpreter runs both on CPU tensors: how the tests
+check them without a GPU.
 """
 
 import torch
@@ -17,6 +21,8 @@ import triton.language as tl
 
 from hhbench.kernels.hybrid import head_index
 
+# the kernels compute in the twin's dtype (glue.slot_norm_rope: promote_types with fp32)
+_COMPUTE = {torch.float32: tl.float32, torch.float64: tl.float64}
 # 32 tokens of a 128-wide slot a program: its two halves, cos and sin in fp32 are 8 registers a thread each over 4 warps
 BLOCK_TOKENS = 32
 
@@ -59,28 +65,144 @@ def _slot_norm_rope(X, Plan, W, Cos, Sin, Out, n_tokens, T, n_dest, n_rope, stri
 
 def slot_norm_rope(slots, plan, weight, eps, cos, sin):
     """glue.slot_norm_rope's op as one kernel launch: slots [B, T, S, d] (any strides but a contiguous last dim),
-    `plan` (glue.SlotPlan), weight [2, d] or None, half tables
-    cos, sin [T, d / 2] or [B, T, d / 2] (None without RoPE slots) -> the plan's parts, each [B, T, n, d] contiguous,
-    views of one buffer; computed in fp32, in fp64 for fp64 slots (the twin's promote_types). Raises ValueError for a
-    strided last dim or an odd d."""
+    `plan` (glue.SlotPlan), weight [2, d] or None, half tables cos, sin [T, d / 2] or [B, T, d / 2] (None without
+    RoPE slots) -> the plan's parts, each [B, T, n, d] contiguous, views of one buffer; computed in fp32, in fp64 for
+    fp64 slots (the twin's promote_types). Raises ValueError for a strided last dim or an odd d."""
     B, T, _, d = slots.shape
     if slots.stride(-1) != 1 or d % 2:
         raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(slots.stride())}")
     n_tokens, n_dest = B * T, len(plan.sources)
     out = slots.new_empty(n_tokens * n_dest * d)
-    if plan.n_rope:
-        cos, sin = (c if c.dim() == 3 else c[None] for c in (cos, sin))
-        if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-            cos, sin = cos.contiguous(), sin.contiguous()
-        stride_cb, stride_ct = (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
-    else:
-        cos = sin = slots  # not read
-        stride_cb = stride_ct = 0
+    cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
     grid = (triton.cdiv(n_tokens, BLOCK_TOKENS), n_dest)
     _slot_norm_rope[grid](
-        slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin, out, n_tokens, T, n_dest, plan.n_rope,
-        slots.stride(0), slots.stride(1), slots.stride(2), stride_cb, stride_ct, float(eps), HALF=d // 2,
-        BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, NORM=weight is not None,
-        COMPUTE=tl.float64 if slots.dtype == torch.float64 else tl.float32, num_warps=4,
+        slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin, out, n_tokens, T,
+        n_dest, plan.n_rope, slots.stride(0), slots.stride(1), slots.stride(2), stride_cb, stride_ct, float(eps),
+        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, NORM=weight is not None,
+        COMPUTE=_COMPUTE[torch.promote_types(slots.dtype, torch.float32)], num_warps=4,
     )  # fmt: skip
     return plan.split(out, B, T, d)
+
+
+@triton.jit
+def _part_grad(p, G0, G1, G2, G3, G4):
+    """The gradient of part p: one pointer argument a part, as a table of pointers made per call would be a copy to
+    the GPU inside a CUDA graph's capture (training steps are captured)."""
+    part = G0
+    if p == 1:
+        part = G1
+    if p == 2:
+        part = G2
+    if p == 3:
+        part = G3
+    if p == 4:
+        part = G4
+    return part
+
+
+@triton.jit
+def _slot_norm_rope_backward(X, Plan, Inverse, W, Cos, Sin, G0, G1, G2, G3, G4, DX, DW, n_tokens, T, n_read, n_dest,
+                             n_rope, stride_xb, stride_xt, stride_xs, stride_cb, stride_ct, stride_db, stride_dt,
+                             stride_ds, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr,
+                             FAN_OUT: tl.constexpr, NORM: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
+    i = tl.program_id(1)
+    kind = tl.load(Inverse + i)
+    source = tl.load(Inverse + n_read + i)
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.arange(0, BLOCK_HALF)
+    mask = (tok < n_tokens)[:, None] & (h < HALF)[None, :]
+    b = (tok // T).to(tl.int64)
+    t = (tok % T).to(tl.int64)
+    # the gradient reaching the source: its destinations' gradients, each rotated back where RoPE'd (RoPE's transpose)
+    g1 = tl.zeros([BLOCK_T, BLOCK_HALF], dtype=COMPUTE)
+    g2 = tl.zeros([BLOCK_T, BLOCK_HALF], dtype=COMPUTE)
+    for f in tl.static_range(FAN_OUT):
+        j = tl.load(Inverse + (2 + f) * n_read + i)
+        if j >= 0:  # destination j's gradient: its part's [B, T, n, d] (contiguous), at j's slot in it
+            first = tl.load(Plan + 2 * n_dest + j)
+            size = tl.load(Plan + 3 * n_dest + j)
+            part = _part_grad(tl.load(Plan + 4 * n_dest + j), G0, G1, G2, G3, G4)
+            row = part + tok.to(tl.int64) * size * (2 * HALF) + (j - first) * (2 * HALF)
+            d1 = tl.load(row[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
+            d2 = tl.load(row[:, None] + HALF + h[None, :], mask=mask, other=0.0).to(COMPUTE)
+            if j < n_rope:
+                table = b * stride_cb + t * stride_ct
+                cos = tl.load(Cos + table[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
+                sin = tl.load(Sin + table[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
+                d1, d2 = d1 * cos + d2 * sin, d2 * cos - d1 * sin
+            g1 += d1
+            g2 += d2
+    if NORM:
+        dw1 = tl.zeros([BLOCK_HALF], dtype=COMPUTE)
+        dw2 = tl.zeros([BLOCK_HALF], dtype=COMPUTE)
+        if kind < 2:  # y = xhat w with xhat = x rstd: dw = sum gy xhat, dx = rstd (dxhat - xhat mean(dxhat xhat))
+            x_row = X + b * stride_xb + t * stride_xt + source * stride_xs
+            x1 = tl.load(x_row[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
+            x2 = tl.load(x_row[:, None] + HALF + h[None, :], mask=mask, other=0.0).to(COMPUTE)
+            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)  # as the forward
+            x1 = x1 * rstd[:, None]
+            x2 = x2 * rstd[:, None]
+            w1 = tl.load(W + kind * 2 * HALF + h, mask=h < HALF, other=0.0).to(COMPUTE)
+            w2 = tl.load(W + kind * 2 * HALF + HALF + h, mask=h < HALF, other=0.0).to(COMPUTE)
+            dw1 = tl.sum(g1 * x1, 0)
+            dw2 = tl.sum(g2 * x2, 0)
+            g1 = g1 * w1[None, :]
+            g2 = g2 * w2[None, :]
+            mean = (tl.sum(g1 * x1, 1) + tl.sum(g2 * x2, 1)) / (2 * HALF)
+            g1 = (g1 - x1 * mean[:, None]) * rstd[:, None]
+            g2 = (g2 - x2 * mean[:, None]) * rstd[:, None]
+        dw_row = DW + (tl.program_id(0) * n_read + i).to(tl.int64) * (2 * HALF)
+        tl.store(dw_row + h, dw1, mask=h < HALF)
+        tl.store(dw_row + HALF + h, dw2, mask=h < HALF)
+    dx_row = DX + b * stride_db + t * stride_dt + source * stride_ds
+    tl.store(dx_row[:, None] + h[None, :], g1.to(DX.dtype.element_ty), mask=mask)
+    tl.store(dx_row[:, None] + HALF + h[None, :], g2.to(DX.dtype.element_ty), mask=mask)
+
+
+def _rope_strides(cos, sin, fallback):
+    """(cos, sin, stride over sequences, stride over tokens) of half tables [T, d / 2] or [B, T, d / 2] as the kernels
+    read them (a table of one sequence has stride 0 over sequences); without tables `fallback` stands in, unread."""
+    if cos is None:
+        return fallback, fallback, 0, 0
+    cos, sin = (c if c.dim() == 3 else c[None] for c in (cos, sin))
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
+
+
+# the backward kernel's pointer arguments for the parts' gradients (a layer's plan: FA q, FA k, GDN q, k, v)
+MAX_PARTS = 5
+
+
+def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slots):
+    """glue.slot_norm_rope_backward's op as one kernel launch and a sum: grads, the gradients of slot_norm_rope's parts
+    (each [B, T, n, d], made contiguous where they are not) -> writes the gradient of slots [B, T, S, d] at the slots
+    the plan reads (plan.read) into grad_slots (slots' shape and dtype, any strides but a contiguous last dim; its
+    other slots are left as they are) and returns weight's gradient [2, d] in weight's dtype (None without weight).
+    Deterministic (no atomics), and without copies to the GPU (CUDA graphs capture it). Raises ValueError for a
+    strided last dim, an odd d or a plan of more than MAX_PARTS parts."""
+    B, T, _, d = slots.shape
+    if slots.stride(-1) != 1 or grad_slots.stride(-1) != 1 or d % 2:
+        raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(slots.stride())}")
+    if len(plan.sizes) > MAX_PARTS:
+        raise ValueError(f"slot_norm_rope's backward takes plans of up to {MAX_PARTS} parts, not {len(plan.sizes)}")
+    grads = [g.contiguous() for g in grads]
+    n_tokens, fan_out, inverse = B * T, *plan.inverse
+    n_read, n_blocks = len(plan.read), triton.cdiv(B * T, BLOCK_TOKENS)
+    compute = torch.promote_types(slots.dtype, torch.float32)  # the forward's: fp32, fp64 for fp64 slots
+    partial = None if weight is None else slots.new_empty(n_blocks, n_read, d, dtype=compute)
+    cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
+    _slot_norm_rope_backward[(n_blocks, n_read)](
+        slots, head_index(plan.table, slots.device), head_index(inverse, slots.device),
+        slots if weight is None else weight, cos, sin, *grads, *[grads[0]] * (MAX_PARTS - len(grads)), grad_slots,
+        grad_slots if partial is None else partial, n_tokens, T, n_read, len(plan.sources), plan.n_rope,
+        slots.stride(0), slots.stride(1), slots.stride(2),
+        stride_cb, stride_ct, grad_slots.stride(0), grad_slots.stride(1), grad_slots.stride(2), float(eps),
+        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, FAN_OUT=fan_out,
+        NORM=weight is not None, COMPUTE=_COMPUTE[compute], num_warps=4,
+    )  # fmt: skip
+    if weight is None:
+        return None
+    n_q, n_k = (inverse[:n_read].count(kind) for kind in (0, 1))  # the read sources are q, k, then v slots
+    rows = (partial[:, :n_q], partial[:, n_q : n_q + n_k])  # index_add_ would add by atomics on CUDA
+    return torch.stack([row.sum((0, 1)) for row in rows]).to(weight.dtype)
