@@ -170,6 +170,20 @@ def test_the_triton_backward_kernel_is_autograd_through_the_twin(plan, B, T, d, 
 
 
 @needs_interpreter
+def test_the_backward_kernel_takes_an_eps_of_0_past_the_last_token():
+    """A norm eps of 0 (a config's rms_norm_eps may be 0) and a partial block of tokens: the rows past the last token
+    (zeros) must not reach the weight's gradient (their 1 / sqrt(eps) is inf, times 0 NaN)."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, cos, sin, grads, grad = _backward_inputs(1, 9, 16, False, torch.float32, PLAN)
+    want = grad.clone()
+    want_weight = glue.slot_norm_rope_backward(grads, slots, PLAN, weight, 0.0, cos, sin, _slot_grads(want, 7, 16))
+    got_weight = slot_prep.slot_norm_rope_backward(grads, slots, PLAN, weight, 0.0, cos, sin, _slot_grads(grad, 7, 16))
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_weight, want_weight, atol=1e-4, rtol=1e-5)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("fa_heads", [(1, 6), tuple(range(8))], ids=["hybrid", "plain"])
 def test_a_fused_layer_trains_alike_on_the_kernels_and_on_the_twins(fa_heads, monkeypatch):
     """A training step of a fused layer (Qwen3's q/k norms, GQA) through take_parts' node with the Triton kernels
