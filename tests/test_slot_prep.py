@@ -212,6 +212,44 @@ def test_a_fused_layer_trains_alike_on_the_kernels_and_on_the_twins(fa_heads, mo
         assert ((got - want).norm() / want.norm()).item() < 1e-5, ((got - want).norm() / want.norm()).item()
 
 
+@needs_interpreter
+@pytest.mark.parametrize("trained", ["norms", "checkpointed", "checkpointed-reentrant"])
+def test_a_fused_layer_on_the_kernels_trains_frozen_or_checkpointed_like_the_reference(trained, monkeypatch):
+    """The kernels (not differentiable by torch: only take_parts' node gives their gradients) in a layer's training
+    as fine-tuning and memory saving run it: only Qwen3's q/k norm weights trainable and an input without gradient
+    (the projection's output then needs none), and under torch.utils.checkpoint (its forward once without and once
+    with autograd, or saved tensors recomputed): the gradients of the reference glue's, in fp64."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hhbench.layers import slot_prep
+    from tests.test_hydrahead import make_layer
+
+    kernels = dataclasses.replace(
+        glue.TORCH, slot_norm_rope=slot_prep.slot_norm_rope, slot_norm_rope_backward=slot_prep.slot_norm_rope_backward
+    )
+    reference = make_layer((1, 6), qk_norm=True)
+    fused = make_layer((1, 6), qk_norm=True, glue="fused")
+    fused.load_state_dict(reference.state_dict())
+    monkeypatch.setattr(fused, "_glue_ops", lambda core, device: kernels)
+    x = torch.randn(2, 9, 32, dtype=torch.float64, requires_grad=trained != "norms")
+    grads = []
+    for layer in (reference, fused):
+        for name, p in layer.named_parameters():
+            p.requires_grad_(trained != "norms" or name.startswith(("q_norm", "k_norm")))
+        x.grad = None
+        if layer is fused and trained != "norms":
+            out = checkpoint(layer, x, use_reentrant=trained.endswith("reentrant"))
+        else:
+            out = layer(x)
+        out.pow(2).sum().backward()
+        grads.append([x.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*grads, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    assert sum(g is not None for g in grads[1]) == (2 if trained == "norms" else len(grads[1]))
+
+
 def test_a_plan_reads_each_slot_as_one_kind():
     """The backward normalizes a source slot once and gives its gradient to one weight row: a slot read as a q and a k
     slot (or normed and as it is) is refused."""
