@@ -159,8 +159,10 @@ class _Parts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         if ctx.prep is not None and torch.is_grad_enabled():  # create_graph: the twin's grad and the kernel build none
-            raise RuntimeError("slot_norm_rope's backward is not differentiable: no second derivative (create_graph) "
-                               "through the fused glue's inputs; take the reference glue (glue='reference')")  # fmt: skip
+            raise RuntimeError(
+                "slot_norm_rope's backward is not differentiable: no second derivative (create_graph) through the "
+                "fused glue's inputs; take the reference glue (glue='reference')"
+            )
         grad, grad_weight = grads[0].new_zeros(ctx.base_shape), None
         if ctx.prep is not None:  # first, as it writes its slots where the views' gradients are added
             n_parts = len(ctx.prep.plan.sizes)
