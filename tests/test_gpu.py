@@ -560,13 +560,14 @@ def test_slot_norm_rope_kernel_offsets_beyond_int32():
             assert rel(part[:, ends], expected) < 1e-2
 
 
-@pytest.mark.parametrize("tokens, per_sequence", [(4099, False), (1, False), (300, True)])
-def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_sequence):
+@pytest.mark.parametrize("tokens, per_sequence, eps", [(4099, False, 1e-6), (1, False, 1e-6), (300, True, 0.0)])
+def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_sequence, eps):
     """hhbench's slot_norm_rope backward kernel (slot_prep.py) against glue.TORCH's (autograd through the twin, fp32)
     on the plans of a Qwen3-1.7B head 7:1 layer (GQA: a group's k slot read by two destinations; q/k norms), from
     strided slots of a projection into its gradient buffer: the slots' gradient and the norm weight's, fp32 to
-    rounding, bf16 within bf16's rounding of the fp32 twin; the same bits on a second run (no atomics); then captured
-    in a CUDA graph and replayed on new gradients."""
+    rounding, bf16 within bf16's rounding of the fp32 twin; the same bits on a second run (no atomics); an eps of 0
+    over a partial block of tokens (its rows past the last token made the weight's gradient NaN); then captured in a
+    CUDA graph and replayed on new gradients."""
     from hhbench.layers import glue, slot_prep
     from hhbench.layers.hydrahead import HydraAttention, rope_table
 
@@ -582,7 +583,7 @@ def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_s
     for plan in layer.slot_plans.values():
         grads = [torch.randn(2, tokens, n, 128, device="cuda") for n in plan.sizes]
         want = torch.zeros_like(projection)
-        want_weight = glue.slot_norm_rope_backward(grads, slot_view(projection), plan, weight, 1e-6, cos, sin,
+        want_weight = glue.slot_norm_rope_backward(grads, slot_view(projection), plan, weight, eps, cos, sin,
                                                    slot_view(want))  # fmt: skip
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
             runs = []
@@ -599,15 +600,15 @@ def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_s
             assert rel(grad, want) < tol and rel(grad_weight, want_weight) < tol, (dtype, plan.sizes)
     # captured in a CUDA graph (training steps are) and replayed on new gradients: no copy to the GPU per call
     grad, slots = torch.zeros_like(projection), slot_view(projection)
-    slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(grad))  # compiled first
+    slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, slot_view(grad))  # compiled first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        grad_weight = slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(grad))
+        grad_weight = slot_prep.slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, slot_view(grad))
     for g in grads:
         g.normal_()
     graph.replay()
     want = torch.zeros_like(projection)
-    want_weight = glue.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, cos, sin, slot_view(want))
+    want_weight = glue.slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, slot_view(want))
     assert rel(grad, want) < 1e-5 and rel(grad_weight, want_weight) < 1e-5
 
 

@@ -246,6 +246,19 @@ def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
         assert torch.allclose(fused(x), reference(x), rtol=1e-8, atol=1e-10)
 
 
+def test_a_second_derivative_through_the_fused_glue_is_refused():
+    """slot_norm_rope's backward builds no graph: a backward with create_graph (a second derivative) through the
+    fused path raises, rather than give a wrong second derivative (40% off the reference glue's here; before
+    slot_norm_rope took training's inputs, 19 times it); the reference glue takes it."""
+    x = torch.randn(1, 5, 32, dtype=torch.float64, requires_grad=True)
+    layer = make_layer((1, 6), qk_norm=True, glue="fused")
+    with pytest.raises(RuntimeError, match="not differentiable: no second derivative"):
+        torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    layer.glue = "reference"
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    assert torch.autograd.grad(grad.pow(2).sum(), x)[0].abs().sum() > 0
+
+
 def test_a_layer_wise_model_through_the_fused_glue_equals_the_reference():
     """Layer 3:1 end to end (tiny: three full GDN layers and one FA layer, MLPs, embedding, LM head): with every
     layer's glue fused, the logits, every gradient, and decode after a cached prefill are the reference glue's."""

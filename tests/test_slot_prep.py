@@ -170,6 +170,20 @@ def test_the_triton_backward_kernel_is_autograd_through_the_twin(plan, B, T, d, 
 
 
 @needs_interpreter
+def test_the_backward_kernel_takes_an_eps_of_0_past_the_last_token():
+    """A norm eps of 0 (a config's rms_norm_eps may be 0) and a partial block of tokens: the rows past the last token
+    (zeros) must not reach the weight's gradient (their 1 / sqrt(eps) is inf, times 0 NaN)."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, cos, sin, grads, grad = _backward_inputs(1, 9, 16, False, torch.float32, PLAN)
+    want = grad.clone()
+    want_weight = glue.slot_norm_rope_backward(grads, slots, PLAN, weight, 0.0, cos, sin, _slot_grads(want, 7, 16))
+    got_weight = slot_prep.slot_norm_rope_backward(grads, slots, PLAN, weight, 0.0, cos, sin, _slot_grads(grad, 7, 16))
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_weight, want_weight, atol=1e-4, rtol=1e-5)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("fa_heads", [(1, 6), tuple(range(8))], ids=["hybrid", "plain"])
 def test_a_fused_layer_trains_alike_on_the_kernels_and_on_the_twins(fa_heads, monkeypatch):
     """A training step of a fused layer (Qwen3's q/k norms, GQA) through take_parts' node with the Triton kernels
@@ -196,6 +210,44 @@ def test_a_fused_layer_trains_alike_on_the_kernels_and_on_the_twins(fa_heads, mo
         results.append([out, xi.grad, *(p.grad for p in layer.parameters())])
     for got, want in zip(*results, strict=True):  # relative to each tensor's norm: fp32 sums in another order
         assert ((got - want).norm() / want.norm()).item() < 1e-5, ((got - want).norm() / want.norm()).item()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("trained", ["norms", "checkpointed", "checkpointed-reentrant"])
+def test_a_fused_layer_on_the_kernels_trains_frozen_or_checkpointed_like_the_reference(trained, monkeypatch):
+    """The kernels (not differentiable by torch: only take_parts' node gives their gradients) in a layer's training
+    as fine-tuning and memory saving run it: only Qwen3's q/k norm weights trainable and an input without gradient
+    (the projection's output then needs none), and under torch.utils.checkpoint (its forward once without and once
+    with autograd, or saved tensors recomputed): the gradients of the reference glue's, in fp64."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hhbench.layers import slot_prep
+    from tests.test_hydrahead import make_layer
+
+    kernels = dataclasses.replace(
+        glue.TORCH, slot_norm_rope=slot_prep.slot_norm_rope, slot_norm_rope_backward=slot_prep.slot_norm_rope_backward
+    )
+    reference = make_layer((1, 6), qk_norm=True)
+    fused = make_layer((1, 6), qk_norm=True, glue="fused")
+    fused.load_state_dict(reference.state_dict())
+    monkeypatch.setattr(fused, "_glue_ops", lambda core, device: kernels)
+    x = torch.randn(2, 9, 32, dtype=torch.float64, requires_grad=trained != "norms")
+    grads = []
+    for layer in (reference, fused):
+        for name, p in layer.named_parameters():
+            p.requires_grad_(trained != "norms" or name.startswith(("q_norm", "k_norm")))
+        x.grad = None
+        if layer is fused and trained != "norms":
+            out = checkpoint(layer, x, use_reentrant=trained.endswith("reentrant"))
+        else:
+            out = layer(x)
+        out.pow(2).sum().backward()
+        grads.append([x.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*grads, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    assert sum(g is not None for g in grads[1]) == (2 if trained == "norms" else len(grads[1]))
 
 
 def test_a_plan_reads_each_slot_as_one_kind():

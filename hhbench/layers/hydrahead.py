@@ -145,7 +145,9 @@ class _Parts(torch.autograd.Function):
     other part's gradient added into its region in place. Left to autograd, every view's backward would make a zero
     tensor of the whole projection output and the engine would add them up: for a layer with FA and GDN heads six such
     tensors (a gather's own zeros among them) and four adds a training step, each the size of the output or of its
-    slot part."""
+    slot part. With slot_norm_rope's parts a backward that would build a graph (create_graph: a second derivative)
+    raises RuntimeError, as its backward builds none (torch's once_differentiable sees only the parts' gradients,
+    not the slots the norm's backward depends on)."""
 
     @staticmethod
     def forward(ctx, base, weight, takes, prep):
@@ -156,6 +158,11 @@ class _Parts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if ctx.prep is not None and torch.is_grad_enabled():  # create_graph: the twin's grad and the kernel build none
+            raise RuntimeError(
+                "slot_norm_rope's backward is not differentiable: no second derivative (create_graph) through the "
+                "fused glue's inputs; take the reference glue (glue='reference')"
+            )
         grad, grad_weight = grads[0].new_zeros(ctx.base_shape), None
         if ctx.prep is not None:  # first, as it writes its slots where the views' gradients are added
             n_parts = len(ctx.prep.plan.sizes)

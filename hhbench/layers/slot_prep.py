@@ -140,6 +140,9 @@ def _slot_norm_rope_backward(X, Plan, Inverse, W, Cos, Sin, G0, G1, G2, G3, G4, 
             x1 = tl.load(x_row[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
             x2 = tl.load(x_row[:, None] + HALF + h[None, :], mask=mask, other=0.0).to(COMPUTE)
             rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)  # as the forward
+            # rows past the last token are zeros: their 1 / sqrt(eps), inf for an eps of 0 (a config may set it),
+            # times 0 made the weight's partial sums NaN
+            rstd = tl.where(tok < n_tokens, rstd, 0.0)
             x1 = x1 * rstd[:, None]
             x2 = x2 * rstd[:, None]
             w1 = tl.load(W + kind * 2 * HALF + h, mask=h < HALF, other=0.0).to(COMPUTE)
