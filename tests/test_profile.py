@@ -200,10 +200,11 @@ def test_the_kernels_heading_gives_the_host_time_where_measured():
     assert "host" not in row_heading(row)
 
 
-def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
+def test_kernels_are_traced_to_the_hhbench_function_that_launched_them(monkeypatch):
     """On the CPU the operators' launch sites come from the ranges hhbench's functions open while profiled; on CUDA a
     kernel is traced through the operator its correlation links it to (fake events here: the CUDA branch needs no
-    GPU)."""
+    GPU). Every operator listed by name: the conv's rank among a tiny layer's operators is a matter of timing (on a
+    busy 2-core machine it fell out of the top 12)."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
@@ -211,6 +212,7 @@ def test_kernels_are_traced_to_the_hhbench_function_that_launched_them():
 
     from hhbench.measure.profile import UNKNOWN_SITE, _sites, launch_site
 
+    monkeypatch.setattr(measurements, "PROFILE_TOP", 1000)
     [point] = grid_points({**TINY, "layouts": "head", "passes": "prefill", "profile": True}, "cpu")
     row = measure_point(point, CPU, FAST, {})
     sites = {line["name"]: dict(line["sites"]) for line in row.extra["kernels"]["top"]}
