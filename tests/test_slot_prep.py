@@ -170,6 +170,7 @@ def test_the_triton_backward_kernel_is_autograd_through_the_twin(plan, B, T, d, 
 
 
 @needs_interpreter
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the padding rows' 1 / sqrt(0), dropped by design
 def test_the_backward_kernel_takes_an_eps_of_0_past_the_last_token():
     """A norm eps of 0 (a config's rms_norm_eps may be 0) and a partial block of tokens: the rows past the last token
     (zeros) must not reach the weight's gradient (their 1 / sqrt(eps) is inf, times 0 NaN)."""
