@@ -6,9 +6,14 @@
 # compile-heavy ones (FlashQLA against fla: 225 s for its first case; the layer points: over 200 s) in a second
 # pytest run after them. Each test may take TIMEOUT seconds (default 300, where pytest-timeout imports: past it the
 # test fails with its stack and the run goes on); both runs together LIMIT seconds (default 540, then SIGINT).
-# K=<pytest -k expression> runs that selection alone instead (one pytest run).
+# K=<pytest -k expression> runs that selection alone instead (one pytest run). CACHE=NAME compiles into and from
+# /tmp/cache/NAME (sweep.sh's CACHE): the tests then take the kernels a sweep of the same machine compiled (the same
+# head dims and dtypes: fla's autotuning and TileLang's builds, minutes from cold) instead of compiling their own.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:/tmp/site-qla:$PWD HHBENCH_INSTAFAIL=1
+if [ -n "${CACHE:-}" ]; then
+  export TRITON_CACHE_DIR=/tmp/cache/$CACHE/triton TILELANG_CACHE_DIR=/tmp/cache/$CACHE/tilelang
+fi
 export CUDA_VISIBLE_DEVICES=${GPU:-0}
 dest=$OUT/gpu-tests-h200
 mkdir -p "$dest"
