@@ -102,11 +102,11 @@ def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin):
     for a q or k slot (plan.kinds) normalized by its RMS over d (in fp32, eps inside the root) times weight [2, d]'s
     row (Qwen3's q_norm and k_norm weights; weight None: no norm), the first plan.n_rope then rotated by RoPE
     (rotate-half) with half tables cos, sin [T, d / 2] or [B, T, d / 2]. Raises IndexError for a source outside S."""
-    x = slots.index_select(2, torch.tensor(plan.sources, device=slots.device))
+    x = slots.index_select(2, head_index(plan.sources, slots.device))
     dtype = torch.promote_types(slots.dtype, torch.float32)
     x = x.to(dtype)
     if weight is not None:
-        kinds = torch.tensor(plan.kinds, device=slots.device)
+        kinds = head_index(plan.kinds, slots.device)
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(dtype)[kinds.clamp(max=1)]
         x = torch.where((kinds < 2)[:, None], normed, x)
     if plan.n_rope:

@@ -575,12 +575,12 @@ class HydraAttention(nn.Module):
             column = n_slots * d
             takes += [(lambda t: t[..., column : column + n_la], None),
                       (lambda t: t[..., column + n_la : column + 2 * n_la], None)]  # fmt: skip
-        prep = SlotPrep(ops, plan, n_slots, d, eps, cos, sin)
-        parts = list(take_parts(out, takes, prep, weights.qk_norm))  # slot_norm_rope's parts, then the views
-        fa = (parts.pop(0), parts.pop(0), parts.pop(len(plan.sizes) - 2)) if n_fa else None  # q, k, v
+        parts = take_parts(out, takes, SlotPrep(ops, plan, n_slots, d, eps, cos, sin), weights.qk_norm)
+        prepared, views = parts[: len(plan.sizes)], parts[len(plan.sizes) :]  # slot_norm_rope's parts, then the views
+        fa = (*prepared[:2], views[0]) if n_fa else None  # q, k (rotated), v
         if not n_la:
             return fa, None, None, None
-        *channels, a, b = parts
+        channels, (a, b) = prepared[2 if n_fa else 0 :], views[-2:]
         return fa, (channels[0].flatten(2) if joined else tuple(c.flatten(2) for c in channels)), a, b
 
     def _rope_tables(self, position_embeddings, start: int, T: int, dtype, device):

@@ -63,14 +63,26 @@ def _slot_norm_rope(X, Plan, W, Cos, Sin, Out, n_tokens, T, n_dest, n_rope, stri
     tl.store(o_row[:, None] + HALF + h[None, :], x2.to(Out.dtype.element_ty), mask=mask)
 
 
+def _check_layout(*slots):
+    """Raises ValueError unless each tensor of head slots [..., d] has a contiguous, even last dim (the kernels read
+    each slot's halves as two runs)."""
+    for t in slots:
+        if t.stride(-1) != 1 or t.shape[-1] % 2:
+            raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(t.stride())}")
+
+
+def _compute_dtype(slots) -> torch.dtype:
+    """The dtype the kernels compute in: the twin's (promote_types with fp32), fp64 for fp64 slots."""
+    return torch.promote_types(slots.dtype, torch.float32)
+
+
 def slot_norm_rope(slots, plan, weight, eps, cos, sin):
     """glue.slot_norm_rope's op as one kernel launch: slots [B, T, S, d] (any strides but a contiguous last dim),
     `plan` (glue.SlotPlan), weight [2, d] or None, half tables cos, sin [T, d / 2] or [B, T, d / 2] (None without
     RoPE slots) -> the plan's parts, each [B, T, n, d] contiguous, views of one buffer; computed in fp32, in fp64 for
     fp64 slots (the twin's promote_types). Raises ValueError for a strided last dim or an odd d."""
     B, T, _, d = slots.shape
-    if slots.stride(-1) != 1 or d % 2:
-        raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(slots.stride())}")
+    _check_layout(slots)
     n_tokens, n_dest = B * T, len(plan.sources)
     out = slots.new_empty(n_tokens * n_dest * d)
     cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
@@ -79,7 +91,7 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin):
         slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin, out, n_tokens, T,
         n_dest, plan.n_rope, slots.stride(0), slots.stride(1), slots.stride(2), stride_cb, stride_ct, float(eps),
         HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, NORM=weight is not None,
-        COMPUTE=_COMPUTE[torch.promote_types(slots.dtype, torch.float32)], num_warps=4,
+        COMPUTE=_COMPUTE[_compute_dtype(slots)], num_warps=4,
     )  # fmt: skip
     return plan.split(out, B, T, d)
 
@@ -185,14 +197,13 @@ def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slot
     Deterministic (no atomics), and without copies to the GPU (CUDA graphs capture it). Raises ValueError for a
     strided last dim, an odd d or a plan of more than MAX_PARTS parts."""
     B, T, _, d = slots.shape
-    if slots.stride(-1) != 1 or grad_slots.stride(-1) != 1 or d % 2:
-        raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(slots.stride())}")
+    _check_layout(slots, grad_slots)
     if len(plan.sizes) > MAX_PARTS:
         raise ValueError(f"slot_norm_rope's backward takes plans of up to {MAX_PARTS} parts, not {len(plan.sizes)}")
     grads = [g.contiguous() for g in grads]
     n_tokens, fan_out, inverse = B * T, *plan.inverse
     n_read, n_blocks = len(plan.read), triton.cdiv(B * T, BLOCK_TOKENS)
-    compute = torch.promote_types(slots.dtype, torch.float32)  # the forward's: fp32, fp64 for fp64 slots
+    compute = _compute_dtype(slots)
     partial = None if weight is None else slots.new_empty(n_blocks, n_read, d, dtype=compute)
     cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
     _slot_norm_rope_backward[(n_blocks, n_read)](
