@@ -464,13 +464,15 @@ def test_every_fa_backend_answers_a_one_token_prefill_with_its_gradients(name):
 def test_select_slots_on_cuda_is_index_select_and_replays_in_a_graph(dtype):
     """The gather by 8-byte words on CUDA: values and gradients (slots taken twice: two addends sum the same in
     either order) bit-equal index_select's, on a projection's slots, an odd offset (by elements) and memory that
-    starts off an 8-byte bound (DLPack's; by words it would fault); captured in a CUDA graph and replayed on new
-    values, the same (the index is made before capture, nothing syncs)."""
+    starts one element (not one word) off an 8-byte bound (DLPack's; by words it would fault; two bytes off, an fp32
+    tensor is misaligned for every CUDA kernel, index_select's and the copy's too); captured in a CUDA graph and
+    replayed on new values, the same (the index is made before capture, nothing syncs)."""
     from hhbench.layers.hydrahead import _as_words, select_slots
 
     index = torch.tensor([5, 5, 2, 40, 47, 0], device="cuda")
     projection = torch.randn(2, 33, 64 * 7 + 4, device="cuda").to(dtype)
-    raw = torch.empty(projection.numel() * projection.element_size() + 2, dtype=torch.uint8, device="cuda")[2:]
+    size = projection.element_size()
+    raw = torch.empty((projection.numel() + 1) * size, dtype=torch.uint8, device="cuda")[size:]
     unaligned = torch.from_dlpack(raw).view(dtype).view(projection.shape)
     unaligned.copy_(projection)
     views = {"projection": lambda p: p[..., : 48 * 8].unflatten(-1, (48, 8)),
