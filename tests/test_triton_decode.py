@@ -2,6 +2,8 @@
 runs them on CPU tensors (conftest sets TRITON_INTERPRET=1 there); the bf16 path and the timing are GPU work
 (tests/test_gpu.py, results/decode-triton-h100)."""
 
+from contextlib import nullcontext
+
 import numpy
 import pytest
 import torch
@@ -63,3 +65,22 @@ def test_segments_fill_the_target_without_an_empty_one():
     for length in range(1, 3000, 37):
         segments, segment_len = plan_segments(length, 3, 264, 64, 256)
         assert segment_len % 64 == 0 and (segments - 1) * segment_len < length <= segments * segment_len
+
+
+def test_kernels_launch_on_their_tensors_gpu(monkeypatch):
+    """launch_device makes a tensor's GPU current where another one is (Triton launches on the current device), and
+    does nothing for a tensor on the current GPU or on the CPU (tests/test_gpu.py runs a layer on cuda:1 for real)."""
+    from types import SimpleNamespace
+
+    from hhbench.kernels.hybrid import launch_device
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or nullcontext())
+    with launch_device(SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    for current in (torch.device("cuda", 0), torch.device("cpu")):
+        with launch_device(SimpleNamespace(device=current)):
+            pass
+    assert entered == [torch.device("cuda", 1)]

@@ -7,6 +7,7 @@ says which head is which); this module owns the two backend calls and returns th
 order belongs to the layer (HydraAttention), whose per-head norms and output projection read them.
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -36,6 +37,16 @@ def run_both(fa_fn, gdn_fn, mode: str, device: torch.device):
     if isinstance(fa_out, torch.Tensor):
         fa_out.record_stream(main)  # allocated on the side stream, freed after use on the main one
     return fa_out, gdn_out
+
+
+def launch_device(t: torch.Tensor):
+    """A context for launching Triton kernels on `t`'s GPU: it makes t's CUDA device the current one where it is not
+    (Triton launches on the current device, whatever its tensors' device: a layer on cuda:1 under a current cuda:0
+    would have its kernels run on cuda:0 with cuda:1's pointers, an illegal address); nothing for a CPU tensor or
+    one on the current device (Triton's interpreter, and the usual case, pay no device switch)."""
+    if t.device.type != "cuda" or t.device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 @functools.cache

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hhbench.kernels.hybrid import launch_device
 from hhbench.kernels.split_kv import n_segments
 
 MAX_SEGMENTS = 128  # the merge holds all segments of one head in registers
@@ -96,23 +97,24 @@ def split_kv_decode(q, k_cache, v_cache, target_blocks: int, min_segment: int, c
     o_part = torch.empty(B * Hq, segments, D, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B * Hq, segments, device=q.device, dtype=torch.float32)
     out = torch.empty(B, 1, Hq, D, device=q.device, dtype=q.dtype)
-    _partial[(segments, B * Hkv)](
-        q, k_cache, v_cache, o_part, lse_part, q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), T, segment_len, segments,
-        1.0 / math.sqrt(D), HKV=Hkv, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=config["block_n"], D=D, num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )  # fmt: skip
-    block_s = triton.next_power_of_2(segments)
-    _merge[(B * Hq,)](
-        o_part,
-        lse_part,
-        out,
-        out.stride(0),
-        out.stride(2),
-        segments,
-        HQ=Hq,
-        BLOCK_S=block_s,
-        D=D,
-        num_warps=4 if block_s <= 32 else 8,
-    )
+    with launch_device(q):
+        _partial[(segments, B * Hkv)](
+            q, k_cache, v_cache, o_part, lse_part, q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), T, segment_len, segments,
+            1.0 / math.sqrt(D), HKV=Hkv, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_N=config["block_n"], D=D, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )  # fmt: skip
+        block_s = triton.next_power_of_2(segments)
+        _merge[(B * Hq,)](
+            o_part,
+            lse_part,
+            out,
+            out.stride(0),
+            out.stride(2),
+            segments,
+            HQ=Hq,
+            BLOCK_S=block_s,
+            D=D,
+            num_warps=4 if block_s <= 32 else 8,
+        )
     return out
