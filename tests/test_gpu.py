@@ -540,6 +540,56 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
         assert rel(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_slot_norm_rope_kernel_writes_the_kv_cache_and_replays_in_a_graph(dtype):
+    """hhbench's slot_norm_rope kernel on the decode plan of a Qwen3-1.7B head 7:1 layer (FA q, k and v of two KV
+    groups, the GDN heads' q, k and v joined), two sequences, its FA k and v parts written into KV cache slices
+    [2, 1, 2, 128] at position 37 of [2, 64, 2, 128] buffers (strided over sequences and tokens), as a decode step
+    writes them: the twin's values (its parts copied into caches alike), the slices themselves returned, the caches'
+    other tokens untouched; then captured in a CUDA graph at that position and replayed on new inputs: the twin's
+    parts, the cache slices holding the new k and v."""
+    from hhbench.layers import glue, slot_prep
+    from hhbench.layers.hydrahead import HydraAttention, rope_table
+
+    layer = HydraAttention(2048, 16, 8, 128, (0, 9), qk_norm=True, glue="fused")
+    n_slots, plan, position = len(layer.fused_rows) // 128, layer.slot_plans[True], 37
+    assert plan.sizes[:3] == (2, 2, 2) and plan.n_rope == 4
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the two round fp32 results to bf16 apart
+    torch.manual_seed(0)
+    projection = torch.randn(2, 1, n_slots * 128 + 64, device="cuda").to(dtype)
+    slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
+    weight = (1 + 0.3 * torch.randn(2, 128, device="cuda")).to(dtype)
+    cos, sin = (t[position : position + 1] for t in rope_table(position + 1, 128, 1e6, "cuda", dtype))
+
+    def caches():
+        k, v = (torch.full((2, 64, 2, 128), 7.0, device="cuda", dtype=dtype) for _ in range(2))
+        return (k, v), {1: k[:, position : position + 1], 2: v[:, position : position + 1]}
+
+    results = {}
+    for name, op in (("kernel", slot_prep.slot_norm_rope), ("twin", glue.slot_norm_rope)):
+        buffers, into = caches()
+        parts = op(slots, plan, weight, 1e-6, cos, sin, into=into)
+        assert parts[1] is into[1] and parts[2] is into[2]
+        for cache in buffers:
+            assert (cache[:, :position] == 7).all() and (cache[:, position + 1 :] == 7).all()
+        results[name] = parts
+    for got, want in zip(results["kernel"], results["twin"], strict=True):
+        assert got.dtype == dtype and rel(got, want) < tol
+    (k, v), into = caches()
+    slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin, into=into)  # compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin, into=into)
+    projection.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    want = glue.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin)
+    for got, expected in zip(captured, want, strict=True):
+        assert rel(got, expected) < tol
+    assert rel(k[:, position], want[1][:, 0]) < tol and rel(v[:, position], want[2][:, 0]) < tol
+    assert (k[:, position + 1 :] == 7).all() and (v[:, :position] == 7).all()
+
+
 def test_slot_norm_rope_kernel_offsets_beyond_int32():
     """The kernel's offsets past 2^31 elements: a 600K-token bf16 prefill of the Qwen3-1.7B head 7:1 plan reads slots
     2.5e9 elements into the projection and writes parts 3.5e9 elements into its buffer; its first and last tokens

@@ -246,6 +246,30 @@ def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
         assert torch.allclose(fused(x), reference(x), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4)])
+def test_fused_decode_steps_train_like_the_reference(fa_heads, n_kv):
+    """Decode steps under autograd after a cached prefill (the fused path copies the FA k and v parts of
+    slot_norm_rope, whose decode plan takes the groups' v slots too, into the cache, so that autograd records the
+    writes): the outputs and every gradient, through the cache back to the prefill's inputs, equal the reference
+    glue's; uneven GQA (heads 0, 1, 2) included."""
+    options = {"n_kv": n_kv, "qk_norm": True, "qkv_bias": True}
+    reference, fused = make_layer(fa_heads, **options), make_layer(fa_heads, glue="fused", **options)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    results = []
+    for layer in (reference, fused):
+        xi = x.clone().requires_grad_()
+        cache = layer.new_cache(2, 8, "cpu", torch.float64)
+        layer(xi[:, :5], cache=cache)
+        out = torch.cat([layer(xi[:, t : t + 1], cache=cache) for t in range(5, 8)], 1)
+        out.pow(2).sum().backward()
+        results.append([out, xi.grad, *(p.grad for p in layer.parameters())])
+    for got, expected in zip(*results[::-1], strict=True):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
 def test_a_second_derivative_through_the_fused_glue_is_refused():
     """slot_norm_rope's backward builds no graph: a backward with create_graph (a second derivative) through the
     fused path raises, rather than give a wrong second derivative (40% off the reference glue's here; before
@@ -354,8 +378,8 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
 # rotates the FA heads' (before it, RoPE, the q/k norm and its multiply, and a gather or two: 1-5 ops); the GDN heads'
 # conv (three in prefill, one update of all three in decode), decay gate and beta (sigmoid), in decode inside the GDN
 # step (fla's recurrent kernel takes a and b raw); the FA and GDN kernels (core); the gated norm of the GDN heads and
-# the norm of the FA heads; o_proj as two GEMMs (no cat of the heads). Decode writes the new token's K and V into the
-# cache (copy_).
+# the norm of the FA heads; o_proj as two GEMMs (no cat of the heads). Decode's slot_norm_rope also writes the new
+# token's K and V into the cache (before, two copy_ a step).
 FUSED_PREFILL = {
     "gemm": 4,
     "slot_norm_rope": 1,
@@ -366,13 +390,13 @@ FUSED_PREFILL = {
     "norm_gated": 1,
     "norm": 1,
 }
-FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "conv": 0, "conv_update": 1, "gate": 0, "sigmoid": 0, "copy_": 2}
+FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "conv": 0, "conv_update": 1, "gate": 0, "sigmoid": 0}
 # A layer without GDN heads (a layer-wise hybrid's FA layer): the projection GEMM, slot_norm_rope (RoPE, and the q/k
-# norms where the shape has them), the FA kernel and o_proj; decode's cache writes. The reference glue ran 16 ops a
-# prefill and 18 a decode step there (RoPE's tables made per call: arange, casts, cos, sin, cat; rotate-half: neg,
+# norms where the shape has them; in decode the cache writes), the FA kernel and o_proj. The reference glue ran 16 ops
+# a prefill and 18 a decode step there (RoPE's tables made per call: arange, casts, cos, sin, cat; rotate-half: neg,
 # cat, mul, add), 29 and 31 with Qwen3's q/k norms.
 PLAIN_PREFILL = {"gemm": 2, "slot_norm_rope": 1, "core": 1}
-PLAIN_DECODE = {**PLAIN_PREFILL, "copy_": 2}
+PLAIN_DECODE = PLAIN_PREFILL
 
 
 @pytest.mark.parametrize("fa_heads, n_kv, qk_norm", [
@@ -391,8 +415,8 @@ def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, m
         [Counter(PLAIN_PREFILL), Counter(PLAIN_DECODE)] if plain else [Counter(FUSED_PREFILL), Counter(FUSED_DECODE)]
     )
     for counter in expected:
-        if not fa_heads:  # one GEMM for o_proj, no FA norm, no cache write
-            counter.subtract(gemm=1, norm=1, copy_=counter["copy_"])
+        if not fa_heads:  # one GEMM for o_proj, no FA norm
+            counter.subtract(gemm=1, norm=1)
     assert +prefill.ops == +expected[0]
     assert +decode.ops == +expected[1]
 

@@ -22,11 +22,15 @@ needs_interpreter = pytest.mark.skipif(
 
 # FA q, FA k (RoPE'd), then GDN q, k (two heads share a k slot: GQA) and v: the parts of a prefill step
 PLAN = SlotPlan(sources=(0, 1, 2, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 1, 0, 0, 1, 1, 2, 2), sizes=(3, 2, 2, 2), n_rope=3)
-JOINED = SlotPlan(sources=(0, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 0, 1, 1, 2, 2), sizes=(1, 6), n_rope=1)  # decode's
+# FA q, then the GDN heads' q, k and v as one part (a joined part: decode's); slots 1 and 2 unread
+JOINED = SlotPlan(sources=(0, 4, 5, 3, 3, 6, 6), kinds=(0, 0, 0, 1, 1, 2, 2), sizes=(1, 6), n_rope=1)
+# a decode step's: FA q (two heads), k and v (two groups each, the second shared by a GDN head: its k and v slots read
+# twice), then the GDN head's q, k and v joined
+DECODE = SlotPlan(sources=(0, 1, 2, 3, 5, 6, 4, 3, 6), kinds=(0, 0, 1, 1, 2, 2, 0, 1, 2), sizes=(2, 2, 2, 3), n_rope=4)
 
 
 # The kernels' cases in Triton's interpreter, forward and backward
-KERNEL_PLANS = pytest.mark.parametrize("plan", [PLAN, JOINED], ids=["prefill", "joined"])
+KERNEL_PLANS = pytest.mark.parametrize("plan", [PLAN, JOINED, DECODE], ids=["prefill", "joined", "decode"])
 KERNEL_CASES = pytest.mark.parametrize(
     ("B", "T", "d", "per_sequence", "norm", "dtype"),
     [
@@ -101,13 +105,81 @@ def test_the_kernel_refuses_a_strided_head_dim():
         slot_prep.slot_norm_rope_backward([], slots, PLAN, None, 1e-6, None, None, slots)
 
 
-def test_the_backward_kernel_refuses_a_plan_of_more_parts_than_its_pointer_arguments():
+def test_the_kernels_refuse_a_plan_of_more_parts_than_their_pointer_arguments():
     from hhbench.layers import slot_prep
 
     plan = SlotPlan(sources=tuple(range(6)), kinds=(2,) * 6, sizes=(1,) * 6, n_rope=0)
     slots = torch.randn(1, 4, 6, 8)
     with pytest.raises(ValueError, match="up to 5 parts, not 6"):
+        slot_prep.slot_norm_rope(slots, plan, None, 1e-6, None, None)
+    with pytest.raises(ValueError, match="up to 5 parts, not 6"):
         slot_prep.slot_norm_rope_backward([slots[:, :, :1]] * 6, slots, plan, None, 1e-6, None, None, slots)
+
+
+def _caches(B, T, d, dtype, position=3):
+    """Two KV cache buffers [B, T + 5, 2, d] filled with 7, and `into` for DECODE's FA k and v parts: their slices at
+    tokens position..position+T-1 (strided over sequences and tokens)."""
+    caches = [torch.full((B, T + 5, 2, d), 7.0, dtype=dtype) for _ in range(2)]
+    return caches, {1: caches[0][:, position : position + T], 2: caches[1][:, position : position + T]}
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("B", "T", "dtype", "cache_dtype"),
+    [
+        (2, 1, torch.float32, torch.float32),  # a decode step
+        (3, 1, torch.float64, torch.float64),
+        (2, 35, torch.float32, torch.float32),  # two blocks of tokens a sequence
+        (2, 5, torch.float64, torch.float64),
+        (2, 1, torch.float32, torch.float64),  # a cache of another dtype: written in its own
+    ],
+)
+def test_the_kernel_writes_parts_into_cache_slices_as_the_twin(B, T, dtype, cache_dtype):
+    """slot_norm_rope's `into`: DECODE's FA k and v parts written into slices of KV caches (batch and token strides
+    of the whole cache), and given back as those slices; the twin's are its parts without `into`, copied, and the
+    kernel's the twin's; the caches' other tokens are left as they are."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, cos, sin = _inputs(B, T, 12, True, dtype)
+    plain = glue.slot_norm_rope(slots, DECODE, weight, 1e-6, cos, sin)
+    results = []
+    for op in (glue.slot_norm_rope, slot_prep.slot_norm_rope):
+        caches, into = _caches(B, T, 12, cache_dtype)
+        parts = op(slots, DECODE, weight, 1e-6, cos, sin, into=into)
+        assert parts[1] is into[1] and parts[2] is into[2]
+        assert parts[0].dtype == parts[3].dtype == dtype and parts[0].is_contiguous() and parts[3].is_contiguous()
+        for cache in caches:
+            assert (cache[:, :3] == 7).all() and (cache[:, 3 + T :] == 7).all()
+        results.append(parts)
+    twin, kernel = results
+    for p, (got, want) in enumerate(zip(twin, plain, strict=True)):
+        assert torch.equal(got, want.to(got.dtype)), p
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    for got, want in zip(kernel, twin, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@needs_interpreter
+def test_the_kernel_and_the_twin_refuse_a_destination_unlike_its_part():
+    """A destination of another shape, with strided slots or last dim, or for a part the plan has not: ValueError
+    from both, before anything is written."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, cos, sin = _inputs(2, 1, 12, True, torch.float32)
+    (cache, _), _ = _caches(2, 1, 12, torch.float32)
+    wide = torch.zeros(2, 1, 2, 24)
+    bad = {
+        "shape": {1: cache[:, 3:5]},
+        "slots": {1: wide[..., :12]},
+        "last dim": {2: wide[..., ::2]},
+        "part": {4: cache[:, 3:4]},
+    }
+    for name, into in bad.items():
+        for op in (glue.slot_norm_rope, slot_prep.slot_norm_rope):
+            with pytest.raises(ValueError, match="slot_norm_rope writes part"):
+                op(slots, DECODE, weight, 1e-6, cos, sin, into=into)
+        assert (cache == 7).all() and (wide == 0).all(), name
 
 
 def _backward_inputs(B, T, d, per_sequence, dtype, plan):
@@ -256,7 +328,7 @@ def test_a_plan_reads_each_slot_as_one_kind():
     slot (or normed and as it is) is refused."""
     with pytest.raises(ValueError, match="source slot 3 is read as kinds"):
         SlotPlan(sources=(0, 3, 3), kinds=(0, 1, 2), sizes=(3,), n_rope=0)
-    assert PLAN.read == tuple(range(7)) and JOINED.read == (0, 3, 4, 5, 6)
+    assert PLAN.read == DECODE.read == tuple(range(7)) and JOINED.read == (0, 3, 4, 5, 6)
 
 
 @needs_interpreter

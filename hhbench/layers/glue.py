@@ -38,7 +38,8 @@ class GlueOps:
     norm: Callable
     # (o, gate, eps) -> o / rms(o) * silu(gate)
     norm_gated: Callable
-    # (slots, plan, weight, eps, cos, sin) -> the plan's parts: slots gathered, q/k-normed, RoPE'd (slot_norm_rope)
+    # (slots, plan, weight, eps, cos, sin, into=None) -> the plan's parts: slots gathered, q/k-normed, RoPE'd, those
+    # that `into` names written into its tensors (slot_norm_rope)
     slot_norm_rope: Callable
     # (grads, slots, plan, weight, eps, cos, sin, grad_slots) -> weight's gradient or None; writes slots' gradient
     # at the slots the plan reads into grad_slots (slot_norm_rope_backward)
@@ -90,18 +91,30 @@ class SlotPlan:
         parts = [i for i, n in enumerate(self.sizes) for _ in range(n)]
         return (*self.sources, *self.kinds, *firsts, *counts, *parts)
 
-    def split(self, flat: torch.Tensor, B: int, T: int, d: int) -> tuple[torch.Tensor, ...]:
-        """The parts of a buffer of B T J d elements, part after part, each [B, T, n, d]."""
-        parts = flat.split([B * T * n * d for n in self.sizes])
-        return tuple(part.view(B, T, n, d) for part, n in zip(parts, self.sizes, strict=True))
+    def check_into(self, into, B: int, T: int, d: int) -> None:
+        """Raises ValueError unless `into` (slot_norm_rope's destinations: {part index: tensor}) names parts of the
+        plan, each with a tensor of the part's shape [B, T, n, d] whose slots are contiguous (strides (any, any, d, 1);
+        the batch and token strides are free: a KV cache's slice [B, T, G, d] at some positions)."""
+        for p, dest in into.items():
+            shape = (B, T, self.sizes[p], d) if 0 <= p < len(self.sizes) else None
+            if dest.shape != shape or dest.stride(-1) != 1 or (shape[2] > 1 and dest.stride(-2) != d):
+                raise ValueError(
+                    f"slot_norm_rope writes part {p} of parts {self.sizes} into a tensor of shape {shape} with "
+                    f"contiguous slots (strides (any, any, {d}, 1)), not {tuple(dest.shape)} of strides {dest.stride()}"
+                )
 
 
-def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin):
+def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin, into=None):
     """The fused path's input preparation in torch ops: slots [B, T, S, d] (head slots of the projection's output) ->
     the plan's parts, each [B, T, n, d] contiguous in slots' dtype: destination j is source slot plan.sources[j],
     for a q or k slot (plan.kinds) normalized by its RMS over d (in fp32, eps inside the root) times weight [2, d]'s
     row (Qwen3's q_norm and k_norm weights; weight None: no norm), the first plan.n_rope then rotated by RoPE
-    (rotate-half) with half tables cos, sin [T, d / 2] or [B, T, d / 2]. Raises IndexError for a source outside S."""
+    (rotate-half) with half tables cos, sin [T, d / 2] or [B, T, d / 2]. With `into` ({part index: tensor}, as
+    SlotPlan.check_into takes it) those parts are copied into those tensors (cast to their dtype), which stand for
+    them in the result: decode's KV cache writes. Raises IndexError for a source outside S, ValueError for a
+    destination SlotPlan.check_into refuses."""
+    into = into or {}
+    plan.check_into(into, *slots.shape[:2], slots.shape[-1])
     x = slots.index_select(2, head_index(plan.sources, slots.device))
     dtype = torch.promote_types(slots.dtype, torch.float32)
     x = x.to(dtype)
@@ -111,7 +124,8 @@ def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin):
         x = torch.where((kinds < 2)[:, None], normed, x)
     if plan.n_rope:
         x = torch.cat([rope_half(x[:, :, : plan.n_rope], cos.to(dtype), sin.to(dtype)), x[:, :, plan.n_rope :]], 2)
-    return tuple(part.contiguous() for part in x.to(slots.dtype).split(plan.sizes, 2))
+    parts = x.to(slots.dtype).split(plan.sizes, 2)
+    return tuple(into[p].copy_(part) if p in into else part.contiguous() for p, part in enumerate(parts))
 
 
 def slot_norm_rope_backward(grads, slots, plan: SlotPlan, weight, eps, cos, sin, grad_slots):

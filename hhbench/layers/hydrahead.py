@@ -125,10 +125,11 @@ class SlotPrep(NamedTuple):
     cos: torch.Tensor | None
     sin: torch.Tensor | None
 
-    def forward(self, base: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """The plan's parts of `base` (q/k norm weight [2, d] or None)."""
+    def forward(self, base: torch.Tensor, weight: torch.Tensor | None, into=None) -> tuple[torch.Tensor, ...]:
+        """The plan's parts of `base` (q/k norm weight [2, d] or None), those that `into` names ({part index: tensor})
+        written into its tensors."""
         slots = slot_run(base, 0, self.n_slots, self.head_dim)
-        return self.ops.slot_norm_rope(slots, self.plan, weight, self.eps, self.cos, self.sin)
+        return self.ops.slot_norm_rope(slots, self.plan, weight, self.eps, self.cos, self.sin, into)
 
     def backward(self, grads, base, weight, grad: torch.Tensor) -> torch.Tensor | None:
         """Writes the gradient of base's slots the plan reads, from its parts' gradients `grads`, into `grad` (base's
@@ -178,15 +179,22 @@ def _take_part(base: torch.Tensor, view, index: torch.Tensor | None) -> torch.Te
     return view(base) if index is None else _select_words(view(base), index)
 
 
-def take_parts(base: torch.Tensor, takes, prep: SlotPrep | None = None, weight=None) -> tuple[torch.Tensor, ...]:
+def take_parts(base: torch.Tensor, takes, prep: SlotPrep | None = None, weight=None, into=None):
     """The parts of `base` that `takes` names, each (view, index): view(base), a view (a function of one tensor that
     returns a view of it), or with an index [n] (long, on base's device) view(base).index_select(2, index) (head slots
     [B, T, S, d] by select_slots' words); before them, with `prep`, the parts of its slot_norm_rope with q/k norm
-    weight `weight` ([2, d] or None). Under autograd one node takes them all, so that base's gradient is one buffer
-    (_Parts) and slot_norm_rope's backward one kernel."""
+    weight `weight` ([2, d] or None), those that `into` names ({part index: tensor}, glue.SlotPlan.check_into) written
+    into its tensors, which stand for them in the result. Under autograd one node takes them all, so that base's
+    gradient is one buffer (_Parts) and slot_norm_rope's backward one kernel; `into` is then written by copies of the
+    node's parts, so that autograd records the writes (the op's own writes would leave the tensors without history).
+    Returns a tuple of tensors."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, weight)):
-        return _Parts.apply(base, weight, takes, prep)
-    prepared = () if prep is None else prep.forward(base, weight)
+        parts = _Parts.apply(base, weight, takes, prep)
+        if not into:
+            return parts
+        prep.plan.check_into(into, *base.shape[:2], prep.head_dim)
+        return tuple(into[p].copy_(part) if p in into else part for p, part in enumerate(parts))
+    prepared = () if prep is None else prep.forward(base, weight, into)
     return (*prepared, *(_take_part(base, view, index) for view, index in takes))
 
 
@@ -319,13 +327,18 @@ class HydraAttention(nn.Module):
     def _slot_plan(self, joined: bool) -> glue.SlotPlan:
         """Where the fused path's q, k and v come from (glue.slot_norm_rope): the FA heads' q and their groups' k
         slots, normed and rotated, as two parts (under autograd each its own output, whose gradient then comes back
-        alone), then the GDN heads' q, k and v, each head's from its own slot or its group's (q and k normed), as three
-        parts (prefill: each the dense tensor its conv takes) or, `joined`, one (decode: one conv update over q, k and
-        v)."""
+        alone); `joined` (decode), their groups' v slots as they are as a third part, so that the op writes the new
+        token's k and v into the KV cache (prefill takes v as a view of the projection and writes the cache once);
+        then the GDN heads' q, k and v, each head's from its own slot or its group's (q and k normed), as three parts
+        (prefill: each the dense tensor its conv takes) or, `joined`, one (decode: one conv update over q, k and v)."""
         n_groups = len(self.split.fa_groups) if self.n_fa else 0
         n_rope = self.n_fa + n_groups
         sources, kinds = list(range(n_rope)), list(self.fused_qk_kinds[:n_rope])
         sizes = [self.n_fa, n_groups] if n_rope else []
+        if joined and n_groups:  # the FA groups' v: the last fused slots
+            n_slots = len(self.fused_rows) // self.head_dim
+            sources, kinds = sources + list(range(n_slots - n_groups, n_slots)), kinds + [2] * n_groups
+            sizes.append(n_groups)
         if self.gdn is not None:
             for kind, slots in enumerate(self.gdn_slots):  # q: 0, k: 1, v: 2 (not normed)
                 sources, kinds = sources + list(slots), kinds + [kind] * len(slots)
@@ -536,11 +549,13 @@ class HydraAttention(nn.Module):
 
     # The fused path: the same math as the reference methods above, composed from glue.py's ops.
 
-    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool):
+    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool, kv=None):
         """The one input projection -> (FA q, k, v with RoPE at positions start.., or None; the GDN heads' q, k, v
         channels: three [B, T, n_la d], or with `joined` one [B, T, 3 n_la d]; their a and b [B, T, n_la]; their
         output gate [B, T, n_la, d] or None; the last four None without GDN heads). The q and k slots are rewritten
-        (norms, RoPE) and the GDN heads' q, k and v gathered; the rest are views of the projection."""
+        (norms, RoPE) and the GDN heads' q, k and v gathered; the rest are views of the projection. With `joined` and
+        FA heads, `kv` may give the FA k and v's destinations ([B, T, G, d] each with contiguous slots: decode's KV
+        cache slices), which the op writes and which stand for them in the result."""
         B, T, _ = x.shape
         n_la = self.gdn.n_heads if self.gdn is not None else 0
         gated = self.gdn is not None and self.gdn.g_proj is not None
@@ -552,14 +567,15 @@ class HydraAttention(nn.Module):
             out = F.linear(x, weights.projection, weights.bias)
             gate = out[..., n_main:] if gated else None
         gate = gate.view(B, T, n_la, self.head_dim) if gated else None
-        return (*self._prepared_inputs(out, position_embeddings, weights, start, ops, joined), gate)
+        return (*self._prepared_inputs(out, position_embeddings, weights, start, ops, joined, kv), gate)
 
-    def _prepared_inputs(self, out, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool):
+    def _prepared_inputs(self, out, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool, kv):
         """_fused_inputs' outputs but the gate, from the projection's output `out` [B, T, W]: the rewritten and
         gathered slots by one op (glue.slot_norm_rope: one kernel on CUDA, and one for its backward, where fla's ops
         took an RMSNorm, a multiply, a RoPE and gathers, each pass but the gathers after a copy of its strided input),
-        the FA groups' v and the GDN heads' a and b views, all by one take_parts (under autograd one node, whose
-        backward makes out's gradient in one buffer)."""
+        with `joined` the FA groups' v too (into `kv`'s destinations where given), without it the FA groups' v as a
+        view, and the GDN heads' a and b views, all by one take_parts (under autograd one node, whose backward makes
+        out's gradient in one buffer)."""
         d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
         n_la = self.gdn.n_heads if self.gdn is not None else 0
         n_slots = len(self.fused_rows) // d
@@ -569,18 +585,19 @@ class HydraAttention(nn.Module):
             cos, sin = self._rope_tables(position_embeddings, start, out.shape[1], out.dtype, out.device)
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
         takes = []
-        if n_fa:
+        if n_fa and not joined:  # the joined plan takes the FA groups' v as its third part
             takes.append((functools.partial(slot_run, start=n_slots - n_groups, stop=n_slots, head_dim=d), None))
         if n_la:
             column = n_slots * d
             takes += [(lambda t: t[..., column : column + n_la], None),
                       (lambda t: t[..., column + n_la : column + 2 * n_la], None)]  # fmt: skip
-        parts = take_parts(out, takes, SlotPrep(ops, plan, n_slots, d, eps, cos, sin), weights.qk_norm)
+        into = None if kv is None else dict(zip((1, 2), kv, strict=True))  # the joined plan's FA k and v parts
+        parts = take_parts(out, takes, SlotPrep(ops, plan, n_slots, d, eps, cos, sin), weights.qk_norm, into)
         prepared, views = parts[: len(plan.sizes)], parts[len(plan.sizes) :]  # slot_norm_rope's parts, then the views
-        fa = (*prepared[:2], views[0]) if n_fa else None  # q, k (rotated), v
+        fa = (*prepared[:2], prepared[2] if joined else views[0]) if n_fa else None  # q, k (rotated), v
         if not n_la:
             return fa, None, None, None
-        channels, (a, b) = prepared[2 if n_fa else 0 :], views[-2:]
+        channels, (a, b) = prepared[(3 if joined else 2) if n_fa else 0 :], views[-2:]
         return fa, (channels[0].flatten(2) if joined else tuple(c.flatten(2) for c in channels)), a, b
 
     def _rope_tables(self, position_embeddings, start: int, T: int, dtype, device):
@@ -631,13 +648,16 @@ class HydraAttention(nn.Module):
         return (q, k, v, ops.gate(a, gdn.A_log, gdn.dt_bias), torch.sigmoid(b)), conv_state
 
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
+        """A decode step of the fused path. Its ops (a kernel each on the GPU): the projection GEMM; slot_norm_rope,
+        which also writes the new token's FA k and v into the KV cache at its position (without autograd; under it
+        take_parts copies them there, so that autograd records the writes); the GDN heads' conv update; the FA and
+        GDN steps (core); the heads' norms and o_proj (_finish_fused)."""
         position, B = cache.length, x.shape[0]
         weights = self._fused_weights()
-        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights, position, ops, joined=True)
-        if fa:
-            q_fa, k_new, v_new = fa
-            cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
-            fa = (q_fa, *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
+        kv = (cache.k[:, position : position + 1], cache.v[:, position : position + 1]) if self.n_fa else None
+        fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights, position, ops, joined=True, kv=kv)
+        if fa:  # its k and v are now in the cache
+            fa = (fa[0], *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
         gdn = gates = None
         if la is not None:
             n_la = self.gdn.n_heads

@@ -7,10 +7,13 @@ the norm weights, a RoPE (another copy of its strided slots) and gathers of the 
 over the slots, 1.4-1.5 ms a Qwen3-1.7B layer at 64K on an H200 (results/floor-h200-v4). This kernel reads each
 source slot once per destination and writes the destination once.
 
-One program per (block of tokens, destination slot). The backward kernel (training) runs one program per (block of
-tokens, source slot the plan reads): it sums the gradients of the source's destinations (each un-rotated where RoPE'd),
-takes them back through the norm recomputed from the source, and writes the source's gradient once, without atomics;
-the norm weight's gradient comes as sums per program (fp32; fp64 for fp64 slots), added up by torch.
+One program per (block of tokens, destination slot), writing its slot into its part: a part of the kernel's buffer or
+a tensor the caller gives (`into`, any batch and token strides), as a decode step's FA k and v parts go straight into
+the KV cache's slices at the new token's position (before, two copy kernels a step wrote them there). The backward
+kernel (training) runs one program per (block of tokens, source slot the plan reads): it sums the gradients of the
+source's destinations (each un-rotated where RoPE'd), takes them back through the norm recomputed from the source, and
+writes the source's gradient once, without atomics; the norm weight's gradient comes as sums per program (fp32; fp64
+for fp64 slots), added up by torch.
 With TRITON_INTERPRET=1 set before triton is imported, Triton's interpreter runs both on CPU tensors: how the tests
 check them without a GPU.
 """
@@ -28,14 +31,24 @@ BLOCK_TOKENS = 32
 
 
 @triton.jit
-def _slot_norm_rope(X, Plan, W, Cos, Sin, Out, n_tokens, T, n_dest, n_rope, stride_xb, stride_xt, stride_xs,
-                    stride_cb, stride_ct, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+def _store_slot(Part, stride_pb, stride_pt, b, t, slot, h, x1, x2, mask, HALF: tl.constexpr):
+    """Stores the halves x1, x2 [BLOCK_T, BLOCK_HALF] of tokens (b, t) at slot `slot` of a part [B, T, n, d] with
+    batch and token strides stride_pb, stride_pt and contiguous slots, cast to the part's dtype."""
+    row = Part + b * stride_pb + t * stride_pt + slot * (2 * HALF)
+    tl.store(row[:, None] + h[None, :], x1.to(Part.dtype.element_ty), mask=mask)
+    tl.store(row[:, None] + HALF + h[None, :], x2.to(Part.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _slot_norm_rope(X, Plan, W, Cos, Sin, P0, P1, P2, P3, P4, n_tokens, T, n_dest, n_rope, stride_xb, stride_xt,
+                    stride_xs, stride_cb, stride_ct, stride_0b, stride_0t, stride_1b, stride_1t, stride_2b, stride_2t,
+                    stride_3b, stride_3t, stride_4b, stride_4t, eps, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                     BLOCK_T: tl.constexpr, NORM: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
     j = tl.program_id(1)
     source = tl.load(Plan + j)
     kind = tl.load(Plan + n_dest + j)
-    first = tl.load(Plan + 2 * n_dest + j)  # the destination's part: its first slot and its number of slots
-    size = tl.load(Plan + 3 * n_dest + j)
+    slot = j - tl.load(Plan + 2 * n_dest + j)  # the destination's slot in its part
+    p = tl.load(Plan + 4 * n_dest + j)  # its part: pointer argument P<p>, its strides stride_<p>b, stride_<p>t
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.arange(0, BLOCK_HALF)
     mask = (tok < n_tokens)[:, None] & (h < HALF)[None, :]
@@ -57,10 +70,17 @@ def _slot_norm_rope(X, Plan, W, Cos, Sin, Out, n_tokens, T, n_dest, n_rope, stri
         cos = tl.load(Cos + table[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
         sin = tl.load(Sin + table[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    part = Out + first.to(tl.int64) * n_tokens * (2 * HALF)
-    o_row = part + tok.to(tl.int64) * size * (2 * HALF) + (j - first) * (2 * HALF)
-    tl.store(o_row[:, None] + h[None, :], x1.to(Out.dtype.element_ty), mask=mask)
-    tl.store(o_row[:, None] + HALF + h[None, :], x2.to(Out.dtype.element_ty), mask=mask)
+    # a store a part, not a pointer picked from the arguments: the parts' dtypes may differ (a KV cache's)
+    if p == 0:
+        _store_slot(P0, stride_0b, stride_0t, b, t, slot, h, x1, x2, mask, HALF)
+    if p == 1:
+        _store_slot(P1, stride_1b, stride_1t, b, t, slot, h, x1, x2, mask, HALF)
+    if p == 2:
+        _store_slot(P2, stride_2b, stride_2t, b, t, slot, h, x1, x2, mask, HALF)
+    if p == 3:
+        _store_slot(P3, stride_3b, stride_3t, b, t, slot, h, x1, x2, mask, HALF)
+    if p == 4:
+        _store_slot(P4, stride_4b, stride_4t, b, t, slot, h, x1, x2, mask, HALF)
 
 
 def _check_layout(*slots):
@@ -71,29 +91,52 @@ def _check_layout(*slots):
             raise ValueError(f"slot_norm_rope takes slots with a contiguous, even last dim, not {tuple(t.stride())}")
 
 
+# the kernels' pointer arguments for the parts (the forward's outputs, the backward's gradients): a layer's plan has
+# up to 5 parts (prefill's FA q, FA k, GDN q, k, v; decode's FA q, k, v and the GDN heads' q, k, v joined)
+MAX_PARTS = 5
+
+
+def _check_parts(plan):
+    """Raises ValueError for a plan of more than MAX_PARTS parts."""
+    if len(plan.sizes) > MAX_PARTS:
+        raise ValueError(f"slot_norm_rope's kernels take plans of up to {MAX_PARTS} parts, not {len(plan.sizes)}")
+
+
 def _compute_dtype(slots) -> torch.dtype:
     """The dtype the kernels compute in: the twin's (promote_types with fp32), fp64 for fp64 slots."""
     return torch.promote_types(slots.dtype, torch.float32)
 
 
-def slot_norm_rope(slots, plan, weight, eps, cos, sin):
+def slot_norm_rope(slots, plan, weight, eps, cos, sin, into=None):
     """glue.slot_norm_rope's op as one kernel launch: slots [B, T, S, d] (any strides but a contiguous last dim),
     `plan` (glue.SlotPlan), weight [2, d] or None, half tables cos, sin [T, d / 2] or [B, T, d / 2] (None without
-    RoPE slots) -> the plan's parts, each [B, T, n, d] contiguous, views of one buffer; computed in fp32, in fp64 for
-    fp64 slots (the twin's promote_types). Raises ValueError for a strided last dim or an odd d."""
+    RoPE slots), `into` None or {part index: destination} -> the plan's parts, each [B, T, n, d]: the destinations
+    (written in their dtype, with any batch and token strides: decode's KV cache slices), the other parts contiguous
+    views of one buffer; computed in fp32, in fp64 for fp64 slots (the twin's promote_types). Raises ValueError for a
+    strided last dim, an odd d, a plan of more than MAX_PARTS parts or a destination that is not one of its parts'
+    shape with contiguous slots (glue.SlotPlan.check_into)."""
     B, T, _, d = slots.shape
     _check_layout(slots)
+    _check_parts(plan)
+    into = into or {}
+    plan.check_into(into, B, T, d)
     n_tokens, n_dest = B * T, len(plan.sources)
-    out = slots.new_empty(n_tokens * n_dest * d)
+    own = [p for p in range(len(plan.sizes)) if p not in into]  # the parts in the buffer, in order
+    buffer = slots.new_empty(n_tokens * d * sum(plan.sizes[p] for p in own))
+    views = buffer.split([n_tokens * plan.sizes[p] * d for p in own])
+    parts = {**into, **{p: view.view(B, T, plan.sizes[p], d) for p, view in zip(own, views, strict=True)}}
+    parts = [parts[p] for p in range(len(plan.sizes))]
     cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
     grid = (triton.cdiv(n_tokens, BLOCK_TOKENS), n_dest)
+    unused = MAX_PARTS - len(parts)  # pointer arguments of no part: never stored to
     _slot_norm_rope[grid](
-        slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin, out, n_tokens, T,
-        n_dest, plan.n_rope, slots.stride(0), slots.stride(1), slots.stride(2), stride_cb, stride_ct, float(eps),
-        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, NORM=weight is not None,
-        COMPUTE=_COMPUTE[_compute_dtype(slots)], num_warps=4,
+        slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin,
+        *parts, *[parts[0]] * unused, n_tokens, T, n_dest, plan.n_rope, slots.stride(0), slots.stride(1),
+        slots.stride(2), stride_cb, stride_ct, *(s for part in parts for s in part.stride()[:2]), *[0, 0] * unused,
+        float(eps), HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS,
+        NORM=weight is not None, COMPUTE=_COMPUTE[_compute_dtype(slots)], num_warps=4,
     )  # fmt: skip
-    return plan.split(out, B, T, d)
+    return tuple(parts)
 
 
 @triton.jit
@@ -185,10 +228,6 @@ def _rope_strides(cos, sin, fallback):
     return cos, sin, (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
 
 
-# the backward kernel's pointer arguments for the parts' gradients (a layer's plan: FA q, FA k, GDN q, k, v)
-MAX_PARTS = 5
-
-
 def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slots):
     """glue.slot_norm_rope_backward's op as one kernel launch and a sum: grads, the gradients of slot_norm_rope's parts
     (each [B, T, n, d], made contiguous where they are not) -> writes the gradient of slots [B, T, S, d] at the slots
@@ -198,8 +237,7 @@ def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slot
     strided last dim, an odd d or a plan of more than MAX_PARTS parts."""
     B, T, _, d = slots.shape
     _check_layout(slots, grad_slots)
-    if len(plan.sizes) > MAX_PARTS:
-        raise ValueError(f"slot_norm_rope's backward takes plans of up to {MAX_PARTS} parts, not {len(plan.sizes)}")
+    _check_parts(plan)
     grads = [g.contiguous() for g in grads]
     n_tokens, fan_out, inverse = B * T, *plan.inverse
     n_read, n_blocks = len(plan.read), triton.cdiv(B * T, BLOCK_TOKENS)
