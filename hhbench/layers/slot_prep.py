@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hhbench.kernels.hybrid import head_index
+from hhbench.kernels.hybrid import head_index, launch_device
 
 # the kernels compute in the twin's dtype (glue.slot_norm_rope: promote_types with fp32)
 _COMPUTE = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -129,13 +129,14 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin, into=None):
     cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
     grid = (triton.cdiv(n_tokens, BLOCK_TOKENS), n_dest)
     unused = MAX_PARTS - len(parts)  # pointer arguments of no part: never stored to
-    _slot_norm_rope[grid](
-        slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin,
-        *parts, *[parts[0]] * unused, n_tokens, T, n_dest, plan.n_rope, slots.stride(0), slots.stride(1),
-        slots.stride(2), stride_cb, stride_ct, *(s for part in parts for s in part.stride()[:2]), *[0, 0] * unused,
-        float(eps), HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS,
-        NORM=weight is not None, COMPUTE=_COMPUTE[_compute_dtype(slots)], num_warps=4,
-    )  # fmt: skip
+    with launch_device(slots):
+        _slot_norm_rope[grid](
+            slots, head_index(plan.table, slots.device), slots if weight is None else weight, cos, sin,
+            *parts, *[parts[0]] * unused, n_tokens, T, n_dest, plan.n_rope, slots.stride(0), slots.stride(1),
+            slots.stride(2), stride_cb, stride_ct, *(s for part in parts for s in part.stride()[:2]), *[0, 0] * unused,
+            float(eps), HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS,
+            NORM=weight is not None, COMPUTE=_COMPUTE[_compute_dtype(slots)], num_warps=4,
+        )  # fmt: skip
     return tuple(parts)
 
 
@@ -244,15 +245,16 @@ def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slot
     compute = _compute_dtype(slots)
     partial = None if weight is None else slots.new_empty(n_blocks, n_read, d, dtype=compute)
     cos, sin, stride_cb, stride_ct = _rope_strides(cos if plan.n_rope else None, sin, slots)
-    _slot_norm_rope_backward[(n_blocks, n_read)](
-        slots, head_index(plan.table, slots.device), head_index(inverse, slots.device),
-        slots if weight is None else weight, cos, sin, *grads, *[grads[0]] * (MAX_PARTS - len(grads)), grad_slots,
-        grad_slots if partial is None else partial, n_tokens, T, n_read, len(plan.sources), plan.n_rope,
-        slots.stride(0), slots.stride(1), slots.stride(2),
-        stride_cb, stride_ct, grad_slots.stride(0), grad_slots.stride(1), grad_slots.stride(2), float(eps),
-        HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, FAN_OUT=fan_out,
-        NORM=weight is not None, COMPUTE=_COMPUTE[compute], num_warps=4,
-    )  # fmt: skip
+    with launch_device(slots):
+        _slot_norm_rope_backward[(n_blocks, n_read)](
+            slots, head_index(plan.table, slots.device), head_index(inverse, slots.device),
+            slots if weight is None else weight, cos, sin, *grads, *[grads[0]] * (MAX_PARTS - len(grads)), grad_slots,
+            grad_slots if partial is None else partial, n_tokens, T, n_read, len(plan.sources), plan.n_rope,
+            slots.stride(0), slots.stride(1), slots.stride(2),
+            stride_cb, stride_ct, grad_slots.stride(0), grad_slots.stride(1), grad_slots.stride(2), float(eps),
+            HALF=d // 2, BLOCK_HALF=triton.next_power_of_2(d // 2), BLOCK_T=BLOCK_TOKENS, FAN_OUT=fan_out,
+            NORM=weight is not None, COMPUTE=_COMPUTE[compute], num_warps=4,
+        )  # fmt: skip
     if weight is None:
         return None
     n_q, n_k = (inverse[:n_read].count(kind) for kind in (0, 1))  # the read sources are q, k, then v slots
