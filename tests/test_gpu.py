@@ -892,18 +892,26 @@ def test_a_second_worker_process_takes_the_first_ones_autotuning_from_the_shared
 def test_fused_layer_on_the_second_gpu_runs_there_under_the_first_as_current():
     """A layer on cuda:1 while cuda:0 is the current device (Hugging Face's device_map spreads layers so): its
     prefill and decode steps match the same layer's on cuda:0 (the same kernels: within bf16's rounding of
-    reductions whose order may differ). hhbench's Triton kernels (slot_norm_rope, split-KV decode: `auto`'s FA decode
-    kernel) make their tensors' GPU current to launch (hybrid.launch_device): without it they ran on cuda:0 with
-    cuda:1's pointers."""
+    reductions whose order may differ), and hhbench's Triton kernels (slot_norm_rope, split-KV decode: `auto`'s FA
+    decode kernel) ran on cuda:1, on its stream (hybrid.launch_device). Without the switch they ran on cuda:0 with
+    cuda:1's pointers, unordered with cuda:1's stream; over the H200s' NVLink that still gave the right numbers
+    (results/gpu-tests-h200/call-12), so the profiler's device of each kernel is what tells."""
+    from torch.profiler import ProfilerActivity, profile
+
     fast, _ = _layer_pair(LAYERS[1])
     x = torch.randn(2, 208, 256, device="cuda:0").to(torch.bfloat16)
     outputs = []
     for device in ("cuda:0", "cuda:1"):
         layer = copy.deepcopy(fast).to(device)
         cache = layer.new_cache(2, 208, device, torch.bfloat16)
-        with torch.cuda.device(0):
+        with torch.cuda.device(0), profile(activities=[ProfilerActivity.CUDA]) as profiler:
             first = layer(x[:, :200].to(device), cache=cache)
             steps = [layer(x[:, t : t + 1].to(device), cache=cache) for t in range(200, 208)]
-        torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)
         outputs.append(torch.cat([first, *steps], dim=1).cpu())
+    ours = {(event.name, event.device_index) for event in profiler.events()
+            if event.device_type == torch.autograd.DeviceType.CUDA
+            and event.name in ("_slot_norm_rope", "_partial", "_merge")}  # fmt: skip
+    assert {name for name, _ in ours} == {"_slot_norm_rope", "_partial", "_merge"}, ours
+    assert {index for _, index in ours} == {1}, ours
     assert rel(outputs[1].float(), outputs[0].float()) < 1e-2
