@@ -1,4 +1,5 @@
-"""hhbench's own host time in one fused layer prefill step (issue 12: eager 16K prefill is host-bound), on the CPU:
+"""hhbench's own host time in one fused layer prefill and decode step (issue 12: eager 16K prefill is host-bound, and
+eager decode steps are), on the CPU:
 HydraAttention's fused path with Qwen3-1.7B's head counts (16 query heads, 8 KV heads, q/k norms), every glue op and
 the attention core stubbed by one allocation of its output's shape, and tiny hidden and head sizes so that the
 projection GEMMs cost next to nothing. What is left is the layer's Python, its GEMMs' and views' dispatch and the
@@ -21,14 +22,21 @@ HIDDEN, HEAD_DIM, TOKENS = 128, 8, 2
 LAYOUTS = {"head 7:1": (3, 11), "head 3:1": (1, 5, 9, 13), "GDN layer": (), "FA layer": tuple(range(16))}
 
 
-def _parts(slots, plan, weight, eps, cos, sin):
+def _parts(slots, plan, weight, eps, cos, sin, into=None):
+    """slot_norm_rope's outputs as its launcher makes them: `into`'s tensors, the other parts views of one buffer."""
     B, T, _, d = slots.shape
-    return plan.split(slots.new_empty(B * T * len(plan.sources) * d), B, T, d)
+    into = into or {}
+    own = [n for p, n in enumerate(plan.sizes) if p not in into]
+    views = iter(slots.new_empty(B * T * d * sum(own)).split([B * T * n * d for n in own]))
+    return tuple(into[p] if p in into else next(views).view(B, T, n, d) for p, n in enumerate(plan.sizes))
 
 
 STUBS = glue.GlueOps(
     "stubs",
-    lambda x, weight, initial_state=None, output_final_state=False: (torch.empty_like(x), None),
+    lambda x, weight, initial_state=None, output_final_state=False: (
+        torch.empty_like(x),
+        x.new_empty(x.shape[0], x.shape[2], weight.shape[1]) if output_final_state else None,
+    ),
     lambda x, state, weight: torch.empty_like(x),
     lambda a, A_log, dt_bias: torch.empty_like(a, dtype=torch.float32),
     lambda o, eps: torch.empty_like(o),
@@ -42,22 +50,38 @@ class StubCore(HybridCore):
     def prefill_parts(self, fa, gdn, output_final_state=False, qk_l2norm=False):
         return (torch.empty_like(fa[0]) if fa else None), ((torch.empty_like(gdn[2]), None) if gdn else None)
 
+    def decode_parts(self, fa, gdn, qk_l2norm=False, gates=None):
+        return (torch.empty_like(fa[0]) if fa else None), ((torch.empty_like(gdn[2])[:, None], None) if gdn else None)
+
+
+def _median(calls, steps: int) -> dict:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        calls()
+        times.append((time.perf_counter() - start) * 1e6)
+    times = sorted(times[50:])
+    return {"median_us": round(statistics.median(times)), "p10_us": round(times[len(times) // 10]),
+            "p90_us": round(times[9 * len(times) // 10])}  # fmt: skip
+
 
 def step_us(fa_heads, steps: int) -> dict:
+    """{"prefill": ..., "decode": ...}: a prefill of TOKENS tokens and a decode step after them, each the median,
+    p10 and p90 (us) of `steps` calls, the first 50 left out."""
     layer = HydraAttention(HIDDEN, 16, 8, HEAD_DIM, fa_heads=fa_heads, qk_norm=True, glue="auto")
     core = StubCore(None, None, "sequential", 64)
     layer._core = lambda *args: core
     layer._glue_ops = lambda *args: STUBS
     x = torch.randn(1, TOKENS, HIDDEN)
-    times = []
+    cache = layer.new_cache(1, TOKENS + 1, "cpu", x.dtype)
+
+    def decode():
+        cache.length = TOKENS  # each step writes the same position
+        layer(x[:, :1], cache=cache)
+
     with torch.no_grad():
-        for _ in range(steps):
-            start = time.perf_counter()
-            layer(x)
-            times.append((time.perf_counter() - start) * 1e6)
-    times = sorted(times[50:])
-    return {"median_us": round(statistics.median(times)), "p10_us": round(times[len(times) // 10]),
-            "p90_us": round(times[9 * len(times) // 10])}  # fmt: skip
+        layer(x, cache=cache)
+        return {"prefill": _median(lambda: layer(x), steps), "decode": _median(decode, steps)}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy
 import pytest
@@ -680,3 +681,18 @@ def test_a_fused_training_step_makes_the_projections_gradient_once(fa_heads, n_k
     assert torch.allclose(x.grad, xr.grad, rtol=1e-9, atol=1e-11)
     for (name, p), q in zip(layer.named_parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-11), name
+
+
+def test_the_glue_host_time_experiment_times_the_fused_prefill_and_decode_with_its_stubs():
+    """experiments/glue_host_time.py (results/glue-host-cpu) follows the fused path's op signatures: its stubs stand in
+    for every glue op and the core, and a prefill and a decode step run through them."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "glue_host_time.py"
+    spec = importlib.util.spec_from_file_location("glue_host_time", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for fa_heads in module.LAYOUTS.values():
+        times = module.step_us(fa_heads, 55)
+        assert set(times) == {"prefill", "decode"}
+        assert all(0 < t["p10_us"] <= t["median_us"] <= t["p90_us"] for t in times.values()), times
