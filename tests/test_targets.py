@@ -94,11 +94,13 @@ def test_committed_gpu_run(cli):
     assert "6 of 9 points at >= 85% (the fastest FA backend of each)" in after.stdout
 
 
-def layer_row(variant, context, pass_="prefill", latency=1.0, floor=0.9, gdn="flash-qla", scope="layer", batch=1):
+def layer_row(variant, context, pass_="prefill", latency=1.0, floor=0.9, gdn="flash-qla", scope="layer", batch=1,
+              timer=None):  # fmt: skip
+    timer = timer or ("cuda-graph" if pass_ == "decode" else "cuda-events")  # as a sweep without --graph times them
     return Row(model="qwen3-1.7b", layout=variant.split(":")[0], ratio="", context=context, batch=batch, pass_=pass_,
                scope=scope, variant=variant, mode="sequential", status=OK, latency_ms=latency, gdn_backend=gdn,
                latency_p10_ms=latency * 0.99, latency_p90_ms=latency * 1.01, floor_ms=floor,
-               vs_floor=latency / floor if floor else None)  # fmt: skip
+               vs_floor=latency / floor if floor else None, timer=timer)  # fmt: skip
 
 
 def passing_layer_rows():
@@ -178,3 +180,16 @@ def test_a_floor_above_the_layer_is_no_floor():
     assert check.summary.startswith("in 1 of 13 rows the floor is above the layer's p90, no floor; 13 of 13 rows")
     assert "| layer prefill within 1.15x of its floor | floor invalid | in 1 of 13 rows" in checked.to_markdown()
     assert check.evidence["floor_above_layer"].sum() == 1
+
+
+def test_a_target_read_on_cuda_graph_rows_says_so():
+    """Decode is timed as CUDA graphs, eager prefill is not (its latency holds the host's time to issue a step); a
+    run swept with --graph times prefill as graphs too, and its prefill targets say so."""
+    eager = layer_targets(passing_layer_rows())
+    assert eager["layer decode within 1.3x of its floor"].summary.endswith("; timed as CUDA graphs")
+    assert "CUDA graphs" not in eager["layer prefill within 1.15x of its floor"].summary
+    assert "CUDA graphs" not in eager["head 7:1 vs layer 3:1, layer prefill 64K"].summary
+    graphs = layer_targets([layer_row(r.variant, r.context, r.pass_, r.latency_ms, r.floor_ms, r.gdn_backend, r.scope,
+                                      r.batch, timer="cuda-graph") for r in passing_layer_rows()])  # fmt: skip
+    assert graphs["layer prefill within 1.15x of its floor"].summary.endswith("; timed as CUDA graphs")
+    assert graphs["head 7:1 vs layer 3:1, layer prefill 64K"].summary.endswith("; timed as CUDA graphs")

@@ -166,6 +166,13 @@ K = 1024
 POINT = ["variant", "gdn_backend", "context", "batch"]
 
 
+def _as_graphs(at: pd.DataFrame) -> str:
+    """The summary's "; timed as CUDA graphs" where every row read was (decode always is; a sweep with --graph times every pass so,
+    and never shares a run with eager rows of the other passes: hhbench.runner.sweep.check_timer), else "": an eager
+    step's latency holds the host's time to issue it, which a graph's does not."""
+    return "; timed as CUDA graphs" if (at["timer"] == "cuda-graph").all() else ""
+
+
 def _at(rows: pd.DataFrame, model: str, scope: str, pass_: str, batch: int) -> pd.DataFrame:
     return rows[
         (rows["model"] == model) & (rows["scope"] == scope) & (rows["pass"] == pass_) & (rows["batch"] == batch)
@@ -203,7 +210,7 @@ class FloorTarget:
         invalid = int(evidence["floor_above_layer"].sum())
         summary = (
             f"{len(evidence) - over} of {len(evidence)} rows within {self.at_most}x; worst {worst['vs_floor']:.2f}x "
-            f"({worst['variant']}, {worst['gdn_backend']}, {int(worst['context']) // K}K)"
+            f"({worst['variant']}, {worst['gdn_backend']}, {int(worst['context']) // K}K){_as_graphs(at)}"
         )
         if invalid:
             summary = f"in {invalid} of {len(evidence)} rows the floor is above the layer's p90, no floor; " + summary
@@ -240,7 +247,7 @@ class SpeedupTarget:
         met = speedup >= self.at_least if self.at_least > 1 else speedup > 1
         summary = (
             f"{speedup:.2f}x ({best_fast['latency_ms']:.4g} ms with {best_fast['gdn_backend']} vs "
-            f"{best_slow['latency_ms']:.4g} ms with {best_slow['gdn_backend']})"
+            f"{best_slow['latency_ms']:.4g} ms with {best_slow['gdn_backend']}){_as_graphs(pd.concat([fast, slow]))}"
         )
         return Check(self.name, evidence.reset_index(drop=True), "met" if met else "not met", summary)
 
