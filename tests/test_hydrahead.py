@@ -223,6 +223,26 @@ def test_a_cached_continuation_of_several_tokens_is_refused(fa_heads, glue_name)
             layer(x[:, 5:8], cache=cache)
 
 
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(0, 1, 2), ALL_FA])
+def test_a_decode_step_past_the_caches_capacity_is_refused_until_it_grows(fa_heads, glue_name):
+    """A step on a full KV cache raises ValueError naming ensure_capacity, before it changes any state (the reference
+    glue's write broadcast the new token into an empty slice and attended without it: a wrong output; the fused
+    glue's raised slot_norm_rope's shape error); grown by LayerCache.ensure_capacity, it is the full forward's."""
+    layer = make_layer(fa_heads, glue=glue_name)
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 5, "cpu", torch.float64)
+        layer(x[:, :5], cache=cache)
+        with pytest.raises(ValueError, match="holds 5 tokens.*ensure_capacity"):
+            layer(x[:, 5:6], cache=cache)
+        cache.ensure_capacity(6)
+        step = layer(x[:, 5:6], cache=cache)
+    assert cache.length == 6 and cache.k.shape[1] == 10  # doubled
+    torch.testing.assert_close(step, full[:, 5:], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4), (ALL_FA, 8)])
 def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
     """Qwen2/3 options on (biases, q/k norms): outputs and every gradient of the fused composition (torch twins of

@@ -484,7 +484,7 @@ class HydraAttention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, hidden]. With a cache holding tokens, x continues them (decode: one token, T = 1); a cache with
         none is filled by this prefill. `position_embeddings` = (cos, sin) as Hugging Face passes them; else made
-        here. Raises ValueError for a continuation of more than one token."""
+        here. Raises ValueError for a continuation of more than one token or past a full KV cache (ensure_capacity)."""
         if cache is not None and cache.length > 0:
             if x.shape[1] != 1:  # the decode step's shapes hold one token (more failed deep inside, or not at all)
                 raise ValueError(f"a cached layer decodes one token a call, got {x.shape[1]}")
@@ -523,8 +523,15 @@ class HydraAttention(nn.Module):
         return LayerCache(k, v, 0, None, None)
 
     def _decode(self, x, position_embeddings, cache: LayerCache):
-        core = self._core("decode", x.device, _kernel_dtype(x))
+        """A decode step, either glue. Raises ValueError where the KV cache is full (an empty slice at the position
+        took the new token's k and v by broadcasting, and the step attended without them)."""
         position = cache.length
+        if cache.k is not None and position >= cache.k.shape[1]:
+            raise ValueError(
+                f"the layer's KV cache holds {cache.k.shape[1]} tokens and is full: grow it "
+                f"(LayerCache.ensure_capacity) before decoding token {position + 1}"
+            )
+        core = self._core("decode", x.device, _kernel_dtype(x))
         ops = self._glue_ops(core, x.device)
         if ops is not None:
             return self._decode_fused(x, position_embeddings, cache, core, ops)
