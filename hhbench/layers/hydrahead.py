@@ -457,6 +457,16 @@ class HydraAttention(nn.Module):
         index = head_index(self.split.fa_kv_index(), k_fa.device)
         return select_slots(k_fa, index), select_slots(v_fa, index)
 
+    def _cached_kv(self, cache: LayerCache, length: int):
+        """A decode step's FA k and v: the cache's first `length` tokens, expanded for the kernel; copied where
+        autograd records the cache and nothing else copies them, as the FA backward may save its inputs as they are
+        (SDPA saves views where it needs no copy: one KV group) and the next step's write in place would change them
+        (backward then raised)."""
+        k, v = cache.k[:, :length], cache.v[:, :length]
+        if self.split.fa_gqa_uniform and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            k, v = k.clone(), v.clone()
+        return self._expand_for_kernel(k, v)
+
     def _finish(self, fa_out, la_out, x):
         """Per-head norms and gate, heads back in order, output projection. fa_out/la_out: [B, T, n, d]."""
         if self.gdn is None:
@@ -544,8 +554,7 @@ class HydraAttention(nn.Module):
         if fa:
             q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
-            k_all, v_all = self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1])
-            fa = (q_fa, k_all, v_all)
+            fa = (q_fa, *self._cached_kv(cache, position + 1))
         if la is not None:
             (gq, gk, gv, g, beta), new_conv = self.gdn.prepare(la, x, cache.conv)
             gdn = (gq[:, 0], gk[:, 0], gv[:, 0], g[:, 0], beta[:, 0], cache.state)
@@ -664,7 +673,7 @@ class HydraAttention(nn.Module):
         kv = (cache.k[:, position : position + 1], cache.v[:, position : position + 1]) if self.n_fa else None
         fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights, position, ops, joined=True, kv=kv)
         if fa:  # its k and v are now in the cache
-            fa = (fa[0], *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
+            fa = (fa[0], *self._cached_kv(cache, position + 1))
         gdn = gates = None
         if la is not None:
             n_la = self.gdn.n_heads
