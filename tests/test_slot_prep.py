@@ -162,8 +162,9 @@ def test_the_kernel_writes_parts_into_cache_slices_as_the_twin(B, T, dtype, cach
 
 @needs_interpreter
 def test_the_kernel_and_the_twin_refuse_a_destination_unlike_its_part():
-    """A destination of another shape, with strided slots or last dim, or for a part the plan has not: ValueError
-    from both, before anything is written."""
+    """A destination of another shape, with strided slots or last dim, with elements in one place (a cache expanded
+    over sequences, as a prompt's for several samples: torch's copy refused it, the kernel's programs raced on its
+    one slice), or for a part the plan has not: ValueError from both, before anything is written."""
     from hhbench.layers import slot_prep
 
     slots, weight, cos, sin = _inputs(2, 1, 12, True, torch.float32)
@@ -173,6 +174,7 @@ def test_the_kernel_and_the_twin_refuse_a_destination_unlike_its_part():
         "shape": {1: cache[:, 3:5]},
         "slots": {1: wide[..., :12]},
         "last dim": {2: wide[..., ::2]},
+        "expanded": {1: cache[:1, 3:4].expand(2, -1, -1, -1)},
         "part": {4: cache[:, 3:4]},
     }
     for name, into in bad.items():
