@@ -666,13 +666,18 @@ class HydraAttention(nn.Module):
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         """A decode step of the fused path. Its ops (a kernel each on the GPU): the projection GEMM; slot_norm_rope,
         which also writes the new token's FA k and v into the KV cache at its position (without autograd; under it
-        take_parts copies them there, so that autograd records the writes); the GDN heads' conv update; the FA and
-        GDN steps (core); the heads' norms and o_proj (_finish_fused)."""
+        take_parts copies them there, so that autograd records the writes; a cache it cannot write, glue.writable,
+        takes two copies); the GDN heads' conv update; the FA and GDN steps (core); the heads' norms and o_proj
+        (_finish_fused)."""
         position, B = cache.length, x.shape[0]
         weights = self._fused_weights()
         kv = (cache.k[:, position : position + 1], cache.v[:, position : position + 1]) if self.n_fa else None
+        if kv is not None and not all(map(glue.writable, kv)):  # a head-major cache (strided slots): copies, below
+            kv = None
         fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights, position, ops, joined=True, kv=kv)
-        if fa:  # its k and v are now in the cache
+        if fa:  # its k and v are now in the cache, or are written there here
+            if kv is None:
+                cache.k[:, position : position + 1], cache.v[:, position : position + 1] = fa[1:]
             fa = (fa[0], *self._cached_kv(cache, position + 1))
         gdn = gates = None
         if la is not None:
