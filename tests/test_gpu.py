@@ -540,14 +540,19 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
         assert rel(got, want) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_slot_norm_rope_kernel_writes_the_kv_cache_and_replays_in_a_graph(dtype):
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=["bf16", "fp32", "bf16-into-fp32"],
+)
+def test_slot_norm_rope_kernel_writes_the_kv_cache_and_replays_in_a_graph(dtype, cache_dtype):
     """hhbench's slot_norm_rope kernel on the decode plan of a Qwen3-1.7B head 7:1 layer (FA q, k and v of two KV
     groups, the GDN heads' q, k and v joined), two sequences, its FA k and v parts written into KV cache slices
     [2, 1, 2, 128] at position 37 of [2, 64, 2, 128] buffers (strided over sequences and tokens), as a decode step
     writes them: the twin's values (its parts copied into caches alike), the slices themselves returned, the caches'
-    other tokens untouched; then captured in a CUDA graph at that position and replayed on new inputs: the twin's
-    parts, the cache slices holding the new k and v."""
+    other tokens untouched; an fp32 cache of bf16 slots (autocast's) holds bf16 values, as the twin's copies do;
+    then captured in a CUDA graph at that position and replayed on new inputs: the twin's parts, the cache slices
+    holding the new k and v."""
     from hhbench.layers import glue, slot_prep
     from hhbench.layers.hydrahead import HydraAttention, rope_table
 
@@ -562,7 +567,7 @@ def test_slot_norm_rope_kernel_writes_the_kv_cache_and_replays_in_a_graph(dtype)
     cos, sin = (t[position : position + 1] for t in rope_table(position + 1, 128, 1e6, "cuda", dtype))
 
     def caches():
-        k, v = (torch.full((2, 64, 2, 128), 7.0, device="cuda", dtype=dtype) for _ in range(2))
+        k, v = (torch.full((2, 64, 2, 128), 7.0, device="cuda", dtype=cache_dtype) for _ in range(2))
         return (k, v), {1: k[:, position : position + 1], 2: v[:, position : position + 1]}
 
     results = {}
@@ -573,8 +578,9 @@ def test_slot_norm_rope_kernel_writes_the_kv_cache_and_replays_in_a_graph(dtype)
         for cache in buffers:
             assert (cache[:, :position] == 7).all() and (cache[:, position + 1 :] == 7).all()
         results[name] = parts
-    for got, want in zip(results["kernel"], results["twin"], strict=True):
-        assert got.dtype == dtype and rel(got, want) < tol
+    for p, (got, want) in enumerate(zip(results["kernel"], results["twin"], strict=True)):
+        assert got.dtype == (cache_dtype if p in (1, 2) else dtype) and rel(got, want) < tol
+        assert torch.equal(got, got.to(dtype).to(got.dtype))
     (k, v), into = caches()
     slot_prep.slot_norm_rope(slots, plan, weight, 1e-6, cos, sin, into=into)  # compiled before capture
     graph = torch.cuda.CUDAGraph()

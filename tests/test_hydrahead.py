@@ -224,6 +224,47 @@ def test_a_cached_continuation_of_several_tokens_is_refused(fa_heads, glue_name)
             layer(x[:, 5:8], cache=cache)
 
 
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(0, 1, 2), ALL_FA])
+def test_a_decode_step_past_the_caches_capacity_is_refused_until_it_grows(fa_heads, glue_name):
+    """A step on a full KV cache raises ValueError naming ensure_capacity, before it changes any state (the reference
+    glue's write broadcast the new token into an empty slice and attended without it: a wrong output; the fused
+    glue's raised slot_norm_rope's shape error); grown by LayerCache.ensure_capacity, it is the full forward's."""
+    layer = make_layer(fa_heads, glue=glue_name)
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 5, "cpu", torch.float64)
+        layer(x[:, :5], cache=cache)
+        with pytest.raises(ValueError, match="holds 5 tokens.*ensure_capacity"):
+            layer(x[:, 5:6], cache=cache)
+        cache.ensure_capacity(6)
+        step = layer(x[:, 5:6], cache=cache)
+    assert cache.length == 6 and cache.k.shape[1] == 10  # doubled
+    torch.testing.assert_close(step, full[:, 5:], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(0, 1, 2), ALL_FA])
+def test_decode_takes_a_head_major_kv_cache(fa_heads, glue_name):
+    """A LayerCache whose K and V are head-major buffers [B, G, S, d] seen as [B, S, G, d] (slots strided, as Hugging
+    Face lays caches out): the fused step, whose slot_norm_rope writes only caches with contiguous slots, writes it by
+    copies (it raised ValueError), and the steps and the cache are the full forward's."""
+    layer = make_layer(fa_heads, glue=glue_name)
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 7, "cpu", torch.float64)
+        head_major = [torch.zeros(2, t.shape[2], 7, 8, dtype=torch.float64) for t in (cache.k, cache.v)]
+        cache.k, cache.v = (t.transpose(1, 2) for t in head_major)
+        steps = [layer(x[:, :4], cache=cache), *(layer(x[:, t : t + 1], cache=cache) for t in range(4, 7))]
+        expected = layer.new_cache(2, 7, "cpu", torch.float64)
+        layer(x, cache=expected)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(head_major[0].transpose(1, 2), expected.k, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head_major[1].transpose(1, 2), expected.v, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4), (ALL_FA, 8)])
 def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
     """Qwen2/3 options on (biases, q/k norms): outputs and every gradient of the fused composition (torch twins of
@@ -247,12 +288,13 @@ def test_fused_glue_trains_like_the_reference(fa_heads, n_kv):
         assert torch.allclose(fused(x), reference(x), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4)])
+@pytest.mark.parametrize("fa_heads, n_kv", [((1, 6), 4), ((0, 1, 2), 4), ((), 4), (ALL_FA, 4), ((5,), 4), ((3,), 8)])
 def test_fused_decode_steps_train_like_the_reference(fa_heads, n_kv):
     """Decode steps under autograd after a cached prefill (the fused path copies the FA k and v parts of
     slot_norm_rope, whose decode plan takes the groups' v slots too, into the cache, so that autograd records the
     writes): the outputs and every gradient, through the cache back to the prefill's inputs, equal the reference
-    glue's; uneven GQA (heads 0, 1, 2) included."""
+    glue's; uneven GQA (heads 0, 1, 2) included, and one FA head on one KV group (SDPA's backward saved the cache's
+    tokens as a view there, which the next step's write changed: both glues raised in backward)."""
     options = {"n_kv": n_kv, "qk_norm": True, "qkv_bias": True}
     reference, fused = make_layer(fa_heads, **options), make_layer(fa_heads, glue="fused", **options)
     fused.load_state_dict(reference.state_dict())

@@ -93,15 +93,26 @@ class SlotPlan:
 
     def check_into(self, into, B: int, T: int, d: int) -> None:
         """Raises ValueError unless `into` (slot_norm_rope's destinations: {part index: tensor}) names parts of the
-        plan, each with a tensor of the part's shape [B, T, n, d] whose slots are contiguous (strides (any, any, d, 1);
-        the batch and token strides are free: a KV cache's slice [B, T, G, d] at some positions)."""
+        plan, each with a tensor of the part's shape [B, T, n, d] that slot_norm_rope writes (writable)."""
         for p, dest in into.items():
             shape = (B, T, self.sizes[p], d) if 0 <= p < len(self.sizes) else None
-            if dest.shape != shape or dest.stride(-1) != 1 or (shape[2] > 1 and dest.stride(-2) != d):
+            if dest.shape != shape or not writable(dest):
                 raise ValueError(
                     f"slot_norm_rope writes part {p} of parts {self.sizes} into a tensor of shape {shape} with "
-                    f"contiguous slots (strides (any, any, {d}, 1)), not {tuple(dest.shape)} of strides {dest.stride()}"
+                    f"contiguous slots (strides (b, t, {d}, 1), b and t not 0), not {tuple(dest.shape)} of strides "
+                    f"{dest.stride()}"
                 )
+
+
+def writable(dest: torch.Tensor) -> bool:
+    """Whether slot_norm_rope writes a part [B, T, n, d] into `dest` of that shape: its slots contiguous (strides
+    (b, t, d, 1); the batch and token strides are free: a KV cache's slice [B, T, G, d] at some positions), but not
+    0 over more than one sequence or token (an expanded cache, whose one slice the kernel's programs would write at
+    once)."""
+    B, T, n, d = dest.shape
+    sizes, strides = (B, T), dest.stride()[:2]
+    slots_contiguous = dest.stride(-1) == 1 and (n == 1 or dest.stride(-2) == d)
+    return slots_contiguous and not any(size > 1 and stride == 0 for size, stride in zip(sizes, strides, strict=True))
 
 
 def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin, into=None):

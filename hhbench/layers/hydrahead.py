@@ -457,6 +457,16 @@ class HydraAttention(nn.Module):
         index = head_index(self.split.fa_kv_index(), k_fa.device)
         return select_slots(k_fa, index), select_slots(v_fa, index)
 
+    def _cached_kv(self, cache: LayerCache, length: int):
+        """A decode step's FA k and v: the cache's first `length` tokens, expanded for the kernel; copied where
+        autograd records the cache and nothing else copies them, as the FA backward may save its inputs as they are
+        (SDPA saves views where it needs no copy: one KV group) and the next step's write in place would change them
+        (backward then raised)."""
+        k, v = cache.k[:, :length], cache.v[:, :length]
+        if self.split.fa_gqa_uniform and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            k, v = k.clone(), v.clone()
+        return self._expand_for_kernel(k, v)
+
     def _finish(self, fa_out, la_out, x):
         """Per-head norms and gate, heads back in order, output projection. fa_out/la_out: [B, T, n, d]."""
         if self.gdn is None:
@@ -484,7 +494,7 @@ class HydraAttention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, hidden]. With a cache holding tokens, x continues them (decode: one token, T = 1); a cache with
         none is filled by this prefill. `position_embeddings` = (cos, sin) as Hugging Face passes them; else made
-        here. Raises ValueError for a continuation of more than one token."""
+        here. Raises ValueError for a continuation of more than one token or past a full KV cache (ensure_capacity)."""
         if cache is not None and cache.length > 0:
             if x.shape[1] != 1:  # the decode step's shapes hold one token (more failed deep inside, or not at all)
                 raise ValueError(f"a cached layer decodes one token a call, got {x.shape[1]}")
@@ -523,8 +533,15 @@ class HydraAttention(nn.Module):
         return LayerCache(k, v, 0, None, None)
 
     def _decode(self, x, position_embeddings, cache: LayerCache):
-        core = self._core("decode", x.device, _kernel_dtype(x))
+        """A decode step, either glue. Raises ValueError where the KV cache is full (an empty slice at the position
+        took the new token's k and v by broadcasting, and the step attended without them)."""
         position = cache.length
+        if cache.k is not None and position >= cache.k.shape[1]:
+            raise ValueError(
+                f"the layer's KV cache holds {cache.k.shape[1]} tokens and is full: grow it "
+                f"(LayerCache.ensure_capacity) before decoding token {position + 1}"
+            )
+        core = self._core("decode", x.device, _kernel_dtype(x))
         ops = self._glue_ops(core, x.device)
         if ops is not None:
             return self._decode_fused(x, position_embeddings, cache, core, ops)
@@ -537,8 +554,7 @@ class HydraAttention(nn.Module):
         if fa:
             q_fa, k_new, v_new = fa
             cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
-            k_all, v_all = self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1])
-            fa = (q_fa, k_all, v_all)
+            fa = (q_fa, *self._cached_kv(cache, position + 1))
         if la is not None:
             (gq, gk, gv, g, beta), new_conv = self.gdn.prepare(la, x, cache.conv)
             gdn = (gq[:, 0], gk[:, 0], gv[:, 0], g[:, 0], beta[:, 0], cache.state)
@@ -650,14 +666,19 @@ class HydraAttention(nn.Module):
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         """A decode step of the fused path. Its ops (a kernel each on the GPU): the projection GEMM; slot_norm_rope,
         which also writes the new token's FA k and v into the KV cache at its position (without autograd; under it
-        take_parts copies them there, so that autograd records the writes); the GDN heads' conv update; the FA and
-        GDN steps (core); the heads' norms and o_proj (_finish_fused)."""
+        take_parts copies them there, so that autograd records the writes; a cache it cannot write, glue.writable,
+        takes two copies); the GDN heads' conv update; the FA and GDN steps (core); the heads' norms and o_proj
+        (_finish_fused)."""
         position, B = cache.length, x.shape[0]
         weights = self._fused_weights()
         kv = (cache.k[:, position : position + 1], cache.v[:, position : position + 1]) if self.n_fa else None
+        if kv is not None and not all(map(glue.writable, kv)):  # a head-major cache (strided slots): copies, below
+            kv = None
         fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights, position, ops, joined=True, kv=kv)
-        if fa:  # its k and v are now in the cache
-            fa = (fa[0], *self._expand_for_kernel(cache.k[:, : position + 1], cache.v[:, : position + 1]))
+        if fa:  # its k and v are now in the cache, or are written there here
+            if kv is None:
+                cache.k[:, position : position + 1], cache.v[:, position : position + 1] = fa[1:]
+            fa = (fa[0], *self._cached_kv(cache, position + 1))
         gdn = gates = None
         if la is not None:
             n_la = self.gdn.n_heads

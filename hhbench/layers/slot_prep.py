@@ -33,7 +33,7 @@ BLOCK_TOKENS = 32
 @triton.jit
 def _store_slot(Part, stride_pb, stride_pt, b, t, slot, h, x1, x2, mask, HALF: tl.constexpr):
     """Stores the halves x1, x2 [BLOCK_T, BLOCK_HALF] of tokens (b, t) at slot `slot` of a part [B, T, n, d] with
-    batch and token strides stride_pb, stride_pt and contiguous slots, cast to the part's dtype."""
+    batch and token strides stride_pb, stride_pt and contiguous slots, cast to the part's dtype (from the slots')."""
     row = Part + b * stride_pb + t * stride_pt + slot * (2 * HALF)
     tl.store(row[:, None] + h[None, :], x1.to(Part.dtype.element_ty), mask=mask)
     tl.store(row[:, None] + HALF + h[None, :], x2.to(Part.dtype.element_ty), mask=mask)
@@ -70,6 +70,9 @@ def _slot_norm_rope(X, Plan, W, Cos, Sin, P0, P1, P2, P3, P4, n_tokens, T, n_des
         cos = tl.load(Cos + table[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
         sin = tl.load(Sin + table[:, None] + h[None, :], mask=mask, other=0.0).to(COMPUTE)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    # in the slots' dtype, as the twin's parts (and the prefill's cache writes): a wider cache (fp32 under autocast)
+    # then holds the same values whichever path wrote them
+    x1, x2 = x1.to(X.dtype.element_ty), x2.to(X.dtype.element_ty)
     # a store a part, not a pointer picked from the arguments: the parts' dtypes may differ (a KV cache's)
     if p == 0:
         _store_slot(P0, stride_0b, stride_0t, b, t, slot, h, x1, x2, mask, HALF)
@@ -111,10 +114,10 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin, into=None):
     """glue.slot_norm_rope's op as one kernel launch: slots [B, T, S, d] (any strides but a contiguous last dim),
     `plan` (glue.SlotPlan), weight [2, d] or None, half tables cos, sin [T, d / 2] or [B, T, d / 2] (None without
     RoPE slots), `into` None or {part index: destination} -> the plan's parts, each [B, T, n, d]: the destinations
-    (written in their dtype, with any batch and token strides: decode's KV cache slices), the other parts contiguous
-    views of one buffer; computed in fp32, in fp64 for fp64 slots (the twin's promote_types). Raises ValueError for a
-    strided last dim, an odd d, a plan of more than MAX_PARTS parts or a destination that is not one of its parts'
-    shape with contiguous slots (glue.SlotPlan.check_into)."""
+    (slots' dtype values written in theirs, with any batch and token strides: decode's KV cache slices), the others
+    contiguous views of one buffer; computed in fp32, in fp64 for fp64 slots (the twin's promote_types). Raises
+    ValueError for a strided last dim, an odd d, a plan of more than MAX_PARTS parts or a destination that is not one
+    of its parts' shape with contiguous slots (glue.SlotPlan.check_into)."""
     B, T, _, d = slots.shape
     _check_layout(slots)
     _check_parts(plan)
