@@ -3,7 +3,8 @@ eager decode steps are), on the CPU:
 HydraAttention's fused path with Qwen3-1.7B's head counts (16 query heads, 8 KV heads, q/k norms), every glue op and
 the attention core stubbed by one allocation of its output's shape, and tiny hidden and head sizes so that the
 projection GEMMs cost next to nothing. What is left is the layer's Python, its GEMMs' and views' dispatch and the
-stubs' allocations: an upper bound of what hhbench adds to the fla, FlashQLA and cuDNN calls a GPU step makes.
+stubs' allocations: an upper bound of what hhbench's Python adds to the fla, FlashQLA and cuDNN calls a GPU step makes
+(hhbench's own Triton kernels, slot_norm_rope and split-KV decode, are stubbed too: their launches are not counted).
 Usage: python experiments/glue_host_time.py [steps] (default 300; the first 50 are warm-up)."""
 
 import json
