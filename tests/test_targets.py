@@ -94,6 +94,16 @@ def test_committed_gpu_run(cli):
     assert "6 of 9 points at >= 85% (the fastest FA backend of each)" in after.stdout
 
 
+def test_targets_take_no_csv_or_json(cli, tmp_path):
+    """--targets prints the verdicts instead of the comparison: asked with --csv or --json it wrote neither file and
+    exited 0; one line and exit 2 instead, as --kernels."""
+    for flag in ("--csv", "--json"):
+        out = tmp_path / f"t.{flag[2:]}"
+        result = cli("table", "results/gpu-default-h100", "--targets", flag, str(out))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "--targets is a view of its own" in result.stderr and not out.exists()
+
+
 def layer_row(variant, context, pass_="prefill", latency=1.0, floor=0.9, gdn="flash-qla", scope="layer", batch=1,
               timer=None):  # fmt: skip
     timer = timer or ("cuda-graph" if pass_ == "decode" else "cuda-events")  # as a sweep without --graph times them

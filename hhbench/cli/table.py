@@ -31,6 +31,8 @@ def table(
     with quality rows only (hhbench eval, distilled students too): scores with 95% intervals against layer:3:1."""
     if kernels and (targets or csv or json_path):
         raise UserError("--kernels is a view of its own: give it without --targets, --csv or --json")
+    if targets and (csv or json_path):
+        raise UserError("--targets is a view of its own: give it without --csv or --json")
     if kernels:
         from hhbench.tables.kernels import kernels_table
 
