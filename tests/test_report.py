@@ -181,6 +181,17 @@ def test_floor_figure_draws_latency_and_floor_of_the_points_that_have_one(report
     assert not any(a.text == "scope=kernel" for a in floor.layout.annotations)
 
 
+def test_floor_figure_says_how_its_floors_were_timed():
+    """A floor is its parts' medians summed, or on CUDA-graph rows (decode) every part back to back as one graph where
+    that is lower (extra.floor_method): the caption said "each part's median summed" of every floor, graph rows too."""
+    v5 = build_report(load_runs([RESULTS / "floor-h200-v5"]))  # eager prefill and train, graph-timed decode
+    caption = next(f for f in v5.figures if f.slug == "floor").caption
+    assert "the parts' medians summed" in caption and "every part back to back, one CUDA graph" in caption
+    eager = build_report(load_runs([RESULTS / "layer-prefill-h200"]))  # eager prefill only
+    caption = next(f for f in eager.figures if f.slug == "floor").caption
+    assert "the parts' medians summed" in caption and "CUDA graph" not in caption
+
+
 def test_roofs_prefer_measured_peaks():
     assert roofs(CPU_ENV) == (CPU_ENV["peaks"], "measured peaks")
     peaks, source = roofs(H100_ENV)
