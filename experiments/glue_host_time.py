@@ -5,7 +5,7 @@ the attention core stubbed by one allocation of its output's shape, and tiny hid
 projection GEMMs cost next to nothing. What is left is the layer's Python, its GEMMs' and views' dispatch and the
 stubs' allocations: an upper bound of what hhbench's Python adds to the fla, FlashQLA and cuDNN calls a GPU step makes
 (hhbench's own Triton kernels, slot_norm_rope and split-KV decode, are stubbed too: their launches are not counted).
-Usage: python experiments/glue_host_time.py [steps] (default 300; the first 50 are warm-up)."""
+Usage: python experiments/glue_host_time.py [steps] (default 300; more than WARMUP, 50, which are warm-up)."""
 
 import json
 import statistics
@@ -20,6 +20,7 @@ from hhbench.layers.hydrahead import HydraAttention
 from hhbench.measure.env import capture_env
 
 HIDDEN, HEAD_DIM, TOKENS = 128, 8, 2
+WARMUP = 50  # calls left out of each median: the first ones allocate and fill the caches
 LAYOUTS = {"head 7:1": (3, 11), "head 3:1": (1, 5, 9, 13), "GDN layer": (), "FA layer": tuple(range(16))}
 
 
@@ -61,14 +62,14 @@ def _median(calls, steps: int) -> dict:
         start = time.perf_counter()
         calls()
         times.append((time.perf_counter() - start) * 1e6)
-    times = sorted(times[50:])
+    times = sorted(times[WARMUP:])
     return {"median_us": round(statistics.median(times)), "p10_us": round(times[len(times) // 10]),
             "p90_us": round(times[9 * len(times) // 10])}  # fmt: skip
 
 
 def step_us(fa_heads, steps: int) -> dict:
     """{"prefill": ..., "decode": ...}: a prefill of TOKENS tokens and a decode step after them, each the median,
-    p10 and p90 (us) of `steps` calls, the first 50 left out."""
+    p10 and p90 (us) of `steps` calls, the first WARMUP left out."""
     layer = HydraAttention(HIDDEN, 16, 8, HEAD_DIM, fa_heads=fa_heads, qk_norm=True, glue="auto")
     core = StubCore(None, None, "sequential", 64)
     layer._core = lambda *args: core
@@ -85,8 +86,20 @@ def step_us(fa_heads, steps: int) -> dict:
         return {"prefill": _median(lambda: layer(x), steps), "decode": _median(decode, steps)}
 
 
+def steps_of(argv: list[str]) -> int:
+    """The step count `argv` (the script's arguments) asks for, 300 without one; SystemExit(2) after one line on
+    stderr unless it is an integer above WARMUP (with WARMUP or fewer steps no time is left to take a median of)."""
+    if not argv:
+        return 300
+    if len(argv) > 1 or not argv[0].isdigit() or int(argv[0]) <= WARMUP:
+        print(f"glue_host_time.py: give one step count above {WARMUP} (the warm-up), not {' '.join(argv)!r}",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
+    return int(argv[0])
+
+
 if __name__ == "__main__":
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    steps = steps_of(sys.argv[1:])
     torch.set_num_threads(1)
     rows = {name: step_us(heads, steps) for name, heads in LAYOUTS.items()}
     print(json.dumps({"steps": steps, "layouts": rows, "env": capture_env({"argv": sys.argv[1:]})}, indent=2,

@@ -738,3 +738,9 @@ def test_the_glue_host_time_experiment_times_the_fused_prefill_and_decode_with_i
         times = module.step_us(fa_heads, 55)
         assert set(times) == {"prefill", "decode"}
         assert all(0 < t["p10_us"] <= t["median_us"] <= t["p90_us"] for t in times.values()), times
+    # a step count that leaves nothing after the warm-up, or no count, is one line and exit 2 (it was a traceback)
+    assert module.steps_of([]) == 300 and module.steps_of([str(module.WARMUP + 1)]) == module.WARMUP + 1
+    for argv in ([str(module.WARMUP)], ["ten"], ["60", "70"]):
+        with pytest.raises(SystemExit) as exited:
+            module.steps_of(argv)
+        assert exited.value.code == 2, argv
