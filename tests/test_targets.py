@@ -177,6 +177,19 @@ def test_each_layer_target_can_fail():
     assert targets["FlashQLA and fla-chunk side by side"].summary.startswith("10 of 13 points with both")
 
 
+def test_a_floor_target_judges_and_shows_the_unrounded_ratio():
+    """The evidence was rounded to 4 decimals before the verdict counted rows above the bound, so a row at 1.30004x
+    its floor passed 1.3x, and before the table's 4 significant digits, so 1.19251 read 1.192 (floor-h200-v5)."""
+    rows = [r for r in passing_layer_rows() if not (r.pass_ == "decode" and r.batch == 1)]
+    rows.append(layer_row("head:7:1", 64 * 1024, "decode", latency=0.130004, floor=0.1, gdn="fla-recurrent"))
+    rows.append(layer_row("head:3:1", 64 * 1024, "decode", latency=0.119251, floor=0.1, gdn="fla-recurrent"))
+    checks = check_targets(run_of(rows))
+    decode = next(c for c in checks.checks if c.target == "layer decode within 1.3x of its floor")
+    assert decode.verdict == "not met" and decode.summary.startswith("1 of 2 rows within 1.3x"), decode.summary
+    markdown = checks.to_markdown()
+    assert "| head:3:1 | fla-recurrent | 65536 | 1 | 0.1193 | 0.1 | 1.193 | False |" in markdown, markdown
+
+
 def test_layer_targets_without_their_points_say_no_data():
     targets = layer_targets([layer_row("fa", 4096)])
     assert [c.verdict for c in targets.values()] == ["no data"] * 8

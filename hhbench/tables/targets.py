@@ -200,7 +200,8 @@ class FloorTarget:
         at = at[at["variant"].isin(self.variants) & at["context"].between(*self.contexts) & at["floor_ms"].notna()]
         if at.empty:
             return Check(self.name, pd.DataFrame(), "no data", "no measured row with its floor at these points")
-        evidence = at[POINT + ["latency_ms", "floor_ms", "vs_floor"]].round(4).reset_index(drop=True)
+        # unrounded: the verdict counts the rows above the bound, and markdown_table shows 4 significant digits
+        evidence = at[POINT + ["latency_ms", "floor_ms", "vs_floor"]].reset_index(drop=True)
         # A layer faster than its floor even at its 90th percentile means the floor timed a part slower than the
         # layer runs it (an unpadded GEMM did, on the H200): such a floor bounds nothing, so the target cannot be
         # judged on these rows (neither met nor not met).
@@ -243,7 +244,7 @@ class SpeedupTarget:
             return Check(self.name, pd.DataFrame(), "no data", f"{self.faster} or {self.than} missing at this point")
         best_fast, best_slow = fast.loc[fast["latency_ms"].idxmin()], slow.loc[slow["latency_ms"].idxmin()]
         speedup = float(best_slow["latency_ms"] / best_fast["latency_ms"])
-        evidence = pd.concat([fast, slow])[POINT + ["latency_ms", "latency_p10_ms", "latency_p90_ms"]].round(4)
+        evidence = pd.concat([fast, slow])[POINT + ["latency_ms", "latency_p10_ms", "latency_p90_ms"]]
         met = speedup >= self.at_least if self.at_least > 1 else speedup > 1
         summary = (
             f"{speedup:.2f}x ({best_fast['latency_ms']:.4g} ms with {best_fast['gdn_backend']} vs "
@@ -277,13 +278,13 @@ class BackendsTarget:
             index=["variant", "pass", "context"], columns="gdn_backend", values="latency_ms", aggfunc="min"
         ).reindex(columns=list(self.backends))
         evidence = wide.reset_index().rename(columns={first: f"{first}_ms", second: f"{second}_ms"})
-        evidence[f"{second}_speedup"] = (wide[first] / wide[second]).round(3).to_numpy()
+        evidence[f"{second}_speedup"] = (wide[first] / wide[second]).to_numpy()
         missing = int(wide.isna().any(axis=1).sum())
         ratios = evidence[f"{second}_speedup"].dropna()
         summary = f"{len(wide) - missing} of {len(wide)} points with both"
         if not ratios.empty:
             summary += f"; {second} {ratios.min():.2f}x-{ratios.max():.2f}x {first}"
-        return Check(self.name, evidence.round(4), "met" if missing == 0 else "not met", summary)
+        return Check(self.name, evidence, "met" if missing == 0 else "not met", summary)
 
 
 LAYER_TARGETS = (
