@@ -146,7 +146,7 @@ def test_layer_targets_met():
         "1.35x (10 ms with flash-qla vs 13.5 ms with flash-qla)"
     )
     assert targets["layer prefill within 1.15x of its floor"].summary.startswith(
-        "12 of 12 rows within 1.15x; worst 1.10x"
+        "12 of 12 rows within 1.15x; worst 1.100x"
     )
     assert targets["FlashQLA and fla-chunk side by side"].summary == (
         "12 of 12 points with both; flash-qla 2.00x-2.00x fla-chunk"

@@ -210,7 +210,7 @@ class FloorTarget:
         over = int((evidence["vs_floor"] > self.at_most).sum())
         invalid = int(evidence["floor_above_layer"].sum())
         summary = (
-            f"{len(evidence) - over} of {len(evidence)} rows within {self.at_most}x; worst {worst['vs_floor']:.2f}x "
+            f"{len(evidence) - over} of {len(evidence)} rows within {self.at_most}x; worst {worst['vs_floor']:.3f}x "
             f"({worst['variant']}, {worst['gdn_backend']}, {int(worst['context']) // K}K){_as_graphs(at)}"
         )
         if invalid:
