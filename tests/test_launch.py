@@ -860,8 +860,12 @@ def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
     workers): one line, no traceback of any of them, exit 130; what was measured is merged."""
     args = ["sweep", *FLAGS, "--launcher", "local", "--shards", "2", "--out", str(tmp_path), "--run", "i"]
     shards = tmp_path / "i" / "shards"
+    # SIGINT as a terminal's shell leaves it to its foreground jobs: a test run started in the background of a shell
+    # without job control inherits it ignored (bash's rule for such jobs), and so would the sweep, which then ran on
+    # to exit 0 through the Ctrl-C
     process = subprocess.Popen([sys.executable, "-m", "hhbench", *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     # whole rows only: a row caught half-written would be counted, then dropped by the merge's repair
     while time.time() < deadline and sum(p.read_text().count("\n") for p in shards.glob("*.jsonl")) < 2:
