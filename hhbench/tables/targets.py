@@ -244,11 +244,12 @@ class SpeedupTarget:
             return Check(self.name, pd.DataFrame(), "no data", f"{self.faster} or {self.than} missing at this point")
         best_fast, best_slow = fast.loc[fast["latency_ms"].idxmin()], slow.loc[slow["latency_ms"].idxmin()]
         speedup = float(best_slow["latency_ms"] / best_fast["latency_ms"])
-        evidence = pd.concat([fast, slow])[POINT + ["latency_ms", "latency_p10_ms", "latency_p90_ms"]]
+        both = pd.concat([fast, slow])
+        evidence = both[POINT + ["latency_ms", "latency_p10_ms", "latency_p90_ms"]]
         met = speedup >= self.at_least if self.at_least > 1 else speedup > 1
         summary = (
             f"{speedup:.2f}x ({best_fast['latency_ms']:.4g} ms with {best_fast['gdn_backend']} vs "
-            f"{best_slow['latency_ms']:.4g} ms with {best_slow['gdn_backend']}){_as_graphs(pd.concat([fast, slow]))}"
+            f"{best_slow['latency_ms']:.4g} ms with {best_slow['gdn_backend']}){_as_graphs(both)}"
         )
         return Check(self.name, evidence.reset_index(drop=True), "met" if met else "not met", summary)
 
