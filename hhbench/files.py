@@ -3,6 +3,7 @@ which say in one line what is wrong with a path that cannot be written (a file w
 folder where a file must be, a read-only folder), and `run_folder`, which keeps a run name inside --out."""
 
 import json
+import tempfile
 from pathlib import Path
 
 from hhbench.errors import UserError
@@ -37,13 +38,13 @@ def open_output(path: str | Path, mode: str):
 
 
 def make_folder(path: str | Path) -> Path:
-    """Make a folder (and its parents) and check that files can be written in it, before any work starts."""
+    """Make a folder (and its parents) and check that files can be written in it, before any work starts. The probe
+    file is one of its own (tempfile's): a launch's workers check the run folder side by side."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=path):
+            pass
     except OSError as exc:
         raise UserError(f"cannot write into {path}: {_problem(path, exc, folder=True)}") from None
     return path

@@ -70,3 +70,17 @@ def test_commands_keep_the_run_inside_out(command, name, tmp_path):
     args = ["--models", "tiny", "--contexts", "32"] if command == "sweep" else ["--model", "tiny-random-llama"]
     one_line(run_main(command, *args, "--out", str(tmp_path / "out"), "--run", name), "bad run name")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
+
+
+def test_processes_making_the_same_folder_at_once_each_find_it_writable(tmp_path):
+    """A launch's workers check the run folder as they start, side by side: one's write probe must not be another's
+    (a shared probe file, unlinked by one while another checked it, failed a worker with 'No such file')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(_):
+        for _ in range(300):
+            make_folder(tmp_path / "run")
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, range(4)))
+    assert list((tmp_path / "run").iterdir()) == []
