@@ -192,7 +192,7 @@ def take_parts(base: torch.Tensor, takes, prep: SlotPrep | None = None, weight=N
         parts = _Parts.apply(base, weight, takes, prep)
         if not into:
             return parts
-        prep.plan.check_into(into, *base.shape[:2], prep.head_dim)
+        prep.plan.check_into(into, slot_run(base, 0, prep.n_slots, prep.head_dim))
         return tuple(into[p].copy_(part) if p in into else part for p, part in enumerate(parts))
     prepared = () if prep is None else prep.forward(base, weight, into)
     return (*prepared, *(_take_part(base, view, index) for view, index in takes))
