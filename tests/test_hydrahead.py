@@ -244,6 +244,22 @@ def test_a_decode_step_past_the_caches_capacity_is_refused_until_it_grows(fa_hea
     torch.testing.assert_close(step, full[:, 5:], rtol=1e-10, atol=1e-10)
 
 
+def test_a_cache_gives_its_k_and_v_at_a_position_as_views():
+    """LayerCache.kv_at: the K and V slices [B, 1, G, d] at one token position, views that write the cache there and
+    nowhere else (a decode step's writes go through them), of a head-major cache [B, G, S, d] seen as [B, S, G, d]
+    too."""
+    cache = make_layer((0, 1, 2)).new_cache(2, 5, "cpu", torch.float64)
+    B, S, G, d = cache.k.shape
+    head_major = tuple(torch.zeros(B, G, S, d, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    for buffers in ((cache.k, cache.v), head_major):
+        cache.k, cache.v = buffers
+        k, v = cache.kv_at(3)
+        assert k.shape == v.shape == (B, 1, G, d) and k.stride() == cache.k.stride() and v.stride() == cache.v.stride()
+        k.fill_(1.0), v.fill_(2.0)
+        assert (cache.k[:, 3:4] == 1).all() and (cache.v[:, 3:4] == 2).all()
+        assert cache.k.sum() == k.numel() and cache.v.sum() == 2 * v.numel()  # nothing beside the position written
+
+
 @pytest.mark.parametrize("glue_name", ["reference", "fused"])
 @pytest.mark.parametrize("fa_heads", [(0, 1, 2), ALL_FA])
 def test_decode_takes_a_head_major_kv_cache(fa_heads, glue_name):

@@ -187,6 +187,48 @@ def test_the_kernel_and_the_twin_refuse_a_destination_unlike_its_part():
         assert (cache == 7).all() and (wide == 0).all(), name
 
 
+@needs_interpreter
+def test_the_kernel_and_the_twin_refuse_destinations_overlapping_the_slots_or_each_other():
+    """A destination in the input slots' memory (the kernel would read slots it had written) or two in one place (two
+    programs would write it): ValueError naming the parts, from both, before anything is written."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, cos, sin = _inputs(2, 1, 12, True, torch.float32)
+    before = slots.clone()
+    (cache, _), _ = _caches(2, 1, 12, torch.float32)
+    buffer = torch.full((2, 1, 3, 12), 7.0)
+    bad = [
+        ("part 1 overlaps the input slots", {1: slots[:, :, 5:7]}),  # slots 5 and 6, which DECODE reads
+        ("part 2 overlaps the input slots", {1: cache[:, 3:4], 2: slots[:, :, 5:7]}),
+        ("parts 1 and 2 overlap each other", {1: buffer[:, :, :2], 2: buffer[:, :, 1:]}),  # slot 1 of the buffer
+        ("parts 1 and 2 overlap each other", {1: cache[:, 3:4], 2: cache[:, 3:4]}),
+    ]
+    for message, into in bad:
+        for op in (glue.slot_norm_rope, slot_prep.slot_norm_rope):
+            with pytest.raises(ValueError, match=message):
+                op(slots, DECODE, weight, 1e-6, cos, sin, into=into)
+        assert torch.equal(slots, before) and (cache == 7).all() and (buffer == 7).all(), message
+
+
+@needs_interpreter
+def test_destinations_apart_in_memory_are_taken():
+    """Destinations apart from the slots and from each other are written as the twin's parts: decode's k and v KV
+    cache slices at a position (two caches: hydrahead's _decode_fused), and k and v slices of one buffer
+    [2, B, S, G, d], whose storage is one but whose spans are not."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, cos, sin = _inputs(3, 1, 12, True, torch.float32)
+    want = glue.slot_norm_rope(slots, DECODE, weight, 1e-6, cos, sin)
+    for op in (glue.slot_norm_rope, slot_prep.slot_norm_rope):
+        (k, v), _ = _caches(3, 1, 12, torch.float32)
+        kv = torch.full((2, 3, 6, 2, 12), 7.0)
+        for into in ({1: k[:, 3:4], 2: v[:, 3:4]}, {1: kv[0][:, 3:4], 2: kv[1][:, 3:4]}):
+            parts = op(slots, DECODE, weight, 1e-6, cos, sin, into=into)
+            assert parts[1] is into[1] and parts[2] is into[2]
+            for got, expected in zip(parts, want, strict=True):
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def _backward_inputs(B, T, d, per_sequence, dtype, plan):
     """_inputs, the parts' gradients (one part's strided over its slots, one broadcast along sequences and tokens: the
     kernel reads each destination's rows by its own strides) and a gradient buffer like the projection output's, filled

@@ -195,6 +195,16 @@ def test_layer_targets_without_their_points_say_no_data():
     assert [c.verdict for c in targets.values()] == ["no data"] * 8
 
 
+def test_backends_side_by_side_with_one_backend_measured_says_no_data():
+    """A FlashQLA-only run compared nothing: "no data" naming the backend missing, not "not met" with "0 of 12
+    points with both"; a run with both, where some points lack one, stays "not met" (test above)."""
+    name = "FlashQLA and fla-chunk side by side"
+    for present, missing in (("flash-qla", "fla-chunk"), ("fla-chunk", "flash-qla")):
+        check = layer_targets([r for r in passing_layer_rows() if r.gdn_backend != missing])[name]
+        assert (check.verdict, check.summary) == ("no data", f"no row with {missing}, only with {present}")
+        assert check.evidence.empty
+
+
 def test_a_floor_above_the_layer_is_no_floor():
     """The H200 run whose floor timed an unpadded GEMM: the layer at 0.90x its floor, beyond its spread."""
     checked = check_targets(run_of([*passing_layer_rows(), layer_row("head:3:1", 64 * 1024, latency=9.0, floor=10.0)]))

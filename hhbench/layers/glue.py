@@ -12,6 +12,7 @@ slot_norm_rope backward differentiates its twin.
 """
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,9 +92,12 @@ class SlotPlan:
         parts = [i for i, n in enumerate(self.sizes) for _ in range(n)]
         return (*self.sources, *self.kinds, *firsts, *counts, *parts)
 
-    def check_into(self, into, B: int, T: int, d: int) -> None:
+    def check_into(self, into, slots: torch.Tensor) -> None:
         """Raises ValueError unless `into` (slot_norm_rope's destinations: {part index: tensor}) names parts of the
-        plan, each with a tensor of the part's shape [B, T, n, d] that slot_norm_rope writes (writable)."""
+        plan, each with a tensor of the part's shape [B, T, n, d] that slot_norm_rope writes (writable), apart in
+        memory (memory_span) from its input slots [B, T, S, d] (else the kernel would read slots it had written)
+        and from each other (else two programs would write one place)."""
+        B, T, _, d = slots.shape
         for p, dest in into.items():
             shape = (B, T, self.sizes[p], d) if 0 <= p < len(self.sizes) else None
             if dest.shape != shape or not writable(dest):
@@ -102,6 +106,35 @@ class SlotPlan:
                     f"contiguous slots (strides (b, t, {d}, 1), b and t not 0), not {tuple(dest.shape)} of strides "
                     f"{dest.stride()}"
                 )
+        spans, read = {p: memory_span(dest) for p, dest in sorted(into.items())}, memory_span(slots)
+        for p, at in spans.items():
+            if spans_overlap(at, read):
+                raise ValueError(
+                    f"slot_norm_rope's destination of part {p} overlaps the input slots in memory: the kernel would "
+                    "read slots it had written"
+                )
+        for (p, a), (q, b) in itertools.combinations(spans.items(), 2):
+            if spans_overlap(a, b):
+                raise ValueError(
+                    f"slot_norm_rope's destinations of parts {p} and {q} overlap each other in memory: two programs "
+                    "would write one place"
+                )
+
+
+def memory_span(t: torch.Tensor) -> tuple[int, int, int]:
+    """The memory `t` spans: (its storage's address, first byte, byte past the last) within the storage, from its
+    first element to its last by its strides (storage offset + sum((size - 1) stride) + 1 elements), gaps between
+    them included; (address, 0, 0) for an empty tensor."""
+    address = t.untyped_storage().data_ptr()
+    if t.numel() == 0:
+        return address, 0, 0
+    last = t.storage_offset() + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return address, t.storage_offset() * t.element_size(), (last + 1) * t.element_size()
+
+
+def spans_overlap(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    """Whether two spans (memory_span) share a byte: one storage, ranges that intersect."""
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 def writable(dest: torch.Tensor) -> bool:
@@ -123,9 +156,10 @@ def slot_norm_rope(slots, plan: SlotPlan, weight, eps, cos, sin, into=None):
     (rotate-half) with half tables cos, sin [T, d / 2] or [B, T, d / 2]. With `into` ({part index: tensor}, as
     SlotPlan.check_into takes it) those parts are copied into those tensors (cast to their dtype), which stand for
     them in the result: decode's KV cache writes. Raises IndexError for a source outside S, ValueError for a
-    destination SlotPlan.check_into refuses."""
+    destination SlotPlan.check_into refuses (of another shape, strided slots, or overlapping slots' memory or another
+    destination's)."""
     into = into or {}
-    plan.check_into(into, *slots.shape[:2], slots.shape[-1])
+    plan.check_into(into, slots)
     x = slots.index_select(2, head_index(plan.sources, slots.device))
     dtype = torch.promote_types(slots.dtype, torch.float32)
     x = x.to(dtype)

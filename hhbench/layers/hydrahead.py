@@ -192,7 +192,7 @@ def take_parts(base: torch.Tensor, takes, prep: SlotPrep | None = None, weight=N
         parts = _Parts.apply(base, weight, takes, prep)
         if not into:
             return parts
-        prep.plan.check_into(into, *base.shape[:2], prep.head_dim)
+        prep.plan.check_into(into, slot_run(base, 0, prep.n_slots, prep.head_dim))
         return tuple(into[p].copy_(part) if p in into else part for p, part in enumerate(parts))
     prepared = () if prep is None else prep.forward(base, weight, into)
     return (*prepared, *(_take_part(base, view, index) for view, index in takes))
@@ -232,6 +232,11 @@ class LayerCache:
     length: int  # tokens held
     state: torch.Tensor | None  # [B, n_la, dk, dv], fp32
     conv: torch.Tensor | None  # [B, 3 n_la d, K]: the GDN heads' q, k, v conv inputs (glue.py's layout)
+
+    def kv_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at one token position: views [B, 1, fa_groups, d] of k and v (their strides), which write the
+        cache there; for a layer with FA heads (k and v not None)."""
+        return self.k[:, position : position + 1], self.v[:, position : position + 1]
 
     def ensure_capacity(self, length: int) -> None:
         """Grow the FA K/V buffers (doubling) so that they hold `length` tokens: decoding of unknown length."""
@@ -553,7 +558,8 @@ class HydraAttention(nn.Module):
         gdn = new_conv = None
         if fa:
             q_fa, k_new, v_new = fa
-            cache.k[:, position : position + 1], cache.v[:, position : position + 1] = k_new, v_new
+            for at, new in zip(cache.kv_at(position), (k_new, v_new), strict=True):
+                at.copy_(new)
             fa = (q_fa, *self._cached_kv(cache, position + 1))
         if la is not None:
             (gq, gk, gv, g, beta), new_conv = self.gdn.prepare(la, x, cache.conv)
@@ -671,13 +677,14 @@ class HydraAttention(nn.Module):
         (_finish_fused)."""
         position, B = cache.length, x.shape[0]
         weights = self._fused_weights()
-        kv = (cache.k[:, position : position + 1], cache.v[:, position : position + 1]) if self.n_fa else None
+        kv = cache.kv_at(position) if self.n_fa else None
         if kv is not None and not all(map(glue.writable, kv)):  # a head-major cache (strided slots): copies, below
             kv = None
         fa, la, a, b, gate = self._fused_inputs(x, position_embeddings, weights, position, ops, joined=True, kv=kv)
         if fa:  # its k and v are now in the cache, or are written there here
             if kv is None:
-                cache.k[:, position : position + 1], cache.v[:, position : position + 1] = fa[1:]
+                for at, new in zip(cache.kv_at(position), fa[1:], strict=True):
+                    at.copy_(new)
             fa = (fa[0], *self._cached_kv(cache, position + 1))
         gdn = gates = None
         if la is not None:

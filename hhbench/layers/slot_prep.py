@@ -117,12 +117,13 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin, into=None):
     (slots' dtype values written in theirs, with any batch and token strides: decode's KV cache slices), the others
     contiguous views of one buffer; computed in fp32, in fp64 for fp64 slots (the twin's promote_types). Raises
     ValueError for a strided last dim, an odd d, a plan of more than MAX_PARTS parts or a destination that is not one
-    of its parts' shape with contiguous slots (glue.SlotPlan.check_into)."""
+    of its parts' shape with contiguous slots or that overlaps slots' memory or another destination's
+    (glue.SlotPlan.check_into)."""
     B, T, _, d = slots.shape
     _check_layout(slots)
     _check_parts(plan)
     into = into or {}
-    plan.check_into(into, B, T, d)
+    plan.check_into(into, slots)
     n_tokens, n_dest = B * T, len(plan.sources)
     own = [p for p in range(len(plan.sizes)) if p not in into]  # the parts in the buffer, in order
     buffer = slots.new_empty(n_tokens * d * sum(plan.sizes[p] for p in own))
