@@ -171,6 +171,79 @@ def test_cached_decoding_equals_the_full_forward_and_greedy_without_cache(tiny, 
         assert torch.allclose(again, first, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["head:3:1", "layer:3:1"])
+@torch.no_grad()
+def test_beam_search_and_several_return_sequences_follow_the_cache(tiny, ids, variant):
+    """Beam search reorders the cache's batch after every step (Cache.reorder_cache): our LayerCaches must follow,
+    or a beam continues from another beam's GDN state. Cached and uncached generation give the same tokens, for beams
+    and for several sampled sequences per prompt."""
+    out = converted(tiny, variant, ids)
+    prompt = ids[:, :12]
+    beams = dict(num_beams=3, num_return_sequences=3, do_sample=False, max_new_tokens=6)
+    cached = out.generate(prompt, **beams, use_cache=True)
+    assert torch.equal(cached, out.generate(prompt, **beams, use_cache=False))
+    sampled = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        sampled.append(
+            out.generate(prompt, do_sample=True, num_return_sequences=3, max_new_tokens=6, use_cache=use_cache)
+        )
+    assert torch.equal(*sampled) and len({tuple(row) for row in sampled[0].tolist()}) > 1
+
+
+@torch.no_grad()
+def test_batch_edits_of_the_cache_index_our_states(tiny, ids):
+    """reorder_cache, batch_select_indices and batch_repeat_interleave on a cache the model has prefilled index
+    the batch of every LayerCache tensor: the next steps' logits are those of the full forward of the edited batch."""
+    from transformers import DynamicCache
+
+    out = converted(tiny, "head:3:1", ids)
+    other = torch.randint(4, 100, (1, 48), generator=torch.Generator().manual_seed(3))
+    both = torch.cat([ids, other])  # [2, 48]
+    cache = DynamicCache(config=out.config)
+    by_name = {cache_kwarg(out): cache}
+    out(both[:, :20], **by_name, use_cache=True)
+
+    def steps(batch, start, stop):
+        return torch.cat([out(batch[:, t : t + 1], **by_name, use_cache=True).logits for t in range(start, stop)], 1)
+
+    cache.reorder_cache(torch.tensor([1, 0]))
+    swapped = both.flip(0)
+    assert torch.allclose(steps(swapped, 20, 24), out(swapped[:, :24]).logits[:, 20:], atol=1e-4)
+    cache.batch_select_indices(torch.tensor([1]))  # `ids`, now second
+    cache.batch_repeat_interleave(2)
+    pair = ids.expand(2, -1)
+    assert torch.allclose(steps(pair, 24, 28), out(pair[:, :28]).logits[:, 24:], atol=1e-4)
+
+
+@torch.no_grad()
+def test_assisted_generation_and_crops_are_refused(tiny, ids):
+    """A crop (assisted generation, prompt lookup) would need the GDN state of an earlier token, which is gone: a
+    converted model's cache says it is not croppable, so transformers 5.24 refuses assisted decoding after the prefill
+    ("...requires a cache that can be cropped..."), and a crop that removes tokens raises (5.17's assisted decoding
+    does not ask and crops: there this prompt's first rejected draft raises); crop(0) removes nothing and passes.
+    Where the transformers cache is cut behind our back, the next forward raises instead of decoding from a state
+    that holds more tokens."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    out = converted(tiny, "head:3:1", ids)
+    prompt = torch.cat([ids[:, :12], ids[:, :12]], dim=1)  # repeated n-grams: prompt lookup finds drafts
+    with pytest.raises(ValueError, match="can be cropped|GDN heads cannot roll back their state"):
+        out.generate(prompt, prompt_lookup_num_tokens=3, do_sample=False, max_new_tokens=6)
+    cache = DynamicCache(config=out.config)
+    by_name = {cache_kwarg(out): cache}
+    out(ids[:, :10], **by_name, use_cache=True)
+    assert not cache.is_croppable
+    cache.crop(0)
+    with pytest.raises(ValueError, match="GDN heads cannot roll back their state"):
+        cache.crop(-1)
+    assert cache.get_seq_length() == 10
+    DynamicLayer.crop(cache.layers[0], -1)  # the base class's crop: ours is bypassed
+    with pytest.raises(ValueError, match="holds 9 tokens and the converted layer's state 10"):
+        out(ids[:, 9:10], **by_name, use_cache=True)
+
+
 def test_padded_batches_are_refused(tiny):
     out = converted(tiny, "head:3:1")
     ids = torch.randint(4, 100, (2, 8))

@@ -13,14 +13,18 @@ short causal convs on q/k/v, the output gate (g_proj); per head of a converted l
 gamma. `GDNInit` says how the new parameters start (see its docstring for the rationale).
 
 Generation with a cache: the adapter keeps its own LayerCache (FA K/V of its FA groups, GDN state, conv states)
-on the transformers Cache object it is handed, keyed by layer, and starts a fresh one when that cache holds no
-token for the layer yet (a new prompt). It also writes a one-float-per-token marker into the transformers cache
-so that the cache's length, which the model uses for positions and masks, stays right.
+on the transformers cache's layer object for its layer (`HydraCacheLayer`), and starts a fresh one when that cache
+holds no token for the layer yet (a new prompt). It also writes a one-float-per-token marker into the transformers
+cache so that the cache's length, which the model uses for positions and masks, stays right. The layer object's
+edits follow onto the LayerCache: beam search's `reorder_cache`, `batch_select_indices`, `batch_repeat_interleave`
+and `reset`; a `crop` that removes tokens (assisted generation, prompt lookup) is refused, as the GDN state cannot
+be rolled back.
 """
 
+import functools
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +34,6 @@ from hhbench.errors import UserError
 from hhbench.layers.hydrahead import HydraAttention, LayerCache, apply_rope
 from hhbench.spec.layout import LayerPlan
 from hhbench.spec.shapes import shape_from_config_dict
-
-STATES = "_hhbench_states"  # attribute of a transformers Cache holding the adapters' LayerCaches
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,66 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+class HydraCacheLayer:
+    """Mixin over a transformers cache layer class (DynamicLayer, StaticLayer, ...; `with_hydra_state` makes the
+    subclass) that carries one converted layer's decoding state `hydra` (a LayerCache: FA K/V [B, S_max, G, d], GDN
+    state [B, n_la, dk, dv], conv state [B, 3 n_la d, K], `length`) next to the marker keys transformers counts, so
+    that the edits transformers makes to the layer apply to our state too (each calls the base class's first):
+    - reorder_cache(beam_idx [B']) (beam search, after every step), batch_select_indices(indices [B']),
+      batch_repeat_interleave(repeats): the same index on the batch dim of every LayerCache tensor;
+    - reset(): drops the state (the next forward prefills afresh);
+    - crop(n): raises ValueError where it would remove tokens, and `is_croppable` is False while a state is held
+      (transformers 5.24's assisted decoding then refuses before its first crop; 5.17's crops): the GDN state after an earlier
+      token is gone, and recomputing it would mean a new prefill. crop(0), which only trims what a layer recorded
+      for a rollback, passes."""
+
+    hydra: LayerCache | None = None
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.hydra is None and super().is_croppable
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # A negative count removes that many tokens; before transformers 5.18 a positive one was the length to keep.
+        if self.hydra is not None and (tokens_to_remove < 0 or 0 < tokens_to_remove < self.hydra.length):
+            raise ValueError(
+                "a converted model's GDN heads cannot roll back their state (the cache was asked to drop tokens): "
+                "assisted generation / prompt lookup are not supported"
+            )
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._index_batch(lambda t: t[torch.as_tensor(indices, device=t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        super().reset()
+        self.hydra = None
+
+    def _index_batch(self, index) -> None:
+        """Replace every tensor of the LayerCache by index(tensor): all of them lead with the batch dim."""
+        if self.hydra is not None:
+            for field in fields(self.hydra):
+                value = getattr(self.hydra, field.name)
+                if isinstance(value, torch.Tensor):
+                    setattr(self.hydra, field.name, index(value))
+
+
+@functools.cache
+def with_hydra_state(base: type) -> type:
+    """The subclass of a transformers cache layer class `base` that carries a LayerCache (HydraCacheLayer); one per
+    base class."""
+    return type(base)(f"Hydra{base.__name__}", (HydraCacheLayer, base), {})
+
+
 class HydraAdapter(nn.Module):
     """A HydraAttention in the place of a transformers attention module: same call, same (output, weights)."""
 
@@ -280,17 +342,29 @@ class HydraAdapter(nn.Module):
         **kwargs,
     ):
         """hidden_states [B, T, hidden] -> (output [B, T, hidden], None), as transformers calls an attention module;
-        with a cache, a new prompt is prefilled and a continuation decoded token by token (module docstring)."""
+        with a cache, a new prompt is prefilled and a continuation decoded token by token (module docstring).
+        Raises ValueError for a cache without per-layer objects (`cache.layers`, transformers 5), and where the
+        cache holds another number of tokens than our state (it was edited in a way HydraCacheLayer does not follow)."""
         cache = cache if cache is not None else past_key_values
         if cache is None:
             return self.attn(hidden_states, position_embeddings), None
+        if not hasattr(cache, "layers"):
+            raise ValueError(
+                f"a converted model needs a transformers cache with per-layer objects (cache.layers, as transformers "
+                f"5 has them) to keep its state on, not a {type(cache).__name__} without"
+            )
         B, T = hidden_states.shape[:2]
-        states = cache.__dict__.setdefault(STATES, {})
-        state: LayerCache | None = states.get(self.layer_idx)
-        if cache.get_seq_length(self.layer_idx) == 0 or state is None:  # a new prompt
+        held = cache.get_seq_length(self.layer_idx)
+        layers = cache.layers  # a lazily filled cache has no object yet for a layer it has not seen
+        state = getattr(layers[self.layer_idx], "hydra", None) if self.layer_idx < len(layers) else None
+        if held == 0 or state is None:  # a new prompt
             state = self.attn.new_cache(B, T + 256, hidden_states.device, hidden_states.dtype)
-            states[self.layer_idx] = state
             out = self.attn(hidden_states, position_embeddings, cache=state)
+        elif state.length != held:
+            raise ValueError(
+                f"layer {self.layer_idx}: the transformers cache holds {held} tokens and the converted layer's state "
+                f"{state.length}: the cache was edited in a way a converted model cannot follow"
+            )
         else:  # continuation: token by token through the decode path
             cos, sin = position_embeddings
             outs = []
@@ -300,7 +374,15 @@ class HydraAdapter(nn.Module):
                 outs.append(self.attn(hidden_states[:, t : t + 1], step, cache=state))
             out = torch.cat(outs, dim=1)
         marker = hidden_states.new_zeros(B, 1, T, 1)
-        cache.update(marker, marker, self.layer_idx)
+        cache.update(marker, marker, self.layer_idx)  # creates the layer object of a lazily filled cache
+        layer = cache.layers[self.layer_idx]
+        if not isinstance(layer, HydraCacheLayer):
+            # In its place, an object of the subclass with the same data (Python refuses to assign __class__ here:
+            # the mixin as first base changes the object layout it checks).
+            hydra_layer = object.__new__(with_hydra_state(type(layer)))
+            hydra_layer.__dict__.update(vars(layer))
+            cache.layers[self.layer_idx] = layer = hydra_layer
+        layer.hydra = state
         return out, None
 
 
