@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hhbench.errors import Unsupported, UserError
 from hhbench.kernels import gdn, registry
@@ -413,6 +414,32 @@ def test_fla_chunk_refuses_to_train_at_16_token_chunks_where_fla_sends_the_backw
     assert _classify(refused.value) == (schema.UNSUPPORTED, gdn.TILELANG_BACKWARD_REFUSAL)
 
 
+def test_flash_qla_takes_its_q_k_l2_norm_from_fla(monkeypatch):
+    """With use_qk_l2norm_in_kernel, flash-qla normalizes q and k by fla's L2 norm (gdn.fla_l2norm, here its torch
+    form) and calls FlashQLA with normalized inputs and its own norm off; without it, q and k go as they are. The
+    kernel (a stand-in module `flash_qla` recording its call) gets v, g, beta and the state options unchanged."""
+    calls = []
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, **options):
+        calls.append((q, k, v, g, beta, options))
+        return v, None
+
+    monkeypatch.setitem(sys.modules, "flash_qla", types.SimpleNamespace(chunk_gated_delta_rule=chunk_gated_delta_rule))
+    monkeypatch.setattr(gdn, "fla_l2norm", lambda x: x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6))
+    q, k, v, g, beta = gdn_inputs(1, 9, 2, 128, 128, dtype=torch.float32)
+    backend = registry.get("flash-qla", registry.GDN)
+    backend.prefill(q * 3, k * 5, v, g, beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    backend.prefill(q * 3, k * 5, v, g, beta)
+    (nq, nk, *rest, normed), (rq, rk, *_, raw) = calls
+    assert torch.allclose(nq.norm(dim=-1), torch.ones(1, 9, 2)) and torch.allclose(nk.norm(dim=-1), torch.ones(1, 9, 2))
+    assert torch.allclose(nq, F.normalize(q, dim=-1), atol=1e-6) and torch.allclose(
+        nk, F.normalize(k, dim=-1), atol=1e-6
+    )
+    assert all(a is b for a, b in zip(rest, (v, g, beta), strict=True))
+    assert normed == {"initial_state": None, "output_final_state": True, "use_qk_l2norm_in_kernel": False}
+    assert torch.equal(rq, q * 3) and torch.equal(rk, k * 5) and raw["use_qk_l2norm_in_kernel"] is False
+
+
 def test_rows_name_the_gdn_implementation(monkeypatch):
     chunk, qla = registry.get("fla-chunk", registry.GDN), registry.get("flash-qla", registry.GDN)
     monkeypatch.setattr(gdn, "fla_tilelang_backward", lambda: True)
@@ -421,6 +448,7 @@ def test_rows_name_the_gdn_implementation(monkeypatch):
     monkeypatch.setattr(gdn, "fla_tilelang_backward", lambda: False)
     assert chunk.implementation("train").endswith("(FLA_FLASH_QLA=0)")
     assert qla.implementation("prefill").startswith("flash_qla ")
+    assert qla.implementation("train").endswith("q/k L2 norm by fla's kernel")
     assert (
         registry.get("torch-chunk", registry.GDN).implementation("train")
         == "pure-torch chunked reference (hhbench.kernels.reference)"

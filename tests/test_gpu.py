@@ -120,6 +120,31 @@ def test_flash_qla_matches_fla_chunk_outputs_and_gradients(batch):
     assert rel(flat(g_q), flat(grads_ref)) < 5e-2 and rel(flat(g_f), flat(grads_ref)) < 5e-2
 
 
+@needs_flash_qla
+def test_flash_qla_with_the_q_k_l2_norm_matches_its_own_norm_and_the_reference():
+    """use_qk_l2norm_in_kernel through flash-qla (fla's L2 norm, then FlashQLA without its own) against FlashQLA with
+    its own norm and against the fp32 torch chunked reference on normalized q and k: outputs and the gradients of
+    unnormalized q and k (and v, g, beta), as a layer's call takes them."""
+    import flash_qla
+
+    from hhbench.kernels.reference import gdn_chunk
+
+    q, k, v, g, beta = _gdn_case()
+    q, k = (t.detach().mul(3).requires_grad_() for t in (q, k))  # not normalized: the norm is the backend's
+    inputs = (q, k, v, g, beta)
+    grad_out = torch.randn_like(v)
+    o, _ = registry.get("flash-qla", registry.GDN).prefill(*inputs, use_qk_l2norm_in_kernel=True)
+    grads = torch.autograd.grad(o, inputs, grad_out)
+    o_own, _ = flash_qla.chunk_gated_delta_rule(*inputs, use_qk_l2norm_in_kernel=True)
+    grads_own = torch.autograd.grad(o_own, inputs, grad_out)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    o_ref, _ = gdn_chunk(*(torch.nn.functional.normalize(t, dim=-1) for t in wide[:2]), *wide[2:], 64)
+    grads_ref = torch.autograd.grad(o_ref, wide, grad_out.double())
+    assert rel(o, o_own) < 2e-2 and rel(o, o_ref) < 2e-2
+    for name, a, b, c in zip("q k v g beta".split(), grads, grads_own, grads_ref, strict=True):
+        assert rel(a, b) < 5e-2 and rel(a, c) < 5e-2, name
+
+
 @pytest.mark.parametrize("chunk_size", [16, 32])
 def test_fla_chunk_at_flas_smaller_chunks_matches_the_reference(chunk_size):
     """fla 0.6 takes chunks of 16 and 32 too (fla-chunk hands chunk_size on): outputs and final state against the fp64

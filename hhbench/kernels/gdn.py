@@ -116,6 +116,14 @@ def _probe_flash_qla():
     import flash_qla  # noqa: F401  (needs tilelang and an SM90/SM100/SM120 GPU: it raises at import elsewhere)
 
 
+def fla_l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x [..., d] L2-normalized over d (eps 1e-6 inside the root, in fp32, in x's dtype) by fla's Triton kernel, with
+    its backward: the kernel fla's chunk path runs for use_qk_l2norm_in_kernel (fla/ops/gated_delta_rule/chunk.py)."""
+    from fla.modules.norm.l2norm import l2norm
+
+    return l2norm(x)
+
+
 @register(
     GDN,
     "flash-qla",
@@ -135,21 +143,29 @@ class FlashQla(Backend):
         use_qk_l2norm_in_kernel=False,
     ):  # fmt: skip
         """FlashQLA's chunk_gated_delta_rule over [B, T, H, *] inputs (Backend.prefill gives the shapes) -> (o, final
-        state or None). Raises Unsupported for a chunk size other than 64 or key and value heads other than 128."""
+        state or None); `use_qk_l2norm_in_kernel` normalizes q and k by fla's L2 norm first (fla_l2norm), not by
+        FlashQLA's own. Raises Unsupported for a chunk size other than 64 or key and value heads other than 128."""
         import flash_qla
 
         if chunk_size != 64:
             raise Unsupported("FlashQLA uses chunks of 64 on SM90/SM100")
         if q.shape[-1] != 128 or v.shape[-1] != 128:
             raise Unsupported(f"FlashQLA takes key and value heads of 128, not {q.shape[-1]} and {v.shape[-1]}")
+        if use_qk_l2norm_in_kernel:
+            # FlashQLA's own q/k norm is a torch.compile'd function (flash_qla/utils/math.py): Dynamo's guards on
+            # every call, and Inductor's kernel, not the Triton kernel fla-chunk's layers run. With fla's, a layer's
+            # glue is the same whichever GDN backend it takes: what the two backends' layers differ by is the GDN
+            # kernel, what their floors compare (results/floor-h200-v6: a FlashQLA layer sat 0.2-1.6 ms further
+            # above its floor than a fla-chunk one, unexplained)
+            q, k = fla_l2norm(q), fla_l2norm(k)
         return flash_qla.chunk_gated_delta_rule(
             q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
-            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            use_qk_l2norm_in_kernel=False,
         )  # fmt: skip
 
     def implementation(self, pass_: str) -> str:
-        """FlashQLA's and TileLang's versions."""
-        return f"flash_qla {_version('flash-qla')} (TileLang {_version('tilelang')})"
+        """FlashQLA's and TileLang's versions, and whose q/k L2 norm a layer's call takes."""
+        return f"flash_qla {_version('flash-qla')} (TileLang {_version('tilelang')}), q/k L2 norm by fla's kernel"
 
 
 @register(
