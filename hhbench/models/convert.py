@@ -281,9 +281,12 @@ class HydraCacheLayer:
 
     @property
     def is_croppable(self) -> bool:
+        """False while a state is held: its GDN state cannot be cropped (transformers then refuses assisted
+        decoding)."""
         return self.hydra is None and super().is_croppable
 
     def crop(self, tokens_to_remove: int) -> None:
+        """The base class's crop; raises ValueError first where it would remove tokens of a held state."""
         # A negative count removes that many tokens; before transformers 5.18 a positive one was the length to keep.
         if self.hydra is not None and (tokens_to_remove < 0 or 0 < tokens_to_remove < self.hydra.length):
             raise ValueError(
@@ -293,18 +296,22 @@ class HydraCacheLayer:
         super().crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """The base class's reorder, and the same batch index beam_idx [B'] on the state's tensors."""
         super().reorder_cache(beam_idx)
         self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """The base class's select, and the same batch rows `indices` [B'] of the state's tensors."""
         super().batch_select_indices(indices)
         self._index_batch(lambda t: t[torch.as_tensor(indices, device=t.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        """The base class's repeat, and each batch row of the state's tensors `repeats` times in a row."""
         super().batch_repeat_interleave(repeats)
         self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
+        """The base class's reset, and the state dropped (the next forward prefills afresh)."""
         super().reset()
         self.hydra = None
 
