@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.files import open_output
+from hhbench.files import open_output, read_text
 
 SCHEMA_VERSION = 2
 # Columns the views compute from rows (tables.compare's layer-wise 3:1 ratios, which `hhbench flops` prints beside
@@ -292,10 +292,7 @@ def read_rows(path: str | Path, repair: bool = False, kind: type = Row) -> RowSe
     """Rows (or EvalRows, with kind=EvalRow) of a JSONL file. A half-written last line (a sweep killed mid-write) is dropped; with repair=True it
     is also cut from the file so that appending continues on a clean line."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read rows {path}: {exc.strerror or exc}") from None
+    text = read_text(path, "rows")
     rows = RowSet()
     lines = text.split("\n")
     complete, tail = lines[:-1], lines[-1]
@@ -306,6 +303,8 @@ def read_rows(path: str | Path, repair: bool = False, kind: type = Row) -> RowSe
             data = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{number}: not a JSON row") from None
+        if not isinstance(data, dict):  # a row is an object: dict() of a string or list fails obscurely, or not at all
+            raise UserError(f"{path}:{number}: not a JSON row, got {json.dumps(data)[:40]}")
         try:
             rows.append(kind.from_dict(data))
         except (UserError, TypeError) as exc:
