@@ -58,9 +58,27 @@ def run_folder(out: str | Path, run: str) -> Path:
     return Path(out) / run
 
 
-def read_json(path: str | Path, what: str):
-    """The parsed contents of a JSON file; an unreadable or malformed file is the user's error, in one line."""
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a file the user names (`what` names it in the message); one that cannot be read, or is not
+    UTF-8 text, is the user's error, in one line."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read {what} {path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def read_json(path: str | Path, what: str, kind: type | None = None):
+    """The parsed contents of a JSON file, which must be a `kind` (dict, list) where one is given; an unreadable or
+    malformed file, or one of another kind, is the user's error, in one line."""
+    try:
+        data = json.loads(read_text(path, what))
+    except json.JSONDecodeError as exc:
         raise UserError(f"cannot read {what} {path}: {exc}") from None
+    if kind is not None and not isinstance(data, kind):
+        raise UserError(f"cannot read {what} {path}: expected a JSON {_JSON_KINDS[kind]}, got {json.dumps(data)[:40]}")
+    return data
+
+
+_JSON_KINDS = {dict: "object", list: "array"}

@@ -77,6 +77,8 @@ def test_hf_config_and_overrides(cli, tmp_path):
         (["--layouts", "diagonal"], "unknown layout 'diagonal'"),
         (["--pass", "sideways"], "unknown pass 'sideways'"),
         (["--dtype", "fp64"], "unknown dtype 'fp64'"),
+        (["--gdn-dk", "-64"], "GDN key head dim must be positive, got -64"),  # gave negative FLOPs and state
+        (["--gdn-dv", "-1"], "GDN value head dim must be positive, got -1"),
         (["--head-map", "/nonexistent/heads.json"], "cannot read head map"),
         (["--csv", "/proc/version/x.csv"], "cannot write"),
         (["--no-such-flag"], "No such option"),

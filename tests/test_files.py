@@ -84,3 +84,26 @@ def test_processes_making_the_same_folder_at_once_each_find_it_writable(tmp_path
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(check, range(4)))
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_every_command_says_what_is_wrong_with_a_run_file_it_cannot_read(tmp_path):
+    """A rows.jsonl or env.json that is not UTF-8 text, or whose JSON is not an object, is bad input in one line
+    (it was a UnicodeDecodeError, ValueError or AttributeError traceback)."""
+    good = write_run(tmp_path / "good", measured(analytic(contexts=[256])), env={"device": "cpu"})
+    rows, env = (good / "rows.jsonl").read_bytes(), (good / "env.json").read_bytes()
+    cases = {
+        "binary-rows": ({"rows.jsonl": b"\xff\xfe\x00rows\n"}, "rows.jsonl: not UTF-8 text"),
+        "string-row": ({"rows.jsonl": b'"abc"\n' + rows}, 'rows.jsonl:1: not a JSON row, got "abc"'),
+        "list-row": ({"rows.jsonl": b"[1, 2]\n" + rows}, "rows.jsonl:1: not a JSON row, got [1, 2]"),
+        "binary-env": ({"rows.jsonl": rows, "env.json": b"\xff\xfe"}, "env.json: not UTF-8 text"),
+        "list-env": ({"rows.jsonl": rows, "env.json": b"[]"}, "env.json: expected a JSON object, got []"),
+    }
+    for name, (files, why) in cases.items():
+        run = tmp_path / name
+        run.mkdir()
+        for file, data in files.items():
+            (run / file).write_bytes(data)
+        one_line(run_main("table", str(run)), why)
+        one_line(run_main("report", str(run), "--out", str(tmp_path / "r.html")), why)
+        one_line(run_main("gate", str(good), str(run)), why)
+    assert (good / "env.json").read_bytes() == env

@@ -257,6 +257,9 @@ def _bad_inputs(tmp_path, rows):
         ([str(good), str(good), "--metrics", "flops,speed"], "bad --metrics 'flops,speed'"),
         ([str(good), str(good), "--max-slowdown", "5"], "bad --max-slowdown '5'"),
         ([str(good), str(good), "--max-slowdown", "fast"], "bad --max-slowdown 'fast'"),
+        # NaN compares false with every slowdown, so the latency check never failed; inf% likewise
+        ([str(good), str(good), "--max-slowdown", "nan"], "bad --max-slowdown 'nan'"),
+        ([str(good), str(good), "--max-slowdown", "inf%"], "bad --max-slowdown 'inf%'"),
     ]
 
 

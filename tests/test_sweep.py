@@ -92,6 +92,22 @@ def test_half_written_last_line_is_repaired(tmp_path):
     assert [r.context for r in read_rows(run.rows_path)] == [32, 64]
 
 
+def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
+    """A last line that is a whole row lacking only its newline (a file written by hand or by another tool) is a
+    finished row: read, skipped by a resumed sweep and given its newline, not dropped as half-written and cut from
+    the file (the table lost it, and a resumed sweep measured it again)."""
+    run = RunDir(tmp_path / "r")
+    points = grid_points({"models": "tiny", "layouts": "fa", "contexts": "32,64", "passes": "prefill"}, "cpu")
+    sweep_module.run_sweep(points[:1], run, torch.device("cpu"), FAST)
+    text = run.rows_path.read_text()
+    run.rows_path.write_text(text.removesuffix("\n"))
+    assert [r.context for r in read_rows(run.rows_path)] == [32]
+    result = sweep_module.run_sweep(points, run, torch.device("cpu"), FAST)
+    assert result.new == 1 and result.skipped == 1
+    assert run.rows_path.read_text().startswith(text)
+    assert [r.context for r in read_rows(run.rows_path)] == [32, 64]
+
+
 def test_oom_and_errors_stay_on_their_rows_and_the_sweep_goes_on(tmp_path, monkeypatch):
     points = grid_points({"models": "tiny", "layouts": "head", "ratios": "1:1,3:1,7:1,15:1", "contexts": "32",
                           "passes": "prefill"}, "cpu")  # fmt: skip

@@ -1,8 +1,9 @@
 """`hhbench table --targets`: the kernels' performance targets computed from rows whose answers are known."""
 
+from dataclasses import replace
 from pathlib import Path
 
-from hhbench.rows.schema import OK, Row, RowSet
+from hhbench.rows.schema import ANALYTIC, ERROR, OK, Row, RowSet
 from hhbench.rows.sources import Run
 from hhbench.tables.targets import check_targets
 
@@ -82,6 +83,14 @@ def test_several_fa_backends_each_point_answered_by_its_fastest_and_streams_by_e
 def test_missing_points_say_no_data():
     targets = check_targets(run_of([row("fa", 4096)], copy_gbps=None))
     assert [c.verdict for c in targets.checks] == ["no data"] * 4
+
+
+def test_a_run_without_measured_rows_says_so():
+    """Analytic rows, failed rows or none (a quality run): a sentence, where an empty table ('|  |', '||') stood."""
+    failed = replace(row("fa", 4096), status=ERROR, latency_ms=None, reason="boom")
+    for rows in ([replace(row("fa", 4096), status=ANALYTIC, latency_ms=None)], [failed], []):
+        text = check_targets(run_of(rows)).to_markdown()
+        assert text == "## Performance targets: gpu\n\nno measured (ok) performance rows: no target to check\n", text
 
 
 def test_committed_gpu_run(cli):

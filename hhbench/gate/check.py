@@ -136,13 +136,14 @@ def parse_metrics(text: str) -> list[str]:
 
 
 def parse_slowdown(text: str) -> float:
-    """'5%' or '0.05'; a bare number of 1 or more is ambiguous (5 could mean 5% or 500%)."""
+    """'5%' or '0.05': a finite fraction >= 0 (NaN would pass every row); a bare number of 1 or more is ambiguous (5
+    could mean 5% or 500%). Raises UserError for anything else."""
     stripped = text.strip()
     try:
         value = float(stripped.removesuffix("%")) / (100 if stripped.endswith("%") else 1)
     except ValueError:
         raise UserError(f"bad --max-slowdown {text!r}: write a percentage (5%) or a fraction (0.05)") from None
-    if value < 0 or (value >= 1 and not stripped.endswith("%")):
+    if not 0 <= value < math.inf or (value >= 1 and not stripped.endswith("%")):
         raise UserError(f"bad --max-slowdown {text!r}: write a percentage (5%) or a fraction (0.05)")
     return value
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.files import make_folder, open_output
+from hhbench.files import make_folder, open_output, read_json
 from hhbench.rows.schema import EvalRow, RowSet, read_rows
 
 ROWS, EVAL, ENV, TRAIN = "rows.jsonl", "eval.jsonl", "env.json", "train.jsonl"
@@ -126,13 +126,9 @@ class RunDir:
         return read_train_rows(self.path / TRAIN) if (self.path / TRAIN).exists() else []
 
     def env(self) -> dict:
-        """env.json as a dict ({} without it). Raises UserError for an unreadable or malformed file."""
-        if not self.env_path.exists():
-            return {}
-        try:
-            return json.loads(self.env_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read {self.env_path}: {exc}") from None
+        """env.json as a dict ({} without it). Raises UserError for an unreadable or malformed file, or one that
+        holds no JSON object."""
+        return read_json(self.env_path, "env", dict) if self.env_path.exists() else {}
 
     def write_env(self, env: dict) -> None:
         """Write `env` as env.json (indented, sorted keys), replaced whole: a kill while writing leaves the old

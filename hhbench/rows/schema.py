@@ -5,13 +5,14 @@ MIGRATIONS how a row of the version before becomes one of this: committed runs s
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.files import open_output
+from hhbench.files import open_output, read_text
 
 SCHEMA_VERSION = 2
 # Columns the views compute from rows (tables.compare's layer-wise 3:1 ratios, which `hhbench flops` prints beside
@@ -280,8 +281,6 @@ def markdown_table(frame) -> str:
 
 def append_row(path: Path, row: "Row | EvalRow") -> None:
     """Append one row and make it durable before the next point starts: a killed sweep loses no finished row."""
-    import os
-
     with open_output(path, "a") as out:
         out.write(json.dumps(row.to_dict()) + "\n")
         out.flush()
@@ -289,16 +288,17 @@ def append_row(path: Path, row: "Row | EvalRow") -> None:
 
 
 def read_rows(path: str | Path, repair: bool = False, kind: type = Row) -> RowSet:
-    """Rows (or EvalRows, with kind=EvalRow) of a JSONL file. A half-written last line (a sweep killed mid-write) is dropped; with repair=True it
-    is also cut from the file so that appending continues on a clean line."""
+    """Rows (or EvalRows, with kind=EvalRow) of a JSONL file. A half-written last line (a sweep killed mid-write) is
+    dropped; with repair=True it is also cut from the file, and a whole last row that lacks only its newline (a file
+    written by hand or by another tool) gets one, so that appending continues on a clean line. Raises UserError for
+    an unreadable file or a line that is not a row."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read rows {path}: {exc.strerror or exc}") from None
+    text = read_text(path, "rows")
     rows = RowSet()
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]
+    *complete, tail = text.split("\n")
+    whole = _parses(tail)  # a row's JSON object parses only once its closing brace, its last character, is written
+    if whole:
+        complete.append(tail)
     for number, line in enumerate(complete, 1):
         if not line.strip():
             continue
@@ -306,11 +306,26 @@ def read_rows(path: str | Path, repair: bool = False, kind: type = Row) -> RowSe
             data = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{number}: not a JSON row") from None
+        if not isinstance(data, dict):  # a row is an object: dict() of a string or list fails obscurely, or not at all
+            raise UserError(f"{path}:{number}: not a JSON row, got {json.dumps(data)[:40]}")
         try:
             rows.append(kind.from_dict(data))
         except (UserError, TypeError) as exc:
             raise UserError(f"{path}:{number}: {exc}") from None
     if tail.strip() and repair:
         with open(path, "r+") as out:
-            out.truncate(len(text) - len(tail))
+            if whole:
+                out.seek(0, os.SEEK_END)
+                out.write("\n")
+            else:
+                out.truncate(os.path.getsize(path) - len(tail.encode()))
     return rows
+
+
+def _parses(line: str) -> bool:
+    """Whether a line holds JSON (a whole row), not nothing or a row cut short."""
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return bool(line.strip())

@@ -71,7 +71,8 @@ def format_effective_ratio(la: float, fa: float) -> str:
 @dataclass(frozen=True)
 class GDNConfig:
     """Gated DeltaNet head settings. Key/value dims of None mean the model's head_dim: HydraHead reuses each
-    converted head's Q/K/V projections, so its GDN heads keep the head's width."""
+    converted head's Q/K/V projections, so its GDN heads keep the head's width. Raises UserError for a chunk size or
+    a head dim <= 0, or a conv size < 0."""
 
     chunk_size: int = 64
     head_k_dim: int | None = None
@@ -85,6 +86,9 @@ class GDNConfig:
             raise UserError(f"GDN chunk size must be positive, got {self.chunk_size}")
         if self.conv_size < 0:
             raise UserError(f"GDN conv size must be >= 0, got {self.conv_size}")
+        for name, dim in (("key", self.head_k_dim), ("value", self.head_v_dim)):
+            if dim is not None and dim <= 0:  # a negative width gave negative FLOPs and state bytes
+                raise UserError(f"GDN {name} head dim must be positive, got {dim}")
 
     def dims(self, head_dim: int) -> tuple[int, int]:
         """(dk, dv): the GDN heads' key and value widths, the model's `head_dim` where not set."""

@@ -44,8 +44,10 @@ class Targets:
     checks: list[Check] = field(default_factory=list)
 
     def to_markdown(self) -> str:
-        """Markdown: a table of the verdicts, then each check's evidence."""
+        """Markdown: a table of the verdicts, then each check's evidence; a sentence where nothing was checked."""
         blocks = [f"## Performance targets: {self.run}\n"]
+        if not self.checks:  # check_targets checks ok rows only: an analytic, failed or quality-only run has none
+            return "\n".join([*blocks, "no measured (ok) performance rows: no target to check"]) + "\n"
         blocks.append(
             markdown_table(
                 pd.DataFrame([{"target": c.target, "verdict": c.verdict, "summary": c.summary} for c in self.checks])
