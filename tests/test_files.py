@@ -7,7 +7,7 @@ from inprocess import run_main
 from synthetic import analytic, measured, write_run
 
 from hhbench.errors import UserError
-from hhbench.files import make_folder, open_output, run_folder
+from hhbench.files import make_folder, open_output, replace_whole, run_folder
 
 
 def one_line(result, text: str) -> None:
@@ -41,6 +41,19 @@ def test_open_output_names_the_file_in_the_way(blocker, tmp_path):
     with open_output(tmp_path / "c" / "d.txt", "w") as out:
         out.write("ok")
     assert (tmp_path / "c" / "d.txt").read_text() == "ok"
+
+
+def test_a_file_replaced_whole_names_what_is_in_the_way(blocker, tmp_path):
+    """replace_whole writes beside the file and renames: a folder where the file must be is found at the rename, and
+    said in one line as open_output says it, with no temporary left behind."""
+    with pytest.raises(UserError, match=f"cannot write {blocker / 'x.jsonl'}: {blocker} is a file, not a folder$"):
+        with replace_whole(blocker / "x.jsonl") as out:
+            out.write("{}\n")
+    (tmp_path / "rows.jsonl").mkdir()
+    with pytest.raises(UserError, match="rows.jsonl is a folder, not a file$"):
+        with replace_whole(tmp_path / "rows.jsonl") as out:
+            out.write("{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "rows.jsonl"]
 
 
 @pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "a\\b", "/tmp/abs", "", "  "])

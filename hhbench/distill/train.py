@@ -23,6 +23,7 @@ from hhbench.distill.data import TokenStream
 from hhbench.distill.recipe import Recipe
 from hhbench.errors import UserError
 from hhbench.eval.harness import EvalSettings, VariantModels
+from hhbench.files import replace_whole
 from hhbench.models.variants import Variant
 from hhbench.rows.schema import ERROR, OK, append_row, read_json_lines
 
@@ -356,9 +357,9 @@ def drop_unsaved_rows(run_dir: Path, labels: list[str]) -> None:
     """Cut from run_dir's train.jsonl the rows that the variants `labels` logged after their last checkpoint
     (every row of a variant without one, and a line cut short by a kill): the steps a resumed run trains and logs
     again, so that the resumed file holds what an uninterrupted run's does. A variant stopped by an error keeps its
-    rows (its checkpoint is the step before the error row, and it does not train again). The file is rewritten
-    through a temporary file and os.replace: a kill leaves the old file or the new one. Raises UserError for a line
-    that is no training row (_train_lines), where such a line was dropped unseen."""
+    rows (its checkpoint is the step before the error row, and it does not train again). The file is replaced whole
+    (files.replace_whole): a kill leaves the old file or the new one. Raises UserError for a line that is no training
+    row (_train_lines), where such a line was dropped unseen."""
     path = Path(run_dir) / TRAIN
     if not path.exists():
         return
@@ -376,9 +377,8 @@ def drop_unsaved_rows(run_dir: Path, labels: list[str]) -> None:
         if row["variant"] not in saved or (row["stage"], row["step"]) <= saved[row["variant"]]
     ]
     if "".join(kept) != text:
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(kept))
-        os.replace(temporary, path)
+        with replace_whole(path) as out:
+            out.write("".join(kept))
 
 
 def train(job: Job, variants: list[Variant]) -> list[dict]:

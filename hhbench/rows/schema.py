@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.files import open_output, read_text
+from hhbench.files import open_output, read_text, replace_whole
 
 SCHEMA_VERSION = 2
 # Columns the views compute from rows (tables.compare's layer-wise 3:1 ratios, which `hhbench flops` prints beside
@@ -241,8 +241,9 @@ class RowSet(list):
         return pd.DataFrame([row.to_dict() for row in self])
 
     def to_jsonl(self, path: str | Path) -> None:
-        """Write one JSON row per line to `path`; raises UserError for an unwritable path."""
-        with open_output(path, "w") as out:
+        """Write one JSON row per line to `path`, replacing it whole (files.replace_whole: a kill or an error while
+        writing leaves the old file); raises UserError for an unwritable path."""
+        with replace_whole(path) as out:
             for row in self:
                 out.write(json.dumps(row.to_dict()) + "\n")
 
