@@ -1,8 +1,11 @@
 """Reading and writing files the user names: every command writes through `open_output` and `make_folder`,
 which say in one line what is wrong with a path that cannot be written (a file where a folder must be, a
-folder where a file must be, a read-only folder), and `run_folder`, which keeps a run name inside --out."""
+folder where a file must be, a read-only folder); `replace_whole` replaces a file so that a kill while writing
+leaves the old one, and `run_folder` keeps a run name inside --out."""
 
+import contextlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -34,7 +37,40 @@ def open_output(path: str | Path, mode: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, mode)
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {_problem(path, exc, folder=False)}") from None
+        raise _cannot_write(path, exc) from None
+
+
+def _cannot_write(path: Path, exc: OSError) -> UserError:
+    """The user's error for a file that could not be written: its path and what is wrong with it."""
+    return UserError(f"cannot write {path}: {_problem(path, exc, folder=False)}")
+
+
+@contextlib.contextmanager
+def replace_whole(path: str | Path):
+    """Open a file (text, "w") whose contents replace `path` whole when the block ends: they are written to a
+    temporary file beside it, fsynced and renamed over it (os.replace), so that a kill or an error while writing
+    leaves the old file, and no temporary where an error ended the write. An unwritable path is the user's error,
+    in one line, as open_output says it."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(temporary, "w")
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    try:
+        with out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    try:
+        os.replace(temporary, path)
+    except OSError as exc:  # a folder where the file must be
+        temporary.unlink(missing_ok=True)
+        raise _cannot_write(path, exc) from None
 
 
 def make_folder(path: str | Path) -> Path:

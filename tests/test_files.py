@@ -1,11 +1,13 @@
 """Output paths: every command says what is wrong with a path it cannot write, and a run stays inside --out."""
 
+import json
+
 import pytest
 from inprocess import run_main
 from synthetic import analytic, measured, write_run
 
 from hhbench.errors import UserError
-from hhbench.files import make_folder, open_output, run_folder
+from hhbench.files import make_folder, open_output, replace_whole, run_folder
 
 
 def one_line(result, text: str) -> None:
@@ -39,6 +41,19 @@ def test_open_output_names_the_file_in_the_way(blocker, tmp_path):
     with open_output(tmp_path / "c" / "d.txt", "w") as out:
         out.write("ok")
     assert (tmp_path / "c" / "d.txt").read_text() == "ok"
+
+
+def test_a_file_replaced_whole_names_what_is_in_the_way(blocker, tmp_path):
+    """replace_whole writes beside the file and renames: a folder where the file must be is found at the rename, and
+    said in one line as open_output says it, with no temporary left behind."""
+    with pytest.raises(UserError, match=f"cannot write {blocker / 'x.jsonl'}: {blocker} is a file, not a folder$"):
+        with replace_whole(blocker / "x.jsonl") as out:
+            out.write("{}\n")
+    (tmp_path / "rows.jsonl").mkdir()
+    with pytest.raises(UserError, match="rows.jsonl is a folder, not a file$"):
+        with replace_whole(tmp_path / "rows.jsonl") as out:
+            out.write("{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "rows.jsonl"]
 
 
 @pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "a\\b", "/tmp/abs", "", "  "])
@@ -107,3 +122,36 @@ def test_every_command_says_what_is_wrong_with_a_run_file_it_cannot_read(tmp_pat
         one_line(run_main("report", str(run), "--out", str(tmp_path / "r.html")), why)
         one_line(run_main("gate", str(good), str(run)), why)
     assert (good / "env.json").read_bytes() == env
+
+
+def test_report_and_table_say_which_line_of_a_train_jsonl_is_no_training_row(tmp_path):
+    """A train.jsonl line that is no training row (JSON of another kind, an object of other fields, bytes that are not
+    UTF-8) is bad input in one line naming the file and line (report and table ended in a TypeError or KeyError
+    traceback); a line cut short by a kill is left out, and a whole last row without its newline kept, as in rows.jsonl."""
+    from hhbench.distill.train import read_train_rows
+
+    row = {"variant": "head:3:1", "stage": 1, "step": 1, "tokens": 256, "loss": 1.5, "kind": "step", "status": "ok"}
+    good = json.dumps(row).encode() + b"\n"
+    cases = {
+        "list": (good + b"[1]\n", "train.jsonl:2: not a JSON row, got [1]"),
+        "string": (good + b'"abc"\n' + good, 'train.jsonl:2: not a JSON row, got "abc"'),
+        "other-object": (good + b'{"a": 1}\n', 'train.jsonl:2: not a training row, got {"a": 1}'),
+        "cut-inside": (good + b'{"variant": "he\n' + good, "train.jsonl:2: not a JSON row"),
+        "binary": (b"\xff\xfe\x00train\n", "train.jsonl: not UTF-8 text"),
+    }
+    for name, (data, why) in cases.items():
+        run = tmp_path / name
+        run.mkdir()
+        (run / "train.jsonl").write_bytes(data)
+        one_line(run_main("table", str(run)), why)
+        one_line(run_main("report", str(run), "--out", str(tmp_path / "r.html")), why)
+    cut, unended = tmp_path / "cut" / "train.jsonl", tmp_path / "unended" / "train.jsonl"
+    for path, data in (
+        (cut, good + b'{"variant": "head:3:1", "st'),
+        (unended, good + good.replace(b"1.5", b"1.25")[:-1]),
+    ):
+        path.parent.mkdir()
+        path.write_bytes(data)
+        assert run_main("table", str(path.parent)).returncode == 0
+    assert [r["loss"] for r in read_train_rows(cut)] == [1.5]
+    assert [r["loss"] for r in read_train_rows(unended)] == [1.25]  # the same step again: the last one counts

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ from synthetic import analytic, measured, write_run
 
 from hhbench.errors import UserError
 from hhbench.gate.check import ALPHA, describe, gate, least_p, parse_slowdown
-from hhbench.rows.schema import ERROR, INCORRECT, OK, UNAVAILABLE, RowSet, read_rows
+from hhbench.rows.schema import ERROR, INCORRECT, OK, UNAVAILABLE, Row, RowSet, read_rows
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,42 @@ def test_update_creates_a_missing_baseline(tmp_path, rows):
     RowSet(rows[:3]).to_jsonl(flat)
     result = run_main("gate", str(flat), str(cand), "--update")
     assert result.returncode == 0 and read_rows(flat) == rows
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["folder", "jsonl"])
+def test_update_replaces_the_baseline_whole(tmp_path, rows, monkeypatch, flat):
+    """--update writes the new rows to a temporary file beside the baseline, fsyncs it and renames it over the old
+    one: a write that stops after some rows (a kill, a full disk) leaves the old baseline as it was, where rows.jsonl
+    was rewritten in place and lost its rows."""
+    cand = write_run(tmp_path / "candidate", scaled(rows, 1.2), env={"device": "cpu"})
+    if flat:
+        target = base = tmp_path / "baseline.jsonl"
+        RowSet(rows).to_jsonl(base)
+    else:
+        base = write_run(tmp_path / "baseline", rows, env={"device": "cpu"})
+        target = base / "rows.jsonl"
+    before, names = target.read_bytes(), sorted(p.name for p in target.parent.iterdir())
+    written, to_dict = [], Row.to_dict
+
+    def disk_full_after_three_rows(row):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        written.append(row)
+        return to_dict(row)
+
+    monkeypatch.setattr(Row, "to_dict", disk_full_after_three_rows)
+    with pytest.raises(OSError, match="No space left"):
+        run_main("gate", str(base), str(cand), "--update")
+    assert len(written) == 3 and target.read_bytes() == before  # failed mid-write, the old rows intact
+    assert sorted(p.name for p in target.parent.iterdir()) == names  # and no temporary left behind
+    monkeypatch.setattr(Row, "to_dict", to_dict)
+    calls = []
+    for name in ("fsync", "replace"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    assert run_main("gate", str(base), str(cand), "--update").returncode == 0
+    assert read_rows(target) == scaled(rows, 1.2) and calls.index("fsync") < calls.index("replace")
+    assert sorted(p.name for p in target.parent.iterdir()) == names
 
 
 def test_slowdown_parsing():

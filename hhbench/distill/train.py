@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -21,9 +21,11 @@ import torch
 from hhbench.distill import checkpoint, stages
 from hhbench.distill.data import TokenStream
 from hhbench.distill.recipe import Recipe
+from hhbench.errors import UserError
 from hhbench.eval.harness import EvalSettings, VariantModels
+from hhbench.files import replace_whole
 from hhbench.models.variants import Variant
-from hhbench.rows.schema import ERROR, OK, append_row
+from hhbench.rows.schema import ERROR, OK, append_row, read_json_lines
 
 TRAIN = "train.jsonl"
 SKIPPED = "skipped"
@@ -55,22 +57,41 @@ class TrainRow:
 
 
 def read_train_rows(path: str | Path) -> list[dict]:
-    """train.jsonl, the last row of each (variant, stage, step, kind): a resumed run logs again the steps after
-    its last checkpoint, and those replace what the killed run had logged (train() cuts them from the file before
-    it resumes; files written before it did keep both)."""
+    """train.jsonl, the last row of each (variant, stage, step, kind), every TrainRow field filled: a resumed run
+    logs again the steps after its last checkpoint, and those replace what the killed run had logged (train() cuts
+    them from the file before it resumes; files written before it did keep both). Raises UserError as _train_lines."""
     latest: dict[tuple, dict] = {}
-    for _, row in _whole_lines(Path(path).read_text()):
+    for _, row in _train_lines(path)[1]:
         latest[(row["variant"], row["stage"], row["step"], row["kind"])] = row
     return list(latest.values())
 
 
-def _whole_lines(text: str):
-    """(line, row) for each line of a train.jsonl text that parses; a line cut short by a kill is skipped."""
-    for line in text.splitlines():
-        try:
-            yield line, json.loads(line)
-        except json.JSONDecodeError:
-            continue
+def _train_lines(path: str | Path) -> tuple[str, list[tuple[str, dict]]]:
+    """The text of a train.jsonl and (line, row) for each row in it, every TrainRow field in the row; a line cut short
+    by a kill is left out (read_json_lines). Raises UserError, in one line naming the file and line, for an unreadable
+    file or a line that is no training row."""
+    lines = read_json_lines(path, "training rows")
+    rows = []
+    for number, line, data in lines.objects:
+        if not _is_train_row(data):
+            raise UserError(f"{path}:{number}: not a training row, got {json.dumps(data)[:40]}")
+        rows.append((line, TrainRow(**data).to_dict()))
+    return lines.text, rows
+
+
+_FIELDS = {spec.name: spec for spec in fields(TrainRow)}
+_KEY_TYPES = {"variant": str, "stage": int, "step": int, "kind": str}  # what read_train_rows keys (hashes) rows by
+
+
+def _is_train_row(data: dict) -> bool:
+    """Whether a JSON object is a TrainRow's: no other field, those without a default present, and the key's of their
+    types (the numbers are not checked: an error row's loss is NaN or inf)."""
+    required = {name for name, spec in _FIELDS.items() if spec.default is MISSING and spec.default_factory is MISSING}
+    return (
+        data.keys() <= _FIELDS.keys()
+        and required <= data.keys()
+        and all(name not in data or isinstance(data[name], kind) for name, kind in _KEY_TYPES.items())
+    )
 
 
 @dataclass(frozen=True)
@@ -336,8 +357,9 @@ def drop_unsaved_rows(run_dir: Path, labels: list[str]) -> None:
     """Cut from run_dir's train.jsonl the rows that the variants `labels` logged after their last checkpoint
     (every row of a variant without one, and a line cut short by a kill): the steps a resumed run trains and logs
     again, so that the resumed file holds what an uninterrupted run's does. A variant stopped by an error keeps its
-    rows (its checkpoint is the step before the error row, and it does not train again). The file is rewritten
-    through a temporary file and os.replace: a kill leaves the old file or the new one."""
+    rows (its checkpoint is the step before the error row, and it does not train again). The file is replaced whole
+    (files.replace_whole): a kill leaves the old file or the new one. Raises UserError for a line that is no training
+    row (_train_lines), where such a line was dropped unseen."""
     path = Path(run_dir) / TRAIN
     if not path.exists():
         return
@@ -348,16 +370,15 @@ def drop_unsaved_rows(run_dir: Path, labels: list[str]) -> None:
             saved[label] = (-1, -1)
         elif meta.get("status", OK) == OK:
             saved[label] = (meta["stage"], meta["step"])
-    text = path.read_text()
+    text, rows = _train_lines(path)
     kept = [
         line + "\n"
-        for line, row in _whole_lines(text)
+        for line, row in rows
         if row["variant"] not in saved or (row["stage"], row["step"]) <= saved[row["variant"]]
     ]
     if "".join(kept) != text:
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(kept))
-        os.replace(temporary, path)
+        with replace_whole(path) as out:
+            out.write("".join(kept))
 
 
 def train(job: Job, variants: list[Variant]) -> list[dict]:

@@ -407,8 +407,6 @@ def write_combination(eval_path: Path, rows: list[EvalRow]) -> None:
     """A combination's rows, appended and fsynced; where the file already holds rows of that combination (a
     failed attempt being run again), the file is rewritten without them, atomically (a kill leaves the old file
     or the new one), so that a rerun replaces its rows instead of adding a second set."""
-    import os
-
     from hhbench.rows.schema import RowSet, append_row, read_rows
 
     combination = {(row.model, row.variant, row.task, row.context) for row in rows}
@@ -418,9 +416,7 @@ def write_combination(eval_path: Path, rows: list[EvalRow]) -> None:
             append_row(eval_path, row)
         return
     kept = RowSet(row for row in old if (row.model, row.variant, row.task, row.context) not in combination)
-    temporary = eval_path.with_suffix(".tmp")
-    RowSet([*kept, *rows]).to_jsonl(temporary)
-    os.replace(temporary, eval_path)
+    RowSet([*kept, *rows]).to_jsonl(eval_path)
 
 
 def check_lengths(tasks: list[TaskRef], lengths: list[int], tokenizer, limit: int, seed: int, chat: bool) -> None:

@@ -8,7 +8,6 @@ is not blamed: it has no row and the next sweep measures it; a point that kills 
 on is blamed by the worker's supervisor (hhbench.launch.local) as an error row.
 """
 
-import os
 from dataclasses import dataclass, field
 
 from hhbench.errors import UserError
@@ -117,9 +116,7 @@ def merge(run: RunDir) -> Merged:
             if files.env.exists():
                 env = _fold_env(env, name, read_json(files.env, "the env of worker"))
         if result.added or rewrite:
-            temporary = run.rows_path.with_suffix(".tmp")
-            rows.to_jsonl(temporary)
-            os.replace(temporary, run.rows_path)
+            rows.to_jsonl(run.rows_path)  # replaced whole: a kill leaves the old file or the new one
         if held and env:
             run.write_env(env)
         for name, _ in held:

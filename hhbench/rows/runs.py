@@ -3,12 +3,11 @@ env.json (the machine and versions that produced them); while several workers me
 shards/ holds each worker's files until they are merged into rows.jsonl and env.json."""
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.files import make_folder, open_output, read_json
+from hhbench.files import make_folder, read_json, replace_whole
 from hhbench.rows.schema import EvalRow, RowSet, read_rows
 
 ROWS, EVAL, ENV, TRAIN = "rows.jsonl", "eval.jsonl", "env.json", "train.jsonl"
@@ -133,8 +132,6 @@ class RunDir:
     def write_env(self, env: dict) -> None:
         """Write `env` as env.json (indented, sorted keys), replaced whole: a kill while writing leaves the old
         env.json or the new one; raises UserError for an unwritable path."""
-        temporary = self.env_path.with_suffix(".tmp")
-        with open_output(temporary, "w") as out:
+        with replace_whole(self.env_path) as out:
             json.dump(env, out, indent=2, sort_keys=True)
             out.write("\n")
-        os.replace(temporary, self.env_path)

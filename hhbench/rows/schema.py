@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hhbench.errors import UserError
-from hhbench.files import open_output, read_text
+from hhbench.files import open_output, read_text, replace_whole
 
 SCHEMA_VERSION = 2
 # Columns the views compute from rows (tables.compare's layer-wise 3:1 ratios, which `hhbench flops` prints beside
@@ -241,8 +241,9 @@ class RowSet(list):
         return pd.DataFrame([row.to_dict() for row in self])
 
     def to_jsonl(self, path: str | Path) -> None:
-        """Write one JSON row per line to `path`; raises UserError for an unwritable path."""
-        with open_output(path, "w") as out:
+        """Write one JSON row per line to `path`, replacing it whole (files.replace_whole: a kill or an error while
+        writing leaves the old file); raises UserError for an unwritable path."""
+        with replace_whole(path) as out:
             for row in self:
                 out.write(json.dumps(row.to_dict()) + "\n")
 
@@ -293,12 +294,45 @@ def read_rows(path: str | Path, repair: bool = False, kind: type = Row) -> RowSe
     written by hand or by another tool) gets one, so that appending continues on a clean line. Raises UserError for
     an unreadable file or a line that is not a row."""
     path = Path(path)
-    text = read_text(path, "rows")
+    lines = read_json_lines(path, "rows")
     rows = RowSet()
+    for number, _, data in lines.objects:
+        try:
+            rows.append(kind.from_dict(data))
+        except (UserError, TypeError) as exc:
+            raise UserError(f"{path}:{number}: {exc}") from None
+    if lines.tail.strip() and repair:
+        with open(path, "r+") as out:
+            if lines.tail_is_row:
+                out.seek(0, os.SEEK_END)
+                out.write("\n")
+            else:
+                out.truncate(os.path.getsize(path) - len(lines.tail.encode()))
+    return rows
+
+
+@dataclass
+class JsonLines:
+    """A JSON-lines file read whole: its text, its objects as (line number from 1, line, object), and the text after
+    its last newline (`tail`, "" where the file ends in one): a whole row that lacks only its newline (tail_is_row,
+    among the objects) or a line cut short by a kill mid-write (left out)."""
+
+    text: str
+    objects: list[tuple[int, str, dict]]
+    tail: str
+    tail_is_row: bool
+
+
+def read_json_lines(path: str | Path, what: str) -> JsonLines:
+    """The JSON objects of a JSON-lines file of rows (`what` names it in messages), blank lines skipped and a line cut
+    short at the end left out. Raises UserError for an unreadable file, or one line for the first other line that is
+    no JSON object (path:line)."""
+    text = read_text(path, what)
     *complete, tail = text.split("\n")
     whole = _parses(tail)  # a row's JSON object parses only once its closing brace, its last character, is written
     if whole:
         complete.append(tail)
+    objects = []
     for number, line in enumerate(complete, 1):
         if not line.strip():
             continue
@@ -308,18 +342,8 @@ def read_rows(path: str | Path, repair: bool = False, kind: type = Row) -> RowSe
             raise UserError(f"{path}:{number}: not a JSON row") from None
         if not isinstance(data, dict):  # a row is an object: dict() of a string or list fails obscurely, or not at all
             raise UserError(f"{path}:{number}: not a JSON row, got {json.dumps(data)[:40]}")
-        try:
-            rows.append(kind.from_dict(data))
-        except (UserError, TypeError) as exc:
-            raise UserError(f"{path}:{number}: {exc}") from None
-    if tail.strip() and repair:
-        with open(path, "r+") as out:
-            if whole:
-                out.seek(0, os.SEEK_END)
-                out.write("\n")
-            else:
-                out.truncate(os.path.getsize(path) - len(tail.encode()))
-    return rows
+        objects.append((number, line, data))
+    return JsonLines(text, objects, tail, whole)
 
 
 def _parses(line: str) -> bool:

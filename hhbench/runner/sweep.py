@@ -82,13 +82,6 @@ def measure_again(row: Row, retry: bool, asked: dict[tuple, dict[str, str | None
     return (POINT,) if "parts" in missing else missing
 
 
-def _rewrite(run: RunDir, rows: RowSet) -> None:
-    """rows.jsonl replaced by `rows` atomically: a kill here leaves the old file or the new one."""
-    temporary = run.rows_path.with_suffix(".tmp")
-    rows.to_jsonl(temporary)
-    os.replace(temporary, run.rows_path)
-
-
 def finished_rows(run: RunDir, retry: bool, asked: dict[tuple, dict[str, str | None]]) -> RowSet:
     """The run's rows, less those whose point is measured again whole (measure_again; rows.jsonl rewritten
     atomically). Rows that only some additions are measured again on stay: complete_rows rewrites them."""
@@ -97,7 +90,7 @@ def finished_rows(run: RunDir, retry: bool, asked: dict[tuple, dict[str, str | N
     rows = read_rows(run.rows_path, repair=True)
     kept = RowSet(row for row in rows if measure_again(row, retry, asked) != (POINT,))
     if len(kept) < len(rows):
-        _rewrite(run, kept)
+        kept.to_jsonl(run.rows_path)
     return kept
 
 
@@ -122,7 +115,7 @@ def complete_rows(
         point, old = by_key[rows[index].key], rows[index]
         rows[index] = _measure_isolated(point, device, policy, False, (old, names)) if isolate else (
             complete_row(point, device, policy, old, names))  # fmt: skip
-        _rewrite(run, rows)
+        rows.to_jsonl(run.rows_path)
         if on_row:
             on_row(rows[index], done, len(todo))
     return len(todo)
