@@ -45,6 +45,10 @@ STUBS = glue.GlueOps(
     lambda o, gate, eps: torch.empty_like(o),
     _parts,
     None,
+    lambda slots, sources, weight, eps, conv_weight, output_final_state=False: (
+        tuple(slots.new_empty(*slots.shape[:2], len(sources[0]), slots.shape[3]) for _ in range(3)),
+        slots.new_empty(slots.shape[0], *conv_weight.shape) if output_final_state else None,
+    ),
 )
 
 

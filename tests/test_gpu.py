@@ -643,6 +643,69 @@ def test_slot_norm_rope_kernel_offsets_beyond_int32():
             assert rel(part[:, ends], expected) < 1e-2
 
 
+@pytest.mark.parametrize("tokens", [4099, 2])
+def test_slot_conv_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens):
+    """hhbench's slot_conv kernel (slot_prep.py) against glue.TORCH's twin on the GDN heads of a Qwen3-1.7B head 7:1
+    layer (GQA: a KV group's k and v slots read by two heads; q/k norms), from strided slots of a projection, with the
+    conv state (2 tokens: fewer than the conv's taps): fp32 to rounding, bf16 within bf16's rounding of the fp32 twin,
+    fp64 in fp64; then captured in a CUDA graph and replayed on new inputs (sweep --graph captures prefill steps)."""
+    from hhbench.layers import glue, slot_prep
+    from hhbench.layers.hydrahead import HydraAttention
+
+    layer = HydraAttention(2048, 16, 8, 128, (0, 9), qk_norm=True, glue="fused")
+    n_slots, n_la = len(layer.fused_rows) // 128, layer.gdn.n_heads
+    torch.manual_seed(0)
+    projection = torch.randn(2, tokens, n_slots * 128 + 64, device="cuda")
+    weight = 1 + 0.3 * torch.randn(2, 128, device="cuda")
+    taps = 0.5 * torch.randn(3 * n_la * 128, 4, device="cuda")
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        slots = projection.to(dtype)[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
+        for name, op in (("kernel", slot_prep.slot_conv), ("twin", glue.slot_conv)):
+            heads, state = op(slots, layer.gdn_slots, weight.to(dtype), 1e-6, taps.to(dtype), True)
+            results[name, dtype] = (*heads, state)
+    for kernel, twin in zip(results["kernel", torch.float32], results["twin", torch.float32], strict=True):
+        assert rel(kernel, twin) < 1e-5
+    for kernel, twin in zip(results["kernel", torch.bfloat16], results["twin", torch.float32], strict=True):
+        assert kernel.dtype == torch.bfloat16 and rel(kernel, twin) < 1e-2
+    for kernel, twin in zip(results["kernel", torch.float64], results["twin", torch.float64], strict=True):
+        assert rel(kernel, twin) < 1e-12
+    slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
+    slot_prep.slot_conv(slots, layer.gdn_slots, weight, 1e-6, taps, True)  # compiled and its table on the GPU
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        heads, state = slot_prep.slot_conv(slots, layer.gdn_slots, weight, 1e-6, taps, True)
+    projection.normal_()
+    graph.replay()
+    want_heads, want_state = glue.slot_conv(slots, layer.gdn_slots, weight, 1e-6, taps, True)
+    for got, want in zip((*heads, state), (*want_heads, want_state), strict=True):
+        assert rel(got, want) < 1e-5
+
+
+def test_slot_conv_kernel_offsets_beyond_int32():
+    """slot_conv's offsets past 2^31 elements: a 600K-token bf16 prefill of the Qwen3-1.7B head 7:1 layer's GDN heads
+    reads slots 2.5e9 elements into the projection and writes k and v 1.1e9 and 2.2e9 elements into its buffer; its
+    first and last tokens and the conv state against the twin's of the same tokens (the last from 8 tokens before
+    them: the conv reads 3 back)."""
+    from hhbench.layers import glue, slot_prep
+    from hhbench.layers.hydrahead import HydraAttention
+
+    layer = HydraAttention(2048, 16, 8, 128, (0, 9), qk_norm=True, glue="fused")
+    n_slots, n_la, tokens = len(layer.fused_rows) // 128, layer.gdn.n_heads, 600_000
+    assert tokens * (n_slots * 128 + 64) > 2**31 and 3 * tokens * n_la * 128 > 2**31
+    torch.manual_seed(0)
+    projection = torch.randn(1, tokens, n_slots * 128 + 64, device="cuda", dtype=torch.bfloat16)
+    slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
+    weight = (1 + 0.3 * torch.randn(2, 128, device="cuda")).to(torch.bfloat16)
+    taps = (0.5 * torch.randn(3 * n_la * 128, 4, device="cuda")).to(torch.bfloat16)
+    heads, state = slot_prep.slot_conv(slots, layer.gdn_slots, weight, 1e-6, taps, True)
+    first, _ = glue.slot_conv(slots[:, :3], layer.gdn_slots, weight, 1e-6, taps)
+    last, last_state = glue.slot_conv(slots[:, tokens - 8 :], layer.gdn_slots, weight, 1e-6, taps, True)
+    for got, head_first, head_last in zip(heads, first, last, strict=True):
+        assert rel(got[:, :3], head_first) < 1e-2 and rel(got[:, tokens - 3 :], head_last[:, -3:]) < 1e-2
+    assert rel(state, last_state) < 1e-2
+
+
 @pytest.mark.parametrize("tokens, per_sequence, eps", [(4099, False, 1e-6), (1, False, 1e-6), (300, True, 0.0)])
 def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_sequence, eps):
     """hhbench's slot_norm_rope backward kernel (slot_prep.py) against glue.TORCH's (autograd through the twin, fp32)

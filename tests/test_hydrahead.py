@@ -433,27 +433,25 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
 
 # A fused step's ops with fla's kernels in the glue ops, and without autograd: the projection GEMM (the GDN heads'
 # output gate by a GEMM of its own where more than one token makes its view strided: fla's gated norm would copy it);
-# slot_norm_rope, one kernel that gathers every head's q, k and v the kernels take, normalizes Qwen3's q and k slots and
-# rotates the FA heads' (before it, RoPE, the q/k norm and its multiply, and a gather or two: 1-5 ops); the GDN heads'
-# conv (three in prefill, one update of all three in decode), decay gate and beta (sigmoid), in decode inside the GDN
-# step (fla's recurrent kernel takes a and b raw); the FA and GDN kernels (core); the gated norm of the GDN heads and
-# the norm of the FA heads; o_proj as two GEMMs (no cat of the heads). Decode's slot_norm_rope also writes the new
-# token's K and V into the cache (before, two copy_ a step).
+# slot_norm_rope, one kernel that gathers the FA heads' q, k and v the kernel takes (in decode the GDN heads' too),
+# normalizes Qwen3's q and k slots and rotates the FA heads' (before it, RoPE, the q/k norm and its multiply, and a
+# gather or two: 1-5 ops); in prefill slot_conv, one kernel from the GDN heads' slots to their kernel's q, k and v
+# (before it, their part of slot_norm_rope, three convs and the GDN kernel's L2 norms of q and k), in decode one conv
+# update of the q, k and v; the decay gate and beta (sigmoid), in decode inside the GDN step (fla's recurrent kernel
+# takes a and b raw); the FA and GDN kernels (core); the gated norm of the GDN heads and the norm of the FA heads;
+# o_proj as two GEMMs (no cat of the heads). Decode's slot_norm_rope also writes the new token's K and V into the
+# cache (before, two copy_ a step).
 FUSED_PREFILL = {
     "gemm": 4,
     "slot_norm_rope": 1,
-    "conv": 3,
+    "slot_conv": 1,
     "gate": 1,
     "sigmoid": 1,
     "core": 1,
     "norm_gated": 1,
     "norm": 1,
 }
-FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "conv": 0, "conv_update": 1, "gate": 0, "sigmoid": 0}
-# A layer without GDN heads (a layer-wise hybrid's FA layer): the projection GEMM, slot_norm_rope (RoPE, and the q/k
-# norms where the shape has them; in decode the cache writes), the FA kernel and o_proj. The reference glue ran 16 ops
-# a prefill and 18 a decode step there (RoPE's tables made per call: arange, casts, cos, sin, cat; rotate-half: neg,
-# cat, mul, add), 29 and 31 with Qwen3's q/k norms.
+FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "slot_conv": 0, "conv_update": 1, "gate": 0, "sigmoid": 0}
 PLAIN_PREFILL = {"gemm": 2, "slot_norm_rope": 1, "core": 1}
 PLAIN_DECODE = PLAIN_PREFILL
 
@@ -476,6 +474,8 @@ def test_a_fused_step_runs_no_glue_beyond_its_kernels(fa_heads, n_kv, qk_norm, m
     for counter in expected:
         if not fa_heads:  # one GEMM for o_proj, no FA norm
             counter.subtract(gemm=1, norm=1)
+    if not fa_heads:  # no slot of an FA head to prepare: slot_conv takes the GDN heads' own
+        expected[0].subtract(slot_norm_rope=1)
     assert +prefill.ops == +expected[0]
     assert +decode.ops == +expected[1]
 

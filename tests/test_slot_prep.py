@@ -381,14 +381,16 @@ def test_a_plan_reads_each_slot_as_one_kind():
 @needs_interpreter
 @pytest.mark.parametrize("fa_heads, n_kv", [((0, 3, 5), 4), ((0, 1, 2, 3, 4, 5, 6, 7), 4), ((), 2)])
 def test_a_layer_through_the_kernel_equals_the_reference_glue(fa_heads, n_kv, monkeypatch):
-    """The kernel where the GPU runs it, in the fused path of a layer (its own plans, tables and weights): with Qwen3's
-    q/k norms, GDN heads sharing KV groups with FA heads and not, per-sequence Hugging Face tables, a cached prefill
-    and decode steps, the outputs of the reference glue in fp64."""
+    """The kernels where the GPU runs them, in the fused path of a layer (its own plans, tables and weights; the
+    prefill's GDN inputs by slot_conv, whose conv state the decode steps continue): with Qwen3's q/k norms, GDN heads
+    sharing KV groups with FA heads and not, per-sequence Hugging Face tables, a cached prefill and decode steps, the
+    outputs of the reference glue in fp64."""
     from hhbench.layers import slot_prep
     from hhbench.layers.hydrahead import rope_cos_sin
     from tests.test_hydrahead import make_layer
 
-    monkeypatch.setattr(glue, "TORCH", dataclasses.replace(glue.TORCH, slot_norm_rope=slot_prep.slot_norm_rope))
+    kernels = dataclasses.replace(glue.TORCH, slot_norm_rope=slot_prep.slot_norm_rope, slot_conv=slot_prep.slot_conv)
+    monkeypatch.setattr(glue, "TORCH", kernels)
     reference = make_layer(fa_heads, n_kv=n_kv, qk_norm=True)
     fused = make_layer(fa_heads, n_kv=n_kv, qk_norm=True, glue="fused")
     fused.load_state_dict(reference.state_dict())
@@ -401,3 +403,100 @@ def test_a_layer_through_the_kernel_equals_the_reference_glue(fa_heads, n_kv, mo
         got = [fused(x[:, :9], (cos[:, :9], sin[:, :9]), cache=cache)]
         got += [fused(x[:, t : t + 1], (cos[:, t : t + 1], sin[:, t : t + 1]), cache=cache) for t in range(9, 12)]
     torch.testing.assert_close(torch.cat(got, 1), expected, rtol=1e-10, atol=1e-10)
+
+
+# slot_conv: the GDN heads' inputs of a prefill without gradients. Three GDN heads: q slots 0, 4, 5; heads 1 and 2 share
+# the KV group of k slot 3 and v slot 6 (GQA), head 0 has k slot 1 and v slot 2.
+GDN_SOURCES = ((0, 4, 5), (1, 3, 3), (2, 6, 6))
+CONV_CASES = pytest.mark.parametrize(
+    ("B", "T", "d", "norm", "eps", "dtype", "state"),
+    [
+        (2, 37, 16, True, 1e-6, torch.float32, True),  # two blocks of 32 tokens a sequence, the last partial
+        (2, 40, 12, True, 1e-6, torch.float64, False),  # a head dim of 12 (masked to 16 lanes)
+        (1, 2, 8, True, 1e-6, torch.float64, True),  # fewer tokens than the conv's taps: a zero-padded state
+        (1, 9, 16, False, 1e-6, torch.float32, True),  # without q/k norms
+        (1, 9, 16, True, 0.0, torch.float32, True),  # an eps of 0: the zeros before the first token stay zeros
+        (1, 9, 16, True, 1e-6, torch.float16, True),
+    ],
+)
+
+
+def _conv_inputs(B, T, d, dtype, K=4):
+    """_inputs' slots and norm weight (columns beyond the slots: strided) and conv taps [3 n d, K]."""
+    slots, weight, _, _ = _inputs(B, T, d, False, dtype)
+    return slots, weight, (0.5 * torch.randn(3 * len(GDN_SOURCES[0]) * d, K)).to(dtype)
+
+
+def _conv_by_head(slots, weight, eps, taps):
+    """Each GDN head's q, k and v alone, in fp64: F.rms_norm with its weight row (q, k), F.conv1d over its own
+    channels from zero padding, SiLU, F.normalize (q, k); and each channel's last K inputs, zeros before the first."""
+    d, K = slots.shape[-1], taps.shape[-1]
+    heads, history = [], []
+    for kind, sources in enumerate(GDN_SOURCES):
+        outs = []
+        for i, source in enumerate(sources):
+            x = slots[:, :, source].double()
+            if weight is not None and kind < 2:
+                x = F.rms_norm(x, (d,), weight[kind].double(), eps)
+            x = x.to(slots.dtype).double().transpose(1, 2)  # the conv's input in slots' dtype
+            padded = F.pad(x, (K - 1, 0))
+            row = (kind * len(sources) + i) * d
+            y = F.silu(F.conv1d(padded, taps[row : row + d].double().unsqueeze(1), groups=d)).transpose(1, 2)
+            outs.append(F.normalize(y, dim=-1, eps=1e-12) if kind < 2 else y)
+            history.append(padded[..., -K:])
+        heads.append(torch.stack(outs, 2))
+    return heads, torch.cat(history, 1)
+
+
+@pytest.mark.parametrize(("T", "norm"), [(37, True), (2, False)])
+def test_slot_conv_twin_is_the_head_by_head_composition(T, norm):
+    slots, weight, taps = _conv_inputs(2, T, 8, torch.float64)
+    weight = weight if norm else None
+    (q, k, v), state = glue.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps, output_final_state=True)
+    want, want_state = _conv_by_head(slots, weight, 1e-6, taps)
+    for got, expected in zip((q, k, v), want, strict=True):
+        assert got.shape == (2, T, 3, 8) and got.is_contiguous() and got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, want_state, rtol=1e-12, atol=1e-12)
+    assert glue.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps)[1] is None
+
+
+@needs_interpreter
+@CONV_CASES
+@pytest.mark.filterwarnings(
+    "ignore:divide by zero:RuntimeWarning"
+)  # eps 0: the padding's 1 / sqrt(0), dropped by design
+def test_the_slot_conv_kernel_is_the_torch_twin(B, T, d, norm, eps, dtype, state):
+    """slot_prep.slot_conv (Triton's interpreter) against glue.slot_conv: q, k, v and the conv state."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, taps = _conv_inputs(B, T, d, dtype)
+    weight = weight if norm else None
+    got, got_state = slot_prep.slot_conv(slots, GDN_SOURCES, weight, eps, taps, state)
+    want, want_state = glue.slot_conv(slots, GDN_SOURCES, weight, eps, taps, state)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-3)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape == (B, T, 3, d) and g.dtype == dtype and g.is_contiguous()
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+    if state:
+        assert got_state.shape == (B, 3 * 3 * d, 4) and got_state.dtype == dtype
+        torch.testing.assert_close(got_state, want_state, atol=tol, rtol=tol)
+    else:
+        assert got_state is None and want_state is None
+
+
+@needs_interpreter
+def test_slot_conv_refuses_what_its_kernel_cannot_read():
+    """A strided head dim, conv taps of another shape, a source outside the slots (the kernel would read past them;
+    the twin's gather raises the same error)."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, taps = _conv_inputs(1, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        slot_prep.slot_conv(torch.randn(1, 5, 7, 32)[..., ::2], GDN_SOURCES, weight, 1e-6, taps)
+    with pytest.raises(ValueError, match=r"conv taps \[3 n d, K\] = \[144, K\], not \(143, 4\)"):
+        slot_prep.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps[1:])
+    outside = ((0, 4, 7), (1, 3, 3), (2, 6, 6))
+    for op in (slot_prep.slot_conv, glue.slot_conv):
+        with pytest.raises(IndexError):
+            op(slots, outside, weight, 1e-6, taps)

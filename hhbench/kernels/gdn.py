@@ -164,8 +164,10 @@ class FlashQla(Backend):
         )  # fmt: skip
 
     def implementation(self, pass_: str) -> str:
-        """FlashQLA's and TileLang's versions, and whose q/k L2 norm a layer's call takes."""
-        return f"flash_qla {_version('flash-qla')} (TileLang {_version('tilelang')}), q/k L2 norm by fla's kernel"
+        """FlashQLA's and TileLang's versions; for training, whose q/k L2 norm a layer's call takes (a fused layer's
+        prefill normalizes q and k itself, in slot_conv, and kernel-scope inputs come normalized)."""
+        what = f"flash_qla {_version('flash-qla')} (TileLang {_version('tilelang')})"
+        return what + (", q/k L2 norm by fla's kernel" if pass_ == "train" else "")
 
 
 @register(

@@ -1,9 +1,10 @@
 """The glue ops of a HydraHead layer's fused path, one op per function (fla's way): the GDN heads' short causal
-conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu), and the q, k and v
-slots' preparation (gather, Qwen3's q/k norms, the FA heads' RoPE) with its backward. On CUDA they are Triton kernels
-(fla's; the preparation hhbench's own, slot_prep.py); TORCH holds torch ops of the same signatures and math, so that the
-fused composition (head order and norm scales folded into the weights, conv states, shapes) is tested on the CPU,
-where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarker).
+conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu), the q, k and v
+slots' preparation (gather, Qwen3's q/k norms, the FA heads' RoPE) with its backward, and, for a prefill without
+gradients, the GDN heads' whole input preparation (gather, q/k norms, conv, SiLU, L2 norm: slot_conv). On CUDA they
+are Triton kernels (fla's; the preparations hhbench's own, slot_prep.py); TORCH holds torch ops of the same
+signatures and math, so that the fused composition (head order and norm scales folded into the weights, conv states,
+shapes) is tested on the CPU, where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarker).
 
 Shapes: conv x [B, T, C] (any strides), weight [C, K], states [B, C, K] in fla's layout (the last K inputs; the
 oldest is never read again). gate a [B, T, n] -> log decay, fp32. Norms take o [..., d] and return its dtype.
@@ -45,6 +46,9 @@ class GlueOps:
     # (grads, slots, plan, weight, eps, cos, sin, grad_slots) -> weight's gradient or None; writes slots' gradient
     # at the slots the plan reads into grad_slots (slot_norm_rope_backward)
     slot_norm_rope_backward: Callable
+    # (slots, sources, weight, eps, conv_weight, output_final_state) -> ((q, k, v) of the GDN heads, q and k
+    # L2-normalized; the conv's final state or None): no backward (slot_conv)
+    slot_conv: Callable
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,35 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | Non
     return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - kernel :].contiguous()
 
 
+# The GDN heads' q/k L2 norm's eps: F.normalize's (x / max(||x||, eps)), as the reference glue normalizes them
+# (GatedDeltaNetHeads.prepare). fla's l2norm (use_qk_l2norm_in_kernel) adds 1e-6 to the sum of squares instead.
+L2_EPS = 1e-12
+
+
+def gdn_plan(sources: tuple[tuple[int, ...], ...]) -> SlotPlan:
+    """The slot plan of the GDN heads' inputs: sources = (q, k, v), each the source slot of every GDN head (a head's
+    KV group's k and v slot) -> three parts of n slots, q slots normed with the weight's row 0, k slots with row 1."""
+    q, k, v = sources
+    return SlotPlan((*q, *k, *v), (0,) * len(q) + (1,) * len(k) + (2,) * len(v), (len(q), len(k), len(v)), 0)
+
+
+def slot_conv(slots, sources, weight, eps, conv_weight, output_final_state=False):
+    """The GDN heads' kernel inputs from the projection's head slots, in torch ops: slots [B, T, S, d]; sources = (q,
+    k, v), each the n GDN heads' source slots (gdn_plan); weight [2, d] (Qwen3's q/k norm weights) or None; conv_weight
+    [3 n d, K] (the q, k and v channels' taps) -> ((q, k, v) [B, T, n, d] in slots' dtype, contiguous; the conv's final
+    state [B, 3 n d, K] (its last K inputs, zeros before the first token; in slots' dtype) with output_final_state,
+    else None). The heads' slots are slot_norm_rope's parts (q/k RMS-normed, in slots' dtype), the depthwise causal conv
+    runs from zeros with SiLU (causal_conv), and q and k are then L2-normalized (F.normalize with eps L2_EPS), the conv
+    and the L2 norm in fp32 at least without rounding between them. Raises IndexError for a source outside S."""
+    parts = slot_norm_rope(slots, gdn_plan(sources), weight, eps, None, None)
+    compute = torch.promote_types(slots.dtype, torch.float32)
+    y, state = causal_conv(torch.cat(parts, 2).flatten(2).to(compute), conv_weight.to(compute))
+    q, k, v = y.unflatten(2, (-1, slots.shape[-1])).split(len(sources[0]), 2)
+    q, k = (F.normalize(t, dim=-1, eps=L2_EPS) for t in (q, k))
+    heads = tuple(t.to(slots.dtype).contiguous() for t in (q, k, v))
+    return heads, (state.to(slots.dtype) if output_final_state else None)
+
+
 def rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:
     """o / rms(o) over the last dim, without weight, computed in fp32 at least; returns o's dtype."""
     wide = o.to(torch.promote_types(o.dtype, torch.float32))
@@ -240,6 +273,7 @@ TORCH = GlueOps(
     _torch_norm_gated,
     slot_norm_rope,
     slot_norm_rope_backward,
+    slot_conv,
 )
 
 
@@ -267,7 +301,8 @@ def fla_ops() -> GlueOps:
 
     from hhbench.layers import slot_prep
 
-    # slot_norm_rope and its backward: hhbench's own kernels (fla has no RMSNorm with a weight per row or a gather)
+    # slot_norm_rope, its backward and slot_conv: hhbench's own kernels (fla has no RMSNorm with a weight per row or a
+    # gather, and no conv that reads strided slots through a norm or ends in an L2 norm)
     return GlueOps(
         "fla",
         conv,
@@ -277,6 +312,7 @@ def fla_ops() -> GlueOps:
         norm_gated,
         slot_prep.slot_norm_rope,
         slot_prep.slot_norm_rope_backward,
+        slot_prep.slot_conv,
     )
 
 

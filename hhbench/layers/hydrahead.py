@@ -326,16 +326,18 @@ class HydraAttention(nn.Module):
         bases = ((0, self.split.la_heads), (H, la_groups), (H + KV, la_groups))
         self.gdn_slots = tuple(tuple(fused_slots.index(base + g) for g in groups) for base, groups in bases)
         self.slot_plans = {joined: self._slot_plan(joined) for joined in (False, True)}
+        self.fa_plan = self._slot_plan(False, gdn=False) if self.n_fa else None  # with slot_conv for the GDN heads
         self.kernel_columns = tuple(h * head_dim + i for h in self.head_order for i in range(head_dim))
         self._fused_cache = None  # (parameter versions, fused weights) while they hold
 
-    def _slot_plan(self, joined: bool) -> glue.SlotPlan:
+    def _slot_plan(self, joined: bool, gdn: bool = True) -> glue.SlotPlan:
         """Where the fused path's q, k and v come from (glue.slot_norm_rope): the FA heads' q and their groups' k
         slots, normed and rotated, as two parts (under autograd each its own output, whose gradient then comes back
         alone); `joined` (decode), their groups' v slots as they are as a third part, so that the op writes the new
         token's k and v into the KV cache (prefill takes v as a view of the projection and writes the cache once);
-        then the GDN heads' q, k and v, each head's from its own slot or its group's (q and k normed), as three parts
-        (prefill: each the dense tensor its conv takes) or, `joined`, one (decode: one conv update over q, k and v)."""
+        then, with `gdn`, the GDN heads' q, k and v, each head's from its own slot or its group's (q and k normed), as
+        three parts (prefill: each the dense tensor its conv takes) or, `joined`, one (decode: one conv update over q,
+        k and v)."""
         n_groups = len(self.split.fa_groups) if self.n_fa else 0
         n_rope = self.n_fa + n_groups
         sources, kinds = list(range(n_rope)), list(self.fused_qk_kinds[:n_rope])
@@ -344,7 +346,7 @@ class HydraAttention(nn.Module):
             n_slots = len(self.fused_rows) // self.head_dim
             sources, kinds = sources + list(range(n_slots - n_groups, n_slots)), kinds + [2] * n_groups
             sizes.append(n_groups)
-        if self.gdn is not None:
+        if self.gdn is not None and gdn:
             for kind, slots in enumerate(self.gdn_slots):  # q: 0, k: 1, v: 2 (not normed)
                 sources, kinds = sources + list(slots), kinds + [kind] * len(slots)
             sizes += [3 * self.gdn.n_heads] if joined else [self.gdn.n_heads] * 3
@@ -354,6 +356,11 @@ class HydraAttention(nn.Module):
     def n_fa(self) -> int:
         """Number of FA heads."""
         return len(self.split.fa_heads)
+
+    @property
+    def _qk_eps(self) -> float:
+        """Qwen3's q/k norms' eps (0 without them: unread)."""
+        return self.q_norm.eps if self.q_norm is not None else 0.0
 
     def _core(self, pass_: str, device: torch.device, dtype: torch.dtype) -> HybridCore:
         """The head-level core of a pass ("prefill", "train", "decode") on the device's type for activations of
@@ -571,13 +578,16 @@ class HydraAttention(nn.Module):
 
     # The fused path: the same math as the reference methods above, composed from glue.py's ops.
 
-    def _fused_inputs(self, x, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool, kv=None):
+    def _fused_inputs(
+        self, x, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool, kv=None, gdn_as_slots=False
+    ):  # fmt: skip
         """The one input projection -> (FA q, k, v with RoPE at positions start.., or None; the GDN heads' q, k, v
-        channels: three [B, T, n_la d], or with `joined` one [B, T, 3 n_la d]; their a and b [B, T, n_la]; their
-        output gate [B, T, n_la, d] or None; the last four None without GDN heads). The q and k slots are rewritten
-        (norms, RoPE) and the GDN heads' q, k and v gathered; the rest are views of the projection. With `joined` and
-        FA heads, `kv` may give the FA k and v's destinations ([B, T, G, d] each with contiguous slots: decode's KV
-        cache slices), which the op writes and which stand for them in the result."""
+        channels: three [B, T, n_la d], or with `joined` one [B, T, 3 n_la d], or with `gdn_as_slots` the projection's
+        head slots [B, T, S, d] as they are (for slot_conv, which gathers and norms them itself); their a and b
+        [B, T, n_la]; their output gate [B, T, n_la, d] or None; the last four None without GDN heads). The q and k
+        slots are rewritten (norms, RoPE) and the GDN heads' q, k and v gathered; the rest are views of the
+        projection. With `joined` and FA heads, `kv` may give the FA k and v's destinations ([B, T, G, d] each with
+        contiguous slots: decode's KV cache slices), which the op writes and which stand for them in the result."""
         B, T, _ = x.shape
         n_la = self.gdn.n_heads if self.gdn is not None else 0
         gated = self.gdn is not None and self.gdn.g_proj is not None
@@ -589,23 +599,26 @@ class HydraAttention(nn.Module):
             out = F.linear(x, weights.projection, weights.bias)
             gate = out[..., n_main:] if gated else None
         gate = gate.view(B, T, n_la, self.head_dim) if gated else None
-        return (*self._prepared_inputs(out, position_embeddings, weights, start, ops, joined, kv), gate)
+        return (*self._prepared_inputs(out, position_embeddings, weights, start, ops, joined, kv, gdn_as_slots), gate)
 
-    def _prepared_inputs(self, out, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool, kv):
+    def _prepared_inputs(
+        self, out, position_embeddings, weights: FusedWeights, start: int, ops, joined: bool, kv, gdn_as_slots: bool
+    ):  # fmt: skip
         """_fused_inputs' outputs but the gate, from the projection's output `out` [B, T, W]: the rewritten and
         gathered slots by one op (glue.slot_norm_rope: one kernel on CUDA, and one for its backward, where fla's ops
         took an RMSNorm, a multiply, a RoPE and gathers, each pass but the gathers after a copy of its strided input),
         with `joined` the FA groups' v too (into `kv`'s destinations where given), without it the FA groups' v as a
         view, and the GDN heads' a and b views, all by one take_parts (under autograd one node, whose backward makes
-        out's gradient in one buffer)."""
+        out's gradient in one buffer). With `gdn_as_slots` the plan leaves the GDN heads out (fa_plan; none at all
+        without FA heads) and their q, k and v come as the head slots."""
         d, n_fa, n_groups = self.head_dim, self.n_fa, len(self.split.fa_groups)
         n_la = self.gdn.n_heads if self.gdn is not None else 0
         n_slots = len(self.fused_rows) // d
-        plan = self.slot_plans[joined]
+        plan = self.fa_plan if gdn_as_slots else self.slot_plans[joined]
         cos = sin = None
-        if plan.n_rope:
+        if plan is not None and plan.n_rope:
             cos, sin = self._rope_tables(position_embeddings, start, out.shape[1], out.dtype, out.device)
-        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        eps = self._qk_eps
         takes = []
         if n_fa and not joined:  # the joined plan takes the FA groups' v as its third part
             takes.append((functools.partial(slot_run, start=n_slots - n_groups, stop=n_slots, head_dim=d), None))
@@ -614,11 +627,15 @@ class HydraAttention(nn.Module):
             takes += [(lambda t: t[..., column : column + n_la], None),
                       (lambda t: t[..., column + n_la : column + 2 * n_la], None)]  # fmt: skip
         into = None if kv is None else dict(zip((1, 2), kv, strict=True))  # the joined plan's FA k and v parts
-        parts = take_parts(out, takes, SlotPrep(ops, plan, n_slots, d, eps, cos, sin), weights.qk_norm, into)
-        prepared, views = parts[: len(plan.sizes)], parts[len(plan.sizes) :]  # slot_norm_rope's parts, then the views
+        prep = None if plan is None else SlotPrep(ops, plan, n_slots, d, eps, cos, sin)
+        parts = take_parts(out, takes, prep, weights.qk_norm, into)
+        n_prepared = 0 if plan is None else len(plan.sizes)
+        prepared, views = parts[:n_prepared], parts[n_prepared:]  # slot_norm_rope's parts, then the views
         fa = (*prepared[:2], prepared[2] if joined else views[0]) if n_fa else None  # q, k (rotated), v
         if not n_la:
             return fa, None, None, None
+        if gdn_as_slots:
+            return fa, slot_run(out, 0, n_slots, d), *views[-2:]
         channels, (a, b) = prepared[(3 if joined else 2) if n_fa else 0 :], views[-2:]
         return fa, (channels[0].flatten(2) if joined else tuple(c.flatten(2) for c in channels)), a, b
 
@@ -638,7 +655,13 @@ class HydraAttention(nn.Module):
     def _prefill_fused(self, x, position_embeddings, cache: LayerCache | None, core: HybridCore, ops):
         T = x.shape[1]
         weights = self._fused_weights()
-        fa, channels, a, b, gate = self._fused_inputs(x, position_embeddings, weights, 0, ops, joined=False)
+        # Where no gradient flows into the GDN heads' inputs, one op (slot_conv) takes them from the projection's slots
+        # to the GDN kernel's q, k and v, the L2 norm included; under autograd, slot_norm_rope's parts, fla's convs and
+        # the GDN kernel's L2 norm, whose backwards exist.
+        slot_conv = self._slot_conv_applies(x, weights)
+        fa, channels, a, b, gate = self._fused_inputs(
+            x, position_embeddings, weights, 0, ops, joined=False, gdn_as_slots=slot_conv
+        )
         if fa:
             q_fa, k_fa, v_fa = fa
             if cache is not None:
@@ -646,28 +669,39 @@ class HydraAttention(nn.Module):
             fa = (q_fa, *self._expand_for_kernel(k_fa, v_fa))
         gdn = conv_state = None
         if channels is not None:
-            gdn, conv_state = self._gdn_prefill_inputs(channels, a, b, cache is not None, ops)
-        fa_out, gdn_result = core.prefill_parts(fa, gdn, output_final_state=cache is not None, qk_l2norm=True)
+            gdn, conv_state = self._gdn_prefill_inputs(channels, a, b, cache is not None, ops, weights, slot_conv)
+        fa_out, gdn_result = core.prefill_parts(fa, gdn, output_final_state=cache is not None, qk_l2norm=not slot_conv)
         la_out, state = gdn_result if gdn_result is not None else (None, None)
         if cache is not None:
             cache.state, cache.conv, cache.length = state, conv_state, T
         return self._finish_fused(fa_out, la_out, gate, weights, ops)
 
-    def _gdn_prefill_inputs(self, channels, a, b, final_state: bool, ops):
-        """The GDN heads' q, k, v channels (three [B, T, n_la d]), a and b -> the GDN kernel's (q, k, v, g, beta) and
-        the conv state [B, 3 n_la d, K] with `final_state` (else None)."""
+    def _slot_conv_applies(self, x, weights: FusedWeights) -> bool:
+        """Whether a prefill takes the GDN heads' inputs by slot_conv (no backward): a layer with GDN heads and a conv
+        whose input, projection, q/k norm and conv taps all need no gradient."""
+        if self.gdn is None or not self.gdn.conv_size:
+            return False
+        inputs = (x, weights.projection, weights.bias, weights.qk_norm, weights.conv)
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+
+    def _gdn_prefill_inputs(self, channels, a, b, final_state: bool, ops, weights: FusedWeights, slot_conv: bool):
+        """The GDN heads' q, k, v channels (three [B, T, n_la d]; with `slot_conv` the projection's head slots
+        [B, T, S, d], which slot_conv gathers, norms, convolves and L2-normalizes), a and b -> the GDN kernel's (q, k,
+        v, g, beta) and the conv state [B, 3 n_la d, K] with `final_state` (else None)."""
         gdn, conv_state = self.gdn, None
-        if gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
+        if slot_conv:
+            qkv, conv_state = ops.slot_conv(channels, self.gdn_slots, weights.qk_norm, self._qk_eps, weights.conv,
+                                            final_state)  # fmt: skip
+        elif gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
             convs = [
                 ops.conv(c, w, None, final_state)
                 for c, w in zip(channels, (gdn.conv_q, gdn.conv_k, gdn.conv_v), strict=True)
             ]
-            channels = [y for y, _ in convs]
+            qkv = [y.unflatten(2, (gdn.n_heads, -1)) for y, _ in convs]
             conv_state = torch.cat([state for _, state in convs], 1) if final_state else None
         else:
-            channels = [F.silu(c) for c in channels]
-        q, k, v = (c.unflatten(2, (gdn.n_heads, -1)) for c in channels)
-        return (q, k, v, ops.gate(a, gdn.A_log, gdn.dt_bias), torch.sigmoid(b)), conv_state
+            qkv = [F.silu(c).unflatten(2, (gdn.n_heads, -1)) for c in channels]
+        return (*qkv, ops.gate(a, gdn.A_log, gdn.dt_bias), torch.sigmoid(b)), conv_state
 
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         """A decode step of the fused path. Its ops (a kernel each on the GPU): the projection GEMM; slot_norm_rope,
