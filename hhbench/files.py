@@ -1,7 +1,8 @@
 """Reading and writing files the user names: every command writes through `open_output` and `make_folder`,
 which say in one line what is wrong with a path that cannot be written (a file where a folder must be, a
-folder where a file must be, a read-only folder); `replace_whole` replaces a file so that a kill while writing
-leaves the old one, and `run_folder` keeps a run name inside --out."""
+folder where a file must be, a read-only folder); `replace_whole` (a text file) and `replacing` (a path, for
+writers that take one) replace a file so that a kill while writing leaves the old one, and `run_folder` keeps a
+run name inside --out."""
 
 import contextlib
 import json
@@ -46,23 +47,26 @@ def _cannot_write(path: Path, exc: OSError) -> UserError:
 
 
 @contextlib.contextmanager
-def replace_whole(path: str | Path):
-    """Open a file (text, "w") whose contents replace `path` whole when the block ends: they are written to a
-    temporary file beside it, fsynced and renamed over it (os.replace), so that a kill or an error while writing
-    leaves the old file, and no temporary where an error ended the write. An unwritable path is the user's error,
-    in one line, as open_output says it."""
+def replacing(path: str | Path):
+    """Yield the path of a temporary file beside `path` (path + ".tmp", made empty) for the block to write, for writers
+    that take a path (torch.save, safetensors); when the block ends the temporary is fsynced and renamed over `path`
+    (os.replace), so that a kill or an error while writing leaves the old file. An error in the block, or at the
+    fsync, removes the temporary and is raised; an unwritable path is the user's error, in one line, as open_output
+    says it."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(temporary, "w")
+        open(temporary, "w").close()
     except OSError as exc:
         raise _cannot_write(path, exc) from None
     try:
-        with out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
+        yield temporary
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -71,6 +75,15 @@ def replace_whole(path: str | Path):
     except OSError as exc:  # a folder where the file must be
         temporary.unlink(missing_ok=True)
         raise _cannot_write(path, exc) from None
+
+
+@contextlib.contextmanager
+def replace_whole(path: str | Path):
+    """Open a file (text, "w") whose contents replace `path` whole when the block ends, through `replacing`: a kill or
+    an error while writing leaves the old file, and no temporary where an error ended the write. An unwritable path
+    is the user's error, in one line, as open_output says it."""
+    with replacing(path) as temporary, open(temporary, "w") as out:
+        yield out
 
 
 def make_folder(path: str | Path) -> Path:

@@ -141,6 +141,22 @@ def test_a_resumed_run_logs_each_step_once(teacher, tmp_path, monkeypatch):
     assert curve(parts) == curve(whole)
 
 
+def test_a_save_that_fails_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint save whose writer raises (a full disk, Ctrl-C) leaves the previous checkpoint and no temporary."""
+    model = torch.nn.Linear(2, 2)
+    folder = checkpoint.save(tmp_path, "head:3:1", model, ["weight"], {"step": 1}, {"step": 1})
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def full(tensors, path, metadata):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path, "head:3:1", model, ["weight"], {"step": 2}, {"step": 2})
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
 def test_a_nan_loss_stops_that_variant_only(teacher, tmp_path, monkeypatch):
     build = VariantModels.build
 

@@ -562,6 +562,25 @@ def test_a_worker_notes_only_the_additions_its_point_asks_for(tmp_path, monkeypa
     assert noted == [None, "floor"], noted
 
 
+def test_a_workers_point_in_progress_is_replaced_whole(tmp_path, monkeypatch):
+    """NAME.current.json is fsynced before it replaces the last noted point: a write that fails (a full disk at the
+    fsync) leaves the last noted point whole and no temporary beside it."""
+    run = RunDir(tmp_path / "r").create()
+    first, second = (base_row(point) for point in grid_points(GRID, "cpu")[:2])
+    current = run.shard("w").current
+    current.parent.mkdir()  # as a worker's start makes it
+    sweep._write_current(run, "w", first)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        sweep._write_current(run, "w", second)
+    assert Row.from_dict(json.loads(current.read_text())).key == first.key
+    assert [p.name for p in current.parent.iterdir()] == [current.name]
+
+
 def test_merge_keeps_one_row_a_key_and_leaves_live_shards(tmp_path):
     run = RunDir(tmp_path / "r").create()
     points = grid_points(GRID, "cpu")

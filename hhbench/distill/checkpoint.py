@@ -5,13 +5,13 @@ trained as metadata; state.pt beside it holds what resuming needs (optimizer sta
 
 import copy
 import json
-import os
 import random
 from pathlib import Path
 
 import torch
 
 from hhbench.errors import UserError, require_extra
+from hhbench.files import replacing
 from hhbench.models.convert import convert
 from hhbench.models.variants import parse_variant
 from hhbench.spec.hybrid import HeadMap, HybridSpec, Layout
@@ -27,25 +27,21 @@ def variant_dir(run_dir: str | Path, label: str) -> Path:
     return Path(run_dir) / CHECKPOINTS / safe
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename: a run killed mid-save keeps its previous checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def save(run_dir: Path, label: str, model, names: list[str], meta: dict, state: dict) -> Path:
-    """The trained parameters `names` of `model` (fp32), metadata `meta` (JSON-able) and the resume `state`."""
+    """Save the trained parameters `names` of `model` (fp32), metadata `meta` (JSON-able) and the resume `state` into
+    the variant's folder, each file replaced whole (files.replacing: a run killed or failing mid-save keeps its
+    previous file). An unwritable folder is the user's error, in one line; a writer's error is raised."""
     folder = variant_dir(run_dir, label)
-    folder.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
     tensors = {name: params[name].detach().float().cpu().contiguous() for name in names}
     metadata = {key: json.dumps(value) for key, value in meta.items()}
-    _atomic(folder / WEIGHTS, lambda tmp: require_extra("safetensors.torch").save_file(tensors, tmp, metadata=metadata))
+    with replacing(folder / WEIGHTS) as temporary:
+        require_extra("safetensors.torch").save_file(tensors, str(temporary), metadata=metadata)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    _atomic(folder / STATE, lambda tmp: torch.save({**state, "rng": rng}, tmp))
+    with replacing(folder / STATE) as temporary:
+        torch.save({**state, "rng": rng}, temporary)
     return folder
 
 

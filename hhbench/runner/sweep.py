@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hhbench.errors import UserError
-from hhbench.files import open_output
+from hhbench.files import open_output, replace_whole
 from hhbench.kernels import registry
 from hhbench.measure.env import capture_env, device_name, measure_peaks
 from hhbench.measure.timing import TimingPolicy
@@ -224,10 +224,9 @@ def _note_addition(run: RunDir, worker: str, row: Row, name: str) -> None:
 
 
 def _write_current(run: RunDir, worker: str, row: Row) -> None:
-    path = run.shard(worker).current
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(row.to_dict()))
-    os.replace(temporary, path)
+    """Write `row` as the worker's point in progress (ShardFiles.current), replacing the last one whole."""
+    with replace_whole(run.shard(worker).current) as out:
+        json.dump(row.to_dict(), out)
 
 
 def device_usable(device: torch.device) -> bool:
