@@ -45,8 +45,11 @@ STUBS = glue.GlueOps(
     lambda o, gate, eps: torch.empty_like(o),
     _parts,
     None,
-    lambda slots, sources, weight, eps, conv_weight, output_final_state=False: (
-        tuple(slots.new_empty(*slots.shape[:2], len(sources[0]), slots.shape[3]) for _ in range(3)),
+    lambda slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, output_final_state=False: (
+        (
+            *(slots.new_empty(*slots.shape[:2], len(sources[0]), slots.shape[3]) for _ in range(3)),
+            *(torch.empty_like(a, dtype=torch.float32) for _ in range(2)),
+        ),
         slots.new_empty(slots.shape[0], *conv_weight.shape) if output_final_state else None,
     ),
 )

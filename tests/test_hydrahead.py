@@ -435,23 +435,14 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
 # output gate by a GEMM of its own where more than one token makes its view strided: fla's gated norm would copy it);
 # slot_norm_rope, one kernel that gathers the FA heads' q, k and v the kernel takes (in decode the GDN heads' too),
 # normalizes Qwen3's q and k slots and rotates the FA heads' (before it, RoPE, the q/k norm and its multiply, and a
-# gather or two: 1-5 ops); in prefill slot_conv, one kernel from the GDN heads' slots to their kernel's q, k and v
-# (before it, their part of slot_norm_rope, three convs and the GDN kernel's L2 norms of q and k), in decode one conv
-# update of the q, k and v; the decay gate and beta (sigmoid), in decode inside the GDN step (fla's recurrent kernel
-# takes a and b raw); the FA and GDN kernels (core); the gated norm of the GDN heads and the norm of the FA heads;
-# o_proj as two GEMMs (no cat of the heads). Decode's slot_norm_rope also writes the new token's K and V into the
-# cache (before, two copy_ a step).
-FUSED_PREFILL = {
-    "gemm": 4,
-    "slot_norm_rope": 1,
-    "slot_conv": 1,
-    "gate": 1,
-    "sigmoid": 1,
-    "core": 1,
-    "norm_gated": 1,
-    "norm": 1,
-}
-FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "slot_conv": 0, "conv_update": 1, "gate": 0, "sigmoid": 0}
+# gather or two: 1-5 ops); in prefill slot_conv, one kernel from the GDN heads' slots, a and b to their kernel's q, k,
+# v, decay and beta (before it, their part of slot_norm_rope, three convs, the GDN kernel's L2 norms of q and k, the
+# gate and a sigmoid), in decode one conv update of the q, k and v, the gates inside the GDN step (fla's recurrent
+# kernel takes a and b raw); the FA and GDN kernels (core); the gated norm of the GDN heads and the norm of the FA
+# heads; o_proj as two GEMMs (no cat of the heads). Decode's slot_norm_rope also writes the new token's K and V into
+# the cache (before, two copy_ a step).
+FUSED_PREFILL = {"gemm": 4, "slot_norm_rope": 1, "slot_conv": 1, "core": 1, "norm_gated": 1, "norm": 1}
+FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "slot_conv": 0, "conv_update": 1}
 PLAIN_PREFILL = {"gemm": 2, "slot_norm_rope": 1, "core": 1}
 PLAIN_DECODE = PLAIN_PREFILL
 

@@ -422,14 +422,20 @@ CONV_CASES = pytest.mark.parametrize(
 
 
 def _conv_inputs(B, T, d, dtype, K=4):
-    """_inputs' slots and norm weight (columns beyond the slots: strided) and conv taps [3 n d, K]."""
+    """_inputs' slots and norm weight (columns beyond the slots: strided), conv taps [3 n d, K] and the gates' inputs:
+    a and b [B, T, n], views of one projection-like tensor (strided), A_log and dt_bias [n] (fp32 parameters)."""
     slots, weight, _, _ = _inputs(B, T, d, False, dtype)
-    return slots, weight, (0.5 * torch.randn(3 * len(GDN_SOURCES[0]) * d, K)).to(dtype)
+    n = len(GDN_SOURCES[0])
+    gate_columns = (3 * torch.randn(B, T, 2 * n + 3)).to(dtype)
+    a, b = gate_columns[..., :n], gate_columns[..., n : 2 * n]
+    A_log, dt_bias = torch.rand(n) * 2, torch.randn(n)
+    return slots, weight, (0.5 * torch.randn(3 * n * d, K)).to(dtype), a, b, A_log, dt_bias
 
 
-def _conv_by_head(slots, weight, eps, taps):
+def _conv_by_head(slots, weight, eps, taps, a, b, A_log, dt_bias):
     """Each GDN head's q, k and v alone, in fp64: F.rms_norm with its weight row (q, k), F.conv1d over its own
-    channels from zero padding, SiLU, F.normalize (q, k); and each channel's last K inputs, zeros before the first."""
+    channels from zero padding, SiLU, F.normalize (q, k); the gates by their formulas; and each channel's last K
+    inputs, zeros before the first."""
     d, K = slots.shape[-1], taps.shape[-1]
     heads, history = [], []
     for kind, sources in enumerate(GDN_SOURCES):
@@ -445,20 +451,23 @@ def _conv_by_head(slots, weight, eps, taps):
             outs.append(F.normalize(y, dim=-1, eps=1e-12) if kind < 2 else y)
             history.append(padded[..., -K:])
         heads.append(torch.stack(outs, 2))
-    return heads, torch.cat(history, 1)
+    g = -A_log.double().exp() * torch.log1p((a.double() + dt_bias.double()).exp())
+    beta = 1 / (1 + (-b.double()).exp())
+    return (*heads, g, beta), torch.cat(history, 1)
 
 
 @pytest.mark.parametrize(("T", "norm"), [(37, True), (2, False)])
 def test_slot_conv_twin_is_the_head_by_head_composition(T, norm):
-    slots, weight, taps = _conv_inputs(2, T, 8, torch.float64)
+    slots, weight, taps, *gates = _conv_inputs(2, T, 8, torch.float64)
     weight = weight if norm else None
-    (q, k, v), state = glue.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps, output_final_state=True)
-    want, want_state = _conv_by_head(slots, weight, 1e-6, taps)
-    for got, expected in zip((q, k, v), want, strict=True):
-        assert got.shape == (2, T, 3, 8) and got.is_contiguous() and got.dtype == torch.float64
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    got, state = glue.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps, *gates, output_final_state=True)
+    want, want_state = _conv_by_head(slots, weight, 1e-6, taps, *gates)
+    for i, (tensor, expected) in enumerate(zip(got, want, strict=True)):
+        assert tensor.shape == ((2, T, 3, 8) if i < 3 else (2, T, 3)) and tensor.is_contiguous(), i
+        assert tensor.dtype == torch.float64
+        torch.testing.assert_close(tensor, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state, want_state, rtol=1e-12, atol=1e-12)
-    assert glue.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps)[1] is None
+    assert glue.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps, *gates)[1] is None
 
 
 @needs_interpreter
@@ -467,16 +476,17 @@ def test_slot_conv_twin_is_the_head_by_head_composition(T, norm):
     "ignore:divide by zero:RuntimeWarning"
 )  # eps 0: the padding's 1 / sqrt(0), dropped by design
 def test_the_slot_conv_kernel_is_the_torch_twin(B, T, d, norm, eps, dtype, state):
-    """slot_prep.slot_conv (Triton's interpreter) against glue.slot_conv: q, k, v and the conv state."""
+    """slot_prep.slot_conv (Triton's interpreter) against glue.slot_conv: q, k, v, g, beta and the conv state."""
     from hhbench.layers import slot_prep
 
-    slots, weight, taps = _conv_inputs(B, T, d, dtype)
+    slots, weight, taps, *gates = _conv_inputs(B, T, d, dtype)
     weight = weight if norm else None
-    got, got_state = slot_prep.slot_conv(slots, GDN_SOURCES, weight, eps, taps, state)
-    want, want_state = glue.slot_conv(slots, GDN_SOURCES, weight, eps, taps, state)
+    got, got_state = slot_prep.slot_conv(slots, GDN_SOURCES, weight, eps, taps, *gates, state)
+    want, want_state = glue.slot_conv(slots, GDN_SOURCES, weight, eps, taps, *gates, state)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-3)
-    for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape == (B, T, 3, d) and g.dtype == dtype and g.is_contiguous()
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.shape == w.shape == ((B, T, 3, d) if i < 3 else (B, T, 3)) and g.is_contiguous(), i
+        assert g.dtype == w.dtype == (dtype if i < 3 else torch.promote_types(dtype, torch.float32)), i
         torch.testing.assert_close(g, w, atol=tol, rtol=tol)
     if state:
         assert got_state.shape == (B, 3 * 3 * d, 4) and got_state.dtype == dtype
@@ -487,16 +497,20 @@ def test_the_slot_conv_kernel_is_the_torch_twin(B, T, d, norm, eps, dtype, state
 
 @needs_interpreter
 def test_slot_conv_refuses_what_its_kernel_cannot_read():
-    """A strided head dim, conv taps of another shape, a source outside the slots (the kernel would read past them;
-    the twin's gather raises the same error)."""
+    """A strided head dim or gate input, conv taps or gate inputs of another shape, a source outside the slots (the
+    kernel would read past them; the twin's gather raises the same error)."""
     from hhbench.layers import slot_prep
 
-    slots, weight, taps = _conv_inputs(1, 5, 16, torch.float32)
+    slots, weight, taps, a, b, A_log, dt_bias = _conv_inputs(1, 5, 16, torch.float32)
     with pytest.raises(ValueError, match="contiguous last dim"):
-        slot_prep.slot_conv(torch.randn(1, 5, 7, 32)[..., ::2], GDN_SOURCES, weight, 1e-6, taps)
+        slot_prep.slot_conv(torch.randn(1, 5, 7, 32)[..., ::2], GDN_SOURCES, weight, 1e-6, taps, a, b, A_log, dt_bias)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        slot_prep.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps, a, torch.randn(1, 5, 6)[..., ::2], A_log, dt_bias)
     with pytest.raises(ValueError, match=r"conv taps \[3 n d, K\] = \[144, K\], not \(143, 4\)"):
-        slot_prep.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps[1:])
+        slot_prep.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps[1:], a, b, A_log, dt_bias)
+    with pytest.raises(ValueError, match=r"gate inputs a, b \[B, T, n\] = \[1, 5, 3\] and A_log, dt_bias \[3\]"):
+        slot_prep.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps, a[..., :2], b, A_log, dt_bias)
     outside = ((0, 4, 7), (1, 3, 3), (2, 6, 6))
     for op in (slot_prep.slot_conv, glue.slot_conv):
         with pytest.raises(IndexError):
-            op(slots, outside, weight, 1e-6, taps)
+            op(slots, outside, weight, 1e-6, taps, a, b, A_log, dt_bias)

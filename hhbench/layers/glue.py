@@ -1,7 +1,7 @@
 """The glue ops of a HydraHead layer's fused path, one op per function (fla's way): the GDN heads' short causal
 conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu), the q, k and v
 slots' preparation (gather, Qwen3's q/k norms, the FA heads' RoPE) with its backward, and, for a prefill without
-gradients, the GDN heads' whole input preparation (gather, q/k norms, conv, SiLU, L2 norm: slot_conv). On CUDA they
+gradients, the GDN heads' whole input preparation (gather, q/k norms, conv, SiLU, L2 norm, gates: slot_conv). On CUDA they
 are Triton kernels (fla's; the preparations hhbench's own, slot_prep.py); TORCH holds torch ops of the same
 signatures and math, so that the fused composition (head order and norm scales folded into the weights, conv states,
 shapes) is tested on the CPU, where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarker).
@@ -46,8 +46,8 @@ class GlueOps:
     # (grads, slots, plan, weight, eps, cos, sin, grad_slots) -> weight's gradient or None; writes slots' gradient
     # at the slots the plan reads into grad_slots (slot_norm_rope_backward)
     slot_norm_rope_backward: Callable
-    # (slots, sources, weight, eps, conv_weight, output_final_state) -> ((q, k, v) of the GDN heads, q and k
-    # L2-normalized; the conv's final state or None): no backward (slot_conv)
+    # (slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, output_final_state) -> ((q, k, v, g, beta) of
+    # the GDN heads, q and k L2-normalized; the conv's final state or None): no backward (slot_conv)
     slot_conv: Callable
 
 
@@ -218,20 +218,23 @@ def gdn_plan(sources: tuple[tuple[int, ...], ...]) -> SlotPlan:
     return SlotPlan((*q, *k, *v), (0,) * len(q) + (1,) * len(k) + (2,) * len(v), (len(q), len(k), len(v)), 0)
 
 
-def slot_conv(slots, sources, weight, eps, conv_weight, output_final_state=False):
-    """The GDN heads' kernel inputs from the projection's head slots, in torch ops: slots [B, T, S, d]; sources = (q,
-    k, v), each the n GDN heads' source slots (gdn_plan); weight [2, d] (Qwen3's q/k norm weights) or None; conv_weight
-    [3 n d, K] (the q, k and v channels' taps) -> ((q, k, v) [B, T, n, d] in slots' dtype, contiguous; the conv's final
-    state [B, 3 n d, K] (its last K inputs, zeros before the first token; in slots' dtype) with output_final_state,
-    else None). The heads' slots are slot_norm_rope's parts (q/k RMS-normed, in slots' dtype), the depthwise causal conv
-    runs from zeros with SiLU (causal_conv), and q and k are then L2-normalized (F.normalize with eps L2_EPS), the conv
-    and the L2 norm in fp32 at least without rounding between them. Raises IndexError for a source outside S."""
+def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, output_final_state=False):
+    """The GDN heads' kernel inputs from the projection's output, in torch ops: slots [B, T, S, d] (its head slots);
+    sources = (q, k, v), each the n GDN heads' source slots (gdn_plan); weight [2, d] (Qwen3's q/k norm weights) or
+    None; conv_weight [3 n d, K] (the q, k and v channels' taps); a, b [B, T, n] (the decay gate's and beta's
+    projections), A_log, dt_bias [n] -> ((q, k, v [B, T, n, d] in slots' dtype, contiguous; g, beta [B, T, n] in fp32 at
+    least); the conv's final state [B, 3 n d, K] (its last K inputs, zeros before the first token; in slots' dtype) with
+    output_final_state, else None). The heads' slots are slot_norm_rope's parts (q/k RMS-normed, in slots' dtype), the
+    depthwise causal conv runs from zeros with SiLU (causal_conv), and q and k are then L2-normalized (F.normalize with
+    eps L2_EPS), the conv and the L2 norm in fp32 at least without rounding between them; g is gdn_decay(a, A_log,
+    dt_bias) and beta sigmoid(b), as GatedDeltaNetHeads.gates. Raises IndexError for a source outside S."""
     parts = slot_norm_rope(slots, gdn_plan(sources), weight, eps, None, None)
     compute = torch.promote_types(slots.dtype, torch.float32)
     y, state = causal_conv(torch.cat(parts, 2).flatten(2).to(compute), conv_weight.to(compute))
     q, k, v = y.unflatten(2, (-1, slots.shape[-1])).split(len(sources[0]), 2)
     q, k = (F.normalize(t, dim=-1, eps=L2_EPS) for t in (q, k))
-    heads = tuple(t.to(slots.dtype).contiguous() for t in (q, k, v))
+    g = gdn_decay(a.to(compute), A_log, dt_bias)
+    heads = (*(t.to(slots.dtype).contiguous() for t in (q, k, v)), g, torch.sigmoid(b.to(g.dtype)))
     return heads, (state.to(slots.dtype) if output_final_state else None)
 
 

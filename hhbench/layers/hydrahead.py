@@ -686,13 +686,14 @@ class HydraAttention(nn.Module):
 
     def _gdn_prefill_inputs(self, channels, a, b, final_state: bool, ops, weights: FusedWeights, slot_conv: bool):
         """The GDN heads' q, k, v channels (three [B, T, n_la d]; with `slot_conv` the projection's head slots
-        [B, T, S, d], which slot_conv gathers, norms, convolves and L2-normalizes), a and b -> the GDN kernel's (q, k,
-        v, g, beta) and the conv state [B, 3 n_la d, K] with `final_state` (else None)."""
+        [B, T, S, d], which slot_conv gathers, norms, convolves and L2-normalizes, and whose kernel also computes the
+        gates), a and b -> the GDN kernel's (q, k, v, g, beta) and the conv state [B, 3 n_la d, K] with `final_state`
+        (else None)."""
         gdn, conv_state = self.gdn, None
         if slot_conv:
-            qkv, conv_state = ops.slot_conv(channels, self.gdn_slots, weights.qk_norm, self._qk_eps, weights.conv,
-                                            final_state)  # fmt: skip
-        elif gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
+            return ops.slot_conv(channels, self.gdn_slots, weights.qk_norm, self._qk_eps, weights.conv, a, b, gdn.A_log,
+                                 gdn.dt_bias, final_state)  # fmt: skip
+        if gdn.conv_size:  # one conv per q, k and v: each output is then the dense tensor the GDN kernel takes
             convs = [
                 ops.conv(c, w, None, final_state)
                 for c, w in zip(channels, (gdn.conv_q, gdn.conv_k, gdn.conv_v), strict=True)

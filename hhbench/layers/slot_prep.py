@@ -15,11 +15,13 @@ source's destinations (each un-rotated where RoPE'd), takes them back through th
 writes the source's gradient once, without atomics; the norm weight's gradient comes as sums per program (fp32; fp64
 for fp64 slots), added up by torch.
 
-slot_conv (a prefill without gradients) takes the GDN heads' inputs from the slots to what the GDN kernel takes in
-one kernel: each head's q, k and v slots read in place, Qwen3's q/k norm, the short causal conv, SiLU and q's and k's
-L2 norm. Composed, the same work is slot_norm_rope's copies of the heads' slots into dense parts (fla's conv reads
-them), three fla conv calls and fla's L2 norm of q and of k (the GDN kernel's use_qk_l2norm_in_kernel): for head 7:1
-of Qwen3-1.7B at 64K about 3.8 GB of traffic against 1.4 GB, and 6 launches against 1.
+slot_conv (a prefill without gradients) takes the GDN heads' inputs from the projection to what the GDN kernel takes
+in one kernel: each head's q, k and v slots read in place, Qwen3's q/k norm, the short causal conv, SiLU and q's and
+k's L2 norm, and the decay gate and beta. Composed, the same work is slot_norm_rope's copies of the heads' slots into
+dense parts (fla's conv reads them), three fla conv calls, fla's L2 norm of q and of k (the GDN kernel's
+use_qk_l2norm_in_kernel), fla's gate and a sigmoid: for head 7:1 of Qwen3-1.7B at 64K about 3.8 GB of traffic against
+1.4 GB, and 8 launches against 1, whose Python wrappers made an eager 16K prefill host-bound (fla's conv took 0.64 ms of
+host time for its 3 calls, its gate 0.18 ms: results/layer-overhead-h200).
 With TRITON_INTERPRET=1 set before triton is imported, Triton's interpreter runs both on CPU tensors: how the tests
 check them without a GPU.
 """
@@ -276,9 +278,10 @@ def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slot
 
 
 @triton.jit
-def _slot_conv(X, Sources, W, CW, Out, State, T, n_heads, stride_xb, stride_xt, stride_xs, eps, l2_eps,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr,
-               STATE: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
+def _slot_conv(X, Sources, W, CW, Out, State, A, Bp, A_log, Dt_bias, G, Beta, T, n_heads, stride_xb, stride_xt,
+               stride_xs, stride_ab, stride_at, stride_bb, stride_bt, eps, l2_eps, D: tl.constexpr,
+               BLOCK_D: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr, STATE: tl.constexpr,
+               COMPUTE: tl.constexpr):  # fmt: skip
     j = tl.program_id(1)  # the destination slot: the q heads', then the k heads', then the v heads'
     b = tl.program_id(2).to(tl.int64)
     kind = j // n_heads  # 0: q, 1: k, 2: v, the part it is written to
@@ -308,6 +311,14 @@ def _slot_conv(X, Sources, W, CW, Out, State, T, n_heads, stride_xb, stride_xt, 
                 into = ((column >= 0) & (t < T))[:, None] & (c < D)[None, :]
                 state = State + b * (3 * n_heads * D * K) + (j * D + c)[None, :] * K + column[:, None]
                 tl.store(state, x.to(State.dtype.element_ty), mask=into)
+    if kind == 0:  # head j's gates at these tokens: g = -exp(A_log) softplus(a + dt_bias) (fla's softplus), sigmoid(b)
+        gates = b * T + t.to(tl.int64)
+        a = tl.load(A + b * stride_ab + t.to(tl.int64) * stride_at + j, mask=t < T, other=0.0).to(COMPUTE)
+        a += tl.load(Dt_bias + j).to(COMPUTE)
+        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))
+        tl.store(G + gates * n_heads + j, -tl.exp(tl.load(A_log + j).to(COMPUTE)) * softplus, mask=t < T)
+        beta = tl.load(Bp + b * stride_bb + t.to(tl.int64) * stride_bt + j, mask=t < T, other=0.0).to(COMPUTE)
+        tl.store(Beta + gates * n_heads + j, 1.0 / (1.0 + tl.exp(-beta)), mask=t < T)
     y = acc / (1.0 + tl.exp(-acc))  # SiLU
     if kind < 2:
         y = y / tl.maximum(tl.sqrt(tl.sum(y * y, 1)), l2_eps)[:, None]  # F.normalize's
@@ -316,29 +327,36 @@ def _slot_conv(X, Sources, W, CW, Out, State, T, n_heads, stride_xb, stride_xt, 
     tl.store(row[:, None] + c[None, :], y.to(Out.dtype.element_ty), mask=(t < T)[:, None] & (c < D)[None, :])
 
 
-def slot_conv(slots, sources, weight, eps, conv_weight, output_final_state=False):
+def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, output_final_state=False):
     """glue.slot_conv's op as one kernel launch (no backward: for a prefill without gradients): slots [B, T, S, d] (any
     strides but a contiguous last dim: the projection's output, read in place), sources = (q, k, v), each the n GDN
-    heads' source slots, weight [2, d] or None, conv_weight [3 n d, K] -> ((q, k, v) [B, T, n, d], contiguous views of
-    one buffer in slots' dtype, q and k L2-normalized; the conv's final state [B, 3 n d, K] in slots' dtype with
-    output_final_state, else None); computed in fp32, in fp64 for fp64 slots. Raises ValueError for a strided last dim
-    or conv taps of another shape, IndexError for a source outside S."""
+    heads' source slots, weight [2, d] or None, conv_weight [3 n d, K], a and b [B, T, n] (any batch and token strides
+    but a contiguous last dim: the projection's columns), A_log and dt_bias [n] -> ((q, k, v [B, T, n, d], contiguous
+    views of one buffer in slots' dtype, q and k L2-normalized; g, beta [B, T, n]), the conv's final state
+    [B, 3 n d, K] in slots' dtype with output_final_state, else None); computed, and g and beta given, in fp32 (fp64 for
+    fp64 slots). Raises ValueError for a strided last dim or conv taps or gate inputs of another shape, IndexError for
+    a source outside S."""
     B, T, S, d = slots.shape
     n, K = len(sources[0]), conv_weight.shape[-1]
-    if slots.stride(-1) != 1:
-        raise ValueError(f"slot_conv takes slots with a contiguous last dim, not strides {tuple(slots.stride())}")
+    if slots.stride(-1) != 1 or a.stride(-1) != 1 or b.stride(-1) != 1:
+        raise ValueError("slot_conv takes slots and gate inputs with a contiguous last dim")
     if conv_weight.shape != (3 * n * d, K):
         raise ValueError(f"slot_conv takes conv taps [3 n d, K] = [{3 * n * d}, K], not {tuple(conv_weight.shape)}")
+    if a.shape != (B, T, n) or b.shape != (B, T, n) or A_log.shape != (n,) or dt_bias.shape != (n,):
+        raise ValueError(f"slot_conv takes gate inputs a, b [B, T, n] = {[B, T, n]} and A_log, dt_bias [{n}]")
     table = tuple(itertools.chain(*sources))
     if not all(0 <= s < S for s in table):  # the kernel would read outside the slots
         raise IndexError(f"slot_conv's sources {sources} name slots outside the {S} slots")
+    compute = _compute_dtype(slots)
     out = slots.new_empty(3, B, T, n, d)
+    gates = slots.new_empty(2, B, T, n, dtype=compute)
     state = slots.new_zeros(B, 3 * n * d, K) if output_final_state else None
     with launch_device(slots):
         _slot_conv[(triton.cdiv(T, BLOCK_TOKENS), 3 * n, B)](
             slots, head_index(table, slots.device), slots if weight is None else weight, conv_weight.contiguous(), out,
-            out if state is None else state, T, n, slots.stride(0), slots.stride(1), slots.stride(2), float(eps),
-            L2_EPS, D=d, BLOCK_D=triton.next_power_of_2(d), K=K, BLOCK_T=BLOCK_TOKENS, NORM=weight is not None,
-            STATE=output_final_state, COMPUTE=_COMPUTE[_compute_dtype(slots)], num_warps=4,
+            out if state is None else state, a, b, A_log, dt_bias, gates[0], gates[1], T, n, slots.stride(0),
+            slots.stride(1), slots.stride(2), a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(eps), L2_EPS,
+            D=d, BLOCK_D=triton.next_power_of_2(d), K=K, BLOCK_T=BLOCK_TOKENS, NORM=weight is not None,
+            STATE=output_final_state, COMPUTE=_COMPUTE[compute], num_warps=4,
         )  # fmt: skip
-    return tuple(out.unbind(0)), state
+    return (*out.unbind(0), *gates.unbind(0)), state
