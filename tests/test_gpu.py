@@ -716,6 +716,39 @@ def test_slot_conv_kernel_offsets_beyond_int32():
     assert rel(state, last_state) < 1e-2
 
 
+@pytest.mark.parametrize("tokens", [4099, 1])
+def test_head_norms_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens):
+    """hhbench's head_norms kernel (slot_prep.py) against glue.TORCH's twin on a Qwen3-1.7B head 7:1 layer's outputs
+    (14 GDN heads gated by a strided view of the gate's GEMM, 2 FA heads as SDPA leaves them: [B, H, T, d]
+    transposed): fp32 to rounding, bf16 within bf16's rounding of the fp32 twin, fp64 in fp64; then captured in a CUDA
+    graph and replayed on new inputs (decode steps run as graphs)."""
+    from hhbench.layers import glue, slot_prep
+
+    torch.manual_seed(0)
+    o_la = torch.randn(2, tokens, 14, 128, device="cuda")
+    gate = (2 * torch.randn(2, tokens, 14 * 128 + 64, device="cuda"))[..., : 14 * 128].unflatten(-1, (14, 128))
+    o_fa = (3 * torch.randn(2, 2, tokens, 128, device="cuda")).transpose(1, 2)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        inputs = [t.to(dtype) for t in (o_la, gate, o_fa)]
+        results["kernel", dtype] = slot_prep.head_norms(*inputs, 1e-6)
+        results["twin", dtype] = glue.head_norms(*inputs, 1e-6)
+    for kernel, twin in zip(results["kernel", torch.float32], results["twin", torch.float32], strict=True):
+        assert rel(kernel, twin) < 1e-5
+    for kernel, twin in zip(results["kernel", torch.bfloat16], results["twin", torch.float32], strict=True):
+        assert kernel.dtype == torch.bfloat16 and rel(kernel, twin) < 1e-2
+    for kernel, twin in zip(results["kernel", torch.float64], results["twin", torch.float64], strict=True):
+        assert rel(kernel, twin) < 1e-12
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = slot_prep.head_norms(o_la, gate, o_fa, 1e-6)
+    for t in (o_la, gate, o_fa):
+        t.normal_()
+    graph.replay()
+    for got, want in zip(captured, glue.head_norms(o_la, gate, o_fa, 1e-6), strict=True):
+        assert rel(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("tokens, per_sequence, eps", [(4099, False, 1e-6), (1, False, 1e-6), (300, True, 0.0)])
 def test_slot_norm_rope_backward_kernel_matches_the_twins_autograd(tokens, per_sequence, eps):
     """hhbench's slot_norm_rope backward kernel (slot_prep.py) against glue.TORCH's (autograd through the twin, fp32)

@@ -382,14 +382,20 @@ def test_a_plan_reads_each_slot_as_one_kind():
 @pytest.mark.parametrize("fa_heads, n_kv", [((0, 3, 5), 4), ((0, 1, 2, 3, 4, 5, 6, 7), 4), ((), 2)])
 def test_a_layer_through_the_kernel_equals_the_reference_glue(fa_heads, n_kv, monkeypatch):
     """The kernels where the GPU runs them, in the fused path of a layer (its own plans, tables and weights; the
-    prefill's GDN inputs by slot_conv, whose conv state the decode steps continue): with Qwen3's q/k norms, GDN heads
+    prefill's GDN inputs by slot_conv, whose conv state the decode steps continue; every step's head norms by
+    head_norms): with Qwen3's q/k norms, GDN heads
     sharing KV groups with FA heads and not, per-sequence Hugging Face tables, a cached prefill and decode steps, the
     outputs of the reference glue in fp64."""
     from hhbench.layers import slot_prep
     from hhbench.layers.hydrahead import rope_cos_sin
     from tests.test_hydrahead import make_layer
 
-    kernels = dataclasses.replace(glue.TORCH, slot_norm_rope=slot_prep.slot_norm_rope, slot_conv=slot_prep.slot_conv)
+    kernels = dataclasses.replace(
+        glue.TORCH,
+        slot_norm_rope=slot_prep.slot_norm_rope,
+        slot_conv=slot_prep.slot_conv,
+        head_norms=slot_prep.head_norms,
+    )
     monkeypatch.setattr(glue, "TORCH", kernels)
     reference = make_layer(fa_heads, n_kv=n_kv, qk_norm=True)
     fused = make_layer(fa_heads, n_kv=n_kv, qk_norm=True, glue="fused")
@@ -514,3 +520,68 @@ def test_slot_conv_refuses_what_its_kernel_cannot_read():
     for op in (slot_prep.slot_conv, glue.slot_conv):
         with pytest.raises(IndexError):
             op(slots, outside, weight, 1e-6, taps, a, b, A_log, dt_bias)
+
+
+# head_norms: every head's output norm in a step without gradients
+NORM_CASES = pytest.mark.parametrize(
+    ("B", "T", "d", "gated", "fa", "dtype"),
+    [
+        (2, 37, 16, True, True, torch.float32),  # two blocks of 32 tokens a sequence, the last partial
+        (3, 1, 12, True, True, torch.float64),  # a decode step; a head dim of 12 (masked to 16 lanes)
+        (1, 9, 16, False, True, torch.float32),  # without output gate
+        (2, 5, 16, True, False, torch.float64),  # a layer without FA heads
+        (1, 9, 16, True, True, torch.float16),
+    ],
+)
+
+
+def _norm_inputs(B, T, d, gated, fa, dtype):
+    """GDN heads' outputs [B, T, 3, d] (contiguous, as the GDN kernels give them), their gate as a view of a wider
+    GEMM output (strided over tokens), and two FA heads' outputs as SDPA gives them ([B, H, T, d] transposed)."""
+    torch.manual_seed(0)
+    o_la = torch.randn(B, T, 3, d, dtype=dtype)
+    gate = (2 * torch.randn(B, T, 3 * d + 8, dtype=dtype))[..., : 3 * d].unflatten(-1, (3, d)) if gated else None
+    o_fa = (3 * torch.randn(B, 2, T, d, dtype=dtype)).transpose(1, 2) if fa else None
+    return o_la, gate, o_fa
+
+
+@NORM_CASES
+def test_head_norms_twin_is_each_heads_norm(B, T, d, gated, fa, dtype):
+    o_la, gate, o_fa = _norm_inputs(B, T, d, gated, fa, torch.float64)
+    la, fa_normed = glue.head_norms(o_la, gate, o_fa, 1e-6)
+    want = o_la / (o_la.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(la, want * (gate * torch.sigmoid(gate)) if gated else want)
+    if fa:
+        torch.testing.assert_close(fa_normed, o_fa / (o_fa.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt())
+    else:
+        assert fa_normed is None
+
+
+@needs_interpreter
+@NORM_CASES
+def test_the_head_norms_kernel_is_the_torch_twin(B, T, d, gated, fa, dtype):
+    """slot_prep.head_norms (Triton's interpreter) against glue.head_norms, from strided gates and FA outputs."""
+    from hhbench.layers import slot_prep
+
+    o_la, gate, o_fa = _norm_inputs(B, T, d, gated, fa, dtype)
+    got, want = slot_prep.head_norms(o_la, gate, o_fa, 1e-6), glue.head_norms(o_la, gate, o_fa, 1e-6)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-3)
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None
+            continue
+        assert g.shape == w.shape and g.dtype == dtype and g.is_contiguous()
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
+@needs_interpreter
+def test_head_norms_refuses_what_its_kernel_cannot_read():
+    from hhbench.layers import slot_prep
+
+    o_la, gate, o_fa = _norm_inputs(1, 5, 16, True, True, torch.float32)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        slot_prep.head_norms(o_la, gate, torch.randn(1, 5, 2, 32)[..., ::2], 1e-6)
+    with pytest.raises(ValueError, match="a gate of o_la's shape"):
+        slot_prep.head_norms(o_la, gate[:, :, :2], o_fa, 1e-6)
+    with pytest.raises(ValueError, match="a gate of o_la's shape"):
+        slot_prep.head_norms(o_la, gate, o_fa[:, :4], 1e-6)

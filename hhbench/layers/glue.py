@@ -1,7 +1,8 @@
 """The glue ops of a HydraHead layer's fused path, one op per function (fla's way): the GDN heads' short causal
 conv, its one-token update, the decay gate, the per-head RMS norms (GDN heads' gated by silu), the q, k and v
 slots' preparation (gather, Qwen3's q/k norms, the FA heads' RoPE) with its backward, and, for a prefill without
-gradients, the GDN heads' whole input preparation (gather, q/k norms, conv, SiLU, L2 norm, gates: slot_conv). On CUDA they
+gradients, the GDN heads' whole input preparation (gather, q/k norms, conv, SiLU, L2 norm, gates: slot_conv) and
+every head's output norm at once (head_norms). On CUDA they
 are Triton kernels (fla's; the preparations hhbench's own, slot_prep.py); TORCH holds torch ops of the same
 signatures and math, so that the fused composition (head order and norm scales folded into the weights, conv states,
 shapes) is tested on the CPU, where fla's autotuned kernels cannot run (Triton's interpreter has no benchmarker).
@@ -49,6 +50,9 @@ class GlueOps:
     # (slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, output_final_state) -> ((q, k, v, g, beta) of
     # the GDN heads, q and k L2-normalized; the conv's final state or None): no backward (slot_conv)
     slot_conv: Callable
+    # (o_la, gate, o_fa, eps) -> (norm_gated(o_la, gate) or norm(o_la) without gate, norm(o_fa) or None without FA
+    # heads): no backward (head_norms)
+    head_norms: Callable
 
 
 @dataclass(frozen=True)
@@ -267,6 +271,14 @@ def _torch_norm_gated(o, gate, eps):
     return rms_norm(o, eps) * F.silu(gate)
 
 
+def head_norms(o_la, gate, o_fa, eps):
+    """Every head's output norm in torch ops: the GDN heads' o_la [B, T, n_la, d] by its RMS over d, times silu(gate)
+    [B, T, n_la, d] (gate None: no gate), and the FA heads' o_fa [B, T, n_fa, d] (None: a layer without FA heads) by its
+    RMS, each in its dtype (rms_norm; norm_gated) -> (o_la's, o_fa's or None)."""
+    la = rms_norm(o_la, eps) if gate is None else _torch_norm_gated(o_la, gate, eps)
+    return la, None if o_fa is None else rms_norm(o_fa, eps)
+
+
 TORCH = GlueOps(
     "torch",
     _torch_conv,
@@ -277,6 +289,7 @@ TORCH = GlueOps(
     slot_norm_rope,
     slot_norm_rope_backward,
     slot_conv,
+    head_norms,
 )
 
 
@@ -304,8 +317,9 @@ def fla_ops() -> GlueOps:
 
     from hhbench.layers import slot_prep
 
-    # slot_norm_rope, its backward and slot_conv: hhbench's own kernels (fla has no RMSNorm with a weight per row or a
-    # gather, and no conv that reads strided slots through a norm or ends in an L2 norm)
+    # slot_norm_rope, its backward, slot_conv and head_norms: hhbench's own kernels (fla has no RMSNorm with a weight per
+    # row or a gather, no conv that reads strided slots through a norm or ends in an L2 norm, and takes two norm calls
+    # for the GDN and the FA heads, whose Python wrappers took 0.41 ms of an eager 16K step: layer-overhead-h200)
     return GlueOps(
         "fla",
         conv,
@@ -316,6 +330,7 @@ def fla_ops() -> GlueOps:
         slot_prep.slot_norm_rope,
         slot_prep.slot_norm_rope_backward,
         slot_prep.slot_conv,
+        slot_prep.head_norms,
     )
 
 

@@ -737,13 +737,19 @@ class HydraAttention(nn.Module):
     def _finish_fused(self, fa_out, la_out, gate, weights: FusedWeights, ops: glue.GlueOps):
         """Weightless per-head norms (the scales are in the weights; a layer without GDN heads has none), the GDN
         heads' output gate, the output projection over the GDN heads' columns, then over the FA heads' added in
-        place (addmm_: the GEMM's own accumulate), so that the heads' outputs are never copied into one tensor."""
+        place (addmm_: the GEMM's own accumulate), so that the heads' outputs are never copied into one tensor.
+        Without gradients one op (head_norms) normalizes every head; under autograd fla's gated norm and norm, whose
+        backwards exist."""
         if la_out is None:  # a plain attention layer
             return F.linear(fa_out.flatten(2), weights.o_fa, self.o_proj.bias)
         la_out = la_out.to(weights.o_gdn.dtype)
-        o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (la_out, gate, fa_out)):
+            o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
+            fa = None if fa_out is None else ops.norm(fa_out, self.norm_eps)
+        else:
+            o, fa = ops.head_norms(la_out, gate, fa_out, self.norm_eps)
         out = F.linear(o.flatten(2), weights.o_gdn, self.o_proj.bias)
-        if fa_out is not None:  # under autocast `out` is in its dtype and the weight is not
-            fa = ops.norm(fa_out, self.norm_eps).flatten(2).flatten(0, 1).to(out.dtype)
+        if fa is not None:  # under autocast `out` is in its dtype and the weight is not
+            fa = fa.flatten(2).flatten(0, 1).to(out.dtype)
             out.view(-1, out.shape[-1]).addmm_(fa, weights.o_fa.t().to(out.dtype))
         return out

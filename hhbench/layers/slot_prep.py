@@ -22,10 +22,16 @@ dense parts (fla's conv reads them), three fla conv calls, fla's L2 norm of q an
 use_qk_l2norm_in_kernel), fla's gate and a sigmoid: for head 7:1 of Qwen3-1.7B at 64K about 3.8 GB of traffic against
 1.4 GB, and 8 launches against 1, whose Python wrappers made an eager 16K prefill host-bound (fla's conv took 0.64 ms of
 host time for its 3 calls, its gate 0.18 ms: results/layer-overhead-h200).
+
+head_norms (a step without gradients) normalizes every head's output in one kernel: the GDN heads' gated by silu of
+their output gate, the FA heads' read in place where the attention kernel left them (SDPA's are strided), where fla's
+gated norm and its norm took two launches (and the norm a copy of the FA heads' strided output first), whose wrappers
+took 0.41 ms of an eager 16K step's host time.
 With TRITON_INTERPRET=1 set before triton is imported, Triton's interpreter runs both on CPU tensors: how the tests
 check them without a GPU.
 """
 
+import functools
 import itertools
 
 import torch
@@ -360,3 +366,62 @@ def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, ou
             STATE=output_final_state, COMPUTE=_COMPUTE[compute], num_warps=4,
         )  # fmt: skip
     return (*out.unbind(0), *gates.unbind(0)), state
+
+
+@triton.jit
+def _head_norms(La, Gate, Fa, Out_la, Out_fa, n_tokens, T, n_la, stride_ob, stride_ot, stride_oh, stride_gb, stride_gt,
+                stride_gh, stride_fb, stride_ft, stride_fh, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_T: tl.constexpr, GATED: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
+    h = tl.program_id(1)  # the GDN heads, then the FA heads
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.arange(0, BLOCK_D)
+    mask = (tok < n_tokens)[:, None] & (c < D)[None, :]
+    b = (tok // T).to(tl.int64)
+    t = (tok % T).to(tl.int64)
+    if h < n_la:
+        x = tl.load(La + (b * stride_ob + t * stride_ot + h * stride_oh)[:, None] + c[None, :], mask=mask, other=0.0)
+        x = x.to(COMPUTE)
+        y = x / tl.sqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        if GATED:
+            gate_row = b * stride_gb + t * stride_gt + h * stride_gh
+            g = tl.load(Gate + gate_row[:, None] + c[None, :], mask=mask, other=0.0).to(COMPUTE)
+            y = y * (g / (1.0 + tl.exp(-g)))
+        row = Out_la + (tok.to(tl.int64) * n_la + h) * D
+        tl.store(row[:, None] + c[None, :], y.to(Out_la.dtype.element_ty), mask=mask)
+    else:
+        f = h - n_la
+        x = tl.load(Fa + (b * stride_fb + t * stride_ft + f * stride_fh)[:, None] + c[None, :], mask=mask, other=0.0)
+        x = x.to(COMPUTE)
+        y = x / tl.sqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        row = Out_fa + (tok.to(tl.int64) * (tl.num_programs(1) - n_la) + f) * D
+        tl.store(row[:, None] + c[None, :], y.to(Out_fa.dtype.element_ty), mask=mask)
+
+
+def head_norms(o_la, gate, o_fa, eps):
+    """glue.head_norms' op as one kernel launch (no backward: for a step without gradients): o_la [B, T, n_la, d],
+    gate of its shape or None, o_fa [B, T, n_fa, d] or None, each with any strides but a contiguous last dim (SDPA's
+    output is strided) -> (o_la normalized by its RMS over d, times silu(gate), in o_la's dtype; o_fa normalized, in its
+    dtype, or None), both contiguous; computed in fp32 (fp64 for fp64 inputs). Raises ValueError for a strided last dim
+    or tensors of other shapes."""
+    B, T, n_la, d = o_la.shape
+    present = [t for t in (o_la, gate, o_fa) if t is not None]
+    if any(t.stride(-1) != 1 for t in present):
+        raise ValueError("head_norms takes head outputs and gates with a contiguous last dim")
+    if (gate is not None and gate.shape != o_la.shape) or (
+        o_fa is not None and (*o_fa.shape[:2], o_fa.shape[3]) != (B, T, d)
+    ):
+        raise ValueError(f"head_norms takes a gate of o_la's shape {tuple(o_la.shape)} and o_fa [B, T, n_fa, d] alike")
+    out_la = torch.empty(o_la.shape, dtype=o_la.dtype, device=o_la.device)
+    out_fa = None if o_fa is None else torch.empty(o_fa.shape, dtype=o_fa.dtype, device=o_fa.device)
+    n_fa = 0 if o_fa is None else o_fa.shape[2]
+    gate_strides = (0, 0, 0) if gate is None else gate.stride()[:3]
+    fa_strides = (0, 0, 0) if o_fa is None else o_fa.stride()[:3]
+    compute = functools.reduce(torch.promote_types, [t.dtype for t in present], torch.float32)
+    with launch_device(o_la):
+        _head_norms[(triton.cdiv(B * T, BLOCK_TOKENS), n_la + n_fa)](
+            o_la, o_la if gate is None else gate, o_la if o_fa is None else o_fa, out_la,
+            out_la if out_fa is None else out_fa, B * T, T, n_la, *o_la.stride()[:3], *gate_strides, *fa_strides,
+            float(eps), D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=BLOCK_TOKENS, GATED=gate is not None,
+            COMPUTE=_COMPUTE[compute], num_warps=4,
+        )  # fmt: skip
+    return out_la, out_fa
