@@ -525,6 +525,16 @@ def test_select_slots_on_cuda_is_index_select_and_replays_in_a_graph(dtype):
     assert torch.equal(out, views["projection"](static).index_select(2, index))
 
 
+def _kernel_within_twin(results: dict, fp32: float) -> None:
+    """results[("kernel" or "twin", dtype)]: a kernel's outputs and its torch twin's in fp32, bf16 and fp64 from the
+    same values. The kernel's fp32 outputs are the fp32 twin's within `fp32`, its bf16 ones within bf16's rounding of
+    the fp32 twin's (1e-2), its fp64 ones the fp64 twin's to 1e-12."""
+    for dtype, twin_dtype, tol in ((torch.float32, torch.float32, fp32), (torch.bfloat16, torch.float32, 1e-2),
+                                   (torch.float64, torch.float64, 1e-12)):  # fmt: skip
+        for kernel, twin in zip(results["kernel", dtype], results["twin", twin_dtype], strict=True):
+            assert rel(kernel, twin) < tol, (dtype, rel(kernel, twin))
+
+
 @pytest.mark.parametrize("tokens, start", [(4099, 0), (1, 70000)])
 def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens, start):
     """hhbench's slot_norm_rope kernel (slot_prep.py) against glue.TORCH's twin on the plan of a Qwen3-1.7B head 7:1
@@ -546,12 +556,8 @@ def test_slot_norm_rope_kernel_matches_its_torch_twin_and_replays_in_a_graph(tok
             cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", dtype))
             for name, op in (("kernel", slot_prep.slot_norm_rope), ("twin", glue.slot_norm_rope)):
                 results[name, dtype] = op(slots, plan, weight.to(dtype), 1e-6, cos, sin)
-        for kernel, twin in zip(results["kernel", torch.float32], results["twin", torch.float32], strict=True):
-            assert rel(kernel, twin) < 1e-6
-        for kernel, twin in zip(results["kernel", torch.bfloat16], results["twin", torch.float32], strict=True):
-            assert kernel.dtype == torch.bfloat16 and rel(kernel, twin) < 1e-2
-        for kernel, twin in zip(results["kernel", torch.float64], results["twin", torch.float64], strict=True):
-            assert rel(kernel, twin) < 1e-12
+        assert all(t.dtype == torch.bfloat16 for t in results["kernel", torch.bfloat16])
+        _kernel_within_twin(results, fp32=1e-6)
     slots = projection[..., : n_slots * 128].unflatten(-1, (n_slots, 128))
     cos, sin = (t[start : start + tokens] for t in rope_table(start + tokens, 128, 1e6, "cuda", torch.float32))
     plan = layer.slot_plans[True]
@@ -675,12 +681,7 @@ def test_slot_conv_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens):
         for name, op in (("kernel", slot_prep.slot_conv), ("twin", glue.slot_conv)):
             heads, state = op(*inputs, True)
             results[name, dtype] = (*heads, state)
-    for kernel, twin in zip(results["kernel", torch.float32], results["twin", torch.float32], strict=True):
-        assert rel(kernel, twin) < 1e-5
-    for kernel, twin in zip(results["kernel", torch.bfloat16], results["twin", torch.float32], strict=True):
-        assert rel(kernel, twin) < 1e-2
-    for kernel, twin in zip(results["kernel", torch.float64], results["twin", torch.float64], strict=True):
-        assert rel(kernel, twin) < 1e-12
+    _kernel_within_twin(results, fp32=1e-5)
     _, projection, inputs = _slot_conv_inputs(tokens, 2, torch.float32)
     slot_prep.slot_conv(*inputs, True)  # compiled and its table on the GPU before capture
     graph = torch.cuda.CUDAGraph()
@@ -733,12 +734,8 @@ def test_head_norms_kernel_matches_its_torch_twin_and_replays_in_a_graph(tokens)
         inputs = [t.to(dtype) for t in (o_la, gate, o_fa)]
         results["kernel", dtype] = slot_prep.head_norms(*inputs, 1e-6)
         results["twin", dtype] = glue.head_norms(*inputs, 1e-6)
-    for kernel, twin in zip(results["kernel", torch.float32], results["twin", torch.float32], strict=True):
-        assert rel(kernel, twin) < 1e-5
-    for kernel, twin in zip(results["kernel", torch.bfloat16], results["twin", torch.float32], strict=True):
-        assert kernel.dtype == torch.bfloat16 and rel(kernel, twin) < 1e-2
-    for kernel, twin in zip(results["kernel", torch.float64], results["twin", torch.float64], strict=True):
-        assert rel(kernel, twin) < 1e-12
+    assert all(t.dtype == torch.bfloat16 for t in results["kernel", torch.bfloat16])
+    _kernel_within_twin(results, fp32=1e-5)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = slot_prep.head_norms(o_la, gate, o_fa, 1e-6)
