@@ -277,6 +277,17 @@ def test_a_refused_eval_leaves_no_run_folder(tmp_path):
     assert not out.exists()
 
 
+def test_an_empty_run_name_is_refused(tmp_path):
+    """--run "" (a script's unset variable) was taken for no --run: the eval went into eval-MODEL, resuming it."""
+    from inprocess import run_main
+
+    out = tmp_path / "results"
+    result = run_main("eval", "--model", "tiny-random-llama", "--variants", "teacher", "--tasks", "passkey",
+                      "--lengths", "512", "--limit", "1", "--out", str(out), "--run", "")  # fmt: skip
+    one_line_error(result, "bad run name ''")
+    assert not out.exists()
+
+
 def test_a_multi_line_load_error_is_one_whole_line(tmp_path):
     from inprocess import run_main
     from transformers import LlamaConfig

@@ -99,6 +99,26 @@ def test_per_layer_plan_shows_kv_groups(cli):
 
 
 @pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--plan", "--json"], "--plan is a view of its own: give it without --json or --csv"),
+        (["--plan", "--csv", "plan.csv"], "--plan is a view of its own: give it without --json or --csv"),
+        (["--claims", "--json"], "--claims is a view of its own: give it without --plan, --json or --csv"),
+        (["--claims", "--csv", "claims.csv"], "--claims is a view of its own: give it without --plan, --json or --csv"),
+        (["--claims", "--plan"], "--claims is a view of its own: give it without --plan, --json or --csv"),
+    ],
+)
+def test_plan_and_claims_refuse_the_row_outputs(cli, tmp_path, args, message):
+    """--plan and --claims print a view instead of the cost rows: beside --json they printed markdown or sentences
+    where JSON lines were asked for (a pipe into a JSON reader broke on its first line), beside --csv they wrote
+    no CSV, and --claims hid --plan, each without a word."""
+    args = [str(tmp_path / arg) if arg.endswith(".csv") else arg for arg in args]
+    result = cli("flops", "--model", "tiny", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(
     "config,message",
     [
         ("[1,2,3]", "expected a JSON object of config fields, got list"),

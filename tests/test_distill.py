@@ -275,9 +275,10 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     one_line(capsys, [*base, "--variants", "head:3:1", "--fa-backend", "sdpa-split", "--run", "t"],
              "backend sdpa-split cannot run the train pass here: sdpa-split does not implement the train pass")  # fmt: skip
     assert not (tmp_path / "t").exists()
-    for flag in ("--run", "--run-name"):  # a run stays inside --out
-        one_line(capsys, [*base, "--variants", "head:3:1", flag, "../esc"], "bad run name")
-    assert not (tmp_path.parent / "esc").exists()
+    for flag in ("--run", "--run-name"):  # a run stays inside --out; "" (an unset variable) is no default run
+        for name in ("../esc", ""):
+            one_line(capsys, [*base, "--variants", "head:3:1", flag, name], f"bad run name {name!r}")
+    assert not (tmp_path.parent / "esc").exists() and not (tmp_path / "distill-tiny-random-llama").exists()
     assert main_ok(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--stop-after", "1"])
     one_line(capsys, [*base, "--variants", "layer:3:1", "--run", "r", "--lr-new", "0.01"], "another recipe")
 

@@ -11,8 +11,9 @@ from inprocess import run_main
 from synthetic import analytic, measured, write_run
 
 from hhbench.errors import UserError
-from hhbench.gate.check import ALPHA, describe, gate, least_p, parse_slowdown
+from hhbench.gate.check import ALPHA, gate, least_p, parse_slowdown
 from hhbench.rows.schema import ERROR, INCORRECT, OK, UNAVAILABLE, Row, RowSet, read_rows
+from hhbench.rows.sources import describe
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +220,16 @@ def test_update_creates_a_missing_baseline(tmp_path, rows):
     RowSet(rows[:3]).to_jsonl(flat)
     result = run_main("gate", str(flat), str(cand), "--update")
     assert result.returncode == 0 and read_rows(flat) == rows
+
+
+def test_update_refuses_a_candidate_with_one_configuration_twice(tmp_path, rows):
+    """A missing baseline was written from the candidate unchecked, two rows of one configuration and all, that every
+    later gate against it then refused."""
+    twice = write_run(tmp_path / "twice", RowSet([*rows, rows[0]]))
+    result = run_main("gate", str(tmp_path / "new-baseline"), str(twice), "--update")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{twice} has two rows for one configuration: {describe(rows[0])}" in result.stderr
+    assert not (tmp_path / "new-baseline").exists()
 
 
 @pytest.mark.parametrize("flat", [False, True], ids=["folder", "jsonl"])

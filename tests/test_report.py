@@ -14,7 +14,8 @@ from synthetic import analytic, measured, quality, write_run
 from hhbench.report.figures import quality_figure, roofs
 from hhbench.report.labels import series_labels
 from hhbench.report.page import Report, build_report
-from hhbench.rows.sources import load_runs
+from hhbench.rows.schema import RowSet
+from hhbench.rows.sources import describe, load_runs
 from hhbench.spec.axes import Pass, Scope
 
 H100_ENV = {
@@ -135,6 +136,15 @@ def test_png_folder_that_is_a_file_is_bad_input(runs, tmp_path):
     result = run_main("report", str(runs[3]), "--out", str(tmp_path / "report.html"), "--png", str(blocker))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "is a file, not a folder" in result.stderr, result.stderr
+
+
+def test_a_run_with_one_configuration_twice_is_bad_input(runs, tmp_path):
+    rows = load_runs([runs[3]])[0].rows
+    twice = write_run(tmp_path / "twice", RowSet([*rows, rows[0]]))  # runs concatenated by hand
+    result = run_main("report", str(twice), "--out", str(tmp_path / "report.html"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{twice} has two rows for one configuration: {describe(rows[0])}" in result.stderr
+    assert not (tmp_path / "report.html").exists()
 
 
 def test_analytic_only_report(runs):

@@ -281,6 +281,18 @@ def test_bad_suites(cli, args, message):
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/tmp/abs"])
+def test_a_run_name_that_is_no_folder_name_is_refused(tmp_path, name):
+    """--run "" (a script's unset variable) was taken for no --run: the sweep went into the default run, SUITE-DEVICE,
+    resuming whatever was there; the other names would leave --out."""
+    out = tmp_path / "out"
+    result = run_main("sweep", "--models", "tiny", "--layouts", "head", "--ratios", "3:1", "--contexts", "32", "--pass",
+                      "prefill", "--scopes", "kernel", "--no-floor", "--run", name, "--out", str(out))  # fmt: skip
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"bad run name {name!r}: one folder name inside --out" in result.stderr
+    assert not out.exists()
+
+
 def _parts(point):
     return {(part.layer, part.name): (part.count, part.shape) for part in floor_parts(point, torch.device("cpu"))}
 

@@ -171,11 +171,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, rows):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     good = write_run(tmp_path / "good", rows)
+    twice = write_run(tmp_path / "twice", RowSet([*rows, rows[0]]))
     cases = [
         ([str(tmp_path / "nowhere")], "no run at"),
         ([str(empty)], "empty.jsonl holds no rows"),
         ([str(good), str(tmp_path / "." / "good" / "rows.jsonl")], "is given twice"),
         ([str(good), "--csv", "/proc/version/t.csv"], "cannot write /proc/version/t.csv"),
+        # runs concatenated by hand: each copy was compared with layer:3:1, where the gate refuses them
+        ([str(twice)], f"{twice} has two rows for one configuration: tiny {rows[0].variant} prefill model 256"),
     ]
     for args, message in cases:
         result = run_main("table", *args)

@@ -74,14 +74,14 @@ def distill(
     ] = "auto",
     out: Annotated[str, Opt(help="Results folder; the run goes to OUT/RUN.")] = "results",
     run: Annotated[
-        str,
+        str | None,
         Opt(
             "--run",
             "--run-name",
             help="Run name (default distill-MODEL); an existing run resumes. Under torchrun "
             "spell it --run-name (torchrun takes --run for its own --run-path).",
         ),
-    ] = "",
+    ] = None,
 ):
     """Distill converted students from their teacher: stage 1 aligns each converted attention layer (MSE on the
     teacher's hidden states), stage 2 matches the teacher's next-token distributions (KL, answers weighted).
@@ -104,7 +104,7 @@ def distill(
 
     offline()
     quiet_logs()
-    run_path = run_folder(out, run or f"distill-{Path(model).name}")
+    run_path = run_folder(out, run if run is not None else f"distill-{Path(model).name}")  # --run "": a bad name
     variant_list = parse_variants(split_list(variants))
     tokens1, tokens2 = parse_tokens(stage1_tokens, "--stage1-tokens"), parse_tokens(stage2_tokens, "--stage2-tokens")
     if tokens1 + tokens2 == 0:

@@ -38,7 +38,7 @@ def eval_(
     dtype: Annotated[str, Opt(help="fp32, bf16 or fp16 (auto: fp32 on CPU, bf16 on CUDA).")] = "auto",
     batch_size: Annotated[int, Opt(help="Teacher batch size (converted variants always run 1: no padding).")] = 1,
     out: Annotated[str, Opt(help="Results folder; the run goes to OUT/RUN.")] = "results",
-    run: Annotated[str, Opt(help="Run name (default eval-MODEL); an existing run resumes.")] = "",
+    run: Annotated[str | None, Opt(help="Run name (default eval-MODEL); an existing run resumes.")] = None,
     fa_backend: Annotated[str, Opt(help="FA backend of converted layers (auto, sdpa-math, ...).")] = "auto",
     gdn_backend: Annotated[
         str, Opt(help="GDN backend of converted layers (auto, torch-chunk, fla-chunk, ...).")
@@ -77,7 +77,7 @@ def eval_(
         check_name(name, kind, device)
     harness.quiet_logs()
     harness.check_tasks(task_list)
-    run_name = run or f"eval-{Path(model).name}"
+    run_name = run if run is not None else f"eval-{Path(model).name}"  # --run "" is a bad name, not the default
     run_dir = RunDir(run_folder(out, run_name))  # made only once every check below has passed
     fingerprint = harness.EvalSettings(model="", limit=limit, seed=seed, dtype=dtype, run=run_name)
     if run_dir.eval_path.exists():  # rows made with other settings: said before the model loads

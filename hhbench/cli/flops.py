@@ -9,6 +9,7 @@ import typer
 from hhbench.analytic.claims import claim_points, claim_sentences
 from hhbench.analytic.rows import analytic_rows
 from hhbench.cli.app import app
+from hhbench.errors import UserError
 from hhbench.files import open_output
 from hhbench.rows.schema import RowSet, markdown_table
 from hhbench.spec import parse as options
@@ -118,6 +119,11 @@ def flops(
     plan: Annotated[bool, Opt(help="Print each variant's per-layer plan (FA heads, KV groups) instead.")] = False,
 ):
     """Analytic FLOPs and memory of hybrid layouts, against the layer-wise 3:1 baseline."""
+    # --claims and --plan print instead of the cost rows, which --json and --csv are the forms of
+    if claims and (plan or as_json or csv):
+        raise UserError("--claims is a view of its own: give it without --plan, --json or --csv")
+    if plan and (as_json or csv):
+        raise UserError("--plan is a view of its own: give it without --json or --csv")
     shapes = options.models(model, set_)
     context_values = options.contexts(contexts)
     pass_values = options.passes(pass_)

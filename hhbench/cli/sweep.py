@@ -102,7 +102,9 @@ def sweep(
         ),
     ] = False,
     device: Annotated[str, Opt(help="auto, cpu or cuda.")] = "auto",
-    run: Annotated[str, Opt(help="Run name: results go to OUT/RUN/. Default: SUITE-DEVICE (rerun to resume).")] = "",
+    run: Annotated[
+        str | None, Opt(help="Run name: results go to OUT/RUN/. Default: SUITE-DEVICE (rerun to resume).")
+    ] = None,
     out: Annotated[str, Opt(help="Folder holding runs.")] = "results",
     isolate: Annotated[bool, Opt(help="Measure each point in its own subprocess (CUDA errors are sticky).")] = False,
     crosscheck: Annotated[
@@ -190,7 +192,8 @@ def sweep(
     if policy.graph and where.type != "cuda":  # refused, not silently timed eagerly (as --mode streams)
         asked = "--graph" if graph else "[timing] graph = true"
         raise UserError(f"{asked} captures CUDA graphs, and this run is on {where.type}")
-    run_dir = RunDir(run_folder(out, run or default_run_name(name, where, policy.graph)))
+    # None, not "", is no --run: --run "" (a script's unset variable) is a bad name, not the default run resumed
+    run_dir = RunDir(run_folder(out, run if run is not None else default_run_name(name, where, policy.graph)))
     check_timer(run_dir, policy)
     if not suite and not grid:  # the main job: nothing on its command line says what it runs, so say it here
         why = "a CUDA GPU is visible" if where.type == "cuda" else "no CUDA GPU is visible, and 'default' needs one"

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from hhbench.errors import UserError
 from hhbench.files import open_output
 from hhbench.rows.schema import INCORRECT, OK, Row, RowSet
-from hhbench.spec.units import format_count, split_list
+from hhbench.rows.sources import by_key, describe
+from hhbench.spec.units import split_list
 
 METRICS = ("flops", "memory", "presence", "status", "latency")
 FLOPS_FIELDS = tuple(f.name for f in fields(Row) if f.name.startswith("flops_"))
@@ -146,24 +147,6 @@ def parse_slowdown(text: str) -> float:
     if not 0 <= value < math.inf or (value >= 1 and not stripped.endswith("%")):
         raise UserError(f"bad --max-slowdown {text!r}: write a percentage (5%) or a fraction (0.05)")
     return value
-
-
-def describe(row: Row) -> str:
-    """A row's configuration as a reader names it: 'tiny head:7:1 prefill model 4k b1 fp32 sdpa/fla'."""
-    parts = [row.model, row.variant or row.layout, row.pass_, row.scope, format_count(row.context), f"b{row.batch}"]
-    parts += [row.dtype, "/".join(b for b in (row.fa_backend, row.gdn_backend) if b), row.mode, row.head_map]
-    parts += ["kv-aware" if row.kv_aware else ""]
-    return " ".join(part for part in parts if part)
-
-
-def by_key(rows: RowSet, name: str) -> dict[tuple, Row]:
-    """The rows by configuration key (Row.key). Raises UserError when two rows of `name` share one."""
-    keyed: dict[tuple, Row] = {}
-    for row in rows:
-        if row.key in keyed:
-            raise UserError(f"{name} has two rows for one configuration: {describe(row)}")
-        keyed[row.key] = row
-    return keyed
 
 
 def gate(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from hhbench.errors import UserError
 from hhbench.rows.runs import RunDir
-from hhbench.rows.schema import RowSet, read_rows
+from hhbench.rows.schema import Row, RowSet, read_rows
+from hhbench.spec.units import format_count
 
 
 @dataclass
@@ -38,13 +39,17 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     """A Run from a run folder, one of its files, or a lone rows file (labelled by its stem). Raises UserError for
-    a path that holds no run or an unreadable row."""
+    a path that holds no run, an unreadable row or two rows of one configuration (by_key)."""
     path = Path(path)
     if path.is_file() and path.name not in ("rows.jsonl", "eval.jsonl"):
-        return Run(label=path.stem, path=path, rows=read_rows(path))
-    run = RunDir.open(path)
-    return Run(label=run.name, path=run.path, rows=run.rows(), eval_rows=run.eval_rows(), env=run.env(),
-               train_rows=run.train_rows())  # fmt: skip
+        run = Run(label=path.stem, path=path, rows=read_rows(path))
+    else:
+        folder = RunDir.open(path)
+        run = Run(label=folder.name, path=folder.path, rows=folder.rows(), eval_rows=folder.eval_rows(),
+                  env=folder.env(), train_rows=folder.train_rows())  # fmt: skip
+    # a configuration twice (runs concatenated by hand) would be compared, plotted or gated once per copy
+    by_key(run.rows, str(run.path))
+    return run
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
@@ -69,3 +74,21 @@ def _unique_labels(runs: list[Run]) -> None:
         depth += 1
         for run, path in zip(runs, resolved, strict=True):
             run.label = "/".join(path.parts[-depth:]).removesuffix(".jsonl")
+
+
+def describe(row: Row) -> str:
+    """A row's configuration as a reader names it: 'tiny head:7:1 prefill model 4k b1 fp32 sdpa/fla'."""
+    parts = [row.model, row.variant or row.layout, row.pass_, row.scope, format_count(row.context), f"b{row.batch}"]
+    parts += [row.dtype, "/".join(b for b in (row.fa_backend, row.gdn_backend) if b), row.mode, row.head_map]
+    parts += ["kv-aware" if row.kv_aware else ""]
+    return " ".join(part for part in parts if part)
+
+
+def by_key(rows: RowSet, name: str) -> dict[tuple, Row]:
+    """The rows by configuration key (Row.key). Raises UserError when two rows of `name` share one."""
+    keyed: dict[tuple, Row] = {}
+    for row in rows:
+        if row.key in keyed:
+            raise UserError(f"{name} has two rows for one configuration: {describe(row)}")
+        keyed[row.key] = row
+    return keyed
