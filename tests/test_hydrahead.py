@@ -443,6 +443,10 @@ def step_ops(layer: HydraAttention, x: torch.Tensor, monkeypatch) -> tuple[StepO
 # slot_norm_rope also writes the new token's K and V into the cache (before, two copy_ a step).
 FUSED_PREFILL = {"gemm": 4, "slot_norm_rope": 1, "slot_conv": 1, "core": 1, "head_norms": 1}
 FUSED_DECODE = {**FUSED_PREFILL, "gemm": 3, "slot_conv": 0, "conv_update": 1}
+# A layer without GDN heads (a layer-wise hybrid's FA layer): the projection GEMM, slot_norm_rope (RoPE, and the q/k
+# norms where the shape has them; in decode the cache writes), the FA kernel and o_proj. The reference glue ran 16 ops
+# a prefill and 18 a decode step there (RoPE's tables made per call: arange, casts, cos, sin, cat; rotate-half: neg,
+# cat, mul, add), 29 and 31 with Qwen3's q/k norms.
 PLAIN_PREFILL = {"gemm": 2, "slot_norm_rope": 1, "core": 1}
 PLAIN_DECODE = PLAIN_PREFILL
 

@@ -585,3 +585,58 @@ def test_head_norms_refuses_what_its_kernel_cannot_read():
         slot_prep.head_norms(o_la, gate[:, :, :2], o_fa, 1e-6)
     with pytest.raises(ValueError, match="a gate of o_la's shape"):
         slot_prep.head_norms(o_la, gate, o_fa[:, :4], 1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("op", ["slot_conv", "slot_norm_rope", "slot_norm_rope_backward"])
+def test_the_kernels_read_a_strided_norm_weight_as_the_twins_do(op):
+    """Qwen3's q/k norm weight [2, d] as a view with other strides (its transpose's transpose: strides (1, 2)): the
+    kernels index it as contiguous (row r at r d), so their launchers make it so; the twins index it as a tensor. Each
+    gave the wrong q and k norms, silently."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, taps, *gates = _conv_inputs(2, 5, 8, torch.float64)
+    strided = weight.t().contiguous().t()
+    assert torch.equal(strided, weight) and not strided.is_contiguous()
+    plan = SlotPlan(sources=(0, 4, 3, 6), kinds=(0, 0, 1, 2), sizes=(2, 1, 1), n_rope=0)  # no RoPE: no tables
+    if op == "slot_conv":
+        got = slot_prep.slot_conv(slots, GDN_SOURCES, strided, 1e-6, taps, *gates)[0]
+        want = glue.slot_conv(slots, GDN_SOURCES, weight, 1e-6, taps, *gates)[0]
+    elif op == "slot_norm_rope":
+        got = slot_prep.slot_norm_rope(slots, plan, strided, 1e-6, None, None)
+        want = glue.slot_norm_rope(slots, plan, weight, 1e-6, None, None)
+    else:
+        grads = [torch.randn(2, 5, n, 8, dtype=torch.float64) for n in plan.sizes]
+        buffers = [torch.zeros_like(slots) for _ in range(2)]
+        got = (slot_prep.slot_norm_rope_backward(grads, slots, plan, strided, 1e-6, None, None, buffers[0]), buffers[0])
+        want = (glue.slot_norm_rope_backward(grads, slots, plan, weight, 1e-6, None, None, buffers[1]), buffers[1])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(1, 16), (2, 17)], ids=["one row", "wider"])
+def test_the_kernels_refuse_a_norm_weight_of_another_shape(shape):
+    """A q/k norm weight that is not [2, d]: the twins raise (its rows do not broadcast against the slots, or row 1 is
+    missing); the kernels read row 1 at d.. whatever its shape: past its end for one row (out of bounds on a GPU),
+    the wrong elements for a wider one."""
+    from hhbench.layers import slot_prep
+
+    slots, _, taps, *gates = _conv_inputs(1, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"the q/k norm weight is \[2, d\] = \[2, 16\]"):
+        slot_prep.slot_conv(slots, GDN_SOURCES, torch.ones(shape), 1e-6, taps, *gates)
+    with pytest.raises(ValueError, match=r"the q/k norm weight is \[2, d\] = \[2, 16\]"):
+        slot_prep.slot_norm_rope(slots, PLAN, torch.ones(shape), 1e-6, None, None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("sources", [((0, 4, 5), (1, 3, 3, 3), (2, 6, 6)), ((0, 4, 5), (1, 3), (2, 6, 6))])
+def test_slot_conv_refuses_sources_of_uneven_lengths(sources):
+    """sources = (q, k, v) must name the same n heads each: the kernel takes n from q and reads 3 n entries of the
+    chained table. A longer k ran and read k's extra entry as the first v head's slot (the twin raises: its split does
+    not match the taps); a shorter one read past the table's end (Triton's interpreter crashed the process)."""
+    from hhbench.layers import slot_prep
+
+    slots, weight, taps, *gates = _conv_inputs(1, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match="sources"):
+        slot_prep.slot_conv(slots, sources, weight, 1e-6, taps, *gates)

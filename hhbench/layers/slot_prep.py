@@ -116,6 +116,16 @@ def _check_layout(*slots):
 MAX_PARTS = 5
 
 
+def _norm_weight(weight, d: int):
+    """The q/k norm weight as the kernels read it: None, or [2, d] made contiguous (they index row r at r d). Raises
+    ValueError for another shape."""
+    if weight is None:
+        return None
+    if weight.shape != (2, d):
+        raise ValueError(f"the q/k norm weight is [2, d] = [2, {d}], not {list(weight.shape)}")
+    return weight.contiguous()
+
+
 def _check_parts(plan):
     """Raises ValueError for a plan of more than MAX_PARTS parts."""
     if len(plan.sizes) > MAX_PARTS:
@@ -133,12 +143,13 @@ def slot_norm_rope(slots, plan, weight, eps, cos, sin, into=None):
     RoPE slots), `into` None or {part index: destination} -> the plan's parts, each [B, T, n, d]: the destinations
     (slots' dtype values written in theirs, with any batch and token strides: decode's KV cache slices), the others
     contiguous views of one buffer; computed in fp32, in fp64 for fp64 slots (the twin's promote_types). Raises
-    ValueError for a strided last dim, an odd d, a plan of more than MAX_PARTS parts or a destination that is not one
-    of its parts' shape with contiguous slots or that overlaps slots' memory or another destination's
-    (glue.SlotPlan.check_into)."""
+    ValueError for a strided last dim, an odd d, a weight not [2, d], a plan of more than MAX_PARTS parts or a
+    destination that is not one of its parts' shape with contiguous slots or that overlaps slots' memory or another
+    destination's (glue.SlotPlan.check_into)."""
     B, T, _, d = slots.shape
     _check_layout(slots)
     _check_parts(plan)
+    weight = _norm_weight(weight, d)
     into = into or {}
     plan.check_into(into, slots)
     n_tokens, n_dest = B * T, len(plan.sources)
@@ -256,10 +267,11 @@ def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slot
     the plan reads (plan.read) into grad_slots (slots' shape and dtype, any strides but a contiguous last dim; its
     other slots are left as they are) and returns weight's gradient [2, d] in weight's dtype (None without weight).
     Deterministic (no atomics), and without copies to the GPU (CUDA graphs capture it). Raises ValueError for a
-    strided last dim, an odd d or a plan of more than MAX_PARTS parts."""
+    strided last dim, an odd d, a weight not [2, d] or a plan of more than MAX_PARTS parts."""
     B, T, _, d = slots.shape
     _check_layout(slots, grad_slots)
     _check_parts(plan)
+    weight = _norm_weight(weight, d)
     grads = [g.contiguous() for g in grads]
     n_tokens, fan_out, inverse = B * T, *plan.inverse
     n_read, n_blocks = len(plan.read), triton.cdiv(B * T, BLOCK_TOKENS)
@@ -340,10 +352,13 @@ def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, ou
     but a contiguous last dim: the projection's columns), A_log and dt_bias [n] -> ((q, k, v [B, T, n, d], contiguous
     views of one buffer in slots' dtype, q and k L2-normalized; g, beta [B, T, n]), the conv's final state
     [B, 3 n d, K] in slots' dtype with output_final_state, else None); computed, and g and beta given, in fp32 (fp64 for
-    fp64 slots). Raises ValueError for a strided last dim or conv taps or gate inputs of another shape, IndexError for
-    a source outside S."""
+    fp64 slots). Raises ValueError for a strided last dim, conv taps, gate inputs or a weight of another shape or
+    sources of uneven lengths, IndexError for a source outside S."""
     B, T, S, d = slots.shape
     n, K = len(sources[0]), conv_weight.shape[-1]
+    weight = _norm_weight(weight, d)
+    if len(sources) != 3 or any(len(heads) != n for heads in sources):  # the kernel reads 3 n entries of the table
+        raise ValueError(f"slot_conv takes sources (q, k, v) of one length each, not {sources}")
     if slots.stride(-1) != 1 or a.stride(-1) != 1 or b.stride(-1) != 1:
         raise ValueError("slot_conv takes slots and gate inputs with a contiguous last dim")
     if conv_weight.shape != (3 * n * d, K):
