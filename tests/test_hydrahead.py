@@ -179,6 +179,24 @@ def test_a_layer_made_in_inference_mode_runs_the_fused_glue(fa_heads):
             assert torch.allclose(fused(x), reference(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(1, 6), ()])
+def test_decode_without_gradients_continues_a_prefill_made_in_inference_mode(fa_heads, glue_name):
+    """A prompt prefilled under inference_mode (evaluation), then decoded under no_grad (a generation loop's): the
+    cache's conv state made in inference mode is an inference tensor, which the fused decode advances in place (its
+    conv update) and torch refuses to write outside inference mode; the steps are the full forward's."""
+    layer = make_layer(fa_heads, qk_norm=True, glue=glue_name)
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+        cache = layer.new_cache(2, 12, "cpu", x.dtype)
+    with torch.inference_mode():
+        outs = [layer(x[:, :9], cache=cache)]
+    with torch.no_grad():
+        outs += [layer(x[:, t : t + 1], cache=cache) for t in range(9, 12)]
+    assert torch.allclose(torch.cat(outs, 1), expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("batch_tables", [1, 2])
 def test_fused_glue_takes_hugging_faces_tables(batch_tables):
     """(cos, sin) as Hugging Face passes them, [1, T, d] (its half is the glue op's table) or one per sequence

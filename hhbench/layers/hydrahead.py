@@ -724,6 +724,8 @@ class HydraAttention(nn.Module):
         gdn = gates = None
         if la is not None:
             n_la = self.gdn.n_heads
+            if self.gdn.conv_size and cache.conv.is_inference() and not torch.is_inference_mode_enabled():
+                cache.conv = cache.conv.clone()  # made by a prefill in inference mode: written in place below
             la = ops.conv_update(la, cache.conv, weights.conv) if self.gdn.conv_size else F.silu(la)  # advances conv
             q, k, v = la.view(B, 3 * n_la, -1).split(n_la, dim=1)
             # a and b raw: the GDN step applies the decay gate and beta's sigmoid in its kernel (fla's recurrent
