@@ -50,7 +50,10 @@ class Costs:
 # at run time (@triton.jit(do_not_specialize=['T']), e.g. fla/ops/common/chunk_o.py:57) and tune on head counts and
 # sizes (key=['H', 'HV', 'K', 'V', 'BT', ...], line 56), so kernel-scope points, whose q and k arrive normalized,
 # compile nothing at a new T (results/gpu-default-h100, 8K-128K: compile_ms 0.0-0.5 s prefill, 0.0-1.5 s training). The
-# layer's fused path asks fla for the q/k L2 norm (use_qk_l2norm_in_kernel=True, hhbench/layers/hydrahead.py; fla's
+# layer's fused path asked fla for the q/k L2 norm (since slot_conv only in training: a prefill without gradients
+# normalizes q and k in hhbench's own kernel, and its head norms in head_norms, which take T as a run-time argument
+# (Triton compiles anew only for T = 1 or T's divisibility by 16); the fit below predates that and charges prefill as
+# before) (use_qk_l2norm_in_kernel=True, hydrahead.py; fla's
 # ops/gated_delta_rule/chunk.py:282-284, backward 383-385), and fla's l2norm_fwd and l2norm_bwd put the B*T*H rows in
 # buckets of 65536, NB = cdiv(rows, 65536), a tl.constexpr in the tuning key (fla/modules/norm/l2norm.py:63-69, 87-93,
 # 129-136, 157-164): a new bucket compiles and benchmarks all 25 configs of the kernel (5 BT x 5 num_warps, line 64),
