@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hhbench.errors import Terminated, UserError, require_extra
 from hhbench.launch.local import POLL_S, crash_site, rows_written, run_on_gpus, visible_gpus
+from hhbench.launch.lock import try_lock
 from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
 
@@ -199,6 +200,19 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _shards_released(run: RunDir, names: list[str]) -> bool:
+    """Whether no process holds the shards `names` that exist (each one's lock taken and let go at once), as the
+    merge needs."""
+    for name in names:
+        if not run.shard(name).rows.exists():  # never started (try_lock would make the file)
+            continue
+        handle = try_lock(run.shard(name).rows)
+        if handle is None:
+            return False
+        handle.close()
+    return True
+
+
 def run_local(
     run: RunDir, tasks: list[Task], gpus: list[str], on_progress: Callable[[int, int], None] | None = None
 ) -> list[str]:
@@ -229,6 +243,9 @@ def run_local(
                     job.cancel(check=False)
             deadline = time.monotonic() + CANCEL_WAIT_S  # so that the merge after this finds their shards released
             while not all(job.done() for _, job in jobs) and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            # a controller can end (its job reported done) a moment before the worker holding the shard has died
+            while not _shards_released(run, names) and time.monotonic() < deadline:
                 time.sleep(POLL_S)
     return [f"job {task.name}: {why}" for task, job in jobs if (why := job_failure(job)) is not None]
 
