@@ -2,6 +2,7 @@
 inline run, a killed launch resumed, a worker killed inside a point, the run lock, merge, the SLURM script and
 bad input."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -874,11 +875,12 @@ def test_a_slurm_submission_without_srun_is_refused_before_the_run_exists(tmp_pa
         assert stale.lock_path.read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
 
 
-def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
-    """Ctrl-C in a terminal (SIGINT to the whole process group: the sweep, submitit's controllers and jobs, the
-    workers): one line, no traceback of any of them, exit 130; what was measured is merged."""
-    args = ["sweep", *FLAGS, "--launcher", "local", "--shards", "2", "--out", str(tmp_path), "--run", "i"]
-    shards = tmp_path / "i" / "shards"
+def _local_launch_with_rows(tmp_path: Path, run: str, *flags: str) -> subprocess.Popen:
+    """`sweep --launcher local --shards 2` with FLAGS, then `flags`, into tmp_path/run, started in a session of its
+    own (its process group holds the sweep, submitit's controllers and jobs, their workers), once its workers have
+    written two whole rows."""
+    args = ["sweep", *FLAGS, *flags, "--launcher", "local", "--shards", "2", "--out", str(tmp_path), "--run", run]
+    shards = tmp_path / run / "shards"
     # SIGINT as a terminal's shell leaves it to its foreground jobs: a test run started in the background of a shell
     # without job control inherits it ignored (bash's rule for such jobs), and so would the sweep, which then ran on
     # to exit 0 through the Ctrl-C
@@ -889,12 +891,72 @@ def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
     # whole rows only: a row caught half-written would be counted, then dropped by the merge's repair
     while time.time() < deadline and sum(p.read_text().count("\n") for p in shards.glob("*.jsonl")) < 2:
         time.sleep(0.05)
+    return process
+
+
+def _live_in_group(group: int) -> list[str]:
+    """The command lines of the live processes (zombies aside) of process group `group`, from /proc."""
+    live = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            state, _, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]  # after '(comm)', which may hold spaces
+            if proc.name.isdigit() and int(pgrp) == group and state != "Z":
+                live.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        except (OSError, ValueError):  # gone while read, or not a process
+            pass
+    return live
+
+
+def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group: the sweep, submitit's controllers and jobs, the
+    workers): one line, no traceback of any of them, exit 130; what was measured is merged."""
+    process = _local_launch_with_rows(tmp_path, "i")
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "hhbench: interrupted; rerun the same command to resume"
     assert len(read_rows(tmp_path / "i" / "rows.jsonl")) >= 2, "what the workers measured is merged"
+
+
+def test_a_terminated_local_launch_ends_its_jobs_in_one_line_and_exit_143(tmp_path):
+    """SIGTERM to the sweep alone (kill, timeout(1), a CI runner's time limit, systemd, a job scheduler): its jobs
+    and their workers end as on Ctrl-C, none left writing the run or holding a GPU; one line, exit 143 (128 +
+    SIGTERM); what was measured stays in the run."""
+    # each point timed for 2 s: jobs left running would go on for seconds after the sweep has ended
+    process = _local_launch_with_rows(tmp_path, "t", "--target-ms", "2000", "--max-reps", "1000000")
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)  # not communicate: jobs left running would hold its pipes open
+        deadline = time.time() + 3
+        while _live_in_group(process.pid) and time.time() < deadline:
+            time.sleep(0.1)
+        left = _live_in_group(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what a failure leaves does not outlive the test
+            os.killpg(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=10)
+    assert not left, f"processes of the launch left running: {left}"
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "hhbench: terminated (SIGTERM); rerun the same command to resume"
+    # merged, or, where a worker was still dying as the merge ran (a job can end a moment before its workers), in
+    # its shard file, which the next sweep or merge takes
+    kept = [row for path in (tmp_path / "t").glob("**/*.jsonl") for row in read_rows(path)]
+    assert len(kept) >= 2, "what the workers measured stays in the run"
+
+
+def test_a_local_launch_gives_back_the_sigterm_handler_it_found(tmp_path):
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert cluster.run_local(RunDir(tmp_path / "r").create(), [], []) == []
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_launch_profiles_again_a_failed_profile_before_its_workers_and_slurm_refuses(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import sys
 
 import typer
 
-from hhbench.errors import UserError
+from hhbench.errors import Terminated, UserError
 
 app = typer.Typer(
     name="hhbench",
@@ -47,17 +47,20 @@ def fail(message: str, code: int = 2) -> None:
 
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+TERMINATED = 143  # and by SIGTERM (128 + 15)
 
 
-def interrupted() -> None:
-    """Print the one line an interrupt gets (what was finished is kept: rerunning resumes) and exit 130."""
-    print("hhbench: interrupted; rerun the same command to resume", file=sys.stderr)
-    raise SystemExit(INTERRUPTED)
+def interrupted(how: str = "interrupted", code: int = INTERRUPTED) -> None:
+    """Print the one line an interrupt gets, `how` it came (what was finished is kept: rerunning resumes), and exit
+    with `code`: 130 after Ctrl-C, TERMINATED after a SIGTERM."""
+    print(f"hhbench: {how}; rerun the same command to resume", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input of any kind ends in one line on stderr and exit code 2, never a traceback; an
-    interrupt (Ctrl-C) ends in one line and exit code 130."""
+    interrupt (Ctrl-C) ends in one line and exit code 130, a SIGTERM that a launch turned into Terminated in one line
+    and exit code 143."""
     _register_commands()
     command = typer.main.get_command(app)
     try:
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(exc.format_message() + hint)
     except (KeyboardInterrupt, typer.Abort):
         interrupted()
+    except Terminated:
+        interrupted("terminated (SIGTERM)", TERMINATED)
     if code == INTERRUPTED:
         interrupted()
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -7,14 +7,16 @@ import faulthandler
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hhbench.errors import UserError, require_extra
+from hhbench.errors import Terminated, UserError, require_extra
 from hhbench.launch.local import POLL_S, crash_site, rows_written, run_on_gpus, visible_gpus
+from hhbench.launch.lock import try_lock
 from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
 
@@ -178,35 +180,73 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM (kill, timeout(1), a CI runner's time limit, systemd, a scheduler) raises Terminated while inside, as
+    Ctrl-C raises KeyboardInterrupt: Python's default action would end this process at once, without the `finally`
+    that cancels its jobs, which ran on as orphans. Once: later ones are ignored, so that they do not cut short the
+    cancelling. The previous handler is back after. A SIGKILL cannot be caught: the jobs outlive it, as SLURM's
+    outlive their submitter, and a rerun leaves their shards be (docs/sweeps-multi-gpu.md); PR_SET_PDEATHSIG in a
+    job would follow its parent, submitit's controller, not this process."""
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _shards_released(run: RunDir, names: list[str]) -> bool:
+    """Whether no process holds the shards `names` that exist (each one's lock taken and let go at once), as the
+    merge needs."""
+    for name in names:
+        if not run.shard(name).rows.exists():  # never started (try_lock would make the file)
+            continue
+        handle = try_lock(run.shard(name).rows)
+        if handle is None:
+            return False
+        handle.close()
+    return True
+
+
 def run_local(
     run: RunDir, tasks: list[Task], gpus: list[str], on_progress: Callable[[int, int], None] | None = None
 ) -> list[str]:
     """The tasks as jobs of submitit's local executor, job i on GPU gpus[i % len(gpus)] (on the CPU without
-    GPUs), waited for; returns one line per failed job."""
+    GPUs), waited for; returns one line per failed job. Interrupted (KeyboardInterrupt, or Terminated for a SIGTERM),
+    it cancels its jobs and waits for them to end (CANCEL_WAIT_S at most) before the exception goes on."""
     submitit = import_submitit()
     if not all(gpu.isdigit() for gpu in gpus):
         raise UserError(f"--launcher local gives jobs GPUs by index, and CUDA_VISIBLE_DEVICES names {','.join(gpus)}")
     executor = submitit.LocalExecutor(folder=run.path / SUBMITIT)
-    jobs = []
-    with _stderr_to(run.path / SUBMITIT / CONTROLLER_LOG):
-        for index, task in enumerate(tasks):
-            gpu = [int(gpus[index % len(gpus)])] if gpus else []
-            executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=len(gpu), visible_gpus=gpu)
-            jobs.append((task, executor.submit(shard_job, task)))
     names, total = [task.name for task in tasks], sum(len(task.points) for task in tasks)
     before = rows_written(run, names)
-    try:
-        while not all(job.done() for _, job in jobs):
-            time.sleep(POLL_S)
-            if on_progress:
-                on_progress(rows_written(run, names) - before, total)
-    finally:  # interrupted: no job outlives its launch (submitit's controller ends the job's processes)
-        for _, job in jobs:
-            if not job.done():
-                job.cancel(check=False)
-        deadline = time.monotonic() + CANCEL_WAIT_S  # so that the merge after this finds their shards released
-        while not all(job.done() for _, job in jobs) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
+    jobs = []
+    with _sigterm_raises():
+        try:
+            with _stderr_to(run.path / SUBMITIT / CONTROLLER_LOG):
+                for index, task in enumerate(tasks):
+                    gpu = [int(gpus[index % len(gpus)])] if gpus else []
+                    executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=len(gpu), visible_gpus=gpu)
+                    jobs.append((task, executor.submit(shard_job, task)))
+            while not all(job.done() for _, job in jobs):
+                time.sleep(POLL_S)
+                if on_progress:
+                    on_progress(rows_written(run, names) - before, total)
+        finally:  # interrupted: no job outlives its launch (submitit's controller ends the job's processes)
+            for _, job in jobs:
+                if not job.done():
+                    job.cancel(check=False)
+            deadline = time.monotonic() + CANCEL_WAIT_S  # so that the merge after this finds their shards released
+            while not all(job.done() for _, job in jobs) and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            # a controller can end (its job reported done) a moment before the worker holding the shard has died
+            while not _shards_released(run, names) and time.monotonic() < deadline:
+                time.sleep(POLL_S)
     return [f"job {task.name}: {why}" for task, job in jobs if (why := job_failure(job)) is not None]
 
 
