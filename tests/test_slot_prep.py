@@ -417,7 +417,7 @@ GDN_SOURCES = ((0, 4, 5), (1, 3, 3), (2, 6, 6))
 CONV_CASES = pytest.mark.parametrize(
     ("B", "T", "d", "norm", "eps", "dtype", "state"),
     [
-        (2, 37, 16, True, 1e-6, torch.float32, True),  # two blocks of 32 tokens a sequence, the last partial
+        (2, 37, 16, True, 1e-6, torch.float32, True),  # three blocks of 16 tokens a sequence, the last partial
         (2, 40, 12, True, 1e-6, torch.float64, False),  # a head dim of 12 (masked to 16 lanes)
         (1, 2, 8, True, 1e-6, torch.float64, True),  # fewer tokens than the conv's taps: a zero-padded state
         (1, 9, 16, False, 1e-6, torch.float32, True),  # without q/k norms
@@ -526,7 +526,7 @@ def test_slot_conv_refuses_what_its_kernel_cannot_read():
 NORM_CASES = pytest.mark.parametrize(
     ("B", "T", "d", "gated", "fa", "dtype"),
     [
-        (2, 37, 16, True, True, torch.float32),  # two blocks of 32 tokens a sequence, the last partial
+        (2, 37, 16, True, True, torch.float32),  # three blocks of 16 tokens a sequence, the last partial
         (3, 1, 12, True, True, torch.float64),  # a decode step; a head dim of 12 (masked to 16 lanes)
         (1, 9, 16, False, True, torch.float32),  # without output gate
         (2, 5, 16, True, False, torch.float64),  # a layer without FA heads

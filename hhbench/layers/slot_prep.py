@@ -45,6 +45,10 @@ from hhbench.layers.glue import L2_EPS
 _COMPUTE = {torch.float32: tl.float32, torch.float64: tl.float64}
 # 32 tokens of a 128-wide slot a program: its two halves, cos and sin in fp32 are 8 registers a thread each over 4 warps
 BLOCK_TOKENS = 32
+# slot_conv and head_norms read whole 128-wide slots: 16 tokens a program over 8 warps, one 16-byte load a thread per
+# tile. At 32 tokens over 4 warps ptxas gave them 234 and 242 registers a thread for sm_90 (Triton 3.9, bf16, q/k
+# norms and gate on), two blocks an SM for kernels bound by memory; at 16 over 8, 98 and 64. Not yet timed on a GPU.
+SLOT_BLOCK_TOKENS, SLOT_WARPS = 16, 8
 
 
 @triton.jit
@@ -373,12 +377,12 @@ def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, ou
     gates = slots.new_empty(2, B, T, n, dtype=compute)
     state = slots.new_zeros(B, 3 * n * d, K) if output_final_state else None
     with launch_device(slots):
-        _slot_conv[(triton.cdiv(T, BLOCK_TOKENS), 3 * n, B)](
+        _slot_conv[(triton.cdiv(T, SLOT_BLOCK_TOKENS), 3 * n, B)](
             slots, head_index(table, slots.device), slots if weight is None else weight, conv_weight.contiguous(), out,
             out if state is None else state, a, b, A_log, dt_bias, gates[0], gates[1], T, n, slots.stride(0),
             slots.stride(1), slots.stride(2), a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(eps), L2_EPS,
-            D=d, BLOCK_D=triton.next_power_of_2(d), K=K, BLOCK_T=BLOCK_TOKENS, NORM=weight is not None,
-            STATE=output_final_state, COMPUTE=_COMPUTE[compute], num_warps=4,
+            D=d, BLOCK_D=triton.next_power_of_2(d), K=K, BLOCK_T=SLOT_BLOCK_TOKENS, NORM=weight is not None,
+            STATE=output_final_state, COMPUTE=_COMPUTE[compute], num_warps=SLOT_WARPS,
         )  # fmt: skip
     return (*out.unbind(0), *gates.unbind(0)), state
 
@@ -433,10 +437,10 @@ def head_norms(o_la, gate, o_fa, eps):
     fa_strides = (0, 0, 0) if o_fa is None else o_fa.stride()[:3]
     compute = functools.reduce(torch.promote_types, [t.dtype for t in present], torch.float32)
     with launch_device(o_la):
-        _head_norms[(triton.cdiv(B * T, BLOCK_TOKENS), n_la + n_fa)](
+        _head_norms[(triton.cdiv(B * T, SLOT_BLOCK_TOKENS), n_la + n_fa)](
             o_la, o_la if gate is None else gate, o_la if o_fa is None else o_fa, out_la,
             out_la if out_fa is None else out_fa, B * T, T, n_la, *o_la.stride()[:3], *gate_strides, *fa_strides,
-            float(eps), D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=BLOCK_TOKENS, GATED=gate is not None,
-            COMPUTE=_COMPUTE[compute], num_warps=4,
+            float(eps), D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=SLOT_BLOCK_TOKENS, GATED=gate is not None,
+            COMPUTE=_COMPUTE[compute], num_warps=SLOT_WARPS,
         )  # fmt: skip
     return out_la, out_fa
