@@ -582,6 +582,29 @@ def test_a_workers_point_in_progress_is_replaced_whole(tmp_path, monkeypatch):
     assert [p.name for p in current.parent.iterdir()] == [current.name]
 
 
+def test_a_worker_killed_while_writing_its_env_leaves_none_for_the_merge(tmp_path, monkeypatch):
+    """A worker's NAME.env.json is replaced whole: a worker stopped while writing it (a launch's Ctrl-C or SIGTERM
+    cancels its jobs whenever they are) leaves no half-written env, which the merge after the cancel could not read
+    ('cannot read the env of worker ...', exit 2 instead of the interrupt's 130: seen once in CI's launch test)."""
+    run = RunDir(tmp_path / "r").create()
+    env = run.shard("w").env
+    env.parent.mkdir()  # as a worker's start makes it
+
+    def stopped(obj, out, **kwargs):
+        out.write('{"host": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        sweep._prepare_worker_env(run, "w", "s", torch.device("cpu"))
+    assert list(env.parent.iterdir()) == []
+    run.shard("w").rows.touch()  # the worker had started: the merge takes its shard
+    assert merge(run).added == 0
+    monkeypatch.undo()
+    sweep._prepare_worker_env(run, "w", "s", torch.device("cpu"))
+    assert json.loads(env.read_text())["device"].startswith("cpu")
+
+
 def test_merge_keeps_one_row_a_key_and_leaves_live_shards(tmp_path):
     run = RunDir(tmp_path / "r").create()
     points = grid_points(GRID, "cpu")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from hhbench.errors import UserError
+from hhbench.files import replace_whole
 from hhbench.launch.lock import try_lock
 from hhbench.measure.timing import TimingPolicy
 from hhbench.plan.grid import Point
@@ -50,7 +51,8 @@ def run_task(task: Task) -> SweepResult:
         files.current.unlink(missing_ok=True)  # stopped between points: nothing in progress to reap
         env = json.loads(files.env.read_text())  # when it finished: the workers of a run should finish together
         env["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        files.env.write_text(json.dumps(env, indent=2, sort_keys=True))
+        with replace_whole(files.env) as out:  # a worker killed here leaves the env it had: merge reads it
+            json.dump(env, out, indent=2, sort_keys=True)
     finally:
         handle.close()
     return result

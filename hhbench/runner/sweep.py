@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hhbench.errors import UserError
-from hhbench.files import open_output, replace_whole
+from hhbench.files import replace_whole
 from hhbench.kernels import registry
 from hhbench.measure.env import capture_env, device_name, measure_peaks
 from hhbench.measure.timing import TimingPolicy
@@ -177,7 +177,7 @@ def _prepare_worker_env(run: RunDir, worker: str, suite_name: str, device: torch
     where = {"worker": worker, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
              "slurm_job_id": os.environ.get("SLURM_JOB_ID")}  # fmt: skip
     mine = _new_env(suite_name, device, where)
-    with open_output(run.shard(worker).env, "w") as out:
+    with replace_whole(run.shard(worker).env) as out:  # a worker killed while writing it leaves none: merge reads it
         json.dump(mine, out, indent=2, sort_keys=True)
 
 
