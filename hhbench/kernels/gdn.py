@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from hhbench.errors import Unsupported
 from hhbench.kernels import reference
+from hhbench.kernels.hybrid import grad_flows
 from hhbench.kernels.registry import GDN, Backend, register
 
 # fla >= 0.6 sends chunk_gated_delta_rule to FlashQLA whenever flash_qla imports, unless this variable is "0". fla's
@@ -94,9 +95,7 @@ class FlaChunk(Backend):
 
         if chunk_size not in FLA_CHUNK_SIZES:
             raise Unsupported(f"fla's chunk kernels take chunks of {', '.join(map(str, FLA_CHUNK_SIZES))} tokens")
-        inputs = (q, k, v, g, beta, initial_state)
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-        if chunk_size == 16 and grad and fla_tilelang_backward():
+        if chunk_size == 16 and grad_flows(q, k, v, g, beta, initial_state) and fla_tilelang_backward():
             raise Unsupported(TILELANG_BACKWARD_REFUSAL)
         with fla_triton_only():
             return chunk_gated_delta_rule(

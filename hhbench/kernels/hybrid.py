@@ -49,6 +49,12 @@ def launch_device(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+def grad_flows(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on `tensors` (None among them skipped): grad mode on, and one of them requires
+    its gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 @functools.cache
 def head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Index tensors made once per device: a host-to-device copy inside a CUDA graph capture would be invalid. Made

@@ -241,11 +241,12 @@ def run_local(
             for _, job in jobs:
                 if not job.done():
                     job.cancel(check=False)
-            deadline = time.monotonic() + CANCEL_WAIT_S  # so that the merge after this finds their shards released
-            while not all(job.done() for _, job in jobs) and time.monotonic() < deadline:
-                time.sleep(POLL_S)
-            # a controller can end (its job reported done) a moment before the worker holding the shard has died
-            while not _shards_released(run, names) and time.monotonic() < deadline:
+            # so that the merge after this finds their shards released: the jobs ended, and then no worker holding a
+            # shard (a controller can end, its job reported done, a moment before that worker has died)
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while time.monotonic() < deadline and not (
+                all(job.done() for _, job in jobs) and _shards_released(run, names)
+            ):
                 time.sleep(POLL_S)
     return [f"job {task.name}: {why}" for task, job in jobs if (why := job_failure(job)) is not None]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hhbench.kernels import registry
-from hhbench.kernels.hybrid import HybridCore, head_index
+from hhbench.kernels.hybrid import HybridCore, grad_flows, head_index
 from hhbench.layers import glue
 from hhbench.layers.gdn_heads import GatedDeltaNetHeads
 from hhbench.spec.axes import SEQUENTIAL, dtype_name
@@ -188,7 +188,7 @@ def take_parts(base: torch.Tensor, takes, prep: SlotPrep | None = None, weight=N
     gradient is one buffer (_Parts) and slot_norm_rope's backward one kernel; `into` is then written by copies of the
     node's parts, so that autograd records the writes (the op's own writes would leave the tensors without history).
     Returns a tuple of tensors."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (base, weight)):
+    if grad_flows(base, weight):
         parts = _Parts.apply(base, weight, takes, prep)
         if not into:
             return parts
@@ -392,7 +392,7 @@ class HydraAttention(nn.Module):
         them (training), so that their gradients flow. In-place changes that no version counter records are not seen:
         writes through `.data`, and to parameters made in inference mode (inference tensors have no version counter)."""
         params = tuple(self.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if grad_flows(*params):
             self._fused_cache = None
             return self._make_fused_weights()
         key = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype) for p in params)
@@ -681,8 +681,7 @@ class HydraAttention(nn.Module):
         whose input, projection, q/k norm and conv taps all need no gradient."""
         if self.gdn is None or not self.gdn.conv_size:
             return False
-        inputs = (x, weights.projection, weights.bias, weights.qk_norm, weights.conv)
-        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+        return not grad_flows(x, weights.projection, weights.bias, weights.qk_norm, weights.conv)
 
     def _gdn_prefill_inputs(self, channels, a, b, final_state: bool, ops, weights: FusedWeights, slot_conv: bool):
         """The GDN heads' q, k, v channels (three [B, T, n_la d]; with `slot_conv` the projection's head slots
@@ -745,7 +744,7 @@ class HydraAttention(nn.Module):
         if la_out is None:  # a plain attention layer
             return F.linear(fa_out.flatten(2), weights.o_fa, self.o_proj.bias)
         la_out = la_out.to(weights.o_gdn.dtype)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (la_out, gate, fa_out)):
+        if grad_flows(la_out, gate, fa_out):
             o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
             fa = None if fa_out is None else ops.norm(fa_out, self.norm_eps)
         else:
