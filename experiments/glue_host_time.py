@@ -52,7 +52,9 @@ STUBS = glue.GlueOps(
         ),
         slots.new_empty(slots.shape[0], *conv_weight.shape) if output_final_state else None,
     ),
-    lambda o_la, gate, o_fa, eps: (torch.empty_like(o_la), None if o_fa is None else torch.empty_like(o_fa)),
+    lambda o_la, gate, o_fa, eps: o_la.new_empty(
+        *o_la.shape[:2], o_la.shape[2] + (0 if o_fa is None else o_fa.shape[2]), o_la.shape[3]
+    ),
 )
 
 

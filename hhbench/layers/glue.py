@@ -50,8 +50,8 @@ class GlueOps:
     # (slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, output_final_state) -> ((q, k, v, g, beta) of
     # the GDN heads, q and k L2-normalized; the conv's final state or None): no backward (slot_conv)
     slot_conv: Callable
-    # (o_la, gate, o_fa, eps) -> (norm_gated(o_la, gate) or norm(o_la) without gate, norm(o_fa) or None without FA
-    # heads): no backward (head_norms)
+    # (o_la, gate, o_fa, eps) -> [B, T, n_fa + n_la, d] in o_la's dtype: norm(o_fa) (none without FA heads), then
+    # norm_gated(o_la, gate) (norm(o_la) without gate), o_proj's column order: no backward (head_norms)
     head_norms: Callable
 
 
@@ -272,11 +272,12 @@ def _torch_norm_gated(o, gate, eps):
 
 
 def head_norms(o_la, gate, o_fa, eps):
-    """Every head's output norm in torch ops: the GDN heads' o_la [B, T, n_la, d] by its RMS over d, times silu(gate)
-    [B, T, n_la, d] (gate None: no gate), and the FA heads' o_fa [B, T, n_fa, d] (None: a layer without FA heads) by its
-    RMS, each in its dtype (rms_norm; norm_gated) -> (o_la's, o_fa's or None)."""
+    """Every head's output norm in torch ops, in o_proj's column order (the kernel head order: FA heads, then GDN
+    heads): the FA heads' o_fa [B, T, n_fa, d] (None: a layer without FA heads) by its RMS over d, in its dtype, then
+    the GDN heads' o_la [B, T, n_la, d] by its RMS times silu(gate) [B, T, n_la, d] (gate None: no gate), in its dtype
+    (rms_norm; norm_gated) -> one [B, T, n_fa + n_la, d] in o_la's dtype."""
     la = rms_norm(o_la, eps) if gate is None else _torch_norm_gated(o_la, gate, eps)
-    return la, None if o_fa is None else rms_norm(o_fa, eps)
+    return la if o_fa is None else torch.cat([rms_norm(o_fa, eps).to(la.dtype), la], 2)
 
 
 TORCH = GlueOps(

@@ -217,10 +217,22 @@ class FusedWeights(NamedTuple):
 
     projection: torch.Tensor  # [S d + 2 n_la + pad (+ n_la d), hidden]: q/k/v slots, a, b rows, zero rows, (gate)
     bias: torch.Tensor | None
-    o_gdn: torch.Tensor | None  # [hidden, n_la d]: o_proj's GDN head columns in kernel head order, scaled per head
-    o_fa: torch.Tensor | None  # [hidden, n_fa d]: its FA head columns, the same way; None without FA heads
+    o: (
+        torch.Tensor
+    )  # [hidden, H d]: o_proj's columns in kernel head order (FA heads', then GDN heads'), scaled per head
+    fa_columns: int  # n_fa d: how many of o's columns are the FA heads'
     conv: torch.Tensor | None  # [3 n_la d, K]
     qk_norm: torch.Tensor | None  # [2, d]: Qwen3's q_norm and k_norm weights; None without
+
+    @property
+    def o_fa(self) -> torch.Tensor | None:
+        """o's FA head columns [hidden, n_fa d] (a view); None without FA heads."""
+        return self.o[:, : self.fa_columns] if self.fa_columns else None
+
+    @property
+    def o_gdn(self) -> torch.Tensor | None:
+        """o's GDN head columns [hidden, n_la d] (a view); None without GDN heads."""
+        return self.o[:, self.fa_columns :] if self.o.shape[1] > self.fa_columns else None
 
 
 @dataclass
@@ -407,7 +419,7 @@ class HydraAttention(nn.Module):
         device = self.qkv.weight.device
         qk_norm = torch.stack([self.q_norm.weight, self.k_norm.weight]) if self.q_norm is not None else None
         if self.gdn is None:  # a plain attention layer: its slots are the qkv rows in order, its heads have no norms
-            parts = (self.qkv.weight, self.qkv.bias, None, self.o_proj.weight, None)
+            parts = (self.qkv.weight, self.qkv.bias, self.o_proj.weight, self.o_proj.weight.shape[1], None)
         else:
             parts = self._folded_weights(device)
         return FusedWeights(*parts, qk_norm)
@@ -415,9 +427,9 @@ class HydraAttention(nn.Module):
     def _folded_weights(self, device):
         """A layer with GDN heads: its weights with the head order folded in (indexing weights, not activations):
         one input projection, the qkv rows in the fused slots' order followed by the GDN heads' a and b rows, zero
-        rows and output-gate rows, with its bias; o_proj's columns in the kernels' head order, each scaled by its
-        head's norm weight times gamma (the norms then have no weight), the GDN heads' and the FA heads' apart; the
-        GDN conv taps of q, k, v together: FusedWeights' fields but the last."""
+        rows and output-gate rows, with its bias; o_proj's columns in the kernels' head order (the FA heads' first),
+        each scaled by its head's norm weight times gamma (the norms then have no weight), and how many are the FA
+        heads'; the GDN conv taps of q, k, v together: FusedWeights' fields but the last."""
         gdn = self.gdn
         rows = head_index(self.fused_rows, device)
         # a and b, then zero rows up to a multiple of 64, then the output gate's rows (whole heads, last: a GEMM of
@@ -436,10 +448,8 @@ class HydraAttention(nn.Module):
             bias = torch.cat([weight.new_zeros(n) if b is None else b for b, n in zip(parts, sizes, strict=True)])
         scale = (self.head_norm_weight * self.head_gamma[:, None]).index_select(0, head_index(self.head_order, device))
         o_weight = self.o_proj.weight.index_select(1, head_index(self.kernel_columns, device)) * scale.flatten()
-        columns = self.n_fa * self.head_dim
-        o_fa = o_weight[:, :columns].contiguous() if columns else None
         conv = gdn.conv_weight() if gdn.conv_size else None
-        return weight, bias, o_weight[:, columns:].contiguous(), o_fa, conv
+        return weight, bias, o_weight, self.n_fa * self.head_dim, conv
 
     def _project(self, x) -> torch.Tensor:
         """The fused projection as head slots [B, T, H + 2 KV, d]: query heads, key groups, value groups."""
@@ -592,7 +602,9 @@ class HydraAttention(nn.Module):
         n_la = self.gdn.n_heads if self.gdn is not None else 0
         gated = self.gdn is not None and self.gdn.g_proj is not None
         n_main = weights.projection.shape[0] - (n_la * self.head_dim if gated else 0)  # the rows before the gate's
-        if gated and B * T > 1:  # the gate by a GEMM of its own: fla's gated norm would copy its strided view
+        # Under autograd the gate by a GEMM of its own: fla's gated norm would copy its strided view. Without, one GEMM
+        # as the floor's (head_norms reads the gate strided): two GEMMs read x twice, the second on a narrow output.
+        if gated and B * T > 1 and grad_flows(x, weights.projection, weights.bias):
             out, gate = (F.linear(x, weights.projection[rows], None if weights.bias is None else weights.bias[rows])
                          for rows in (slice(n_main), slice(n_main, None)))  # fmt: skip
         else:
@@ -737,20 +749,18 @@ class HydraAttention(nn.Module):
 
     def _finish_fused(self, fa_out, la_out, gate, weights: FusedWeights, ops: glue.GlueOps):
         """Weightless per-head norms (the scales are in the weights; a layer without GDN heads has none), the GDN
-        heads' output gate, the output projection over the GDN heads' columns, then over the FA heads' added in
-        place (addmm_: the GEMM's own accumulate), so that the heads' outputs are never copied into one tensor.
-        Without gradients one op (head_norms) normalizes every head; under autograd fla's gated norm and norm, whose
-        backwards exist."""
+        heads' output gate and the output projection. Without gradients one op (head_norms) normalizes every head into
+        one tensor in o_proj's column order, and o_proj is one GEMM. Under autograd fla's gated norm and norm, whose
+        backwards exist, then o_proj over the GDN heads' columns and the FA heads' added in place (addmm_: the GEMM's
+        own accumulate), so that the heads' outputs are not copied into one tensor."""
         if la_out is None:  # a plain attention layer
-            return F.linear(fa_out.flatten(2), weights.o_fa, self.o_proj.bias)
-        la_out = la_out.to(weights.o_gdn.dtype)
-        if grad_flows(la_out, gate, fa_out):
-            o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
-            fa = None if fa_out is None else ops.norm(fa_out, self.norm_eps)
-        else:
-            o, fa = ops.head_norms(la_out, gate, fa_out, self.norm_eps)
+            return F.linear(fa_out.flatten(2), weights.o, self.o_proj.bias)
+        la_out = la_out.to(weights.o.dtype)
+        if not grad_flows(la_out, gate, fa_out):
+            return F.linear(ops.head_norms(la_out, gate, fa_out, self.norm_eps).flatten(2), weights.o, self.o_proj.bias)
+        o = ops.norm(la_out, self.norm_eps) if gate is None else ops.norm_gated(la_out, gate, self.norm_eps)
         out = F.linear(o.flatten(2), weights.o_gdn, self.o_proj.bias)
-        if fa is not None:  # under autocast `out` is in its dtype and the weight is not
-            fa = fa.flatten(2).flatten(0, 1).to(out.dtype)
+        if fa_out is not None:  # under autocast `out` is in its dtype and the weight is not
+            fa = ops.norm(fa_out, self.norm_eps).flatten(2).flatten(0, 1).to(out.dtype)
             out.view(-1, out.shape[-1]).addmm_(fa, weights.o_fa.t().to(out.dtype))
         return out

@@ -26,7 +26,9 @@ host time for its 3 calls, its gate 0.18 ms: results/layer-overhead-h200).
 head_norms (a step without gradients) normalizes every head's output in one kernel: the GDN heads' gated by silu of
 their output gate, the FA heads' read in place where the attention kernel left them (SDPA's are strided), where fla's
 gated norm and its norm took two launches (and the norm a copy of the FA heads' strided output first), whose wrappers
-took 0.41 ms of an eager 16K step's host time.
+took 0.41 ms of an eager 16K step's host time. It writes all heads into one tensor in o_proj's column order, so that
+o_proj is one GEMM, where the GDN heads' GEMM and an accumulate of the FA heads' (addmm_) read and wrote o_proj's
+output twice (0.54 GB for head 7:1 of Qwen3-1.7B at 64K).
 With TRITON_INTERPRET=1 set before triton is imported, Triton's interpreter runs both on CPU tensors: how the tests
 check them without a GPU.
 """
@@ -47,7 +49,8 @@ _COMPUTE = {torch.float32: tl.float32, torch.float64: tl.float64}
 BLOCK_TOKENS = 32
 # slot_conv and head_norms read whole 128-wide slots: 16 tokens a program over 8 warps, one 16-byte load a thread per
 # tile. At 32 tokens over 4 warps ptxas gave them 234 and 242 registers a thread for sm_90 (Triton 3.9, bf16, q/k
-# norms and gate on), two blocks an SM for kernels bound by memory; at 16 over 8, 98 and 64. Not yet timed on a GPU.
+# norms and gate on), two blocks an SM for kernels bound by memory; at 16 over 8, 98 and 64. Timed only inside the layer
+# (results/floor-h200-v7), not alone.
 SLOT_BLOCK_TOKENS, SLOT_WARPS = 16, 8
 
 
@@ -388,10 +391,10 @@ def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, ou
 
 
 @triton.jit
-def _head_norms(La, Gate, Fa, Out_la, Out_fa, n_tokens, T, n_la, stride_ob, stride_ot, stride_oh, stride_gb, stride_gt,
+def _head_norms(La, Gate, Fa, Out, n_tokens, T, n_la, n_fa, stride_ob, stride_ot, stride_oh, stride_gb, stride_gt,
                 stride_gh, stride_fb, stride_ft, stride_fh, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_T: tl.constexpr, GATED: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
-    h = tl.program_id(1)  # the GDN heads, then the FA heads
+    h = tl.program_id(1)  # the GDN heads, then the FA heads; Out holds the FA heads first (kernel head order)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.arange(0, BLOCK_D)
     mask = (tok < n_tokens)[:, None] & (c < D)[None, :]
@@ -405,23 +408,24 @@ def _head_norms(La, Gate, Fa, Out_la, Out_fa, n_tokens, T, n_la, stride_ob, stri
             gate_row = b * stride_gb + t * stride_gt + h * stride_gh
             g = tl.load(Gate + gate_row[:, None] + c[None, :], mask=mask, other=0.0).to(COMPUTE)
             y = y * (g / (1.0 + tl.exp(-g)))
-        row = Out_la + (tok.to(tl.int64) * n_la + h) * D
-        tl.store(row[:, None] + c[None, :], y.to(Out_la.dtype.element_ty), mask=mask)
+        into = n_fa + h
     else:
         f = h - n_la
         x = tl.load(Fa + (b * stride_fb + t * stride_ft + f * stride_fh)[:, None] + c[None, :], mask=mask, other=0.0)
         x = x.to(COMPUTE)
         y = x / tl.sqrt(tl.sum(x * x, 1) / D + eps)[:, None]
-        row = Out_fa + (tok.to(tl.int64) * (tl.num_programs(1) - n_la) + f) * D
-        tl.store(row[:, None] + c[None, :], y.to(Out_fa.dtype.element_ty), mask=mask)
+        into = f
+    row = Out + (tok.to(tl.int64) * (n_la + n_fa) + into) * D
+    tl.store(row[:, None] + c[None, :], y.to(Out.dtype.element_ty), mask=mask)
 
 
 def head_norms(o_la, gate, o_fa, eps):
     """glue.head_norms' op as one kernel launch (no backward: for a step without gradients): o_la [B, T, n_la, d],
     gate of its shape or None, o_fa [B, T, n_fa, d] or None, each with any strides but a contiguous last dim (SDPA's
-    output is strided) -> (o_la normalized by its RMS over d, times silu(gate), in o_la's dtype; o_fa normalized, in its
-    dtype, or None), both contiguous; computed in fp32 (fp64 for fp64 inputs). Raises ValueError for a strided last dim
-    or tensors of other shapes."""
+    output is strided) -> every head's normalized output in one contiguous [B, T, n_fa + n_la, d] in o_la's dtype, the
+    FA heads first (o_fa by its RMS over d), then the GDN heads (o_la by its RMS over d, times silu(gate)): the kernel
+    head order of the fused o_proj's columns, which then runs as one GEMM. Computed in fp32 (fp64 for fp64 inputs).
+    Raises ValueError for a strided last dim or tensors of other shapes."""
     B, T, n_la, d = o_la.shape
     present = [t for t in (o_la, gate, o_fa) if t is not None]
     if any(t.stride(-1) != 1 for t in present):
@@ -430,17 +434,15 @@ def head_norms(o_la, gate, o_fa, eps):
         o_fa is not None and (*o_fa.shape[:2], o_fa.shape[3]) != (B, T, d)
     ):
         raise ValueError(f"head_norms takes a gate of o_la's shape {tuple(o_la.shape)} and o_fa [B, T, n_fa, d] alike")
-    out_la = torch.empty(o_la.shape, dtype=o_la.dtype, device=o_la.device)
-    out_fa = None if o_fa is None else torch.empty(o_fa.shape, dtype=o_fa.dtype, device=o_fa.device)
     n_fa = 0 if o_fa is None else o_fa.shape[2]
+    out = torch.empty(B, T, n_fa + n_la, d, dtype=o_la.dtype, device=o_la.device)
     gate_strides = (0, 0, 0) if gate is None else gate.stride()[:3]
     fa_strides = (0, 0, 0) if o_fa is None else o_fa.stride()[:3]
     compute = functools.reduce(torch.promote_types, [t.dtype for t in present], torch.float32)
     with launch_device(o_la):
         _head_norms[(triton.cdiv(B * T, SLOT_BLOCK_TOKENS), n_la + n_fa)](
-            o_la, o_la if gate is None else gate, o_la if o_fa is None else o_fa, out_la,
-            out_la if out_fa is None else out_fa, B * T, T, n_la, *o_la.stride()[:3], *gate_strides, *fa_strides,
-            float(eps), D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_T=SLOT_BLOCK_TOKENS, GATED=gate is not None,
-            COMPUTE=_COMPUTE[compute], num_warps=SLOT_WARPS,
+            o_la, o_la if gate is None else gate, o_la if o_fa is None else o_fa, out, B * T, T, n_la, n_fa,
+            *o_la.stride()[:3], *gate_strides, *fa_strides, float(eps), D=d, BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_T=SLOT_BLOCK_TOKENS, GATED=gate is not None, COMPUTE=_COMPUTE[compute], num_warps=SLOT_WARPS,
         )  # fmt: skip
-    return out_la, out_fa
+    return out
