@@ -211,15 +211,14 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 class FusedWeights(NamedTuple):
     """The fused path's weights (HydraAttention._fused_weights): one input projection with its bias, o_proj with
-    the head order and per-head norm scales folded in (GDN and FA heads' columns apart), the GDN conv taps and the
-    q and k norms' weights. A layer without GDN heads holds its own qkv and o_proj parameters (its
-    slots are their rows in order, its heads have no norms) and no GDN fields."""
+    the head order and per-head norm scales folded in (whole: the FA heads' columns, then the GDN heads'; o_fa and
+    o_gdn are views of it), the GDN conv taps and the q and k norms' weights. A layer without GDN heads holds its
+    own qkv and o_proj parameters (its slots are their rows in order, its heads have no norms) and no GDN fields."""
 
     projection: torch.Tensor  # [S d + 2 n_la + pad (+ n_la d), hidden]: q/k/v slots, a, b rows, zero rows, (gate)
     bias: torch.Tensor | None
-    o: (
-        torch.Tensor
-    )  # [hidden, H d]: o_proj's columns in kernel head order (FA heads', then GDN heads'), scaled per head
+    # [hidden, H d]: o_proj's columns in kernel head order (FA heads', then GDN heads'), scaled per head
+    o: torch.Tensor
     fa_columns: int  # n_fa d: how many of o's columns are the FA heads'
     conv: torch.Tensor | None  # [3 n_la d, K]
     qk_norm: torch.Tensor | None  # [2, d]: Qwen3's q_norm and k_norm weights; None without
@@ -432,10 +431,10 @@ class HydraAttention(nn.Module):
         heads'; the GDN conv taps of q, k, v together: FusedWeights' fields but the last."""
         gdn = self.gdn
         rows = head_index(self.fused_rows, device)
-        # a and b, then zero rows up to a multiple of 64, then the output gate's rows (whole heads, last: a GEMM of
-        # their own where the gate's view would be strided, _fused_inputs): every view of the projection then starts
-        # and strides on 16-byte bounds (cuDNN attention reads the FA heads' v in place and gives wrong results on
-        # unaligned strides; head 7:1 of Qwen3-1.7B had a 7708-wide row).
+        # a and b, then zero rows up to a multiple of 64, then the output gate's rows (whole heads, last: under
+        # autograd a GEMM of their own, _fused_inputs): every view of the projection then starts and strides on
+        # 16-byte bounds (cuDNN attention reads the FA heads' v in place and gives wrong results on unaligned strides;
+        # head 7:1 of Qwen3-1.7B had a 7708-wide row).
         pad = -(len(self.fused_rows) + 2 * gdn.n_heads) % 64
         projs = (gdn.a_proj, gdn.b_proj, None, *((gdn.g_proj,) if gdn.g_proj is not None else ()))  # None: zero rows
         sizes = (len(self.fused_rows), *(pad if p is None else p.out_features for p in projs))
