@@ -1,6 +1,7 @@
 """`hhbench sweep` on the CPU: the suite end to end, crash safety and resume, failures kept on rows, bad input."""
 
 import dataclasses
+import gc
 import json
 import os
 import pickle
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,30 @@ def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
     assert result.new == 1 and result.skipped == 1
     assert run.rows_path.read_text().startswith(text)
     assert [r.context for r in read_rows(run.rows_path)] == [32, 64]
+
+
+def test_a_sweeps_collections_walk_only_what_its_points_made(tmp_path, monkeypatch):
+    """Trial.free's full collections (two to four a point) ran over the whole heap, torch's and hhbench's modules
+    included: half the CPU suite's time. Within a sweep what was alive on entry is frozen out of the collector, the
+    caller's garbage collected first (none frozen), and on exit nothing stays frozen."""
+    gc.unfreeze()  # the tests' own freeze (conftest) is theirs to keep: a sweep inside it leaves it alone
+    seen = []
+    real_free = measurements.Trial.free
+    monkeypatch.setattr(
+        measurements.Trial, "free", lambda trial: seen.append(gc.get_freeze_count()) or real_free(trial)
+    )
+    cycle = [torch.zeros(1)]
+    cycle.append(cycle)  # garbage only a collection frees
+    dropped = weakref.ref(cycle[0])
+    del cycle
+    points = grid_points({"models": "tiny", "layouts": "fa", "contexts": "32", "passes": "prefill"}, "cpu")
+    sweep_module.run_sweep(points, RunDir(tmp_path / "r"), torch.device("cpu"), FAST)
+    assert seen and all(seen) and dropped() is None
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's freeze is kept as it is: neither added to nor undone
+    frozen = gc.get_freeze_count()
+    sweep_module.run_sweep(points, RunDir(tmp_path / "s"), torch.device("cpu"), FAST)
+    assert 0 < gc.get_freeze_count() <= frozen  # (frozen objects that die leave it)
 
 
 def test_oom_and_errors_stay_on_their_rows_and_the_sweep_goes_on(tmp_path, monkeypatch):
