@@ -251,10 +251,10 @@ def test_unavailable_backend_is_a_row_not_a_crash(tmp_path):
     assert row.status == "unavailable" and "sdpa-cudnn" in row.reason
 
 
-def test_resuming_on_another_machine_is_refused(cli, tmp_path):
+def test_resuming_on_another_machine_is_refused(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "env.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3"}))
-    result = cli("sweep", *SMALL, "--out", str(tmp_path), "--run", "r")
+    result = run_main("sweep", *SMALL, "--out", str(tmp_path), "--run", "r")
     assert result.returncode == 2 and "was measured on NVIDIA H100" in result.stderr
     assert result.stderr.count("\n") == 1
 
@@ -290,11 +290,11 @@ def test_timing_policy_bounds_the_samples():
         (["--out", "/proc/version/x"], "/proc/version is a file, not a folder"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(cli, args, message):
+def test_bad_input_is_one_line_and_exit_2(args, message):
     base = ["--models", "tiny", "--ratios", "3:1", "--contexts", "32"]
     overridden = {a for a in args if a.startswith("--")}
     merged = [x for i, x in enumerate(base) if not (x in overridden or (i and base[i - 1] in overridden))]
-    result = cli("sweep", *merged, *args)
+    result = run_main("sweep", *merged, *args)
     assert result.returncode == 2, result.stdout
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr
@@ -302,8 +302,8 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, message):
 
 @pytest.mark.parametrize("args,message", [(["--suite", "default"], "needs a GPU"), (["--suite", "nope"], "no suite 'nope'"),
                                           (["--suite", "cpu", "--ratios", "3:1"], "either --suite or grid flags")])  # fmt: skip
-def test_bad_suites(cli, args, message):
-    result = cli("sweep", *args)
+def test_bad_suites(args, message):
+    result = run_main("sweep", *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
 
 
