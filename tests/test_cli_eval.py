@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+from inprocess import run_main
 
 from hhbench.cli.app import main
 from hhbench.rows.runs import RunDir
@@ -66,21 +67,23 @@ def test_lm_eval_ruler_task_with_a_local_tokenizer(cli, tmp_path):
     assert "not a git repository" not in result.stderr and "nltk_data" not in result.stderr + result.stdout
 
 
-def test_unknown_model_task_and_variant_are_one_line(cli, tmp_path):
-    one_line_error(cli("eval", "--model", "no-such-model", "--out", str(tmp_path)), "unknown model 'no-such-model'")
+def test_unknown_model_task_and_variant_are_one_line(tmp_path):
     one_line_error(
-        cli("eval", "--model", "tiny-random-llama", "--tasks", "no_such_task", "--out", str(tmp_path)),
+        run_main("eval", "--model", "no-such-model", "--out", str(tmp_path)), "unknown model 'no-such-model'"
+    )
+    one_line_error(
+        run_main("eval", "--model", "tiny-random-llama", "--tasks", "no_such_task", "--out", str(tmp_path)),
         "unknown task 'no_such_task'",
     )
-    one_line_error(cli("eval", "--variants", "head:7", "--out", str(tmp_path)), "bad variant")
+    one_line_error(run_main("eval", "--variants", "head:7", "--out", str(tmp_path)), "bad variant")
     one_line_error(
-        cli("eval", "--model", "tiny-random-llama", "--variants", "head:7:1:selected", "--out", str(tmp_path)),
+        run_main("eval", "--model", "tiny-random-llama", "--variants", "head:7:1:selected", "--out", str(tmp_path)),
         "needs --head-map",
     )
     for flag, name, message in (("--gdn-backend", "bogus", "unknown GDN backend 'bogus'"),
                                 ("--fa-backend", "sdpa-cudnn", "backend sdpa-cudnn needs cuda")):  # fmt: skip
         one_line_error(
-            cli("eval", "--model", "tiny-random-llama", flag, name, "--run", "b", "--out", str(tmp_path)), message
+            run_main("eval", "--model", "tiny-random-llama", flag, name, "--run", "b", "--out", str(tmp_path)), message
         )
         assert not (tmp_path / "b").exists()
 
@@ -105,8 +108,6 @@ def fake_result(metrics=None, prompt_tokens=(380,)):
 
 
 def test_a_failed_combination_says_why_and_a_rerun_replaces_its_rows(monkeypatch, tmp_path):
-    from inprocess import run_main
-
     from hhbench.eval import harness
 
     monkeypatch.setattr(harness, "hflm", lambda *args: None)
@@ -196,8 +197,6 @@ def test_no_nltk_download_is_attempted(monkeypatch, tmp_path):
 @pytest.mark.parametrize("task,length", [("niah_multikey", 256), ("niah_multikey", 512), ("passkey", 256),
                                          ("vt", 384), ("copy", 200), ("niah_single_ll", 300)])  # fmt: skip
 def test_a_length_below_a_tasks_fixed_text_is_refused_naming_the_minimum(tmp_path, task, length):
-    from inprocess import run_main
-
     from hhbench.eval.generators import fixed_tokens
     from hhbench.models.loader import char_tokenizer
 
@@ -211,8 +210,6 @@ def test_a_length_below_a_tasks_fixed_text_is_refused_naming_the_minimum(tmp_pat
 
 
 def test_rows_whose_prompts_exceed_their_context_say_so(monkeypatch, tmp_path):
-    from inprocess import run_main
-
     from hhbench.eval import harness
 
     monkeypatch.setattr(harness, "hflm", lambda *args: None)
@@ -237,8 +234,6 @@ def test_rows_whose_prompts_exceed_their_context_say_so(monkeypatch, tmp_path):
 def test_a_missing_eval_extra_is_one_line_naming_it(monkeypatch, tmp_path, missing, argv):
     import sys
 
-    from inprocess import run_main
-
     monkeypatch.setitem(sys.modules, missing, None)  # what a wheel without the `eval` extra has: no such module
     out = ["--out", str(tmp_path / ("heads.json" if argv[0] == "select-heads" else "results"))]
     result = run_main(*argv, *out)
@@ -246,8 +241,6 @@ def test_a_missing_eval_extra_is_one_line_naming_it(monkeypatch, tmp_path, missi
 
 
 def test_a_length_beyond_the_models_positions_is_refused_before_any_data(monkeypatch, tmp_path):
-    from inprocess import run_main
-
     from hhbench.eval import harness
 
     monkeypatch.setattr(harness, "hflm", lambda *args: None)  # the old code's run: quick, and visibly not refused
@@ -260,7 +253,6 @@ def test_a_length_beyond_the_models_positions_is_refused_before_any_data(monkeyp
 
 def test_a_refused_eval_leaves_no_run_folder(tmp_path):
     import torch
-    from inprocess import run_main
     from safetensors.torch import save_file
 
     from hhbench.distill.checkpoint import WEIGHTS, variant_dir
@@ -279,8 +271,6 @@ def test_a_refused_eval_leaves_no_run_folder(tmp_path):
 
 def test_an_empty_run_name_is_refused(tmp_path):
     """--run "" (a script's unset variable) was taken for no --run: the eval went into eval-MODEL, resuming it."""
-    from inprocess import run_main
-
     out = tmp_path / "results"
     result = run_main("eval", "--model", "tiny-random-llama", "--variants", "teacher", "--tasks", "passkey",
                       "--lengths", "512", "--limit", "1", "--out", str(out), "--run", "")  # fmt: skip
@@ -289,7 +279,6 @@ def test_an_empty_run_name_is_refused(tmp_path):
 
 
 def test_a_multi_line_load_error_is_one_whole_line(tmp_path):
-    from inprocess import run_main
     from transformers import LlamaConfig
 
     folder = tmp_path / "config-only"  # config.json, no tokenizer, no weights

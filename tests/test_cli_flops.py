@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+from inprocess import run_main
 
 
 def test_table_for_the_documented_command(cli):
@@ -84,8 +85,8 @@ def test_hf_config_and_overrides(cli, tmp_path):
         (["--no-such-flag"], "No such option"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(cli, args, message):
-    result = cli("flops", *args)
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = run_main("flops", *args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr
@@ -108,12 +109,12 @@ def test_per_layer_plan_shows_kv_groups(cli):
         (["--claims", "--plan"], "--claims is a view of its own: give it without --plan, --json or --csv"),
     ],
 )
-def test_plan_and_claims_refuse_the_row_outputs(cli, tmp_path, args, message):
+def test_plan_and_claims_refuse_the_row_outputs(tmp_path, args, message):
     """--plan and --claims print a view instead of the cost rows: beside --json they printed markdown or sentences
     where JSON lines were asked for (a pipe into a JSON reader broke on its first line), beside --csv they wrote
     no CSV, and --claims hid --plan, each without a word."""
     args = [str(tmp_path / arg) if arg.endswith(".csv") else arg for arg in args]
-    result = cli("flops", "--model", "tiny", *args)
+    result = run_main("flops", "--model", "tiny", *args)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr and result.stdout == ""
 
@@ -128,10 +129,10 @@ def test_plan_and_claims_refuse_the_row_outputs(cli, tmp_path, args, message):
         ("\xff\xfe", "cannot read model config"),
     ],
 )
-def test_bad_config_json_is_one_line_naming_the_field(cli, tmp_path, config, message):
+def test_bad_config_json_is_one_line_naming_the_field(tmp_path, config, message):
     path = tmp_path / "c.json"
     path.write_bytes(config.encode("latin-1"))
-    result = cli("flops", "--model", str(path))
+    result = run_main("flops", "--model", str(path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 

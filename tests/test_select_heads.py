@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from inprocess import run_main
 
 pytest.importorskip("transformers")
 
@@ -192,9 +193,9 @@ def test_cli_selects_the_copy_head_of_a_local_model(hand_dir, tmp_path, cli):
         (["--lengths", "100", "--model", "HAND"], "probe length 100 is too short"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(cli, hand_dir, tmp_path, args, message):
+def test_bad_input_is_one_line_and_exit_2(hand_dir, tmp_path, args, message):
     args = [str(hand_dir) if a == "HAND" else a for a in args]
-    result = cli("select-heads", "--device", "cpu", "--out", str(tmp_path / "h.json"), *args)
+    result = run_main("select-heads", "--device", "cpu", "--out", str(tmp_path / "h.json"), *args)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert message in result.stderr

@@ -1,6 +1,7 @@
 """Sweep options and suite files checked up front: one line, exit 2, nothing measured."""
 
 import pytest
+from inprocess import run_main
 
 from hhbench.errors import UserError
 from hhbench.measure.timing import TimingPolicy
@@ -68,8 +69,8 @@ def test_bad_timing_table(tmp_path, timing, message):
         (["--batch", "x"], "bad batch 'x': expected a positive integer"),
     ],
 )
-def test_bad_timing_flags_are_one_line_and_nothing_runs(cli, tmp_path, args, message):
-    result = cli("sweep", "--models", "tiny", "--contexts", "64", "--out", str(tmp_path), *args)
+def test_bad_timing_flags_are_one_line_and_nothing_runs(tmp_path, args, message):
+    result = run_main("sweep", "--models", "tiny", "--contexts", "64", "--out", str(tmp_path), *args)
     assert result.returncode == 2 and result.stderr.startswith(f"hhbench: error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1
     assert not any(tmp_path.iterdir())

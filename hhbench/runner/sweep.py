@@ -32,6 +32,7 @@ from hhbench.plan.grid import Point
 from hhbench.rows import schema
 from hhbench.rows.runs import RunDir
 from hhbench.rows.schema import Row, RowSet, append_row, read_rows
+from hhbench.runner.measurements import heap_frozen
 from hhbench.runner.point import base_row, complete_row, measure_point
 
 RETRYABLE = (schema.ERROR, schema.OOM)
@@ -285,6 +286,7 @@ def _measure_isolated(
     return row
 
 
+@heap_frozen()
 def run_sweep(
     points: list[Point],
     run: RunDir,

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from hhbench.rows.schema import Row
+from hhbench.runner.measurements import heap_frozen
 from hhbench.runner.point import complete_row, measure_point
 from hhbench.runner.sweep import noted_addition, noting_asked
 
@@ -17,12 +18,13 @@ if __name__ == "__main__":
         point, device, policy, crosscheck, completing, threads = pickle.load(handle)
     if device == "cpu":  # the sweep's threads (--threads), not torch's default
         torch.set_num_threads(threads)
-    if completing:
-        row = complete_row(point, torch.device(device), policy, Row.from_dict(completing[0]), completing[1])
-    else:
 
-        def note(measured: Row, name: str) -> None:  # the sweep keeps this row if the process dies inside `name`
-            print(json.dumps(noted_addition(measured, name).to_dict()), flush=True)
+    def note(measured: Row, name: str) -> None:  # the sweep keeps this row if the process dies inside `name`
+        print(json.dumps(noted_addition(measured, name).to_dict()), flush=True)
 
-        row = measure_point(point, torch.device(device), policy, {}, crosscheck, noting_asked(point, note))
+    with heap_frozen():
+        if completing:
+            row = complete_row(point, torch.device(device), policy, Row.from_dict(completing[0]), completing[1])
+        else:
+            row = measure_point(point, torch.device(device), policy, {}, crosscheck, noting_asked(point, note))
     print(json.dumps(row.to_dict()))
