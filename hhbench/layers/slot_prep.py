@@ -395,6 +395,7 @@ def _head_norms(La, Gate, Fa, Out, n_tokens, T, n_la, n_fa, stride_ob, stride_ot
                 stride_gh, stride_fb, stride_ft, stride_fh, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_T: tl.constexpr, GATED: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
     h = tl.program_id(1)  # the GDN heads, then the FA heads; Out holds the FA heads first (kernel head order)
+    # each branch loads its own: La and Fa may differ in dtype (autocast), and Triton will not merge their pointers
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.arange(0, BLOCK_D)
     mask = (tok < n_tokens)[:, None] & (c < D)[None, :]
