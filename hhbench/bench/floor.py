@@ -1,4 +1,4 @@
-"""The floor of a layer- or model-scope point: its necessary kernels, each to be timed alone.
+"""The floor of a layer- or model-scope point: its necessary kernels, to be timed each alone and all back to back.
 
 Per distinct layer of the point (as often as the timed unit or the model holds it):
 - `in_proj`: one GEMM of every projection that reads the layer's input (fused q/k/v of all heads, and for GDN

@@ -190,8 +190,8 @@ def floor_figure(rows: pd.DataFrame, colours: dict[str, str] | None = None) -> F
     )
     figure = _panels(long, data, y="ms", line_dash="measure", line_dash_map={"latency": "solid", "floor": "dot"},
                      colours=colours)  # fmt: skip
-    # how each drawn floor was timed (a sweep's extra.floor_method): the parts' medians summed, and on CUDA-graph rows
-    # every part back to back as one graph where that is lower; each way once, in the rows' order
+    # how each drawn floor was timed (a sweep's extra.floor_method): the parts' medians summed, or every part back to
+    # back (eagerly, or as one graph on CUDA-graph rows) where that is lower; each way once, in the rows' order
     ways = [way for way in dict.fromkeys(extra.get("floor_method") for extra in data["extra"]) if way]
     how = "; ".join(ways) if ways else "how, not recorded"
     caption = f"Solid: median latency. Dotted: the floor, the point's necessary kernels timed alone ({how})."

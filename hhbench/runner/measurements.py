@@ -329,6 +329,7 @@ def crosscheck(trial: Trial) -> None:
 
 SUMMED = "the parts' medians summed"
 ONE_GRAPH = "every part back to back, one CUDA graph"
+BACK_TO_BACK = "every part back to back, eagerly"
 
 
 @measurement("floor", ("floor_ms", "vs_floor", "extra.floor_parts_ms", "extra.floor_method", "extra.floor_ways_ms"),
@@ -336,15 +337,17 @@ ONE_GRAPH = "every part back to back, one CUDA graph"
 def floor(trial: Trial) -> None:
     """On a layer- or model-scope point asked for its floor, whose latency was measured: time the point's necessary
     kernels alone (hhbench.bench.floor) and write `floor_ms`, `vs_floor` (latency / floor) and
-    `extra.floor_parts_ms` (each part's median alone, per distinct layer, with its count). `floor_ms` is the parts
-    as often as the point runs each, per layer like the latency at layer scope: their medians summed; where the point
-    is timed as CUDA-graph replays (decode, or [timing] graph = true) each part is too, and all of them back to back
-    captured as one graph are timed as well, the lower of the two the floor (`extra.floor_ways_ms` both,
-    `extra.floor_method` which): a decode part takes microseconds, and alone each pays a graph launch the step pays
-    once; a long prefill part pays none, and there the parts back to back once read 8% above their medians summed
-    (results/layer-prefill-graph-h200, head 7:1 at 128K). A floor is a lower bound: how it is timed must not raise
-    it. It tells whether a slowdown is the architecture (a high floor) or the implementation (latency far above its
-    floor). It raises what its parts raise."""
+    `extra.floor_parts_ms` (each part's median alone, per distinct layer, with its count). `floor_ms` is per layer
+    like the latency at layer scope, the lower of two timings (`extra.floor_ways_ms` both, `extra.floor_method`
+    which): the parts' medians summed, each part as often as the point runs it, and all of them back to back as one
+    timed call (one CUDA graph where the point is timed as replays: decode, or [timing] graph = true). A floor is a
+    lower bound: how it is timed must not raise it. Alone, each part waits for its own launches: a decode part pays
+    a graph launch the step pays once, and a 16K prefill part, eager, waits for its Python to issue it, where the
+    step's kernels run while the next are issued (an H200's 16K floors summed read above their layer's latency,
+    results/floor-h200-v7); a long prefill part pays none, and there the parts as one graph read 8% above their
+    medians summed (results/layer-prefill-graph-h200, head 7:1 at 128K). It tells whether a slowdown is the
+    architecture (a high floor) or the implementation (latency far above its floor). It raises what its parts
+    raise."""
     point, row, device = trial.point, trial.row, trial.device
     if not (point.floor and point.scope in (Scope.LAYER, Scope.MODEL) and row.status == schema.OK):
         return
@@ -356,22 +359,21 @@ def floor(trial: Trial) -> None:
         entry = by_layer.setdefault(part.layer, {"count": part.count, "parts_ms": {}})
         entry["parts_ms"][part.name] = times[str(i)]
     summed = sum(times[str(i)] * part.count for i, part in enumerate(made))
-    total, method, layers = summed, SUMMED, floor_layers(point)
-    if same.graph:
 
-        def every_part():
-            for part in made:
-                for _ in range(part.count):
-                    part.run()
+    def every_part():
+        for part in made:
+            for _ in range(part.count):
+                part.run()
 
-        one_graph = time_callable(every_part, device, same).median_ms
-        row.extra["floor_ways_ms"] = {ONE_GRAPH: one_graph / layers, SUMMED: summed / layers}
-        if one_graph < summed:
-            total, method = one_graph, ONE_GRAPH
-    row.floor_ms = total / layers
+    layers = floor_layers(point)
+    ways = {SUMMED: summed / layers, ONE_GRAPH if same.graph else BACK_TO_BACK:
+            time_callable(every_part, device, same).median_ms / layers}  # fmt: skip
+    method = min(ways, key=ways.get)
+    row.floor_ms = ways[method]
     row.vs_floor = row.latency_ms / row.floor_ms
     row.extra["floor_parts_ms"] = by_layer
     row.extra["floor_method"] = method
+    row.extra["floor_ways_ms"] = ways
 
 
 def floor_kernels(point: Point, device: torch.device) -> tuple[dict[str, float], dict[str, set[str]]]:
