@@ -753,6 +753,34 @@ def test_a_fused_training_step_makes_the_projections_gradient_once(fa_heads, n_k
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-11), name
 
 
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("glue_name", ["reference", "fused"])
+@pytest.mark.parametrize("fa_heads", [(1, 6), ()])
+def test_a_bf16_layer_gives_its_gdn_kernel_g_and_beta_in_fp32(fa_heads, glue_name, grad, monkeypatch):
+    """A bf16 layer hands its GDN kernel the decay g and beta in fp32, with either glue, under autograd (the fused
+    path: fla's gate and a sigmoid) and without (slot_conv), as the floor's GDN part does: FlashQLA compiles its
+    kernels per beta dtype (its kkt_solve's b_dtype), so a bf16 beta in training ran other kernels than the floor's,
+    compiled apart (results/floor-h200-v8). Their values are GatedDeltaNetHeads.gates' on the layer's input."""
+    layer = make_layer(fa_heads, glue=glue_name).to(torch.bfloat16)
+    x = torch.randn(1, 9, 32, dtype=torch.bfloat16)
+    taken = []
+    prefill_parts = HybridCore.prefill_parts
+
+    def spy(core, fa, gdn, **options):
+        taken.append(gdn)
+        return prefill_parts(core, fa, gdn, **options)
+
+    monkeypatch.setattr(HybridCore, "prefill_parts", spy)
+    with torch.set_grad_enabled(grad):
+        layer(x)
+    ((*_, g, beta),) = taken
+    with torch.no_grad():
+        expected = layer.gdn.gates(x)
+    for got, want in zip((g, beta), expected, strict=True):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, rtol=2e-2, atol=2e-2), (got - want).abs().max()
+
+
 def test_the_glue_host_time_experiment_times_the_fused_prefill_and_decode_with_its_stubs():
     """experiments/glue_host_time.py (results/glue-host-cpu) follows the fused path's op signatures: its stubs stand in
     for every glue op and the core, and a prefill and a decode step run through them."""

@@ -712,7 +712,11 @@ class HydraAttention(nn.Module):
             conv_state = torch.cat([state for _, state in convs], 1) if final_state else None
         else:
             qkv = [F.silu(c).unflatten(2, (gdn.n_heads, -1)) for c in channels]
-        return (*qkv, ops.gate(a, gdn.A_log, gdn.dt_bias), torch.sigmoid(b)), conv_state
+        # beta in g's dtype (fp32 at least), as GatedDeltaNetHeads.gates, slot_conv and the floor's GDN part give it:
+        # FlashQLA compiles its kernels per beta dtype, and a bf16 beta had a training point compile a third set of
+        # them for its floor (results/floor-h200-v8) and time the layer on other kernels than the floor
+        g = ops.gate(a, gdn.A_log, gdn.dt_bias)
+        return (*qkv, g, torch.sigmoid(b.to(g.dtype))), conv_state
 
     def _decode_fused(self, x, position_embeddings, cache: LayerCache, core: HybridCore, ops):
         """A decode step of the fused path. Its ops (a kernel each on the GPU): the projection GEMM; slot_norm_rope,
