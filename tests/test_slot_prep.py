@@ -3,6 +3,11 @@ RMSNorm and Hugging Face-style RoPE, and the Triton kernel (slot_prep.py; Triton
 conftest sets TRITON_INTERPRET=1) against the twin, and in a layer's fused path against the reference glue."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -637,3 +642,24 @@ def test_slot_conv_refuses_sources_of_uneven_lengths(sources):
     slots, weight, taps, *gates = _conv_inputs(1, 5, 16, torch.float32)
     with pytest.raises(ValueError, match="sources"):
         slot_prep.slot_conv(slots, sources, weight, 1e-6, taps, *gates)
+
+
+def test_the_glue_kernels_move_slots_by_16_bytes_a_thread_on_sm90():
+    """slot_conv, head_norms, slot_norm_rope and its backward compiled for sm_90 as a bf16 Qwen3 layer launches them
+    (ptxas without a GPU, tests/sm90_sass.py, in a fresh interpreter: Triton's interpreter cannot compile): no spills;
+    slot_conv and head_norms, bound by memory, at most 64 registers a thread (4 of their 8-warp blocks an SM); and
+    slots and gradients read and written by 16-byte vectors: no 2-byte global access but slot_conv's conv taps (strided
+    by K: 4 taps of 8 channels a thread) and its a and b. A slot moved element by element (as an unspecialized compile
+    does) takes 8 accesses a thread where one ran."""
+    sass = Path(__file__).with_name("sm90_sass.py")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(sass)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kernels = json.loads(done.stdout)
+    narrow = {name: sum(n for op, n in k["accesses"].items() if op.endswith((".U16", ".S16", ".U8", ".S8")))
+              for name, k in kernels.items()}  # fmt: skip
+    assert narrow.pop("slot_conv") <= 4 * 8 + 2 and not any(narrow.values()), kernels
+    for name, k in kernels.items():
+        assert k["local_bytes"] == 0, (name, k)
+        assert k["accesses"].get("LDG.E.128") and k["accesses"].get("STG.E.128"), (name, k)
+    assert kernels["slot_conv"]["registers"] <= 64 and kernels["head_norms"]["registers"] <= 64, kernels

@@ -48,9 +48,12 @@ _COMPUTE = {torch.float32: tl.float32, torch.float64: tl.float64}
 # 32 tokens of a 128-wide slot a program: its two halves, cos and sin in fp32 are 8 registers a thread each over 4 warps
 BLOCK_TOKENS = 32
 # slot_conv and head_norms read whole 128-wide slots: 16 tokens a program over 8 warps, one 16-byte load a thread per
-# tile. At 32 tokens over 4 warps ptxas gave them 234 and 242 registers a thread for sm_90 (Triton 3.9, bf16, q/k
-# norms and gate on), two blocks an SM for kernels bound by memory; at 16 over 8, 98 and 64. Timed only inside the layer
-# (results/floor-h200-v7), not alone.
+# tile. Compiled for sm_90 as a bf16 Qwen3 layer launches them (Triton 3.9, q/k norms and gate on, the arguments'
+# divisibility by 16 that the launch specializes; tests/sm90_sass.py) ptxas gives them 40 and 31 registers a thread
+# (6 and 8 blocks an SM), 101 and 56 at 32 tokens over 4 warps, and every slot moves by 16-byte accesses (as in
+# slot_norm_rope, 66, and its backward, 127). (98 and 64, and 234 and 242, the figures this comment gave before, came
+# from a compile that knew no divisibility, whose every access is 2 bytes.) Timed only inside the layer
+# (results/floor-h200-v8), not alone.
 SLOT_BLOCK_TOKENS, SLOT_WARPS = 16, 8
 
 
