@@ -898,16 +898,24 @@ def test_a_slurm_submission_without_srun_is_refused_before_the_run_exists(tmp_pa
         assert stale.lock_path.read_text() == f"pid {os.getpid()} on {os.uname().nodename}\n"
 
 
-def _local_launch_with_rows(tmp_path: Path, run: str, *flags: str) -> subprocess.Popen:
-    """`sweep --launcher local --shards 2` with FLAGS, then `flags`, into tmp_path/run, started in a session of its
-    own (its process group holds the sweep, submitit's controllers and jobs, their workers), once its workers have
-    written two whole rows."""
-    args = ["sweep", *FLAGS, *flags, "--launcher", "local", "--shards", "2", "--out", str(tmp_path), "--run", run]
+LOCAL_LAUNCH = ("--launcher", "local", "--shards", "2")
+# --gpus 2 on the CPU: two fake GPUs (the launch's visible_gpus replaced before the command runs), two real workers
+GPUS_LAUNCH = ("--gpus", "2")
+FAKE_GPUS = ("-c", "import sys; from hhbench.launch import run; run.visible_gpus = lambda: ['0', '1']; "
+             "from hhbench.cli.app import main; main(sys.argv[1:])")  # fmt: skip
+
+
+def _launch_with_rows(tmp_path: Path, run: str, *flags: str, spread=LOCAL_LAUNCH) -> subprocess.Popen:
+    """`sweep` spread as `spread` says (default --launcher local --shards 2) with FLAGS, then `flags`, into
+    tmp_path/run, started in a session of its own (its process group holds the sweep, submitit's controllers and jobs,
+    their workers), once its workers have written two whole rows."""
+    args = ["sweep", *FLAGS, *flags, *spread, "--out", str(tmp_path), "--run", run]
+    entry = FAKE_GPUS if spread == GPUS_LAUNCH else ("-m", "hhbench")
     shards = tmp_path / run / "shards"
     # SIGINT as a terminal's shell leaves it to its foreground jobs: a test run started in the background of a shell
     # without job control inherits it ignored (bash's rule for such jobs), and so would the sweep, which then ran on
     # to exit 0 through the Ctrl-C
-    process = subprocess.Popen([sys.executable, "-m", "hhbench", *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
+    process = subprocess.Popen([sys.executable, *entry, *args], env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
@@ -934,7 +942,7 @@ def _live_in_group(group: int) -> list[str]:
 def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
     """Ctrl-C in a terminal (SIGINT to the whole process group: the sweep, submitit's controllers and jobs, the
     workers): one line, no traceback of any of them, exit 130; what was measured is merged."""
-    process = _local_launch_with_rows(tmp_path, "i")
+    process = _launch_with_rows(tmp_path, "i")
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -943,12 +951,14 @@ def test_an_interrupted_local_launch_is_one_line_and_exit_130(tmp_path):
     assert len(read_rows(tmp_path / "i" / "rows.jsonl")) >= 2, "what the workers measured is merged"
 
 
-def test_a_terminated_local_launch_ends_its_jobs_in_one_line_and_exit_143(tmp_path):
+@pytest.mark.parametrize("spread", [LOCAL_LAUNCH, GPUS_LAUNCH], ids=["launcher-local", "gpus"])
+def test_a_terminated_launch_ends_its_workers_in_one_line_and_exit_143(tmp_path, spread):
     """SIGTERM to the sweep alone (kill, timeout(1), a CI runner's time limit, systemd, a job scheduler): its jobs
-    and their workers end as on Ctrl-C, none left writing the run or holding a GPU; one line, exit 143 (128 +
-    SIGTERM); what was measured stays in the run."""
+    (--launcher local) or worker processes (--gpus) end as on Ctrl-C, none left writing the run or holding a GPU;
+    one line, exit 143 (128 + SIGTERM); what was measured stays in the run. (A --gpus sweep died at once before, its
+    workers with it: no line, no wall time, and what they had measured left in their shards until a rerun merged it.)"""
     # each point timed for 2 s: jobs left running would go on for seconds after the sweep has ended
-    process = _local_launch_with_rows(tmp_path, "t", "--target-ms", "2000", "--max-reps", "1000000")
+    process = _launch_with_rows(tmp_path, "t", "--target-ms", "2000", "--max-reps", "1000000", spread=spread)
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)  # not communicate: jobs left running would hold its pipes open

@@ -7,15 +7,14 @@ import faulthandler
 import json
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hhbench.errors import Terminated, UserError, require_extra
-from hhbench.launch.local import POLL_S, crash_site, rows_written, run_on_gpus, visible_gpus
+from hhbench.errors import UserError, require_extra
+from hhbench.launch.local import POLL_S, crash_site, rows_written, run_on_gpus, sigterm_raises, visible_gpus
 from hhbench.launch.lock import try_lock
 from hhbench.launch.worker import Task
 from hhbench.rows.runs import RunDir
@@ -180,26 +179,6 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM (kill, timeout(1), a CI runner's time limit, systemd, a scheduler) raises Terminated while inside, as
-    Ctrl-C raises KeyboardInterrupt: Python's default action would end this process at once, without the `finally`
-    that cancels its jobs, which ran on as orphans. Once: later ones are ignored, so that they do not cut short the
-    cancelling. The previous handler is back after. A SIGKILL cannot be caught: the jobs outlive it, as SLURM's
-    outlive their submitter, and a rerun leaves their shards be (docs/sweeps-multi-gpu.md); PR_SET_PDEATHSIG in a
-    job would follow its parent, submitit's controller, not this process."""
-
-    def terminate(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _shards_released(run: RunDir, names: list[str]) -> bool:
     """Whether no process holds the shards `names` that exist (each one's lock taken and let go at once), as the
     merge needs."""
@@ -226,7 +205,7 @@ def run_local(
     names, total = [task.name for task in tasks], sum(len(task.points) for task in tasks)
     before = rows_written(run, names)
     jobs = []
-    with _sigterm_raises():
+    with sigterm_raises():
         try:
             with _stderr_to(run.path / SUBMITIT / CONTROLLER_LOG):
                 for index, task in enumerate(tasks):

@@ -3,6 +3,7 @@ dies inside a point leaves that point as an error row (merge.reap); one that sto
 CUDA context has that row already. Either is started again on the rest of its points, as long as each start
 adds a row; one that dies before its first row (its set-up) is reported and not started again."""
 
+import contextlib
 import os
 import pickle
 import re
@@ -10,12 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import hhbench
+from hhbench.errors import Terminated
 from hhbench.launch.merge import reap, remaining
 from hhbench.launch.shards import deal
 from hhbench.launch.worker import Task
@@ -223,6 +225,27 @@ def supervise(
         for _, handle in running.values():
             handle.stop()
     return failures
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM (kill, timeout(1), a CI runner's time limit, systemd, a scheduler) raises Terminated while inside, as
+    Ctrl-C raises KeyboardInterrupt: Python's default action would end this process at once, without the `finally`
+    that stops its workers (--gpus) or cancels its jobs (--launcher local), which ran on as orphans, and the merge of
+    what they measured. Once: later ones are ignored, so that they do not cut short the stopping. The previous handler
+    is back after. A SIGKILL cannot be caught: the jobs outlive it, as SLURM's outlive their submitter, and a rerun
+    leaves their shards be (docs/sweeps-multi-gpu.md); PR_SET_PDEATHSIG in a job would follow its parent, submitit's
+    controller, not this process."""
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_workers(

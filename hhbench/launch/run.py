@@ -9,7 +9,7 @@ import torch
 from hhbench.errors import UserError
 from hhbench.launch import cluster
 from hhbench.launch.cluster import Slurm
-from hhbench.launch.local import run_workers, visible_gpus, worker_name
+from hhbench.launch.local import run_workers, sigterm_raises, visible_gpus, worker_name
 from hhbench.launch.merge import merge, settled
 from hhbench.launch.shards import Shard, deal, unfinished
 from hhbench.launch.worker import Task
@@ -184,7 +184,8 @@ def launch(
         return outcome
     try:
         if options.gpus:
-            outcome.failures = run_workers(run, tasks, options.gpus, on_progress)
+            with sigterm_raises():  # the workers stopped and their rows merged (below), as on Ctrl-C
+                outcome.failures = run_workers(run, tasks, options.gpus, on_progress)
         else:
             gpus = visible_gpus() if where.type == "cuda" else []  # --device cpu: the jobs on the CPU alone
             outcome.failures = cluster.run_local(run, tasks, gpus, on_progress)
