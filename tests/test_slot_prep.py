@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hhbench.layers import glue
 from hhbench.layers.glue import SlotPlan
 from hhbench.layers.hydrahead import apply_rope
+from tests.conftest import ROOT
 
 triton = pytest.importorskip("triton")
 _version = lambda text: tuple(int(part) for part in text.split(".")[:2])  # noqa: E731
@@ -652,7 +653,7 @@ def test_the_glue_kernels_move_slots_by_16_bytes_a_thread_on_sm90():
     by K: 4 taps of 8 channels a thread) and its a and b. A slot moved element by element (as an unspecialized compile
     does) takes 8 accesses a thread where one ran."""
     sass = Path(__file__).with_name("sm90_sass.py")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(sass)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     kernels = json.loads(done.stdout)

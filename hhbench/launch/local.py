@@ -231,11 +231,12 @@ def supervise(
 def sigterm_raises() -> Iterator[None]:
     """SIGTERM (kill, timeout(1), a CI runner's time limit, systemd, a scheduler) raises Terminated while inside, as
     Ctrl-C raises KeyboardInterrupt: Python's default action would end this process at once, without the `finally`
-    that stops its workers (--gpus) or cancels its jobs (--launcher local), which ran on as orphans, and the merge of
-    what they measured. Once: later ones are ignored, so that they do not cut short the stopping. The previous handler
-    is back after. A SIGKILL cannot be caught: the jobs outlive it, as SLURM's outlive their submitter, and a rerun
-    leaves their shards be (docs/sweeps-multi-gpu.md); PR_SET_PDEATHSIG in a job would follow its parent, submitit's
-    controller, not this process."""
+    that stops its workers (--gpus) or cancels its jobs (--launcher local, which ran on as orphans) and merges what
+    they measured. Once: later ones are ignored, so that they do not cut short the stopping. The previous handler is
+    back after. A SIGKILL cannot be caught: --gpus workers die with this process (their PR_SET_PDEATHSIG);
+    submitit's jobs outlive it, as SLURM's outlive their submitter, and a rerun leaves their shards be
+    (docs/sweeps-multi-gpu.md); PR_SET_PDEATHSIG in a job would follow its parent, submitit's controller, not this
+    process."""
 
     def terminate(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
