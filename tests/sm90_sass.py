@@ -65,12 +65,13 @@ def glue_kernels() -> dict:
     """The four kernels at a Qwen3 layer's sizes (d = 128, conv of 4 taps, q/k norms and gate on; a slot read by two
     destinations in slot_norm_rope's backward: GQA's shared k) with the block sizes and warps slot_prep launches them
     with."""
-    slots = {"D": 128, "BLOCK_D": 128, "BLOCK_T": slot_prep.SLOT_BLOCK_TOKENS, "COMPUTE": tl.float32}
+    slots = {"D": 128, "BLOCK_D": 128, "COMPUTE": tl.float32}
+    runs = {"ROWS": slot_prep.CONV_ROWS, "RUN": slot_prep.CONV_RUN, "K": 4, "NORM": True, "STATE": False}
     halves = {"HALF": 64, "BLOCK_HALF": 64, "BLOCK_T": slot_prep.BLOCK_TOKENS, "COMPUTE": tl.float32}
     return {
-        "slot_conv": compiled(slot_prep._slot_conv, {**slots, "K": 4, "NORM": True, "STATE": False},
-                              slot_prep.SLOT_WARPS),
-        "head_norms": compiled(slot_prep._head_norms, {**slots, "GATED": True}, slot_prep.SLOT_WARPS),
+        "slot_conv": compiled(slot_prep._slot_conv, {**slots, **runs}, slot_prep.CONV_WARPS),
+        "head_norms": compiled(slot_prep._head_norms, {**slots, "BLOCK_T": slot_prep.SLOT_BLOCK_TOKENS, "GATED": True},
+                               slot_prep.SLOT_WARPS),
         "slot_norm_rope": compiled(slot_prep._slot_norm_rope, {**halves, "NORM": True}, 4),
         "slot_norm_rope_backward": compiled(slot_prep._slot_norm_rope_backward, {**halves, "NORM": True, "FAN_OUT": 2},
                                             4),

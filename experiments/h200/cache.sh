@@ -11,7 +11,7 @@ usage() { echo "usage: cache.sh export|import NAME" >&2; exit 2; }
 [ $# -eq 2 ] || usage
 name=$2
 case "$1" in
-export) tar cJf - -C /tmp/cache "$name" | split -b 15000000 -d - "$OUT/cache-$name.tar.xz.part"
+export) XZ_OPT=-T0 tar cJf - -C /tmp/cache "$name" | split -b 15000000 -d - "$OUT/cache-$name.tar.xz.part"
         ls -l "$OUT"/cache-"$name".tar.xz.part* ;;
 import) mkdir -p /tmp/cache
         cat .gpu/cache-"$name"/cache-"$name".tar.xz.part* | tar xJf - -C /tmp/cache

@@ -47,14 +47,17 @@ from hhbench.layers.glue import L2_EPS
 _COMPUTE = {torch.float32: tl.float32, torch.float64: tl.float64}
 # 32 tokens of a 128-wide slot a program: its two halves, cos and sin in fp32 are 8 registers a thread each over 4 warps
 BLOCK_TOKENS = 32
-# slot_conv and head_norms read whole 128-wide slots: 16 tokens a program over 8 warps, one 16-byte load a thread per
-# tile. Compiled for sm_90 as a bf16 Qwen3 layer launches them (Triton 3.9, q/k norms and gate on, the arguments'
-# divisibility by 16 that the launch specializes; tests/sm90_sass.py) ptxas gives them 40 and 31 registers a thread
-# (6 and 8 blocks an SM), 101 and 56 at 32 tokens over 4 warps, and every slot moves by 16-byte accesses (as in
-# slot_norm_rope, 66, and its backward, 127). (98 and 64, and 234 and 242, the figures this comment gave before, came
-# from a compile that knew no divisibility, whose every access is 2 bytes.) Timed only inside the layer
-# (results/floor-h200-v8), not alone.
+# head_norms reads whole 128-wide slots: 16 tokens a program over 8 warps, one 16-byte load a thread per tile.
+# Compiled for sm_90 as a bf16 Qwen3 layer launches it (Triton 3.9, gate on, the arguments' divisibility by 16 that the
+# launch specializes; tests/sm90_sass.py) ptxas gives it 31 registers a thread (8 blocks an SM), and every slot moves
+# by 16-byte accesses (as in slot_norm_rope, 66 registers, and its backward, 127).
 SLOT_BLOCK_TOKENS, SLOT_WARPS = 16, 8
+# slot_conv: a program takes 8 runs of 8 tokens of one slot over 4 warps (one 16-byte load a thread per input of the
+# 8 runs), and holds each run's 8 + K - 1 inputs in registers, each loaded and q/k-normed once (fla's Gluon conv reuses
+# its inputs so, 8 outputs a run). Its first form, one program per 16 tokens over 8 warps whose every output loaded and
+# normed its K inputs anew, took 1.67 ms of a head 7:1 prefill at 64K on an H200 where fla's conv over the same channels
+# took 0.58 (results/profile-h200-v2). 128 registers a thread, no spills (sm_90, as above).
+CONV_ROWS, CONV_RUN, CONV_WARPS = 8, 8, 4
 
 
 @triton.jit
@@ -308,20 +311,25 @@ def slot_norm_rope_backward(grads, slots, plan, weight, eps, cos, sin, grad_slot
 @triton.jit
 def _slot_conv(X, Sources, W, CW, Out, State, A, Bp, A_log, Dt_bias, G, Beta, T, n_heads, stride_xb, stride_xt,
                stride_xs, stride_ab, stride_at, stride_bb, stride_bt, eps, l2_eps, D: tl.constexpr,
-               BLOCK_D: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr, STATE: tl.constexpr,
-               COMPUTE: tl.constexpr):  # fmt: skip
+               BLOCK_D: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, RUN: tl.constexpr, NORM: tl.constexpr,
+               STATE: tl.constexpr, COMPUTE: tl.constexpr):  # fmt: skip
     j = tl.program_id(1)  # the destination slot: the q heads', then the k heads', then the v heads'
     b = tl.program_id(2).to(tl.int64)
     kind = j // n_heads  # 0: q, 1: k, 2: v, the part it is written to
     source = tl.load(Sources + j)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # ROWS runs of RUN consecutive tokens: row r outputs tokens start[r] .. start[r] + RUN - 1 from the RUN + K - 1
+    # inputs before them, each loaded and normalized once and held in registers (the window)
+    start = tl.program_id(0) * (ROWS * RUN) + tl.arange(0, ROWS) * RUN
     c = tl.arange(0, BLOCK_D)
     x_row = X + b * stride_xb + source * stride_xs
     if NORM:  # Qwen3's q_norm weight for q slots, k_norm's for k slots
         w = tl.load(W + tl.minimum(kind, 1) * D + c, mask=c < D, other=0.0).to(COMPUTE)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=COMPUTE)
-    for i in tl.static_range(K):  # tap i reads token t - (K - 1 - i); tokens before the first are zeros
-        at = t - (K - 1 - i)
+    taps = ()
+    for i in tl.static_range(K):
+        taps += (tl.load(CW + (j * D + c) * K + i, mask=c < D, other=0.0).to(COMPUTE),)
+    window = ()
+    for i in tl.static_range(RUN + K - 1):  # input i of a row is token start + i - (K - 1); before the first: zeros
+        at = start + (i - (K - 1))
         valid = (at >= 0) & (at < T)
         mask = valid[:, None] & (c < D)[None, :]
         x = tl.load(x_row + at.to(tl.int64)[:, None] * stride_xt + c[None, :], mask=mask, other=0.0).to(COMPUTE)
@@ -330,16 +338,16 @@ def _slot_conv(X, Sources, W, CW, Out, State, A, Bp, A_log, Dt_bias, G, Beta, T,
                 rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
                 x = x * tl.where(valid, rstd, 0.0)[:, None] * w[None, :]  # a zero row's 1 / sqrt(eps) is inf for eps 0
         # the conv's input in the slots' dtype, as slot_norm_rope's parts hold it and the conv state keeps it
-        x = x.to(X.dtype.element_ty).to(COMPUTE)
-        tap = tl.load(CW + (j * D + c) * K + i, mask=c < D, other=0.0).to(COMPUTE)
-        acc += x * tap[None, :]
+        x = x.to(X.dtype.element_ty)
+        window += (x,)
         if STATE:
-            if i == K - 1:  # token t's input: column K - T + t of the state [B, 3 n D, K] (the last K inputs)
-                column = t - (T - K)
-                into = ((column >= 0) & (t < T))[:, None] & (c < D)[None, :]
+            if i >= K - 1:  # the row's own token: column K - T + at of the state [B, 3 n D, K] (the last K inputs)
+                column = at - (T - K)
+                into = ((column >= 0) & (at < T))[:, None] & (c < D)[None, :]
                 state = State + b * (3 * n_heads * D * K) + (j * D + c)[None, :] * K + column[:, None]
                 tl.store(state, x.to(State.dtype.element_ty), mask=into)
     if kind == 0:  # head j's gates at these tokens: g = -exp(A_log) softplus(a + dt_bias) (fla's softplus), sigmoid(b)
+        t = tl.program_id(0) * (ROWS * RUN) + tl.arange(0, ROWS * RUN)
         gates = b * T + t.to(tl.int64)
         a = tl.load(A + b * stride_ab + t.to(tl.int64) * stride_at + j, mask=t < T, other=0.0).to(COMPUTE)
         a += tl.load(Dt_bias + j).to(COMPUTE)
@@ -347,12 +355,17 @@ def _slot_conv(X, Sources, W, CW, Out, State, A, Bp, A_log, Dt_bias, G, Beta, T,
         tl.store(G + gates * n_heads + j, -tl.exp(tl.load(A_log + j).to(COMPUTE)) * softplus, mask=t < T)
         beta = tl.load(Bp + b * stride_bb + t.to(tl.int64) * stride_bt + j, mask=t < T, other=0.0).to(COMPUTE)
         tl.store(Beta + gates * n_heads + j, 1.0 / (1.0 + tl.exp(-beta)), mask=t < T)
-    y = acc / (1.0 + tl.exp(-acc))  # SiLU
-    if kind < 2:
-        y = y / tl.maximum(tl.sqrt(tl.sum(y * y, 1)), l2_eps)[:, None]  # F.normalize's
     n_tokens = tl.num_programs(2) * T
-    row = Out + (kind * n_tokens + b * T + t.to(tl.int64)) * (n_heads * D) + (j - kind * n_heads) * D
-    tl.store(row[:, None] + c[None, :], y.to(Out.dtype.element_ty), mask=(t < T)[:, None] & (c < D)[None, :])
+    for r in tl.static_range(RUN):
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=COMPUTE)
+        for i in tl.static_range(K):  # output token start + r reads inputs r .. r + K - 1 of its row's window
+            acc += window[r + i].to(COMPUTE) * taps[i][None, :]
+        y = acc / (1.0 + tl.exp(-acc))  # SiLU
+        if kind < 2:
+            y = y / tl.maximum(tl.sqrt(tl.sum(y * y, 1)), l2_eps)[:, None]  # F.normalize's
+        t = start + r
+        row = Out + (kind * n_tokens + b * T + t.to(tl.int64)) * (n_heads * D) + (j - kind * n_heads) * D
+        tl.store(row[:, None] + c[None, :], y.to(Out.dtype.element_ty), mask=(t < T)[:, None] & (c < D)[None, :])
 
 
 def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, output_final_state=False):
@@ -383,12 +396,12 @@ def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, ou
     gates = slots.new_empty(2, B, T, n, dtype=compute)
     state = slots.new_zeros(B, 3 * n * d, K) if output_final_state else None
     with launch_device(slots):
-        _slot_conv[(triton.cdiv(T, SLOT_BLOCK_TOKENS), 3 * n, B)](
+        _slot_conv[(triton.cdiv(T, CONV_ROWS * CONV_RUN), 3 * n, B)](
             slots, head_index(table, slots.device), slots if weight is None else weight, conv_weight.contiguous(), out,
             out if state is None else state, a, b, A_log, dt_bias, gates[0], gates[1], T, n, slots.stride(0),
             slots.stride(1), slots.stride(2), a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(eps), L2_EPS,
-            D=d, BLOCK_D=triton.next_power_of_2(d), K=K, BLOCK_T=SLOT_BLOCK_TOKENS, NORM=weight is not None,
-            STATE=output_final_state, COMPUTE=_COMPUTE[compute], num_warps=SLOT_WARPS,
+            D=d, BLOCK_D=triton.next_power_of_2(d), K=K, ROWS=CONV_ROWS, RUN=CONV_RUN, NORM=weight is not None,
+            STATE=output_final_state, COMPUTE=_COMPUTE[compute], num_warps=CONV_WARPS,
         )  # fmt: skip
     return (*out.unbind(0), *gates.unbind(0)), state
 
