@@ -5,8 +5,9 @@
 # time: layer 3:1's first training point with FlashQLA compiled for more than 455 s in one sweep (floor-h200-v8).
 # Nothing these sweeps time is kept (rows in /tmp/warm, never copied to $OUT): the GPU runs them all at once.
 # warm.sh [LIMIT seconds, default 420]; CACHE as sweep.sh's (default floor), the cache the timed sweep then uses.
-# FlashQLA compiles other kernels at 16K than at 64K (its autocp splits long sequences), fla's Triton the same
-# ones (its kernels specialize on the heads, not on the length): hence its contexts below.
+# FlashQLA at two contexts: its autocp picks how to split a sequence from its length (and may compile other kernels).
+# In results/floor-h200-v8 (450 s, 6 of the 9 done) it left the timed sweep's 18 training points 0.0-2.7 s of first
+# call each, but fla-chunk's at 128K: 33-37 s (fla's Triton autotunes some kernels again at that length).
 set -uo pipefail
 limit=${1:-420}
 export PYTHONPATH=/tmp/site:/tmp/site-qla:$PWD
