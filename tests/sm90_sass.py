@@ -1,6 +1,6 @@
 """Compiles hhbench's glue kernels (hhbench/layers/slot_prep.py) for sm_90 without a GPU and prints, as one JSON
 object per kernel name, what ptxas made of them: registers a thread, local memory (spills) and the global memory
-accesses by width (SASS opcodes, e.g. LDG.E.128: a 16-byte load a thread). Run as a script (tests/test_slot_prep.py
+accesses by width (SASS opcodes, e.g. LDG.E.128: a 16-byte load a thread) and its barriers. Run as a script (tests/test_slot_prep.py
 does, in a fresh interpreter: Triton's interpreter, which the tests turn on, cannot compile). The kernels' arguments
 are typed as a bf16 Qwen3 layer's and marked divisible by 16 where Triton's launch specializes them so on the GPU
 (pointers, strides, the token counts): how it compiles them for that layer."""
@@ -47,7 +47,8 @@ def _signature(kernel) -> tuple[dict, set]:
 
 
 def compiled(kernel, constexprs: dict, num_warps: int) -> dict:
-    """{"registers", "local_bytes", "accesses": {SASS opcode: count}} of `kernel` compiled for sm_90."""
+    """{"registers", "local_bytes", "accesses": {SASS opcode: count}, "barriers": BAR.SYNCs (a layout conversion through
+    shared memory takes one or two)} of `kernel` compiled for sm_90."""
     signature, divisible = _signature(kernel)
     source = ASTSource(kernel, signature, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
     binary = triton.compile(source, target=GPUTarget("cuda", 90, 64), options={"num_warps": num_warps})
@@ -58,7 +59,9 @@ def compiled(kernel, constexprs: dict, num_warps: int) -> dict:
         sass = subprocess.run([SASS_TOOL, "-sass", cubin.name], capture_output=True, text=True, check=True)
     resources = dict(re.findall(r"(REG|LOCAL):(\d+)", usage.stdout))
     accesses = collections.Counter(re.findall(r"\b((?:LDG|STG)\.[A-Z0-9.]+)", sass.stdout))
-    return {"registers": int(resources["REG"]), "local_bytes": int(resources["LOCAL"]), "accesses": dict(accesses)}
+    barriers = len(re.findall(r"\bBAR\.SYNC", sass.stdout))
+    return {"registers": int(resources["REG"]), "local_bytes": int(resources["LOCAL"]), "accesses": dict(accesses),
+            "barriers": barriers}  # fmt: skip
 
 
 def glue_kernels() -> dict:

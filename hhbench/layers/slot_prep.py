@@ -56,7 +56,11 @@ SLOT_BLOCK_TOKENS, SLOT_WARPS = 16, 8
 # 8 runs), and holds each run's 8 + K - 1 inputs in registers, each loaded and q/k-normed once (fla's Gluon conv reuses
 # its inputs so, 8 outputs a run). Its first form, one program per 16 tokens over 8 warps whose every output loaded and
 # normed its K inputs anew, took 1.67 ms of a head 7:1 prefill at 64K on an H200 where fla's conv over the same channels
-# took 0.58 (results/profile-h200-v2). 128 registers a thread, no spills (sm_90, as above).
+# took 0.58 (results/profile-h200-v2); the window took it to 0.92 ms (d111add, results/slot-conv-h200). That form still
+# issued one input's load at a time: its norm weight and taps, loaded as [d] vectors, reached the inputs' layout
+# through shared memory, two barriers at each of the 11 uses. Loaded as tiles in the inputs' layout, with every input
+# load issued before the first norm, the kernel has no barrier and 11 loads in flight a thread: 156 registers a
+# thread, no spills (sm_90, as above), 3 blocks an SM. Not yet timed on a GPU.
 CONV_ROWS, CONV_RUN, CONV_WARPS = 8, 8, 4
 
 
@@ -321,30 +325,39 @@ def _slot_conv(X, Sources, W, CW, Out, State, A, Bp, A_log, Dt_bias, G, Beta, T,
     # inputs before them, each loaded and normalized once and held in registers (the window)
     start = tl.program_id(0) * (ROWS * RUN) + tl.arange(0, ROWS) * RUN
     c = tl.arange(0, BLOCK_D)
+    # the channels as a [ROWS, BLOCK_D] tile: the weights below load in the inputs' layout, which a [BLOCK_D] vector
+    # would have to reach through shared memory and a barrier at every use
+    cols = c[None, :] + tl.zeros([ROWS, 1], dtype=tl.int32)
     x_row = X + b * stride_xb + source * stride_xs
     if NORM:  # Qwen3's q_norm weight for q slots, k_norm's for k slots
-        w = tl.load(W + tl.minimum(kind, 1) * D + c, mask=c < D, other=0.0).to(COMPUTE)
+        w = tl.load(W + tl.minimum(kind, 1) * D + cols, mask=cols < D, other=0.0).to(COMPUTE)
     taps = ()
     for i in tl.static_range(K):
-        taps += (tl.load(CW + (j * D + c) * K + i, mask=c < D, other=0.0).to(COMPUTE),)
-    window = ()
+        taps += (tl.load(CW + (j * D + cols) * K + i, mask=cols < D, other=0.0).to(COMPUTE),)
+    loaded = ()  # every input of the runs in flight at once, before the first norm waits on one
     for i in tl.static_range(RUN + K - 1):  # input i of a row is token start + i - (K - 1); before the first: zeros
         at = start + (i - (K - 1))
+        mask = ((at >= 0) & (at < T))[:, None] & (cols < D)
+        loaded += (tl.load(x_row + at.to(tl.int64)[:, None] * stride_xt + cols, mask=mask, other=0.0),)
+    window = ()
+    for i in tl.static_range(RUN + K - 1):
+        at = start + (i - (K - 1))
         valid = (at >= 0) & (at < T)
-        mask = valid[:, None] & (c < D)[None, :]
-        x = tl.load(x_row + at.to(tl.int64)[:, None] * stride_xt + c[None, :], mask=mask, other=0.0).to(COMPUTE)
+        x = loaded[i].to(COMPUTE)
         if NORM:
             if kind < 2:
                 rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
-                x = x * tl.where(valid, rstd, 0.0)[:, None] * w[None, :]  # a zero row's 1 / sqrt(eps) is inf for eps 0
+                x = x * tl.where(valid, rstd, 0.0)[:, None] * w  # a zero row's 1 / sqrt(eps) is inf for eps 0
         # the conv's input in the slots' dtype, as slot_norm_rope's parts hold it and the conv state keeps it
         x = x.to(X.dtype.element_ty)
         window += (x,)
         if STATE:
-            if i >= K - 1:  # the row's own token: column K - T + at of the state [B, 3 n D, K] (the last K inputs)
+            # the row's own token: column K - T + at of the state [B, 3 n D, K] (the last K inputs). Only a program
+            # holding one of the last K tokens stores: the store's layout conversion costs a barrier in every other
+            if i >= K - 1 and (tl.program_id(0) + 1) * (ROWS * RUN) > T - K:
                 column = at - (T - K)
-                into = ((column >= 0) & (at < T))[:, None] & (c < D)[None, :]
-                state = State + b * (3 * n_heads * D * K) + (j * D + c)[None, :] * K + column[:, None]
+                into = ((column >= 0) & (at < T))[:, None] & (cols < D)
+                state = State + b * (3 * n_heads * D * K) + (j * D + cols) * K + column[:, None]
                 tl.store(state, x.to(State.dtype.element_ty), mask=into)
     if kind == 0:  # head j's gates at these tokens: g = -exp(A_log) softplus(a + dt_bias) (fla's softplus), sigmoid(b)
         t = tl.program_id(0) * (ROWS * RUN) + tl.arange(0, ROWS * RUN)
@@ -359,13 +372,13 @@ def _slot_conv(X, Sources, W, CW, Out, State, A, Bp, A_log, Dt_bias, G, Beta, T,
     for r in tl.static_range(RUN):
         acc = tl.zeros([ROWS, BLOCK_D], dtype=COMPUTE)
         for i in tl.static_range(K):  # output token start + r reads inputs r .. r + K - 1 of its row's window
-            acc += window[r + i].to(COMPUTE) * taps[i][None, :]
+            acc += window[r + i].to(COMPUTE) * taps[i]
         y = acc / (1.0 + tl.exp(-acc))  # SiLU
         if kind < 2:
             y = y / tl.maximum(tl.sqrt(tl.sum(y * y, 1)), l2_eps)[:, None]  # F.normalize's
         t = start + r
         row = Out + (kind * n_tokens + b * T + t.to(tl.int64)) * (n_heads * D) + (j - kind * n_heads) * D
-        tl.store(row[:, None] + c[None, :], y.to(Out.dtype.element_ty), mask=(t < T)[:, None] & (c < D)[None, :])
+        tl.store(row[:, None] + cols, y.to(Out.dtype.element_ty), mask=(t < T)[:, None] & (cols < D))
 
 
 def slot_conv(slots, sources, weight, eps, conv_weight, a, b, A_log, dt_bias, output_final_state=False):
