@@ -6,6 +6,8 @@
 # LIMIT seconds (default 540) interrupts it (SIGINT: the sweep merges what it measured and records its wall time).
 # The workers' logs come back in RUN/logs/ (a worker that crashed left its Python stack there; not in RUN/shards/,
 # which git ignores as a launch's working files).
+# env.json names the commit that git reports in the device machine's copy, which was the session's first commit with
+# later trees (results/floor-h200-v9): give HHBENCH_COMMIT=<the commit pushed to the device> on the command line.
 set -uo pipefail
 suite=$1 run=$2 gpus=$3; shift 3
 export PYTHONPATH=/tmp/site${QLA:+:/tmp/site-qla}:$PWD
