@@ -1,9 +1,9 @@
 """Compiles hhbench's glue kernels (hhbench/layers/slot_prep.py) for sm_90 without a GPU and prints, as one JSON
-object per kernel name, what ptxas made of them: registers a thread, local memory (spills) and the global memory
-accesses by width (SASS opcodes, e.g. LDG.E.128: a 16-byte load a thread) and its barriers. Run as a script (tests/test_slot_prep.py
-does, in a fresh interpreter: Triton's interpreter, which the tests turn on, cannot compile). The kernels' arguments
-are typed as a bf16 Qwen3 layer's and marked divisible by 16 where Triton's launch specializes them so on the GPU
-(pointers, strides, the token counts): how it compiles them for that layer."""
+object per kernel name, what ptxas made of them: registers a thread, local memory (spills), the global memory
+accesses by width (SASS opcodes, e.g. LDG.E.128: a 16-byte load a thread) and the barriers. Run as a script
+(tests/test_slot_prep.py does, in a fresh interpreter: Triton's interpreter, which the tests turn on, cannot compile).
+The kernels' arguments are typed as a bf16 Qwen3 layer's and marked divisible by 16 where Triton's launch specializes
+them so on the GPU (pointers, strides, the token counts): how it compiles them for that layer."""
 
 import collections
 import json

@@ -3,8 +3,8 @@ the floor's conv (fla's causal_conv1d over the same q, k and v channels) took 0.
 its floor. Here the kernel is timed alone for a few tilings (ROWS runs of RUN tokens a program, warps), each first
 checked against glue.slot_conv (its torch twin) in bf16, beside fla's conv over the same channels, on the GDN heads of
 a Qwen3-1.7B head 7:1 layer (14 GDN heads: 42 slots of 128 read in place from the projection's output), B=1.
-Usage: python experiments/h200/slot_conv_bench.py [contexts...] (default 16k 64k); prints one JSON line a check or timing
-(results/slot-conv-h200/slot_conv_bench.log)."""
+Usage: python experiments/h200/slot_conv_bench.py [contexts...] (default 16k 64k); prints one JSON line a check or
+timing (results/slot-conv-h200/slot_conv_bench.log)."""
 
 import json
 import sys
@@ -14,6 +14,7 @@ import torch
 from hhbench.layers import glue, slot_prep
 from hhbench.layers.hydrahead import HydraAttention
 from hhbench.measure.timing import TimingPolicy, time_callable
+from hhbench.runner.measurements import relative_error
 from hhbench.spec.units import parse_count
 
 TILINGS = [(8, 8, 4), (4, 8, 2), (8, 4, 4), (16, 8, 8)]  # (ROWS, RUN, warps); the first is slot_prep's
@@ -33,10 +34,6 @@ def inputs(tokens: int):
     return slots, layer.gdn_slots, weight, 1e-6, taps, a, b, A_log, dt_bias
 
 
-def rel(test, ref) -> float:
-    return ((test.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 def tile(rows: int, run: int, warps: int) -> None:
     slot_prep.CONV_ROWS, slot_prep.CONV_RUN, slot_prep.CONV_WARPS = rows, run, warps
 
@@ -46,7 +43,7 @@ check = inputs(4099)
 for rows, run, warps in TILINGS:
     tile(rows, run, warps)
     got, want = slot_prep.slot_conv(*check)[0], glue.slot_conv(*check)[0]
-    errors = [rel(g, w) for g, w in zip(got, want, strict=True)]
+    errors = [relative_error(g, w) for g, w in zip(got, want, strict=True)]
     print(json.dumps({"tiling": [rows, run, warps], "max_rel_err_vs_twin": max(errors)}), flush=True)
     assert max(errors) < 1e-2, errors
 for context in sys.argv[1:] or ["16k", "64k"]:
@@ -56,10 +53,9 @@ for context in sys.argv[1:] or ["16k", "64k"]:
     for rows, run, warps in TILINGS:
         tile(rows, run, warps)
         timing = time_callable(lambda args=args: slot_prep.slot_conv(*args), torch.device("cuda"), POLICY)
-        samples = sorted(timing.samples_ms)
         print(json.dumps({"context": tokens, "kernel": "slot_conv", "tiling": [rows, run, warps],
-                          "median_ms": timing.median_ms, "p10_ms": samples[len(samples) // 10],
-                          "p90_ms": samples[-1 - len(samples) // 10], "reps": len(samples)}), flush=True)  # fmt: skip
+                          "median_ms": timing.median_ms, "p10_ms": timing.percentile(0.1),
+                          "p90_ms": timing.percentile(0.9), "reps": len(timing.samples_ms)}), flush=True)  # fmt: skip
     from fla.modules.causal_conv1d import causal_conv1d
 
     x = torch.randn(1, tokens, channels, device="cuda", dtype=torch.bfloat16)
