@@ -3,7 +3,7 @@ Qwen3-1.7B shape, the event-timed latency, the summed CPU time of the step's cal
 every synchronizing CUDA call the step makes (torch.cuda.set_sync_debug_mode), cProfile's top functions, and one step
 under torch.profiler without Python stacks: its CUDA runtime calls by host time, its kernels by GPU time.
 Usage: python experiments/h200/layer_overhead.py [contexts...] (default 4k 16k); GDN_BACKEND env picks the GDN
-backend (default auto)."""
+backend (default auto; a comma list profiles each), VARIANTS the layouts (default head:7:1,layer:3:1)."""
 
 import cProfile
 import io
@@ -28,11 +28,11 @@ grid = {
     "contexts": contexts,
     "passes": "prefill",
     "scopes": "layer",
-    "gdn_backend": os.environ.get("GDN_BACKEND", "auto"),
+    "gdn_backend": os.environ.get("GDN_BACKEND", "auto").split(","),
 }
 device = torch.device("cuda")
 for point in grid_points(grid, "cuda"):
-    if point.spec.label not in ("head:7:1", "layer:3:1"):
+    if point.spec.label not in os.environ.get("VARIANTS", "head:7:1,layer:3:1").split(","):
         continue
     work = build(point, device)
     timing = time_callable(work.run, device, TimingPolicy(warmup_ms=200, target_ms=300, min_reps=10, max_reps=50))
@@ -61,8 +61,9 @@ for point in grid_points(grid, "cuda"):
     profiler.disable()
     torch.cuda.synchronize()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
-    print(out.getvalue()[-6000:])
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(45)
+    print(out.getvalue()[-16000:])
     # One step under torch.profiler without Python stacks (`sweep --profile` asks for them and its workers died of
     # SIGSEGV on the H200): the host's CUDA runtime calls, where one that waits for the GPU (a synchronize, a copy
     # from pageable memory) is a long cuda* event whichever library made it, the closing synchronize aside; and the
