@@ -194,8 +194,10 @@ def test_the_kernels_heading_gives_the_host_time_where_measured():
     profile = {"kernel_ms": 0.59, "step_ms": 3.1, "activity": "cuda"}
     row = SimpleNamespace(scope="layer", variant="head:7:1", pass_="prefill", context=4096, batch=1, latency_ms=2.68,
                           floor_ms=0.5, fa_backend="sdpa-cudnn", gdn_impl="", gdn_backend="flash-qla",
-                          extra={"kernels": profile, "host_ms": 2.4})  # fmt: skip
-    assert "; host 2.4 ms to issue it" in row_heading(row)
+                          extra={"kernels": profile, "host_ms": 2.5})  # fmt: skip
+    assert "; host 2.5 ms to issue it (host-bound)" in row_heading(row), "2.5 ms of a 2.68 ms step: over 90%"
+    row.extra["host_ms"] = 2.4  # 89.6% of the step
+    assert row_heading(row).endswith("; host 2.4 ms to issue it")
     del row.extra["host_ms"]
     assert "host" not in row_heading(row)
 

@@ -114,12 +114,13 @@ def test_targets_take_no_csv_or_json(cli, tmp_path):
 
 
 def layer_row(variant, context, pass_="prefill", latency=1.0, floor=0.9, gdn="flash-qla", scope="layer", batch=1,
-              timer=None):  # fmt: skip
+              timer=None, host=None):  # fmt: skip
     timer = timer or ("cuda-graph" if pass_ == "decode" else "cuda-events")  # as a sweep without --graph times them
     return Row(model="qwen3-1.7b", layout=variant.split(":")[0], ratio="", context=context, batch=batch, pass_=pass_,
                scope=scope, variant=variant, mode="sequential", status=OK, latency_ms=latency, gdn_backend=gdn,
                latency_p10_ms=latency * 0.99, latency_p90_ms=latency * 1.01, floor_ms=floor,
-               vs_floor=latency / floor if floor else None, timer=timer)  # fmt: skip
+               vs_floor=latency / floor if floor else None, timer=timer,
+               extra={} if host is None else {"host_ms": host})  # fmt: skip
 
 
 def passing_layer_rows():
@@ -197,6 +198,31 @@ def test_a_floor_target_judges_and_shows_the_unrounded_ratio():
     assert decode.verdict == "not met" and decode.summary.startswith("1 of 2 rows within 1.3x"), decode.summary
     markdown = checks.to_markdown()
     assert "| head:3:1 | fla-recurrent | 65536 | 1 | 0.1193 | 0.1 | 1.193 | False |" in markdown, markdown
+
+
+def test_a_floor_target_says_which_rows_over_it_were_host_bound():
+    """floor-h200-v10's one row over 1.15x was issued by the host in 1.77 ms for a 1.86 ms step: the verdict stands,
+    the summary and the evidence say the step was the host's. A row issued in 89% of its time is not host-bound, and
+    graph-timed rows (decode: no host time) get no host columns."""
+    name = "layer prefill within 1.15x of its floor"
+    K = 1024
+    rows = [r for r in passing_layer_rows() if not (r.pass_ == "prefill" and r.context == 16 * K)]
+    rows += [
+        layer_row("head:7:1", 16 * K, latency=1.858, floor=1.43, host=1.775),  # over, host-bound
+        layer_row("head:3:1", 16 * K, latency=1.8, floor=1.5, host=0.89 * 1.8),  # over, host at 89%: not bound
+        layer_row("layer:3:1", 16 * K, latency=1.0, floor=0.95, host=0.99),  # host-bound, within the bound
+    ]
+    targets = layer_targets(rows)
+    check = targets[name]
+    assert check.verdict == "not met"
+    assert check.summary.endswith("; 1 of 2 over 1.15x host-bound (step issued in >= 90% of its time)"), check.summary
+    bound = check.evidence.set_index("variant").loc[lambda e: e["context"] == 16 * K, "host_bound"]
+    assert bound.to_dict() == {"head:7:1": True, "head:3:1": False, "layer:3:1": True}
+    assert check.evidence["host_ms"].isna().sum() == len(check.evidence) - 3  # rows without a host time: empty
+    assert "host" not in targets["layer decode within 1.3x of its floor"].summary
+    assert "host_ms" not in targets["layer decode within 1.3x of its floor"].evidence
+    unbound = layer_targets([r for r in rows if r.variant != "head:7:1" or r.context != 16 * K])[name]
+    assert "host-bound" not in unbound.summary, "no row over the bound was host-bound"
 
 
 def test_layer_targets_without_their_points_say_no_data():

@@ -4,6 +4,7 @@ and, at layer and model scope, whether the floor's parts launch them (hhbench.ru
 
 import pandas as pd
 
+from hhbench.measure.timing import host_bound
 from hhbench.rows.schema import Row, markdown_table
 from hhbench.rows.sources import Run
 from hhbench.spec.units import format_count
@@ -35,8 +36,9 @@ def row_heading(row: Row) -> str:
         totals.append(f"floor {row.floor_ms:.4g} ms")
     totals.append(f"kernels {profile['kernel_ms']:.4g} ms of the profiled step's {profile['step_ms']:.4g} ms "
                   f"({profile['activity']}, {unit})")  # fmt: skip
-    if "host_ms" in row.extra:  # issuing the step's launches took this long: near the latency, host-bound
-        totals.append(f"host {row.extra['host_ms']:.4g} ms to issue it")
+    if "host_ms" in row.extra:  # issuing the step's launches took this long
+        bound = " (host-bound)" if host_bound(row.extra["host_ms"], row.latency_ms) else ""
+        totals.append(f"host {row.extra['host_ms']:.4g} ms to issue it{bound}")
     shares = row.extra.get("kernel_shares")
     if shares:
         totals.append("kernel time: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from hhbench.measure.timing import HOST_BOUND_SHARE, host_bound
 from hhbench.rows.schema import OK, markdown_table
 from hhbench.rows.sources import Run
 
@@ -184,7 +185,9 @@ def _at(rows: pd.DataFrame, model: str, scope: str, pass_: str, batch: int) -> p
 @dataclass(frozen=True)
 class FloorTarget:
     """Every measured row of these variants in the context range (each GDN backend) within `at_most` x its floor;
-    "floor invalid" where a row's floor is above its layer's p90."""
+    "floor invalid" where a row's floor is above its layer's p90. Eager rows also show the host's time to issue the
+    step (host_ms) and whether it was host-bound (measure.timing.host_bound), and the summary says how many of the
+    rows over the bound were: their latency is the host's, the verdict stands."""
 
     name: str
     scope: str
@@ -208,13 +211,21 @@ class FloorTarget:
         # layer runs it (an unpadded GEMM did, on the H200): such a floor bounds nothing, so the target cannot be
         # judged on these rows (neither met nor not met).
         evidence["floor_above_layer"] = (at["latency_p90_ms"] < at["floor_ms"]).to_numpy()
+        host = at["extra"].map(lambda extra: extra.get("host_ms") if isinstance(extra, dict) else None).to_numpy()
+        if any(h is not None for h in host):  # eager rows: graph-timed ones (decode) have no host time
+            evidence["host_ms"] = host
+            evidence["host_bound"] = [host_bound(h, t) for h, t in zip(host, at["latency_ms"], strict=True)]
         worst = evidence.loc[evidence["vs_floor"].idxmax()]
-        over = int((evidence["vs_floor"] > self.at_most).sum())
+        above = evidence["vs_floor"] > self.at_most
+        over = int(above.sum())
         invalid = int(evidence["floor_above_layer"].sum())
         summary = (
             f"{len(evidence) - over} of {len(evidence)} rows within {self.at_most}x; worst {worst['vs_floor']:.3f}x "
             f"({worst['variant']}, {worst['gdn_backend']}, {int(worst['context']) // K}K){_as_graphs(at)}"
         )
+        bound = int(evidence.loc[above, "host_bound"].sum()) if "host_bound" in evidence else 0
+        if bound:
+            summary += f"; {bound} of {over} over {self.at_most}x host-bound (step issued in >= {HOST_BOUND_SHARE:.0%} of its time)"
         if invalid:
             summary = f"in {invalid} of {len(evidence)} rows the floor is above the layer's p90, no floor; " + summary
             return Check(self.name, evidence, FLOOR_INVALID, summary)
