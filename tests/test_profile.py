@@ -198,6 +198,9 @@ def test_the_kernels_heading_gives_the_host_time_where_measured():
     assert "; host 2.5 ms to issue it (host-bound)" in row_heading(row), "2.5 ms of a 2.68 ms step: over 90%"
     row.extra["host_ms"] = 2.4  # 89.6% of the step
     assert row_heading(row).endswith("; host 2.4 ms to issue it")
+    for unknown in (None, float("nan"), "2.4"):  # a row file edited by hand: no host time, no error
+        row.extra["host_ms"] = unknown
+        assert "host" not in row_heading(row)
     del row.extra["host_ms"]
     assert "host" not in row_heading(row)
 

@@ -123,6 +123,12 @@ def layer_row(variant, context, pass_="prefill", latency=1.0, floor=0.9, gdn="fl
                extra={} if host is None else {"host_ms": host})  # fmt: skip
 
 
+def unknown_host(row, value):
+    """`row` with extra.host_ms = value as a row file edited by hand may hold it (null, NaN, text)."""
+    row.extra = {"host_ms": value}
+    return row
+
+
 def passing_layer_rows():
     """Head 7:1 1.35x at 64K and 1.5x at 128K prefill (its best backend), 1.3x model, 1.31x train, decode within
     1.3x of its floor, kv-aware decode faster at B=16, both GDN backends at every prefill and train point."""
@@ -223,6 +229,25 @@ def test_a_floor_target_says_which_rows_over_it_were_host_bound():
     assert "host_ms" not in targets["layer decode within 1.3x of its floor"].evidence
     unbound = layer_targets([r for r in rows if r.variant != "head:7:1" or r.context != 16 * K])[name]
     assert "host-bound" not in unbound.summary, "no row over the bound was host-bound"
+
+
+def test_a_row_without_a_measured_host_time_is_neither_host_bound_nor_not():
+    """host_ms null, NaN or text (a row file edited by hand) is no host time: host_bound empty, not False, and no
+    error; the summary counts only the rows known to be host-bound."""
+    name = "layer prefill within 1.15x of its floor"
+    K = 1024
+    rows = [r for r in passing_layer_rows() if not (r.pass_ == "prefill" and r.context == 16 * K)]
+    rows += [
+        layer_row("head:7:1", 16 * K, latency=1.858, floor=1.43, host=1.775),
+        unknown_host(layer_row("head:3:1", 16 * K, latency=1.8, floor=1.5), None),
+        unknown_host(layer_row("layer:3:1", 16 * K, latency=1.8, floor=1.5), float("nan")),
+        unknown_host(layer_row("head:7:1", 16 * K, latency=1.8, floor=1.5, gdn="fla-chunk"), "1.77"),
+    ]
+    check = layer_targets(rows)[name]
+    at_16k = check.evidence[check.evidence["context"] == 16 * K]
+    assert at_16k["host_bound"].isna().sum() == 3 and at_16k["host_bound"].tolist().count(True) == 1
+    assert at_16k["host_ms"].isna().sum() == 3
+    assert check.summary.endswith("; 1 of 4 over 1.15x host-bound (step issued in >= 90% of its time)"), check.summary
 
 
 def test_layer_targets_without_their_points_say_no_data():

@@ -26,7 +26,7 @@ def short_name(name: str) -> str:
 
 def row_heading(row: Row) -> str:
     """One line naming the row and its totals: latency, floor, kernel time, host time to issue the step (where
-    measured) and the kernel shares."""
+    measured; "(host-bound)" where it is, measure.timing.host_bound) and the kernel shares."""
     profile = row.extra["kernels"]
     unit = "per layer" if row.scope == "layer" else f"per {row.scope} call"
     where = f"{row.variant}, {row.pass_}, {row.scope} scope, {format_count(row.context)}, batch {row.batch}"
@@ -36,9 +36,9 @@ def row_heading(row: Row) -> str:
         totals.append(f"floor {row.floor_ms:.4g} ms")
     totals.append(f"kernels {profile['kernel_ms']:.4g} ms of the profiled step's {profile['step_ms']:.4g} ms "
                   f"({profile['activity']}, {unit})")  # fmt: skip
-    if "host_ms" in row.extra:  # issuing the step's launches took this long
-        bound = " (host-bound)" if host_bound(row.extra["host_ms"], row.latency_ms) else ""
-        totals.append(f"host {row.extra['host_ms']:.4g} ms to issue it{bound}")
+    bound = host_bound(row.extra.get("host_ms"), row.latency_ms)
+    if bound is not None:  # issuing the step's launches took this long
+        totals.append(f"host {row.extra['host_ms']:.4g} ms to issue it{' (host-bound)' if bound else ''}")
     shares = row.extra.get("kernel_shares")
     if shares:
         totals.append("kernel time: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))

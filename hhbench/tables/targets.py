@@ -212,9 +212,10 @@ class FloorTarget:
         # judged on these rows (neither met nor not met).
         evidence["floor_above_layer"] = (at["latency_p90_ms"] < at["floor_ms"]).to_numpy()
         host = at["extra"].map(lambda extra: extra.get("host_ms") if isinstance(extra, dict) else None).to_numpy()
-        if any(h is not None for h in host):  # eager rows: graph-timed ones (decode) have no host time
-            evidence["host_ms"] = host
-            evidence["host_bound"] = [host_bound(h, t) for h, t in zip(host, at["latency_ms"], strict=True)]
+        bound = [host_bound(h, t) for h, t in zip(host, at["latency_ms"], strict=True)]
+        if any(b is not None for b in bound):  # eager rows: graph-timed ones (decode) have no host time
+            evidence["host_ms"] = [h if b is not None else None for h, b in zip(host, bound, strict=True)]
+            evidence["host_bound"] = pd.Series(bound, dtype=object)  # None (a blank) where the row has no host time
         worst = evidence.loc[evidence["vs_floor"].idxmax()]
         above = evidence["vs_floor"] > self.at_most
         over = int(above.sum())
@@ -223,9 +224,12 @@ class FloorTarget:
             f"{len(evidence) - over} of {len(evidence)} rows within {self.at_most}x; worst {worst['vs_floor']:.3f}x "
             f"({worst['variant']}, {worst['gdn_backend']}, {int(worst['context']) // K}K){_as_graphs(at)}"
         )
-        bound = int(evidence.loc[above, "host_bound"].sum()) if "host_bound" in evidence else 0
-        if bound:
-            summary += f"; {bound} of {over} over {self.at_most}x host-bound (step issued in >= {HOST_BOUND_SHARE:.0%} of its time)"
+        bound_over = sum(b is True for b, is_above in zip(bound, above, strict=True) if is_above)
+        if bound_over:
+            share = f"{HOST_BOUND_SHARE:.0%}"
+            summary += (
+                f"; {bound_over} of {over} over {self.at_most}x host-bound (step issued in >= {share} of its time)"
+            )
         if invalid:
             summary = f"in {invalid} of {len(evidence)} rows the floor is above the layer's p90, no floor; " + summary
             return Check(self.name, evidence, FLOOR_INVALID, summary)
