@@ -423,8 +423,8 @@ GDN_SOURCES = ((0, 4, 5), (1, 3, 3), (2, 6, 6))
 CONV_CASES = pytest.mark.parametrize(
     ("B", "T", "d", "norm", "eps", "dtype", "state"),
     [
-        (2, 150, 16, True, 1e-6, torch.float32, True),  # 3 programs of 64 tokens (8 runs of 8), the last partial
-        (2, 37, 16, True, 1e-6, torch.float32, True),  # one program: a run cut at token 37, 3 runs past it
+        (2, 150, 16, True, 1e-6, torch.float32, True),  # 5 programs of 32 tokens (4 runs of 8), the last partial
+        (2, 37, 16, True, 1e-6, torch.float32, True),  # 2 programs: a run cut at token 37, 3 runs past it
         (2, 40, 12, True, 1e-6, torch.float64, False),  # a head dim of 12 (masked to 16 lanes)
         (1, 2, 8, True, 1e-6, torch.float64, True),  # fewer tokens than the conv's taps: a zero-padded state
         (1, 9, 16, False, 1e-6, torch.float32, True),  # without q/k norms
@@ -650,7 +650,7 @@ def test_the_glue_kernels_move_slots_by_16_bytes_a_thread_on_sm90():
     """slot_conv, head_norms, slot_norm_rope and its backward compiled for sm_90 as a bf16 Qwen3 layer launches them
     (ptxas without a GPU, tests/sm90_sass.py, in a fresh interpreter: Triton's interpreter cannot compile): no spills;
     head_norms, bound by memory, at most 64 registers a thread (4 of its 8-warp blocks an SM), slot_conv, which holds
-    a window of 11 inputs a run in registers, at most 168 (3 of its 4-warp blocks an SM) and no barrier: its inputs'
+    a window of 11 inputs a run in registers, at most 168 (6 of its 2-warp blocks an SM) and no barrier: its inputs'
     loads all in flight before the first norm waits on one (a norm weight or conv tap loaded as a [d] vector and
     broadcast took a layout conversion through shared memory, 2 barriers, at each of its 11 uses); and slots and
     gradients read and written by 16-byte vectors: no 2-byte global access but slot_conv's conv taps (strided by K)

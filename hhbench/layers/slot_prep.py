@@ -52,16 +52,18 @@ BLOCK_TOKENS = 32
 # launch specializes; tests/sm90_sass.py) ptxas gives it 31 registers a thread (8 blocks an SM), and every slot moves
 # by 16-byte accesses (as in slot_norm_rope, 66 registers, and its backward, 127).
 SLOT_BLOCK_TOKENS, SLOT_WARPS = 16, 8
-# slot_conv: a program takes 8 runs of 8 tokens of one slot over 4 warps (one 16-byte load a thread per input of the
-# 8 runs), and holds each run's 8 + K - 1 inputs in registers, each loaded and q/k-normed once (fla's Gluon conv reuses
+# slot_conv: a program takes 4 runs of 8 tokens of one slot over 2 warps (one 16-byte load a thread per input of the
+# 4 runs), and holds each run's 8 + K - 1 inputs in registers, each loaded and q/k-normed once (fla's Gluon conv reuses
 # its inputs so, 8 outputs a run). Its first form, one program per 16 tokens over 8 warps whose every output loaded and
 # normed its K inputs anew, took 1.67 ms of a head 7:1 prefill at 64K on an H200 where fla's conv over the same channels
 # took 0.58 (results/profile-h200-v2); the window took it to 0.92 ms (d111add, results/slot-conv-h200). That form still
 # issued one input's load at a time: its norm weight and taps, loaded as [d] vectors, reached the inputs' layout
 # through shared memory, two barriers at each of the 11 uses. Loaded as tiles in the inputs' layout, with every input
 # load issued before the first norm, the kernel has no barrier and 11 loads in flight a thread: 156 registers a
-# thread, no spills (sm_90, as above), 3 blocks an SM. Not yet timed on a GPU.
-CONV_ROWS, CONV_RUN, CONV_WARPS = 8, 8, 4
+# thread, no spills (sm_90, as above), 6 blocks of 2 warps an SM. Alone at 64K on an H200 (results/slot-conv-h200-v2)
+# it took 0.775 ms as 8 runs over 4 warps (the tiling of results/floor-h200-v10) and 0.678 ms as 4 runs over 2 warps,
+# 0.186 and 0.167 ms at 16K (fla's conv 0.525 and 0.30): the smaller blocks, as many warps an SM, are kept.
+CONV_ROWS, CONV_RUN, CONV_WARPS = 4, 8, 2
 
 
 @triton.jit
