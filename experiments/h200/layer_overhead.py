@@ -1,9 +1,11 @@
-"""Where a layer-scope prefill step's time goes beyond its kernels (issue 12): for head 7:1 and layer 3:1 on the
+"""Where a layer-scope step's time goes beyond its kernels (issue 12): for head 7:1 and layer 3:1 on the
 Qwen3-1.7B shape, the event-timed latency, the summed CPU time of the step's calls with the GPU not waited for,
 every synchronizing CUDA call the step makes (torch.cuda.set_sync_debug_mode), cProfile's top functions, and one step
 under torch.profiler without Python stacks: its CUDA runtime calls by host time, its kernels by GPU time.
 Usage: python experiments/h200/layer_overhead.py [contexts...] (default 4k 16k); GDN_BACKEND env picks the GDN
-backend (default auto; a comma list profiles each), VARIANTS the layouts (default head:7:1,layer:3:1)."""
+backend (default auto; a comma list profiles each), VARIANTS the layouts (default head:7:1,layer:3:1), PASSES the
+passes (default prefill; train: a training step's host time grew with its context in results/floor-h200-v10, 8.2 to
+12.5 ms for head 7:1 with FlashQLA from 16K to 128K, as if a call in it waited for the GPU)."""
 
 import cProfile
 import io
@@ -26,7 +28,7 @@ grid = {
     "layouts": "head,layer",
     "ratios": "7:1,3:1",
     "contexts": contexts,
-    "passes": "prefill",
+    "passes": os.environ.get("PASSES", "prefill").split(","),
     "scopes": "layer",
     "gdn_backend": os.environ.get("GDN_BACKEND", "auto").split(","),
 }
@@ -43,7 +45,7 @@ for point in grid_points(grid, "cuda"):
     cpu_ms = (time.perf_counter() - start) / 20 * 1e3
     torch.cuda.synchronize()
     print(
-        f"\n## {point.spec.label} prefill {point.context} ({point.gdn_backend}): latency {timing.median_ms:.3f} ms "
+        f"\n## {point.spec.label} {point.pass_.value} {point.context} ({point.gdn_backend}): latency {timing.median_ms:.3f} ms "
         f"per run of {work.layers_per_run} layers; CPU {cpu_ms:.3f} ms per run enqueued without waiting"
     )
     torch.cuda.set_sync_debug_mode("warn")
