@@ -4,7 +4,7 @@ its floor. Here the kernel is timed alone for a few tilings (ROWS runs of RUN to
 checked against glue.slot_conv (its torch twin) in bf16, beside fla's conv over the same channels, on the GDN heads of
 a Qwen3-1.7B head 7:1 layer (14 GDN heads: 42 slots of 128 read in place from the projection's output), B=1.
 Usage: python experiments/h200/slot_conv_bench.py [contexts...] (default 16k 64k); prints one JSON line a check or
-timing (results/slot-conv-h200/slot_conv_bench.log)."""
+timing (results/slot-conv-h200-v2/slot_conv_bench.log)."""
 
 import json
 import sys
