@@ -1,6 +1,8 @@
 """`hhbench table`: every configuration against the layer 3:1 row of its own run and point."""
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pandas as pd
@@ -237,3 +239,29 @@ def test_rows_with_a_host_time_show_it_beside_their_latency(rows):
     assert "| latency_ms | p10-p90_ms | host_ms | speedup |" in header
     assert "| 0.25 |" in text
     assert "host_ms" not in compare_runs([Run("gpu", None, rows)]).to_markdown()
+
+
+def test_a_row_issued_in_most_of_its_latency_is_noted_host_bound(rows):
+    """floor-h200-v10's head 7:1 at 16K: issued in 1.77 ms for a 1.86 ms step (95%), its note says both why it looks
+    slower than its FLOPs and that its time was the host's; a row issued in 89% of its time, or with no host time
+    (null: a row file edited by hand), is not noted."""
+    short = next(r for r in rows if r.variant == "head:7:1" and r.context == 1024 and r.pass_ == "prefill")
+    others = [r for r in rows if r is not short]
+
+    def note_with(host):
+        timed = replace(short, extra={**short.extra, "host_ms": host})
+        frame = compare_runs([Run("gpu", None, RowSet([*others, timed]))]).rows
+        return single(frame, variant="head:7:1", context=1024, **{"pass": "prefill"})["note"]
+
+    assert note_with(0.95 * short.latency_ms) == f"{DISAGREE_SLOWER}; host-bound"
+    assert note_with(0.89 * short.latency_ms) == DISAGREE_SLOWER
+    assert note_with(None) == DISAGREE_SLOWER
+
+
+def test_the_tables_import_without_torch():
+    """table, --targets and --kernels read rows only: importing torch (seconds on a CPU machine) is not theirs to pay
+    (the host-bound reading, hhbench.tables.host, once came from measure.timing, which imports it)."""
+    modules = "hhbench.tables.compare, hhbench.tables.targets, hhbench.tables.kernels"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

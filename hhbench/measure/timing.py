@@ -236,26 +236,13 @@ def time_callable(
 
 
 HOST_CALLS = 5  # calls whose issue time host_ms takes the median of
-# An eager step issued in at least this share of its latency is host-bound: its GPU waits for launches for most of the
-# step, so the latency is the host's time and says little about its kernels (results/floor-h200-v10: a 16K prefill
-# with host_ms 1.77 ms read 1.86 ms; in another process on the same machine, its calls issued back to back in 1.10 ms
-# each, it read 1.57 ms, its kernels' GPU time 1.56 ms: results/layer-overhead-h200-v2).
-HOST_BOUND_SHARE = 0.9
-
-
-def host_bound(issue_ms: object, latency_ms: float) -> bool | None:
-    """Whether a step issued in `issue_ms` (a row's extra.host_ms) with a latency of `latency_ms` is host-bound
-    (HOST_BOUND_SHARE); None where `issue_ms` is no measured time (absent: CUDA graphs, the CPU; null, NaN, not a
-    number), as a row file edited by hand may hold."""
-    if isinstance(issue_ms, bool) or not isinstance(issue_ms, int | float) or math.isnan(issue_ms):
-        return None
-    return bool(issue_ms >= HOST_BOUND_SHARE * latency_ms)
 
 
 def host_ms(fn: Callable[[], object], device: torch.device, calls: int = HOST_CALLS) -> float | None:
     """Median host time (ms) to issue one call of `fn` on an idle CUDA device: its Python and kernel-launch cost,
     the clock stopped when `fn` returns, before its kernels finish. Where it reaches the step's latency the step is
-    host-bound (the GPU waits for launches): eager glue, not kernels, sets its time. A step that synchronizes
+    host-bound (the GPU waits for launches; the tables call it so from 90% of it, hhbench.tables.host): eager glue,
+    not kernels, sets its time. A step that synchronizes
     inside counts the wait too. None on the CPU (there host and device time are one)."""
     if device.type != "cuda":
         return None

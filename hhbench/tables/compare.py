@@ -15,6 +15,7 @@ from hhbench.rows.sources import Run
 from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.hybrid import LAYER31
 from hhbench.spec.units import format_bytes, format_count
+from hhbench.tables.host import host_bound
 
 BASELINE = LAYER31.label
 # A row and its layer 3:1 baseline share these; backends are matched apart (a pure layout leaves one empty).
@@ -27,6 +28,7 @@ KEY = [*SERIES[1:], "context"]
 COMPARED = (OK, ANALYTIC)
 DISAGREE_SLOWER = "fewer FLOPs, slower"
 DISAGREE_FASTER = "more FLOPs, faster"
+HOST_BOUND = "host-bound"  # a measured row issued in >= HOST_BOUND_SHARE of its latency: the host's time
 
 
 @dataclass
@@ -112,7 +114,7 @@ def _reading_order(column: pd.Series, labels: list[str]) -> pd.Series:
 
 def against_layer31(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with base_* columns (its layer 3:1 row's; NaN where none matched), speedup, flops_ratio,
-    kv_ratio and a note."""
+    kv_ratio and a note (where analytic and measured disagree, and HOST_BOUND where the row was)."""
     records = frame[[*GROUP, *BACKENDS, "variant", "status"]].to_dict("records")
     baselines: dict[tuple, list[int]] = {}
     for index, record in enumerate(records):
@@ -131,8 +133,11 @@ def against_layer31(frame: pd.DataFrame) -> pd.DataFrame:
     out["speedup"] = (base["latency_ms"] / out["latency_ms"]).where(both_measured)
     out["flops_ratio"] = _ratio(out["flops_total"], base["flops_total"]).where(~never)
     out["kv_ratio"] = _ratio(out["kv_cache_bytes"], base["kv_cache_bytes"]).where(~never)
+    host = out["extra"].map(lambda extra: extra.get("host_ms") if isinstance(extra, dict) else None)
+    bound = [host_bound(h, t) and s == OK for h, t, s in zip(host, out["latency_ms"], out["status"], strict=True)]
+    notes = zip(out["status"], out["reason"], out["speedup"], out["flops_ratio"], strict=True)
     out["note"] = [
-        _note(*values) for values in zip(out["status"], out["reason"], out["speedup"], out["flops_ratio"], strict=True)
+        "; ".join(filter(None, (_note(*n), HOST_BOUND if b else ""))) for n, b in zip(notes, bound, strict=True)
     ]
     return out
 

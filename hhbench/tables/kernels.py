@@ -4,10 +4,10 @@ and, at layer and model scope, whether the floor's parts launch them (hhbench.ru
 
 import pandas as pd
 
-from hhbench.measure.timing import host_bound
 from hhbench.rows.schema import Row, markdown_table
 from hhbench.rows.sources import Run
 from hhbench.spec.units import format_count
+from hhbench.tables.host import host_bound
 
 NAME_CHARS = 90  # a kernel name's shown length: CUDA template names run to hundreds of characters
 

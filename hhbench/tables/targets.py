@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from hhbench.measure.timing import HOST_BOUND_SHARE, host_bound
 from hhbench.rows.schema import OK, markdown_table
 from hhbench.rows.sources import Run
+from hhbench.tables.host import HOST_BOUND_SHARE, host_bound
 
 KERNEL_KEY = ["model", "variant", "context", "batch", "pass", "dtype", "fa_backend", "gdn_backend"]
 
