@@ -62,7 +62,8 @@ SLOT_BLOCK_TOKENS, SLOT_WARPS = 16, 8
 # load issued before the first norm, the kernel has no barrier and 11 loads in flight a thread: 156 registers a
 # thread, no spills (sm_90, as above), 6 blocks of 2 warps an SM. Alone at 64K on an H200 (results/slot-conv-h200-v2)
 # it took 0.775 ms as 8 runs over 4 warps (the tiling of results/floor-h200-v10) and 0.678 ms as 4 runs over 2 warps,
-# 0.186 and 0.167 ms at 16K (fla's conv 0.525 ms at 64K, 0.300 at 16K): the smaller blocks, as many warps an SM, are kept.
+# 0.186 and 0.167 ms at 16K (fla's conv 0.525 ms at 64K, 0.300 at 16K): the smaller blocks, as many warps an SM,
+# are kept.
 CONV_ROWS, CONV_RUN, CONV_WARPS = 4, 8, 2
 
 

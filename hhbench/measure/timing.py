@@ -242,8 +242,8 @@ def host_ms(fn: Callable[[], object], device: torch.device, calls: int = HOST_CA
     """Median host time (ms) to issue one call of `fn` on an idle CUDA device: its Python and kernel-launch cost,
     the clock stopped when `fn` returns, before its kernels finish. Where it reaches the step's latency the step is
     host-bound (the GPU waits for launches; the tables call it so from 90% of it, hhbench.tables.host): eager glue,
-    not kernels, sets its time. A step that synchronizes
-    inside counts the wait too. None on the CPU (there host and device time are one)."""
+    not kernels, sets its time. A step that synchronizes inside counts the wait too. None on the CPU (there host and
+    device time are one)."""
     if device.type != "cuda":
         return None
     times = []

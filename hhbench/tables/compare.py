@@ -28,7 +28,7 @@ KEY = [*SERIES[1:], "context"]
 COMPARED = (OK, ANALYTIC)
 DISAGREE_SLOWER = "fewer FLOPs, slower"
 DISAGREE_FASTER = "more FLOPs, faster"
-HOST_BOUND = "host-bound"  # a measured row issued in >= HOST_BOUND_SHARE of its latency: the host's time
+HOST_BOUND = "host-bound"  # a measured row issued in >= tables.host.HOST_BOUND_SHARE of its latency: the host's time
 
 
 @dataclass

@@ -26,7 +26,7 @@ def short_name(name: str) -> str:
 
 def row_heading(row: Row) -> str:
     """One line naming the row and its totals: latency, floor, kernel time, host time to issue the step (where
-    measured; "(host-bound)" where it is, measure.timing.host_bound) and the kernel shares."""
+    measured; "(host-bound)" where it is, tables.host.host_bound) and the kernel shares."""
     profile = row.extra["kernels"]
     unit = "per layer" if row.scope == "layer" else f"per {row.scope} call"
     where = f"{row.variant}, {row.pass_}, {row.scope} scope, {format_count(row.context)}, batch {row.batch}"

@@ -186,7 +186,7 @@ def _at(rows: pd.DataFrame, model: str, scope: str, pass_: str, batch: int) -> p
 class FloorTarget:
     """Every measured row of these variants in the context range (each GDN backend) within `at_most` x its floor;
     "floor invalid" where a row's floor is above its layer's p90. Eager rows also show the host's time to issue the
-    step (host_ms) and whether it was host-bound (measure.timing.host_bound), and the summary says how many of the
+    step (host_ms) and whether it was host-bound (tables.host.host_bound), and the summary says how many of the
     rows over the bound were: their latency is the host's, the verdict stands."""
 
     name: str
