@@ -3,6 +3,7 @@ inline run, a killed launch resumed, a worker killed inside a point, the run loc
 bad input."""
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -277,24 +278,44 @@ def test_the_local_launcher_killed_midway_resumes_to_the_keys_of_an_inline_run(c
 def _kill_inside_a_point(shards: Path, worker: str, killed: list, how: signal.Signals = signal.SIGKILL) -> None:
     """Signal worker `worker` (found by its task file on its command line) once it has a row and is inside a
     later point (its noted point has no row yet): SIGKILL as the kernel's OOM killer would, SIGSEGV as a crashing
-    kernel library would."""
+    kernel library would. The worker is stopped (SIGSTOP) while its files are read, so that it cannot finish the
+    point while they are, nor while /proc is searched (a CI run saw it do so: the signal landed between two points,
+    and no point was lost)."""
     task, current, rows = (str(shards / f"{worker}.task.pkl"), shards / f"{worker}.current.json",
                            shards / f"{worker}.jsonl")  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and not killed:
+        pids = [int(proc.name) for proc in Path("/proc").iterdir() if _runs(proc, task)]
+        stopped = [pid for pid in pids if _signal(pid, signal.SIGSTOP)]
         try:
             noted = Row.from_dict(json.loads(current.read_text())).key
             inside = rows.exists() and noted not in {row.key for row in read_rows(rows)} and rows.read_text()
-        except (OSError, ValueError):  # not there yet, or replaced while read
-            inside = False
-        for proc in Path("/proc").iterdir() if inside else ():
-            try:
-                if proc.name.isdigit() and task in (proc / "cmdline").read_bytes().decode():
-                    os.kill(int(proc.name), how)
-                    killed.append(int(proc.name))
-            except OSError:
-                pass
+            if inside:
+                killed += [pid for pid in stopped if _signal(pid, how)]
+        except (OSError, ValueError):  # not there yet, or stopped while being written
+            pass
+        finally:  # a stopped process takes its signal (SIGSEGV: faulthandler's stack) once continued
+            for pid in stopped:
+                _signal(pid, signal.SIGCONT)
         time.sleep(0.01)
+
+
+def _runs(proc: Path, task: str) -> bool:
+    """Whether /proc entry `proc` is a process whose command line names `task`."""
+    try:
+        return proc.name.isdigit() and task in (proc / "cmdline").read_bytes().decode()
+    except OSError:  # gone meanwhile
+        return False
+
+
+def _signal(pid: int, how: signal.Signals) -> bool:
+    """Send `how` to process `pid`'s main thread (tgkill: a signal sent to a stopped process goes to any of its
+    threads once it continues, and a SIGSEGV in a thread without Python frames names no hhbench line); False where
+    the process is gone."""
+    return LIBC.tgkill(pid, pid, int(how)) == 0
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)  # glibc's tgkill (2.30 and later)
 
 
 def test_a_crash_site_is_the_dumps_innermost_frame_and_hhbenchs_own():
