@@ -450,7 +450,8 @@ def test_a_worker_killed_inside_a_point_costs_that_point_only(tmp_path, monkeypa
             0
         ].reason
     else:
-        assert re.search(r"\(killed by SIGSEGV in \S+\.py:\d+ \(\S+\)", errors[0].reason), errors[0].reason
+        # faulthandler writes line ??? where it cannot tell a frame's line (CI saw hhbench/bench/workloads.py:??? (run))
+        assert re.search(r"\(killed by SIGSEGV in \S+\.py:(\d+|\?\?\?) \(\S+\)", errors[0].reason), errors[0].reason
     assert {row.worker for row in rows} == {"gpu0", "gpu1"}
     env = json.loads((tmp_path / "g" / "env.json").read_text())
     assert {name: w["cuda_visible_devices"] for name, w in env["workers"].items()} == {"gpu0": "0", "gpu1": "1"}
