@@ -15,7 +15,7 @@ from hhbench.rows.sources import Run
 from hhbench.spec.axes import Pass, Scope
 from hhbench.spec.hybrid import LAYER31
 from hhbench.spec.units import format_bytes, format_count
-from hhbench.tables.host import host_bound
+from hhbench.tables.host import host_bound, host_times
 
 BASELINE = LAYER31.label
 # A row and its layer 3:1 baseline share these; backends are matched apart (a pure layout leaves one empty).
@@ -133,7 +133,7 @@ def against_layer31(frame: pd.DataFrame) -> pd.DataFrame:
     out["speedup"] = (base["latency_ms"] / out["latency_ms"]).where(both_measured)
     out["flops_ratio"] = _ratio(out["flops_total"], base["flops_total"]).where(~never)
     out["kv_ratio"] = _ratio(out["kv_cache_bytes"], base["kv_cache_bytes"]).where(~never)
-    host = out["extra"].map(lambda extra: extra.get("host_ms") if isinstance(extra, dict) else None)
+    host = host_times(out)
     bound = [host_bound(h, t) and s == OK for h, t, s in zip(host, out["latency_ms"], out["status"], strict=True)]
     notes = zip(out["status"], out["reason"], out["speedup"], out["flops_ratio"], strict=True)
     out["note"] = [
@@ -283,7 +283,7 @@ def _display(section: pd.DataFrame, measured: bool) -> pd.DataFrame:
             f"{lo:.4g}-{hi:.4g}" if pd.notna(lo) and pd.notna(hi) else ""
             for lo, hi in zip(section["latency_p10_ms"], section["latency_p90_ms"], strict=True)
         ]
-        host = section["extra"].map(lambda extra: extra.get("host_ms") if isinstance(extra, dict) else None)
+        host = host_times(section)
         if host.notna().any():  # eager CUDA points: near latency_ms, the GPU waits for the host's launches
             view["host_ms"] = host
         view["speedup"] = section["speedup"].map(_fixed)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from hhbench.rows.schema import OK, markdown_table
 from hhbench.rows.sources import Run
-from hhbench.tables.host import HOST_BOUND_SHARE, host_bound
+from hhbench.tables.host import HOST_BOUND_SHARE, host_bound, host_times
 
 KERNEL_KEY = ["model", "variant", "context", "batch", "pass", "dtype", "fa_backend", "gdn_backend"]
 
@@ -211,7 +211,7 @@ class FloorTarget:
         # layer runs it (an unpadded GEMM did, on the H200): such a floor bounds nothing, so the target cannot be
         # judged on these rows (neither met nor not met).
         evidence["floor_above_layer"] = (at["latency_p90_ms"] < at["floor_ms"]).to_numpy()
-        host = at["extra"].map(lambda extra: extra.get("host_ms") if isinstance(extra, dict) else None).to_numpy()
+        host = host_times(at)
         bound = [host_bound(h, t) for h, t in zip(host, at["latency_ms"], strict=True)]
         if any(b is not None for b in bound):  # eager rows: graph-timed ones (decode) have no host time
             evidence["host_ms"] = [h if b is not None else None for h, b in zip(host, bound, strict=True)]
